@@ -1,0 +1,300 @@
+"""The built-in image reference model: a small FLUX transformer trained on scikit-learn's bundled digits.
+
+Why it exists: hub weights cannot be downloaded on every machine that runs calib, and calibrating an untrained model
+measures nothing. This model is a real ``diffusers.FluxTransformer2DModel`` (2 double + 4 single blocks, ~0.6 M
+parameters) trained with the rectified-flow objective on the 8x8 images of ``sklearn.datasets.load_digits``
+(no download), class-conditioned with an extra null class so classifier-free guidance works.
+
+An 8x8 image is packed FLUX-style into 16 tokens of 4 channels (2x2 patches); the "text encoder" is a learned
+embedding per class (:class:`DigitPromptEncoder`), and prompts are mapped to a class by :func:`parse_digit_prompt`.
+``python -m calib.models.train_digits`` reproduces the shipped weights.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import CalibError
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+WEIGHTS_FILE = WEIGHTS_DIR / "digits_flux.safetensors"
+
+NUM_CLASSES = 10
+NULL_CLASS = NUM_CLASSES  # index of the "no prompt" class used for the unconditional CFG branch
+IMAGE_SIZE = 8
+PATCH = 2
+TOKENS = (IMAGE_SIZE // PATCH) ** 2  # 16
+CHANNELS = PATCH * PATCH  # 4
+TEXT_TOKENS = 4
+JOINT_DIM = 32
+
+TRANSFORMER_CONFIG = dict(
+    patch_size=1,
+    in_channels=CHANNELS,
+    out_channels=CHANNELS,
+    num_layers=2,
+    num_single_layers=4,
+    attention_head_dim=16,
+    num_attention_heads=4,
+    joint_attention_dim=JOINT_DIM,
+    pooled_projection_dim=JOINT_DIM,
+    guidance_embeds=False,
+    axes_dims_rope=(4, 6, 6),
+)
+
+_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+_DIGIT_RE = re.compile(r"(?<![\w.])(\d+)(?![\w.])|\b(" + "|".join(_WORDS) + r")\b", re.IGNORECASE)
+
+
+def parse_digit_prompt(prompt: str) -> int:
+    """Map a prompt to a class index: the one digit it names (``"a handwritten 7"``, ``"seven"``), or the null class
+    for an empty prompt. Anything else is a :class:`CalibError` naming the prompt."""
+    if not isinstance(prompt, str):
+        raise CalibError(f"prompt must be a string, got {type(prompt).__name__}")
+    if prompt.strip() == "":
+        return NULL_CLASS
+    found = set()
+    for number, word in _DIGIT_RE.findall(prompt):
+        if number:
+            found.add(int(number))
+        else:
+            found.add(_WORDS.index(word.lower()))
+    if len(found) != 1 or next(iter(found)) > 9:
+        why = "names no digit" if not found else f"names {sorted(found)}"
+        raise CalibError(
+            f"the built-in digits model cannot map prompt {prompt!r} to one digit ({why}); "
+            "write prompts like 'a handwritten 7' or 'the digit seven'"
+        )
+    return found.pop()
+
+
+class DigitPromptEncoder(nn.Module):
+    """Stands in for a text encoder: one learned token sequence and pooled vector per class (10 digits + null)."""
+
+    def __init__(self, num_classes: int = NUM_CLASSES + 1, tokens: int = TEXT_TOKENS, dim: int = JOINT_DIM):
+        super().__init__()
+        self.tokens = tokens
+        self.dim = dim
+        self.sequence = nn.Embedding(num_classes, tokens * dim)
+        self.pooled = nn.Embedding(num_classes, dim)
+        nn.init.normal_(self.sequence.weight, std=0.5)
+        nn.init.normal_(self.pooled.weight, std=0.5)
+
+    # DiffusionPipeline.to() and offloading read these from every component.
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.pooled.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.pooled.weight.device
+
+    def forward(self, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        seq = self.sequence(labels).view(labels.shape[0], self.tokens, self.dim)
+        return seq, self.pooled(labels)
+
+
+def pack(images: torch.Tensor) -> torch.Tensor:
+    """(B, 8, 8) -> (B, 16, 4): 2x2 patches in raster order, as FLUX packs latents."""
+    b = images.shape[0]
+    x = images.view(b, IMAGE_SIZE // PATCH, PATCH, IMAGE_SIZE // PATCH, PATCH)
+    return x.permute(0, 1, 3, 2, 4).reshape(b, TOKENS, CHANNELS)
+
+
+def unpack(tokens: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack`."""
+    b = tokens.shape[0]
+    side = IMAGE_SIZE // PATCH
+    x = tokens.view(b, side, side, PATCH, PATCH)
+    return x.permute(0, 1, 3, 2, 4).reshape(b, IMAGE_SIZE, IMAGE_SIZE)
+
+
+def position_ids() -> tuple[torch.Tensor, torch.Tensor]:
+    """FLUX's rotary ids: (row, col) per image token, zeros for the text tokens."""
+    side = IMAGE_SIZE // PATCH
+    img = torch.zeros(side, side, 3)
+    img[..., 1] = torch.arange(side)[:, None]
+    img[..., 2] = torch.arange(side)[None, :]
+    return torch.zeros(TEXT_TOKENS, 3), img.view(TOKENS, 3)
+
+
+def load_digits_dataset() -> tuple[torch.Tensor, torch.Tensor]:
+    """scikit-learn's 1,797 bundled 8x8 digits scaled to [-1, 1], with their labels."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    images = torch.tensor(data.images, dtype=torch.float32) / 8.0 - 1.0
+    return images, torch.tensor(data.target, dtype=torch.long)
+
+
+def build_transformer():
+    from diffusers import FluxTransformer2DModel
+
+    return FluxTransformer2DModel(**TRANSFORMER_CONFIG)
+
+
+def build_scheduler():
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    # shift=1: the model was trained with uniformly drawn sigmas, so no resolution-dependent shifting.
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+
+
+def load_weights(transformer: nn.Module, prompt_encoder: nn.Module, path: Path = WEIGHTS_FILE) -> None:
+    from safetensors.torch import load_file
+
+    if not Path(path).exists():
+        raise CalibError(
+            f"built-in weights not found at {path}; run `python -m calib.models.train_digits` to train them"
+        )
+    state = load_file(str(path))
+    transformer.load_state_dict({k[len("transformer.") :]: v for k, v in state.items() if k.startswith("transformer.")})
+    prompt_encoder.load_state_dict(
+        {k[len("prompt_encoder.") :]: v for k, v in state.items() if k.startswith("prompt_encoder.")}
+    )
+
+
+@dataclass
+class DigitsOutput:
+    """What :class:`DigitsPipeline` returns: PIL images (or arrays, or packed latents) in prompt order."""
+
+    images: list
+
+
+def _pipeline_base():
+    from diffusers import DiffusionPipeline
+
+    return DiffusionPipeline
+
+
+class DigitsPipeline(_pipeline_base()):
+    """Text-to-image pipeline for the built-in digits model.
+
+    ``pipe("a handwritten 7", num_inference_steps=30, guidance_scale=3.0, generator=g).images[0]`` is an 8x8 PIL image.
+    Classifier-free guidance batches [uncond; cond] through the transformer in one call (``cfg_mode="batched"``,
+    as most diffusers pipelines do) or calls it twice per step, cond first (``cfg_mode="sequential"``).
+    """
+
+    model_cpu_offload_seq = "prompt_encoder->transformer"
+
+    def __init__(self, transformer, scheduler, prompt_encoder):
+        super().__init__()
+        self.register_modules(transformer=transformer, scheduler=scheduler, prompt_encoder=prompt_encoder)
+
+    @property
+    def resolution(self) -> tuple[int, int]:
+        return (IMAGE_SIZE, IMAGE_SIZE)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        num_inference_steps: int = 30,
+        guidance_scale: float = 3.0,
+        generator: torch.Generator | None = None,
+        num_images_per_prompt: int = 1,
+        output_type: str = "pil",
+        cfg_mode: str = "batched",
+        latents: torch.Tensor | None = None,
+    ) -> DigitsOutput:
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts:
+            raise CalibError("no prompt given")
+        if num_inference_steps < 2:
+            raise CalibError(f"num_inference_steps must be at least 2, got {num_inference_steps}")
+        if cfg_mode not in ("batched", "sequential"):
+            raise CalibError(f"cfg_mode must be 'batched' or 'sequential', got {cfg_mode!r}")
+        labels = torch.tensor([parse_digit_prompt(p) for p in prompts], dtype=torch.long)
+        labels = labels.repeat_interleave(num_images_per_prompt)
+        batch = labels.shape[0]
+        device = self.transformer.device
+        dtype = self.transformer.dtype
+        use_cfg = guidance_scale > 1.0
+
+        cond_seq, cond_pooled = self.prompt_encoder(labels.to(device))
+        null_seq, null_pooled = self.prompt_encoder(torch.full_like(labels, NULL_CLASS).to(device))
+        txt_ids, img_ids = position_ids()
+        txt_ids, img_ids = txt_ids.to(device, dtype), img_ids.to(device, dtype)
+
+        if latents is None:
+            latents = torch.randn((batch, TOKENS, CHANNELS), generator=generator, dtype=torch.float32)
+        latents = latents.to(device, dtype)
+
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        for t in self.progress_bar(self.scheduler.timesteps):
+            sigma = (t / 1000.0).expand(batch).to(dtype)
+
+            def run(x, seq, pooled, s):
+                return self.transformer(
+                    hidden_states=x,
+                    encoder_hidden_states=seq.to(dtype),
+                    pooled_projections=pooled.to(dtype),
+                    timestep=s,
+                    img_ids=img_ids,
+                    txt_ids=txt_ids,
+                    return_dict=False,
+                )[0]
+
+            if not use_cfg:
+                velocity = run(latents, cond_seq, cond_pooled, sigma)
+            elif cfg_mode == "batched":
+                both = run(
+                    torch.cat([latents, latents]),
+                    torch.cat([null_seq, cond_seq]),
+                    torch.cat([null_pooled, cond_pooled]),
+                    torch.cat([sigma, sigma]),
+                )
+                uncond, cond = both.chunk(2)
+                velocity = uncond + guidance_scale * (cond - uncond)
+            else:
+                with self._context("cond"):
+                    cond = run(latents, cond_seq, cond_pooled, sigma)
+                with self._context("uncond"):
+                    uncond = run(latents, null_seq, null_pooled, sigma)
+                velocity = uncond + guidance_scale * (cond - uncond)
+            latents = self.scheduler.step(velocity, t, latents, return_dict=False)[0]
+
+        if output_type == "latent":
+            return DigitsOutput(images=list(latents))
+        images = ((unpack(latents.float()).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
+        if output_type == "np":
+            return DigitsOutput(images=list(images))
+        from PIL import Image
+
+        return DigitsOutput(images=[Image.fromarray(img, mode="L") for img in images])
+
+    def _context(self, name: str):
+        # diffusers' CacheMixin exposes cache_context so that its caches keep per-branch state; mirror what its own
+        # pipelines do so calib and diffusers caches see the same labels.
+        ctx = getattr(self.transformer, "cache_context", None)
+        if ctx is None:
+            import contextlib
+
+            return contextlib.nullcontext()
+        return ctx(name)
+
+
+def load_pipeline(weights: Path | None = None, device: str | torch.device = "cpu") -> DigitsPipeline:
+    """The built-in ``builtin:digits`` pipeline with its shipped, trained weights."""
+    transformer = build_transformer()
+    encoder = DigitPromptEncoder()
+    load_weights(transformer, encoder, weights or WEIGHTS_FILE)
+    transformer.eval()
+    encoder.eval()
+    pipe = DigitsPipeline(transformer=transformer, scheduler=build_scheduler(), prompt_encoder=encoder)
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def image_grid(images: list, scale: int = 8) -> "np.ndarray":
+    """Tile 8x8 uint8 images side by side, scaled up for viewing."""
+    arrays = [np.asarray(img, dtype=np.uint8) for img in images]
+    row = np.concatenate([np.pad(a, 1, constant_values=0) for a in arrays], axis=1)
+    return np.kron(row, np.ones((scale, scale), dtype=np.uint8))
