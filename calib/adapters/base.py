@@ -1,0 +1,167 @@
+"""What calib must know about a transformer family, in one small object.
+
+An adapter says where the modulated input comes from, which ModuleLists form the block stack, how each block's
+outputs are laid out, and how CFG passes arrive. The tracer and the runtime use the same adapter, so what is
+calibrated is what is gated. Imports: torch and the standard library only (diffusers is consulted when present).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+# The ModuleList names diffusers uses for block stacks, in the order they run.
+DEFAULT_BLOCK_STACKS = (
+    "transformer_blocks",
+    "single_transformer_blocks",
+    "blocks",
+    "layers",
+)
+
+
+@dataclass(frozen=True)
+class BlockIO:
+    """Where a block's hidden states sit in its arguments and outputs (diffusers' TransformerBlockMetadata)."""
+
+    return_hidden_states_index: int | None = 0
+    return_encoder_hidden_states_index: int | None = None
+    hidden_states_argument_name: str = "hidden_states"
+    encoder_hidden_states_argument_name: str = "encoder_hidden_states"
+
+    def argument(self, block: torch.nn.Module, name: str, args: tuple, kwargs: dict) -> Any:
+        if name in kwargs:
+            return kwargs[name]
+        import inspect
+
+        params = list(inspect.signature(block.forward).parameters)
+        if name in params and params.index(name) < len(args):
+            return args[params.index(name)]
+        return None
+
+    def hidden_states_in(self, block, args, kwargs) -> torch.Tensor:
+        return self.argument(block, self.hidden_states_argument_name, args, kwargs)
+
+    def encoder_hidden_states_in(self, block, args, kwargs) -> torch.Tensor | None:
+        return self.argument(block, self.encoder_hidden_states_argument_name, args, kwargs)
+
+    def hidden_states_out(self, output) -> torch.Tensor:
+        if isinstance(output, torch.Tensor):
+            return output
+        return output[self.return_hidden_states_index]
+
+    def pack(self, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None) -> Any:
+        """Build an output of the block's own layout from the given hidden states (used when a block is skipped)."""
+        if self.return_encoder_hidden_states_index is None:
+            return hidden_states
+        out = [None, None]
+        out[self.return_hidden_states_index] = hidden_states
+        out[self.return_encoder_hidden_states_index] = encoder_hidden_states
+        return tuple(out)
+
+
+def diffusers_block_io(block: torch.nn.Module) -> BlockIO | None:
+    """diffusers' own block metadata for this block class, when diffusers is installed and knows it."""
+    try:
+        from diffusers.hooks._helpers import TransformerBlockRegistry
+    except Exception:  # diffusers is optional for the runtime
+        return None
+    try:
+        meta = TransformerBlockRegistry.get(type(block))
+    except ValueError:
+        return None
+    return BlockIO(
+        return_hidden_states_index=meta.return_hidden_states_index,
+        return_encoder_hidden_states_index=meta.return_encoder_hidden_states_index,
+        hidden_states_argument_name=getattr(meta, "hidden_states_argument_name", "hidden_states"),
+        encoder_hidden_states_argument_name=getattr(
+            meta, "encoder_hidden_states_argument_name", "encoder_hidden_states"
+        ),
+    )
+
+
+def get_submodule(root: torch.nn.Module, dotted: str) -> torch.nn.Module:
+    try:
+        return root.get_submodule(dotted)
+    except AttributeError as exc:
+        raise LookupError(f"{type(root).__name__} has no submodule {dotted!r}") from exc
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """How calib hooks one transformer family.
+
+    ``modulation_module`` is the dotted path of the layer (inside the first block) whose output is the timestep-
+    modulated input TeaCache watches; its first output (or its only one) is taken. Families where no single layer
+    produces it give ``modulated_input`` instead: a function ``(block, args, kwargs) -> Tensor`` computed from the
+    first block's arguments before the block runs.
+    """
+
+    name: str
+    model_classes: tuple[str, ...]
+    modulation_module: str | None = "transformer_blocks.0.norm1"
+    modulated_input: Callable[[torch.nn.Module, tuple, dict], torch.Tensor] | None = None
+    block_stacks: tuple[str, ...] = DEFAULT_BLOCK_STACKS
+    # Block output layout for blocks diffusers' registry does not know (keyed by block class name).
+    block_io_overrides: dict[str, BlockIO] = field(default_factory=dict)
+    # How a pipeline lays out CFG: batched rows (diffusers concatenates [negative, positive]) or, for separate
+    # calls without a cache_context, the call order within a step.
+    cfg_batch_order: tuple[str, ...] = ("uncond", "cond")
+    cfg_call_order: tuple[str, ...] = ("cond", "uncond")
+    notes: str = ""
+
+    def __post_init__(self):
+        if not self.name:
+            raise ValueError("adapter needs a name")
+        if self.modulation_module is None and self.modulated_input is None:
+            raise ValueError(f"adapter {self.name!r} needs modulation_module or modulated_input")
+
+    # -- structure -----------------------------------------------------------------------------------------
+    def blocks(self, transformer: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+        """The block stack in execution order, as (dotted name, block)."""
+        found = []
+        for stack in self.block_stacks:
+            modules = getattr(transformer, stack, None)
+            if isinstance(modules, torch.nn.ModuleList):
+                found.extend((f"{stack}.{i}", block) for i, block in enumerate(modules))
+        if not found:
+            raise LookupError(
+                f"{type(transformer).__name__} has none of the block stacks {list(self.block_stacks)}"
+            )
+        return found
+
+    def block_io(self, block: torch.nn.Module) -> BlockIO:
+        override = self.block_io_overrides.get(type(block).__name__)
+        if override is not None:
+            return override
+        return diffusers_block_io(block) or BlockIO()
+
+    def modulation_layer(self, transformer: torch.nn.Module) -> torch.nn.Module | None:
+        if self.modulated_input is not None:
+            return None
+        return get_submodule(transformer, self.modulation_module)
+
+    @property
+    def indicator_name(self) -> str:
+        return self.modulation_module or f"{self.name}:modulated_input"
+
+
+def first_tensor(output) -> torch.Tensor:
+    """The first tensor of a module output (norm layers return (normed, gate, shift, ...))."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    if hasattr(output, "sample"):
+        return output.sample
+    raise TypeError(f"cannot find a tensor in {type(output).__name__}")
+
+
+def transformer_output(output) -> torch.Tensor:
+    """The denoiser prediction from a transformer's return value (tuple or Transformer2DModelOutput)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if hasattr(output, "sample"):
+        return output.sample
+    return output[0]

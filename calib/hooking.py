@@ -1,0 +1,206 @@
+"""The small hook machinery the tracer and the runtime share (torch and the standard library only).
+
+* :func:`wrap_forward` puts a wrapper around one module's ``forward`` (no copied or rewritten forward: the wrapper
+  calls the original) and gives back a handle that restores it.
+* :class:`StepClock` tells which denoising step and which stream (CFG branch) a transformer call belongs to.
+* :class:`ContextProbe` reads the name a diffusers pipeline gives a call with ``transformer.cache_context("cond")``,
+  when diffusers is installed, so streams carry the pipeline's own labels.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import torch
+
+
+class Handle:
+    """Undoes what was installed, in reverse order. ``remove()`` is idempotent."""
+
+    def __init__(self):
+        self._undo: list[Callable[[], None]] = []
+
+    def add(self, undo: Callable[[], None]) -> None:
+        self._undo.append(undo)
+
+    def remove(self) -> None:
+        while self._undo:
+            self._undo.pop()()
+
+
+def wrap_forward(module: torch.nn.Module, wrapper: Callable[..., Any]) -> Callable[[], None]:
+    """Make ``module(...)`` call ``wrapper(original_forward, *args, **kwargs)``; returns the undo function."""
+    had_instance_forward = "forward" in module.__dict__
+    original = module.forward
+
+    @functools.wraps(original)
+    def forward(*args, **kwargs):
+        return wrapper(original, *args, **kwargs)
+
+    module.forward = forward
+
+    def undo():
+        if had_instance_forward:
+            module.forward = original
+        else:
+            module.__dict__.pop("forward", None)
+
+    return undo
+
+
+def wrap_method(obj: Any, name: str, after: Callable[..., None] | None = None, before=None) -> Callable[[], None]:
+    """Call ``before(*args, **kwargs)`` / ``after(result, *args, **kwargs)`` around ``obj.name``; returns the undo."""
+    had_instance_attr = name in vars(obj)
+    original = getattr(obj, name)
+
+    @functools.wraps(original)
+    def method(*args, **kwargs):
+        if before is not None:
+            before(*args, **kwargs)
+        result = original(*args, **kwargs)
+        if after is not None:
+            after(result, *args, **kwargs)
+        return result
+
+    setattr(obj, name, method)
+
+    def undo():
+        if had_instance_attr:
+            setattr(obj, name, original)
+        else:
+            vars(obj).pop(name, None)
+
+    return undo
+
+
+class StepClock:
+    """Which step and which stream a transformer call belongs to.
+
+    With a pipeline, steps end when ``scheduler.step`` runs and generations start with ``scheduler.set_timesteps``,
+    so nothing is read back from the device. On a bare transformer, the timestep value marks the steps instead.
+    Within a step the k-th call is stream ``call{k}`` unless the pipeline named it through ``cache_context``.
+    """
+
+    def __init__(self):
+        self.num_steps: int | None = None
+        self.generation = 0
+        self.step = 0
+        self.call_in_step = 0
+        self._last_timestep: float | None = None
+
+    def new_generation(self, num_steps: int | None = None) -> None:
+        self.generation += 1
+        self.num_steps = num_steps
+        self.step = 0
+        self.call_in_step = 0
+        self._last_timestep = None
+
+    def end_step(self) -> None:
+        self.step += 1
+        self.call_in_step = 0
+
+    def observe_timestep(self, value: float) -> bool:
+        """Bare-transformer mode: a new timestep ends the step; a larger one starts a generation.
+        Returns True when a new generation started."""
+        started = False
+        if self._last_timestep is not None and value != self._last_timestep:
+            if value > self._last_timestep:
+                self.new_generation(self.num_steps)
+                started = True
+            else:
+                self.end_step()
+        self._last_timestep = value
+        return started
+
+    def next_call(self, context_name: str | None) -> str:
+        key = context_name if context_name else f"call{self.call_in_step}"
+        self.call_in_step += 1
+        return key
+
+    @property
+    def is_last_step(self) -> bool:
+        return self.num_steps is not None and self.step >= self.num_steps - 1
+
+
+class ContextProbe:
+    """Reads the current ``cache_context`` name of a diffusers ``CacheMixin`` model, or None.
+
+    diffusers hands the context to every stateful hook's ``StateManager``; registering one tiny stateful hook is the
+    supported way to receive it. Without diffusers (or on a plain module) the probe always answers None.
+    """
+
+    HOOK_NAME = "calib_context_probe"
+
+    def __init__(self, module: torch.nn.Module):
+        self._manager = None
+        self._registry = None
+        try:
+            from diffusers.hooks.hooks import HookRegistry, ModelHook, StateManager
+            from diffusers.models.cache_utils import CacheMixin
+        except Exception:
+            return
+        if not isinstance(module, CacheMixin):
+            return
+
+        class _Empty:
+            def reset(self):
+                pass
+
+        class _ProbeHook(ModelHook):
+            _is_stateful = True
+
+            def __init__(self, manager):
+                super().__init__()
+                self.manager = manager
+
+        self._manager = StateManager(_Empty)
+        self._registry = HookRegistry.check_if_exists_or_initialize(module)
+        if self.HOOK_NAME in self._registry.hooks:
+            self._registry.remove_hook(self.HOOK_NAME, recurse=False)
+        self._registry.register_hook(_ProbeHook(self._manager), self.HOOK_NAME)
+
+    def name(self) -> str | None:
+        if self._manager is None:
+            return None
+        ctx = getattr(self._manager, "_context", None)
+        return getattr(ctx, "name", None) if ctx is not None else None
+
+    def remove(self) -> None:
+        if self._registry is not None and self.HOOK_NAME in self._registry.hooks:
+            self._registry.remove_hook(self.HOOK_NAME, recurse=False)
+        self._registry = None
+        self._manager = None
+
+
+def timestep_value(args: tuple, kwargs: dict, forward: Callable, name: str = "timestep") -> float | None:
+    """The first element of the transformer's timestep argument as a float (a host read: bare-transformer mode)."""
+    value = kwargs.get(name)
+    if value is None:
+        import inspect
+
+        try:
+            params = list(inspect.signature(forward).parameters)
+        except (TypeError, ValueError):
+            return None
+        if name in params and params.index(name) < len(args):
+            value = args[params.index(name)]
+    if value is None:
+        return None
+    if isinstance(value, torch.Tensor):
+        return float(value.reshape(-1)[0].item())
+    return float(value)
+
+
+def rel_l1_rows(current: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+    """mean|cur - prev| / mean|prev| per batch row, in float32, on the tensors' device."""
+    cur = current.detach().float().flatten(1)
+    prev = previous.detach().float().flatten(1)
+    return (cur - prev).abs().mean(dim=1) / prev.abs().mean(dim=1)
+
+
+def rel_l1(current: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+    """mean|cur - prev| / mean|prev| over the whole tensor, in float32, as a 0-d tensor on the device."""
+    cur = current.detach().float()
+    prev = previous.detach().float()
+    return (cur - prev).abs().mean() / prev.abs().mean()

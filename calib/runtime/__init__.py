@@ -1,0 +1,30 @@
+"""calib's runtime cache: load a coefficient JSON, apply it, read the stats. Imports torch and the standard library
+only (diffusers is used when present).
+
+    import calib.runtime as cr
+    config = cr.load("coeffs/digits.json")
+    handle = cr.apply(pipe, config, threshold=0.3)
+    image = pipe("a handwritten 7").images[0]
+    print(handle.stats())
+    handle.remove()
+"""
+
+from .api import CacheHandle, apply
+from .coefficients import CacheConfig, ComponentRescaler, load, parse
+from .errors import CoefficientFileError, ModelMismatchError, ThresholdError
+from .gate import Rescaler, TeaCacheGate, replay
+
+__all__ = [
+    "CacheConfig",
+    "CacheHandle",
+    "CoefficientFileError",
+    "ComponentRescaler",
+    "ModelMismatchError",
+    "Rescaler",
+    "TeaCacheGate",
+    "ThresholdError",
+    "apply",
+    "load",
+    "parse",
+    "replay",
+]

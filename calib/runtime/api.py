@@ -1,0 +1,305 @@
+"""``apply(pipeline_or_transformer, config, threshold)``: TeaCache on a diffusers transformer, by hooks.
+
+How a step is skipped without rewriting the model's forward:
+
+* the first block is wrapped; the adapter's modulation layer reports the modulated input as the block starts, the
+  gate decides, and on "skip" the block is abandoned right there (a private exception unwinds it, only the
+  modulation layer has run);
+* every other block passes its inputs through while the step is skipped, and the last block adds the residual
+  cached at the last computed step (output minus input hidden states of the block stack);
+* the transformer's own code around the stack runs as usual, so the output head sees the current timestep.
+
+State is kept per (component, stream): CFG branches that arrive as separate calls (or under diffusers'
+``cache_context``) never share an accumulator or a residual. A batched CFG call is one stream.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+
+from ..adapters import get_adapter, model_identity
+from ..adapters.base import Adapter
+from ..hooking import ContextProbe, Handle, StepClock, rel_l1, timestep_value, wrap_forward, wrap_method
+from .coefficients import CacheConfig
+from .errors import ModelMismatchError, ThresholdError
+from .gate import TeaCacheGate
+from .stats import CacheStats
+
+
+class _SkipBlocks(Exception):
+    """Raised from the modulation layer's hook to leave the first block early on a skipped step."""
+
+
+@dataclass
+class _StreamState:
+    gate: TeaCacheGate
+    previous_indicator: torch.Tensor | None = None
+    residual: torch.Tensor | None = None
+    stack_input: torch.Tensor | None = None
+    skipping: bool = False
+    decided: bool | None = None
+
+
+@dataclass
+class _Component:
+    name: str
+    transformer: torch.nn.Module
+    adapter: Adapter
+    config: object
+    states: dict = field(default_factory=dict)
+    current: _StreamState | None = None
+    current_key: str | None = None
+
+
+def _check_threshold(threshold) -> float:
+    try:
+        value = float(threshold)
+    except (TypeError, ValueError):
+        raise ThresholdError(f"threshold must be a number, got {threshold!r}") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ThresholdError(f"threshold must be a finite number, got {threshold!r}")
+    if value < 0:
+        raise ThresholdError(f"threshold must be >= 0, got {value}")
+    return value
+
+
+class CacheHandle:
+    """What :func:`apply` returns: ``stats()``, ``reset()``, ``remove()``."""
+
+    def __init__(self, config: CacheConfig, threshold: float, clock: StepClock, pipeline_mode: bool):
+        self.config = config
+        self.threshold = threshold
+        self._clock = clock
+        self._pipeline_mode = pipeline_mode
+        self._handle = Handle()
+        self._components: list[_Component] = []
+        self._stats = CacheStats()
+        self._removed = False
+
+    # -- public ---------------------------------------------------------------------------------------------
+    def stats(self) -> dict:
+        """Steps, computed and skipped per trajectory (generation x component x stream), and totals."""
+        return self._stats.report()
+
+    def reset(self) -> None:
+        """Forget cached residuals and accumulators (done automatically when a new generation starts)."""
+        for comp in self._components:
+            comp.states.clear()
+            comp.current = None
+
+    def remove(self) -> None:
+        """Take every hook off; the model is exactly as before ``apply``."""
+        if self._removed:
+            return
+        self._handle.remove()
+        for comp in self._components:
+            comp.states.clear()
+            if getattr(comp.transformer, "_calib_cache_handle", None) is self:
+                del comp.transformer._calib_cache_handle
+        self._removed = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+
+    # -- wiring ---------------------------------------------------------------------------------------------
+    def _new_generation(self, num_steps: int | None) -> None:
+        self._clock.new_generation(num_steps)
+        self.reset()
+
+    def _attach(self, name: str, transformer: torch.nn.Module, adapter: Adapter, rescaler) -> None:
+        if getattr(transformer, "_calib_cache_handle", None) is not None:
+            raise RuntimeError(
+                f"{type(transformer).__name__} already has a calib cache applied; call handle.remove() first"
+            )
+        comp = _Component(name, transformer, adapter, rescaler)
+        self._components.append(comp)
+        transformer._calib_cache_handle = self
+        probe = ContextProbe(transformer)
+        self._handle.add(probe.remove)
+        blocks = adapter.blocks(transformer)
+        layer = adapter.modulation_layer(transformer)
+
+        def state_for(key: str) -> _StreamState:
+            if key not in comp.states:
+                comp.states[key] = _StreamState(TeaCacheGate(rescaler, self.threshold))
+            return comp.states[key]
+
+        def transformer_forward(original, *args, **kwargs):
+            if not self._pipeline_mode:
+                t = timestep_value(args, kwargs, original)
+                if t is not None and self._clock.observe_timestep(t):
+                    self.reset()
+            key = self._clock.next_call(probe.name())
+            comp.current_key = key
+            comp.current = state = state_for(key)
+            state.decided = None
+            state.skipping = False
+            try:
+                return original(*args, **kwargs)
+            finally:
+                if state.decided is not None:
+                    self._stats.record(self._clock.generation, name, key, state.decided)
+                state.skipping = False
+                comp.current = None
+
+        def decide(modulated: torch.Tensor, hidden_states: torch.Tensor) -> bool:
+            state = comp.current
+            change = None
+            can_skip = (
+                state.previous_indicator is not None
+                and state.residual is not None
+                and state.previous_indicator.shape == modulated.shape
+                and state.residual.shape == hidden_states.shape
+            )
+            if can_skip and self.threshold > 0:
+                change = float(rel_l1(modulated, state.previous_indicator))
+            force = self._clock.step == 0 or self._clock.is_last_step or not can_skip
+            compute = state.gate.should_compute(change, force=force)
+            state.previous_indicator = modulated.detach()
+            state.decided = compute
+            state.skipping = not compute
+            return compute
+
+        head_name, head = blocks[0]
+        tail_name, tail = blocks[-1]
+        io_by_block = {id(b): adapter.block_io(b) for _, b in blocks}
+
+        if layer is not None:
+
+            def on_modulation(module, inputs, output):
+                state = comp.current
+                if state is None or state.decided is not None:
+                    return None
+                from ..adapters.base import first_tensor
+
+                if not decide(first_tensor(output), state.stack_input):
+                    raise _SkipBlocks()
+                return None
+
+            self._handle.add(layer.register_forward_hook(on_modulation).remove)
+
+        def block_forward(block, original, *args, **kwargs):
+            state = comp.current
+            if state is None:  # called outside the transformer's forward: nothing to gate
+                return original(*args, **kwargs)
+            io = io_by_block[id(block)]
+            hidden_in = io.hidden_states_in(block, args, kwargs)
+            if block is head:
+                state.stack_input = hidden_in
+                if adapter.modulated_input is not None:
+                    decide(adapter.modulated_input(block, args, kwargs), hidden_in)
+                if not state.skipping:
+                    try:
+                        output = original(*args, **kwargs)
+                    except _SkipBlocks:
+                        output = None
+            elif not state.skipping:
+                output = original(*args, **kwargs)
+            if state.skipping:
+                encoder_in = io.encoder_hidden_states_in(block, args, kwargs)
+                hidden_out = hidden_in + state.residual if block is tail else hidden_in
+                return io.pack(hidden_out, encoder_in)
+            if block is tail:
+                state.residual = (io.hidden_states_out(output) - state.stack_input).detach()
+            return output
+
+        for block_name, block in blocks:
+            self._handle.add(wrap_forward(block, lambda original, *a, _b=block, **k: block_forward(_b, original, *a, **k)))
+        self._handle.add(wrap_forward(transformer, transformer_forward))
+
+
+def _components_of(target, config: CacheConfig) -> tuple[list[tuple[str, torch.nn.Module]], object]:
+    """(component name, transformer) pairs and the scheduler, for a pipeline or a bare transformer."""
+    if isinstance(target, torch.nn.Module) and not hasattr(target, "scheduler"):
+        if len(config.components) == 1:
+            return [(next(iter(config.components)), target)], None
+        raise ValueError(
+            "this coefficient file has one polynomial per expert "
+            f"({', '.join(config.components)}); apply it to the pipeline so each expert gets its own"
+        )
+    found = []
+    for name in config.components:
+        module = getattr(target, name, None)
+        if isinstance(module, torch.nn.Module):
+            found.append((name, module))
+    if not found:
+        raise ValueError(
+            f"{type(target).__name__} has none of the components {list(config.components)} named in the coefficients"
+        )
+    return found, getattr(target, "scheduler", None)
+
+
+def apply(
+    target,
+    config: CacheConfig,
+    threshold: float | None = None,
+    *,
+    num_steps: int | None = None,
+    allow_model_mismatch: bool = False,
+    modulation_module: str | None = None,
+) -> CacheHandle:
+    """Apply TeaCache with calibrated coefficients to a diffusers pipeline or transformer.
+
+    ``threshold``: the accumulated rescaled change under which steps are skipped; defaults to the file's
+    recommended threshold; 0 reproduces the uncached output exactly. ``num_steps`` is needed only on a bare
+    transformer (a pipeline's scheduler tells it) to always compute the last step. Coefficients calibrated for
+    another model class are refused unless ``allow_model_mismatch=True``.
+    """
+    if threshold is None:
+        if config.recommended_threshold is None:
+            raise ThresholdError("no threshold given and the coefficient file recommends none; pass threshold=...")
+        threshold = config.recommended_threshold
+    threshold = _check_threshold(threshold)
+    components, scheduler = _components_of(target, config)
+    clock = StepClock()
+    pipeline_mode = scheduler is not None and hasattr(scheduler, "set_timesteps") and hasattr(scheduler, "step")
+    handle = CacheHandle(config, threshold, clock, pipeline_mode)
+    try:
+        for name, transformer in components:
+            identity = model_identity(transformer)
+            if identity["class"] != config.model_class:
+                message = (
+                    f"coefficients in {config.path or 'this config'} were calibrated for {config.model_class}, "
+                    f"not {identity['class']}"
+                )
+                if not allow_model_mismatch:
+                    raise ModelMismatchError(message + "; pass allow_model_mismatch=True to use them anyway")
+                warnings.warn(message, stacklevel=2)
+            elif config.config_hash and identity["config_hash"] != config.config_hash:
+                warnings.warn(
+                    f"{name}: config differs from the calibrated one ({config.source or config.model_class}); "
+                    "the coefficients may not fit this model — calibrate it with `calib trace`",
+                    stacklevel=2,
+                )
+            adapter = get_adapter(transformer, modulation_module or _custom_module(config))
+            handle._attach(name, transformer, adapter, config.components[name].rescaler())
+        if pipeline_mode:
+            handle._handle.add(
+                wrap_method(scheduler, "set_timesteps", after=lambda *_a, **_k: handle._new_generation(len(scheduler.timesteps)))
+            )
+            handle._handle.add(wrap_method(scheduler, "step", after=lambda *_a, **_k: clock.end_step()))
+        else:
+            clock.num_steps = num_steps
+            if num_steps is None:
+                warnings.warn(
+                    "applied to a bare transformer without num_steps: the last step cannot be forced to compute; "
+                    "pass num_steps=... or apply to the pipeline",
+                    stacklevel=2,
+                )
+    except BaseException:
+        handle.remove()
+        raise
+    return handle
+
+
+def _custom_module(config: CacheConfig) -> str | None:
+    """A file made with ``--modulation-module`` for a class calib has no adapter for names its layer."""
+    if config.adapter == "custom":
+        return config.indicator.get("module")
+    return None

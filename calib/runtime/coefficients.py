@@ -1,0 +1,174 @@
+"""Load a coefficient JSON into a validated :class:`CacheConfig` (standard library only).
+
+The rules here are those of the packaged JSON Schema (``calib/schemas/coefficients.v1.schema.json``); when
+``jsonschema`` is installed the file is also checked against that schema, so both stay in step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import CoefficientFileError
+from .gate import Rescaler
+
+SCHEMA_VERSION = 1
+FORMAT = "calib.coefficients"
+METHODS = ("teacache",)
+
+
+@dataclass(frozen=True)
+class ComponentRescaler:
+    coefficients: tuple[float, ...]
+    domain: tuple[float, float] | None
+
+    def __post_init__(self):
+        if not self.coefficients or not all(_finite(c) for c in self.coefficients):
+            raise ValueError("coefficients must be a non-empty list of finite numbers")
+        if self.domain is not None and not (self.domain[0] <= self.domain[1]):
+            raise ValueError("domain must be [min, max] with min <= max")
+
+    def rescaler(self) -> Rescaler:
+        return Rescaler(self.coefficients, self.domain)
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """What the runtime needs from a coefficient file."""
+
+    model_class: str
+    components: dict[str, ComponentRescaler]
+    config_hash: str | None = None
+    source: str | None = None
+    adapter: str | None = None
+    indicator: dict = field(default_factory=dict)
+    recommended_threshold: float | None = None
+    calibration: dict = field(default_factory=dict)
+    path: str | None = None
+    document: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self):
+        if not self.components:
+            raise ValueError("a cache config needs at least one component")
+        if self.recommended_threshold is not None and not (
+            _finite(self.recommended_threshold) and self.recommended_threshold >= 0
+        ):
+            raise ValueError("recommended threshold must be a finite number >= 0")
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _fail(source: str, where: str, what: str):
+    raise CoefficientFileError(f"{source}: {where}: {what}")
+
+
+def parse(doc: Any, source: str = "<document>") -> CacheConfig:
+    """Validate a decoded coefficient document and build the config; one-line CoefficientFileError otherwise."""
+    if not isinstance(doc, dict):
+        _fail(source, "(top level)", "expected a JSON object")
+    if doc.get("format") != FORMAT:
+        _fail(source, "format", f"expected {FORMAT!r}, got {doc.get('format')!r}; is this a calib coefficient file?")
+    version = doc.get("schema_version")
+    if version != SCHEMA_VERSION:
+        _fail(source, "schema_version", f"this file is version {version!r}; this calib reads version {SCHEMA_VERSION}")
+    method = doc.get("method")
+    if method not in METHODS:
+        _fail(source, "method", f"{method!r} is not a method this runtime applies ({', '.join(METHODS)})")
+    model = doc.get("model")
+    if not isinstance(model, dict) or not isinstance(model.get("class"), str) or not model["class"]:
+        _fail(source, "model.class", "missing: the file must name the model class it was calibrated on")
+    components = doc.get("components")
+    if not isinstance(components, dict) or not components:
+        _fail(source, "components", "missing or empty: expected at least one component with coefficients")
+    parsed = {}
+    for name, comp in components.items():
+        where = f"components.{name}"
+        if not isinstance(comp, dict):
+            _fail(source, where, "expected an object")
+        coefs = comp.get("coefficients")
+        if not isinstance(coefs, list) or not coefs:
+            _fail(source, f"{where}.coefficients", "missing or empty")
+        if not all(_finite(c) for c in coefs):
+            _fail(source, f"{where}.coefficients", "every coefficient must be a finite number")
+        if comp.get("order", "highest_first") != "highest_first":
+            _fail(source, f"{where}.order", "only 'highest_first' (numpy.poly1d order) is defined")
+        if "degree" in comp and comp["degree"] != len(coefs) - 1:
+            _fail(source, f"{where}.degree", f"says {comp['degree']} but there are {len(coefs)} coefficients")
+        domain = comp.get("domain")
+        if domain is not None:
+            if not (isinstance(domain, list) and len(domain) == 2 and all(_finite(d) for d in domain)):
+                _fail(source, f"{where}.domain", "expected [min, max] of finite numbers, or null")
+            if domain[0] > domain[1]:
+                _fail(source, f"{where}.domain", f"min {domain[0]} is larger than max {domain[1]}")
+            domain = (float(domain[0]), float(domain[1]))
+        parsed[name] = ComponentRescaler(tuple(float(c) for c in coefs), domain)
+    recommended = None
+    thresholds = doc.get("thresholds")
+    if isinstance(thresholds, dict) and thresholds.get("recommended") is not None:
+        recommended = thresholds["recommended"]
+        if not _finite(recommended) or recommended < 0:
+            _fail(source, "thresholds.recommended", "must be a finite number >= 0")
+    _check_with_jsonschema(doc, source)
+    return CacheConfig(
+        model_class=model["class"],
+        components=parsed,
+        config_hash=model.get("config_hash"),
+        source=model.get("source"),
+        adapter=model.get("adapter"),
+        indicator=dict(doc.get("indicator") or {}),
+        recommended_threshold=None if recommended is None else float(recommended),
+        calibration=dict(doc.get("calibration") or {}),
+        path=None,
+        document=doc,
+    )
+
+
+def _check_with_jsonschema(doc: dict, source: str) -> None:
+    try:
+        import jsonschema
+    except ImportError:  # optional at run time: the checks above cover what the runtime relies on
+        return
+    from importlib import resources
+
+    try:
+        schema_text = resources.files("calib").joinpath("schemas/coefficients.v1.schema.json").read_text("utf-8")
+    except FileNotFoundError:
+        return
+    validator = jsonschema.Draft202012Validator(json.loads(schema_text))
+    error = jsonschema.exceptions.best_match(validator.iter_errors(doc))
+    if error is not None:
+        where = ".".join(str(p) for p in error.absolute_path) or "(top level)"
+        _fail(source, where, error.message)
+
+
+def load(path: str | Path) -> CacheConfig:
+    """Read and validate a coefficient JSON. Every problem is one line naming the file."""
+    path = Path(path)
+    source = str(path)
+    if not path.exists():
+        raise CoefficientFileError(f"{source}: no such file")
+    if path.is_dir():
+        raise CoefficientFileError(f"{source}: is a directory, expected a coefficient JSON file")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise CoefficientFileError(f"{source}: not UTF-8 text; expected a coefficient JSON file") from None
+    try:
+        # Non-finite literals (NaN, Infinity) are not JSON; refuse them instead of letting them into a gate.
+        doc = json.loads(text, parse_constant=_reject_constant)
+    except json.JSONDecodeError as exc:
+        raise CoefficientFileError(f"{source}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+    except ValueError as exc:
+        raise CoefficientFileError(f"{source}: {exc}") from None
+    config = parse(doc, source)
+    object.__setattr__(config, "path", source)
+    return config
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"contains {name}, which is not a finite number")

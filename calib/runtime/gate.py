@@ -1,0 +1,65 @@
+"""TeaCache's decision rule, free of torch so the offline replay (``calib tune``) runs the very same code.
+
+Per stream: the first and the last step always compute. Otherwise the rescaled indicator change is added to an
+accumulator; while the accumulator stays under the threshold the step is skipped, else it computes and the
+accumulator is reset.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+
+@dataclass
+class Rescaler:
+    """poly(x) with coefficients highest degree first (numpy.poly1d order), inputs clamped to the fitted domain."""
+
+    coefficients: Sequence[float]
+    domain: tuple[float, float] | None = None
+
+    def __call__(self, x: float) -> float:
+        if self.domain is not None:
+            # Outside the points it was fitted on a polynomial can turn negative or blow up; never extrapolate.
+            x = min(max(x, self.domain[0]), self.domain[1])
+        y = 0.0
+        for c in self.coefficients:
+            y = y * x + c
+        # A change is never negative: a negative prediction would let the accumulator run backwards.
+        return max(y, 0.0)
+
+
+class TeaCacheGate:
+    """Accumulate rescaled indicator changes; say whether the current step must compute."""
+
+    def __init__(self, rescaler: Rescaler, threshold: float):
+        self.rescaler = rescaler
+        self.threshold = float(threshold)
+        self.accumulated = 0.0
+
+    def reset(self) -> None:
+        self.accumulated = 0.0
+
+    def should_compute(self, change: float | None, *, force: bool = False) -> bool:
+        """``change`` is the indicator's rel-L1 change against the previous step (None when there is none)."""
+        if force or change is None or self.threshold <= 0.0 or not math.isfinite(change):
+            self.accumulated = 0.0
+            return True
+        self.accumulated += self.rescaler(change)
+        if self.accumulated < self.threshold:
+            return False
+        self.accumulated = 0.0
+        return True
+
+
+def replay(changes: Sequence[float], rescaler: Rescaler, threshold: float) -> list[bool]:
+    """Offline: the compute/skip decisions the runtime would take on one stream's per-step indicator changes
+    (entry 0 has no previous step). The first and last steps always compute."""
+    gate = TeaCacheGate(rescaler, threshold)
+    n = len(changes)
+    out = []
+    for i, change in enumerate(changes):
+        first_or_last = i == 0 or i == n - 1
+        out.append(gate.should_compute(None if i == 0 else float(change), force=first_or_last))
+    return out
