@@ -155,6 +155,10 @@ class ContextProbe:
                 self.manager = manager
 
         self._manager = StateManager(_Empty)
+        self._module = module
+        # Remember what was there so remove() leaves the module exactly as it found it.
+        self._had_registry = hasattr(module, "_diffusers_hook")
+        self._had_forward = "forward" in vars(module)
         self._registry = HookRegistry.check_if_exists_or_initialize(module)
         if self.HOOK_NAME in self._registry.hooks:
             self._registry.remove_hook(self.HOOK_NAME, recurse=False)
@@ -169,6 +173,11 @@ class ContextProbe:
     def remove(self) -> None:
         if self._registry is not None and self.HOOK_NAME in self._registry.hooks:
             self._registry.remove_hook(self.HOOK_NAME, recurse=False)
+            if not self._registry.hooks:
+                if not self._had_forward:
+                    vars(self._module).pop("forward", None)
+                if not self._had_registry:
+                    del self._module._diffusers_hook
         self._registry = None
         self._manager = None
 
