@@ -356,6 +356,9 @@ def run_trace(
     out = Path(out) if out is not None else default_trace_path(model)
     if pipe is None:
         pipe = load_model(model, device=pick_device(device))
+    check = getattr(pipe, "validate_prompts", None)
+    if callable(check):  # fail on an unreadable prompt before hours of tracing, not at prompt 57
+        check(prompts)
     tracer = Tracer(pipe, modulation_module=modulation_module, record_blocks=settings.record_blocks)
     info = describe_model(pipe, model, tracer.adapter)
     jobs = [(p, s) for p in prompts for s in settings.seeds]
@@ -377,12 +380,12 @@ def run_trace(
                 done += 1
                 bar.update(1)
         except KeyboardInterrupt:
-            bar.close()
             kept = len(jobs) - len(todo) + done
             raise InterruptedRun(
                 f"interrupted: {kept} of {len(jobs)} generations are saved in {out}; rerun the same command to resume"
             ) from None
-        bar.close()
+        finally:
+            bar.close()  # before any message, so it starts on a line of its own
         total = len(writer.trajectories)
     echo(f"traced {len(jobs)} generations ({len(prompts)} prompts x {len(settings.seeds)} seeds, "
          f"{settings.steps} steps) -> {out} ({total} trajectories)")

@@ -187,6 +187,11 @@ class DigitsPipeline(_pipeline_base()):
         super().__init__()
         self.register_modules(transformer=transformer, scheduler=scheduler, prompt_encoder=prompt_encoder)
 
+    def validate_prompts(self, prompts: list[str]) -> None:
+        """Raise CalibError for the first prompt this model cannot map to a digit."""
+        for prompt in prompts:
+            parse_digit_prompt(prompt)
+
     @property
     def resolution(self) -> tuple[int, int]:
         return (IMAGE_SIZE, IMAGE_SIZE)
