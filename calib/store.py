@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -33,52 +34,78 @@ MODEL_ATTRS = {
     "adapter": "adapter",
     "indicator": "indicator",
 }
+# file attributes calib writes itself; TraceWriter(attrs=...) may not use these names
+RESERVED_FILE_ATTRS = frozenset({"schema_version", "calib_version", "created", "updated", "model_info",
+                                 *MODEL_ATTRS.values()})
 SERIES = ("step_index", "timesteps", "sigmas", "input_rel_l1", "output_rel_l1", "residual_rel_l1")
+REL_L1_SERIES = ("input_rel_l1", "output_rel_l1", "residual_rel_l1")
 
 
 @dataclass
 class Trajectory:
-    """One stream of one generation of one component: per-step series, entry 0 NaN (no previous step)."""
+    """One stream of one generation of one component: per-step series, entry 0 NaN (no previous step).
+
+    Entry 0 of every ``*_rel_l1`` series (and row 0 of ``block_rel_l1``) is NaN: a change needs a previous step. It is
+    kept, not dropped, so that every series lines up with ``step_index`` / ``timesteps``; consumers skip it.
+    Lists are converted to arrays of the documented dtypes; inconsistent lengths raise ``ValueError`` (a bug in the
+    caller, not a user error).
+    """
 
     prompt: str
     seed: int
-    stream: str
-    component: str
-    steps: int
+    stream: str  # "cond", "uncond", or "s0", "s1", ... (one CFG branch / batch row)
+    component: str  # "transformer" (two-expert models also "transformer_2")
+    steps: int  # num_inference_steps of the generation
     guidance: float
-    resolution: tuple
-    step_index: np.ndarray
-    timesteps: np.ndarray
-    sigmas: np.ndarray
-    input_rel_l1: np.ndarray
-    output_rel_l1: np.ndarray
-    residual_rel_l1: np.ndarray
-    block_rel_l1: np.ndarray
-    block_names: list
-    extra: dict = field(default_factory=dict)
+    resolution: tuple  # (H, W) for images, (F, H, W) for video, () when unknown
+    step_index: np.ndarray  # int32 (n,)
+    timesteps: np.ndarray  # float64 (n,)
+    sigmas: np.ndarray  # float64 (n,), NaN where unknown
+    input_rel_l1: np.ndarray  # float32 (n,), NaN at entry 0
+    output_rel_l1: np.ndarray  # float32 (n,), NaN at entry 0
+    residual_rel_l1: np.ndarray  # float32 (n,), NaN at entry 0
+    block_rel_l1: np.ndarray  # float32 (n, n_blocks), NaN row 0
+    block_names: list  # n_blocks names like "transformer_blocks.0"
+    extra: dict = field(default_factory=dict)  # name -> float32 (n,), stored under extra/<name>
 
     def __post_init__(self):
+        self.prompt = str(self.prompt)
+        self.stream = str(self.stream)
+        self.component = str(self.component)
         self.seed = int(self.seed)
         self.steps = int(self.steps)
         self.guidance = float(self.guidance)
-        self.resolution = tuple(int(v) for v in np.atleast_1d(self.resolution)) if len(self.resolution) else ()
+        res = () if self.resolution is None else np.asarray(self.resolution).reshape(-1)
+        self.resolution = tuple(int(v) for v in res)
         self.step_index = np.asarray(self.step_index, dtype=np.int32).reshape(-1)
         n = len(self.step_index)
         if n < 1:
             raise ValueError("a trajectory needs at least one step")
         for name in ("timesteps", "sigmas"):
             setattr(self, name, np.asarray(getattr(self, name), dtype=np.float64).reshape(-1))
-        for name in ("input_rel_l1", "output_rel_l1", "residual_rel_l1"):
+        for name in REL_L1_SERIES:
             setattr(self, name, np.asarray(getattr(self, name), dtype=np.float32).reshape(-1))
         for name in SERIES:
             if len(getattr(self, name)) != n:
                 raise ValueError(f"{name} has {len(getattr(self, name))} entries, step_index has {n}")
         self.block_names = [str(b) for b in self.block_names]
-        self.block_rel_l1 = np.asarray(self.block_rel_l1, dtype=np.float32).reshape(n, len(self.block_names))
-        self.extra = {str(k): np.asarray(v, dtype=np.float32).reshape(-1) for k, v in self.extra.items()}
-        for name, values in self.extra.items():
-            if len(values) != n:
-                raise ValueError(f"extra series {name} has {len(values)} entries, expected {n}")
+        k = len(self.block_names)
+        blocks = np.asarray(self.block_rel_l1, dtype=np.float32)
+        if blocks.size == 0 and k == 0:
+            blocks = blocks.reshape(n, 0)
+        if blocks.shape != (n, k):
+            raise ValueError(f"block_rel_l1 has shape {blocks.shape}, expected ({n}, {k}) (steps, block_names)")
+        self.block_rel_l1 = blocks
+        extra = {}
+        for name, values in (self.extra or {}).items():
+            name = str(name)
+            if not name or "/" in name or name in (".", ".."):
+                raise ValueError(f"extra series name {name!r} is not a valid HDF5 dataset name")
+            values = np.asarray(values, dtype=np.float32)
+            if values.shape != (n,):
+                raise ValueError(f"extra series {name} has shape {values.shape}, expected ({n},)")
+            extra[name] = values
+        self.extra = extra
 
     @property
     def key(self) -> tuple:
@@ -96,7 +123,8 @@ class TraceSet:
     model_info: dict
     trajectories: list
     files: list
-    attrs: list
+    attrs: list  # file attributes, one dict per file
+    counts: list = field(default_factory=list)  # trajectories per file: trajectories are the files' in file order
 
     def settings(self) -> dict:
         t = self.trajectories
@@ -119,40 +147,93 @@ def _str_attr(value) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
-def _write_file(path: Path, model_info: dict, trajectories: list, created: str) -> None:
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _plain_model_info(model_info: dict) -> dict:
+    """``model_info`` as it reads back from the file (JSON types; a Path becomes its string)."""
+    return json.loads(json.dumps(dict(model_info), sort_keys=True, default=str))
+
+
+def _write_attrs(f, model_info: dict, created: str, extra_attrs: dict | None) -> None:
+    f.attrs["schema_version"] = SCHEMA_VERSION
+    f.attrs["calib_version"] = __version__
+    f.attrs["created"] = created
+    f.attrs["updated"] = _now()
+    f.attrs["model_info"] = json.dumps(model_info, sort_keys=True, default=str)
+    for key, attr in MODEL_ATTRS.items():
+        f.attrs[attr] = str(model_info.get(key, ""))
+    for key, value in (extra_attrs or {}).items():
+        f.attrs[key] = value
+
+
+def _write_group(root, index: int, t: Trajectory) -> None:
     import h5py
 
     str_dt = h5py.string_dtype("utf-8")
+    g = root.create_group(f"{index:06d}")
+    g.attrs.create("prompt", t.prompt, dtype=str_dt)
+    g.attrs["seed"] = t.seed
+    g.attrs.create("stream", t.stream, dtype=str_dt)
+    g.attrs.create("component", t.component, dtype=str_dt)
+    g.attrs["steps"] = t.steps
+    g.attrs["guidance"] = t.guidance
+    g.attrs["resolution"] = np.asarray(t.resolution, dtype=np.int64)
+    g.attrs.create("block_names", np.asarray(t.block_names, dtype=object), dtype=str_dt)
+    for name in SERIES:
+        g.create_dataset(name, data=getattr(t, name))
+    g.create_dataset("block_rel_l1", data=t.block_rel_l1)
+    if t.extra:
+        extra = g.create_group("extra")
+        for name, values in t.extra.items():
+            extra.create_dataset(name, data=values)
+
+
+def _tmp_pattern(path: Path) -> re.Pattern:
+    # tempfile.mkstemp names: prefix + 8 random characters + suffix
+    return re.compile(rf"^\.{re.escape(path.name)}\.[A-Za-z0-9_]{{8}}\.tmp$")
+
+
+def _write_file(path: Path, model_info: dict, trajectories: list, created: str, *, extra_attrs: dict | None = None,
+                on_disk: int = 0) -> None:
+    """Write ``trajectories`` to ``path`` atomically (temporary file, fsync, rename, fsync of the directory).
+
+    ``on_disk``: how many of ``trajectories`` (a prefix) the current ``path`` already holds, as groups
+    ``000000`` .. ; then the file is copied byte for byte and only the rest is added to the copy, so an append
+    costs a file copy plus the new groups instead of re-encoding every trajectory (h5py creates ~4k datasets/s).
+    Either way the final name is only ever replaced by a complete, fsynced file.
+    """
+    import shutil
+
+    import h5py
+
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        with h5py.File(tmp, "w") as f:
-            f.attrs["schema_version"] = SCHEMA_VERSION
-            f.attrs["calib_version"] = __version__
-            f.attrs["created"] = created
-            f.attrs["updated"] = _now()
-            f.attrs["model_info"] = json.dumps(model_info, sort_keys=True)
-            for key, attr in MODEL_ATTRS.items():
-                f.attrs[attr] = str(model_info.get(key, ""))
-            root = f.create_group("trajectories")
-            for i, t in enumerate(trajectories):
-                g = root.create_group(f"{i:06d}")
-                g.attrs.create("prompt", t.prompt, dtype=str_dt)
-                g.attrs["seed"] = t.seed
-                g.attrs.create("stream", t.stream, dtype=str_dt)
-                g.attrs.create("component", t.component, dtype=str_dt)
-                g.attrs["steps"] = t.steps
-                g.attrs["guidance"] = t.guidance
-                g.attrs["resolution"] = np.asarray(t.resolution, dtype=np.int64)
-                g.attrs.create("block_names", np.asarray(t.block_names, dtype=object), dtype=str_dt)
-                for name in SERIES:
-                    g.create_dataset(name, data=getattr(t, name))
-                g.create_dataset("block_rel_l1", data=t.block_rel_l1)
-                if t.extra:
-                    extra = g.create_group("extra")
-                    for name, values in t.extra.items():
-                        extra.create_dataset(name, data=values)
-            f.flush()
+        done = False
+        if on_disk and path.exists():
+            try:
+                shutil.copyfile(path, tmp)
+                with h5py.File(tmp, "r+") as f:
+                    root = f["trajectories"]
+                    if len(root) != on_disk:
+                        raise ValueError("file holds other groups than expected")
+                    _write_attrs(f, model_info, created, extra_attrs)
+                    for i, t in enumerate(trajectories[on_disk:], start=on_disk):
+                        _write_group(root, i, t)
+                    f.flush()
+                done = True
+            except (OSError, ValueError, KeyError):
+                done = False  # e.g. group names of another writer: fall back to writing the whole file
+        if not done:
+            with h5py.File(tmp, "w") as f:
+                _write_attrs(f, model_info, created, extra_attrs)
+                root = f.create_group("trajectories")
+                for i, t in enumerate(trajectories):
+                    _write_group(root, i, t)
+                f.flush()
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -166,6 +247,20 @@ def _write_file(path: Path, model_info: dict, trajectories: list, created: str) 
         raise
 
 
+def _looks_like_hdf5(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+    if head == HDF5_SIGNATURE:
+        return True
+    # HDF5 also allows the signature after a user block (at 512, 1024, 2048, ... bytes); calib never writes one
+    import h5py
+
+    try:
+        return bool(h5py.is_hdf5(str(path)))
+    except Exception:
+        return False
+
+
 def _read_file(path: Path) -> tuple[dict, list, dict]:
     """(model_info, trajectories, file attrs) of one trace file; CalibError with one line naming it otherwise."""
     import h5py
@@ -174,31 +269,47 @@ def _read_file(path: Path) -> tuple[dict, list, dict]:
         raise CalibError(f"{path}: trace file not found")
     if path.is_dir():
         raise CalibError(f"{path}: is a directory; expected an HDF5 trace file (.h5)")
-    with open(path, "rb") as fh:
-        head = fh.read(8)
-    if head != HDF5_SIGNATURE:
+    try:
+        size = path.stat().st_size
+        is_hdf5 = size > 0 and _looks_like_hdf5(path)
+    except OSError as exc:
+        raise CalibError(f"{path}: cannot read it ({_first_line(exc)})") from None
+    if size == 0:
+        raise CalibError(f"{path}: is empty (0 bytes), not an HDF5 file; expected a trace written by `calib trace`")
+    if not is_hdf5:
         raise CalibError(f"{path}: not an HDF5 file; expected a trace written by `calib trace`")
     try:
         f = h5py.File(path, "r")
-    except OSError as exc:
-        raise CalibError(f"{path}: HDF5 file is truncated or corrupt ({str(exc).splitlines()[0]})") from None
+    except Exception as exc:  # h5py raises OSError for truncated/corrupt files; anything else here is the file too
+        raise CalibError(f"{path}: HDF5 file is truncated or corrupt ({_first_line(exc)})") from None
     try:
         attrs = {k: (_str_attr(v) if isinstance(v, (str, bytes)) else v) for k, v in f.attrs.items()}
         version = attrs.get("schema_version")
         if version is None:
             raise CalibError(f"{path}: no schema_version attribute; not a calib trace file")
-        if int(version) != SCHEMA_VERSION:
-            raise CalibError(
-                f"{path}: written with trace schema version {int(version)}; this calib reads version {SCHEMA_VERSION}"
-            )
         try:
-            model_info = json.loads(attrs.get("model_info", "{}"))
-        except json.JSONDecodeError:
-            raise CalibError(f"{path}: model_info attribute is not valid JSON") from None
+            version = int(np.asarray(version).reshape(-1)[0])
+        except (TypeError, ValueError, IndexError):
+            raise CalibError(f"{path}: schema_version {version!r} is not a number; not a calib trace file") from None
+        if version != SCHEMA_VERSION:
+            hint = "; upgrade calib to read it" if version > SCHEMA_VERSION else ""
+            raise CalibError(
+                f"{path} was written with trace schema version {version}; "
+                f"this calib reads version {SCHEMA_VERSION}{hint}"
+            )
+        if "model_info" in attrs:
+            try:
+                model_info = json.loads(attrs["model_info"])
+            except (json.JSONDecodeError, TypeError):
+                raise CalibError(f"{path}: model_info attribute is not valid JSON") from None
+            if not isinstance(model_info, dict):
+                raise CalibError(f"{path}: model_info attribute is not a JSON object")
+        else:  # rebuild from the single attributes
+            model_info = {key: str(attrs[attr]) for key, attr in MODEL_ATTRS.items() if attr in attrs}
         trajectories = []
         root = f.get("trajectories")
         if root is not None:
-            for name in sorted(root):
+            for name in sorted(root, key=int):  # append order; int() also copes with > 6 digits
                 g = root[name]
                 extra = {k: g["extra"][k][()] for k in g["extra"]} if "extra" in g else {}
                 trajectories.append(
@@ -218,29 +329,56 @@ def _read_file(path: Path) -> tuple[dict, list, dict]:
                 )
     except CalibError:
         raise
-    except (OSError, KeyError, ValueError) as exc:
-        raise CalibError(f"{path}: damaged trace file ({str(exc).splitlines()[0]})") from None
+    except (OSError, KeyError, ValueError, TypeError, RuntimeError, IndexError) as exc:
+        raise CalibError(f"{path}: damaged trace file ({_first_line(exc)})") from None
     finally:
         f.close()
     return model_info, trajectories, attrs
 
 
 class TraceWriter:
-    """Exclusive, crash-safe writer of one trace file; resumes the file if it exists."""
+    """Exclusive, crash-safe writer of one trace file; resumes the file if it exists.
 
-    def __init__(self, path, model_info: dict, *, overwrite: bool = False):
+    ``attrs``: further file attributes (e.g. ``shard_index``), written on every append; the names calib writes
+    itself (:data:`RESERVED_FILE_ATTRS`) are refused. On resume, further attributes already in the file are kept
+    unless ``attrs`` gives them anew.
+
+    ``background=True``: :meth:`append` hands the write to one writer thread and returns; at most one write is in
+    flight (the next append, :meth:`flush` and :meth:`close` wait for it), so a generation is on disk before the next
+    one has been traced, and close() -- also on Ctrl-C, via the context manager -- flushes the last one.
+    """
+
+    def __init__(self, path, model_info: dict, *, overwrite: bool = False, attrs: dict | None = None,
+                 background: bool = False):
         self.path = Path(path)
-        self.model_info = dict(model_info)
+        self.model_info = _plain_model_info(model_info)
+        self.attrs = dict(attrs or {})
+        self.background = background
+        self._executor = None
+        self._pending = None
+        self._durable = 0  # how many of self._trajectories the file on disk holds
+        self._lock_fd = None
+        clash = sorted(RESERVED_FILE_ATTRS & set(self.attrs))
+        if clash:
+            raise ValueError(f"attrs may not set {clash}: calib writes these itself")
         if self.path.suffix.lower() not in (".h5", ".hdf5"):
             raise CalibError(f"{self.path}: a trace file must end in .h5")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock_fd = None
+        if self.path.is_dir():
+            raise CalibError(f"{self.path}: is a directory; give a file name ending in .h5")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CalibError(f"{self.path}: cannot create its directory ({_first_line(exc)})") from None
         self._lock()
         try:
+            self._remove_stale_temporaries()
             self._trajectories: list[Trajectory] = []
             self.created = _now()
             if self.path.exists() and not overwrite:
-                info, trajectories, attrs = _read_file(self.path)
+                try:
+                    info, trajectories, file_attrs = _read_file(self.path)
+                except CalibError as exc:
+                    raise CalibError(f"{exc}; pass --overwrite to replace it or choose another --out") from None
                 for key in ("class", "config_hash", "source"):
                     if info.get(key) != self.model_info.get(key):
                         raise CalibError(
@@ -248,39 +386,95 @@ class TraceWriter:
                             f"{self.model_info.get(key)!r}); pass --overwrite to start anew or choose another --out"
                         )
                 self._trajectories = trajectories
-                self.created = str(attrs.get("created", self.created))
-            elif overwrite or not self.path.exists():
-                _write_file(self.path, self.model_info, [], self.created)
+                self._durable = len(trajectories)
+                self.created = str(file_attrs.get("created", self.created))
+                kept = {k: v for k, v in file_attrs.items() if k not in RESERVED_FILE_ATTRS}
+                self.attrs = {**kept, **self.attrs}
+            else:
+                _write_file(self.path, self.model_info, [], self.created, extra_attrs=self.attrs)
         except BaseException:
             self.close()
             raise
 
+    @property
+    def lock_path(self) -> Path:
+        return Path(f"{self.path}.lock")
+
     def _lock(self) -> None:
         import fcntl
 
-        lock_path = Path(f"{self.path}.lock")
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 64).decode("ascii", "replace").strip() or "?"
+        lock_path = self.lock_path
+        for _ in range(100):
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 64).decode("ascii", "replace").strip() or "?"
+                os.close(fd)
+                raise CalibError(
+                    f"{self.path} is being written by another calib process (pid {holder}); "
+                    "wait for it or use another --out"
+                ) from None
+            except OSError as exc:
+                os.close(fd)
+                raise CalibError(f"{lock_path}: cannot lock it ({_first_line(exc)})") from None
+            # a holder unlinks the lock file before unlocking: if that happened between our open and our flock, we
+            # hold a lock on a file no longer at lock_path while a third writer may lock a new one there; retry
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(lock_path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
             os.close(fd)
-            raise CalibError(
-                f"{self.path} is being written by another calib process (pid {holder}); "
-                "wait for it or use another --out"
-            ) from None
+        else:  # pragma: no cover - needs another process unlinking the lock file in a loop
+            raise CalibError(f"{lock_path}: could not take the lock; remove it if no calib process is running")
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode("ascii"))
         self._lock_fd = fd
 
+    def _remove_stale_temporaries(self) -> None:
+        """Temporary files of a writer killed mid-append (we hold the lock, so none of them is in use)."""
+        pattern = _tmp_pattern(self.path)
+        try:
+            for entry in os.scandir(self.path.parent):
+                if pattern.match(entry.name):
+                    Path(entry.path).unlink(missing_ok=True)
+        except OSError:
+            pass
+
+    def flush(self) -> None:
+        """Wait for the write in flight (background mode); re-raises its error. A no-op otherwise."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            try:
+                pending.result()
+            except BaseException:
+                self._trajectories = self._trajectories[: self._durable]
+                raise
+
     def close(self) -> None:
+        """Finish the write in flight, release the lock and remove the lock file; idempotent."""
+        try:
+            self.flush()
+        finally:
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+                self._executor = None
+            self._unlock()
+
+    def _unlock(self) -> None:
         if self._lock_fd is not None:
             import fcntl
 
-            Path(f"{self.path}.lock").unlink(missing_ok=True)
+            self.lock_path.unlink(missing_ok=True)
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
             os.close(self._lock_fd)
             self._lock_fd = None
+
+    @property
+    def closed(self) -> bool:
+        return self._lock_fd is None
 
     def __enter__(self):
         return self
@@ -293,29 +487,82 @@ class TraceWriter:
         return list(self._trajectories)
 
     def has(self, prompt: str, seed: int, component: str | None = None) -> bool:
+        """Whether a finished generation of ``prompt`` with ``seed`` (of ``component``, if given) is stored."""
         return any(
             t.prompt == prompt and t.seed == int(seed) and (component is None or t.component == component)
             for t in self._trajectories
         )
 
     def append(self, trajectories: list[Trajectory]) -> None:
-        """Add one generation's trajectories; on return they are on disk."""
+        """Add one generation's trajectories (all its streams and components). On return they are on disk; in
+        background mode they are being written and are on disk when the next append(), flush() or close() returns."""
         if self._lock_fd is None:
             raise RuntimeError("writer is closed")
-        new = self._trajectories + list(trajectories)
-        _write_file(self.path, self.model_info, new, self.created)
+        trajectories = list(trajectories)
+        for t in trajectories:
+            if not isinstance(t, Trajectory):
+                raise TypeError(f"append takes Trajectory objects, got {type(t).__name__}")
+        self.flush()
+        if not trajectories:
+            return
+        new = self._trajectories + trajectories
+        on_disk = self._durable
+
+        def write():
+            _write_file(self.path, self.model_info, new, self.created, extra_attrs=self.attrs, on_disk=on_disk)
+            self._durable = len(new)
+
         self._trajectories = new
+        if not self.background:
+            try:
+                write()
+            except BaseException:
+                self._trajectories = new[:on_disk]
+                raise
+            return
+        if self._executor is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="calib-trace-writer")
+        self._pending = self._executor.submit(write)
 
 
 def read_traces(paths, *, allow_mixed: bool = False) -> TraceSet:
-    """Read trace files as one set. Files of different models are refused unless ``allow_mixed``."""
-    paths = [Path(p) for p in paths]
+    """Read trace files as one set. Files of different models are refused unless ``allow_mixed``.
+
+    Takes no lock: a file being written can be read (appends replace it atomically). A path given twice is read once.
+    A sharded trace's manifest (``NAME.manifest.json``, :mod:`calib.shards`) stands for its shard files: they must
+    all exist and be of the manifest's model and settings; a shard holding fewer generations than assigned to it
+    only warns.
+    """
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
+    unique, seen = [], set()
+    for p in paths:
+        p = Path(p)
+        key = os.path.abspath(p)
+        if key not in seen:
+            seen.add(key)
+            unique.append(p)
+    paths = unique
     if not paths:
         raise CalibError("no trace files given")
+    from .shards import check_shard, expand_manifests
+
+    paths, from_manifest = expand_manifests(paths)
     model_info = None
-    trajectories, files, attrs = [], [], []
+    trajectories, files, attrs, counts = [], [], [], []
     for path in paths:
         info, trajs, file_attrs = _read_file(path)
+        shard = from_manifest.get(os.path.abspath(path))
+        if shard is not None:
+            incomplete = check_shard(*shard, path, info, trajs, file_attrs)
+            if incomplete:
+                import warnings
+
+                warnings.warn(incomplete, stacklevel=2)
+            if not trajs:
+                continue
         if not trajs:
             raise CalibError(f"{path}: holds no trajectories yet; trace some prompts first")
         if model_info is None:
@@ -330,4 +577,7 @@ def read_traces(paths, *, allow_mixed: bool = False) -> TraceSet:
         trajectories.extend(trajs)
         files.append(str(path))
         attrs.append(file_attrs)
-    return TraceSet(model_info=model_info, trajectories=trajectories, files=files, attrs=attrs)
+        counts.append(len(trajs))
+    if not trajectories:
+        raise CalibError(f"{', '.join(map(str, unique))}: the shards hold no trajectories yet; trace some prompts first")
+    return TraceSet(model_info=model_info, trajectories=trajectories, files=files, attrs=attrs, counts=counts)
