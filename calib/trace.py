@@ -21,7 +21,13 @@ from .adapters import Adapter, first_tensor, get_adapter, model_identity, transf
 from .errors import CalibError
 from .hooking import ContextProbe, Handle, StepClock, rel_l1_rows, wrap_forward, wrap_method
 
-EXTRA_SERIES = ("block_input_rel_l1", "temb_rel_l1")
+EXTRA_SERIES = (
+    "block_input_rel_l1",
+    "temb_rel_l1",
+    "cfg_delta_rel_l1",  # change of (cond - uncond) output between steps (FasterCache's CFG cache), both streams
+    "residual_norm_ratio",  # mean over tokens of |residual_t| / |residual_t-1| (MagCache's mag_ratios)
+    "head_residual_rel_l1",  # change of the first block's residual (First Block Cache's indicator)
+)
 
 
 @dataclass
@@ -113,17 +119,19 @@ class _Recorder:
             if block is head:
                 hidden = block_io.hidden_states_in(block, args, kwargs)
                 call["block_input"] = hidden.detach()
-                temb = block_io.argument(block, "temb", args, kwargs)
+                temb = block_io.argument(block, adapter.temb_argument, args, kwargs)
                 if isinstance(temb, torch.Tensor):
                     call["temb"] = temb.detach()
                 if adapter.modulated_input is not None:
                     call["input"] = adapter.modulated_input(block, args, kwargs).detach()
             output = original(*args, **kwargs)
             hidden_out = block_io.hidden_states_out(output)
+            if block is head and hidden_out.shape == call["block_input"].shape:
+                call["head_residual"] = (hidden_out - call["block_input"]).detach()
             if self.record_blocks:
                 call["blocks"][index] = hidden_out.detach()
             if block is tail:
-                call["residual"] = (hidden_out - call["block_input"]).detach()
+                call["residual"] = adapter.residual(hidden_out, call["block_input"])
             return output
 
         for index, (_, block) in enumerate(self.blocks):
@@ -149,6 +157,9 @@ class _Recorder:
         self.series: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
         self.steps: dict[str, list[int]] = defaultdict(list)
         self.key_order: list[str] = []
+        self.cfg_delta: dict[int, torch.Tensor] = {}  # step -> rel-L1 change of (cond - uncond) output
+        self._cfg_step: int | None = None
+        self._cfg_outputs: dict[str, torch.Tensor] = {}
 
     def _change(self, key: str, name: str, tensor: torch.Tensor) -> torch.Tensor:
         prev = self.previous.get((key, name))
@@ -156,6 +167,34 @@ class _Recorder:
         if prev is None or prev.shape != tensor.shape:
             return torch.full((tensor.shape[0],), float("nan"), device=tensor.device)
         return rel_l1_rows(tensor, prev)
+
+    def _norm_ratio(self, key: str, residual: torch.Tensor) -> torch.Tensor:
+        """MagCache's magnitude ratio per row: mean over tokens of |r_t| / |r_t-1| (norm over the last dim)."""
+        prev = self.previous.get((key, "residual"))
+        if prev is None or prev.shape != residual.shape:
+            return torch.full((residual.shape[0],), float("nan"), device=residual.device)
+        cur = torch.linalg.vector_norm(residual.float(), dim=-1).flatten(1)
+        old = torch.linalg.vector_norm(prev.float(), dim=-1).flatten(1)
+        return (cur / (old + 1e-8)).mean(dim=1)
+
+    def _record_cfg_delta(self, key: str, output: torch.Tensor) -> None:
+        """Once a step has both CFG outputs (one batched call, or a cond and an uncond call), record how much
+        cond - uncond changed since the previous step."""
+        if self._cfg_step != self.clock.step:
+            self._cfg_step, self._cfg_outputs = self.clock.step, {}
+        self._cfg_outputs[key] = output
+        outs = self._cfg_outputs
+        delta = None
+        if len(outs) == 1 and output.shape[0] == len(self.adapter.cfg_batch_order):
+            order = self.adapter.cfg_batch_order
+            delta = output[order.index("cond")] - output[order.index("uncond")]
+        elif len(outs) == 2 and all(o.shape[0] == 1 for o in outs.values()):
+            keys = list(outs)
+            names = keys if set(keys) == {"cond", "uncond"} else list(self.adapter.cfg_call_order)
+            by_name = dict(zip(names, keys))
+            delta = (outs[by_name["cond"]] - outs[by_name["uncond"]])[0]
+        if delta is not None:
+            self.cfg_delta[self.clock.step] = self._change("cfg", "delta", delta[None])[0]
 
     def _finish_call(self, key: str) -> None:
         call = self._call
@@ -170,7 +209,20 @@ class _Recorder:
         self.steps[key].append(self.clock.step)
         series["input"].append(self._change(key, "input", call["input"]))
         series["output"].append(self._change(key, "output", call["output"]))
-        series["residual"].append(self._change(key, "residual", call["residual"]))
+        residual = call["residual"]
+        series["residual_norm_ratio"].append(
+            self._norm_ratio(key, residual)
+            if residual is not None
+            else torch.full_like(series["output"][-1], float("nan"))
+        )
+        if "head_residual" in call:
+            series["head_residual"].append(self._change(key, "head_residual", call["head_residual"]))
+        self._record_cfg_delta(key, call["output"])
+        series["residual"].append(
+            self._change(key, "residual", residual)
+            if residual is not None  # no residual when the stack's output and input shapes differ
+            else torch.full_like(series["output"][-1], float("nan"))
+        )
         series["block_input"].append(self._change(key, "block_input", call["block_input"]))
         if "temb" in call:
             series["temb"].append(self._change(key, "temb", call["temb"]))
@@ -187,6 +239,14 @@ class _Recorder:
             out[key]["step_index"] = np.asarray(self.steps[key], dtype=np.int32)
         return out
 
+    def cfg_delta_at(self, step_index: np.ndarray) -> np.ndarray | None:
+        """The (cond - uncond) change at these steps (NaN where there is none), or None without CFG pairs."""
+        if not self.cfg_delta:
+            return None
+        host = torch.stack(list(self.cfg_delta.values())).float().cpu().tolist()  # one transfer per generation
+        values = dict(zip(self.cfg_delta, host))
+        return np.asarray([values.get(int(s), np.nan) for s in step_index], dtype=np.float32)
+
 
 def _stream_labels(keys: list[str], batch: dict[str, int], cfg: bool, adapter: Adapter) -> dict[tuple[str, int], str]:
     """Name each (call key, batch row): the pipeline's cache_context name, else CFG by layout, else generic."""
@@ -195,7 +255,9 @@ def _stream_labels(keys: list[str], batch: dict[str, int], cfg: bool, adapter: A
     for i, key in enumerate(keys):
         rows = batch[key]
         for r in range(rows):
-            if key in named:
+            if key in named and len(keys) == 1 and cfg and rows == len(adapter.cfg_batch_order) > 1:
+                label = adapter.cfg_batch_order[r]  # batched CFG under one context (diffusers' "cond_uncond")
+            elif key in named:
                 label = key if rows == 1 else f"{key}.b{r}"
             elif len(keys) == 1:
                 if rows == 1:
@@ -284,6 +346,12 @@ class Tracer:
                     extra = {"block_input_rel_l1": series["block_input"][:, r].astype(np.float32)}
                     if "temb" in series:
                         extra["temb_rel_l1"] = series["temb"][:, r].astype(np.float32)
+                    extra["residual_norm_ratio"] = series["residual_norm_ratio"][:, r].astype(np.float32)
+                    if "head_residual" in series:
+                        extra["head_residual_rel_l1"] = series["head_residual"][:, r].astype(np.float32)
+                    cfg_delta = rec.cfg_delta_at(idx)
+                    if cfg_delta is not None and labels[(key, r)] in ("cond", "uncond"):
+                        extra["cfg_delta_rel_l1"] = cfg_delta
                     blocks = series["blocks"][:, r, :] if "blocks" in series else np.zeros((len(idx), 0), np.float32)
                     trajectories.append(
                         Trajectory(
@@ -322,10 +390,13 @@ def default_trace_path(model: str) -> Path:
     return Path("traces") / f"{name or 'model'}.h5"
 
 
-def pick_device(device: str | None) -> str:
-    if device:
+def pick_device(device: str | None, local_rank: int | None = None) -> str:
+    """``--device``, else cuda if available, else cpu; under a distributed launcher ``cuda`` means cuda:LOCAL_RANK."""
+    if device and not (device == "cuda" and local_rank is not None):
         return device
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" or torch.cuda.is_available():
+        return f"cuda:{local_rank}" if local_rank is not None else "cuda"
+    return "cpu"
 
 
 def run_trace(
@@ -339,54 +410,108 @@ def run_trace(
     overwrite: bool = False,
     echo=print,
     pipe=None,
+    shard: str | None = None,
 ) -> Path:
-    """Trace every prompt x seed into ``out``. Resumes what is there; Ctrl-C keeps what finished."""
+    """Trace every prompt x seed into ``out``. Resumes what is there; Ctrl-C keeps what finished.
+
+    Under torchrun / ``accelerate launch`` (WORLD_SIZE > 1), or with ``shard="i/n"``, this process traces only its
+    share into ``NAME.rank{i}-of-{n}.h5`` and the manifest ``NAME.manifest.json`` lists the shards
+    (:mod:`calib.shards`, docs/cluster.md). Returns the file this process wrote."""
     from tqdm.auto import tqdm
 
+    from . import shards as sh
     from .errors import InterruptedRun
     from .models.loading import load_model
     from .prompts import bundled_prompts_path, read_prompts
     from .store import TraceWriter
 
+    part = sh.resolve_shard(shard)
     if prompts_file is None:
         if not model.startswith("builtin:"):
             raise CalibError("--prompts is required for models that are not built in")
+        from .models.loading import BUILTIN, builtin_names
+
+        if model.split(":", 1)[1] not in BUILTIN:  # before looking for its bundled prompts
+            raise CalibError(f"no built-in model {model.split(':', 1)[1]!r}; built-in models: {', '.join(builtin_names())}")
         prompts_file = bundled_prompts_path(model.split(":", 1)[1])
     prompts = read_prompts(prompts_file)
     out = Path(out) if out is not None else default_trace_path(model)
-    if pipe is None:
-        pipe = load_model(model, device=pick_device(device))
-    check = getattr(pipe, "validate_prompts", None)
-    if callable(check):  # fail on an unreadable prompt before hours of tracing, not at prompt 57
-        check(prompts)
-    tracer = Tracer(pipe, modulation_module=modulation_module, record_blocks=settings.record_blocks)
-    info = describe_model(pipe, model, tracer.adapter)
-    jobs = [(p, s) for p in prompts for s in settings.seeds]
-    done = 0
-    with tracer, TraceWriter(out, info, overwrite=overwrite) as writer:
-        finished = {
-            (t.prompt, t.seed)
-            for t in writer.trajectories
-            if t.steps == settings.steps and t.guidance == float(settings.guidance)
-        }
-        todo = [(p, s) for p, s in jobs if (p, s) not in finished]
-        if len(todo) < len(jobs):
-            echo(f"resuming {out}: {len(jobs) - len(todo)} of {len(jobs)} generations already traced")
-        bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), unit="gen", desc="trace", dynamic_ncols=True)
-        try:
-            for prompt, seed in todo:
-                bar.set_postfix_str(f"{prompt[:32]!r} seed {seed}")
-                writer.append(tracer.trace(prompt, seed, settings))
-                done += 1
-                bar.update(1)
-        except KeyboardInterrupt:
-            kept = len(jobs) - len(todo) + done
-            raise InterruptedRun(
-                f"interrupted: {kept} of {len(jobs)} generations are saved in {out}; rerun the same command to resume"
-            ) from None
-        finally:
-            bar.close()  # before any message, so it starts on a line of its own
-        total = len(writer.trajectories)
-    echo(f"traced {len(jobs)} generations ({len(prompts)} prompts x {len(settings.seeds)} seeds, "
-         f"{settings.steps} steps) -> {out} ({total} trajectories)")
-    return out
+    if out.suffix.lower() not in (".h5", ".hdf5"):
+        raise CalibError(f"{out}: a trace file must end in .h5")
+    device = pick_device(device, part.local_rank if part is not None and part.distributed else None)
+    leader = part is None or not part.distributed or part.index == 0  # prints, shows the bar
+    say = echo if leader else (lambda *a, **k: None)
+    owns_group = sh.init_process_group(part, device) if part is not None else False
+    try:
+        if pipe is None:
+            pipe = load_model(model, device=device)
+        check = getattr(pipe, "validate_prompts", None)
+        if callable(check):  # fail on an unreadable prompt before hours of tracing, not at prompt 57
+            check(prompts)
+        tracer = Tracer(pipe, modulation_module=modulation_module, record_blocks=settings.record_blocks)
+        info = describe_model(pipe, model, tracer.adapter)
+        all_jobs = [(p, s) for p in prompts for s in settings.seeds]
+        if part is None:
+            path, jobs, attrs = out, all_jobs, None
+        else:
+            path = sh.shard_path(out, part.index, part.count)
+            jobs = sh.split(all_jobs, part.index, part.count)
+            attrs = {"shard_index": part.index, "shard_count": part.count}
+
+        def manifest():
+            return sh.write_manifest(out, model=model, model_info=info, settings=settings, prompts=prompts,
+                                     jobs=all_jobs, count=part.count, launcher=part.launcher)
+
+        done = 0
+        with tracer, TraceWriter(path, info, overwrite=overwrite, attrs=attrs, background=True) as writer:
+            finished = {
+                (t.prompt, t.seed)
+                for t in writer.trajectories
+                if t.steps == settings.steps and t.guidance == float(settings.guidance)
+            }
+            todo = [(p, s) for p, s in jobs if (p, s) not in finished]
+            if part is not None and (leader or not part.distributed):
+                manifest()  # so the shards are listed even if the run stops early
+            if len(todo) < len(jobs):
+                say(f"resuming {path}: {len(jobs) - len(todo)} of {len(jobs)} generations already traced")
+            desc = "trace" if part is None else f"trace {part.label}"
+            bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), unit="gen", desc=desc, dynamic_ncols=True,
+                       disable=not leader)
+            try:
+                for prompt, seed in todo:
+                    bar.set_postfix_str(f"{prompt[:32]!r} seed {seed}")
+                    writer.append(tracer.trace(prompt, seed, settings))
+                    done += 1
+                    bar.update(1)
+                writer.flush()  # the last generation is on disk before anyone is told it is
+            except KeyboardInterrupt:
+                bar.close()
+                writer.close()  # flush the generation in flight
+                kept = len(jobs) - len(todo) + done
+                raise InterruptedRun(
+                    f"interrupted: {kept} of {len(jobs)} generations are saved in {path}; "
+                    "rerun the same command to resume"
+                ) from None
+            finally:
+                bar.close()  # before any message, so it starts on a line of its own
+            total = len(writer.trajectories)
+        if part is None:
+            say(f"traced {len(jobs)} generations ({len(prompts)} prompts x {len(settings.seeds)} seeds, "
+                f"{settings.steps} steps) -> {out} ({total} trajectories)")
+            return out
+        if part.distributed:
+            sh.barrier()  # every rank's shard is complete before rank 0 describes them
+            if leader:
+                doc = manifest()
+                say(f"traced {doc['assigned']} generations ({len(prompts)} prompts x {len(settings.seeds)} seeds, "
+                    f"{settings.steps} steps) on {part.count} ranks -> {sh.manifest_path(out)} "
+                    f"({doc['finished']} of {doc['assigned']} in {part.count} shard files)")
+            return path
+        doc = manifest()
+        say(f"{part.label}: traced {len(jobs)} generations ({settings.steps} steps) -> {path} ({total} trajectories); "
+            f"{sh.manifest_path(out)}: {doc['finished']} of {doc['assigned']} generations of all {part.count} "
+            "shards finished")
+        return path
+    finally:
+        if owns_group:
+            sh.destroy_process_group()
