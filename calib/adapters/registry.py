@@ -49,20 +49,6 @@ def _load_builtin_adapters() -> None:
     if _loaded:
         return
     _loaded = True
-    from . import cogvideox, cosmos, flux, hunyuan_video, ltx_video, lumina2, mochi, pixart, qwenimage, sana, sd3, wan
+    from . import flux
 
-    for adapter in (
-        flux.FLUX,
-        wan.WAN,
-        hunyuan_video.HUNYUAN_VIDEO,
-        cogvideox.COGVIDEOX,
-        ltx_video.LTX_VIDEO,
-        mochi.MOCHI,
-        sd3.SD3,
-        qwenimage.QWENIMAGE,
-        lumina2.LUMINA2,
-        sana.SANA,
-        pixart.PIXART,
-        cosmos.COSMOS,
-    ):
-        register(adapter)
+    register(flux.FLUX)
