@@ -12,22 +12,95 @@ def default_coeffs_path(traces: list[Path]) -> Path:
     return Path("coeffs") / f"{stem}.json"
 
 
-def run_fit(traces, *, out=None, degree: int = 4, streams=None, plot: bool = True, echo=print) -> Path:
+SETTING_KEYS = (("steps", "steps"), ("guidance", "guidance"), ("resolution", "resolution"))
+
+
+def check_settings(trace_set, allow_mixed: bool = False) -> None:
+    """Refuse traces that mix step counts, guidance scales or resolutions (one line naming the files), unless
+    ``allow_mixed``: the per-step change depends on all three, and a rescaler fitted across them silently averages
+    them. (Files of different models are refused by :func:`calib.store.read_traces` itself.)"""
+    if allow_mixed:
+        return
+    trajectories = trace_set.trajectories
+    files = list(getattr(trace_set, "files", None) or [])
+    counts = list(getattr(trace_set, "counts", None) or [])
+    owner: list[str] = []
+    if files and counts and sum(counts) == len(trajectories):
+        for f, n in zip(files, counts):
+            owner.extend([f] * n)
+    elif len(files) == 1:
+        owner = files * len(trajectories)
+    for attr, label in SETTING_KEYS:
+        seen: dict = {}
+        for i, t in enumerate(trajectories):
+            value = getattr(t, attr, None)
+            value = tuple(value) if isinstance(value, (list, tuple)) else value
+            where = owner[i] if owner else "the traces"
+            seen.setdefault(value, [])
+            if where not in seen[value]:
+                seen[value].append(where)
+        if len(seen) > 1:
+            shown = " vs ".join(
+                f"{_show(v)} ({', '.join(w)})" for v, w in sorted(seen.items(), key=lambda kv: str(kv[0]))
+            )
+            raise CalibError(
+                f"the traces mix {label}: {shown}; the per-step change depends on it — fit each setting separately,"
+                " or pass --allow-mixed to fit one rescaler across them"
+            )
+
+
+def _show(value) -> str:
+    if isinstance(value, tuple):
+        return "x".join(str(v) for v in value) or "unknown"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def run_fit(traces, *, out=None, degree="auto", streams=None, plot: bool = True, echo=print, robust: bool = False,
+            indicator: str = "auto", normalization: str = "auto", bootstrap: int = 200,
+            allow_mixed: bool = False) -> Path:
+    import warnings
+
     from .export import build_document, write_document
-    from .fit import fit_all_components, format_diagnostics
+    from .fit import fit_all_components, format_diagnostics, format_fit_report, select_indicator
+    from .rescalers import INDICATORS, NORMALIZATIONS, WIDE_BAND
     from .store import read_traces
     from .tune import RECOMMENDED_COMPUTE_FRACTION, recommend, threshold_table, thresholds_section
 
     if out is not None and Path(out).suffix.lower() != ".json":
         raise CalibError(f"--out {out}: the coefficient file must end in .json")
+    if indicator != "auto" and indicator not in INDICATORS:
+        raise CalibError(f"--indicator {indicator!r}: choose auto or one of {', '.join(INDICATORS)}")
+    if normalization != "auto" and normalization not in NORMALIZATIONS:
+        raise CalibError(f"--normalization {normalization!r}: choose auto or one of {', '.join(NORMALIZATIONS)}")
+    if bootstrap < 0:
+        raise CalibError(f"--bootstrap must be >= 0, got {bootstrap}")
     trace_set = read_traces([Path(t) for t in traces])
-    fits = fit_all_components(trace_set, degree=degree, streams=streams)
+    check_settings(trace_set, allow_mixed)
+    choice = None
+    if indicator == "auto" or normalization == "auto":
+        choice = select_indicator(
+            trace_set, degree=degree, streams=streams, robust=robust,
+            indicators=list(INDICATORS) if indicator == "auto" else [indicator],
+            normalizations=list(NORMALIZATIONS) if normalization == "auto" else [normalization],
+        )
+        indicator, normalization = choice.indicator, choice.normalization
+    fits = fit_all_components(trace_set, degree=degree, streams=streams, robust=robust, indicator=indicator,
+                              normalization=normalization, bootstrap=bootstrap)
     echo(format_diagnostics(fits))
+    echo(format_fit_report(fits, choice))
     for name, res in fits.items():
         if res.n_skipped_trajectories:
             echo(f"skipped {res.n_skipped_trajectories} trajectories of {name} with NaN/Inf values")
+        band = res.rescaler.band_
+        if band is not None and band["max_rel_halfwidth"] > WIDE_BAND:
+            warnings.warn(
+                f"{name}: the rescaler's 95 % bootstrap band is wide (half-width {band['max_rel_halfwidth']:.0%} of"
+                f" the curve at x={band['at']:.4g}, over {WIDE_BAND:.0%}) — the fit depends on which prompts were"
+                " traced; trace more prompts",
+                stacklevel=2,
+            )
     rescalers = {name: _rescaler(res) for name, res in fits.items()}
-    table = threshold_table(trace_set, rescalers)
+    table = threshold_table(trace_set, rescalers, indicator=indicator, normalization=normalization)
     chosen = recommend(table)
     doc = build_document(fits, trace_set, thresholds=thresholds_section(table, chosen, RECOMMENDED_COMPUTE_FRACTION))
     out = Path(out) if out is not None else default_coeffs_path(traces)

@@ -5,6 +5,7 @@ Every user error ends in one line on stderr and exit status 2; Ctrl-C ends with 
 
 from __future__ import annotations
 
+import math
 import sys
 import warnings
 from pathlib import Path
@@ -26,7 +27,7 @@ def _seeds(value: str) -> tuple[int, ...]:
             return tuple(range(int(lo), int(hi) + 1))
         return tuple(int(v) for v in value.split(",") if v.strip())
     except ValueError:
-        raise click.BadParameter(f"{value!r}: expected integers like '0,1,2' or a range like '0-7'") from None
+        raise CalibError(f"--seeds {value!r}: expected integers like '0,1,2' or a range like '0-7'") from None
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -59,43 +60,118 @@ def cli():
               help="Dotted path of the layer whose output is the modulated input, for classes calib has no adapter for.")
 @click.option("--no-blocks", is_flag=True, help="Do not record per-block changes (saves memory on very large models).")
 @click.option("--overwrite", is_flag=True, help="Start the trace file anew instead of resuming it.")
+@click.option("--shard", default=None, metavar="I/N",
+              help="Trace only shard I of N (0-based) of the prompt x seed list into OUT.rankI-of-N.h5, e.g. as a "
+                   "cluster job array; torchrun / accelerate launch shard by RANK/WORLD_SIZE without it.")
 def trace(model, prompts_file, steps, seeds, guidance, height, width, num_frames, out, device, modulation_module,
-          no_blocks, overwrite):
+          no_blocks, overwrite, shard):
     """Run the pipeline on every prompt x seed and record per-step rel-L1 changes into an HDF5 trace.
 
-    Finished generations are on disk before the next starts; rerunning the same command resumes."""
+    A generation is written in the background while the next one runs and is on disk before that one finishes;
+    Ctrl-C flushes it. Rerunning the same command resumes. Under `torchrun --nproc_per_node=N -m calib trace` or
+    `accelerate launch -m calib trace` each process traces its share into a shard file and rank 0 writes
+    OUT.manifest.json, which fit and merge accept (docs/cluster.md)."""
     from .trace import TraceSettings, run_trace
 
     settings = TraceSettings(steps=steps, guidance=guidance, seeds=_seeds(seeds), height=height, width=width,
                              num_frames=num_frames, record_blocks=not no_blocks)
     run_trace(model, prompts_file, settings, out=out, device=device, modulation_module=modulation_module,
-              overwrite=overwrite, echo=click.echo)
+              overwrite=overwrite, echo=click.echo, shard=shard)
 
 
 @cli.command()
-@click.argument("traces", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path), metavar="SHARDS...|MANIFEST")
+@click.option("--out", type=click.Path(path_type=Path),
+              help="Merged HDF5 trace [default: NAME.h5 beside NAME.manifest.json or NAME.rank*-of-N.h5].")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+def merge(inputs, out, overwrite):
+    """Merge the shard files of a sharded trace (or the files a manifest lists) into one trace file."""
+    from .merge import run_merge
+
+    run_merge(list(inputs), out=out, overwrite=overwrite, echo=click.echo)
+
+
+@cli.command()
+@click.argument("traces", nargs=-1, required=True, type=click.Path(path_type=Path), metavar="TRACES...|MANIFEST")
 @click.option("--out", type=click.Path(path_type=Path), help="Coefficient JSON [default: coeffs/<trace name>.json].")
-@click.option("--degree", default=4, show_default=True, type=int, help="Polynomial degree.")
+@click.option("--degree", default="auto", show_default=True, metavar="auto|N",
+              help="Polynomial degree: auto (the held-out error chooses among 1-6) or N (1-9) to force it.")
+@click.option("--robust", is_flag=True, help="Fit with the Huber loss (outlying steps weigh less) instead of least squares.")
+@click.option("--indicator", type=click.Choice(["auto", "modulated_input", "block_input", "temb"]), default="auto",
+              show_default=True, help="What x is; auto ranks the traced candidates by held-out error.")
+@click.option("--normalization", type=click.Choice(["auto", "none", "delta_sigma"]), default="auto", show_default=True,
+              help="delta_sigma divides changes by the step's change in noise level (for several step counts).")
+@click.option("--bootstrap", default=200, show_default=True, type=int,
+              help="Resamples of the generations for the confidence band (0: none).")
+@click.option("--allow-mixed", is_flag=True, help="Fit traces of different steps/guidance/resolution together.")
 @click.option("--stream", "streams", multiple=True, help="Fit only these streams (e.g. --stream cond); default all.")
 @click.option("--no-plot", is_flag=True, help="Do not write the PNG beside the JSON.")
-def fit(traces, out, degree, streams, no_plot):
-    """Fit the polynomial rescaler (output change as a function of input change) and write the coefficient JSON."""
+@click.option("--method", type=click.Choice(["teacache", "block-cache", "fastercache-cfg"]), default="teacache",
+              show_default=True, help="teacache: the rescaler; block-cache: a per-block schedule (Block Caching) + "
+              "heat-map; fastercache-cfg: where the unconditional pass can reuse the cond-uncond difference.")
+@click.option("--target-fraction", type=float, default=0.6, show_default=True,
+              help="block-cache: recommend the smallest threshold computing at most this fraction of block evaluations.")
+@click.option("--cfg-tolerance", type=float, default=None,
+              help="fastercache-cfg: allowed accumulated rel-L1 change of the reused cond-uncond difference "
+                   "[default: twice its median per-step change].")
+def fit(traces, out, degree, robust, indicator, normalization, bootstrap, allow_mixed, streams, no_plot, method,
+        target_fraction, cfg_tolerance):
+    """Fit the polynomial rescaler (output change as a function of input change) and write the coefficient JSON.
+
+    TRACES are trace files, shard files of a sharded trace, or its NAME.manifest.json; all are read as one trace."""
+    if method == "block-cache":
+        from .block_cache import run_fit as run_block_cache
+
+        run_block_cache(list(traces), out=out, target_fraction=target_fraction, streams=list(streams) or None,
+                        plot=not no_plot, echo=click.echo)
+        return
+    if method == "fastercache-cfg":
+        from .fastercache import run_fit as run_fastercache
+
+        run_fastercache(list(traces), out=out, cfg_tolerance=cfg_tolerance, echo=click.echo)
+        return
     from .calibrate import run_fit
 
-    run_fit(list(traces), out=out, degree=degree, streams=list(streams) or None, plot=not no_plot, echo=click.echo)
+    if degree != "auto":
+        try:
+            degree = int(degree)
+        except ValueError:
+            raise CalibError(f"--degree {degree!r}: expected auto or an integer from 1 to 9") from None
+    run_fit(list(traces), out=out, degree=degree, streams=list(streams) or None, plot=not no_plot, echo=click.echo,
+            robust=robust, indicator=indicator, normalization=normalization, bootstrap=bootstrap,
+            allow_mixed=allow_mixed)
 
 
 @cli.command()
 @click.argument("coeffs", type=click.Path(path_type=Path))
-@click.option("--format", "fmt", type=click.Choice(["json", "poly1d"]), default="poly1d", show_default=True,
-              help="json: a validated copy; poly1d: the coefficient list and threshold for TeaCache-style scripts.")
+@click.option("--format", "fmt", default="poly1d", show_default=True,
+              type=click.Choice(["json", "poly1d", "diffusers-magcache", "diffusers-fbcache", "diffusers-fastercache",
+                                 "sglang", "vllm-omni", "tensorrt-llm"]),
+              help="json: a validated copy; poly1d: the coefficient list and threshold for TeaCache-style scripts; "
+                   "diffusers-*: kwargs of diffusers' MagCacheConfig / FirstBlockCacheConfig (from a trace .h5) or "
+                   "FasterCacheConfig (from a fastercache-cfg file or a trace); sglang, vllm-omni, tensorrt-llm: "
+                   "those engines' TeaCache parameters (docs/exports.md).")
 @click.option("--out", type=click.Path(path_type=Path), help="Where to write (json format) [default: stdout].")
 @click.option("--threshold", type=float, help="Threshold to print with poly1d [default: the file's recommended one].")
-def export(coeffs, fmt, out, threshold):
+@click.option("--target-speedup", type=float, default=None,
+              help="diffusers-magcache/-fbcache: pick the threshold that computes at most 1/this of the steps [1.6].")
+@click.option("--component", default=None, help="Which component's values to export (e.g. transformer_2).")
+def export(coeffs, fmt, out, threshold, target_speedup, component):
     """Validate a coefficient JSON and export it for the place it will be used."""
     from .export import load_document, write_document
 
+    if threshold is not None and not (math.isfinite(threshold) and threshold >= 0):
+        raise CalibError(f"--threshold must be a finite number >= 0, got {threshold}")
+    if fmt not in ("json", "poly1d"):
+        from .export_targets import run_export
+
+        run_export(coeffs, fmt, out=out, threshold=threshold, target_speedup=target_speedup, component=component,
+                   echo=click.echo, info=lambda message: click.echo(message, err=True))
+        return
     doc = load_document(coeffs)
+    if fmt == "poly1d" and doc["method"] != "teacache":
+        raise CalibError(f"{coeffs}: --format poly1d exports TeaCache coefficients; this file is {doc['method']} "
+                         "(use --format json, or diffusers-fastercache for a fastercache-cfg file)")
     if fmt == "json":
         if out is None:
             import json
@@ -106,8 +182,6 @@ def export(coeffs, fmt, out, threshold):
             click.echo(f"wrote {out}")
         return
     for name, comp in doc["components"].items():
-        if threshold is not None and threshold < 0:
-            raise CalibError(f"--threshold must be >= 0, got {threshold}")
         chosen = threshold if threshold is not None else (doc.get("thresholds") or {}).get("recommended")
         label = "" if len(doc["components"]) == 1 else f"  # {name}"
         click.echo(f"coefficients = {[float(c) for c in comp['coefficients']]!r}{label}")
@@ -115,6 +189,11 @@ def export(coeffs, fmt, out, threshold):
         if comp.get("domain"):
             lo, hi = comp["domain"]
             click.echo(f"# fitted on inputs in [{lo:.6g}, {hi:.6g}]; clamp to it: rescale_func(np.clip(x, {lo:.6g}, {hi:.6g}))")
+        indicator = doc.get("indicator") or {}
+        if indicator.get("name") in ("block_input", "temb"):
+            click.echo(f"# x is the rel-L1 change of the first block's {indicator['name']} argument, not its modulated input")
+        if indicator.get("normalization") == "delta_sigma":
+            click.echo("# delta_sigma: with ds = sigma[i-1] - sigma[i], accumulate ds * rescale_func(rel / ds)")
         if chosen is not None:
             click.echo(f"rel_l1_thresh = {chosen!r}")
 
@@ -149,6 +228,68 @@ def demo(prompts_file, steps, seeds, guidance, threshold, traces_dir, coeffs_dir
 
     run_demo(prompts_file=prompts_file, steps=steps, seeds=_seeds(seeds), guidance=guidance, threshold=threshold,
              traces_dir=traces_dir, coeffs_dir=coeffs_dir, overwrite=overwrite, echo=click.echo)
+
+
+@cli.command()
+@click.argument("traces", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--coeffs", "coeffs", multiple=True, type=click.Path(path_type=Path),
+              help="Coefficient files to show (teacache, block-cache, fastercache-cfg); repeatable.")
+@click.option("--eval", "eval_path", type=click.Path(path_type=Path), help="Results JSON of `calib eval` (the frontier).")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="The HTML file to write.")
+def report(traces, coeffs, eval_path, out):
+    """One self-contained HTML page: fit, per-step changes, tuning tables, block heat-map, eval frontier."""
+    from .report import run_report
+
+    run_report(list(traces), coeffs=list(coeffs), eval_path=eval_path, out=out, echo=click.echo)
+
+
+@cli.command()
+@click.argument("traces", nargs=-1, required=True, type=click.Path(path_type=Path), metavar="TRACES...")
+@click.option("--coeffs", required=True, type=click.Path(path_type=Path), help="Coefficient JSON whose rule is replayed.")
+@click.option("--speedup", type=float, help="Target speed-up in forwards (2.0: compute half the steps).")
+@click.option("--max-error", type=float, help="Error budget: the fastest threshold whose predicted error is at most this.")
+@click.option("--compute-fraction", type=float, help="Target fraction of steps that run the full forward (0-1].")
+@click.option("--write", is_flag=True, help="Record the table and the chosen threshold in the JSON's thresholds section.")
+def tune(traces, coeffs, speedup, max_error, compute_fraction, write):
+    """Choose the threshold for a target by replaying the runtime's rule on traces (docs/evaluation.md).
+
+    Prints threshold -> predicted fraction of full forwards -> predicted speed-up -> predicted error."""
+    from .tune import TuneTarget, run_tune
+
+    given = [(k, v) for k, v in (("speedup", speedup), ("max_error", max_error), ("compute_fraction", compute_fraction))
+             if v is not None]
+    if len(given) != 1:
+        raise CalibError("give exactly one target: --speedup S, --max-error E or --compute-fraction F")
+    run_tune(list(traces), coeffs, TuneTarget(*given[0]), write=write, echo=click.echo)
+
+
+@cli.command(name="eval")
+@click.option("--coeffs", required=True, type=click.Path(path_type=Path), help="Coefficient JSON to evaluate.")
+@click.option("--model", default=None, help="Pipeline [default: the file's model.source, else builtin:digits].")
+@click.option("--prompts", "prompts_file", type=click.Path(path_type=Path),
+              help="Held-out prompts, one a line [default: built-in models' bundled prompts].")
+@click.option("--seeds", default="100-103", show_default=True, help="Held-out seeds: '100,101' or '100-103'.")
+@click.option("--threshold", "thresholds", multiple=True, type=float,
+              help="Threshold(s) to evaluate; repeat for several [default: the file's recommended one].")
+@click.option("--steps", type=int, help="Denoising steps [default: the calibrated steps].")
+@click.option("--guidance", type=float, help="guidance_scale [default: the calibrated one].")
+@click.option("--repeats", default=3, show_default=True, type=int, help="Timed repeats per generation (median).")
+@click.option("--traces", "trace_files", multiple=True, type=click.Path(path_type=Path),
+              help="Traces for the predictions [default: the file's calibration.trace_files, where they exist].")
+@click.option("--device", default=None, help="torch device [default: cuda if available, else cpu].")
+@click.option("--out", type=click.Path(path_type=Path), help="Write the results as JSON here.")
+@click.option("--compare", is_flag=True,
+              help="Also run the frontier: other caches at 50 %% and 33 %% full forwards (needs traces).")
+@click.option("--plot", type=click.Path(path_type=Path), help="With --compare: PNG of error vs fraction of full forwards.")
+def eval_(coeffs, model, prompts_file, seeds, thresholds, steps, guidance, repeats, trace_files, device, out, compare,
+          plot):
+    """Generate held-out prompts and seeds cached and uncached; report measured speed-up, fraction of full forwards,
+    and PSNR / SSIM / latent rel-L1 against the uncached output (docs/evaluation.md)."""
+    from .evaluation import run_eval
+
+    run_eval(coeffs, model=model, prompts_file=prompts_file, seeds=_seeds(seeds), thresholds=list(thresholds) or None,
+             steps=steps, guidance=guidance, repeats=repeats, traces=list(trace_files) or None, device=device, out=out,
+             compare=compare, plot=plot, echo=click.echo)
 
 
 def main(argv=None) -> int:

@@ -41,7 +41,7 @@ __all__ = [
 
 FORMAT = "calib.coefficients"
 SCHEMA_VERSION = 1
-METHODS = ("teacache",)
+METHODS = ("teacache", "block-cache", "fastercache-cfg")
 SCHEMA_RESOURCE = "coefficients.v1.schema.json"
 DEFAULT_INDICATOR = {"name": "modulated_input"}
 
@@ -126,6 +126,54 @@ def _indicator(indicator: dict | None, model_info: dict) -> dict:
     raise CalibError(f"indicator must be a name or an object, got {type(value).__name__}")
 
 
+def _fit_section(res) -> dict:
+    """``components.X.fit``: which fit was kept and why (calib.rescalers.AutoRescaler), or the plain fit."""
+    r = res.rescaler
+    fit: dict[str, Any] = {"method": str(getattr(r, "method_", "least_squares"))}
+    if not hasattr(r, "constraint_"):  # a plain PolynomialRescaler: no selection, no shape check
+        fit["streams"] = sorted({str(s) for s in np.asarray(res.streams).tolist()})
+        return fit
+    fit["constraint"] = str(r.constraint_)
+    fit["reason"] = str(r.reason_)
+    fit["streams"] = sorted({str(s) for s in np.asarray(res.streams).tolist()})
+    selection: dict[str, Any] = {"mode": "auto" if r.degree_scores_ else "fixed", "reason": str(r.degree_reason_)}
+    if r.degree_scores_:
+        selection["cv_mae"] = {str(d): _metric(v) for d, v in sorted(r.degree_scores_.items())}
+    fit["degree_selection"] = selection
+    if r.method_scores_:
+        fit["loss_comparison"] = {str(k): _metric(v) for k, v in r.method_scores_.items()}
+    if r.constraint_ != "none":
+        fit["unconstrained_cv_mae"] = _metric(r.unconstrained_cv_mae_)
+    band = r.band_
+    if band is not None:
+        from .rescalers import WIDE_BAND
+
+        fit["bootstrap"] = {
+            "resamples": int(band["resamples"]),
+            "central_domain": [float(band["central"][0]), float(band["central"][1])],
+            "max_rel_halfwidth": _metric(band["max_rel_halfwidth"]),
+            "at": _metric(band["at"]),
+            "wide": bool(band["max_rel_halfwidth"] > WIDE_BAND),
+        }
+    return fit
+
+
+def _fitted_indicator(fits: dict, model_info: dict) -> dict:
+    """The indicator section for fits made by calib.fit: its name and normalisation; the module for modulated_input."""
+    from .rescalers import INDICATORS
+
+    base = _indicator(None, model_info)
+    if base.get("name") not in INDICATORS:  # traces record the modulation layer's path as the indicator
+        base = {"name": "modulated_input", "module": str(base.get("name"))}
+    first = next(iter(fits.values()))
+    name = str(getattr(first, "indicator", "modulated_input"))
+    out = {"name": name}
+    if name == "modulated_input" and base.get("module"):
+        out["module"] = str(base["module"])
+    out["normalization"] = str(getattr(first, "normalization", "none"))
+    return out
+
+
 def _component_entry(res) -> dict:
     r = res.rescaler
     coef = [float(c) for c in np.asarray(r.coef_, dtype=np.float64)]
@@ -134,13 +182,10 @@ def _component_entry(res) -> dict:
         "order": "highest_first",
         "degree": len(coef) - 1,
         "domain": [float(r.domain_[0]), float(r.domain_[1])],
-        "fit": {
-            "method": "least_squares",
-            "streams": sorted({str(s) for s in np.asarray(res.streams).tolist()}),
-        },
+        "fit": _fit_section(res),
         "metrics": {
             "points": int(r.n_points_),
-            "trajectories": int(r.n_groups_),
+            "trajectories": int(res.n_trajectories),
             "skipped_trajectories": int(res.n_skipped_trajectories),
             "dropped_points": int(r.n_dropped_),
             "r2": _metric(r.r2_),
@@ -198,7 +243,7 @@ def build_document(
         "calib_version": __version__,
         "created": created if created is not None else _utc_now(),
         "model": model,
-        "indicator": _indicator(indicator, model_info),
+        "indicator": _indicator(indicator, model_info) if indicator is not None else _fitted_indicator(fits, model_info),
         "calibration": calibration,
         "components": {str(name): _component_entry(res) for name, res in fits.items()},
     }
@@ -347,7 +392,11 @@ def validate_document(doc: Any, *, source: str = "<document>") -> dict:
         where, what = _describe_schema_error(error)
         raise _fail(source, where, what)
 
-    for name, comp in doc["components"].items():
+    if doc["method"] != "teacache":  # block-cache, fastercache-cfg: their own section's code checks
+        from .method_docs import check_method_section
+
+        check_method_section(doc, source)
+    for name, comp in doc.get("components", {}).items():
         base = ["components", name]
         coef = comp["coefficients"]
         if comp["degree"] != len(coef) - 1:
@@ -360,6 +409,12 @@ def validate_document(doc: Any, *, source: str = "<document>") -> dict:
             if not math.isfinite(c):
                 raise _fail(source, _where(base + ["coefficients", i]), f"{c} is not a finite number")
         domain = comp["domain"]
+        if domain is None and (doc.get("provenance") or {}).get("source") == "measured":
+            raise _fail(
+                source, _where(base + ["domain"]),
+                "is null, but measured coefficients must state the input range they were fitted on (the runtime"
+                " clamps to it)",
+            )
         if domain is not None:
             lo, hi = domain
             if not (math.isfinite(lo) and math.isfinite(hi)):

@@ -33,6 +33,11 @@ __all__ = [
     "fit_traces",
     "fit_all_components",
     "format_diagnostics",
+    "format_fit_report",
+    "collect_samples",
+    "Samples",
+    "IndicatorChoice",
+    "select_indicator",
 ]
 
 MIN_DEGREE = 1
@@ -224,6 +229,13 @@ class FitResult:
     streams: np.ndarray
     n_skipped_trajectories: int = 0
     stream_filter: list[str] | None = field(default=None)  # the streams asked for, None = all
+    # What x is: the indicator and its normalisation (calib.rescalers.indicator_series). With "delta_sigma", x and y
+    # are divided by the step's Δσ (``scale``) and the rescaler maps rates.
+    indicator: str = "modulated_input"
+    normalization: str = "none"
+    scale: np.ndarray | None = field(default=None, repr=False)
+    cv_groups: np.ndarray | None = field(default=None, repr=False)  # one id per generation: held out together
+    steps: np.ndarray | None = field(default=None, repr=False)  # the step count of each point's trajectory
 
     @property
     def n_trajectories(self) -> int:
@@ -287,47 +299,237 @@ def collect_points(trace_set, component: str = "transformer", streams=None):
     )
 
 
-def fit_traces(trace_set, degree: int = 4, component: str = "transformer", streams=None) -> FitResult:
-    """Fit one rescaler on the trajectories of ``component`` (optionally only ``streams``)."""
-    degree = _check_degree(degree)
+@dataclass
+class Samples:
+    """The points of one component for one indicator/normalisation (see :func:`collect_samples`)."""
+
+    x: np.ndarray  # indicator change, divided by scale
+    y: np.ndarray  # output change, divided by scale
+    scale: np.ndarray  # 1, or the step's Δσ
+    groups: np.ndarray  # trajectory index in trace_set.trajectories
+    cv_groups: np.ndarray  # generation index: cond/uncond of one generation are held out together
+    streams: np.ndarray
+    steps: np.ndarray  # step count of the trajectory
+    n_skipped: int
+    n_matching: int  # trajectories of the component (and streams), before skipping
+
+
+def _generation_key(index: int, traj) -> tuple:
+    prompt = getattr(traj, "prompt", None)
+    if prompt is None:  # trace stand-ins without generation identity: every trajectory is its own generation
+        return ("trajectory", index)
+    return (prompt, getattr(traj, "seed", None), getattr(traj, "steps", None), getattr(traj, "guidance", None),
+            tuple(getattr(traj, "resolution", ()) or ()))
+
+
+def collect_samples(trace_set, component: str = "transformer", streams=None, indicator: str = "modulated_input",
+                    normalization: str = "none") -> Samples | None:
+    """The points of ``component`` for ``indicator`` and ``normalization``; None when no trajectory recorded the
+    indicator. A trajectory with any non-finite value after entry 0 (also of its Δσ) is skipped and counted."""
+    from calib.rescalers import indicator_series
+
     wanted = _stream_list(streams)
-    x, y, groups, point_streams, n_skipped = collect_points(trace_set, component, wanted)
-    if len(x) == 0:
-        matching = [
-            t
-            for t in trace_set.trajectories
-            if t.component == component and (wanted is None or t.stream in wanted)
-        ]
-        if matching:
+    xs, ys, ss, gs, cgs, sts, names = [], [], [], [], [], [], []
+    n_skipped = n_matching = n_missing = 0
+    generation_ids: dict[tuple, int] = {}
+    for index, traj in enumerate(trace_set.trajectories):
+        if traj.component != component or (wanted is not None and traj.stream not in wanted):
+            continue
+        n_matching += 1
+        series = indicator_series(traj, indicator, normalization)
+        if series is None:
+            n_missing += 1
+            continue
+        x, y, scale = (a[1:] for a in series)
+        if x.shape != y.shape:
             raise CalibError(
-                f"component {component!r}: all {len(matching)} trajectories contain NaN or Inf changes"
+                f"trajectory {index} ({component}, {traj.stream}) has {len(x) + 1} input but {len(y) + 1}"
+                " output entries; the trace file is damaged — trace again"
+            )
+        if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y)) and np.all(np.isfinite(scale))):
+            n_skipped += 1
+            continue
+        gen = generation_ids.setdefault(_generation_key(index, traj), len(generation_ids))
+        xs.append(x / scale)
+        ys.append(y / scale)
+        ss.append(scale)
+        gs.append(np.full(len(x), index, dtype=np.int64))
+        cgs.append(np.full(len(x), gen, dtype=np.int64))
+        sts.append(np.full(len(x), int(getattr(traj, "steps", len(x) + 1)), dtype=np.int64))
+        names.extend([str(traj.stream)] * len(x))
+    if n_matching and n_missing == n_matching:
+        return None
+    cat = (lambda a, dt: np.concatenate(a) if a else np.empty(0, dtype=dt))
+    return Samples(
+        x=cat(xs, np.float64), y=cat(ys, np.float64), scale=cat(ss, np.float64), groups=cat(gs, np.int64),
+        cv_groups=cat(cgs, np.int64), streams=np.array(names, dtype=str), steps=cat(sts, np.int64),
+        n_skipped=n_skipped, n_matching=n_matching,
+    )
+
+
+def fit_traces(trace_set, degree=4, component: str = "transformer", streams=None, *, robust: bool = False,
+               shape: str = "auto", indicator: str = "modulated_input", normalization: str = "none",
+               bootstrap: int = 0) -> FitResult:
+    """Fit one rescaler on the trajectories of ``component`` (optionally only ``streams``).
+
+    ``degree`` is an integer (forced) or ``"auto"`` (chosen by held-out error); ``robust`` uses the Huber loss;
+    ``shape="auto"`` refits under non-negativity and monotonicity when the plain fit violates them; ``indicator``
+    and ``normalization`` choose what x is; ``bootstrap`` resamples generations for a confidence band
+    (see :class:`calib.rescalers.AutoRescaler`)."""
+    from calib.rescalers import AutoRescaler, _check_degree_arg
+
+    if degree != "auto":
+        degree = _check_degree(degree)
+    else:
+        degree = _check_degree_arg(degree)
+    wanted = _stream_list(streams)
+    samples = collect_samples(trace_set, component, wanted, indicator, normalization)
+    if samples is None:
+        raise CalibError(
+            f"component {component!r}: the traces did not record the indicator {indicator!r}"
+            " — trace again with this version of calib, or choose another --indicator"
+        )
+    if len(samples.x) == 0:
+        if samples.n_matching:
+            what = "NaN or Inf changes" if normalization == "none" else "NaN or Inf changes or no usable sigmas"
+            raise CalibError(
+                f"component {component!r}: all {samples.n_matching} trajectories contain {what}"
                 " — the model diverged or the trace is damaged; trace again"
             )
         available = sorted({str(t.component) for t in trace_set.trajectories})
         what = f"component {component!r}" + (f" with streams {wanted}" if wanted is not None else "")
         raise CalibError(f"no trajectories for {what}; the traces hold components {available}")
     try:
-        rescaler = PolynomialRescaler(degree).fit(x, y, groups)
+        rescaler = AutoRescaler(degree=degree, robust=robust, shape=shape, bootstrap=bootstrap).fit(
+            samples.x, samples.y, samples.cv_groups, samples.scale
+        )
     except CalibError as exc:
         raise CalibError(f"component {component!r}: {exc}") from None
     return FitResult(
         rescaler=rescaler,
         component=component,
-        x=x,
-        y=y,
-        groups=groups,
-        streams=point_streams,
-        n_skipped_trajectories=n_skipped,
+        x=samples.x,
+        y=samples.y,
+        groups=samples.groups,
+        streams=samples.streams,
+        n_skipped_trajectories=samples.n_skipped,
         stream_filter=wanted,
+        indicator=indicator,
+        normalization=normalization,
+        scale=samples.scale,
+        cv_groups=samples.cv_groups,
+        steps=samples.steps,
     )
 
 
-def fit_all_components(trace_set, degree: int = 4, streams=None) -> dict[str, FitResult]:
-    """One :func:`fit_traces` per component in ``trace_set.settings()["components"]``."""
+def fit_all_components(trace_set, degree=4, streams=None, **options) -> dict[str, FitResult]:
+    """One :func:`fit_traces` per component in ``trace_set.settings()["components"]`` (``options`` are passed on)."""
     components = list(trace_set.settings()["components"])
     if not components:
         raise CalibError("the traces hold no trajectories — run `calib trace` first")
-    return {c: fit_traces(trace_set, degree=degree, component=c, streams=streams) for c in components}
+    return {c: fit_traces(trace_set, degree=degree, component=c, streams=streams, **options) for c in components}
+
+
+@dataclass
+class IndicatorChoice:
+    """What :func:`select_indicator` kept, and the table it chose from."""
+
+    indicator: str
+    normalization: str
+    criterion: str  # how the candidates were scored, in words
+    rows: list  # dicts: indicator, normalization, score (held-out MAE of y), degree, note
+    reason: str
+
+
+def _transfer_error(samples: Samples, degree: int, robust: bool, shape: str) -> float:
+    """Leave-one-step-count-out MAE in units of y: fit on the other step counts, predict the held-out one."""
+    from calib.rescalers import _feasible, _fit_once, runtime_predict
+
+    errors, total = 0.0, 0
+    for held in np.unique(samples.steps):
+        train, test = samples.steps != held, samples.steps == held
+        if not _feasible(samples.x[train], degree):
+            return math.nan
+        f = _fit_once(samples.x[train], samples.y[train], degree, robust, shape)
+        pred = runtime_predict(f.coef, f.domain, samples.x[test], samples.scale[test])
+        errors += float(np.sum(np.abs(samples.y[test] * samples.scale[test] - pred)))
+        total += int(np.count_nonzero(test))
+    return errors / total if total else math.nan
+
+
+def select_indicator(trace_set, *, degree="auto", streams=None, robust: bool = False, shape: str = "auto",
+                     indicators=None, normalizations=None) -> IndicatorChoice:
+    """Rank candidate indicators (and normalisations) by the held-out error of their fitted rescalers.
+
+    The score is the mean absolute error of the predicted output change on held-out data, summed over components:
+    across step counts (leave one step count out) when the traces hold several, else across generations
+    (GroupKFold). Candidates are tried in order of preference — the paper's ``modulated_input`` without
+    normalisation first — and the first whose score is within :data:`calib.rescalers.SELECTION_TOLERANCE` of the
+    best is kept, so the paper's indicator stays unless another is clearly better.
+    """
+    from calib.rescalers import INDICATORS, NORMALIZATIONS, SELECTION_TOLERANCE, AutoRescaler, single_blas_thread
+
+    indicators = list(indicators or INDICATORS)
+    normalizations = list(normalizations or NORMALIZATIONS)
+    components = list(trace_set.settings()["components"])
+    step_counts = sorted({int(getattr(t, "steps", 0)) for t in trace_set.trajectories})
+    transfer = len(step_counts) > 1
+    criterion = (
+        f"leave-one-step-count-out MAE over steps {step_counts}" if transfer
+        else "GroupKFold MAE over held-out generations"
+    )
+    rows = []
+    with single_blas_thread():
+        for ind in indicators:
+            for norm in normalizations:
+                row = {"indicator": ind, "normalization": norm, "score": math.nan, "degree": None, "note": ""}
+                rows.append(row)
+                total, degrees = 0.0, []
+                plain = next((r for r in rows if r["indicator"] == ind and r["normalization"] == "none"), None)
+                for comp in components:
+                    samples = collect_samples(trace_set, comp, streams, ind, norm)
+                    if samples is None or len(samples.x) == 0:
+                        row["note"] = "not traced" if samples is None else "no usable points"
+                        total = math.nan
+                        break
+                    if (norm != "none" and not transfer and plain is not None and math.isfinite(plain["score"])
+                            and np.ptp(samples.scale) <= 1e-9 * float(np.max(samples.scale))):
+                        # One Δσ for every step: y/c = p(x/c) is the plain fit rescaled; same folds, same error.
+                        row["note"] = "same as none: Δσ is equal at every step"
+                        total, degrees = plain["score"], [plain["degree"]]
+                        break
+                    try:
+                        r = AutoRescaler(degree=degree, robust=robust, shape=shape).fit(
+                            samples.x, samples.y, samples.cv_groups, samples.scale
+                        )
+                    except CalibError as exc:
+                        row["note"] = str(exc)
+                        total = math.nan
+                        break
+                    degrees.append(r.degree_)
+                    total += _transfer_error(samples, r.degree_, robust, shape) if transfer else r.cv_mae_
+                row["score"] = total
+                row["degree"] = degrees[0] if len(degrees) == 1 else (degrees or None)
+    scored = [r for r in rows if math.isfinite(r["score"])]
+    if not scored:
+        for comp in components:  # the preferred candidate's own error says why (all NaN, too few points, ...)
+            fit_traces(trace_set, degree=degree, component=comp, streams=streams, robust=robust, shape=shape,
+                       indicator=indicators[0], normalization=normalizations[0])
+        raise CalibError(
+            "no candidate indicator could be scored (fewer than 2 generations to hold out?); pass --indicator"
+            " and --normalization explicitly"
+        )
+    best = min(r["score"] for r in scored)
+    kept = next(r for r in scored if r["score"] <= best * (1.0 + SELECTION_TOLERANCE))
+    top = min(scored, key=lambda r: r["score"])
+    if kept is top:
+        reason = "lowest held-out error"
+    else:
+        reason = (
+            f"within {SELECTION_TOLERANCE:.0%} of the lowest held-out error ({top['indicator']}/"
+            f"{top['normalization']}, {top['score']:.4g}); the earlier candidate is preferred"
+        )
+    return IndicatorChoice(kept["indicator"], kept["normalization"], criterion, rows, reason)
 
 
 def _num(value: float, spec: str = ".4f") -> str:
@@ -340,15 +542,18 @@ def format_diagnostics(results: dict[str, FitResult]) -> str:
     """A plain-text table with one row per component."""
     header = [
         "component", "points", "trajectories", "skipped", "R²", "MAE", "RMSE", "CV MAE", "CV R²", "folds", "domain",
+        "degree", "fit",
     ]
     rows = [header]
     for name, res in results.items():
         r = res.rescaler
+        method = getattr(r, "method_", "least_squares")
+        constraint = getattr(r, "constraint_", "none")
         rows.append(
             [
                 str(name),
                 str(r.n_points_),
-                str(r.n_groups_),
+                str(res.n_trajectories),
                 str(res.n_skipped_trajectories),
                 _num(r.r2_),
                 _num(r.mae_, ".3g"),
@@ -357,14 +562,75 @@ def format_diagnostics(results: dict[str, FitResult]) -> str:
                 _num(r.cv_r2_),
                 str(r.cv_folds_),
                 f"[{r.domain_[0]:.4g}, {r.domain_[1]:.4g}]",
+                str(r.degree_),
+                method + ("" if constraint == "none" else "+shape"),
             ]
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    left = {0, len(header) - 1}  # text columns left-aligned, numbers right-aligned
+    left = {0, 10, len(header) - 1}  # text columns left-aligned, numbers right-aligned
     lines = []
     for k, row in enumerate(rows):
         cells = [c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))]
         lines.append("  ".join(cells).rstrip())
         if k == 0:
             lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _pct(a: float, b: float) -> str:
+    if not (math.isfinite(a) and math.isfinite(b)) or b == 0:
+        return ""
+    return f" ({(a / b - 1.0) * 100:+.1f} %)"
+
+
+def format_fit_report(results: dict[str, FitResult], choice: IndicatorChoice | None = None) -> str:
+    """How each kept rescaler was chosen: indicator ranking, degree table, loss comparison, shape, bootstrap band."""
+    from calib.rescalers import DEGREE_TOLERANCE, WIDE_BAND
+
+    lines: list[str] = []
+    if choice is not None:
+        lines.append(f"indicator by held-out error ({choice.criterion}; MAE of the output change):")
+        for row in choice.rows:
+            mark = "*" if (row["indicator"], row["normalization"]) == (choice.indicator, choice.normalization) else " "
+            score = _num(row["score"], ".4g")
+            note = f"  {row['note']}" if row["note"] else (f"  degree {row['degree']}" if row["degree"] else "")
+            lines.append(f"  {mark} {row['indicator']:<16} {row['normalization']:<12} {score:>8}{note}")
+        lines.append(f"  kept {choice.indicator} / {choice.normalization}: {choice.reason}")
+    for name, res in results.items():
+        r = res.rescaler
+        if not hasattr(r, "method_"):
+            continue
+        what = res.indicator + ("" if res.normalization == "none" else f" / {res.normalization}")
+        lines.append(f"{name} ({what}):")
+        if r.degree_scores_:
+            degrees = sorted(r.degree_scores_)
+            best = min(r.degree_scores_.values())
+            lines.append(f"  degree by held-out error (GroupKFold over {r.n_groups_} generations, {r.cv_folds_} folds):")
+            lines.append("    degree  " + "  ".join(f"{d:>8}" for d in degrees))
+            lines.append("    CV MAE  " + "  ".join(f"{r.degree_scores_[d]:>8.4g}" for d in degrees))
+            lines.append("    vs best " + "  ".join(f"{(r.degree_scores_[d] / best - 1) * 100:>7.1f}%" for d in degrees))
+            lines.append(f"  kept degree {r.degree_}: {r.degree_reason_} (tolerance {DEGREE_TOLERANCE:.0%})")
+        else:
+            lines.append(f"  degree {r.degree_}: {r.degree_reason_}")
+        if r.method_scores_:
+            cmp = ", ".join(f"{k.replace('_', ' ')} {v:.4g}" for k, v in r.method_scores_.items())
+            lines.append(f"  loss (held-out MAE at degree {r.degree_}): {cmp}; kept {r.method_.replace('_', ' ')}")
+        if r.constraint_ == "none":
+            lines.append(f"  shape: {r.reason_}")
+        else:
+            lines.append(f"  shape: {r.reason_}")
+            if math.isfinite(r.unconstrained_cv_mae_):
+                lines.append(
+                    f"         held-out MAE {r.cv_mae_:.4g} constrained vs {r.unconstrained_cv_mae_:.4g} unconstrained"
+                    + _pct(r.cv_mae_, r.unconstrained_cv_mae_)
+                )
+        band = r.band_
+        if band is not None:
+            c_lo, c_hi = band["central"]
+            flag = "WIDE" if band["max_rel_halfwidth"] > WIDE_BAND else "ok"
+            lines.append(
+                f"  bootstrap ({band['resamples']} resamples of generations): 95 % band half-width up to "
+                f"{band['max_rel_halfwidth']:.0%} of the curve (at x={band['at']:.4g}) in the central domain "
+                f"[{c_lo:.4g}, {c_hi:.4g}] — {flag} (wide: > {WIDE_BAND:.0%})"
+            )
     return "\n".join(lines)

@@ -47,12 +47,18 @@ def _draw_component(ax, name: str, res, colors: dict) -> None:
     ax.axvspan(lo, hi, color="0.5", alpha=0.08, lw=0, label="fitted domain")
     for edge in (lo, hi):
         ax.axvline(edge, color="0.4", lw=0.8, ls=":")
-    ax.plot(inside, poly(inside), color="black", lw=1.8, label=f"degree-{r.degree_} fit")
+    band = getattr(r, "band_", None)
+    if band is not None:
+        ax.fill_between(band["x"], band["lo"], band["hi"], color="C3", alpha=0.25, lw=0,
+                        label=f"95 % bootstrap band ({band['resamples']} resamples)")
+    constraint = getattr(r, "constraint_", "none")
+    label = f"degree-{r.degree_} fit" + ("" if constraint == "none" else " (shape-constrained)")
+    ax.plot(inside, poly(inside), color="black", lw=1.8, label=label)
     if ext_lo < lo:
         left = np.linspace(ext_lo, lo, 60)
-        ax.plot(left, poly(left), color="black", lw=1.2, ls="--", label="extrapolated")
+        ax.plot(left, poly(left), color="black", lw=1.2, ls="--", label="extrapolated (the runtime clamps)")
     right = np.linspace(hi, ext_hi, 60)
-    ax.plot(right, poly(right), color="black", lw=1.2, ls="--", label=None if ext_lo < lo else "extrapolated")
+    ax.plot(right, poly(right), color="black", lw=1.2, ls="--", label=None if ext_lo < lo else "extrapolated (the runtime clamps)")
 
     # Keep the view on the data and the fitted part: an extrapolated tail may shoot off.
     # The dashed tails may widen the view by at most a quarter of that range.
@@ -70,13 +76,19 @@ def _draw_component(ax, name: str, res, colors: dict) -> None:
         ax.set_ylim(y_lo - pad, y_hi + pad)
     ax.set_xlim(ext_lo - 0.02 * span, ext_hi + 0.02 * span)
 
+    extra = []
+    if hasattr(r, "method_"):
+        extra.append(f"fit = {r.method_}" + ("" if constraint == "none" else ", constrained"))
+    if band is not None:
+        extra.append(f"band ≤ ±{band['max_rel_halfwidth']:.0%} (central)")
     text = "\n".join(
-        [
+        extra
+        + [
             f"R² = {_fmt(r.r2_, '.4f')}",
             f"CV MAE = {_fmt(r.cv_mae_, '.3g')}"
             + (f" ({r.cv_folds_} folds)" if r.cv_folds_ else " (no CV)"),
             f"points = {r.n_points_}",
-            f"trajectories = {r.n_groups_}"
+            f"trajectories = {res.n_trajectories}"
             + (f" (+{res.n_skipped_trajectories} skipped)" if res.n_skipped_trajectories else ""),
         ]
     )
@@ -92,8 +104,11 @@ def _draw_component(ax, name: str, res, colors: dict) -> None:
         bbox={"boxstyle": "round,pad=0.4", "facecolor": "white", "edgecolor": "0.7", "alpha": 0.9},
     )
     ax.set_title(str(name), fontsize=10)
-    ax.set_xlabel(X_LABEL)
-    ax.set_ylabel(Y_LABEL)
+    indicator = getattr(res, "indicator", "modulated_input")
+    normalized = getattr(res, "normalization", "none") == "delta_sigma"
+    x_label = X_LABEL if indicator == "modulated_input" else f"rel-L1 change of {indicator.replace('_', ' ')}"
+    ax.set_xlabel(x_label + (" / Δσ" if normalized else ""))
+    ax.set_ylabel(Y_LABEL + (" / Δσ" if normalized else ""))
     ax.grid(True, lw=0.4, alpha=0.4)
     ax.legend(loc="lower right", fontsize=7, framealpha=0.9)
 

@@ -19,9 +19,18 @@ import torch
 
 from .adapters import Adapter, first_tensor, get_adapter, model_identity, transformer_output
 from .errors import CalibError
-from .hooking import ContextProbe, Handle, StepClock, rel_l1_rows, wrap_forward, wrap_method
+from .hooking import ContextProbe, Handle, StepClock, wrap_forward, wrap_method
 
-EXTRA_SERIES = ("block_input_rel_l1", "temb_rel_l1")
+# Per call, same-shaped series are reduced together while the stack holds at most this many elements
+# (_Recorder._changes); beyond it (large models) each is reduced on its own, holding no stacked copy.
+BATCH_NUMEL = 1 << 22
+EXTRA_SERIES = (
+    "block_input_rel_l1",
+    "temb_rel_l1",
+    "cfg_delta_rel_l1",  # change of (cond - uncond) output between steps (FasterCache's CFG cache), both streams
+    "residual_norm_ratio",  # mean over tokens of |residual_t| / |residual_t-1| (MagCache's mag_ratios)
+    "head_residual_rel_l1",  # change of the first block's residual (First Block Cache's indicator)
+)
 
 
 @dataclass
@@ -101,7 +110,7 @@ class _Recorder:
 
             def on_modulation(module, inputs, output):
                 if self._call is not None and "input" not in self._call:
-                    self._call["input"] = first_tensor(output).detach()
+                    self._call["input"] = _hold(first_tensor(output))
 
             self.handle.add(layer.register_forward_hook(on_modulation).remove)
 
@@ -112,18 +121,20 @@ class _Recorder:
             block_io = io[id(block)]
             if block is head:
                 hidden = block_io.hidden_states_in(block, args, kwargs)
-                call["block_input"] = hidden.detach()
-                temb = block_io.argument(block, "temb", args, kwargs)
+                call["block_input"] = _hold(hidden)
+                temb = block_io.argument(block, adapter.temb_argument, args, kwargs)
                 if isinstance(temb, torch.Tensor):
-                    call["temb"] = temb.detach()
+                    call["temb"] = _hold(temb)
                 if adapter.modulated_input is not None:
-                    call["input"] = adapter.modulated_input(block, args, kwargs).detach()
+                    call["input"] = _hold(adapter.modulated_input(block, args, kwargs))
             output = original(*args, **kwargs)
             hidden_out = block_io.hidden_states_out(output)
+            if block is head and hidden_out.shape == call["block_input"].shape:
+                call["head_residual"] = _hold(hidden_out - call["block_input"])
             if self.record_blocks:
-                call["blocks"][index] = hidden_out.detach()
+                call["blocks"][index] = _hold(hidden_out)
             if block is tail:
-                call["residual"] = (hidden_out - call["block_input"]).detach()
+                call["residual"] = adapter.residual(hidden_out, call["block_input"])
             return output
 
         for index, (_, block) in enumerate(self.blocks):
@@ -136,7 +147,7 @@ class _Recorder:
             self._call = {"blocks": {}}
             try:
                 output = original(*args, **kwargs)
-                self._call["output"] = transformer_output(output).detach()
+                self._call["output"] = _hold(transformer_output(output))
                 self._finish_call(key)
                 return output
             finally:
@@ -146,16 +157,93 @@ class _Recorder:
 
     def reset(self) -> None:
         self.previous: dict[tuple, torch.Tensor] = {}
-        self.series: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
         self.steps: dict[str, list[int]] = defaultdict(list)
         self.key_order: list[str] = []
+        # per call key: one flat vector of every per-row value of one call, and where each series sits in it
+        self.values: dict[str, list[tuple[list, tuple]]] = defaultdict(list)  # key -> per call (parts, layout)
+        self._stacks: dict[tuple, torch.Tensor] = {}  # (key, names, shapes) -> the group's float stack, last call
+        self._norms: dict[str, tuple] = {}  # key -> (shape, per-token norms) of the last residual
+        self.cfg_delta: list[tuple[int, torch.Tensor]] = []  # (step, cond - uncond output), in call order
+        self._cfg_changes: dict[int, float] | None = None  # step -> rel-L1 change of it, computed once (collect)
+        self._cfg_step: int | None = None
+        self._cfg_outputs: dict[str, torch.Tensor] = {}
 
     def _change(self, key: str, name: str, tensor: torch.Tensor) -> torch.Tensor:
         prev = self.previous.get((key, name))
         self.previous[(key, name)] = tensor
         if prev is None or prev.shape != tensor.shape:
             return torch.full((tensor.shape[0],), float("nan"), device=tensor.device)
-        return rel_l1_rows(tensor, prev)
+        return _rel_l1_rows(tensor, prev)
+
+    def _changes(self, key: str, named: list[tuple[str, torch.Tensor]], parts: list, layout: list) -> None:
+        """rel-L1 change of each named tensor against the previous call of stream ``key``, batched: tensors with
+        the same rows, elements per row, dtype and device are stacked and reduced in one go (~9 ops instead of ~9
+        per tensor; on a small model the dispatcher, not the arithmetic, is the cost). Appends the (G, rows)
+        results to ``parts`` and ``(name, part, row)`` to ``layout``. Groups over BATCH_NUMEL elements are reduced
+        tensor by tensor instead, so a large model holds no stacked copies."""
+        groups: dict[tuple, list] = {}
+        for name, tensor in named:
+            rows = tensor.shape[0]
+            sig = (rows, tensor.numel() // rows if rows else 0, tensor.dtype, tensor.device)
+            groups.setdefault(sig, []).append((name, tensor))
+        for (rows, per_row, _, _), members in groups.items():
+            if len(members) > 1 and per_row * rows * len(members) <= BATCH_NUMEL:
+                names = tuple(n for n, _ in members)
+                shapes = tuple(t.shape for _, t in members)
+                tensors = [t for _, t in members]
+                if len(set(shapes)) > 1:
+                    tensors = [t.reshape(rows, per_row) for t in tensors]
+                cur = torch.stack(tensors)
+                if cur.dtype != torch.float32:
+                    cur = cur.float()
+                if cur.dim() != 3:
+                    cur = cur.flatten(2)
+                stash = (key, names, shapes)
+                prev = self._stacks.get(stash)
+                self._stacks[stash] = cur
+                for name, tensor in members:
+                    self.previous[(key, name)] = tensor
+                if prev is not None:
+                    layout.extend((n, len(parts), i) for i, n in enumerate(names))
+                    parts.append((cur - prev).abs().mean(dim=2) / prev.abs().mean(dim=2))
+                else:  # the first call of this stream: nothing to compare with
+                    nan = torch.full((len(members), rows), float("nan"), device=cur.device)
+                    layout.extend((n, len(parts), i) for i, n in enumerate(names))
+                    parts.append(nan)
+                continue
+            for name, tensor in members:  # one by one
+                layout.append((name, len(parts), None))
+                parts.append(self._change(key, name, tensor))
+
+    def _norm_ratio(self, key: str, residual: torch.Tensor) -> torch.Tensor:
+        """MagCache's magnitude ratio per row: mean over tokens of |r_t| / |r_t-1| (norm over the last dim).
+        The previous residual's norms are kept from the previous call instead of being computed again."""
+        r = residual if residual.dtype == torch.float32 else residual.float()
+        cur = torch.linalg.vector_norm(r, dim=-1).flatten(1)
+        prev = self._norms.get(key)
+        self._norms[key] = (residual.shape, cur)
+        if prev is None or prev[0] != residual.shape:
+            return torch.full((residual.shape[0],), float("nan"), device=residual.device)
+        return (cur / (prev[1] + 1e-8)).mean(dim=1)
+
+    def _record_cfg_delta(self, key: str, output: torch.Tensor) -> None:
+        """Once a step has both CFG outputs (one batched call, or a cond and an uncond call), record how much
+        cond - uncond changed since the previous step."""
+        if self._cfg_step != self.clock.step:
+            self._cfg_step, self._cfg_outputs = self.clock.step, {}
+        self._cfg_outputs[key] = output
+        outs = self._cfg_outputs
+        delta = None
+        if len(outs) == 1 and output.shape[0] == len(self.adapter.cfg_batch_order):
+            order = self.adapter.cfg_batch_order
+            delta = output[order.index("cond")] - output[order.index("uncond")]
+        elif len(outs) == 2 and all(o.shape[0] == 1 for o in outs.values()):
+            keys = list(outs)
+            names = keys if set(keys) == {"cond", "uncond"} else list(self.adapter.cfg_call_order)
+            by_name = dict(zip(names, keys))
+            delta = (outs[by_name["cond"]] - outs[by_name["uncond"]])[0]
+        if delta is not None:  # its change is computed for all steps at once when the generation ends
+            self.cfg_delta.append((self.clock.step, delta))
 
     def _finish_call(self, key: str) -> None:
         call = self._call
@@ -164,28 +252,91 @@ class _Recorder:
                 f"the modulation layer {self.adapter.indicator_name!r} did not run during the forward of "
                 f"{type(self.transformer).__name__}; pick the right one with --modulation-module"
             )
-        if key not in self.series:
+        if key not in self.steps:
             self.key_order.append(key)
-        series = self.series[key]
         self.steps[key].append(self.clock.step)
-        series["input"].append(self._change(key, "input", call["input"]))
-        series["output"].append(self._change(key, "output", call["output"]))
-        series["residual"].append(self._change(key, "residual", call["residual"]))
-        series["block_input"].append(self._change(key, "block_input", call["block_input"]))
+        parts: list[torch.Tensor] = []  # stay on the device; moved to the host once per generation (collect)
+        layout: list[tuple] = []
+        residual = call["residual"]
+        named = [("input", call["input"]), ("output", call["output"]), ("block_input", call["block_input"])]
+        if residual is not None:
+            layout.append(("residual_norm_ratio", len(parts), None))
+            parts.append(self._norm_ratio(key, residual))
+            named.append(("residual", residual))
+        else:  # no residual when the stack's output and input shapes differ
+            layout += [("residual", len(parts), None), ("residual_norm_ratio", len(parts), None)]
+            parts.append(torch.full((call["output"].shape[0],), float("nan"), device=call["output"].device))
+        self._record_cfg_delta(key, call["output"])
+        if "head_residual" in call:
+            named.append(("head_residual", call["head_residual"]))
         if "temb" in call:
-            series["temb"].append(self._change(key, "temb", call["temb"]))
+            named.append(("temb", call["temb"]))
         if self.record_blocks:
-            series["blocks"].append(
-                torch.stack([self._change(key, f"block{i}", call["blocks"][i]) for i in range(len(self.blocks))], dim=-1)
-            )
+            named += [(f"block{i}", call["blocks"][i]) for i in range(len(self.blocks))]
+        self._changes(key, named, parts, layout)
+        self.values[key].append((parts, tuple(layout)))
 
     def collect(self) -> dict[str, dict[str, np.ndarray]]:
-        """Move everything to the host, once per series: {key: {name: array (n_steps, batch[, blocks])}}."""
+        """Move everything to the host, once per stream: {key: {name: array (n_steps, batch[, blocks])}}."""
         out = {}
         for key in self.key_order:
-            out[key] = {name: torch.stack(values).cpu().numpy() for name, values in self.series[key].items()}
-            out[key]["step_index"] = np.asarray(self.steps[key], dtype=np.int32)
+            calls = self.values[key]
+            by_layout: dict[tuple, list[int]] = {}  # normally one: every call recorded the same series
+            for i, (parts, layout) in enumerate(calls):
+                by_layout.setdefault((layout, tuple(p.shape for p in parts)), []).append(i)
+            series: dict[str, np.ndarray] = {}
+            for (layout, shapes), idx in by_layout.items():
+                stacks = [torch.stack([calls[i][0][j] for i in idx]).float().reshape(len(idx), -1)
+                          for j in range(len(shapes))]
+                host = torch.cat(stacks, dim=1).cpu().numpy()  # the one transfer per stream
+                offsets = np.cumsum([0] + [st.shape[1] for st in stacks])
+                for name, part, row in layout:
+                    shape = shapes[part]
+                    rows = shape[-1]
+                    start = offsets[part] + (row * rows if row is not None else 0)
+                    if name not in series:
+                        series[name] = np.full((len(calls), rows), np.nan, dtype=np.float32)
+                    series[name][idx] = host[:, start : start + rows]
+            blocks = [series.pop(f"block{i}") for i in range(len(self.blocks)) if f"block{i}" in series]
+            if self.record_blocks and len(blocks) == len(self.blocks):
+                series["blocks"] = np.stack(blocks, axis=-1)
+            series["step_index"] = np.asarray(self.steps[key], dtype=np.int32)
+            out[key] = series
         return out
+
+    def cfg_delta_at(self, step_index: np.ndarray) -> np.ndarray | None:
+        """The (cond - uncond) change at these steps (NaN where there is none), or None without CFG pairs."""
+        if not self.cfg_delta:
+            return None
+        if self._cfg_changes is None:
+            # each delta against the one recorded before it: one batched reduction and one transfer per generation
+            deltas = [d for _, d in self.cfg_delta]
+            if len(deltas) > 1 and len({d.shape for d in deltas}) == 1:
+                stack = torch.stack(deltas)
+                stack = (stack if stack.dtype == torch.float32 else stack.float()).flatten(1)
+                cur, prev = stack[1:], stack[:-1]
+                changes = [float("nan")] + ((cur - prev).abs().mean(dim=1) / prev.abs().mean(dim=1)).cpu().tolist()
+            else:
+                changes = [float("nan")] + [
+                    float(_rel_l1_rows(d[None], p[None])[0]) if d.shape == p.shape else float("nan")
+                    for p, d in zip(deltas, deltas[1:])
+                ]
+            self._cfg_changes = {step: value for (step, _), value in zip(self.cfg_delta, changes)}
+        values = self._cfg_changes
+        return np.asarray([values.get(int(s), np.nan) for s in step_index], dtype=np.float32)
+
+
+def _hold(tensor: torch.Tensor) -> torch.Tensor:
+    """Keep a tensor without its autograd history; no op at all when it has none (pipelines run under no_grad)."""
+    return tensor.detach() if tensor.requires_grad else tensor
+
+
+def _rel_l1_rows(current: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+    """:func:`calib.hooking.rel_l1_rows` without the conversions that are no-ops for detached float32 tensors."""
+    cur = current if current.dtype == torch.float32 else current.float()
+    prev = previous if previous.dtype == torch.float32 else previous.float()
+    cur, prev = cur.flatten(1), prev.flatten(1)
+    return (cur - prev).abs().mean(dim=1) / prev.abs().mean(dim=1)
 
 
 def _stream_labels(keys: list[str], batch: dict[str, int], cfg: bool, adapter: Adapter) -> dict[tuple[str, int], str]:
@@ -195,7 +346,9 @@ def _stream_labels(keys: list[str], batch: dict[str, int], cfg: bool, adapter: A
     for i, key in enumerate(keys):
         rows = batch[key]
         for r in range(rows):
-            if key in named:
+            if key in named and len(keys) == 1 and cfg and rows == len(adapter.cfg_batch_order) > 1:
+                label = adapter.cfg_batch_order[r]  # batched CFG under one context (diffusers' "cond_uncond")
+            elif key in named:
                 label = key if rows == 1 else f"{key}.b{r}"
             elif len(keys) == 1:
                 if rows == 1:
@@ -284,6 +437,12 @@ class Tracer:
                     extra = {"block_input_rel_l1": series["block_input"][:, r].astype(np.float32)}
                     if "temb" in series:
                         extra["temb_rel_l1"] = series["temb"][:, r].astype(np.float32)
+                    extra["residual_norm_ratio"] = series["residual_norm_ratio"][:, r].astype(np.float32)
+                    if "head_residual" in series:
+                        extra["head_residual_rel_l1"] = series["head_residual"][:, r].astype(np.float32)
+                    cfg_delta = rec.cfg_delta_at(idx)
+                    if cfg_delta is not None and labels[(key, r)] in ("cond", "uncond"):
+                        extra["cfg_delta_rel_l1"] = cfg_delta
                     blocks = series["blocks"][:, r, :] if "blocks" in series else np.zeros((len(idx), 0), np.float32)
                     trajectories.append(
                         Trajectory(
@@ -322,10 +481,13 @@ def default_trace_path(model: str) -> Path:
     return Path("traces") / f"{name or 'model'}.h5"
 
 
-def pick_device(device: str | None) -> str:
-    if device:
+def pick_device(device: str | None, local_rank: int | None = None) -> str:
+    """``--device``, else cuda if available, else cpu; under a distributed launcher ``cuda`` means cuda:LOCAL_RANK."""
+    if device and not (device == "cuda" and local_rank is not None):
         return device
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" or torch.cuda.is_available():
+        return f"cuda:{local_rank}" if local_rank is not None else "cuda"
+    return "cpu"
 
 
 def run_trace(
@@ -339,54 +501,108 @@ def run_trace(
     overwrite: bool = False,
     echo=print,
     pipe=None,
+    shard: str | None = None,
 ) -> Path:
-    """Trace every prompt x seed into ``out``. Resumes what is there; Ctrl-C keeps what finished."""
+    """Trace every prompt x seed into ``out``. Resumes what is there; Ctrl-C keeps what finished.
+
+    Under torchrun / ``accelerate launch`` (WORLD_SIZE > 1), or with ``shard="i/n"``, this process traces only its
+    share into ``NAME.rank{i}-of-{n}.h5`` and the manifest ``NAME.manifest.json`` lists the shards
+    (:mod:`calib.shards`, docs/cluster.md). Returns the file this process wrote."""
     from tqdm.auto import tqdm
 
+    from . import shards as sh
     from .errors import InterruptedRun
     from .models.loading import load_model
     from .prompts import bundled_prompts_path, read_prompts
     from .store import TraceWriter
 
+    part = sh.resolve_shard(shard)
     if prompts_file is None:
         if not model.startswith("builtin:"):
             raise CalibError("--prompts is required for models that are not built in")
+        from .models.loading import BUILTIN, builtin_names
+
+        if model.split(":", 1)[1] not in BUILTIN:  # before looking for its bundled prompts
+            raise CalibError(f"no built-in model {model.split(':', 1)[1]!r}; built-in models: {', '.join(builtin_names())}")
         prompts_file = bundled_prompts_path(model.split(":", 1)[1])
     prompts = read_prompts(prompts_file)
     out = Path(out) if out is not None else default_trace_path(model)
-    if pipe is None:
-        pipe = load_model(model, device=pick_device(device))
-    check = getattr(pipe, "validate_prompts", None)
-    if callable(check):  # fail on an unreadable prompt before hours of tracing, not at prompt 57
-        check(prompts)
-    tracer = Tracer(pipe, modulation_module=modulation_module, record_blocks=settings.record_blocks)
-    info = describe_model(pipe, model, tracer.adapter)
-    jobs = [(p, s) for p in prompts for s in settings.seeds]
-    done = 0
-    with tracer, TraceWriter(out, info, overwrite=overwrite) as writer:
-        finished = {
-            (t.prompt, t.seed)
-            for t in writer.trajectories
-            if t.steps == settings.steps and t.guidance == float(settings.guidance)
-        }
-        todo = [(p, s) for p, s in jobs if (p, s) not in finished]
-        if len(todo) < len(jobs):
-            echo(f"resuming {out}: {len(jobs) - len(todo)} of {len(jobs)} generations already traced")
-        bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), unit="gen", desc="trace", dynamic_ncols=True)
-        try:
-            for prompt, seed in todo:
-                bar.set_postfix_str(f"{prompt[:32]!r} seed {seed}")
-                writer.append(tracer.trace(prompt, seed, settings))
-                done += 1
-                bar.update(1)
-        except KeyboardInterrupt:
-            kept = len(jobs) - len(todo) + done
-            raise InterruptedRun(
-                f"interrupted: {kept} of {len(jobs)} generations are saved in {out}; rerun the same command to resume"
-            ) from None
-        finally:
-            bar.close()  # before any message, so it starts on a line of its own
-        total = len(writer.trajectories)
-    echo(f"traced {len(jobs)} generations ({len(prompts)} prompts x {len(settings.seeds)} seeds, "
-         f"{settings.steps} steps) -> {out} ({total} trajectories)")
-    return out
+    if out.suffix.lower() not in (".h5", ".hdf5"):
+        raise CalibError(f"{out}: a trace file must end in .h5")
+    device = pick_device(device, part.local_rank if part is not None and part.distributed else None)
+    leader = part is None or not part.distributed or part.index == 0  # prints, shows the bar
+    say = echo if leader else (lambda *a, **k: None)
+    owns_group = sh.init_process_group(part, device) if part is not None else False
+    try:
+        if pipe is None:
+            pipe = load_model(model, device=device)
+        check = getattr(pipe, "validate_prompts", None)
+        if callable(check):  # fail on an unreadable prompt before hours of tracing, not at prompt 57
+            check(prompts)
+        tracer = Tracer(pipe, modulation_module=modulation_module, record_blocks=settings.record_blocks)
+        info = describe_model(pipe, model, tracer.adapter)
+        all_jobs = [(p, s) for p in prompts for s in settings.seeds]
+        if part is None:
+            path, jobs, attrs = out, all_jobs, None
+        else:
+            path = sh.shard_path(out, part.index, part.count)
+            jobs = sh.split(all_jobs, part.index, part.count)
+            attrs = {"shard_index": part.index, "shard_count": part.count}
+
+        def manifest():
+            return sh.write_manifest(out, model=model, model_info=info, settings=settings, prompts=prompts,
+                                     jobs=all_jobs, count=part.count, launcher=part.launcher)
+
+        done = 0
+        with tracer, TraceWriter(path, info, overwrite=overwrite, attrs=attrs, background=True) as writer:
+            finished = {
+                (t.prompt, t.seed)
+                for t in writer.trajectories
+                if t.steps == settings.steps and t.guidance == float(settings.guidance)
+            }
+            todo = [(p, s) for p, s in jobs if (p, s) not in finished]
+            if part is not None and (leader or not part.distributed):
+                manifest()  # so the shards are listed even if the run stops early
+            if len(todo) < len(jobs):
+                say(f"resuming {path}: {len(jobs) - len(todo)} of {len(jobs)} generations already traced")
+            desc = "trace" if part is None else f"trace {part.label}"
+            bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), unit="gen", desc=desc, dynamic_ncols=True,
+                       disable=not leader)
+            try:
+                for prompt, seed in todo:
+                    bar.set_postfix_str(f"{prompt[:32]!r} seed {seed}")
+                    writer.append(tracer.trace(prompt, seed, settings))
+                    done += 1
+                    bar.update(1)
+                writer.flush()  # the last generation is on disk before anyone is told it is
+            except KeyboardInterrupt:
+                bar.close()
+                writer.close()  # flush the generation in flight
+                kept = len(jobs) - len(todo) + done
+                raise InterruptedRun(
+                    f"interrupted: {kept} of {len(jobs)} generations are saved in {path}; "
+                    "rerun the same command to resume"
+                ) from None
+            finally:
+                bar.close()  # before any message, so it starts on a line of its own
+            total = len(writer.trajectories)
+        if part is None:
+            say(f"traced {len(jobs)} generations ({len(prompts)} prompts x {len(settings.seeds)} seeds, "
+                f"{settings.steps} steps) -> {out} ({total} trajectories)")
+            return out
+        if part.distributed:
+            sh.barrier()  # every rank's shard is complete before rank 0 describes them
+            if leader:
+                doc = manifest()
+                say(f"traced {doc['assigned']} generations ({len(prompts)} prompts x {len(settings.seeds)} seeds, "
+                    f"{settings.steps} steps) on {part.count} ranks -> {sh.manifest_path(out)} "
+                    f"({doc['finished']} of {doc['assigned']} in {part.count} shard files)")
+            return path
+        doc = manifest()
+        say(f"{part.label}: traced {len(jobs)} generations ({settings.steps} steps) -> {path} ({total} trajectories); "
+            f"{sh.manifest_path(out)}: {doc['finished']} of {doc['assigned']} generations of all {part.count} "
+            "shards finished")
+        return path
+    finally:
+        if owns_group:
+            sh.destroy_process_group()

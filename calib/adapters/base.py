@@ -21,6 +21,18 @@ DEFAULT_BLOCK_STACKS = (
 )
 
 
+def call_argument(block: torch.nn.Module, name: str, args: tuple, kwargs: dict) -> Any:
+    """The value of ``block.forward``'s parameter ``name`` in one call, passed by keyword or by position (or None)."""
+    if name in kwargs:
+        return kwargs[name]
+    import inspect
+
+    params = list(inspect.signature(block.forward).parameters)
+    if name in params and params.index(name) < len(args):
+        return args[params.index(name)]
+    return None
+
+
 @dataclass(frozen=True)
 class BlockIO:
     """Where a block's hidden states sit in its arguments and outputs (diffusers' TransformerBlockMetadata)."""
@@ -31,14 +43,7 @@ class BlockIO:
     encoder_hidden_states_argument_name: str = "encoder_hidden_states"
 
     def argument(self, block: torch.nn.Module, name: str, args: tuple, kwargs: dict) -> Any:
-        if name in kwargs:
-            return kwargs[name]
-        import inspect
-
-        params = list(inspect.signature(block.forward).parameters)
-        if name in params and params.index(name) < len(args):
-            return args[params.index(name)]
-        return None
+        return call_argument(block, name, args, kwargs)
 
     def hidden_states_in(self, block, args, kwargs) -> torch.Tensor:
         return self.argument(block, self.hidden_states_argument_name, args, kwargs)
@@ -109,6 +114,8 @@ class Adapter:
     # calls without a cache_context, the call order within a step.
     cfg_batch_order: tuple[str, ...] = ("uncond", "cond")
     cfg_call_order: tuple[str, ...] = ("cond", "uncond")
+    # The first block's argument holding the timestep embedding (traced as the alternative indicator temb_rel_l1).
+    temb_argument: str = "temb"
     notes: str = ""
 
     def __post_init__(self):
@@ -142,6 +149,16 @@ class Adapter:
             return None
         return get_submodule(transformer, self.modulation_module)
 
+    def residual(self, hidden_out: torch.Tensor, stack_input: torch.Tensor) -> torch.Tensor | None:
+        """The block stack's residual: the last block's output hidden states minus the first block's input ones.
+
+        None when the two differ in shape (a stack whose last block also returns other tokens): no residual can be
+        cached then, the tracer records NaN for it and the runtime computes every step.
+        """
+        if hidden_out.shape != stack_input.shape:
+            return None
+        return (hidden_out - stack_input).detach()
+
     @property
     def indicator_name(self) -> str:
         return self.modulation_module or f"{self.name}:modulated_input"
@@ -165,3 +182,18 @@ def transformer_output(output) -> torch.Tensor:
     if hasattr(output, "sample"):
         return output.sample
     return output[0]
+
+
+def modulate(normed: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """AdaLN modulation as diffusers' blocks write it: ``normed * (1 + scale) + shift``."""
+    return normed * (1 + scale) + shift
+
+
+def ada_norm_single_input(block: torch.nn.Module, args: tuple, kwargs: dict) -> torch.Tensor:
+    """The modulated input of a PixArt-style block (``norm_type="ada_norm_single"``, also Sana): the block's
+    ``scale_shift_table[None] + timestep.reshape(B, 6, -1)`` gives shift and scale of the attention branch, applied
+    to ``norm1(hidden_states)`` exactly as the block's forward does."""
+    hidden = call_argument(block, "hidden_states", args, kwargs)
+    temb = call_argument(block, "timestep", args, kwargs)
+    shift, scale = (block.scale_shift_table[None] + temb.reshape(hidden.shape[0], 6, -1)).chunk(6, dim=1)[:2]
+    return modulate(block.norm1(hidden), shift, scale).to(hidden.dtype)

@@ -49,6 +49,20 @@ def _load_builtin_adapters() -> None:
     if _loaded:
         return
     _loaded = True
-    from . import flux
+    from . import cogvideox, cosmos, flux, hunyuan_video, ltx_video, lumina2, mochi, pixart, qwenimage, sana, sd3, wan
 
-    register(flux.FLUX)
+    for adapter in (
+        flux.FLUX,
+        wan.WAN,
+        hunyuan_video.HUNYUAN_VIDEO,
+        cogvideox.COGVIDEOX,
+        ltx_video.LTX_VIDEO,
+        mochi.MOCHI,
+        sd3.SD3,
+        qwenimage.QWENIMAGE,
+        lumina2.LUMINA2,
+        sana.SANA,
+        pixart.PIXART,
+        cosmos.COSMOS,
+    ):
+        register(adapter)

@@ -16,8 +16,17 @@ def _digits(device):
     return digits.load_pipeline(device=device)
 
 
-BUILTIN: dict[str, Callable] = {"digits": _digits}
-BUILTIN_DESCRIPTIONS = {"digits": "FLUX transformer (0.6 M parameters) trained on scikit-learn's 8x8 digits"}
+def _wan_digits(device):
+    from . import wan_digits
+
+    return wan_digits.load_pipeline(device=device)
+
+
+BUILTIN: dict[str, Callable] = {"digits": _digits, "wan-digits": _wan_digits}
+BUILTIN_DESCRIPTIONS = {
+    "digits": "FLUX transformer (0.6 M parameters) trained on scikit-learn's 8x8 digits",
+    "wan-digits": "Wan transformer (0.24 M parameters) trained on 4-frame 12x12 clips of drifting digits",
+}
 
 
 def builtin_names() -> list[str]:

@@ -10,11 +10,14 @@ only (diffusers is used when present).
 """
 
 from .api import CacheHandle, apply
+from .block_cache import BlockCacheConfig, BlockCacheHandle
 from .coefficients import CacheConfig, ComponentRescaler, load, parse
 from .errors import CoefficientFileError, ModelMismatchError, ThresholdError
 from .gate import Rescaler, TeaCacheGate, replay
 
 __all__ = [
+    "BlockCacheConfig",
+    "BlockCacheHandle",
     "CacheConfig",
     "CacheHandle",
     "CoefficientFileError",

@@ -15,6 +15,7 @@ State is kept per (component, stream): CFG branches that arrive as separate call
 
 from __future__ import annotations
 
+import types
 import warnings
 from dataclasses import dataclass, field
 
@@ -78,6 +79,8 @@ class CacheHandle:
         self._components: list[_Component] = []
         self._stats = CacheStats()
         self._removed = False
+        # For coefficients of the delta_sigma indicator: the noise levels of the current generation's steps.
+        self._sigmas: list[float] | None = None
 
     # -- public ---------------------------------------------------------------------------------------------
     def stats(self) -> dict:
@@ -108,9 +111,18 @@ class CacheHandle:
         self.remove()
 
     # -- wiring ---------------------------------------------------------------------------------------------
-    def _new_generation(self, num_steps: int | None) -> None:
+    def _new_generation(self, num_steps: int | None, sigmas: list[float] | None = None) -> None:
         self._clock.new_generation(num_steps)
+        if sigmas is not None:
+            self._sigmas = sigmas
         self.reset()
+
+    def _delta_sigma(self) -> float | None:
+        """Δσ = σ[step-1] - σ[step] of the current step, or None when the schedule does not say."""
+        sigmas, step = self._sigmas, self._clock.step
+        if sigmas is None or step < 1 or step >= len(sigmas):
+            return None
+        return sigmas[step - 1] - sigmas[step]
 
     def _attach(self, name: str, transformer: torch.nn.Module, adapter: Adapter, rescaler) -> None:
         if getattr(transformer, "_calib_cache_handle", None) is not None:
@@ -124,6 +136,9 @@ class CacheHandle:
         self._handle.add(probe.remove)
         blocks = adapter.blocks(transformer)
         layer = adapter.modulation_layer(transformer)
+        kind, normalized = _indicator_of(self.config)
+        if kind != "modulated_input":
+            layer = None  # the decision is taken from the first block's arguments, before it runs
 
         def state_for(key: str) -> _StreamState:
             if key not in comp.states:
@@ -160,7 +175,11 @@ class CacheHandle:
             if can_skip and self.threshold > 0:
                 change = float(rel_l1(modulated, state.previous_indicator))
             force = self._clock.step == 0 or self._clock.is_last_step or not can_skip
-            compute = state.gate.should_compute(change, force=force)
+            scale = None
+            if normalized:  # the coefficients map rates: Δσ of this step or no skip
+                scale = self._delta_sigma()
+                force = force or scale is None
+            compute = state.gate.should_compute(change, force=force, scale=scale)
             state.previous_indicator = modulated.detach()
             state.decided = compute
             state.skipping = not compute
@@ -192,7 +211,11 @@ class CacheHandle:
             hidden_in = io.hidden_states_in(block, args, kwargs)
             if block is head:
                 state.stack_input = hidden_in
-                if adapter.modulated_input is not None:
+                if kind == "block_input":
+                    decide(hidden_in, hidden_in)
+                elif kind == "temb":
+                    decide(_temb(adapter, io, block, args, kwargs), hidden_in)
+                elif adapter.modulated_input is not None:
                     decide(adapter.modulated_input(block, args, kwargs), hidden_in)
                 if not state.skipping:
                     try:
@@ -206,12 +229,48 @@ class CacheHandle:
                 hidden_out = hidden_in + state.residual if block is tail else hidden_in
                 return io.pack(hidden_out, encoder_in)
             if block is tail:
-                state.residual = (io.hidden_states_out(output) - state.stack_input).detach()
+                # None when the stack's output and input shapes differ: then decide() never lets a step skip.
+                state.residual = adapter.residual(io.hidden_states_out(output), state.stack_input)
             return output
 
         for block_name, block in blocks:
             self._handle.add(wrap_forward(block, lambda original, *a, _b=block, **k: block_forward(_b, original, *a, **k)))
         self._handle.add(wrap_forward(transformer, transformer_forward))
+
+
+INDICATOR_KINDS = ("modulated_input", "block_input", "temb")
+
+
+def _indicator_of(config: CacheConfig) -> tuple[str, bool]:
+    """(what the gate watches, whether changes are normalised by Δσ) from the file's ``indicator`` section.
+
+    ``block_input`` (the first block's hidden_states argument) and ``temb`` (its timestep-embedding argument) are
+    computed as ``calib trace`` recorded them; any other name is the modulated input, TeaCache's indicator."""
+    indicator = config.indicator or {}
+    name = indicator.get("name")
+    kind = name if name in ("block_input", "temb") else "modulated_input"
+    return kind, indicator.get("normalization", "none") == "delta_sigma"
+
+
+def _temb(adapter: Adapter, io, block, args, kwargs) -> torch.Tensor:
+    name = getattr(adapter, "temb_argument", "temb")
+    value = io.argument(block, name, args, kwargs)
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(
+            f"the coefficients expect the indicator 'temb', but the first block ({type(block).__name__}) received no"
+            f" tensor argument {name!r}; calibrate this model with another --indicator"
+        )
+    return value
+
+
+def _sigma_list(scheduler) -> list[float] | None:
+    """The scheduler's noise levels as floats (one host read per generation), or None when it has none."""
+    sigmas = getattr(scheduler, "sigmas", None)
+    if sigmas is None:
+        return None
+    if isinstance(sigmas, torch.Tensor):
+        return [float(v) for v in sigmas.detach().float().cpu().reshape(-1).tolist()]
+    return [float(v) for v in sigmas]
 
 
 def _components_of(target, config: CacheConfig) -> tuple[list[tuple[str, torch.nn.Module]], object]:
@@ -243,6 +302,7 @@ def apply(
     num_steps: int | None = None,
     allow_model_mismatch: bool = False,
     modulation_module: str | None = None,
+    sigmas=None,
 ) -> CacheHandle:
     """Apply TeaCache with calibrated coefficients to a diffusers pipeline or transformer.
 
@@ -250,7 +310,17 @@ def apply(
     recommended threshold; 0 reproduces the uncached output exactly. ``num_steps`` is needed only on a bare
     transformer (a pipeline's scheduler tells it) to always compute the last step. Coefficients calibrated for
     another model class are refused unless ``allow_model_mismatch=True``.
+
+    The gate watches the indicator the file names (``indicator.name``: the modulated input, or ``block_input`` /
+    ``temb``). Files fitted on the ``delta_sigma`` normalisation need each step's change in noise level: a pipeline's
+    scheduler gives it (``scheduler.sigmas``, read once per generation); on a bare transformer pass ``sigmas=`` (the
+    scheduler's noise levels, one per step and the final one) or a ValueError says so.
     """
+    if getattr(config, "method", "teacache") == "block-cache":
+        from .block_cache import apply as apply_block_cache
+
+        return apply_block_cache(target, config, threshold, num_steps=num_steps,
+                                 allow_model_mismatch=allow_model_mismatch, modulation_module=modulation_module)
     if threshold is None:
         if config.recommended_threshold is None:
             raise ThresholdError("no threshold given and the coefficient file recommends none; pass threshold=...")
@@ -260,6 +330,15 @@ def apply(
     clock = StepClock()
     pipeline_mode = scheduler is not None and hasattr(scheduler, "set_timesteps") and hasattr(scheduler, "step")
     handle = CacheHandle(config, threshold, clock, pipeline_mode)
+    _, normalized = _indicator_of(config)
+    if normalized and not pipeline_mode and sigmas is None:
+        raise ValueError(
+            f"{config.path or 'these coefficients'} expect the indicator normalised by the step's change in noise"
+            " level (indicator.normalization = delta_sigma), which a bare transformer cannot know: pass"
+            " sigmas=scheduler.sigmas (after set_timesteps), or apply to the pipeline"
+        )
+    if sigmas is not None:
+        handle._sigmas = _sigma_list(types.SimpleNamespace(sigmas=sigmas))
     try:
         for name, transformer in components:
             identity = model_identity(transformer)
@@ -281,7 +360,8 @@ def apply(
             handle._attach(name, transformer, adapter, config.components[name].rescaler())
         if pipeline_mode:
             handle._handle.add(
-                wrap_method(scheduler, "set_timesteps", after=lambda *_a, **_k: handle._new_generation(len(scheduler.timesteps)))
+                wrap_method(scheduler, "set_timesteps", after=lambda *_a, **_k: handle._new_generation(
+                    len(scheduler.timesteps), _sigma_list(scheduler) if normalized else None))
             )
             handle._handle.add(wrap_method(scheduler, "step", after=lambda *_a, **_k: clock.end_step()))
         else:
@@ -299,7 +379,9 @@ def apply(
 
 
 def _custom_module(config: CacheConfig) -> str | None:
-    """A file made with ``--modulation-module`` for a class calib has no adapter for names its layer."""
+    """A file made with ``--modulation-module`` for a class calib has no adapter for names its layer (``calib fit``
+    writes it as the indicator's name; ``module`` where a file gives both)."""
     if config.adapter == "custom":
-        return config.indicator.get("module")
+        name = config.indicator.get("name")
+        return config.indicator.get("module") or (None if name in INDICATOR_KINDS else name)
     return None

@@ -18,6 +18,7 @@ from .gate import Rescaler
 SCHEMA_VERSION = 1
 FORMAT = "calib.coefficients"
 METHODS = ("teacache",)
+NORMALIZATIONS = ("none", "delta_sigma")  # indicator.normalization: see calib.runtime.api
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,10 @@ def parse(doc: Any, source: str = "<document>") -> CacheConfig:
     if version != SCHEMA_VERSION:
         _fail(source, "schema_version", f"this file is version {version!r}; this calib reads version {SCHEMA_VERSION}")
     method = doc.get("method")
+    if method == "block-cache":  # per-block schedule: its own config and policy (calib.runtime.block_cache)
+        from .block_cache import parse as parse_block_cache
+
+        return parse_block_cache(doc, source)
     if method not in METHODS:
         _fail(source, "method", f"{method!r} is not a method this runtime applies ({', '.join(METHODS)})")
     model = doc.get("model")
@@ -107,6 +112,10 @@ def parse(doc: Any, source: str = "<document>") -> CacheConfig:
                 _fail(source, f"{where}.domain", f"min {domain[0]} is larger than max {domain[1]}")
             domain = (float(domain[0]), float(domain[1]))
         parsed[name] = ComponentRescaler(tuple(float(c) for c in coefs), domain)
+    indicator = doc.get("indicator")
+    if isinstance(indicator, dict) and indicator.get("normalization", "none") not in NORMALIZATIONS:
+        _fail(source, "indicator.normalization",
+              f"{indicator.get('normalization')!r} is not one this runtime computes ({', '.join(NORMALIZATIONS)})")
     recommended = None
     thresholds = doc.get("thresholds")
     if isinstance(thresholds, dict) and thresholds.get("recommended") is not None:

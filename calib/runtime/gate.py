@@ -41,25 +41,38 @@ class TeaCacheGate:
     def reset(self) -> None:
         self.accumulated = 0.0
 
-    def should_compute(self, change: float | None, *, force: bool = False) -> bool:
-        """``change`` is the indicator's rel-L1 change against the previous step (None when there is none)."""
+    def should_compute(self, change: float | None, *, force: bool = False, scale: float | None = None) -> bool:
+        """``change`` is the indicator's rel-L1 change against the previous step (None when there is none).
+
+        ``scale``: for coefficients fitted on a normalised indicator (``delta_sigma``), the step's change in noise
+        level Δσ; the accumulator then grows by ``Δσ * p(change / Δσ)``. A scale that is not a positive finite
+        number makes the step compute."""
         if force or change is None or self.threshold <= 0.0 or not math.isfinite(change):
             self.accumulated = 0.0
             return True
-        self.accumulated += self.rescaler(change)
+        if scale is None:
+            self.accumulated += self.rescaler(change)
+        elif math.isfinite(scale) and scale > 0.0:
+            self.accumulated += scale * self.rescaler(change / scale)
+        else:
+            self.accumulated = 0.0
+            return True
         if self.accumulated < self.threshold:
             return False
         self.accumulated = 0.0
         return True
 
 
-def replay(changes: Sequence[float], rescaler: Rescaler, threshold: float) -> list[bool]:
+def replay(changes: Sequence[float], rescaler: Rescaler, threshold: float,
+           scales: Sequence[float] | None = None) -> list[bool]:
     """Offline: the compute/skip decisions the runtime would take on one stream's per-step indicator changes
-    (entry 0 has no previous step). The first and last steps always compute."""
+    (entry 0 has no previous step). The first and last steps always compute. ``scales``: per-step Δσ for
+    coefficients fitted on the ``delta_sigma`` indicator (None: not normalised)."""
     gate = TeaCacheGate(rescaler, threshold)
     n = len(changes)
     out = []
     for i, change in enumerate(changes):
         first_or_last = i == 0 or i == n - 1
-        out.append(gate.should_compute(None if i == 0 else float(change), force=first_or_last))
+        scale = None if scales is None or i == 0 else float(scales[i])
+        out.append(gate.should_compute(None if i == 0 else float(change), force=first_or_last, scale=scale))
     return out

@@ -1,0 +1,226 @@
+"""``calib export --format ...`` for places other than TeaCache-style scripts: diffusers' caches and inference
+engines that accept user-supplied TeaCache coefficients. Documented in docs/exports.md.
+
+Engine formats, as their public sources define them (read, not copied; see docs/exports.md for the links):
+
+* ``vllm-omni``: ``Omni(..., cache_backend="tea_cache", cache_config={"rel_l1_thresh": T, "coefficients": [5]})``,
+  or ``vllm serve ... --omni --cache-backend tea_cache --cache-config '<json>'``; ``TeaCacheConfig`` requires
+  exactly 5 coefficients (degree 4) and ``rel_l1_thresh > 0``.
+* ``tensorrt-llm``: VisualGen's ``VisualGenArgs.cache_config`` = ``TeaCacheConfig(cache_backend="teacache",
+  teacache_thresh=T > 0, use_ret_steps=False, coefficients=[...], coefficients_2=[...] (Wan 2.2 low-noise
+  expert))``, given as YAML with ``--visual_gen_args``; its extractor measures the timestep embedding.
+* ``sglang``: ``TeaCacheParams(teacache_thresh=T, coefficients=[5], start_skipping=..., end_skipping=...)`` in the
+  model's sampling params (``teacache_params``), enabled with ``--enable-teacache``; per-expert
+  ``expert_coefficients``/``expert_thresh`` for two-expert models come from sglang PR #36767.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .errors import CalibError
+
+DIFFUSERS_FORMATS = ("diffusers-magcache", "diffusers-fbcache", "diffusers-fastercache")
+ENGINE_FORMATS = ("sglang", "vllm-omni", "tensorrt-llm")
+FORMATS = DIFFUSERS_FORMATS + ENGINE_FORMATS
+DEFAULT_TARGET_SPEEDUP = 1.6  # ~60 % of steps computed, the TeaCache fit's recommendation criterion
+
+
+def _is_trace(path: Path) -> bool:
+    from .store import HDF5_SIGNATURE
+
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(8) == HDF5_SIGNATURE
+    except OSError:
+        return False
+
+
+def _write(path: Path, text: str) -> None:
+    from .export import write_atomic_bytes
+
+    write_atomic_bytes(path, text.encode("utf-8"))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# TeaCache coefficient documents -> engines
+# ---------------------------------------------------------------------------------------------------------------
+def _teacache_terms(doc: dict, threshold: float | None, fmt: str, *, need_degree: int | None, positive: bool):
+    if doc.get("method") != "teacache":
+        raise CalibError(f"--format {fmt} exports TeaCache coefficients; this file's method is {doc.get('method')!r}")
+    indicator = doc.get("indicator") or {}
+    normalization = indicator.get("normalization", "none")
+    if normalization not in (None, "none"):
+        raise CalibError(
+            f"these coefficients were fitted on changes normalized by {normalization!r}; {fmt} computes the plain "
+            "rel-L1 change — refit with --normalization none to export them"
+        )
+    chosen = threshold if threshold is not None else (doc.get("thresholds") or {}).get("recommended")
+    if chosen is None:
+        raise CalibError("the file recommends no threshold; pass --threshold")
+    if positive and not chosen > 0:
+        raise CalibError(f"{fmt} requires a threshold > 0 (0 would disable its cache); pass --threshold")
+    coeffs = {}
+    for name, comp in doc["components"].items():
+        c = [float(v) for v in comp["coefficients"]]
+        if need_degree is not None and len(c) != need_degree + 1:
+            raise CalibError(
+                f"components.{name}: {fmt} evaluates a degree-{need_degree} polynomial ({need_degree + 1} "
+                f"coefficients); this one has degree {len(c) - 1} — refit with --degree {need_degree}"
+            )
+        coeffs[name] = c
+    return coeffs, float(chosen), indicator
+
+
+def vllm_omni(doc, threshold=None, component=None) -> tuple[str, str, list[str]]:
+    """(file content: the cache_config JSON, how to use it, notes)."""
+    coeffs, thresh, indicator = _teacache_terms(doc, threshold, "vllm-omni", need_degree=4, positive=True)
+    if len(coeffs) > 1 and component is None:
+        raise CalibError(
+            f"the file has one polynomial per expert ({', '.join(coeffs)}); vLLM-Omni's TeaCacheConfig takes one "
+            "list — pick one with --component"
+        )
+    name = component or next(iter(coeffs))
+    if name not in coeffs:
+        raise CalibError(f"no component {name!r} in the file (it has {sorted(coeffs)})")
+    config = {"rel_l1_thresh": thresh, "coefficients": coeffs[name]}
+    text = json.dumps(config)
+    usage = (
+        "# Python: Omni(model=..., cache_backend=\"tea_cache\", cache_config=json.load(open(PATH)))\n"
+        f"# serve:  vllm serve MODEL --omni --cache-backend tea_cache --cache-config '{text}'"
+    )
+    notes = [f"vLLM-Omni's TeaCache hook watches the first block's modulated input; these coefficients were fitted "
+             f"on {indicator.get('name', '?')!r}"]
+    return text + "\n", usage, notes
+
+
+def tensorrt_llm(doc, threshold=None, component=None) -> tuple[str, str, list[str]]:
+    coeffs, thresh, indicator = _teacache_terms(doc, threshold, "tensorrt-llm", need_degree=None, positive=True)
+    names = list(coeffs)
+    if len(names) > 2:
+        raise CalibError(f"TensorRT-LLM takes at most two polynomials (coefficients, coefficients_2); the file has {names}")
+    lines = [
+        f"# calib {doc.get('calib_version', '')}: TeaCache for TensorRT-LLM VisualGen, measured on "
+        f"{doc['model']['class']} ({doc['model'].get('source', '?')})",
+        "cache_config:",
+        "  cache_backend: teacache",
+        f"  teacache_thresh: {thresh!r}",
+        "  use_ret_steps: false",
+        f"  coefficients: {json.dumps(coeffs[names[0]])}",
+    ]
+    if len(names) == 2:
+        lines.append(f"  coefficients_2: {json.dumps(coeffs[names[1]])}  # {names[1]} (Wan 2.2 low-noise expert)")
+    usage = ("# python examples/visual_gen/models/<model>.py --visual_gen_args PATH   (or trtllm-serve with the same "
+             "YAML); merge the cache_config block into an existing VisualGenArgs YAML")
+    notes = []
+    if indicator.get("name") not in ("temb", "timestep_embedding"):
+        notes.append(
+            "TensorRT-LLM's TeaCache extractor measures the timestep embedding (timestep_embed_fn), not "
+            f"{indicator.get('name', '?')!r}, which these coefficients were fitted on; for a faithful polynomial fit "
+            "with `calib fit --indicator temb`"
+        )
+    return "\n".join(lines) + "\n", usage, notes
+
+
+def sglang(doc, threshold=None, component=None) -> tuple[str, str, list[str]]:
+    coeffs, thresh, indicator = _teacache_terms(doc, threshold, "sglang", need_degree=4, positive=True)
+    names = list(coeffs)
+    args = [f"teacache_thresh={thresh!r}", "start_skipping=1", "end_skipping=-1"]
+    if len(names) == 1:
+        args.insert(1, f"coefficients={coeffs[names[0]]!r}")
+    elif len(names) == 2:
+        experts = {"high": coeffs[names[0]], "low": coeffs[names[1]]}
+        args.insert(1, f"coefficients={coeffs[names[0]]!r}")
+        args.insert(2, f"expert_coefficients={experts!r}")
+    else:
+        raise CalibError(f"sglang takes one polynomial or a high/low expert pair; the file has {names}")
+    snippet = ("from sglang.multimodal_gen.configs.sample.teacache import TeaCacheParams\n"
+               "teacache_params = TeaCacheParams(" + ", ".join(args) + ")\n")
+    usage = ("# set it as the `teacache_params` field of your model's SamplingParams "
+             "(python/sglang/multimodal_gen/configs/sample/<model>.py) and run with --enable-teacache")
+    notes = ["start_skipping=1, end_skipping=-1 force only the first and the last step, the rule the recommended "
+             "threshold was replayed with; sglang's default (5) forces more",
+             f"these coefficients map changes of {indicator.get('name', '?')!r}; sglang computes its indicator per "
+             "model in the model's TeaCache code — check it watches the same quantity"]
+    if len(names) == 2:
+        notes.append("expert_coefficients (transformer -> high, transformer_2 -> low) is added by sglang PR #36767; "
+                     "releases without it only read `coefficients`")
+    return snippet, usage, notes
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the command
+# ---------------------------------------------------------------------------------------------------------------
+def run_export(path, fmt: str, *, out=None, threshold=None, target_speedup=None, component=None, echo=print,
+               info=None) -> None:
+    """Write (``out``) or print the artifact on stdout; the summary, how to load it and notes go to ``info``
+    (stderr by default) so that stdout stays a valid JSON / YAML / Python file."""
+    import sys
+
+    from . import diffusers_export as dx
+
+    info = info or (lambda message: print(message, file=sys.stderr))
+    from .export import load_document
+
+    path = Path(path)
+    component = component or None
+    if target_speedup is not None and not target_speedup >= 1.0:
+        raise CalibError(f"--target-speedup must be >= 1, got {target_speedup}")
+    notes: list[str] = []
+    if fmt in ("diffusers-magcache", "diffusers-fbcache"):
+        if not _is_trace(path):
+            raise CalibError(f"--format {fmt} is measured on traces: pass the trace file(s) (.h5), not {path}")
+        from .store import read_traces
+
+        trace_set = read_traces([path])
+        builder = dx.magcache_config if fmt == "diffusers-magcache" else dx.fbcache_config
+        kwargs, meta = builder(trace_set, target_speedup=target_speedup or DEFAULT_TARGET_SPEEDUP,
+                               threshold=threshold, component=component or "transformer")
+        frac = meta["compute_fraction"]
+        if fmt == "diffusers-magcache":
+            summary = (f"MagCache threshold {kwargs['threshold']:g}: computes steps {meta['computed_steps']} of "
+                       f"{kwargs['num_inference_steps']} ({frac:.0%}, {1 / frac:.2f}x fewer full forwards)")
+        else:
+            summary = (f"First Block Cache threshold {kwargs['threshold']:g}: predicted {meta['computed_steps_mean']:.1f} "
+                       f"of {meta['steps']} steps run the remaining blocks ({frac:.0%}, {1 / frac:.2f}x fewer)")
+        if meta.get("target_reached") is False:
+            notes.append(f"the target speed-up {target_speedup or DEFAULT_TARGET_SPEEDUP}x is out of reach; this is "
+                         "the largest the rule gives")
+        text = json.dumps(kwargs, indent=2) + "\n"
+    elif fmt == "diffusers-fastercache":
+        if _is_trace(path):
+            from .fastercache import build_document
+            from .store import read_traces
+
+            doc = build_document(read_traces([path]))
+        else:
+            doc = load_document(path)
+        kwargs, meta = dx.fastercache_config(doc, component or "transformer")
+        notes.extend(dx.fastercache_warnings(meta))
+        lo, hi = kwargs["unconditional_batch_timestep_skip_range"]
+        summary = (f"FasterCache: unconditional pass skipped at steps {meta['uncond_skipped_steps']} of {meta['steps']} "
+                   f"(both passes every {kwargs['unconditional_batch_skip_range']} iterations, {lo:.6g} < t < {hi:.6g})")
+        text = json.dumps(kwargs, indent=2) + "\n"
+    elif fmt in ENGINE_FORMATS:
+        doc = load_document(path)
+        text, usage, notes = {"sglang": sglang, "vllm-omni": vllm_omni, "tensorrt-llm": tensorrt_llm}[fmt](
+            doc, threshold, component)
+        summary = None
+    else:
+        raise CalibError(f"unknown format {fmt!r}")
+
+    if fmt in DIFFUSERS_FORMATS:
+        usage = "import json\n" + dx.LOAD_LINES[fmt].format(path=str(out) if out else "config.json")
+        if fmt == "diffusers-fastercache":
+            usage += "\n# pipelines without .current_timestep: current_timestep_callback=lambda: <the step's timestep>"
+    if summary:
+        info(f"# {summary}")
+    if out is not None:
+        _write(Path(out), text)
+        echo(f"wrote {out}")
+    else:
+        echo(text.rstrip("\n"))
+    info(usage if usage.startswith("#") else "# load it with:\n" + "\n".join(f"#   {u}" for u in usage.splitlines()))
+    for note in notes:
+        info(f"# note: {note}")

@@ -1,0 +1,527 @@
+"""The quality / compute frontier: calib's calibrated TeaCache against other caches at equal numbers of full forwards.
+
+Every method runs the same held-out prompts x seeds through the real pipeline; the error is measured against the
+uncached generation of the same prompt and seed (relative L1 of the final latents, PSNR / SSIM of the decoded
+output). What each generation computed is counted the same way for every method, by :class:`ComputeMeter`:
+
+* ``fraction`` — fraction of full forwards: transformer calls in which every Linear layer of the block stack ran
+  (the measure the targets 50 % and 33 % refer to);
+* ``compute`` — the share of the block stack's Linear multiply-accumulates that ran, against an uncached call.
+  It shows what a method pays besides its full forwards (First Block Cache's first block, TeaCache's modulation
+  layer) and is the axis for methods that never skip a whole forward (Pyramid Attention Broadcast).
+
+Methods (``METHODS``):
+
+* ``calib`` — TeaCache with the calibrated rescaler (``calib.runtime.apply``);
+* ``raw`` — the same rule on the raw indicator change, coefficients ``[1, 0]`` (no rescaling);
+* ``uniform`` — compute every k-th step, reuse the residual otherwise: the runtime's own gate with the constant
+  polynomial ``p(x) = 1`` and threshold ``k`` (the accumulator counts steps), so no hook code is duplicated;
+* ``fbcache`` — diffusers' ``FirstBlockCacheConfig`` via ``transformer.enable_cache``;
+* ``magcache`` — diffusers' ``MagCacheConfig`` with ``mag_ratios`` computed from the same traces (the mean over
+  traced trajectories of the stack residual's norm ratio, ``calib.diffusers_export.mag_ratios`` — what MagCache's
+  own ``calibrate=True`` mode logs, averaged over trajectories instead of one run); ``max_skip_steps`` is raised
+  from the default 3 only where the default cannot reach the target;
+* ``taylorseer`` — diffusers' ``TaylorSeerCacheConfig`` in lite mode (whole blocks skipped, the output projection
+  extrapolated by a first-order Taylor series), float32 factors; interval and warm-up steps chosen per target;
+* ``pab`` — diffusers' ``PyramidAttentionBroadcastConfig`` (attention reuse only; compared on ``compute``).
+
+Threshold methods are bisected over real runs (starting from the replayed threshold where a replay exists) to the
+setting whose measured fraction is closest to each target; the achieved fraction is reported beside every number.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .errors import CalibError
+
+TARGETS = (0.5, 1.0 / 3.0)
+REACHED = 0.05  # a setting further than this from a target does not count as reaching it
+TOLERANCE = 0.01  # stop bisecting when the measured fraction is this close to the target
+MAX_PROBES = 6
+CURVE_FRACTIONS = (0.8, 0.65, 0.25)
+METHODS = ("calib", "raw", "uniform", "fbcache", "magcache", "taylorseer", "pab")
+LABELS = {
+    "calib": "calib (calibrated rescaler)",
+    "raw": "TeaCache rule, no rescaling [1, 0]",
+    "uniform": "uniform, every k-th step",
+    "fbcache": "diffusers FirstBlockCache",
+    "magcache": "diffusers MagCache (ratios from traces)",
+    "taylorseer": "diffusers TaylorSeer (lite)",
+    "pab": "diffusers PyramidAttentionBroadcast",
+}
+PARTIAL = {"pab"}  # never skips a whole forward: matched on compute share
+
+
+class ComputeMeter:
+    """Counts, per transformer call, which Linear layers of the block stack ran and their multiply-accumulates."""
+
+    def __init__(self, transformer: torch.nn.Module, blocks):
+        self.transformer = transformer
+        self.linears = [m for _, b in blocks for m in b.modules() if isinstance(m, torch.nn.Linear)]
+        self.calls: list[float] = []
+        self._macs = 0.0
+        self._handles = [transformer.register_forward_pre_hook(self._start)]
+        self._handles.append(transformer.register_forward_hook(self._end))
+        for m in self.linears:
+            self._handles.append(m.register_forward_hook(self._count))
+        self.reference: float | None = None  # MACs of one uncached call
+
+    def _start(self, module, args):
+        self._macs = 0.0
+
+    def _count(self, module, args, output):
+        x = args[0] if args else None
+        rows = x.numel() // module.in_features if isinstance(x, torch.Tensor) else 0
+        self._macs += float(rows) * module.in_features * module.out_features
+
+    def _end(self, module, args, output):
+        self.calls.append(self._macs)
+
+    def take(self) -> list[float]:
+        calls, self.calls = self.calls, []
+        return calls
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def summarize(self, calls: list[float]) -> tuple[float, float]:
+        """(fraction of full forwards, compute share) of these calls against :attr:`reference`."""
+        ref = self.reference
+        if not calls or not ref:
+            return float("nan"), float("nan")
+        full = sum(1 for c in calls if c >= ref * (1 - 1e-6))
+        return full / len(calls), sum(calls) / (ref * len(calls))
+
+
+@dataclasses.dataclass
+class Point:
+    method: str
+    setting: dict
+    fraction: float
+    compute: float
+    latent_rel_l1: float
+    psnr: float
+    ssim: float
+    latent_rel_l1_std: float = 0.0
+
+    def as_dict(self) -> dict:
+        return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in dataclasses.asdict(self).items()}
+
+
+class _Harness:
+    """Runs every job with a method installed and measures it against the uncached references."""
+
+    def __init__(self, pipe, jobs, *, steps, guidance, pipeline_kwargs, echo):
+        from .adapters import get_adapter
+        from .evaluation import Generator
+
+        self.pipe = pipe
+        self.jobs = jobs
+        self.steps = steps
+        self.echo = echo
+        self.transformer = pipe.transformer
+        self.blocks = get_adapter(self.transformer).blocks(self.transformer)
+        self.generate = Generator(pipe, steps=steps, guidance=guidance, pipeline_kwargs=pipeline_kwargs)
+        self.meter = ComputeMeter(self.transformer, self.blocks)
+        self.references = {}
+        for job in jobs:
+            self.references[job] = self.generate(*job)
+            calls = self.meter.take()
+            self.meter.reference = max([self.meter.reference or 0.0, *calls])
+
+    def close(self):
+        self.meter.remove()
+        self.generate.close()
+
+    def run(self, method: str, install, setting: dict) -> Point:
+        from .evaluation import latent_rel_l1, psnr, ssim
+
+        undo = install()
+        errs, psnrs, ssims, calls = [], [], [], []
+        try:
+            for job in self.jobs:
+                diffusers_cache = getattr(self.transformer, "is_cache_enabled", False)
+                if diffusers_cache:
+                    self.transformer._reset_stateful_cache()
+                ctx = self.transformer.cache_context("inference") if diffusers_cache else contextlib.nullcontext()
+                out = self.generate(*job, context=ctx)
+                calls.extend(self.meter.take())
+                ref = self.references[job]
+                errs.append(latent_rel_l1(ref.latents, out.latents))
+                psnrs.append(psnr(ref.planes, out.planes))
+                ssims.append(ssim(ref.planes, out.planes))
+        finally:
+            undo()
+            self.meter.take()
+        fraction, compute = self.meter.summarize(calls)
+        point = Point(method, setting, fraction, compute, float(np.mean(errs)), float(np.mean(psnrs)),
+                      float(np.mean(ssims)), float(np.std(errs)))
+        self.echo(f"  {method:<11} {_setting_text(setting):<34} full forwards {fraction:6.1%}  compute {compute:6.1%}  "
+                  f"latent rel-L1 {point.latent_rel_l1:.4f}  PSNR {point.psnr:5.1f} dB")
+        return point
+
+
+def _setting_text(setting: dict) -> str:
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in setting.items())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the methods
+# ---------------------------------------------------------------------------------------------------------------
+def _with_polynomial(config, coefficients):
+    from .runtime.coefficients import ComponentRescaler
+
+    comps = {name: ComponentRescaler(tuple(float(c) for c in coefficients), None) for name in config.components}
+    return dataclasses.replace(config, components=comps, recommended_threshold=None)
+
+
+def _runtime_install(pipe, config, threshold):
+    def install():
+        import calib.runtime as cr
+
+        handle = cr.apply(pipe, config, threshold=threshold)
+        return handle.remove
+
+    return install
+
+
+def _diffusers_install(transformer, make_config):
+    def install():
+        transformer.enable_cache(make_config())
+        return transformer.disable_cache
+
+    return install
+
+
+def _search(harness: _Harness, method: str, make_install, target: float, guess: float, key: str = "fraction",
+            probes: dict | None = None) -> list[Point]:
+    """Bisection over real runs for the threshold whose measured ``key`` is closest to ``target`` (the
+    measured fraction falls as the threshold grows)."""
+    probes = {} if probes is None else probes
+
+    def measure(t):
+        t = float(f"{t:.6g}")
+        if t not in probes:
+            probes[t] = harness.run(method, make_install(t), {"threshold": t})
+        return getattr(probes[t], key)
+
+    def best():
+        return min(probes.values(), key=lambda p: (abs(getattr(p, key) - target), getattr(p, key)))
+
+    lo, hi = 0.0, max(guess, 1e-4)
+    first = measure(hi)
+    n = 1
+    if first > target:
+        lo = hi
+        while n < MAX_PROBES and measure(hi * 2) > target:
+            lo, hi = hi * 2, hi * 2
+            n += 1
+        hi = hi * 2
+    else:
+        while n < MAX_PROBES and hi > 1e-6 and measure(hi / 2) <= target:
+            hi = hi / 2
+            n += 1
+        lo = hi / 2
+    while n < MAX_PROBES and abs(getattr(best(), key) - target) > TOLERANCE:
+        mid = 0.5 * (lo + hi)
+        if measure(mid) > target:
+            lo = mid
+        else:
+            hi = mid
+        n += 1
+    return list(probes.values())
+
+
+def _closest(points: list[Point], target: float, key: str = "fraction") -> Point | None:
+    points = [p for p in points if math.isfinite(getattr(p, key))]
+    if not points:
+        return None
+    gap = min(abs(getattr(p, key) - target) for p in points)
+    near = [p for p in points if abs(getattr(p, key) - target) <= gap + 1e-9]
+    return min(near, key=lambda p: (getattr(p, key), p.latent_rel_l1))
+
+
+def _replay_guess(trace_set, rescalers, fraction: float, indicator="modulated_input", normalization="none"):
+    """The threshold the replay (calib tune) predicts for ``fraction``: where the bisection over real runs starts."""
+    from .tune import TuneTarget, find_threshold
+
+    row, _ = find_threshold(trace_set, rescalers, TuneTarget("compute_fraction", fraction), indicator=indicator,
+                            normalization=normalization)
+    return row.threshold
+
+
+def _teacache_method(harness, config, trace_set, name, targets, echo):
+    from .tune import rescalers_of
+
+    if name == "calib":
+        cfg = config
+        rescalers, indicator, normalization = rescalers_of(config.document)
+        guess_of = lambda f: _replay_guess(trace_set, rescalers, f, indicator, normalization)  # noqa: E731
+    else:
+        from .runtime.gate import Rescaler
+
+        cfg = _with_polynomial(config, (1.0, 0.0))
+        raw = {name: Rescaler([1.0, 0.0], None) for name in config.components}
+        guess_of = lambda f: _replay_guess(trace_set, raw, f)  # noqa: E731
+    probes: dict = {}
+    make = lambda t: _runtime_install(harness.pipe, cfg, t)  # noqa: E731
+    for f in CURVE_FRACTIONS:
+        t = float(f"{guess_of(f):.6g}")
+        if t not in probes:
+            probes[t] = harness.run(name, make(t), {"threshold": t})
+    for target in targets:
+        _search(harness, name, make, target, guess_of(target), probes=probes)
+    return list(probes.values())
+
+
+def _uniform_method(harness, config, targets):
+    cfg = _with_polynomial(config, (1.0,))
+    points = []
+    for k in (2, 3, 4, 5):
+        points.append(harness.run("uniform", _runtime_install(harness.pipe, cfg, float(k)), {"every": k}))
+    return points
+
+
+def _fbcache_method(harness, trace_set, targets):
+    from diffusers import FirstBlockCacheConfig
+
+    def guess(f):
+        try:
+            from .diffusers_export import fbcache_config
+
+            return fbcache_config(trace_set, target_speedup=1.0 / f)[0]["threshold"] or 0.05
+        except Exception:  # noqa: BLE001 - traces without the series it needs: start from diffusers' default
+            return 0.05
+
+    probes: dict = {}
+    make = lambda t: _diffusers_install(harness.transformer, lambda: FirstBlockCacheConfig(threshold=t))  # noqa: E731
+    for f in CURVE_FRACTIONS:
+        t = float(f"{guess(f):.6g}")
+        if t not in probes:
+            probes[t] = harness.run("fbcache", make(t), {"threshold": t})
+    for target in targets:
+        _search(harness, "fbcache", make, target, guess(target), probes=probes)
+    return list(probes.values())
+
+
+def _magcache_method(harness, trace_set, targets, echo):
+    from diffusers import MagCacheConfig
+
+    from .diffusers_export import MAGCACHE_RETENTION_RATIO, mag_ratios, magcache_replay
+
+    ratios = mag_ratios(trace_set)
+    n = harness.steps
+
+    def replayed(t, k):
+        return sum(magcache_replay(ratios, t, num_steps=n, max_skip_steps=k)) / n
+
+    def guess(f, k):
+        lo, hi = 0.0, 1.0
+        while replayed(hi, k) > f and hi < 1e6:
+            hi *= 2
+        for _ in range(40):
+            mid = 0.5 * (lo + hi)
+            lo, hi = (mid, hi) if replayed(mid, k) > f else (lo, mid)
+        return hi
+
+    points = []
+    for target in (*targets, *CURVE_FRACTIONS):
+        k = 3
+        while replayed(1e9, k) > target + TOLERANCE and k < n:
+            k += 1
+        probes: dict = {}
+
+        def make(t, k=k):
+            return _diffusers_install(harness.transformer, lambda: MagCacheConfig(
+                threshold=t, max_skip_steps=k, retention_ratio=MAGCACHE_RETENTION_RATIO, num_inference_steps=n,
+                mag_ratios=list(ratios)))
+
+        if target in targets:
+            found = _search(harness, "magcache", make, target, guess(target, k), probes=probes)
+        else:
+            t = float(f"{guess(target, k):.6g}")
+            found = [harness.run("magcache", make(t), {"threshold": t})]
+        for p in found:
+            p.setting = {**p.setting, "max_skip_steps": k}
+        points.extend(found)
+    return points
+
+
+def _taylorseer_schedule(interval: int, before: int, n: int) -> float:
+    return sum(1 for s in range(n) if s < before or (s - before - 1) % interval == 0) / n
+
+
+def _taylorseer_method(harness, targets):
+    from diffusers import TaylorSeerCacheConfig
+
+    n = harness.steps
+    settings = set()
+    for target in (*targets, *CURVE_FRACTIONS):
+        for interval in (2, 3, 4):
+            before = min(range(1, n), key=lambda b: (abs(_taylorseer_schedule(interval, b, n) - target), b))
+            if abs(_taylorseer_schedule(interval, before, n) - target) <= 0.05:
+                settings.add((interval, before))
+    points = []
+    for interval, before in sorted(settings):
+        cfg = lambda i=interval, b=before: TaylorSeerCacheConfig(  # noqa: E731
+            cache_interval=i, disable_cache_before_step=b, max_order=1, taylor_factors_dtype=torch.float32,
+            use_lite_mode=True)
+        points.append(harness.run("taylorseer", _diffusers_install(harness.transformer, cfg),
+                                  {"cache_interval": interval, "disable_cache_before_step": before}))
+    return points
+
+
+def _pab_method(harness):
+    from diffusers import PyramidAttentionBroadcastConfig
+
+    scheduler = harness.pipe.scheduler
+
+    def current_timestep():
+        index = getattr(scheduler, "step_index", None) or 0
+        return float(scheduler.timesteps[min(index, len(scheduler.timesteps) - 1)])
+
+    points = []
+    for skip in (2, 3, 4):
+        cfg = lambda s=skip: PyramidAttentionBroadcastConfig(  # noqa: E731
+            spatial_attention_block_skip_range=s, spatial_attention_timestep_skip_range=(0, 1000),
+            current_timestep_callback=current_timestep)
+        points.append(harness.run("pab", _diffusers_install(harness.transformer, cfg),
+                                  {"spatial_attention_block_skip_range": skip}))
+    return points
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# run, table, plot
+# ---------------------------------------------------------------------------------------------------------------
+def run_frontier(pipe, config, trace_set, prompts, seeds, *, steps, guidance, pipeline_kwargs=None,
+                 methods=METHODS, targets=TARGETS, plot=None, echo=print) -> dict:
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise CalibError(f"unknown frontier methods {unknown}; choose from {', '.join(METHODS)}")
+    jobs = [(p, s) for p in prompts for s in seeds]
+    echo(f"frontier: {len(methods)} methods on {len(jobs)} held-out generations ({steps} steps); "
+         f"targets {', '.join(f'{t:.0%}' for t in targets)} of full forwards")
+    harness = _Harness(pipe, jobs, steps=steps, guidance=guidance, pipeline_kwargs=pipeline_kwargs, echo=echo)
+    points: dict[str, list[Point]] = {}
+    skipped: dict[str, str] = {}
+    try:
+        for m in methods:
+            try:
+                if m in ("calib", "raw"):
+                    points[m] = _teacache_method(harness, config, trace_set, m, targets, echo)
+                elif m == "uniform":
+                    points[m] = _uniform_method(harness, config, targets)
+                elif m == "fbcache":
+                    points[m] = _fbcache_method(harness, trace_set, targets)
+                elif m == "magcache":
+                    points[m] = _magcache_method(harness, trace_set, targets, echo)
+                elif m == "taylorseer":
+                    points[m] = _taylorseer_method(harness, targets)
+                elif m == "pab":
+                    points[m] = _pab_method(harness)
+            except Exception as exc:  # noqa: BLE001 - a cache that does not apply to this model is reported, not fatal
+                if getattr(harness.transformer, "is_cache_enabled", False):
+                    harness.transformer.disable_cache()
+                skipped[m] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                echo(f"  {m}: not applicable here — {skipped[m]}")
+    finally:
+        harness.close()
+    chosen = {}
+    for m, pts in points.items():
+        key = "compute" if m in PARTIAL else "fraction"
+        chosen[m] = {f"{t:.4f}": (_closest(pts, t, key).as_dict() if _closest(pts, t, key) else None) for t in targets}
+    result = {
+        "targets": list(targets),
+        "jobs": [{"prompt": p, "seed": s} for p, s in jobs],
+        "steps": steps,
+        "guidance": guidance,
+        "methods": {m: {"label": LABELS[m], "matched_on": "compute" if m in PARTIAL else "fraction",
+                        "points": [p.as_dict() for p in sorted(pts, key=lambda p: -p.fraction)]}
+                    for m, pts in points.items()},
+        "at_target": chosen,
+        "not_applicable": skipped,
+    }
+    result["table"] = format_frontier(result)
+    echo("")
+    echo(result["table"])
+    if plot is not None:
+        result["plot"] = str(plot_frontier(result, plot))
+        echo(f"wrote {plot}")
+    return result
+
+
+def format_frontier(result: dict) -> str:
+    targets = result["targets"]
+    head = f"| method | " + " | ".join(
+        f"{t:.0%}: full fwd (compute) | {t:.0%}: latent rel-L1 | {t:.0%}: PSNR dB" for t in targets) + " |"
+    lines = [head, "|" + "---|" * (1 + 3 * len(targets))]
+    for m, entry in result["methods"].items():
+        cells = [LABELS[m] + (" *" if m in PARTIAL else "")]
+        for t in targets:
+            p = result["at_target"][m][f"{t:.4f}"]
+            if p is None:
+                cells += ["-", "-", "-"]
+                continue
+            key = entry["matched_on"]
+            if abs(p[key] - t) > REACHED:
+                cells += [f"not reached (closest {p['fraction']:.1%} ({p['compute']:.1%}))", "-", "-"]
+                continue
+            cells += [f"{p['fraction']:.1%} ({p['compute']:.1%})", f"{p['latent_rel_l1']:.4f}", f"{p['psnr']:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    for m, why in result.get("not_applicable", {}).items():
+        lines.append(f"| {LABELS[m]} | not applicable: {why} |")
+    if any(m in PARTIAL for m in result["methods"]):
+        lines.append("")
+        lines.append("\\* never skips a whole forward: matched on compute share (Linear MACs of the block stack), not on "
+                     "full forwards")
+    return "\n".join(lines)
+
+
+def plot_frontier(result: dict, path) -> Path:
+    from io import BytesIO
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from .export import write_atomic_bytes
+
+    fig = Figure(figsize=(11, 4.5))
+    FigureCanvasAgg(fig)
+    ax_err, ax_psnr = fig.subplots(1, 2)
+    for m, entry in result["methods"].items():
+        key = entry["matched_on"]
+        pts = sorted(entry["points"], key=lambda p: p[key])
+        best: dict = {}  # the best setting at each measured fraction: the method's frontier
+        for p in pts:
+            x = round(p[key], 4)
+            if x not in best or p["latent_rel_l1"] < best[x]["latent_rel_l1"]:
+                best[x] = p
+        line = [best[x] for x in sorted(best)]
+        label = LABELS[m] + (" (x: compute)" if key == "compute" else "")
+        style = dict(lw=2.0, zorder=3) if m == "calib" else dict(lw=1.0, ls="--")
+        for ax, value in ((ax_err, lambda p: max(p["latent_rel_l1"], 1e-6)), (ax_psnr, lambda p: p["psnr"])):
+            (drawn,) = ax.plot([p[key] for p in line], [value(p) for p in line], label=label, **style)
+            ax.scatter([p[key] for p in pts], [value(p) for p in pts], s=9, color=drawn.get_color(), zorder=2)
+    for ax in (ax_err, ax_psnr):
+        for t in result["targets"]:
+            ax.axvline(t, color="0.8", lw=0.8, zorder=0)
+        ax.set_xlabel("fraction of full forwards")
+        ax.grid(alpha=0.3)
+    ax_err.set_yscale("log")
+    ax_err.set_ylabel("latent rel-L1 vs uncached (lower is better)")
+    ax_psnr.set_ylabel("PSNR vs uncached, dB (higher is better)")
+    ax_psnr.legend(fontsize=7, loc="lower right")
+    fig.suptitle(f"error vs compute, {len(result['jobs'])} held-out generations, {result['steps']} steps")
+    fig.tight_layout()
+    buffer = BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    return write_atomic_bytes(path, buffer.getvalue())

@@ -1,0 +1,79 @@
+"""``calib merge``: the shard files of a sharded trace (or its manifest) -> one ordinary trace file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import CalibError
+
+
+def _generations(trajectories: list) -> list[list]:
+    """Consecutive trajectories of one generation (same prompt, seed, settings) grouped, in file order."""
+    groups: list[list] = []
+    for t in trajectories:
+        if groups and groups[-1][0].generation_key == t.generation_key:
+            groups[-1].append(t)
+        else:
+            groups.append([t])
+    return groups
+
+
+def merged_order(trace_set) -> list:
+    """The trajectories in the order one process would have traced them.
+
+    Shard i of n holds generations i, i+n, i+2n, ... of the run's prompt x seed list, in order; taking one
+    generation from each shard in turn restores the list. Files that are not shards of one run (no
+    ``shard_index``/``shard_count`` attributes, or of different counts) are concatenated in the order given."""
+    from .shards import shard_of_file
+
+    per_file, start = [], 0
+    for count in trace_set.counts:
+        per_file.append(trace_set.trajectories[start : start + count])
+        start += count
+    which = [shard_of_file(a) for a in trace_set.attrs]
+    if not which or any(w is None for w in which) or len({w[1] for w in which}) != 1 or len(set(which)) != len(which):
+        return list(trace_set.trajectories)
+    files = [gens for _, gens in sorted(zip(which, (_generations(t) for t in per_file)), key=lambda x: x[0][0])]
+    out = []
+    for j in range(max(len(g) for g in files)):
+        for gens in files:
+            if j < len(gens):
+                out.extend(gens[j])
+    return out
+
+
+def run_merge(inputs, *, out=None, overwrite: bool = False, echo=print) -> Path:
+    from .shards import merged_path
+    from .store import TraceWriter, read_traces
+
+    inputs = [Path(p) for p in inputs]
+    if out is None:
+        out = merged_path(inputs)
+        if out is None:
+            raise CalibError("--out is required unless the inputs are one manifest or the shard files of one run")
+    out = Path(out)
+    if out.suffix.lower() not in (".h5", ".hdf5"):
+        raise CalibError(f"--out {out}: a trace file must end in .h5")
+    trace_set = read_traces(inputs)
+    if any(out.resolve() == Path(f).resolve() for f in trace_set.files):
+        raise CalibError(f"--out {out} is one of the inputs; choose another file")
+    if out.exists() and not overwrite:
+        raise CalibError(f"{out} exists; pass --overwrite to replace it or choose another --out")
+    seen, dupes = set(), []
+    for t in trace_set.trajectories:
+        key = (t.prompt, t.seed, t.stream, t.component, t.steps, t.guidance, t.resolution)
+        if key in seen:
+            dupes.append(key)
+        seen.add(key)
+    if dupes:
+        p, s, stream = dupes[0][:3]
+        raise CalibError(
+            f"{len(dupes)} trajectories occur in more than one input (e.g. prompt {p!r} seed {s} stream {stream}); "
+            "merge each shard once"
+        )
+    ordered = merged_order(trace_set)
+    with TraceWriter(out, trace_set.model_info, overwrite=True) as writer:
+        writer.append(ordered)
+    generations = len({t.generation_key for t in ordered})
+    echo(f"merged {len(trace_set.files)} files ({generations} generations, {len(ordered)} trajectories) -> {out}")
+    return out

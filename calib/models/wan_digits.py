@@ -1,0 +1,263 @@
+"""The built-in video reference model: a small Wan transformer trained on moving scikit-learn digits.
+
+A real ``diffusers.WanTransformer3DModel`` (4 blocks, 4 heads x 16, ffn 128, ~0.24 M parameters) trained with the
+rectified-flow objective on 4-frame clips of 12x12 pixels in which one of the bundled 8x8 digits drifts one pixel per
+frame in a random direction (one of 8) from a random start, so that every frame stays inside the canvas. It is
+class-conditioned with an extra null class so classifier-free guidance works; the "text encoder" is a learned token
+sequence per class (:class:`WanDigitPromptEncoder`) and prompts map to a class with
+:func:`calib.models.digits.parse_digit_prompt`. Latents are the pixels themselves: (B, 1, 4, 12, 12), the
+(B, C, F, H, W) layout Wan takes; patch_size (1, 2, 2) makes 4 x 6 x 6 = 144 tokens.
+
+``python -m calib.models.train_wan_digits`` reproduces the shipped weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import CalibError
+from .digits import IMAGE_SIZE, NULL_CLASS, NUM_CLASSES, build_scheduler, load_digits_dataset, parse_digit_prompt
+
+WEIGHTS_FILE = Path(__file__).parent / "weights" / "wan_digits.safetensors"
+
+FRAMES = 4
+CANVAS = 12
+CHANNELS = 1
+TEXT_TOKENS = 4
+TEXT_DIM = 32
+MAX_OFFSET = CANVAS - IMAGE_SIZE  # 4: the digit's top-left corner stays in [0, 4] on both axes
+
+TRANSFORMER_CONFIG = dict(
+    patch_size=(1, 2, 2),
+    num_attention_heads=4,
+    attention_head_dim=16,
+    in_channels=CHANNELS,
+    out_channels=CHANNELS,
+    text_dim=TEXT_DIM,
+    freq_dim=32,
+    ffn_dim=128,
+    num_layers=4,
+    cross_attn_norm=True,
+    qk_norm="rms_norm_across_heads",
+    rope_max_seq_len=64,
+)
+
+# The 8 drift directions (dy, dx), one pixel per frame.
+DIRECTIONS = torch.tensor([(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)])
+
+
+class WanDigitPromptEncoder(nn.Module):
+    """Stands in for Wan's T5: one learned (TEXT_TOKENS, TEXT_DIM) token sequence per class (10 digits + null)."""
+
+    def __init__(self, num_classes: int = NUM_CLASSES + 1, tokens: int = TEXT_TOKENS, dim: int = TEXT_DIM):
+        super().__init__()
+        self.tokens = tokens
+        self.dim = dim
+        self.sequence = nn.Embedding(num_classes, tokens * dim)
+        nn.init.normal_(self.sequence.weight, std=0.5)
+
+    # DiffusionPipeline.to() and offloading read these from every component.
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.sequence.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.sequence.weight.device
+
+    def forward(self, labels: torch.Tensor) -> torch.Tensor:
+        """(B,) class indices -> encoder_hidden_states (B, TEXT_TOKENS, TEXT_DIM)."""
+        return self.sequence(labels).view(labels.shape[0], self.tokens, self.dim)
+
+
+def make_clips(images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(B, 8, 8) digits in [-1, 1] -> (B, 1, FRAMES, CANVAS, CANVAS) clips: each digit drifts one pixel per frame in
+    a random one of 8 directions from a random start such that all frames stay on the canvas (background -1)."""
+    b = images.shape[0]
+    direction = DIRECTIONS[torch.randint(0, len(DIRECTIONS), (b,), generator=generator)]  # (B, 2)
+    span = (FRAMES - 1) * direction.abs()  # pixels travelled per axis
+    start = (torch.rand(b, 2, generator=generator) * (MAX_OFFSET - span + 1)).long()
+    start = torch.where(direction < 0, start + span, start)  # moving up/left starts low/right enough
+    clips = torch.full((b, 1, FRAMES, CANVAS, CANVAS), -1.0, dtype=images.dtype)
+    for f in range(FRAMES):
+        pos = start + f * direction
+        for i in range(b):
+            y, x = int(pos[i, 0]), int(pos[i, 1])
+            clips[i, 0, f, y : y + IMAGE_SIZE, x : x + IMAGE_SIZE] = images[i]
+    return clips
+
+
+def build_transformer():
+    from diffusers import WanTransformer3DModel
+
+    return WanTransformer3DModel(**TRANSFORMER_CONFIG)
+
+
+def load_weights(transformer: nn.Module, prompt_encoder: nn.Module, path: Path = WEIGHTS_FILE) -> None:
+    from safetensors.torch import load_file
+
+    if not Path(path).exists():
+        raise CalibError(
+            f"built-in weights not found at {path}; run `python -m calib.models.train_wan_digits` to train them"
+        )
+    state = load_file(str(path))
+    transformer.load_state_dict({k[len("transformer.") :]: v for k, v in state.items() if k.startswith("transformer.")})
+    prompt_encoder.load_state_dict(
+        {k[len("prompt_encoder.") :]: v for k, v in state.items() if k.startswith("prompt_encoder.")}
+    )
+
+
+def latents_to_frames(latents: torch.Tensor) -> np.ndarray:
+    """(B, 1, F, H, W) latents in [-1, 1] -> (B, F, H, W) uint8 frames."""
+    return ((latents[:, 0].float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
+
+
+@dataclass
+class WanDigitsOutput:
+    """What :class:`WanDigitsPipeline` returns, in prompt order: per video a list of PIL frames (``output_type="pil"``),
+    a (F, H, W) uint8 array (``"np"``) or the (1, F, H, W) latent (``"latent"``). ``images`` is the same list, so code
+    written for the image pipeline works unchanged."""
+
+    frames: list
+
+    @property
+    def images(self) -> list:
+        return self.frames
+
+
+def _pipeline_base():
+    from diffusers import DiffusionPipeline
+
+    return DiffusionPipeline
+
+
+class WanDigitsPipeline(_pipeline_base()):
+    """Text-to-video pipeline for the built-in Wan digits model.
+
+    ``pipe("a handwritten 7", num_inference_steps=30, guidance_scale=3.0, generator=g).frames[0]`` is a list of 4
+    12x12 PIL frames. Classifier-free guidance batches [uncond; cond] through the transformer in one call
+    (``cfg_mode="batched"``) or calls it twice per step, cond first, under ``transformer.cache_context("cond")`` /
+    ``("uncond")`` (``cfg_mode="sequential"``), as diffusers' WanPipeline does.
+    """
+
+    model_cpu_offload_seq = "prompt_encoder->transformer"
+
+    def __init__(self, transformer, scheduler, prompt_encoder):
+        super().__init__()
+        self.register_modules(transformer=transformer, scheduler=scheduler, prompt_encoder=prompt_encoder)
+
+    def validate_prompts(self, prompts: list[str]) -> None:
+        """Raise CalibError for the first prompt this model cannot map to a digit."""
+        for prompt in prompts:
+            parse_digit_prompt(prompt)
+
+    @property
+    def resolution(self) -> tuple[int, int, int]:
+        return (FRAMES, CANVAS, CANVAS)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str],
+        num_inference_steps: int = 30,
+        guidance_scale: float = 3.0,
+        generator: torch.Generator | None = None,
+        num_videos_per_prompt: int = 1,
+        output_type: str = "pil",
+        cfg_mode: str = "batched",
+        latents: torch.Tensor | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_frames: int | None = None,
+    ) -> WanDigitsOutput:
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts:
+            raise CalibError("no prompt given")
+        if num_inference_steps < 2:
+            raise CalibError(f"num_inference_steps must be at least 2, got {num_inference_steps}")
+        if cfg_mode not in ("batched", "sequential"):
+            raise CalibError(f"cfg_mode must be 'batched' or 'sequential', got {cfg_mode!r}")
+        if output_type not in ("pil", "np", "latent"):
+            raise CalibError(f"output_type must be 'pil', 'np' or 'latent', got {output_type!r}")
+        for name, value, trained in (("height", height, CANVAS), ("width", width, CANVAS), ("num_frames", num_frames, FRAMES)):
+            if value is not None and value != trained:
+                raise CalibError(f"the built-in wan-digits model generates {FRAMES} frames of {CANVAS}x{CANVAS}; {name}={value} is not supported")
+        labels = torch.tensor([parse_digit_prompt(p) for p in prompts], dtype=torch.long)
+        labels = labels.repeat_interleave(num_videos_per_prompt)
+        batch = labels.shape[0]
+        device = self.transformer.device
+        dtype = self.transformer.dtype
+        use_cfg = guidance_scale > 1.0
+
+        cond = self.prompt_encoder(labels.to(device)).to(dtype)
+        null = self.prompt_encoder(torch.full_like(labels, NULL_CLASS).to(device)).to(dtype)
+
+        if latents is None:
+            latents = torch.randn((batch, CHANNELS, FRAMES, CANVAS, CANVAS), generator=generator, dtype=torch.float32)
+        latents = latents.to(device, dtype)
+
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        for t in self.progress_bar(self.scheduler.timesteps):
+            timestep = t.expand(batch).to(dtype)  # Wan embeds the scheduler's 0..1000 timestep directly
+
+            def run(x, seq, ts):
+                return self.transformer(hidden_states=x, timestep=ts, encoder_hidden_states=seq, return_dict=False)[0]
+
+            if not use_cfg:
+                velocity = run(latents, cond, timestep)
+            elif cfg_mode == "batched":
+                both = run(torch.cat([latents, latents]), torch.cat([null, cond]), torch.cat([timestep, timestep]))
+                uncond_v, cond_v = both.chunk(2)
+                velocity = uncond_v + guidance_scale * (cond_v - uncond_v)
+            else:
+                with self._context("cond"):
+                    cond_v = run(latents, cond, timestep)
+                with self._context("uncond"):
+                    uncond_v = run(latents, null, timestep)
+                velocity = uncond_v + guidance_scale * (cond_v - uncond_v)
+            latents = self.scheduler.step(velocity, t, latents, return_dict=False)[0]
+
+        if output_type == "latent":
+            return WanDigitsOutput(frames=list(latents))
+        videos = latents_to_frames(latents)
+        if output_type == "np":
+            return WanDigitsOutput(frames=list(videos))
+        from PIL import Image
+
+        return WanDigitsOutput(frames=[[Image.fromarray(frame, mode="L") for frame in video] for video in videos])
+
+    def _context(self, name: str):
+        ctx = getattr(self.transformer, "cache_context", None)
+        if ctx is None:
+            import contextlib
+
+            return contextlib.nullcontext()
+        return ctx(name)
+
+
+def load_pipeline(weights: Path | None = None, device: str | torch.device = "cpu") -> WanDigitsPipeline:
+    """The built-in ``builtin:wan-digits`` pipeline with its shipped, trained weights."""
+    transformer = build_transformer()
+    encoder = WanDigitPromptEncoder()
+    load_weights(transformer, encoder, weights or WEIGHTS_FILE)
+    transformer.eval()
+    encoder.eval()
+    pipe = WanDigitsPipeline(transformer=transformer, scheduler=build_scheduler(), prompt_encoder=encoder)
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def video_grid(videos: list, scale: int = 6) -> np.ndarray:
+    """One row per video, its frames side by side (1-pixel gray border), scaled up for viewing."""
+    rows = []
+    for video in videos:
+        frames = [np.asarray(f, dtype=np.uint8) for f in video]
+        rows.append(np.concatenate([np.pad(f, 1, constant_values=96) for f in frames], axis=1))
+    grid = np.concatenate(rows, axis=0)
+    return np.kron(grid, np.ones((scale, scale), dtype=np.uint8))

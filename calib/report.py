@@ -1,0 +1,457 @@
+"""``calib report TRACES... [--coeffs C.json ...] [--eval results.json] --out report.html``: one self-contained HTML
+page (every plot embedded as a base64 PNG, no external file, script or font) with
+
+* the rescaler fit: points (x, y) per stream and the polynomial of the given TeaCache file (else a degree-4 preview);
+* per-step change curves per stream: indicator, output, residual, cond-uncond (median and 10-90 % band);
+* the tuning tables: TeaCache thresholds (from the file, else replayed with the preview), block-cache thresholds;
+* the block heat-map (blocks x steps) with the block-cache schedule;
+* FasterCache's CFG-cache range when the traces hold the cond-uncond series;
+* the evaluation frontier from a ``calib eval`` results JSON, when given.
+
+Matplotlib renders through an explicit Agg canvas; nothing touches pyplot's global state.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from .errors import CalibError
+
+INDICATOR_SERIES = {"modulated_input": "input_rel_l1", "block_input": "block_input_rel_l1", "temb": "temb_rel_l1"}
+QUALITY_KEYS = ("psnr", "ssim", "lpips", "rel_l1", "error", "mse", "fid", "clip", "accuracy")
+SPEED_KEYS = ("speedup", "measured_speedup", "predicted_speedup", "compute_fraction")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# figures
+# ---------------------------------------------------------------------------------------------------------------
+def _figure(width, height):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    return buf.getvalue()
+
+
+def _series(traj, name: str) -> np.ndarray | None:
+    if hasattr(traj, name):
+        return np.asarray(getattr(traj, name), dtype=np.float64)
+    if name in traj.extra:
+        return np.asarray(traj.extra[name], dtype=np.float64)
+    return None
+
+
+def _xy(traj, indicator: str, normalization: str):
+    x = _series(traj, INDICATOR_SERIES.get(indicator, "input_rel_l1"))
+    y = _series(traj, "output_rel_l1")
+    if x is None or y is None:
+        return None
+    x, y = x[1:], y[1:]
+    if normalization == "delta_sigma":
+        sig = np.asarray(traj.sigmas, dtype=np.float64)
+        ds = sig[:-1] - sig[1:]
+        ds = ds[: len(x)]
+        with np.errstate(all="ignore"):
+            x, y = x / ds, y / ds
+    keep = np.isfinite(x) & np.isfinite(y)
+    return x[keep], y[keep]
+
+
+def fit_figure(trace_set, teacache_doc: dict | None):
+    """(png, caption, polynomial per component used for the tuning table, indicator, normalization)."""
+    indicator = normalization = None
+    polys = {}
+    if teacache_doc is not None:
+        indicator = (teacache_doc.get("indicator") or {}).get("name", "modulated_input")
+        normalization = (teacache_doc.get("indicator") or {}).get("normalization", "none") or "none"
+        polys = {n: (np.asarray(c["coefficients"], float), c.get("domain")) for n, c in teacache_doc["components"].items()}
+    indicator = indicator or "modulated_input"
+    normalization = normalization or "none"
+    components = sorted({t.component for t in trace_set.trajectories})
+    fig = _figure(5.4 * len(components), 4.2)
+    axes = fig.subplots(1, len(components), squeeze=False)[0]
+    streams = sorted({t.stream for t in trace_set.trajectories})
+    colors = {s: f"C{i % 10}" for i, s in enumerate(streams)}
+    for ax, comp in zip(axes, components):
+        xs, ys = [], []
+        for s in streams:
+            pts = [_xy(t, indicator, normalization) for t in trace_set.trajectories if t.component == comp and t.stream == s]
+            pts = [p for p in pts if p is not None]
+            if not pts:
+                continue
+            x = np.concatenate([p[0] for p in pts])
+            y = np.concatenate([p[1] for p in pts])
+            xs.append(x)
+            ys.append(y)
+            ax.scatter(x, y, s=8, alpha=0.55, color=colors[s], label=s, linewidths=0)
+        if not xs:
+            continue
+        x_all, y_all = np.concatenate(xs), np.concatenate(ys)
+        if comp in polys:
+            coef, domain = polys[comp]
+            label = f"fitted polynomial (degree {len(coef) - 1})"
+        else:
+            coef = np.polyfit(x_all, y_all, 4) if len(x_all) > 5 else np.polyfit(x_all, y_all, 1)
+            domain = [float(x_all.min()), float(x_all.max())]
+            label = "degree-4 least-squares preview"
+            polys[comp] = (coef, domain)
+        lo, hi = (domain or [float(x_all.min()), float(x_all.max())])
+        grid = np.linspace(lo, hi, 200)
+        ax.plot(grid, np.poly1d(coef)(grid), color="black", lw=1.8, label=label)
+        ax.set_xlabel(f"rel-L1 change of {indicator}" + (" / Δσ" if normalization == "delta_sigma" else ""))
+        ax.set_ylabel("rel-L1 change of output" + (" / Δσ" if normalization == "delta_sigma" else ""))
+        ax.set_title(comp, fontsize=10)
+        ax.grid(True, lw=0.4, alpha=0.4)
+        ax.legend(fontsize=7)
+    caption = (f"Each point is one denoising step of one trajectory: x the change of the indicator ({indicator}), y the "
+               "change of the model output. " + ("The curve is the coefficient file's polynomial." if teacache_doc
+                                                 else "No coefficient file given: the curve is a preview fit."))
+    return _png(fig), caption, polys, indicator, normalization
+
+
+CURVES = (
+    ("input_rel_l1", "modulated input (TeaCache indicator)"),
+    ("output_rel_l1", "model output"),
+    ("residual_rel_l1", "block-stack residual"),
+    ("cfg_delta_rel_l1", "cond − uncond output (FasterCache)"),
+)
+
+
+def curves_figure(trace_set):
+    present = [(k, label) for k, label in CURVES if any(_series(t, k) is not None for t in trace_set.trajectories)]
+    fig = _figure(11, 2.7 * math.ceil(len(present) / 2))
+    axes = fig.subplots(math.ceil(len(present) / 2), 2, squeeze=False).ravel()
+    streams = sorted({(t.component, t.stream) for t in trace_set.trajectories})
+    for ax, (key, label) in zip(axes, present):
+        for i, (comp, stream) in enumerate(streams):
+            rows = [_series(t, key) for t in trace_set.trajectories if (t.component, t.stream) == (comp, stream)]
+            rows = [r for r in rows if r is not None]
+            if not rows or len({len(r) for r in rows}) != 1:
+                continue
+            m = np.stack(rows)
+            steps = np.arange(m.shape[1])
+            with np.errstate(all="ignore"), __import__("warnings").catch_warnings():
+                __import__("warnings").simplefilter("ignore", RuntimeWarning)
+                med = np.nanmedian(m, axis=0)
+                lo, hi = np.nanpercentile(m, 10, axis=0), np.nanpercentile(m, 90, axis=0)
+            name = stream if len({c for c, _ in streams}) == 1 else f"{comp}/{stream}"
+            ax.plot(steps, med, color=f"C{i % 10}", lw=1.5, label=name)
+            ax.fill_between(steps, lo, hi, color=f"C{i % 10}", alpha=0.18, lw=0)
+        ax.set_title(f"rel-L1 change of the {label}", fontsize=9)
+        ax.set_xlabel("denoising step")
+        ax.grid(True, lw=0.4, alpha=0.4)
+        ax.legend(fontsize=7)
+    for ax in axes[len(present):]:
+        ax.set_visible(False)
+    return _png(fig)
+
+
+def frontier_figure(rows: list[dict], x_key: str, y_key: str, group_key: str | None):
+    fig = _figure(7.5, 4.2)
+    ax = fig.subplots()
+    groups = {}
+    for r in rows:
+        groups.setdefault(str(r.get(group_key, "")) if group_key else "", []).append(r)
+    for i, (g, rs) in enumerate(sorted(groups.items())):
+        pts = sorted((float(r[x_key]), float(r[y_key])) for r in rs
+                     if isinstance(r.get(x_key), (int, float)) and isinstance(r.get(y_key), (int, float))
+                     and math.isfinite(float(r[x_key])) and math.isfinite(float(r[y_key])))
+        if not pts:
+            continue
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=f"C{i % 10}", label=g or None, ms=4)
+    ax.set_xlabel(x_key)
+    ax.set_ylabel(y_key)
+    ax.grid(True, lw=0.4, alpha=0.4)
+    if group_key:
+        ax.legend(fontsize=8)
+    ax.set_title(f"{y_key} against {x_key}", fontsize=10)
+    return _png(fig)
+
+
+def cfg_figure(entry: dict):
+    c = np.asarray([np.nan if v is None else v for v in entry["cfg_delta_change"]], dtype=float)
+    fig = _figure(7.5, 3.0)
+    ax = fig.subplots()
+    steps = np.arange(len(c))
+    ax.plot(steps, c, "o-", ms=3, color="C0", label="median change of cond − uncond")
+    skipped = entry.get("uncond_skipped_steps", [])
+    ax.scatter(skipped, c[skipped] if len(skipped) else [], s=40, facecolors="none", edgecolors="C3",
+               label="unconditional pass skipped")
+    ax.axhline(entry["cfg_tolerance"], color="0.4", ls=":", lw=1, label="tolerance (accumulated)")
+    ax.set_xlabel("denoising step")
+    ax.set_ylabel("rel-L1 change")
+    ax.grid(True, lw=0.4, alpha=0.4)
+    ax.legend(fontsize=7)
+    return _png(fig)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# eval results (calib eval): read leniently, the file's own keys name the axes
+# ---------------------------------------------------------------------------------------------------------------
+def eval_rows(data) -> list[dict]:
+    if isinstance(data, list):
+        rows = data
+    elif isinstance(data, dict):
+        rows = None
+        for key in ("frontier", "results", "rows", "points", "runs", "configs"):
+            if isinstance(data.get(key), list):
+                rows = data[key]
+                break
+        if rows is None:
+            values = list(data.values())
+            rows = values if values and all(isinstance(v, dict) for v in values) else []
+    else:
+        rows = []
+    flat = []
+    for r in rows:
+        if not isinstance(r, dict):
+            continue
+        row = {}
+        for k, v in r.items():
+            if isinstance(v, dict):  # one level of nesting, e.g. {"metrics": {"psnr": ...}}
+                row.update({f"{kk}": vv for kk, vv in v.items() if isinstance(vv, (int, float, str, bool)) or vv is None})
+            elif isinstance(v, (int, float, str, bool)) or v is None:
+                row[k] = v
+        flat.append(row)
+    return flat
+
+
+def _pick_key(rows, names) -> str | None:
+    numeric = [k for k in dict.fromkeys(k for r in rows for k in r) if any(isinstance(r.get(k), (int, float))
+                                                                         and not isinstance(r.get(k), bool) for r in rows)]
+    for name in names:
+        for k in numeric:
+            if k.lower() == name:
+                return k
+    for name in names:
+        for k in numeric:
+            if name in k.lower():
+                return k
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# html
+# ---------------------------------------------------------------------------------------------------------------
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;background:#f6f7f9;color:#1c2024}
+main{max-width:1150px;margin:0 auto;padding:24px 28px 60px}
+h1{font-size:24px;margin:0 0 4px}h2{font-size:18px;margin:34px 0 8px;border-bottom:1px solid #d8dce2;padding-bottom:4px}
+p.lead{color:#555;margin:0 0 16px}section{background:#fff;border:1px solid #e2e5ea;border-radius:8px;padding:4px 18px 16px;margin:18px 0}
+img{max-width:100%;height:auto;display:block;margin:10px 0}table{border-collapse:collapse;font-size:13px;margin:8px 0}
+td,th{border:1px solid #dde1e6;padding:3px 8px;text-align:right}th{background:#f0f2f5}td.l,th.l{text-align:left}
+tr.chosen td{background:#fff4d6;font-weight:600}code{background:#f0f2f5;padding:1px 4px;border-radius:3px}
+.muted{color:#666;font-size:13px}nav a{margin-right:14px;font-size:14px}
+"""
+
+
+def _img(png: bytes, alt: str) -> str:
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}">'
+
+
+def _table(headers, rows, chosen_index=None, left=()) -> str:
+    out = ["<table><tr>" + "".join(f'<th class="{"l" if i in left else ""}">{html.escape(str(h))}</th>'
+                                   for i, h in enumerate(headers)) + "</tr>"]
+    for j, r in enumerate(rows):
+        cls = ' class="chosen"' if j == chosen_index else ""
+        cells = []
+        for i, v in enumerate(r):
+            text = (f"{v:.4g}" if isinstance(v, float) else "—" if v is None else str(v))
+            cells.append(f'<td class="{"l" if i in left else ""}">{html.escape(text)}</td>')
+        out.append(f"<tr{cls}>" + "".join(cells) + "</tr>")
+    return "".join(out) + "</table>"
+
+
+def _threshold_rows(table: list[dict], recommended, limit: int = 24):
+    """Rows for display: the smallest threshold of each distinct compute fraction (a longer threshold only repeats
+    it), thinned evenly to ``limit``, always keeping the recommended row."""
+    table = sorted(table, key=lambda r: r.get("threshold", 0))
+    chosen_row = next((r for r in table if recommended is not None and r.get("threshold") == recommended), None)
+    keep, seen = [], set()
+    for r in table:
+        frac = r.get("compute_fraction")
+        if r is chosen_row or frac not in seen:
+            keep.append(r)
+            seen.add(frac)
+    if len(keep) > limit:
+        idx = set(np.linspace(0, len(keep) - 1, limit).round().astype(int).tolist())
+        keep = [r for i, r in enumerate(keep) if i in idx or r is chosen_row]
+    rows = [[r.get("threshold"), r.get("compute_fraction"), r.get("predicted_speedup")] for r in keep]
+    chosen = next((i for i, r in enumerate(keep) if r is chosen_row), None)
+    return rows, chosen
+
+
+def build_html(trace_set, docs: list[dict], eval_data=None, eval_name: str | None = None) -> tuple[str, list[str]]:
+    """(the page, the section ids in it)."""
+    from . import block_cache
+    from .runtime.gate import Rescaler, replay
+
+    by_method = {}
+    for d in docs:
+        by_method.setdefault(d.get("method"), d)
+    teacache = by_method.get("teacache")
+    sections: list[tuple[str, str, str]] = []  # (id, title, body)
+    info = trace_set.model_info or {}
+    settings = trace_set.settings()
+
+    # 1. fit
+    png, caption, polys, indicator, normalization = fit_figure(trace_set, teacache)
+    body = f"<p class='muted'>{html.escape(caption)}</p>{_img(png, 'rescaler fit')}"
+    if teacache:
+        rows = []
+        for name, comp in teacache["components"].items():
+            m = comp.get("metrics", {})
+            rows.append([name, comp["degree"], m.get("points"), m.get("r2"), m.get("cv_r2"), m.get("mae"), m.get("cv_mae")])
+        body += _table(["component", "degree", "points", "R²", "CV R²", "MAE", "CV MAE"], rows, left=(0,))
+    sections.append(("fit", "Rescaler fit (TeaCache)", body))
+
+    # 2. per-step curves
+    sections.append(("curves", "Per-step changes per stream",
+                     "<p class='muted'>Median over trajectories (line) and 10–90 % band, by stream.</p>"
+                     + _img(curves_figure(trace_set), "per-step change curves")))
+
+    # 3. tuning
+    body = "<h3>TeaCache threshold</h3>"
+    if teacache and (teacache.get("thresholds") or {}).get("table"):
+        th = teacache["thresholds"]
+        rows, chosen = _threshold_rows(th["table"], th.get("recommended"))
+        body += f"<p class='muted'>From the coefficient file; {html.escape(th.get('criterion', ''))}.</p>"
+    else:
+        rescalers = {c: Rescaler([float(v) for v in coef], tuple(dom) if dom else None) for c, (coef, dom) in polys.items()}
+        table = []
+        for t in [0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.6, 0.8, 1.0]:
+            comp = tot = 0
+            for traj in trace_set.trajectories:
+                if traj.component in rescalers and indicator == "modulated_input":
+                    d = replay(np.asarray(traj.input_rel_l1, float).tolist(), rescalers[traj.component], t)
+                    comp += sum(d)
+                    tot += len(d)
+            if tot:
+                table.append({"threshold": t, "compute_fraction": comp / tot, "predicted_speedup": tot / comp})
+        rows, chosen = _threshold_rows(table, None)
+        body += "<p class='muted'>Replayed with the preview polynomial (no coefficient file given).</p>"
+    body += _table(["threshold", "compute fraction", "predicted speed-up"], rows, chosen)
+    block_doc = by_method.get("block-cache")
+    plots = None
+    try:
+        if block_doc:
+            bt = block_doc["thresholds"]
+            brow, bchosen = _threshold_rows(bt["table"], bt.get("recommended"))
+            plots = {}
+            for name, comp in block_doc["block_cache"]["components"].items():
+                mat = np.asarray([[np.nan if v is None else v for v in r] for r in comp["changes"]], float)
+                plots[name] = (comp["blocks"], mat, block_cache.schedule(mat, bt["recommended"]))
+        else:
+            changes = {n: block_cache.block_changes(trace_set, n) for n in block_cache.components_of(trace_set)}
+            chosen_row, table = block_cache.tune({n: c[1] for n, c in changes.items()})
+            brow, bchosen = _threshold_rows([r.as_dict() for r in table], chosen_row.as_dict()["threshold"])
+            plots = {n: (c[0], c[1], block_cache.schedule(c[1], chosen_row.threshold)) for n, c in changes.items()}
+        body += ("<h3>Block-cache threshold</h3><p class='muted'>Fraction of block evaluations computed (rows: the "
+                 "smallest threshold of each distinct fraction).</p>")
+        body += _table(["threshold", "compute fraction", "predicted speed-up"], brow, bchosen)
+    except CalibError as exc:
+        body += f"<h3>Block-cache threshold</h3><p class='muted'>Not available: {html.escape(str(exc))}</p>"
+    sections.append(("tuning", "Tuning tables", body))
+
+    # 4. heat-map
+    if plots:
+        sections.append(("heatmap", "Per-block change heat-map",
+                         "<p class='muted'>Mean rel-L1 change of each block's output per step; red squares: the "
+                         "block-cache schedule at the recommended threshold.</p>"
+                         + _img(block_cache.heatmap_png(plots), "block heat-map")))
+    else:
+        sections.append(("heatmap", "Per-block change heat-map", "<p class='muted'>No per-block data in the traces.</p>"))
+
+    # 5. FasterCache
+    fc_doc = by_method.get("fastercache-cfg")
+    try:
+        if fc_doc is None:
+            from .fastercache import build_document as fc_build
+
+            fc_doc = fc_build(trace_set)
+        body = ""
+        for name, entry in fc_doc["fastercache_cfg"]["components"].items():
+            lo, hi = entry["unconditional_batch_timestep_skip_range"]
+            body += (f"<p>{html.escape(name)}: unconditional pass skipped at steps "
+                     f"<code>{entry['uncond_skipped_steps']}</code> (N = {entry['unconditional_batch_skip_range']}, "
+                     f"{lo:.4g} &lt; t &lt; {hi:.4g}), {entry['uncond_compute_fraction']:.0%} of unconditional passes "
+                     "computed.</p>" + _img(cfg_figure(entry), f"cfg change {name}"))
+        sections.append(("fastercache", "FasterCache CFG cache", body))
+    except CalibError as exc:
+        sections.append(("fastercache", "FasterCache CFG cache", f"<p class='muted'>{html.escape(str(exc))}</p>"))
+
+    # 6. eval frontier
+    if eval_data is not None:
+        rows = eval_rows(eval_data)
+        x_key, y_key = _pick_key(rows, SPEED_KEYS), _pick_key(rows, QUALITY_KEYS)
+        group_key = next((k for k in ("method", "name", "config", "label") if any(k in r for r in rows)), None)
+        body = f"<p class='muted'>From {html.escape(eval_name or 'the evaluation results')}.</p>"
+        if rows and x_key and y_key:
+            body += _img(frontier_figure(rows, x_key, y_key, group_key), "evaluation frontier")
+        else:
+            body += "<p class='muted'>No numeric speed and quality columns found to plot.</p>"
+        keys = list(dict.fromkeys(k for r in rows for k in r))[:10]
+        body += _table(keys, [[r.get(k) for k in keys] for r in rows[:60]], left=(0,))
+        sections.append(("frontier", "Evaluation frontier", body))
+
+    nav = "".join(f'<a href="#{sid}">{html.escape(title)}</a>' for sid, title, _ in sections)
+    summary = _table(
+        ["", ""],
+        [["model", info.get("class")], ["source", info.get("source")], ["scheduler", info.get("scheduler")],
+         ["steps", ", ".join(map(str, settings.get("steps", [])))], ["guidance", ", ".join(map(str, settings.get("guidance", [])))],
+         ["prompts x seeds", f"{settings.get('prompts')} x {settings.get('seeds')}"],
+         ["trajectories", len(trace_set.trajectories)], ["streams", ", ".join(settings.get("streams", []))],
+         ["trace files", ", ".join(trace_set.files)],
+         ["coefficient files", ", ".join(f"{d.get('method')}" for d in docs) or "none"]],
+        left=(0, 1),
+    )
+    created = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    page = (
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+        f"<title>calib report — {html.escape(str(info.get('class', 'model')))}</title><style>{CSS}</style></head><body><main>"
+        f"<h1>calib report: {html.escape(str(info.get('class', 'model')))}</h1>"
+        f"<p class='lead'>{html.escape(str(info.get('source', '')))} · generated {created} by calib "
+        f"{html.escape(__import__('calib').__version__)}</p><nav>{nav}</nav>"
+        f"<section id='summary'><h2>Traces</h2>{summary}</section>"
+        + "".join(f"<section id='{sid}'><h2>{html.escape(title)}</h2>{body}</section>" for sid, title, body in sections)
+        + "</main></body></html>\n"
+    )
+    return page, [s[0] for s in sections]
+
+
+def run_report(traces, *, coeffs=(), eval_path=None, out, echo=print) -> Path:
+    from .export import load_document, write_atomic_bytes
+    from .store import read_traces
+
+    out = Path(out)
+    if out.suffix.lower() not in (".html", ".htm"):
+        raise CalibError(f"--out {out}: the report is an HTML file (.html)")
+    trace_set = read_traces([Path(t) for t in traces])
+    docs = [load_document(c) for c in coeffs]
+    eval_data = None
+    if eval_path is not None:
+        try:
+            eval_data = json.loads(Path(eval_path).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise CalibError(f"{eval_path}: no such file") from None
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CalibError(f"{eval_path}: not a JSON results file ({exc})") from None
+    page, ids = build_html(trace_set, docs, eval_data, str(eval_path) if eval_path else None)
+    write_atomic_bytes(out, page.encode("utf-8"))
+    echo(f"wrote {out} ({len(page) / 1024:.0f} kB; sections: {', '.join(ids)})")
+    return out

@@ -1,0 +1,266 @@
+"""calib tune and calib eval: the replayed threshold choice, its check on real generations, the metrics, the errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jsonschema
+import numpy as np
+import pytest
+
+from calib.cli import main
+from calib.evaluation import PSNR_CAP, psnr, ssim, to_planes
+from calib.export import schema
+from calib.runtime.gate import Rescaler
+from calib.store import TraceSet, Trajectory
+from calib.tune import (ERROR_PROXY, TuneTarget, find_threshold, replay_row, trajectory_error)
+
+STEPS = 16
+
+
+def run_calib(*args, cwd):
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "calib", *args], cwd=cwd, capture_output=True, text=True, env=env)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# SSIM / PSNR
+# ---------------------------------------------------------------------------------------------------------------
+A = ((np.arange(64) * 37) % 256).astype(float).reshape(8, 8)
+RAMP = np.add.outer(np.arange(12), np.arange(12)).astype(float) * 10
+# Reference values from skimage.metrics.structural_similarity(x, y, data_range=255) (scikit-image 0.25.2, defaults).
+SSIM_REFERENCE = [
+    ("noise_pattern", A, np.clip(A + ((np.arange(64) * 11) % 21 - 10).reshape(8, 8), 0, 255), 0.9967871926389527),
+    ("brightness", A, np.clip(A + 20, 0, 255), 0.9888837671939875),
+    ("flipped", A, A[::-1], -0.003246194245563297),
+    ("ramp_contrast", RAMP, RAMP * 0.5, 0.6487573560464569),
+    ("ramp_blocky", RAMP, np.kron(RAMP[::2, ::2], np.ones((2, 2))), 0.966140024724714),
+]
+
+
+def test_ssim_of_identical_images_is_one():
+    assert ssim(A, A) == pytest.approx(1.0, abs=1e-12)
+    assert ssim(RAMP, RAMP.copy()) == pytest.approx(1.0, abs=1e-12)
+    video = np.stack([A, A[::-1], A.T])
+    assert ssim(video, video) == pytest.approx(1.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("name,x,y,expected", SSIM_REFERENCE, ids=[c[0] for c in SSIM_REFERENCE])
+def test_ssim_matches_the_reference(name, x, y, expected):
+    assert ssim(x, y) == pytest.approx(expected, abs=1e-10)
+    assert ssim(y, x) == pytest.approx(expected, abs=1e-10)  # symmetric
+
+
+def test_ssim_of_constant_images_is_the_luminance_term():
+    c1 = (0.01 * 255) ** 2
+    x, y = np.full((8, 8), 100.0), np.full((8, 8), 120.0)
+    assert ssim(x, y) == pytest.approx((2 * 100 * 120 + c1) / (100**2 + 120**2 + c1), abs=1e-12)
+
+
+def test_ssim_averages_planes_and_refuses_bad_input():
+    x, y = np.stack([A, RAMP[:8, :8]]), np.stack([A[::-1], RAMP[:8, :8] * 0.5])
+    assert ssim(x, y) == pytest.approx(0.5 * (ssim(A, A[::-1]) + ssim(RAMP[:8, :8], RAMP[:8, :8] * 0.5)))
+    with pytest.raises(ValueError):
+        ssim(A, RAMP)
+    with pytest.raises(ValueError):
+        ssim(np.zeros((2, 2)), np.zeros((2, 2)))
+
+
+def test_psnr_and_planes():
+    assert psnr(A, A) == PSNR_CAP
+    assert psnr(A, A + 1) == pytest.approx(10 * np.log10(255.0**2 / 1.0))
+    assert to_planes(np.zeros((4, 12, 12), np.uint8)).shape == (4, 12, 12)  # frames
+    rgb = to_planes(np.ones((16, 16, 3), np.float32))  # float [0, 1], channels last
+    assert rgb.shape == (3, 16, 16) and rgb.max() == 255.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the replay: a threshold for a target
+# ---------------------------------------------------------------------------------------------------------------
+def _trajectory(i, x, y):
+    n = len(x)
+    return Trajectory(prompt=f"p{i}", seed=0, stream="cond", component="transformer", steps=n, guidance=1.0,
+                      resolution=(8, 8), step_index=np.arange(n), timesteps=np.linspace(1000, 0, n, endpoint=False),
+                      sigmas=np.linspace(1, 0, n, endpoint=False), input_rel_l1=x, output_rel_l1=y,
+                      residual_rel_l1=y, block_rel_l1=np.zeros((n, 0)), block_names=[])
+
+
+@pytest.fixture
+def synthetic():
+    rng = np.random.default_rng(0)
+    trajs = []
+    for i in range(6):
+        x = np.concatenate([[np.nan], rng.uniform(0.02, 0.2, 19)])
+        trajs.append(_trajectory(i, x, 0.8 * x))
+    return TraceSet(model_info={"class": "FluxTransformer2DModel"}, trajectories=trajs, files=["synthetic"], attrs=[{}])
+
+
+@pytest.mark.parametrize("kind,value", [("speedup", 2.0), ("compute_fraction", 0.33), ("speedup", 1.25)])
+def test_tune_picks_the_smallest_threshold_that_reaches_the_target(synthetic, kind, value):
+    rescalers = {"transformer": Rescaler([1.0, 0.0])}
+    target = TuneTarget(kind, value)
+    row, reached = find_threshold(synthetic, rescalers, target)
+    assert reached
+    assert row.compute_fraction <= target.fraction + 1e-12
+    assert replay_row(synthetic, rescalers, row.threshold).compute_fraction == row.compute_fraction
+    # any visibly smaller threshold computes more than the target: the choice skips no more than it must
+    assert replay_row(synthetic, rescalers, row.threshold * 0.995).compute_fraction > target.fraction
+
+
+def test_tune_max_error_takes_the_largest_threshold_within_budget(synthetic):
+    rescalers = {"transformer": Rescaler([1.0, 0.0])}
+    row, reached = find_threshold(synthetic, rescalers, TuneTarget("max_error", 0.05))
+    assert reached and 0 < row.predicted_error <= 0.05
+    assert replay_row(synthetic, rescalers, row.threshold * 1.01).predicted_error > 0.05
+
+
+def test_tune_reports_an_unreachable_target(synthetic):
+    row, reached = find_threshold(synthetic, {"transformer": Rescaler([1.0, 0.0])}, TuneTarget("speedup", 50.0))
+    assert not reached and row.compute_fraction == pytest.approx(2 / 20)  # only the first and last steps compute
+
+
+def test_error_proxy_definition():
+    # computed, skip, skip, computed, skip: staleness 0.1, 0.1+0.2 then 0.4, weighted by dsigma
+    err = trajectory_error([True, False, False, True, False], [np.nan, 0.1, 0.2, 0.3, 0.4], [0.5, 0.1, 0.2, 0.1, 1.0])
+    assert err == pytest.approx(0.1 * 0.1 + 0.2 * 0.3 + 1.0 * 0.4)
+    assert "output_rel_l1" in ERROR_PROXY
+
+
+@pytest.mark.parametrize("kind,value", [("speedup", 0.5), ("speedup", float("nan")), ("compute_fraction", 0.0),
+                                        ("compute_fraction", 1.5), ("max_error", -0.1)])
+def test_bad_targets_are_user_errors(kind, value):
+    from calib.errors import CalibError
+
+    with pytest.raises(CalibError):
+        TuneTarget(kind, value)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the loop on the built-in model: trace -> fit -> tune --speedup 2 --write -> eval at that threshold
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tuned(tmp_path_factory):
+    work = tmp_path_factory.mktemp("evaluation")
+    trace = run_calib("trace", "--model", "builtin:digits", "--steps", str(STEPS), "--seeds", "0,1", cwd=work)
+    assert trace.returncode == 0, trace.stderr
+    fit = run_calib("fit", "traces/digits.h5", "--out", "coeffs/digits.json", "--no-plot", cwd=work)
+    assert fit.returncode == 0, fit.stderr
+    tune = run_calib("tune", "traces/digits.h5", "--coeffs", "coeffs/digits.json", "--speedup", "2", "--write",
+                     cwd=work)
+    assert tune.returncode == 0, tune.stderr
+    doc = json.loads((work / "coeffs/digits.json").read_text())
+    threshold = doc["thresholds"]["recommended"]
+    ev = run_calib("eval", "--coeffs", "coeffs/digits.json", "--seeds", "100,101", "--threshold", str(threshold),
+                   "--repeats", "1", "--out", "results.json", cwd=work)
+    assert ev.returncode == 0, ev.stderr
+    return work, tune, doc, json.loads((work / "results.json").read_text()), ev
+
+
+def test_tune_write_records_table_and_choice(tuned):
+    work, tune, doc, _, _ = tuned
+    jsonschema.validate(doc, schema())
+    th = doc["thresholds"]
+    assert th["target"] == {"kind": "speedup", "value": 2.0, "reached": True}
+    chosen = [r for r in th["table"] if r["threshold"] == th["recommended"]]
+    assert len(chosen) == 1 and chosen[0]["compute_fraction"] <= 0.5 and chosen[0]["predicted_speedup"] >= 2.0
+    assert all("predicted_error" in r for r in th["table"])
+    assert th["trace_files"] == ["traces/digits.h5"] and th["error_proxy"] == ERROR_PROXY
+    assert "threshold" in tune.stdout and "<- chosen" in tune.stdout
+    import calib.runtime as cr
+
+    assert cr.load(work / "coeffs/digits.json").recommended_threshold == th["recommended"]
+
+
+def test_measured_forwards_match_the_prediction(tuned):
+    _, _, doc, results, _ = tuned
+    (res,) = results["results"]
+    predicted = next(r for r in doc["thresholds"]["table"] if r["threshold"] == res["threshold"])["compute_fraction"]
+    measured = res["measured"]["computed"] / res["measured"]["steps"]  # forward counts from handle.stats()
+    assert measured == pytest.approx(predicted, rel=0.15)
+    assert res["measured"]["forward_speedup"] == pytest.approx(1 / predicted, rel=0.15)
+    assert res["predicted"]["compute_fraction"] == pytest.approx(predicted)  # eval found the traces itself
+
+
+def test_eval_output_has_the_documented_fields(tuned):
+    _, _, _, results, ev = tuned
+    assert results["format"] == "calib.eval" and results["version"] == 1
+    assert results["settings"]["seeds"] == [100, 101] and results["settings"]["steps"] == STEPS
+    assert len(results["settings"]["prompts"]) == 10
+    assert results["baseline"]["digit_accuracy"] >= 0.8
+    (res,) = results["results"]
+    assert set(res) >= {"threshold", "predicted", "measured", "quality", "per_prompt", "generations"}
+    assert set(res["measured"]) >= {"steps", "computed", "compute_fraction", "forward_speedup", "wall_speedup",
+                                    "wall_speedup_per_generation", "seconds_uncached", "seconds_cached"}
+    assert set(res["predicted"]) == {"compute_fraction", "speedup", "error_proxy"}
+    for name in ("psnr", "ssim", "latent_rel_l1"):
+        assert set(res["quality"][name]) == {"mean", "std", "min", "max", "n"}
+        assert res["quality"][name]["n"] == 20
+    assert 0 <= res["quality"]["digit_accuracy"] <= 1 and 0 <= res["quality"]["digit_agreement"] <= 1
+    assert len(res["per_prompt"]) == 10 and len(res["generations"]) == 20
+    g = res["generations"][0]
+    assert set(g) >= {"prompt", "seed", "steps", "computed", "psnr", "ssim", "latent_rel_l1", "seconds_uncached",
+                      "seconds_cached", "digit", "digit_uncached", "correct"}
+    assert 0 < res["quality"]["ssim"]["mean"] <= 1 and res["quality"]["latent_rel_l1"]["mean"] > 0
+    assert "latent rel-L1" in ev.stdout and "wrote results.json" in ev.stdout
+
+
+def test_threshold_zero_is_exactly_uncached(tuned):
+    from calib.evaluation import run_eval
+
+    work, _, _, _, _ = tuned
+    report = run_eval(work / "coeffs/digits.json", prompts_file=None, model="builtin:digits", seeds=(7,),
+                      thresholds=[0.0], repeats=1, traces=[work / "traces/digits.h5"], echo=lambda *a: None)
+    (res,) = report["results"]
+    assert res["measured"]["compute_fraction"] == 1.0
+    assert res["quality"]["latent_rel_l1"]["max"] == 0.0 and res["quality"]["psnr"]["min"] == PSNR_CAP
+    assert res["quality"]["ssim"]["min"] == pytest.approx(1.0)
+
+
+def test_frontier_counts_forwards_the_same_way_for_every_method(tuned, tmp_path):
+    import calib.runtime as cr
+    from calib.frontier import format_frontier, run_frontier
+    from calib.models.digits import load_pipeline
+    from calib.store import read_traces
+
+    work, _, _, _, _ = tuned
+    pipe = load_pipeline()
+    result = run_frontier(pipe, cr.load(work / "coeffs/digits.json"), read_traces([work / "traces/digits.h5"]),
+                          ["a handwritten 3"], (5,), steps=STEPS, guidance=3.0, methods=("uniform", "fbcache"),
+                          plot=tmp_path / "f.png", echo=lambda *a: None)
+    uniform = {p["setting"]["every"]: p for p in result["methods"]["uniform"]["points"]}
+    # every 2nd step, plus the last one: the meter counts what handle.stats() would
+    assert uniform[2]["fraction"] == pytest.approx(len(set(range(0, STEPS, 2)) | {STEPS - 1}) / STEPS)
+    fb = result["methods"]["fbcache"]["points"]
+    assert all(p["compute"] >= p["fraction"] for p in fb)  # FBC always pays for its first block
+    assert "| method |" in format_frontier(result)
+    assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# errors: one line, exit 2
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("args", [
+    ["tune", "t.h5", "--coeffs", "c.json", "--speedup", "0.5"],
+    ["tune", "t.h5", "--coeffs", "c.json", "--compute-fraction", "1.5"],
+    ["tune", "t.h5", "--coeffs", "c.json", "--max-error", "-1"],
+    ["tune", "t.h5", "--coeffs", "c.json", "--speedup", "2", "--compute-fraction", "0.5"],
+    ["tune", "t.h5", "--coeffs", "c.json"],
+    ["tune", "t.h5", "--coeffs", "missing.json", "--speedup", "2"],
+    ["eval", "--coeffs", "missing.json"],
+])
+def test_errors_are_one_line_with_exit_2(args, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("calib: error:") and "\n" not in err, err
+
+
+def test_eval_refuses_bad_thresholds(tuned, capsys, monkeypatch):
+    work, _, _, _, _ = tuned
+    monkeypatch.chdir(work)
+    assert main(["eval", "--coeffs", "coeffs/digits.json", "--threshold", "-1"]) == 2
+    assert main(["eval", "--coeffs", "coeffs/digits.json", "--repeats", "0"]) == 2
+    assert main(["eval", "--coeffs", "coeffs/digits.json", "--out", "results.txt"]) == 2
+    errs = [line for line in capsys.readouterr().err.splitlines() if line]
+    assert len(errs) == 3 and all(line.startswith("calib: error:") for line in errs)

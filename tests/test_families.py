@@ -1,0 +1,476 @@
+"""Every built-in adapter on a tiny random transformer of its family, driven by a stand-in pipeline (no VAE, no
+text encoders): the tracer's trajectories, exact parity at threshold 0, the first/last rule at a huge threshold,
+separate state per stream, two-expert Wan, unsupported classes and ``--modulation-module``."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Callable
+
+import numpy as np
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+
+import calib.runtime as cr  # noqa: E402
+from calib.adapters import custom_adapter, get_adapter, model_identity  # noqa: E402
+from calib.errors import CalibError  # noqa: E402
+from calib.trace import TraceSettings, Tracer  # noqa: E402
+
+STEPS = 5
+GUIDANCE = 3.0
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These models are tiny: one thread is several times faster than two fighting over a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@dataclass(frozen=True)
+class Family:
+    """A tiny model of one family and how its pipeline calls it."""
+
+    cls: str
+    config: dict
+    latent: tuple  # latent shape without the batch dimension
+    text: dict  # random per-prompt inputs (drawn from the generator): name -> shape without batch
+    extra: Callable[[int], dict] = lambda b: {}  # fixed inputs for a batch of b
+    timestep: Callable[[torch.Tensor, int], torch.Tensor] = lambda t, b: t.expand(b)
+    concat_channels: int = 0  # image-to-video: condition latents concatenated to the input along dim 1
+
+    def build(self, seed: int = 0) -> torch.nn.Module:
+        torch.manual_seed(seed)
+        return getattr(diffusers, self.cls)(**self.config).eval()
+
+
+def _ones(b, n, dtype=torch.float32):
+    return torch.ones(b, n, dtype=dtype)
+
+
+_WAN = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=4, out_channels=4,
+            text_dim=16, freq_dim=32, ffn_dim=32, num_layers=2, rope_max_seq_len=32)
+
+FAMILIES = {
+    "flux": Family(
+        "FluxTransformer2DModel",
+        dict(patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16,
+             num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=8, axes_dims_rope=(4, 4, 8)),
+        latent=(16, 4),
+        text={"encoder_hidden_states": (8, 16), "pooled_projections": (8,)},
+        extra=lambda b: {"img_ids": torch.zeros(16, 3), "txt_ids": torch.zeros(8, 3)},
+        timestep=lambda t, b: (t / 1000).expand(b),
+    ),
+    "wan_t2v": Family("WanTransformer3DModel", _WAN, latent=(4, 2, 8, 8), text={"encoder_hidden_states": (8, 16)}),
+    "wan_i2v": Family(
+        "WanTransformer3DModel",
+        {**_WAN, "in_channels": 9, "image_dim": 16, "added_kv_proj_dim": 24},
+        latent=(4, 2, 8, 8),
+        # Wan's I2V attention takes everything before the last 512 text tokens as image tokens.
+        text={"encoder_hidden_states": (512, 16), "encoder_hidden_states_image": (4, 16)},
+        concat_channels=5,
+    ),
+    "wan_ti2v": Family(  # Wan 2.2 5B: one timestep per latent token (expand_timesteps)
+        "WanTransformer3DModel", _WAN, latent=(4, 2, 8, 8), text={"encoder_hidden_states": (8, 16)},
+        timestep=lambda t, b: t.expand(b, 2 * 4 * 4),
+    ),
+    "hunyuan_video": Family(
+        "HunyuanVideoTransformer3DModel",
+        dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=10, num_layers=1,
+             num_single_layers=1, num_refiner_layers=1, patch_size=1, patch_size_t=1, guidance_embeds=True,
+             text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(2, 4, 4)),
+        latent=(4, 1, 8, 8),
+        text={"encoder_hidden_states": (12, 16), "pooled_projections": (8,)},
+        extra=lambda b: {"encoder_attention_mask": _ones(b, 12), "guidance": torch.full((b,), 6000.0)},
+    ),
+    "cogvideox": Family(
+        "CogVideoXTransformer3DModel",
+        dict(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, time_embed_dim=2,
+             text_embed_dim=8, num_layers=2, sample_width=8, sample_height=8, sample_frames=8, patch_size=2,
+             temporal_compression_ratio=4, max_text_seq_length=8),
+        latent=(1, 4, 8, 8),
+        text={"encoder_hidden_states": (8, 8)},
+    ),
+    "ltx_video": Family(
+        "LTXVideoTransformer3DModel",
+        dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16,
+             num_layers=2, caption_channels=16),
+        latent=(2 * 4 * 4, 4),
+        text={"encoder_hidden_states": (8, 16)},
+        extra=lambda b: {"encoder_attention_mask": _ones(b, 8), "num_frames": 2, "height": 4, "width": 4},
+    ),
+    "mochi": Family(
+        "MochiTransformer3DModel",
+        dict(patch_size=2, num_attention_heads=2, attention_head_dim=8, num_layers=2, pooled_projection_dim=16,
+             in_channels=4, out_channels=None, qk_norm="rms_norm", text_embed_dim=16, time_embed_dim=4,
+             activation_fn="swiglu", max_sequence_length=16),
+        latent=(4, 2, 8, 8),
+        text={"encoder_hidden_states": (16, 16)},
+        extra=lambda b: {"encoder_attention_mask": _ones(b, 16, torch.bool)},
+    ),
+    "sd3": Family(
+        "SD3Transformer2DModel",
+        dict(sample_size=8, patch_size=1, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+             caption_projection_dim=16, joint_attention_dim=16, pooled_projection_dim=16, out_channels=4,
+             pos_embed_max_size=16, dual_attention_layers=(), qk_norm=None),
+        latent=(4, 8, 8),
+        text={"encoder_hidden_states": (8, 16), "pooled_projections": (16,)},
+    ),
+    "sd35": Family(  # SD3.5: dual attention in the first block (SD35AdaLayerNormZeroX), rms qk norm
+        "SD3Transformer2DModel",
+        dict(sample_size=8, patch_size=1, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
+             caption_projection_dim=16, joint_attention_dim=16, pooled_projection_dim=16, out_channels=4,
+             pos_embed_max_size=16, dual_attention_layers=(0,), qk_norm="rms_norm"),
+        latent=(4, 8, 8),
+        text={"encoder_hidden_states": (8, 16), "pooled_projections": (16,)},
+    ),
+    "qwenimage": Family(
+        "QwenImageTransformer2DModel",
+        dict(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=16, num_attention_heads=2,
+             joint_attention_dim=16, guidance_embeds=False, axes_dims_rope=(8, 4, 4)),
+        latent=(16, 16),
+        text={"encoder_hidden_states": (8, 16)},
+        extra=lambda b: {"encoder_hidden_states_mask": _ones(b, 8, torch.long), "img_shapes": [(1, 4, 4)] * b},
+        timestep=lambda t, b: (t / 1000).expand(b),
+    ),
+    "lumina2": Family(
+        "Lumina2Transformer2DModel",
+        dict(sample_size=8, patch_size=2, in_channels=4, hidden_size=24, num_layers=2, num_refiner_layers=1,
+             num_attention_heads=3, num_kv_heads=1, multiple_of=2, ffn_dim_multiplier=None, norm_eps=1e-5,
+             scaling_factor=1.0, axes_dim_rope=(4, 2, 2), axes_lens=(32, 32, 32), cap_feat_dim=16),
+        latent=(4, 8, 8),
+        text={"encoder_hidden_states": (8, 16)},
+        extra=lambda b: {"encoder_attention_mask": _ones(b, 8, torch.bool)},
+        timestep=lambda t, b: (1 - t / 1000).expand(b),
+    ),
+    "sana": Family(
+        "SanaTransformer2DModel",
+        dict(patch_size=1, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=4, num_attention_heads=2,
+             num_cross_attention_heads=2, cross_attention_head_dim=4, cross_attention_dim=8, caption_channels=8,
+             sample_size=8),
+        latent=(4, 8, 8),
+        text={"encoder_hidden_states": (8, 8)},
+    ),
+    "pixart": Family(
+        "PixArtTransformer2DModel",
+        dict(sample_size=8, num_layers=2, patch_size=2, attention_head_dim=4, num_attention_heads=2, in_channels=4,
+             cross_attention_dim=8, out_channels=4, attention_bias=True, activation_fn="gelu-approximate",
+             num_embeds_ada_norm=8, norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6,
+             use_additional_conditions=False, caption_channels=None),
+        latent=(4, 8, 8),
+        text={"encoder_hidden_states": (8, 8)},
+        extra=lambda b: {"added_cond_kwargs": {"resolution": None, "aspect_ratio": None}},
+    ),
+    "cosmos": Family(
+        "CosmosTransformer3DModel",
+        dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=12, num_layers=2, mlp_ratio=2,
+             text_embed_dim=16, adaln_lora_dim=4, max_size=(4, 16, 16), patch_size=(1, 2, 2),
+             rope_scale=(2.0, 1.0, 1.0), concat_padding_mask=False, extra_pos_embed_type="learnable"),
+        latent=(4, 1, 8, 8),
+        text={"encoder_hidden_states": (12, 16)},
+        extra=lambda b: {"attention_mask": _ones(b, 12), "fps": 30},  # padding_mask needs torchvision
+    ),
+}
+
+
+class StandInPipeline:
+    """What calib needs of a diffusers pipeline: ``transformer`` (and ``transformer_2`` with ``boundary_ratio``, as
+    Wan2.2's two experts), a scheduler, and a denoising loop with batched or separate CFG."""
+
+    def __init__(self, family: Family, transformer, transformer_2=None, boundary_ratio=None):
+        self.family = family
+        self.transformer = transformer
+        if transformer_2 is not None:
+            self.transformer_2 = transformer_2
+        self.boundary_ratio = boundary_ratio
+        self.scheduler = diffusers.FlowMatchEulerDiscreteScheduler()
+
+    @torch.no_grad()
+    def __call__(self, prompt, num_inference_steps=STEPS, guidance_scale=GUIDANCE, generator=None,
+                 output_type="latent", cfg_mode="batched", **kwargs):
+        f = self.family
+        self.scheduler.set_timesteps(num_inference_steps)
+        latents = torch.randn((1, *f.latent), generator=generator)
+        cond = {k: torch.randn((1, *s), generator=generator) for k, s in f.text.items()}
+        uncond = {k: torch.randn((1, *s), generator=generator) for k, s in f.text.items()}
+        image = torch.randn((1, f.concat_channels, *f.latent[1:]), generator=generator) if f.concat_channels else None
+        cfg = guidance_scale > 1
+        boundary = (self.boundary_ratio or 0) * self.scheduler.config.num_train_timesteps
+        for t in self.scheduler.timesteps:
+            model = self.transformer if t >= boundary else self.transformer_2
+            if cfg and cfg_mode == "batched":  # diffusers' layout: [negative, positive]
+                text = {k: torch.cat([uncond[k], cond[k]]) for k in cond}
+                batch = torch.cat([latents] * 2)
+                pred_uncond, pred_cond = self._predict(model, batch, t, text, image, "cond_uncond").chunk(2)
+            else:
+                pred_cond = self._predict(model, latents, t, cond, image, "cond" if cfg else None)
+                pred_uncond = self._predict(model, latents, t, uncond, image, "uncond") if cfg else None
+            pred = pred_uncond + guidance_scale * (pred_cond - pred_uncond) if cfg else pred_cond
+            latents = self.scheduler.step(pred, t, latents, return_dict=False)[0]
+        return SimpleNamespace(images=latents)
+
+    def _predict(self, model, latents, t, text, image, context=None):
+        b = latents.shape[0]
+        x = latents if image is None else torch.cat([latents, image.expand(b, *image.shape[1:])], dim=1)
+        inputs = dict(hidden_states=x, timestep=self.family.timestep(t, b), **text, **self.family.extra(b))
+        # Like diffusers' pipelines (Wan, HunyuanVideo, Qwen-Image; LTX, CogVideoX and Mochi batch CFG under
+        # "cond_uncond"): calls run under cache_context where the model has it, else plain (SD3, Sana, Lumina2...).
+        named = context is not None and hasattr(model, "cache_context")
+        with model.cache_context(context) if named else contextlib.nullcontext():
+            return model(**inputs, return_dict=False)[0]
+
+
+@functools.lru_cache(maxsize=None)
+def stand_in(name: str) -> StandInPipeline:
+    return StandInPipeline(FAMILIES[name], FAMILIES[name].build())
+
+
+def generate(pipe, cfg_mode="batched", seed=0):
+    return pipe("a prompt", num_inference_steps=STEPS, guidance_scale=GUIDANCE,
+                generator=torch.Generator().manual_seed(seed), cfg_mode=cfg_mode).images
+
+
+def make_config(transformer, components=("transformer",), adapter=None, indicator="modulated_input"):
+    ident = model_identity(transformer)
+    model = {"class": ident["class"], "config_hash": ident["config_hash"], **({"adapter": adapter} if adapter else {})}
+    return cr.parse({
+        "format": "calib.coefficients",
+        "schema_version": 1,
+        "method": "teacache",
+        "calib_version": "0.1.0",
+        "created": "2026-11-23T08:00:00Z",
+        "model": model,
+        "indicator": {"name": indicator},
+        "calibration": {},
+        "components": {
+            c: {"coefficients": [1.0, 0.0], "order": "highest_first", "degree": 1, "domain": None} for c in components
+        },
+    })
+
+
+def check_series(traj, steps):
+    """Every series has one entry per step; entry 0 is NaN (no previous step), the rest finite."""
+    series = {"input": traj.input_rel_l1, "output": traj.output_rel_l1, "residual": traj.residual_rel_l1,
+              **{f"block {n}": traj.block_rel_l1[:, i] for i, n in enumerate(traj.block_names)}, **traj.extra}
+    for name, values in series.items():
+        assert len(values) == steps, name
+        assert np.isnan(values[0]), name
+        assert np.isfinite(values[1:]).all(), (name, values)
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_family(name):
+    pipe = stand_in(name)
+    transformer = pipe.transformer
+    adapter = get_adapter(transformer)
+    assert type(transformer).__name__ in adapter.model_classes
+
+    # (1) the tracer: batched CFG gives rows uncond/cond, separate calls give cond/uncond
+    settings = TraceSettings(steps=STEPS, guidance=GUIDANCE, seeds=(0,))
+    with Tracer(pipe) as tracer:
+        batched = tracer.trace("a prompt", 0, settings)
+        separate = tracer.trace("a prompt", 0, TraceSettings(steps=STEPS, guidance=GUIDANCE, seeds=(0,),
+                                                               pipeline_kwargs={"cfg_mode": "separate"}))
+    for trajectories in (batched, separate):
+        assert sorted(t.stream for t in trajectories) == ["cond", "uncond"]
+        assert len(trajectories[0].block_names) == len(adapter.blocks(transformer))
+        for traj in trajectories:
+            assert traj.component == "transformer"
+            assert list(traj.step_index) == list(range(STEPS))
+            check_series(traj, STEPS)
+            assert "temb_rel_l1" in traj.extra
+    # batch rows are traced apart: the two CFG branches see different text, so their outputs move differently
+    assert not np.allclose(batched[0].output_rel_l1[1:], batched[1].output_rel_l1[1:])
+
+    for mode, n_streams in (("batched", 1), ("separate", 2)):
+        base = generate(pipe, mode)
+        # (2) threshold 0 computes every step: bit-identical to the uncached run
+        with cr.apply(pipe, make_config(transformer), threshold=0) as handle:
+            assert torch.equal(generate(pipe, mode), base)
+            assert handle.stats()["skipped"] == 0
+        # (3) a huge threshold computes only the first and last step of each stream; (4) streams keep their own state
+        with cr.apply(pipe, make_config(transformer), threshold=1e9) as handle:
+            cached = generate(pipe, mode)
+            stats = handle.stats()
+        assert len({t["stream"] for t in stats["trajectories"]}) == len(stats["trajectories"]) == n_streams
+        for traj in stats["trajectories"]:
+            assert traj["steps"] == STEPS and traj["computed"] == 2
+            assert traj["skipped_steps"] == list(range(1, STEPS - 1))
+        assert cached.shape == base.shape and torch.isfinite(cached).all() and not torch.equal(cached, base)
+        assert torch.equal(generate(pipe, mode), base)  # removed: the model is as before
+
+
+@pytest.mark.parametrize("name", [n for n in FAMILIES if get_adapter(FAMILIES[n].cls).modulated_input is not None])
+def test_modulated_input_is_what_the_block_feeds_its_attention(name):
+    """For blocks without a modulation layer the adapter recomputes the modulated input; it must be bit-identical
+    to the tensor the block itself gives its self-attention."""
+    pipe = stand_in(name)
+    adapter = get_adapter(pipe.transformer)
+    block = adapter.blocks(pipe.transformer)[0][1]
+    attention = block.attn if hasattr(block, "img_mod") else block.attn1  # Qwen-Image names it attn
+    seen = []
+
+    def ours(module, args, kwargs):
+        seen.append(adapter.modulated_input(module, args, kwargs))
+
+    def theirs(module, args, kwargs):
+        seen.append(kwargs.get("hidden_states", args[0] if args else None))
+
+    hooks = [block.register_forward_pre_hook(ours, with_kwargs=True),
+             attention.register_forward_pre_hook(theirs, with_kwargs=True)]
+    try:
+        generate(pipe)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert len(seen) == 2 * STEPS
+    for ours, theirs in zip(seen[::2], seen[1::2]):
+        assert torch.equal(ours, theirs)
+
+
+def test_two_expert_wan():
+    """Wan2.2 A14B: ``transformer`` above the boundary timestep, ``transformer_2`` below, each with its own
+    polynomial and its own per-stream state."""
+    family = FAMILIES["wan_t2v"]
+    pipe = StandInPipeline(family, family.build(0), family.build(1), boundary_ratio=0.7)
+    steps = 6
+    pipe.scheduler.set_timesteps(steps)
+    high = [i for i, t in enumerate(pipe.scheduler.timesteps) if t >= 700]
+    low = [i for i in range(steps) if i not in high]
+    assert high and len(low) >= 3
+
+    with Tracer(pipe) as tracer:
+        trajectories = tracer.trace("a prompt", 0, TraceSettings(steps=steps, guidance=GUIDANCE, seeds=(0,)))
+    by = {(t.component, t.stream): t for t in trajectories}
+    assert set(by) == {(c, s) for c in ("transformer", "transformer_2") for s in ("cond", "uncond")}
+    for (component, _), traj in by.items():
+        assert list(traj.step_index) == (high if component == "transformer" else low)
+
+    def run():
+        return pipe("a prompt", num_inference_steps=steps, guidance_scale=GUIDANCE,
+                    generator=torch.Generator().manual_seed(0), cfg_mode="separate").images
+
+    config = make_config(pipe.transformer, components=("transformer", "transformer_2"))
+    base = run()
+    with cr.apply(pipe, config, threshold=0):
+        assert torch.equal(run(), base)
+    with cr.apply(pipe, config, threshold=1e9) as handle:
+        run()
+        stats = handle.stats()
+    by = {(t["component"], t["stream"]): t for t in stats["trajectories"]}
+    assert set(by) == {(c, s) for c in ("transformer", "transformer_2") for s in ("cond", "uncond")}
+    for stream in ("cond", "uncond"):
+        first, second = by[("transformer", stream)], by[("transformer_2", stream)]
+        assert first["steps"] == len(high) and second["steps"] == len(low)
+        # each expert computes its own first step (it has no residual of its own yet); the last step always computes
+        assert first["skipped_steps"] == list(range(1, len(high)))
+        assert second["skipped_steps"] == list(range(1, len(low) - 1))
+
+
+class MysteryTransformer(torch.nn.Module):
+    def forward(self, hidden_states, timestep):
+        return hidden_states
+
+
+def test_unsupported_class_names_supported_ones_and_the_flag():
+    pipe = SimpleNamespace(transformer=MysteryTransformer(), scheduler=diffusers.FlowMatchEulerDiscreteScheduler())
+    for attempt in (lambda: get_adapter(pipe.transformer), lambda: Tracer(pipe)):
+        with pytest.raises(CalibError) as err:
+            attempt()
+        message = str(err.value)
+        assert "MysteryTransformer" in message and "--modulation-module" in message
+        for cls in ("FluxTransformer2DModel", "WanTransformer3DModel", "QwenImageTransformer2DModel"):
+            assert cls in message
+
+
+def test_custom_adapter_on_flux():
+    pipe = stand_in("flux")
+    adapter = custom_adapter("transformer_blocks.0.norm1")
+    assert adapter.name == "custom" and adapter.indicator_name == "transformer_blocks.0.norm1"
+    settings = TraceSettings(steps=STEPS, guidance=GUIDANCE, seeds=(0,))
+    with Tracer(pipe, adapter) as tracer:
+        custom = tracer.trace("a prompt", 0, settings)
+    with Tracer(pipe, modulation_module="transformer_blocks.0.norm1") as tracer:
+        flagged = tracer.trace("a prompt", 0, settings)
+    with Tracer(pipe) as tracer:
+        builtin = tracer.trace("a prompt", 0, settings)
+    assert [t.block_names for t in custom] == [t.block_names for t in builtin]
+    for a, b, c in zip(custom, flagged, builtin):
+        np.testing.assert_array_equal(a.input_rel_l1, c.input_rel_l1)
+        np.testing.assert_array_equal(b.input_rel_l1, c.input_rel_l1)
+    base = generate(pipe)
+    with cr.apply(pipe, make_config(pipe.transformer), threshold=0, modulation_module="transformer_blocks.0.norm1"):
+        assert torch.equal(generate(pipe), base)
+
+
+class MyFluxTransformer(diffusers.FluxTransformer2DModel):
+    """A class calib has no adapter for (its blocks are FLUX's)."""
+
+
+def test_modulation_module_for_an_unknown_class_traces_and_applies():
+    family = FAMILIES["flux"]
+    torch.manual_seed(0)
+    pipe = StandInPipeline(family, MyFluxTransformer(**family.config).eval())
+    with pytest.raises(CalibError, match="--modulation-module"):
+        Tracer(pipe)
+    with Tracer(pipe, modulation_module="transformer_blocks.0.norm1") as tracer:
+        assert tracer.adapter.name == "custom"
+        for traj in tracer.trace("a prompt", 0, TraceSettings(steps=STEPS, guidance=GUIDANCE, seeds=(0,))):
+            check_series(traj, STEPS)
+    # what `calib fit` writes for such a trace: adapter "custom", the layer as the indicator's name
+    config = make_config(pipe.transformer, adapter="custom", indicator="transformer_blocks.0.norm1")
+    base = generate(pipe)
+    with cr.apply(pipe, config, threshold=0):
+        assert torch.equal(generate(pipe), base)
+    with cr.apply(pipe, config, threshold=1e9) as handle:
+        generate(pipe)
+        assert [t["computed"] for t in handle.stats()["trajectories"]] == [2]
+
+
+class _ToyBlock(torch.nn.Module):
+    def __init__(self, append: int = 0):
+        super().__init__()
+        self.norm1 = torch.nn.LayerNorm(8)
+        self.proj = torch.nn.Linear(8, 8)
+        self.append = append
+
+    def forward(self, hidden_states, temb):
+        out = hidden_states + self.proj(self.norm1(hidden_states) * (1 + temb[:, None]))
+        if self.append:  # like a last block that also returns text tokens
+            out = torch.cat([out, out[:, : self.append]], dim=1)
+        return out
+
+
+class ToyAppendingTransformer(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.transformer_blocks = torch.nn.ModuleList([_ToyBlock(), _ToyBlock(append=2)])
+
+    def forward(self, hidden_states, timestep, return_dict=True):
+        temb = torch.sin(timestep[:, None] / 100 + torch.arange(8))
+        tokens = hidden_states.shape[1]
+        for block in self.transformer_blocks:
+            hidden_states = block(hidden_states, temb)
+        return (hidden_states[:, :tokens],)
+
+
+def test_stack_whose_output_shape_differs_is_traced_with_nan_residual_and_never_skipped():
+    torch.manual_seed(0)
+    pipe = StandInPipeline(Family("", {}, latent=(6, 8), text={}), ToyAppendingTransformer())
+    with Tracer(pipe, modulation_module="transformer_blocks.0.norm1") as tracer:
+        trajectories = tracer.trace("a prompt", 0, TraceSettings(steps=STEPS, guidance=GUIDANCE, seeds=(0,)))
+    for traj in trajectories:
+        assert np.isnan(traj.residual_rel_l1).all()
+        assert np.isfinite(traj.input_rel_l1[1:]).all() and np.isfinite(traj.output_rel_l1[1:]).all()
+    base = generate(pipe)
+    with cr.apply(pipe, make_config(pipe.transformer), threshold=1e9,
+                  modulation_module="transformer_blocks.0.norm1") as handle:
+        assert torch.equal(generate(pipe), base)
+        assert handle.stats()["skipped"] == 0

@@ -1,0 +1,960 @@
+"""Nothing lost, nothing half-written.
+
+* Crashes: ``calib trace`` SIGKILLed at random moments (and once mid-write) leaves a complete, readable file every
+  time, and rerunning the command resumes to exactly prompts x seeds x 2 trajectories; Ctrl-C ends with exit 130 and
+  one line saying what was saved; a second writer is refused at once; JSON and PNG are replaced atomically.
+* Bad input at every boundary: each case in :data:`CASES` is run as the user runs it and must print exactly its one
+  line (exit 2, no traceback) and write nothing. ``docs/bad-inputs.md`` is generated from the same list (between the
+  ``cases`` markers) and a test keeps it equal::
+
+      python tests/test_reliability.py --write-doc     # refresh the table after changing CASES
+
+* Security: no pickle, torch.load, eval/exec or trust_remote_code=True in the package; weights are safetensors.
+"""
+
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import hashlib
+import io
+import json
+import math
+import os
+import random
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from contextlib import redirect_stderr, redirect_stdout
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import h5py
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "docs" / "bad-inputs.md"
+START, END = "<!-- cases:start -->", "<!-- cases:end -->"
+
+# ---------------------------------------------------------------------------------------------------- assets
+
+_ASSETS: dict = {}
+
+
+def pipe():
+    """The built-in digits pipeline, loaded once."""
+    if "pipe" not in _ASSETS:
+        from calib.models.digits import load_pipeline
+
+        _ASSETS["pipe"] = load_pipeline()
+    return _ASSETS["pipe"]
+
+
+def assets() -> Path:
+    """A folder with real artifacts made once: real.h5 (2 prompts x 2 seeds x 6 steps), tiny.h5 (1 generation of
+    4 steps: 6 points), real.json (fit of real.h5)."""
+    if "dir" not in _ASSETS:
+        from calib.calibrate import run_fit
+        from calib.trace import TraceSettings, run_trace
+
+        folder = Path(tempfile.mkdtemp(prefix="calib-reliability-"))
+        atexit.register(shutil.rmtree, folder, True)
+        (folder / "p.txt").write_text("a handwritten 7\nthe digit three\n")
+        (folder / "p1.txt").write_text("a handwritten 7\n")
+        quiet = lambda *a, **k: None  # noqa: E731
+        with redirect_stderr(io.StringIO()):
+            run_trace("builtin:digits", folder / "p.txt", TraceSettings(steps=6, seeds=(0, 1)),
+                      out=folder / "real.h5", pipe=pipe(), echo=quiet)
+            run_trace("builtin:digits", folder / "p1.txt", TraceSettings(steps=4, seeds=(0,)),
+                      out=folder / "tiny.h5", pipe=pipe(), echo=quiet)
+        run_fit([folder / "real.h5"], out=folder / "real.json", plot=False, bootstrap=0, echo=quiet)
+        _ASSETS["dir"] = folder
+    return _ASSETS["dir"]
+
+
+def real_trajectories():
+    from calib.store import read_traces
+
+    ts = read_traces([assets() / "real.h5"])
+    return ts.model_info, ts.trajectories
+
+
+def write_trace(path: Path, trajectories, info=None) -> None:
+    from calib.store import TraceWriter
+
+    info = info if info is not None else real_trajectories()[0]
+    with TraceWriter(path, info) as w:
+        if trajectories:
+            w.append(trajectories)
+
+
+def with_values(t, **series):
+    """A copy of trajectory ``t`` with some series replaced (entry 0 stays NaN)."""
+    return dataclasses.replace(t, **{k: np.asarray(v, dtype=np.float32) for k, v in series.items()})
+
+
+def poisoned(n_nan: int, n_inf: int):
+    """The real trajectories, the first ``n_nan`` with a NaN and the next ``n_inf`` with an Inf after entry 0 of
+    their output change (the y of every candidate indicator)."""
+    out = []
+    for i, t in enumerate(real_trajectories()[1]):
+        y = t.output_rel_l1.copy()
+        if i < n_nan:
+            y[2] = np.nan
+        elif i < n_nan + n_inf:
+            y[3] = np.inf
+        out.append(with_values(t, output_rel_l1=y))
+    return out
+
+
+def real_doc() -> dict:
+    return json.loads((assets() / "real.json").read_text())
+
+
+def write_json(path: Path, doc) -> None:
+    path.write_text(json.dumps(doc, indent=2, allow_nan=True))
+
+
+def copy_asset(name: str, work: Path, to: str | None = None) -> Path:
+    target = work / (to or name)
+    target.write_bytes((assets() / name).read_bytes())
+    return target
+
+
+# ---------------------------------------------------------------------------------------------------- cases
+
+
+@dataclass
+class Case:
+    """One bad input, run as the user runs it, and exactly what the user sees."""
+
+    id: str
+    what: str  # the bad input, in words
+    command: str  # CLI: what the user types (run in a fresh folder); API: the Python call
+    expect: str  # the line the user sees
+    exit: int | None  # CLI exit status; None for a Python call (its exception is the line)
+    setup: Callable[[Path], object] | None = None  # writes the inputs; may return a function that cleans up
+    call: Callable[[Path], object] | None = None  # Python API cases
+    check: Callable[[Path], None] | None = None  # further checks (cases that succeed with a warning)
+
+
+def _p(content: bytes | str, name: str = "p.txt"):
+    def setup(work: Path):
+        data = content.encode() if isinstance(content, str) else content
+        (work / name).write_bytes(data)
+
+    return setup
+
+
+def _files(**named: Callable[[Path], object]):
+    def setup(work: Path):
+        for name, make in named.items():
+            make(work / name.replace("__", "."))
+
+    return setup
+
+
+def _traced_once(work: Path) -> None:
+    from calib.store import read_traces
+
+    keys = [t.key for t in read_traces([work / "t.h5"]).trajectories]
+    assert len(keys) == len(set(keys)) == 2, keys  # one generation (cond, uncond): the duplicate traced once
+
+
+def _fit_skipped(work: Path) -> None:
+    doc = json.loads((work / "c.json").read_text())
+    assert doc["components"]["transformer"]["metrics"]["skipped_trajectories"] == 3
+    assert doc["components"]["transformer"]["metrics"]["trajectories"] == 5
+
+
+def _hold_writer(work: Path):
+    from calib.store import TraceWriter
+
+    writer = TraceWriter(work / "t.h5", real_trajectories()[0])
+    return writer.close
+
+
+def _empty_dir(path: Path) -> None:
+    path.mkdir()
+    (path / "transformer").mkdir()
+
+
+def _trace_cut_in_half(path: Path) -> None:
+    data = (assets() / "real.h5").read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _trace_schema_99(path: Path) -> None:
+    path.write_bytes((assets() / "real.h5").read_bytes())
+    with h5py.File(path, "r+") as f:
+        f.attrs["schema_version"] = 99
+
+
+def _foreign_hdf5(path: Path) -> None:
+    with h5py.File(path, "w") as f:
+        f.create_dataset("images", data=np.zeros((2, 8, 8)))
+
+
+def _constant_inputs(path: Path) -> None:
+    trajs = [with_values(t, input_rel_l1=np.r_[np.nan, np.full(len(t.input_rel_l1) - 1, 0.1)])
+             for t in real_trajectories()[1]]
+    write_trace(path, trajs)
+
+
+def _other_model(path: Path) -> None:
+    info, trajs = real_trajectories()
+    write_trace(path, trajs[:2], dict(info, **{"class": "WanTransformer3DModel"}))
+
+
+def _json_edit(edit: Callable[[dict], object]):
+    def make(path: Path) -> None:
+        doc = real_doc()
+        edit(doc)
+        write_json(path, doc)
+
+    return make
+
+
+def _set(doc: dict, dotted: str, value) -> None:
+    *parents, last = dotted.split(".")
+    for p in parents:
+        doc = doc[p]
+    doc[last] = value
+
+
+def _load(name: str):
+    import calib.runtime as cr
+
+    return cr.load(name)
+
+
+def _apply(name: str, **kwargs):
+    import calib.runtime as cr
+
+    config = cr.load(name)
+    handle = cr.apply(pipe(), config, **kwargs)
+    handle.remove()
+    return handle
+
+
+def _apply_mismatch_allowed(work: Path):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _apply("c.json", allow_model_mismatch=True)
+    lines = [f"{w.category.__name__}: {w.message}" for w in caught]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def _load_model_folder(work: Path):
+    from calib.models.loading import load_model
+
+    return load_model("empty_dir")
+
+
+TRACE = "calib trace --steps 2 --seeds 0"
+LONG_PROMPT = "a handwritten 7, " + "very " * 500
+
+CASES: list[Case] = [
+    # -- prompts file --------------------------------------------------------------------------------------------
+    Case("prompts-missing", "prompts file does not exist", "calib trace --prompts nope.txt",
+         "calib: error: nope.txt: prompts file not found", 2),
+    Case("prompts-empty", "prompts file is empty", "calib trace --prompts p.txt",
+         "calib: error: p.txt: no prompts in it (blank lines and '#' comments are ignored)", 2, _p(b"")),
+    Case("prompts-comments", "prompts file holds only blank lines and comments", "calib trace --prompts p.txt",
+         "calib: error: p.txt: no prompts in it (blank lines and '#' comments are ignored)", 2,
+         _p(b"\n# digits\n   \n")),
+    Case("prompts-binary", "prompts file is binary (a PNG)", "calib trace --prompts p.txt",
+         "calib: error: p.txt: looks binary (contains NUL bytes); expected a UTF-8 text file with one prompt per line",
+         2, _p(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")),
+    Case("prompts-latin1", "prompts file is not UTF-8 (Latin-1)", "calib trace --prompts p.txt",
+         "calib: error: p.txt: not UTF-8 text (bad byte at offset 3); re-save it as UTF-8", 2,
+         _p("caf\u00e9 7\n".encode("latin-1"))),
+    Case("prompts-dir", "prompts path is a directory", "calib trace --prompts prompts",
+         "calib: error: prompts: is a directory; expected a text file with one prompt per line", 2,
+         lambda work: (work / "prompts").mkdir()),
+    Case("prompt-unreadable", "a prompt the model cannot read", f"{TRACE} --prompts p.txt --out t.h5",
+         "calib: error: the built-in digits model cannot map prompt 'a photo of a cat' to one digit (names no "
+         "digit); write prompts like 'a handwritten 7' or 'the digit seven'", 2,
+         _p("a handwritten 7\na photo of a cat\n")),
+    Case("prompts-duplicate", "the same prompt twice (warning; traced once)", f"{TRACE} --prompts p.txt --out t.h5",
+         "calib: warning: p.txt: 1 duplicate prompt(s), traced once each: ['a handwritten 7']", 0,
+         _p("a handwritten 7\na handwritten 7\n"), check=_traced_once),
+    Case("prompts-overlong", "a prompt over 2,000 characters (warning)", f"{TRACE} --prompts p.txt --out t.h5",
+         "calib: warning: p.txt: 1 prompt(s) longer than 2000 characters; text encoders truncate them", 0,
+         _p(LONG_PROMPT + "\n")),
+    # -- trace settings --------------------------------------------------------------------------------------------
+    Case("steps-1", "`--steps 1` (a change needs two steps)", "calib trace --steps 1",
+         "calib: error: --steps must be an integer >= 2, got 1", 2),
+    Case("steps-text", "`--steps` not a number", "calib trace --steps ten",
+         "Error: Invalid value for '--steps': 'ten' is not a valid integer.", 2),
+    Case("seeds-empty", "`--seeds ''`", "calib trace --seeds ''",
+         "calib: error: --seeds needs at least one seed", 2),
+    Case("seeds-text", "`--seeds` not integers", "calib trace --seeds a,b",
+         "calib: error: --seeds 'a,b': expected integers like '0,1,2' or a range like '0-7'", 2),
+    Case("seeds-duplicate", "the same seed twice", "calib trace --seeds 1,1",
+         "calib: error: --seeds has duplicates: [1, 1]", 2),
+    Case("guidance-nan", "`--guidance nan`", "calib trace --guidance nan",
+         "calib: error: --guidance must be a finite number >= 0, got nan", 2),
+    Case("guidance-negative", "`--guidance -1`", "calib trace --guidance -1",
+         "calib: error: --guidance must be a finite number >= 0, got -1.0", 2),
+    # -- model --------------------------------------------------------------------------------------------------
+    Case("model-builtin", "unknown built-in model", "calib trace --model builtin:cats",
+         "calib: error: no built-in model 'cats'; built-in models: builtin:digits, builtin:wan-digits", 2),
+    Case("model-folder", "model folder without model_index.json", "calib trace --model empty_dir --prompts p.txt",
+         "calib: error: empty_dir: not a diffusers pipeline folder (no model_index.json)", 2,
+         lambda work: (_p("a cat\n")(work), _empty_dir(work / "empty_dir"))),
+    Case("model-folder-api", "model folder without model_index.json (Python)", 'load_model("empty_dir")',
+         "CalibError: empty_dir: not a diffusers pipeline folder (no model_index.json)", None,
+         lambda work: _empty_dir(work / "empty_dir"), call=_load_model_folder),
+    # -- trace output file ----------------------------------------------------------------------------------------
+    Case("out-not-h5", "`--out` not ending in .h5", f"{TRACE} --prompts p.txt --out t.txt",
+         "calib: error: t.txt: a trace file must end in .h5", 2, _p("a handwritten 7\n")),
+    Case("out-locked", "`--out` being written by another calib process", f"{TRACE} --prompts p.txt --out t.h5",
+         "calib: error: t.h5 is being written by another calib process (pid <pid>); wait for it or use another --out",
+         2, lambda work: (_p("a handwritten 7\n")(work), _hold_writer(work))[1]),
+    Case("out-other-model", "`--out` holds traces of another model", f"{TRACE} --prompts p.txt --out t.h5",
+         "calib: error: t.h5: holds traces of another model (class 'WanTransformer3DModel', now "
+         "'FluxTransformer2DModel'); pass --overwrite to start anew or choose another --out", 2,
+         lambda work: (_p("a handwritten 7\n")(work), _other_model(work / "t.h5"))),
+    Case("out-not-hdf5", "`--out` is an existing non-HDF5 file", f"{TRACE} --prompts p.txt --out t.h5",
+         "calib: error: t.h5: not an HDF5 file; expected a trace written by `calib trace`; pass --overwrite to "
+         "replace it or choose another --out", 2,
+         lambda work: (_p("a handwritten 7\n")(work), (work / "t.h5").write_text("my notes"))),
+    Case("out-truncated", "`--out` is a truncated trace (resume onto it)", f"{TRACE} --prompts p.txt --out t.h5",
+         "calib: error: t.h5: HDF5 file is truncated or corrupt (Unable to synchronously open file (truncated file: "
+         "eof = <n>, sblock->base_addr = 0, stored_eof = <n>)); pass --overwrite to replace it or choose another "
+         "--out", 2, lambda work: (_p("a handwritten 7\n")(work), _trace_cut_in_half(work / "t.h5"))),
+    # -- trace files given to fit ---------------------------------------------------------------------------------
+    Case("fit-missing", "trace file does not exist", "calib fit t.h5 --out c.json",
+         "calib: error: t.h5: trace file not found", 2),
+    Case("fit-not-hdf5", "trace file is not HDF5 (text)", "calib fit t.h5 --out c.json",
+         "calib: error: t.h5: not an HDF5 file; expected a trace written by `calib trace`", 2,
+         _p("prompt,seed\n7,0\n", "t.h5")),
+    Case("fit-empty-file", "trace file is empty (0 bytes)", "calib fit t.h5 --out c.json",
+         "calib: error: t.h5: is empty (0 bytes), not an HDF5 file; expected a trace written by `calib trace`", 2,
+         _p(b"", "t.h5")),
+    Case("fit-truncated", "real trace cut in half", "calib fit t.h5 --out c.json",
+         "calib: error: t.h5: HDF5 file is truncated or corrupt (Unable to synchronously open file (truncated file: "
+         "eof = <n>, sblock->base_addr = 0, stored_eof = <n>))", 2, _files(t__h5=_trace_cut_in_half)),
+    Case("fit-schema-99", "trace of an unknown schema version (99)", "calib fit t.h5 --out c.json",
+         "calib: error: t.h5 was written with trace schema version 99; this calib reads version 1; upgrade calib "
+         "to read it", 2, _files(t__h5=_trace_schema_99)),
+    Case("fit-foreign-hdf5", "an HDF5 file that is not a calib trace", "calib fit t.h5 --out c.json",
+         "calib: error: t.h5: no schema_version attribute; not a calib trace file", 2, _files(t__h5=_foreign_hdf5)),
+    Case("fit-no-trajectories", "a trace with no trajectories yet", "calib fit t.h5 --out c.json",
+         "calib: error: t.h5: holds no trajectories yet; trace some prompts first", 2,
+         _files(t__h5=lambda p: write_trace(p, []))),
+    Case("fit-other-models", "two traces of different models", "calib fit a.h5 b.h5 --out c.json",
+         "calib: error: b.h5: traces another model than a.h5 (class 'WanTransformer3DModel' vs "
+         "'FluxTransformer2DModel'); fit them separately", 2,
+         _files(a__h5=lambda p: write_trace(p, real_trajectories()[1]), b__h5=_other_model)),
+    Case("fit-some-nan", "3 of 8 trajectories hold NaN/Inf (skipped, counted)",
+         "calib fit t.h5 --out c.json --bootstrap 0 --no-plot",
+         "skipped 3 trajectories of transformer with NaN/Inf values", 0,
+         _files(t__h5=lambda p: write_trace(p, poisoned(2, 1))), check=_fit_skipped),
+    Case("fit-too-few-left", "NaN/Inf in all but one trajectory: too few left", "calib fit t.h5 --out c.json",
+         "calib: error: no candidate indicator could be scored (fewer than 2 generations to hold out?); pass "
+         "--indicator and --normalization explicitly", 2, _files(t__h5=lambda p: write_trace(p, poisoned(6, 1)))),
+    Case("fit-too-few-points", "NaN/Inf in all but one trajectory, indicator and degree given",
+         "calib fit t.h5 --out c.json --indicator modulated_input --normalization none --degree 4",
+         "calib: error: component 'transformer': only 5 finite points; a degree-4 fit needs at least 6 — trace more "
+         "prompts or lower --degree", 2, _files(t__h5=lambda p: write_trace(p, poisoned(6, 1)))),
+    Case("fit-all-nan", "NaN/Inf in every trajectory", "calib fit t.h5 --out c.json",
+         "calib: error: component 'transformer': all 8 trajectories contain NaN or Inf changes — the model diverged "
+         "or the trace is damaged; trace again", 2, _files(t__h5=lambda p: write_trace(p, poisoned(4, 4)))),
+    Case("fit-degree-9", "`--degree 9` on a tiny trace (6 points)", "calib fit t.h5 --out c.json --degree 9",
+         "calib: error: component 'transformer': only 6 finite points; a degree-9 fit needs at least 11 — trace more "
+         "prompts or lower --degree", 2, lambda work: copy_asset("tiny.h5", work, "t.h5")),
+    Case("fit-degree-range", "`--degree 12`", "calib fit t.h5 --out c.json --degree 12",
+         "calib: error: degree must be an integer from 1 to 9, got 12", 2,
+         lambda work: copy_asset("real.h5", work, "t.h5")),
+    Case("fit-constant", "all input changes equal",
+         "calib fit t.h5 --out c.json --indicator modulated_input --normalization none",
+         "calib: error: component 'transformer': all 40 input changes are equal (x = 0.1); a polynomial cannot be "
+         "fitted — check that the traces vary between steps", 2, _files(t__h5=_constant_inputs)),
+    Case("fit-stream", "`--stream` that the trace does not hold", "calib fit t.h5 --out c.json --stream text",
+         "calib: error: no trajectories for component 'transformer' with streams ['text']; the traces hold "
+         "components ['transformer']", 2, lambda work: copy_asset("real.h5", work, "t.h5")),
+    Case("fit-out-not-json", "`--out` not ending in .json", "calib fit t.h5 --out c.txt",
+         "calib: error: --out c.txt: the coefficient file must end in .json", 2,
+         lambda work: copy_asset("real.h5", work, "t.h5")),
+    # -- coefficient JSON -----------------------------------------------------------------------------------------
+    Case("json-missing", "coefficient file does not exist", "calib export c.json",
+         "calib: error: c.json: no such file", 2),
+    Case("json-not-json", "coefficient file is not JSON", "calib export c.json",
+         "calib: error: c.json: not JSON: line 1 column 1: Expecting value", 2, _p("coefficients = [1, 2]\n", "c.json")),
+    Case("json-hdf5", "a trace given where a coefficient file is expected", "calib export c.json",
+         "calib: error: c.json: not UTF-8 text (invalid byte at offset 0); a coefficient file is JSON in UTF-8", 2,
+         lambda work: copy_asset("real.h5", work, "c.json")),
+    Case("json-version", "coefficient file of another version (2)", "calib export c.json",
+         "calib: error: c.json: schema_version: this file is version 2; calib 0.1.0 reads version 1 — upgrade calib "
+         "to read it", 2, _files(c__json=_json_edit(lambda d: _set(d, "schema_version", 2)))),
+    Case("json-version-api", "coefficient file of another version (Python)", 'cr.load("c.json")',
+         "CoefficientFileError: c.json: schema_version: this file is version 2; this calib reads version 1", None,
+         _files(c__json=_json_edit(lambda d: _set(d, "schema_version", 2))), call=lambda work: _load("c.json")),
+    Case("json-missing-field", "coefficient file without `components`", "calib export c.json",
+         "calib: error: c.json: components: required field is missing", 2,
+         _files(c__json=_json_edit(lambda d: d.pop("components")))),
+    Case("json-missing-field-api", "coefficient file without `components` (Python)", 'cr.load("c.json")',
+         "CoefficientFileError: c.json: components: missing or empty: expected at least one component with "
+         "coefficients", None, _files(c__json=_json_edit(lambda d: d.pop("components"))),
+         call=lambda work: _load("c.json")),
+    Case("json-nan", "a coefficient is NaN", "calib export c.json",
+         "calib: error: c.json: components.transformer.coefficients[0]: nan is not a finite number", 2,
+         _files(c__json=_json_edit(lambda d: d["components"]["transformer"]["coefficients"].__setitem__(0, math.nan)))),
+    Case("json-nan-api", "a coefficient is NaN (Python)", 'cr.load("c.json")',
+         "CoefficientFileError: c.json: contains NaN, which is not a finite number", None,
+         _files(c__json=_json_edit(lambda d: d["components"]["transformer"]["coefficients"].__setitem__(0, math.nan))),
+         call=lambda work: _load("c.json")),
+    Case("json-other-model", "coefficients of another model class", 'cr.apply(pipe, cr.load("c.json"))',
+         "ModelMismatchError: coefficients in c.json were calibrated for WanTransformer3DModel, not "
+         "FluxTransformer2DModel; pass allow_model_mismatch=True to use them anyway", None,
+         _files(c__json=_json_edit(lambda d: _set(d, "model.class", "WanTransformer3DModel"))),
+         call=lambda work: _apply("c.json")),
+    Case("json-other-model-allowed", "coefficients of another model class, allowed (warning)",
+         'cr.apply(pipe, cr.load("c.json"), allow_model_mismatch=True)',
+         "UserWarning: coefficients in c.json were calibrated for WanTransformer3DModel, not FluxTransformer2DModel",
+         None, _files(c__json=_json_edit(lambda d: _set(d, "model.class", "WanTransformer3DModel"))),
+         call=_apply_mismatch_allowed),
+    # -- thresholds -------------------------------------------------------------------------------------------------
+    Case("threshold-negative-cli", "`--threshold -1`", "calib export c.json --threshold -1",
+         "calib: error: --threshold must be a finite number >= 0, got -1.0", 2,
+         lambda work: copy_asset("real.json", work, "c.json")),
+    Case("threshold-nan-cli", "`--threshold nan`", "calib export c.json --threshold nan",
+         "calib: error: --threshold must be a finite number >= 0, got nan", 2,
+         lambda work: copy_asset("real.json", work, "c.json")),
+    Case("threshold-negative", "a negative threshold", 'cr.apply(pipe, cr.load("c.json"), threshold=-1)',
+         "ThresholdError: threshold must be >= 0, got -1.0", None,
+         lambda work: copy_asset("real.json", work, "c.json"), call=lambda work: _apply("c.json", threshold=-1)),
+    Case("threshold-text", "a threshold that is not a number", 'cr.apply(pipe, cr.load("c.json"), threshold="fast")',
+         "ThresholdError: threshold must be a number, got 'fast'", None,
+         lambda work: copy_asset("real.json", work, "c.json"), call=lambda work: _apply("c.json", threshold="fast")),
+    Case("threshold-nan", "a NaN threshold", 'cr.apply(pipe, cr.load("c.json"), threshold=float("nan"))',
+         "ThresholdError: threshold must be a finite number, got nan", None,
+         lambda work: copy_asset("real.json", work, "c.json"),
+         call=lambda work: _apply("c.json", threshold=float("nan"))),
+]
+
+VOLATILE = [(re.compile(r"\(pid \d+\)"), "(pid <pid>)"), (re.compile(r"\b(stored_eof|eof) = \d+"), r"\1 = <n>")]
+
+
+def normalize(text: str) -> str:
+    for pattern, repl in VOLATILE:
+        text = pattern.sub(repl, text)
+    return text
+
+
+def snapshot(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(folder.rglob("*"))}
+
+
+@dataclass
+class Outcome:
+    seen: str  # the line the user sees
+    exit: int | None
+    stdout: str = ""
+    stderr: str = ""
+
+
+def run_cli(argv: list[str], work: Path) -> tuple[int, str, str]:
+    """``calib <argv>`` in-process, in ``work``, as the console script runs it (``calib.cli.main``)."""
+    from calib.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    cwd = os.getcwd()
+    os.chdir(work)
+    try:
+        with redirect_stdout(out), redirect_stderr(err), warnings.catch_warnings():
+            warnings.simplefilter("default")
+            code = main(argv)
+    finally:
+        os.chdir(cwd)
+    return code, out.getvalue(), err.getvalue()
+
+
+def run_case(case: Case, work: Path, before=None, after=None) -> Outcome:
+    """Set up ``work``, run the case there; ``before(work)`` / ``after(work)`` run around it, before any clean-up
+    the setup asked for (e.g. releasing a lock it holds)."""
+    cleanup = case.setup(work) if case.setup else None
+    try:
+        if before is not None:
+            before(work)
+        if case.call is not None:
+            cwd = os.getcwd()
+            os.chdir(work)
+            try:
+                seen = case.call(work)
+            except Exception as exc:  # noqa: BLE001 - the exception *is* what the user sees
+                seen = f"{type(exc).__name__}: {exc}"
+            finally:
+                os.chdir(cwd)
+            if after is not None:
+                after(work)
+            return Outcome(normalize(str(seen)), None)
+        code, out, err = run_cli(shlex.split(case.command)[1:], work)
+        if after is not None:
+            after(work)
+    finally:
+        if callable(cleanup):
+            cleanup()
+    lines = [ln.strip() for ln in re.split(r"[\r\n]", out + "\n" + err) if ln.strip()]
+    if code != 0:
+        err_lines = [ln for ln in err.splitlines() if ln.strip()]
+        seen = err_lines[-1] if err_lines else ""
+    else:
+        seen = next((ln for ln in lines if normalize(ln) == case.expect), "(no such line)")
+    return Outcome(normalize(seen), code, out, err)
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input(case: Case, tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    files = {}
+    outcome = run_case(case, work, before=lambda w: files.update(before=snapshot(w)),
+                       after=lambda w: files.update(after=snapshot(w)))
+    assert outcome.seen == case.expect
+    assert outcome.exit == case.exit
+    assert "Traceback" not in outcome.stderr
+    if case.exit is not None and case.exit != 0:
+        errors = [ln for ln in outcome.stderr.splitlines() if ln.startswith("calib: error:")]
+        assert len(errors) <= 1, errors  # one line, not a cascade
+        assert files["after"] == files["before"], "an input that was refused changed or left files"
+    if case.call is not None and case.exit is None:
+        assert not hasattr(pipe().transformer, "_calib_cache_handle")  # a refused apply left no hooks
+    if case.check is not None:
+        case.check(work)
+    assert not list(work.rglob(".*.tmp")), "temporary files left behind"
+
+
+# ---------------------------------------------------------------------------------------------------- the doc
+
+
+def _code(text: str) -> str:
+    text = text.replace("|", "\\|")
+    return f"`` {text} ``" if "`" in text else f"`{text}`"
+
+
+def doc_table() -> str:
+    rows = ["| Bad input | Command | What the user sees | Exit |", "| --- | --- | --- | --- |"]
+    for c in CASES:
+        exit_ = "raises" if c.exit is None else str(c.exit)
+        what = c.what.replace("|", "\\|")
+        rows.append(f"| {what} | {_code(c.command)} | {_code(c.expect)} | {exit_} |")
+    return "\n".join(rows)
+
+
+def doc_section(text: str) -> str:
+    assert START in text and END in text, f"{DOC} lacks the {START} / {END} markers"
+    return text.split(START, 1)[1].split(END, 1)[0].strip()
+
+
+def write_doc() -> None:
+    text = DOC.read_text(encoding="utf-8")
+    head, rest = text.split(START, 1)
+    tail = rest.split(END, 1)[1]
+    DOC.write_text(f"{head}{START}\n{doc_table()}\n{END}{tail}", encoding="utf-8")
+
+
+def test_doc_table_is_the_cases():
+    """docs/bad-inputs.md shows exactly the cases above (each proven by test_bad_input)."""
+    assert doc_section(DOC.read_text(encoding="utf-8")) == doc_table(), (
+        "docs/bad-inputs.md is out of date: run `python tests/test_reliability.py --write-doc`"
+    )
+
+
+# ---------------------------------------------------------------------------------------------------- processes
+
+PROMPTS = "a handwritten 0\nthe digit three\na handwritten 7\nthe number 8, written by hand\n"
+SEEDS = "0-3"
+N_GEN = 4 * 4
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+TRACE_ARGS = ["trace", "--model", "builtin:digits", "--prompts", "p.txt", "--steps", "10", "--seeds", SEEDS]
+
+# The CLI with a hook that widens a window (for kills and locks that must land inside it); otherwise the real CLI.
+WRAPPED = """
+import os, sys, time
+if sys.argv[1] == "slow-fsync":      # the temp file exists, complete or not, but is not yet renamed
+    _fsync = os.fsync
+    os.fsync = lambda fd: (time.sleep(0.5), _fsync(fd))[1]
+elif sys.argv[1] == "hold":          # after the first generation, wait while the file "hold" exists
+    import calib.trace as t
+    _trace, calls = t.Tracer.trace, []
+
+    def held(self, *a, **k):
+        while calls and os.path.exists("hold"):
+            time.sleep(0.02)
+        calls.append(1)
+        return _trace(self, *a, **k)
+
+    t.Tracer.trace = held
+from calib.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def _default_sigint():
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # a background shell may have ignored it; Ctrl-C must reach calib
+
+
+def start(work: Path, args: list[str], tag: str, wrap: str | None = None) -> subprocess.Popen:
+    cmd = [sys.executable, "-c", WRAPPED, wrap, *args] if wrap else [sys.executable, "-m", "calib", *args]
+    with open(work / f"{tag}.out", "w") as out, open(work / f"{tag}.err", "w") as err:
+        return subprocess.Popen(cmd, cwd=work, env=ENV, stdout=out, stderr=err, preexec_fn=_default_sigint)
+
+
+def run(work: Path, args: list[str], tag: str) -> tuple[int, str, str]:
+    proc = start(work, args, tag)
+    code = proc.wait(timeout=300)
+    return code, (work / f"{tag}.out").read_text(), (work / f"{tag}.err").read_text()
+
+
+def progress(work: Path, tag: str) -> int:
+    """Generations the bar of run ``tag`` shows as done (-1 before the bar appears)."""
+    done = re.findall(r"(\d+)/\d+ \[", (work / f"{tag}.err").read_text(errors="replace"))
+    return int(done[-1]) if done else -1
+
+
+def wait_for(predicate, proc: subprocess.Popen, timeout: float = 240.0) -> bool:
+    """Poll until ``predicate()``; False if the process ended first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        if proc.poll() is not None:
+            return bool(predicate())
+        time.sleep(0.01)
+    raise AssertionError("timed out")
+
+
+def temporaries(folder: Path, name: str) -> list[Path]:
+    return [p for p in folder.iterdir() if p.name.startswith(f".{name}.") and p.name.endswith(".tmp")]
+
+
+def check_trace(path: Path, steps: int = 10) -> int:
+    """The file opens, reads, and holds only complete generations (cond + uncond, each complete, no duplicates);
+    returns how many."""
+    from calib.store import read_traces
+
+    with h5py.File(path, "r") as f:
+        assert f.attrs["schema_version"] == 1
+        n_groups = len(f["trajectories"])
+    if n_groups == 0:
+        return 0
+    trajectories = read_traces([path]).trajectories
+    assert len(trajectories) == n_groups
+    keys = [t.key for t in trajectories]
+    assert len(keys) == len(set(keys)), "duplicate trajectories"
+    streams: dict = {}
+    for t in trajectories:
+        assert t.steps == steps
+        for series in ("step_index", "timesteps", "sigmas", "input_rel_l1", "output_rel_l1", "residual_rel_l1"):
+            assert len(getattr(t, series)) == steps, series
+        assert t.block_rel_l1.shape[0] == steps
+        for series in (t.input_rel_l1, t.output_rel_l1):
+            assert np.isnan(series[0]) and np.all(np.isfinite(series[1:]))
+        streams.setdefault((t.prompt, t.seed), set()).add(t.stream)
+    assert all(s == {"cond", "uncond"} for s in streams.values()), streams
+    return len(streams)
+
+
+@pytest.mark.slow
+def test_sigkill_at_random_moments_then_resume(tmp_path):
+    work = tmp_path
+    (work / "p.txt").write_text(PROMPTS)
+    args = TRACE_ARGS + ["--out", "X.h5"]
+    rng = random.Random(20261123)
+    done = 0
+    # 1: anywhere in start-up (import, model load, first write); 2, 3: a random moment some generations into the
+    # run; 4: while the temp file of an append exists (the fsync is slowed down to make that certain).
+    plans = [("startup", rng.uniform(0.0, 3.0)), ("running", rng.randint(1, 3)), ("running", rng.randint(1, 3)),
+             ("mid-write", rng.randint(1, 2))]
+    for k, (when, arg) in enumerate(plans):
+        tag = f"kill{k}"
+        proc = start(work, args, tag, wrap="slow-fsync" if when == "mid-write" else None)
+        if when == "startup":
+            time.sleep(arg)
+        else:  # the bar starts at the generations already saved: wait for `arg` new ones
+            assert wait_for(lambda: progress(work, tag) >= done + arg, proc), (work / f"{tag}.err").read_text()[-2000:]
+            if when == "running":
+                time.sleep(rng.uniform(0.0, 0.4))
+            else:
+                assert wait_for(lambda: temporaries(work, "X.h5"), proc), (work / f"{tag}.err").read_text()[-2000:]
+                time.sleep(0.1)
+        still_running = proc.poll() is None
+        proc.kill()
+        proc.wait(timeout=60)
+        if when == "mid-write":
+            assert still_running and temporaries(work, "X.h5"), "the kill was to land mid-write"
+        if (work / "X.h5").exists():
+            now = check_trace(work / "X.h5")
+            assert now >= done, "a kill lost finished generations"
+            done = now
+    assert 0 < done < N_GEN, done
+    assert temporaries(work, "X.h5"), "the mid-write kill leaves its temp file (the next writer removes it)"
+
+    code, out, err = run(work, args, "final")
+    assert code == 0, err
+    assert f"resuming X.h5: {done} of {N_GEN} generations already traced" in out
+    assert check_trace(work / "X.h5") == N_GEN
+    from calib.store import read_traces
+
+    trajectories = read_traces([work / "X.h5"]).trajectories
+    assert len(trajectories) == N_GEN * 2
+    assert {(t.prompt, t.seed) for t in trajectories} == {(p, s) for p in PROMPTS.split("\n") if p for s in range(4)}
+    assert not temporaries(work, "X.h5"), "stale temp files were not cleaned up"
+    assert not (work / "X.h5.lock").exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_keeps_what_finished(tmp_path):
+    work = tmp_path
+    (work / "p.txt").write_text(PROMPTS)
+    proc = start(work, TRACE_ARGS + ["--out", "Y.h5"], "sigint")
+    assert wait_for(lambda: progress(work, "sigint") >= 2, proc)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 130
+    err = (work / "sigint.err").read_text()
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    m = re.fullmatch(r"calib: error: interrupted: (\d+) of (\d+) generations are saved in Y\.h5; "
+                     r"rerun the same command to resume", last)
+    assert m, last
+    saved, total = int(m.group(1)), int(m.group(2))
+    assert total == N_GEN and 2 <= saved < N_GEN
+    assert check_trace(work / "Y.h5") == saved
+    assert not temporaries(work, "Y.h5") and not (work / "Y.h5.lock").exists()
+
+
+@pytest.mark.slow
+def test_one_writer_at_a_time_readers_welcome_overwrite_starts_anew(tmp_path):
+    """While a trace process writes Z.h5, a second `calib trace` on it fails at once and `calib fit` reads it."""
+    work = tmp_path
+    (work / "p.txt").write_text(PROMPTS)
+    (work / "p1.txt").write_text("a handwritten 7\n")
+    args = TRACE_ARGS + ["--out", "Z.h5"]
+    (work / "hold").touch()  # the first process stops before its second generation until the checks are done
+    first = start(work, args, "first", wrap="hold")
+    try:
+        assert wait_for(lambda: progress(work, "first") >= 1, first)
+        code, _, err = run_cli(args, work)  # the second writer (this process)
+        assert first.poll() is None, "the second writer waited for the first instead of failing at once"
+        assert code == 2 and "Traceback" not in err
+        assert err.strip().splitlines()[-1] == (
+            f"calib: error: Z.h5 is being written by another calib process (pid {first.pid}); "
+            "wait for it or use another --out")
+        code, out, err = run_cli(["fit", "Z.h5", "--out", "z.json", "--no-plot", *FAST_FIT], work)  # a reader
+        assert code == 0, err  # it reads the last complete file while the trace goes on
+        assert (work / "z.json").is_file() and "wrote z.json" in out
+        assert first.poll() is None
+    finally:
+        first.send_signal(signal.SIGINT)  # Ctrl-C while it is held inside its second generation
+        code = first.wait(timeout=120)
+    assert code == 130
+    last = (work / "first.err").read_text().strip().splitlines()[-1]
+    assert last == f"calib: error: interrupted: 1 of {N_GEN} generations are saved in Z.h5; rerun the same command " \
+                   "to resume"
+    assert check_trace(work / "Z.h5") == 1
+    code, out, err = run_cli(["trace", "--prompts", "p1.txt", "--steps", "4", "--seeds", "0", "--out", "Z.h5",
+                              "--overwrite"], work)
+    assert code == 0, err
+    assert "already traced" not in out
+    assert check_trace(work / "Z.h5", steps=4) == 1  # only the new generation: the old ones are gone
+
+
+def test_ctrl_c_while_loading_the_model_writes_nothing(tmp_path, monkeypatch):
+    import calib.models.loading
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    (tmp_path / "p.txt").write_text("a handwritten 7\n")
+    monkeypatch.setattr(calib.models.loading, "load_model", interrupted)
+    code, _, err = run_cli(["trace", "--prompts", "p.txt", "--out", "t.h5"], tmp_path)
+    assert code == 130 and err.strip().splitlines()[-1] == "calib: interrupted"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.txt"]
+
+
+# ---------------------------------------------------------------------------------------------------- artifacts
+
+FAST_FIT = ["--indicator", "modulated_input", "--normalization", "none", "--degree", "2", "--bootstrap", "0"]
+FAST_FIT_KW = {"indicator": "modulated_input", "normalization": "none", "degree": 2, "bootstrap": 0}
+
+
+@pytest.fixture
+def fitted(tmp_path):
+    """A folder with a trace and the coefficient JSON + PNG of an earlier fit (the 'previous files')."""
+    copy_asset("real.h5", tmp_path, "t.h5")
+    prev_json = copy_asset("real.json", tmp_path, "c.json")
+    prev_png = tmp_path / "c.png"
+    prev_png.write_bytes(b"\x89PNG\r\n\x1a\n previous plot")
+    return tmp_path, prev_json.read_bytes(), prev_png.read_bytes()
+
+
+def _only_final_files(folder: Path) -> None:
+    assert not [p.name for p in folder.iterdir() if p.name.endswith(".tmp")], "temporary files left behind"
+
+
+def test_json_write_cut_off_leaves_previous_file(fitted, monkeypatch):
+    work, prev_json, prev_png = fitted
+    real_fsync = os.fsync
+
+    def failing_fsync(fd):  # the disk fails after the bytes were handed over, before the rename
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    code, _, err = run_cli(["fit", "t.h5", "--out", "c.json", *FAST_FIT], work)
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert code == 2 and err.strip().splitlines()[-1] == "calib: error: cannot write c.json: Input/output error"
+    assert (work / "c.json").read_bytes() == prev_json and (work / "c.png").read_bytes() == prev_png
+    _only_final_files(work)
+
+
+def test_ctrl_c_during_json_write_leaves_previous_file(fitted, monkeypatch):
+    work, prev_json, _ = fitted
+
+    def interrupted_replace(src, dst):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", interrupted_replace)
+    code, _, err = run_cli(["fit", "t.h5", "--out", "c.json", *FAST_FIT], work)
+    monkeypatch.undo()
+    assert code == 130 and err.strip().splitlines()[-1] == "calib: interrupted"
+    assert (work / "c.json").read_bytes() == prev_json
+    _only_final_files(work)
+
+
+def test_crash_while_serializing_json_writes_nothing(fitted, monkeypatch):
+    import calib.export
+    from calib.calibrate import run_fit
+
+    work, prev_json, prev_png = fitted
+
+    def boom(*a, **k):
+        raise RuntimeError("serializer crashed")
+
+    monkeypatch.setattr(calib.export.json, "dumps", boom)
+    with pytest.raises(RuntimeError, match="serializer crashed"):
+        run_fit([work / "t.h5"], out=work / "c.json", echo=lambda *a: None, **FAST_FIT_KW)
+    monkeypatch.undo()
+    assert (work / "c.json").read_bytes() == prev_json and (work / "c.png").read_bytes() == prev_png
+    _only_final_files(work)
+
+
+def test_crash_while_rendering_png_keeps_previous_png(fitted, monkeypatch):
+    from matplotlib.figure import Figure
+
+    from calib.calibrate import run_fit
+    from calib.export import load_document
+
+    work, _, prev_png = fitted
+
+    def boom(self, *a, **k):
+        raise RuntimeError("renderer crashed")
+
+    monkeypatch.setattr(Figure, "savefig", boom)
+    with pytest.raises(RuntimeError, match="renderer crashed"):
+        run_fit([work / "t.h5"], out=work / "c.json", echo=lambda *a: None, **FAST_FIT_KW)
+    monkeypatch.undo()
+    assert (work / "c.png").read_bytes() == prev_png
+    load_document(work / "c.json")  # the JSON written before the plot is complete and valid
+    _only_final_files(work)
+
+
+def test_png_write_cut_off_keeps_previous_png(fitted, monkeypatch):
+    work, _, prev_png = fitted
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if str(dst).endswith(".png"):
+            raise OSError(28, "No space left on device")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    code, _, err = run_cli(["fit", "t.h5", "--out", "c.json", *FAST_FIT], work)
+    monkeypatch.undo()
+    assert code == 2 and err.strip().splitlines()[-1] == "calib: error: cannot write c.png: No space left on device"
+    assert (work / "c.png").read_bytes() == prev_png
+    _only_final_files(work)
+
+
+# ---------------------------------------------------------------------------------------------------- security
+
+FORBIDDEN = {
+    "pickle": re.compile(r"\b(c?pickle|dill|joblib)\b"),
+    "torch.load(": re.compile(r"\btorch\.load\("),
+    "trust_remote_code=True": re.compile(r"trust_remote_code[\"']?\s*[=:]\s*(?!\s|False\b)"),
+    "eval(": re.compile(r"(?<![\w.])eval\("),
+    "exec(": re.compile(r"(?<![\w.])exec\("),
+}
+
+
+def test_package_has_no_unsafe_loading_or_code_execution():
+    hits = []
+    for path in sorted((ROOT / "calib").rglob("*.py")):
+        for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            for name, pattern in FORBIDDEN.items():
+                if pattern.search(line):
+                    hits.append(f"{path.relative_to(ROOT)}:{lineno}: {name}: {line.strip()}")
+    assert not hits, "\n".join(hits)
+
+
+def test_weights_are_safetensors():
+    from safetensors import safe_open
+
+    weights = sorted((ROOT / "calib" / "models" / "weights").iterdir())
+    assert weights and all(p.suffix == ".safetensors" for p in weights), weights
+    for p in weights:
+        with safe_open(str(p), framework="pt") as f:
+            assert list(f.keys())
+
+
+def test_model_folders_load_without_remote_code(tmp_path, monkeypatch):
+    import diffusers
+
+    from calib.models.loading import load_model
+
+    seen = {}
+
+    class FakePipeline:
+        def to(self, device):
+            return self
+
+    def from_pretrained(spec, **kwargs):
+        seen[spec] = kwargs
+        return FakePipeline()
+
+    monkeypatch.setattr(diffusers.DiffusionPipeline, "from_pretrained", staticmethod(from_pretrained))
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "model_index.json").write_text("{}")
+    load_model(str(tmp_path / "model"))
+    load_model("some-org/some-model")
+    assert seen[str(tmp_path / "model")]["trust_remote_code"] is False
+    assert seen[str(tmp_path / "model")]["local_files_only"] is True
+    assert seen["some-org/some-model"]["trust_remote_code"] is False
+
+
+# ---------------------------------------------------------------------------------------------------- main
+
+if __name__ == "__main__":
+    if "--write-doc" in sys.argv:
+        write_doc()
+        print(f"wrote the table of {len(CASES)} cases into {DOC.relative_to(ROOT)}")
+    elif "--show" in sys.argv:  # print what each case shows now (to update CASES)
+        for case in CASES:
+            with tempfile.TemporaryDirectory() as d:
+                outcome = run_case(case, Path(d))
+            flag = "ok " if (outcome.seen, outcome.exit) == (case.expect, case.exit) else "DIFF"
+            print(f"{flag} {case.id}: [{outcome.exit}] {outcome.seen}")
+    else:
+        print(__doc__)
