@@ -62,6 +62,9 @@ DEGREE_TOLERANCE = 0.02
 # The same margin for indicators and normalisations: the paper's choice is kept unless another is clearly better.
 SELECTION_TOLERANCE = 0.02
 MAX_CV_FOLDS = 5
+# Below this many generations the degree table is too noisy to choose from (each fold trains on one or two
+# generations): the paper's degree is kept. benchmarks/sample_efficiency.py measured it on the built-in model.
+MIN_GROUPS_FOR_SELECTION = 4
 INDICATORS = {
     "modulated_input": "input_rel_l1",
     "block_input": "block_input_rel_l1",
@@ -511,7 +514,7 @@ class AutoRescaler:
                     f"only {len(x)} finite points with {len(np.unique(x))} distinct inputs; even a degree-1 fit"
                     " needs 3 — trace more prompts"
                 )
-            if splits:
+            if splits and self.n_groups_ >= MIN_GROUPS_FOR_SELECTION:
                 for d in candidates:
                     held[d] = _held_out(x, y, scale, splits, d, robust, self.shape)
                     yy, pp, folds = held[d]
@@ -527,7 +530,10 @@ class AutoRescaler:
                 )
             else:
                 chosen = max(d for d in candidates if d <= PAPER_DEGREE)
-                self.degree_reason_ = "fewer than 2 groups to hold out: kept the paper's degree 4 (or the largest possible)"
+                self.degree_reason_ = (
+                    f"fewer than {MIN_GROUPS_FOR_SELECTION} generations to hold out: kept the paper's degree 4"
+                    " (or the largest the points allow)"
+                )
         else:
             chosen = degree
             needed = chosen + 2

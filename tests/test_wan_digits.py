@@ -132,7 +132,8 @@ def _identity_config(pipe):
         "model": {"class": ident["class"], "config_hash": ident["config_hash"]},
         "indicator": {"name": "modulated_input"},
         "calibration": {},
-        "components": {"transformer": {"coefficients": [1.0, 0.0], "order": "highest_first", "degree": 1}},
+        "components": {"transformer": {"coefficients": [1.0, 0.0], "order": "highest_first", "degree": 1,
+                                       "domain": None}},
     })
 
 
