@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import CalibError
+from . import _builtin
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 WEIGHTS_FILE = WEIGHTS_DIR / "digits_flux.safetensors"
@@ -147,17 +148,7 @@ def build_scheduler():
 
 
 def load_weights(transformer: nn.Module, prompt_encoder: nn.Module, path: Path = WEIGHTS_FILE) -> None:
-    from safetensors.torch import load_file
-
-    if not Path(path).exists():
-        raise CalibError(
-            f"built-in weights not found at {path}; run `python -m calib.models.train_digits` to train them"
-        )
-    state = load_file(str(path))
-    transformer.load_state_dict({k[len("transformer.") :]: v for k, v in state.items() if k.startswith("transformer.")})
-    prompt_encoder.load_state_dict(
-        {k[len("prompt_encoder.") :]: v for k, v in state.items() if k.startswith("prompt_encoder.")}
-    )
+    _builtin.load_weights(transformer, prompt_encoder, path, trainer="calib.models.train_digits")
 
 
 @dataclass
@@ -167,30 +158,13 @@ class DigitsOutput:
     images: list
 
 
-def _pipeline_base():
-    from diffusers import DiffusionPipeline
-
-    return DiffusionPipeline
-
-
-class DigitsPipeline(_pipeline_base()):
+class DigitsPipeline(_builtin.BuiltinPipeline):
     """Text-to-image pipeline for the built-in digits model.
 
     ``pipe("a handwritten 7", num_inference_steps=30, guidance_scale=3.0, generator=g).images[0]`` is an 8x8 PIL image.
     Classifier-free guidance batches [uncond; cond] through the transformer in one call (``cfg_mode="batched"``,
     as most diffusers pipelines do) or calls it twice per step, cond first (``cfg_mode="sequential"``).
     """
-
-    model_cpu_offload_seq = "prompt_encoder->transformer"
-
-    def __init__(self, transformer, scheduler, prompt_encoder):
-        super().__init__()
-        self.register_modules(transformer=transformer, scheduler=scheduler, prompt_encoder=prompt_encoder)
-
-    def validate_prompts(self, prompts: list[str]) -> None:
-        """Raise CalibError for the first prompt this model cannot map to a digit."""
-        for prompt in prompts:
-            parse_digit_prompt(prompt)
 
     @property
     def resolution(self) -> tuple[int, int]:
@@ -208,19 +182,12 @@ class DigitsPipeline(_pipeline_base()):
         cfg_mode: str = "batched",
         latents: torch.Tensor | None = None,
     ) -> DigitsOutput:
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts:
-            raise CalibError("no prompt given")
-        if num_inference_steps < 2:
-            raise CalibError(f"num_inference_steps must be at least 2, got {num_inference_steps}")
-        if cfg_mode not in ("batched", "sequential"):
-            raise CalibError(f"cfg_mode must be 'batched' or 'sequential', got {cfg_mode!r}")
+        prompts = self._prompt_list(prompt, num_inference_steps, cfg_mode, output_type)
         labels = torch.tensor([parse_digit_prompt(p) for p in prompts], dtype=torch.long)
         labels = labels.repeat_interleave(num_images_per_prompt)
         batch = labels.shape[0]
         device = self.transformer.device
         dtype = self.transformer.dtype
-        use_cfg = guidance_scale > 1.0
 
         cond_seq, cond_pooled = self.prompt_encoder(labels.to(device))
         null_seq, null_pooled = self.prompt_encoder(torch.full_like(labels, NULL_CLASS).to(device))
@@ -246,23 +213,8 @@ class DigitsPipeline(_pipeline_base()):
                     return_dict=False,
                 )[0]
 
-            if not use_cfg:
-                velocity = run(latents, cond_seq, cond_pooled, sigma)
-            elif cfg_mode == "batched":
-                both = run(
-                    torch.cat([latents, latents]),
-                    torch.cat([null_seq, cond_seq]),
-                    torch.cat([null_pooled, cond_pooled]),
-                    torch.cat([sigma, sigma]),
-                )
-                uncond, cond = both.chunk(2)
-                velocity = uncond + guidance_scale * (cond - uncond)
-            else:
-                with self._context("cond"):
-                    cond = run(latents, cond_seq, cond_pooled, sigma)
-                with self._context("uncond"):
-                    uncond = run(latents, null_seq, null_pooled, sigma)
-                velocity = uncond + guidance_scale * (cond - uncond)
+            velocity = self._guided(run, latents, (cond_seq, cond_pooled), (null_seq, null_pooled), sigma,
+                                    guidance_scale, cfg_mode)
             latents = self.scheduler.step(velocity, t, latents, return_dict=False)[0]
 
         if output_type == "latent":
@@ -274,28 +226,12 @@ class DigitsPipeline(_pipeline_base()):
 
         return DigitsOutput(images=[Image.fromarray(img, mode="L") for img in images])
 
-    def _context(self, name: str):
-        # diffusers' CacheMixin exposes cache_context so that its caches keep per-branch state; mirror what its own
-        # pipelines do so calib and diffusers caches see the same labels.
-        ctx = getattr(self.transformer, "cache_context", None)
-        if ctx is None:
-            import contextlib
-
-            return contextlib.nullcontext()
-        return ctx(name)
-
 
 def load_pipeline(weights: Path | None = None, device: str | torch.device = "cpu") -> DigitsPipeline:
     """The built-in ``builtin:digits`` pipeline with its shipped, trained weights."""
-    transformer = build_transformer()
-    encoder = DigitPromptEncoder()
+    transformer, encoder = build_transformer(), DigitPromptEncoder()
     load_weights(transformer, encoder, weights or WEIGHTS_FILE)
-    transformer.eval()
-    encoder.eval()
-    pipe = DigitsPipeline(transformer=transformer, scheduler=build_scheduler(), prompt_encoder=encoder)
-    pipe.to(device)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return DigitsPipeline.from_parts(transformer, encoder, build_scheduler(), device)
 
 
 def image_grid(images: list, scale: int = 8) -> "np.ndarray":

@@ -10,13 +10,13 @@ The loss curve is printed every 100 steps and its summary stored in the safetens
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
 
 from . import digits
+from ._builtin import save_weights
 
 
 def train(steps: int = 1500, batch: int = 128, lr: float = 1e-3, seed: int = 0, null_prob: float = 0.1, log=print):
@@ -74,15 +74,8 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=digits.WEIGHTS_FILE)
     args = parser.parse_args(argv)
-    from safetensors.torch import save_file
-
     transformer, encoder, info = train(args.steps, args.batch, args.lr, args.seed)
-    state = {f"transformer.{k}": v.contiguous() for k, v in transformer.state_dict().items()}
-    state.update({f"prompt_encoder.{k}": v.contiguous() for k, v in encoder.state_dict().items()})
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    save_file(state, str(tmp), metadata={"training": json.dumps(info), "config": json.dumps(digits.TRANSFORMER_CONFIG)})
-    tmp.replace(args.out)
+    save_weights(args.out, transformer, encoder, {"training": info, "config": digits.TRANSFORMER_CONFIG})
     print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.2f} MB) after {info['seconds']} s")
 
 

@@ -13,7 +13,6 @@ need the same torch build and thread count.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ from pathlib import Path
 import torch
 
 from . import wan_digits
+from ._builtin import save_weights
 
 
 def lr_factor(step: int, steps: int, warmup: int, floor: float = 0.05) -> float:
@@ -97,18 +97,10 @@ def main(argv=None):
     parser.add_argument("--out", type=Path, default=wan_digits.WEIGHTS_FILE)
     parser.add_argument("--preview", type=Path, default=None, help="also write a PNG of sampled clips (rows: 0-9)")
     args = parser.parse_args(argv)
-    from safetensors.torch import save_file
-
     if args.threads:
         torch.set_num_threads(args.threads)
     transformer, encoder, info = train(args.steps, args.batch, args.lr, args.seed)
-    state = {f"transformer.{k}": v.contiguous() for k, v in transformer.state_dict().items()}
-    state.update({f"prompt_encoder.{k}": v.contiguous() for k, v in encoder.state_dict().items()})
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    metadata = {"training": json.dumps(info), "config": json.dumps(wan_digits.TRANSFORMER_CONFIG)}
-    save_file(state, str(tmp), metadata=metadata)
-    tmp.replace(args.out)
+    save_weights(args.out, transformer, encoder, {"training": info, "config": wan_digits.TRANSFORMER_CONFIG})
     print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.2f} MB) after {info['seconds']} s "
           f"({info['cpu_seconds']} s of CPU time)")
     if args.preview:

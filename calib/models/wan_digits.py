@@ -21,7 +21,10 @@ import torch
 from torch import nn
 
 from ..errors import CalibError
-from .digits import IMAGE_SIZE, NULL_CLASS, NUM_CLASSES, build_scheduler, load_digits_dataset, parse_digit_prompt
+from . import _builtin
+from .digits import (  # noqa: F401 - load_digits_dataset: the training script takes it from here
+    IMAGE_SIZE, NULL_CLASS, NUM_CLASSES, build_scheduler, load_digits_dataset, parse_digit_prompt,
+)
 
 WEIGHTS_FILE = Path(__file__).parent / "weights" / "wan_digits.safetensors"
 
@@ -99,17 +102,7 @@ def build_transformer():
 
 
 def load_weights(transformer: nn.Module, prompt_encoder: nn.Module, path: Path = WEIGHTS_FILE) -> None:
-    from safetensors.torch import load_file
-
-    if not Path(path).exists():
-        raise CalibError(
-            f"built-in weights not found at {path}; run `python -m calib.models.train_wan_digits` to train them"
-        )
-    state = load_file(str(path))
-    transformer.load_state_dict({k[len("transformer.") :]: v for k, v in state.items() if k.startswith("transformer.")})
-    prompt_encoder.load_state_dict(
-        {k[len("prompt_encoder.") :]: v for k, v in state.items() if k.startswith("prompt_encoder.")}
-    )
+    _builtin.load_weights(transformer, prompt_encoder, path, trainer="calib.models.train_wan_digits")
 
 
 def latents_to_frames(latents: torch.Tensor) -> np.ndarray:
@@ -130,13 +123,7 @@ class WanDigitsOutput:
         return self.frames
 
 
-def _pipeline_base():
-    from diffusers import DiffusionPipeline
-
-    return DiffusionPipeline
-
-
-class WanDigitsPipeline(_pipeline_base()):
+class WanDigitsPipeline(_builtin.BuiltinPipeline):
     """Text-to-video pipeline for the built-in Wan digits model.
 
     ``pipe("a handwritten 7", num_inference_steps=30, guidance_scale=3.0, generator=g).frames[0]`` is a list of 4
@@ -144,17 +131,6 @@ class WanDigitsPipeline(_pipeline_base()):
     (``cfg_mode="batched"``) or calls it twice per step, cond first, under ``transformer.cache_context("cond")`` /
     ``("uncond")`` (``cfg_mode="sequential"``), as diffusers' WanPipeline does.
     """
-
-    model_cpu_offload_seq = "prompt_encoder->transformer"
-
-    def __init__(self, transformer, scheduler, prompt_encoder):
-        super().__init__()
-        self.register_modules(transformer=transformer, scheduler=scheduler, prompt_encoder=prompt_encoder)
-
-    def validate_prompts(self, prompts: list[str]) -> None:
-        """Raise CalibError for the first prompt this model cannot map to a digit."""
-        for prompt in prompts:
-            parse_digit_prompt(prompt)
 
     @property
     def resolution(self) -> tuple[int, int, int]:
@@ -175,15 +151,7 @@ class WanDigitsPipeline(_pipeline_base()):
         width: int | None = None,
         num_frames: int | None = None,
     ) -> WanDigitsOutput:
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts:
-            raise CalibError("no prompt given")
-        if num_inference_steps < 2:
-            raise CalibError(f"num_inference_steps must be at least 2, got {num_inference_steps}")
-        if cfg_mode not in ("batched", "sequential"):
-            raise CalibError(f"cfg_mode must be 'batched' or 'sequential', got {cfg_mode!r}")
-        if output_type not in ("pil", "np", "latent"):
-            raise CalibError(f"output_type must be 'pil', 'np' or 'latent', got {output_type!r}")
+        prompts = self._prompt_list(prompt, num_inference_steps, cfg_mode, output_type)
         for name, value, trained in (("height", height, CANVAS), ("width", width, CANVAS), ("num_frames", num_frames, FRAMES)):
             if value is not None and value != trained:
                 raise CalibError(f"the built-in wan-digits model generates {FRAMES} frames of {CANVAS}x{CANVAS}; {name}={value} is not supported")
@@ -192,7 +160,6 @@ class WanDigitsPipeline(_pipeline_base()):
         batch = labels.shape[0]
         device = self.transformer.device
         dtype = self.transformer.dtype
-        use_cfg = guidance_scale > 1.0
 
         cond = self.prompt_encoder(labels.to(device)).to(dtype)
         null = self.prompt_encoder(torch.full_like(labels, NULL_CLASS).to(device)).to(dtype)
@@ -208,18 +175,7 @@ class WanDigitsPipeline(_pipeline_base()):
             def run(x, seq, ts):
                 return self.transformer(hidden_states=x, timestep=ts, encoder_hidden_states=seq, return_dict=False)[0]
 
-            if not use_cfg:
-                velocity = run(latents, cond, timestep)
-            elif cfg_mode == "batched":
-                both = run(torch.cat([latents, latents]), torch.cat([null, cond]), torch.cat([timestep, timestep]))
-                uncond_v, cond_v = both.chunk(2)
-                velocity = uncond_v + guidance_scale * (cond_v - uncond_v)
-            else:
-                with self._context("cond"):
-                    cond_v = run(latents, cond, timestep)
-                with self._context("uncond"):
-                    uncond_v = run(latents, null, timestep)
-                velocity = uncond_v + guidance_scale * (cond_v - uncond_v)
+            velocity = self._guided(run, latents, (cond,), (null,), timestep, guidance_scale, cfg_mode)
             latents = self.scheduler.step(velocity, t, latents, return_dict=False)[0]
 
         if output_type == "latent":
@@ -231,26 +187,12 @@ class WanDigitsPipeline(_pipeline_base()):
 
         return WanDigitsOutput(frames=[[Image.fromarray(frame, mode="L") for frame in video] for video in videos])
 
-    def _context(self, name: str):
-        ctx = getattr(self.transformer, "cache_context", None)
-        if ctx is None:
-            import contextlib
-
-            return contextlib.nullcontext()
-        return ctx(name)
-
 
 def load_pipeline(weights: Path | None = None, device: str | torch.device = "cpu") -> WanDigitsPipeline:
     """The built-in ``builtin:wan-digits`` pipeline with its shipped, trained weights."""
-    transformer = build_transformer()
-    encoder = WanDigitPromptEncoder()
+    transformer, encoder = build_transformer(), WanDigitPromptEncoder()
     load_weights(transformer, encoder, weights or WEIGHTS_FILE)
-    transformer.eval()
-    encoder.eval()
-    pipe = WanDigitsPipeline(transformer=transformer, scheduler=build_scheduler(), prompt_encoder=encoder)
-    pipe.to(device)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return WanDigitsPipeline.from_parts(transformer, encoder, build_scheduler(), device)
 
 
 def video_grid(videos: list, scale: int = 6) -> np.ndarray:
