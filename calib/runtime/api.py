@@ -23,10 +23,11 @@ import torch
 
 from ..adapters import get_adapter, model_identity
 from ..adapters.base import Adapter
-from ..hooking import ContextProbe, Handle, StepClock, rel_l1, timestep_value, wrap_forward, wrap_method
+from ..hooking import ContextProbe, StepClock, rel_l1, timestep_value, wrap_forward, wrap_method
 from .coefficients import CacheConfig
 from .errors import ModelMismatchError, ThresholdError
 from .gate import TeaCacheGate
+from .handle import RuntimeHandle
 from .stats import CacheStats
 
 
@@ -67,48 +68,14 @@ def _check_threshold(threshold) -> float:
     return value
 
 
-class CacheHandle:
-    """What :func:`apply` returns: ``stats()``, ``reset()``, ``remove()``."""
+class CacheHandle(RuntimeHandle):
+    """What :func:`apply` returns: ``stats()`` (steps computed and skipped per trajectory, i.e. generation x
+    component x stream, and totals), ``reset()``, ``remove()``."""
 
     def __init__(self, config: CacheConfig, threshold: float, clock: StepClock, pipeline_mode: bool):
-        self.config = config
-        self.threshold = threshold
-        self._clock = clock
-        self._pipeline_mode = pipeline_mode
-        self._handle = Handle()
-        self._components: list[_Component] = []
-        self._stats = CacheStats()
-        self._removed = False
+        super().__init__(config, threshold, clock, pipeline_mode, CacheStats())
         # For coefficients of the delta_sigma indicator: the noise levels of the current generation's steps.
         self._sigmas: list[float] | None = None
-
-    # -- public ---------------------------------------------------------------------------------------------
-    def stats(self) -> dict:
-        """Steps, computed and skipped per trajectory (generation x component x stream), and totals."""
-        return self._stats.report()
-
-    def reset(self) -> None:
-        """Forget cached residuals and accumulators (done automatically when a new generation starts)."""
-        for comp in self._components:
-            comp.states.clear()
-            comp.current = None
-
-    def remove(self) -> None:
-        """Take every hook off; the model is exactly as before ``apply``."""
-        if self._removed:
-            return
-        self._handle.remove()
-        for comp in self._components:
-            comp.states.clear()
-            if getattr(comp.transformer, "_calib_cache_handle", None) is self:
-                del comp.transformer._calib_cache_handle
-        self._removed = True
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.remove()
 
     # -- wiring ---------------------------------------------------------------------------------------------
     def _new_generation(self, num_steps: int | None, sigmas: list[float] | None = None) -> None:

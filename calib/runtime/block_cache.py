@@ -30,8 +30,9 @@ from typing import Any
 import torch
 
 from ..adapters import get_adapter, model_identity
-from ..hooking import ContextProbe, Handle, StepClock, timestep_value, wrap_forward, wrap_method
+from ..hooking import ContextProbe, StepClock, timestep_value, wrap_forward, wrap_method
 from .errors import CoefficientFileError, ModelMismatchError, ThresholdError
+from .handle import RuntimeHandle
 
 METHOD = "block-cache"
 
@@ -223,50 +224,19 @@ class _Component:
     decisions: dict = field(default_factory=dict)  # n_steps -> steps x blocks booleans
 
 
-class BlockCacheHandle:
-    """What :func:`apply` returns for a block-cache file: ``stats()``, ``reset()``, ``remove()``, ``schedule()``."""
+class BlockCacheHandle(RuntimeHandle):
+    """What :func:`apply` returns for a block-cache file: ``stats()`` (block evaluations computed and skipped per
+    trajectory and per block, and totals), ``reset()``, ``remove()``, ``schedule()``."""
 
     def __init__(self, config: BlockCacheConfig, threshold: float, clock: StepClock, pipeline_mode: bool):
-        self.config = config
-        self.threshold = threshold
-        self._clock = clock
-        self._pipeline_mode = pipeline_mode
-        self._handle = Handle()
-        self._components: list[_Component] = []
-        self._stats = BlockStats()
-        self._removed = False
+        super().__init__(config, threshold, clock, pipeline_mode, BlockStats())
         self._warned_steps: set[int] = set()
-
-    def stats(self) -> dict:
-        """Block evaluations, computed and skipped, per trajectory (and per block), and totals."""
-        return self._stats.report()
 
     def schedule(self, component: str = "transformer", num_steps: int | None = None) -> dict[str, list[int]]:
         """The steps each block computes at this handle's threshold: {block name: [step indices]}."""
         comp = next(c for c in self._components if c.name == component)
         rows = comp.schedule.decisions(self.threshold, num_steps)
         return {b: [s for s in range(len(rows)) if rows[s][j]] for j, b in enumerate(comp.schedule.blocks)}
-
-    def reset(self) -> None:
-        for comp in self._components:
-            comp.states.clear()
-            comp.current = None
-
-    def remove(self) -> None:
-        if self._removed:
-            return
-        self._handle.remove()
-        for comp in self._components:
-            comp.states.clear()
-            if getattr(comp.transformer, "_calib_cache_handle", None) is self:
-                del comp.transformer._calib_cache_handle
-        self._removed = True
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.remove()
 
     def _new_generation(self, num_steps: int | None) -> None:
         self._clock.new_generation(num_steps)
