@@ -21,13 +21,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..adapters import get_adapter, model_identity
+from ..adapters import get_adapter
 from ..adapters.base import Adapter
 from ..hooking import ContextProbe, StepClock, rel_l1, timestep_value, wrap_forward, wrap_method
 from .coefficients import CacheConfig
-from .errors import ModelMismatchError, ThresholdError
 from .gate import TeaCacheGate
-from .handle import RuntimeHandle
+from .handle import RuntimeHandle, check_model, choose_threshold, components_of
 from .stats import CacheStats
 
 
@@ -54,18 +53,6 @@ class _Component:
     states: dict = field(default_factory=dict)
     current: _StreamState | None = None
     current_key: str | None = None
-
-
-def _check_threshold(threshold) -> float:
-    try:
-        value = float(threshold)
-    except (TypeError, ValueError):
-        raise ThresholdError(f"threshold must be a number, got {threshold!r}") from None
-    if value != value or value in (float("inf"), float("-inf")):
-        raise ThresholdError(f"threshold must be a finite number, got {threshold!r}")
-    if value < 0:
-        raise ThresholdError(f"threshold must be >= 0, got {value}")
-    return value
 
 
 class CacheHandle(RuntimeHandle):
@@ -240,27 +227,6 @@ def _sigma_list(scheduler) -> list[float] | None:
     return [float(v) for v in sigmas]
 
 
-def _components_of(target, config: CacheConfig) -> tuple[list[tuple[str, torch.nn.Module]], object]:
-    """(component name, transformer) pairs and the scheduler, for a pipeline or a bare transformer."""
-    if isinstance(target, torch.nn.Module) and not hasattr(target, "scheduler"):
-        if len(config.components) == 1:
-            return [(next(iter(config.components)), target)], None
-        raise ValueError(
-            "this coefficient file has one polynomial per expert "
-            f"({', '.join(config.components)}); apply it to the pipeline so each expert gets its own"
-        )
-    found = []
-    for name in config.components:
-        module = getattr(target, name, None)
-        if isinstance(module, torch.nn.Module):
-            found.append((name, module))
-    if not found:
-        raise ValueError(
-            f"{type(target).__name__} has none of the components {list(config.components)} named in the coefficients"
-        )
-    return found, getattr(target, "scheduler", None)
-
-
 def apply(
     target,
     config: CacheConfig,
@@ -288,12 +254,8 @@ def apply(
 
         return apply_block_cache(target, config, threshold, num_steps=num_steps,
                                  allow_model_mismatch=allow_model_mismatch, modulation_module=modulation_module)
-    if threshold is None:
-        if config.recommended_threshold is None:
-            raise ThresholdError("no threshold given and the coefficient file recommends none; pass threshold=...")
-        threshold = config.recommended_threshold
-    threshold = _check_threshold(threshold)
-    components, scheduler = _components_of(target, config)
+    threshold = choose_threshold(threshold, config, "coefficient")
+    components, scheduler = components_of(target, config, "one polynomial per expert")
     clock = StepClock()
     pipeline_mode = scheduler is not None and hasattr(scheduler, "set_timesteps") and hasattr(scheduler, "step")
     handle = CacheHandle(config, threshold, clock, pipeline_mode)
@@ -308,21 +270,7 @@ def apply(
         handle._sigmas = _sigma_list(types.SimpleNamespace(sigmas=sigmas))
     try:
         for name, transformer in components:
-            identity = model_identity(transformer)
-            if identity["class"] != config.model_class:
-                message = (
-                    f"coefficients in {config.path or 'this config'} were calibrated for {config.model_class}, "
-                    f"not {identity['class']}"
-                )
-                if not allow_model_mismatch:
-                    raise ModelMismatchError(message + "; pass allow_model_mismatch=True to use them anyway")
-                warnings.warn(message, stacklevel=2)
-            elif config.config_hash and identity["config_hash"] != config.config_hash:
-                warnings.warn(
-                    f"{name}: config differs from the calibrated one ({config.source or config.model_class}); "
-                    "the coefficients may not fit this model — calibrate it with `calib trace`",
-                    stacklevel=2,
-                )
+            check_model(name, transformer, config, allow_model_mismatch, "coefficients")
             adapter = get_adapter(transformer, modulation_module or _custom_module(config))
             handle._attach(name, transformer, adapter, config.components[name].rescaler())
         if pipeline_mode:

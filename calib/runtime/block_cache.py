@@ -29,10 +29,10 @@ from typing import Any
 
 import torch
 
-from ..adapters import get_adapter, model_identity
+from ..adapters import get_adapter
 from ..hooking import ContextProbe, StepClock, timestep_value, wrap_forward, wrap_method
-from .errors import CoefficientFileError, ModelMismatchError, ThresholdError
-from .handle import RuntimeHandle
+from .errors import CoefficientFileError, ModelMismatchError
+from .handle import RuntimeHandle, check_model, choose_threshold, components_of
 
 METHOD = "block-cache"
 
@@ -332,18 +332,6 @@ class BlockCacheHandle(RuntimeHandle):
         self._handle.add(wrap_forward(transformer, transformer_forward))
 
 
-def _check_threshold(threshold) -> float:
-    try:
-        value = float(threshold)
-    except (TypeError, ValueError):
-        raise ThresholdError(f"threshold must be a number, got {threshold!r}") from None
-    if not math.isfinite(value):
-        raise ThresholdError(f"threshold must be a finite number, got {threshold!r}")
-    if value < 0:
-        raise ThresholdError(f"threshold must be >= 0, got {value}")
-    return value
-
-
 def apply(
     target,
     config: BlockCacheConfig,
@@ -357,41 +345,14 @@ def apply(
 
     ``threshold`` defaults to the file's recommended one; 0 computes every block (output unchanged). On a bare
     transformer ``num_steps`` says how many steps a generation has (default: the calibrated count)."""
-    if threshold is None:
-        if config.recommended_threshold is None:
-            raise ThresholdError("no threshold given and the block-cache file recommends none; pass threshold=...")
-        threshold = config.recommended_threshold
-    threshold = _check_threshold(threshold)
-    if isinstance(target, torch.nn.Module) and not hasattr(target, "scheduler"):
-        if len(config.components) != 1:
-            raise ValueError(
-                f"this block-cache file has a schedule per component ({', '.join(config.components)}); "
-                "apply it to the pipeline"
-            )
-        components, scheduler = [(next(iter(config.components)), target)], None
-    else:
-        components = [(n, getattr(target, n)) for n in config.components
-                      if isinstance(getattr(target, n, None), torch.nn.Module)]
-        if not components:
-            raise ValueError(
-                f"{type(target).__name__} has none of the components {list(config.components)} named in the file"
-            )
-        scheduler = getattr(target, "scheduler", None)
+    threshold = choose_threshold(threshold, config, "block-cache")
+    components, scheduler = components_of(target, config, "a schedule per component")
     clock = StepClock()
     pipeline_mode = scheduler is not None and hasattr(scheduler, "set_timesteps") and hasattr(scheduler, "step")
     handle = BlockCacheHandle(config, threshold, clock, pipeline_mode)
     try:
         for name, transformer in components:
-            identity = model_identity(transformer)
-            if identity["class"] != config.model_class:
-                message = (f"block-cache schedule in {config.path or 'this config'} was calibrated for "
-                           f"{config.model_class}, not {identity['class']}")
-                if not allow_model_mismatch:
-                    raise ModelMismatchError(message + "; pass allow_model_mismatch=True to use it anyway")
-                warnings.warn(message, stacklevel=2)
-            elif config.config_hash and identity["config_hash"] != config.config_hash:
-                warnings.warn(f"{name}: config differs from the calibrated one; the schedule may not fit this model",
-                              stacklevel=2)
+            check_model(name, transformer, config, allow_model_mismatch, "block-cache schedule")
             adapter = get_adapter(transformer, modulation_module)
             handle._attach(name, transformer, adapter, config.components[name])
         if pipeline_mode:

@@ -6,7 +6,14 @@ objects with ``transformer``, ``states`` and ``current``) and a statistics recor
 
 from __future__ import annotations
 
+import math
+import warnings
+
+import torch
+
+from ..adapters import model_identity
 from ..hooking import Handle, StepClock
+from .errors import ModelMismatchError, ThresholdError
 
 
 class RuntimeHandle:
@@ -46,3 +53,64 @@ class RuntimeHandle:
 
     def __exit__(self, *exc):
         self.remove()
+
+
+def check_threshold(threshold) -> float:
+    """A threshold as a float, or a ThresholdError saying why not (not a number, not finite, negative)."""
+    try:
+        value = float(threshold)
+    except (TypeError, ValueError):
+        raise ThresholdError(f"threshold must be a number, got {threshold!r}") from None
+    if not math.isfinite(value):
+        raise ThresholdError(f"threshold must be a finite number, got {threshold!r}")
+    if value < 0:
+        raise ThresholdError(f"threshold must be >= 0, got {value}")
+    return value
+
+
+def choose_threshold(threshold, config, what: str) -> float:
+    """The threshold given, else the file's recommended one (``what`` names the file kind in the error)."""
+    if threshold is None:
+        if config.recommended_threshold is None:
+            raise ThresholdError(f"no threshold given and the {what} file recommends none; pass threshold=...")
+        threshold = config.recommended_threshold
+    return check_threshold(threshold)
+
+
+def components_of(target, config, per_expert: str) -> tuple[list[tuple[str, torch.nn.Module]], object]:
+    """(component name, transformer) pairs and the scheduler, for a pipeline or a bare transformer.
+
+    A bare transformer takes a file with one component; ``per_expert`` says what a file with several holds."""
+    if isinstance(target, torch.nn.Module) and not hasattr(target, "scheduler"):
+        if len(config.components) == 1:
+            return [(next(iter(config.components)), target)], None
+        raise ValueError(
+            f"this file has {per_expert} ({', '.join(config.components)}); apply it to the pipeline so each expert"
+            " gets its own"
+        )
+    found = [(name, getattr(target, name)) for name in config.components
+             if isinstance(getattr(target, name, None), torch.nn.Module)]
+    if not found:
+        raise ValueError(
+            f"{type(target).__name__} has none of the components {list(config.components)} named in the file"
+        )
+    return found, getattr(target, "scheduler", None)
+
+
+def check_model(name: str, transformer: torch.nn.Module, config, allow_model_mismatch: bool, what: str) -> None:
+    """Refuse a file calibrated for another model class unless allowed (then warn); warn on another config."""
+    plural = what.endswith("s")  # "coefficients were ... use them", "block-cache schedule was ... use it"
+    identity = model_identity(transformer)
+    if identity["class"] != config.model_class:
+        message = (f"{what} in {config.path or 'this config'} {'were' if plural else 'was'} calibrated for "
+                   f"{config.model_class}, not {identity['class']}")
+        if not allow_model_mismatch:
+            raise ModelMismatchError(
+                message + f"; pass allow_model_mismatch=True to use {'them' if plural else 'it'} anyway")
+        warnings.warn(message, stacklevel=3)
+    elif config.config_hash and identity["config_hash"] != config.config_hash:
+        warnings.warn(
+            f"{name}: config differs from the calibrated one ({config.source or config.model_class}); "
+            f"the {what} may not fit this model — calibrate it with `calib trace`",
+            stacklevel=3,
+        )
