@@ -183,14 +183,68 @@ def _measured_files():
     return sorted(p for p in (REPO / "coeffs").glob("*.json"))
 
 
-@pytest.mark.parametrize("path", _measured_files(), ids=lambda p: p.name)
+# What scripts/make_builtin_coeffs.sh writes: coefficient file -> (model, steps, seeds, guidance).
+BUILTIN_COEFFS = {"digits.json": ("builtin:digits", 30, 2, 3.0), "wan-digits.json": ("builtin:wan-digits", 30, 2, 3.0)}
+
+
+# `or [None]`: an empty list would make pytest skip this test silently; no measured file shipping is a failure.
+@pytest.mark.parametrize("path", _measured_files() or [None], ids=lambda p: getattr(p, "name", "none"))
 def test_shipped_measured_coefficients_are_monotone_and_nonnegative(path):
+    assert path is not None, "coeffs/ ships no measured coefficient file (scripts/make_builtin_coeffs.sh makes them)"
     doc = load_document(path)
     if doc["method"] != "teacache" or (doc.get("provenance") or {}).get("source") != "measured":
         pytest.skip("not a TeaCache rescaler measured by calib")
     for name, comp in doc["components"].items():
         assert comp["domain"] is not None, name
         assert shape_check(comp["coefficients"], comp["domain"]).ok, (name, shape_check(comp["coefficients"], comp["domain"]))
+
+
+def _builtin_pipe(source):
+    from calib.models.loading import load_model
+
+    return load_model(source, device="cpu")
+
+
+@pytest.mark.parametrize("name", sorted(BUILTIN_COEFFS))
+def test_builtin_models_ship_measured_coefficients_for_their_weights(name):
+    """coeffs/<model>.json is calib's own default fit on that built-in model, with the settings the script (and, for
+    builtin:digits, `calib demo`) traces, and it drives the runtime on the shipped model: some steps skipped, no
+    model-mismatch warning, the file's indicator computed."""
+    import inspect
+
+    from calib.adapters import model_identity
+    from calib.demo import run_demo
+    from calib.prompts import bundled_prompts_path, read_prompts
+
+    source, steps, seeds, guidance = BUILTIN_COEFFS[name]
+    path = REPO / "coeffs" / name
+    assert path in _measured_files(), f"{path} is missing: run scripts/make_builtin_coeffs.sh"
+    assert (REPO / "scripts" / "make_builtin_coeffs.sh").read_text().count(f"--out \"coeffs/$name.json\"") == 1
+    doc = load_document(path)
+    assert doc["method"] == "teacache" and doc["provenance"]["source"] == "measured"
+    cal = doc["calibration"]
+    assert cal["steps"] == [steps] and cal["guidance"] == [guidance] and cal["num_seeds"] == seeds
+    assert cal["num_prompts"] == len(read_prompts(bundled_prompts_path(source.split(":", 1)[1])))
+    fit = doc["components"]["transformer"]["fit"]
+    assert fit["degree_selection"]["mode"] == "auto" and fit["bootstrap"]["resamples"] >= 100  # the default fit
+    if name == "digits.json":  # `calib demo` in a checkout rewrites this very file: same settings
+        defaults = {k: v.default for k, v in inspect.signature(run_demo).parameters.items()}
+        assert (defaults["steps"], len(defaults["seeds"]), defaults["guidance"]) == (steps, seeds, guidance)
+        assert Path(defaults["coeffs_dir"]) / name == Path("coeffs") / name
+
+    pipe = _builtin_pipe(source)
+    ident = model_identity(pipe.transformer)
+    assert doc["model"]["source"] == source
+    assert (doc["model"]["class"], doc["model"]["config_hash"]) == (ident["class"], ident["config_hash"])
+    config = cr.load(path)
+    assert config.indicator == doc["indicator"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a model mismatch warns: the file must be for these weights' config
+        with cr.apply(pipe, config) as handle:
+            pipe(["a handwritten 3", "seven"], num_inference_steps=steps, guidance_scale=guidance,
+                 generator=torch.Generator().manual_seed(1000), output_type="latent")
+            stats = handle.stats()
+    assert 0 < stats["skipped"] < stats["steps"]
 
 
 # --- the built-in model, end to end ------------------------------------------------------------------------------
@@ -326,6 +380,38 @@ def test_runtime_computes_the_traced_indicator(builtin, monkeypatch, indicator, 
         np.testing.assert_allclose([s for _, s in seen][1:], scale[1:], rtol=1e-6)
     else:
         assert all(s is None for _, s in seen)
+
+
+def test_runtime_computes_the_indicator_the_shipped_wan_file_records(monkeypatch):
+    """builtin:wan-digits' file records the indicator `--indicator auto` kept; the runtime on the Wan adapter must see
+    the same per-step changes the tracer recorded for it."""
+    from calib.trace import Tracer, TraceSettings
+
+    pipe = _builtin_pipe("builtin:wan-digits")
+    doc = load_document(REPO / "coeffs" / "wan-digits.json")
+    indicator, normalization = doc["indicator"]["name"], doc["indicator"].get("normalization", "none")
+    steps = 8
+    with Tracer(pipe) as tracer:
+        traj = tracer.trace("a handwritten 4", 7, TraceSettings(steps=steps, guidance=1.0))[0]
+    x, _, scale = indicator_series(traj, indicator, normalization)
+    doc["components"]["transformer"].update(coefficients=[1e9], degree=0, domain=[0.0, 1e6])  # every step computes
+    seen = []
+    original = TeaCacheGate.should_compute
+
+    def spy(self, change, *, force=False, scale=None):
+        seen.append((change, scale))
+        return original(self, change, force=force, scale=scale)
+
+    monkeypatch.setattr(TeaCacheGate, "should_compute", spy)
+    with cr.apply(pipe, cr.parse(doc), threshold=1.0) as handle:
+        pipe("a handwritten 4", num_inference_steps=steps, guidance_scale=1.0,
+             generator=torch.Generator().manual_seed(7), output_type="latent")
+        assert handle.stats()["computed"] == steps
+    changes = np.array([np.nan if c is None else c for c, _ in seen])
+    assert len(changes) == steps
+    np.testing.assert_allclose(changes[1:-1], x[1:-1], rtol=1e-4)
+    if normalization == "delta_sigma":
+        np.testing.assert_allclose([s for _, s in seen][1:], scale[1:], rtol=1e-6)
 
 
 def test_delta_sigma_on_a_bare_transformer_needs_sigmas(builtin):
