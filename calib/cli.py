@@ -279,7 +279,7 @@ def tune(traces, coeffs, speedup, max_error, compute_fraction, write):
 @click.option("--device", default=None, help="torch device [default: cuda if available, else cpu].")
 @click.option("--out", type=click.Path(path_type=Path), help="Write the results as JSON here.")
 @click.option("--compare", is_flag=True,
-              help="Also run the frontier: other caches at 50 %% and 33 %% full forwards (needs traces).")
+              help="Also run the frontier: other caches at 50 % and 33 % full forwards (needs traces).")
 @click.option("--plot", type=click.Path(path_type=Path), help="With --compare: PNG of error vs fraction of full forwards.")
 def eval_(coeffs, model, prompts_file, seeds, thresholds, steps, guidance, repeats, trace_files, device, out, compare,
           plot):
