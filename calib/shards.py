@@ -198,12 +198,16 @@ def write_manifest(out: Path, *, model: str, model_info: dict, settings, prompts
     }
     text = json.dumps(doc, indent=2, ensure_ascii=False, default=str) + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
+    from .store import final_file_mode
+
+    mode = final_file_mode(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, mode)  # not mkstemp's 0600: every task of a job array reads and rewrites it
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

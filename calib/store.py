@@ -196,6 +196,17 @@ def _tmp_pattern(path: Path) -> re.Pattern:
     return re.compile(rf"^\.{re.escape(path.name)}\.[A-Za-z0-9_]{{8}}\.tmp$")
 
 
+def final_file_mode(path: Path) -> int:
+    """The mode a file written by temp file + rename should end with: the replaced file's, else what a plain
+    ``open()`` would give a new one (0o666 minus the umask)."""
+    from .export import _new_file_mode
+
+    try:
+        return path.stat().st_mode & 0o7777
+    except OSError:
+        return _new_file_mode()
+
+
 def _write_file(path: Path, model_info: dict, trajectories: list, created: str, *, extra_attrs: dict | None = None,
                 on_disk: int = 0) -> None:
     """Write ``trajectories`` to ``path`` atomically (temporary file, fsync, rename, fsync of the directory).
@@ -209,6 +220,7 @@ def _write_file(path: Path, model_info: dict, trajectories: list, created: str, 
 
     import h5py
 
+    mode = final_file_mode(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
@@ -236,6 +248,7 @@ def _write_file(path: Path, model_info: dict, trajectories: list, created: str, 
                 f.flush()
         with open(tmp, "rb+") as fh:
             os.fsync(fh.fileno())
+        os.chmod(tmp, mode)  # mkstemp's 0600 would hide the trace from the group (a cluster's shared folder)
         os.replace(tmp, path)
         dir_fd = os.open(path.parent, os.O_RDONLY)
         try:

@@ -207,3 +207,49 @@ def test_manifest_errors(tmp_path):
         read_traces([tmp_path / "none.manifest.json"])
     with pytest.raises(CalibError, match="--out is required"):
         run_merge([tmp_path / "a.h5", tmp_path / "b.h5"], echo=quiet)
+
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "cluster.md"
+
+
+def doc_cpu_block() -> str:
+    """The bash block of docs/cluster.md that the doc says this test runs as written."""
+    text = DOC.read_text(encoding="utf-8")
+    marker = "test_cluster_doc_commands_run_as_written"
+    assert marker in text, f"{DOC} no longer names {marker}"
+    return text.split(marker, 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+
+
+@pytest.mark.slow
+def test_cluster_doc_commands_run_as_written(tmp_path):
+    """docs/cluster.md's CPU example, run literally by bash in an empty folder: torchrun and accelerate launch with
+    2 processes each, then fit, report and merge on the manifests. Both launchers' shards hold the same values."""
+    import shutil
+
+    import calib.runtime as cr
+
+    bindir = str(Path(sys.executable).parent)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", PATH=bindir + os.pathsep + os.environ["PATH"])
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    for tool in ("torchrun", "accelerate", "calib"):
+        assert shutil.which(tool, path=env["PATH"]), f"{tool} is not installed: pip install -e '.[test]'"
+    block = doc_cpu_block()
+    assert "torchrun" in block and "accelerate launch" in block and "--num_processes 2" in block
+    run = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=tmp_path, env=env, capture_output=True,
+                         text=True, timeout=420)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+
+    traces = tmp_path / "traces"
+    for name in ("digits", "digits-acc"):
+        manifest = json.loads((traces / f"{name}.manifest.json").read_text())
+        assert manifest["shard_count"] == 2
+        assert [(s["file"], s["assigned"], s["finished"]) for s in manifest["shards"]] == [
+            (f"{name}.rank0-of-2.h5", 3, 3), (f"{name}.rank1-of-2.h5", 3, 3)]
+    by_torchrun = read_traces([traces / "digits.manifest.json"]).trajectories
+    assert len(by_torchrun) == 3 * 2 * 2
+    assert_same(read_traces([traces / "digits-acc.manifest.json"]).trajectories, by_torchrun)
+    assert_same(read_traces([traces / "digits.h5"]).trajectories, by_torchrun)  # calib merge
+    config = cr.load(tmp_path / "coeffs" / "digits.json")
+    assert list(config.components) == ["transformer"]
+    assert "<html" in (tmp_path / "report.html").read_text(encoding="utf-8").lower()

@@ -226,6 +226,21 @@ def test_overwrite_starts_an_empty_file(tmp_path):
     assert {t.prompt for t in ts.trajectories} == {"q"} and ts.model_info["config_hash"] == other["config_hash"]
 
 
+def test_file_mode_follows_the_umask_and_an_existing_file(tmp_path):
+    """Written through a temp file and a rename, the trace still gets the mode a plain open() would give it (not
+    mkstemp's 0600, which would hide it from the rest of a cluster job's group); a resumed file keeps its mode."""
+    old = os.umask(0o027)
+    try:
+        path = write(tmp_path / "t.h5", generation("p", 0))
+        assert path.stat().st_mode & 0o777 == 0o640
+        os.chmod(path, 0o664)
+        with TraceWriter(path, dict(INFO)) as w:
+            w.append(generation("p", 1))
+        assert path.stat().st_mode & 0o777 == 0o664 and len(read_traces([path]).trajectories) == 4
+    finally:
+        os.umask(old)
+
+
 @pytest.mark.parametrize("key", ["class", "config_hash", "source"])
 def test_reopen_with_another_model_is_refused(tmp_path, key):
     path = write(tmp_path / "t.h5", generation("p", 0))
