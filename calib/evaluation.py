@@ -10,7 +10,11 @@ of every cached generation is compared with the uncached one of the same prompt 
   (``mean|cached - uncached| / mean|uncached|``);
 * for the built-in models, the digit classifier's accuracy on cached and uncached outputs;
 * with traces (``--traces`` or the file's ``calibration.trace_files``), the replayed predictions of ``calib tune``
-  (compute fraction, speed-up in forwards, error proxy) beside the measurements, which is how the proxy is validated.
+  (compute fraction, speed-up in forwards, error proxy) beside the measurements, which is how the proxy is validated;
+* the predicted wall-clock speed-up: the replayed compute fraction put through a cost model measured on this machine
+  (:func:`cost_model`). A skipped step is not free — the pipeline, the embeddings before the block stack, the
+  indicator and the output head still run — so on a small model the wall-clock speed-up is well below the speed-up
+  in forwards; the cost model measures that fixed part instead of assuming it away.
 
 Everything per generation, per prompt (over seeds) and aggregated with std / min / max. docs/evaluation.md.
 """
@@ -33,6 +37,7 @@ FORMAT = "calib.eval"
 VERSION = 1
 PSNR_CAP = 100.0  # dB; identical outputs (infinite PSNR) are reported at the cap
 DEFAULT_SEEDS = (100, 101, 102, 103)
+COST_JOBS = 4  # generations (the first jobs) on which the cost model's two extreme settings are timed
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -232,6 +237,46 @@ def compare_outputs(reference: Output, test: Output, reader=None) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# the cost model: what a computed and a skipped step cost in wall-clock time, measured
+# ---------------------------------------------------------------------------------------------------------------
+COST_MODEL = (
+    "cached / uncached wall-clock time, linear in the fraction of full forwards F between two measured settings of "
+    "the same runtime: every step computed (the gate and indicator still run) and the fewest steps computed (only "
+    "the forced first and last steps); predicted wall-clock speed-up = 1 / ratio(F) at the replayed F"
+)
+
+
+def _extreme_configs(config):
+    """The same runtime with constant rescalers: ``(every step computes, only the forced steps compute)`` at
+    threshold 1 — the indicator and the decision run as in a real cached generation."""
+    from .frontier import _with_polynomial
+
+    return _with_polynomial(config, (1e30,)), _with_polynomial(config, (0.0,))
+
+
+def cost_model(timings: dict) -> dict:
+    """The cost model (:data:`COST_MODEL`) from ``timings``: per probe job, the median seconds of the uncached
+    generation (``base``), with every step computed (``full``) and with the fewest computed (``fewest``), and the
+    fewest setting's fraction of full forwards (``fewest_fraction``)."""
+    base = sum(timings["base"])
+    full = sum(timings["full"]) / base
+    fewest = sum(timings["fewest"]) / base
+    return {"description": COST_MODEL, "jobs": len(timings["base"]), "ratio_all_computed": full,
+            "ratio_fewest_computed": fewest, "fewest_fraction": float(timings["fewest_fraction"]),
+            "seconds_uncached": base / len(timings["base"])}
+
+
+def predicted_wall_speedup(model: dict, fraction: float) -> float:
+    """Wall-clock speed-up the cost model predicts at ``fraction`` full forwards."""
+    f0, r0, r1 = model["fewest_fraction"], model["ratio_fewest_computed"], model["ratio_all_computed"]
+    if f0 >= 1.0:
+        ratio = r1
+    else:
+        ratio = r0 + (r1 - r0) * (max(fraction, f0) - f0) / (1.0 - f0)
+    return 1.0 / ratio if ratio > 0 else float("inf")
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # calib eval
 # ---------------------------------------------------------------------------------------------------------------
 def _settings_from(doc: dict, steps, guidance) -> tuple[int, float]:
@@ -334,6 +379,7 @@ def run_eval(coeffs, *, model=None, prompts_file=None, seeds=DEFAULT_SEEDS, thre
         measured = _measure(generate, config, thresholds, jobs, repeats, reader, echo)
     finally:
         generate.close()
+    costs = cost_model(measured["costs"])
 
     predictions = {}
     if trace_set is not None:
@@ -344,6 +390,7 @@ def run_eval(coeffs, *, model=None, prompts_file=None, seeds=DEFAULT_SEEDS, thre
             row = replay_row(trace_set, rescalers, t, indicator=indicator, normalization=normalization)
             predictions[t] = {"compute_fraction": row.compute_fraction,
                               "speedup": None if row.compute_fraction <= 0 else 1.0 / row.compute_fraction,
+                              "wall_speedup": predicted_wall_speedup(costs, row.compute_fraction),
                               "error_proxy": row.predicted_error}
 
     results = [_summarize(t, measured, jobs, prompts, truth, predictions.get(t)) for t in thresholds]
@@ -363,6 +410,7 @@ def run_eval(coeffs, *, model=None, prompts_file=None, seeds=DEFAULT_SEEDS, thre
         "traces": None if trace_set is None else [str(f) for f in trace_set.files],
         "baseline": {"seconds": spread(statistics.median(measured["base"][j]["seconds"]) for j in jobs),
                      "digit_accuracy": base_acc},
+        "cost_model": costs,
         "results": results,
     }
     _print_report(report, echo)
@@ -391,11 +439,14 @@ def _version() -> str:
 
 
 def _measure(generate: Generator, config, thresholds, jobs, repeats, reader, echo) -> dict:
-    """Uncached and cached generations of every job, interleaved, ``repeats`` times; quality from the first."""
+    """Uncached and cached generations of every job, interleaved, ``repeats`` times; quality from the first. The
+    first :data:`COST_JOBS` jobs also run the cost model's two extreme settings (:func:`cost_model`)."""
     import calib.runtime as cr
 
-    def cached(job, t):
-        handle = cr.apply(generate.pipe, config, threshold=t)
+    every, fewest = _extreme_configs(config)
+
+    def cached(job, t, cfg=config):
+        handle = cr.apply(generate.pipe, cfg, threshold=t)
         try:
             out = generate(*job)
             stats = handle.stats()
@@ -407,13 +458,22 @@ def _measure(generate: Generator, config, thresholds, jobs, repeats, reader, ech
     generate(*jobs[0])
     for t in thresholds:
         cached(jobs[0], t)
+    cached(jobs[0], 1.0, every)
+    cached(jobs[0], 1.0, fewest)
     base = {}
     runs = {t: {} for t in thresholds}
+    probe_jobs = jobs[:COST_JOBS]
+    probes = {job: {"full": [], "fewest": [], "fewest_stats": None} for job in probe_jobs}
     for r in range(repeats):
         for job in jobs:
             ref = generate(*job)
             entry = base.setdefault(job, {"seconds": []})
             entry["seconds"].append(ref.seconds)
+            if job in probes:
+                probes[job]["full"].append(cached(job, 1.0, every)[0].seconds)
+                out, stats = cached(job, 1.0, fewest)
+                probes[job]["fewest"].append(out.seconds)
+                probes[job]["fewest_stats"] = stats
             if r == 0:
                 entry["output"] = ref
                 if reader is not None:
@@ -426,7 +486,14 @@ def _measure(generate: Generator, config, thresholds, jobs, repeats, reader, ech
                     rec["stats"] = stats
                     rec["quality"] = compare_outputs(entry["output"], out, reader)
         echo(f"  repeat {r + 1}/{repeats} done")
-    return {"base": base, "runs": runs}
+    costs = {
+        "base": [statistics.median(base[j]["seconds"]) for j in probe_jobs],
+        "full": [statistics.median(probes[j]["full"]) for j in probe_jobs],
+        "fewest": [statistics.median(probes[j]["fewest"]) for j in probe_jobs],
+        "fewest_fraction": (sum(probes[j]["fewest_stats"]["computed"] for j in probe_jobs)
+                            / sum(probes[j]["fewest_stats"]["steps"] for j in probe_jobs)),
+    }
+    return {"base": base, "runs": runs, "costs": costs}
 
 
 def _summarize(t, measured, jobs, prompts, truth, prediction) -> dict:
@@ -489,8 +556,13 @@ def _print_report(report: dict, echo) -> None:
     base = report["baseline"]
     echo(f"uncached: median {_fmt(base['seconds']['mean'], '.3f')} s per generation"
          + ("" if base["digit_accuracy"] is None else f", digit accuracy {base['digit_accuracy']:.0%}"))
-    head = (f"{'threshold':>9}  {'computed':>8}  {'pred.':>6}  {'fwd x':>5}  {'wall x':>6}  {'PSNR dB':>13}  "
-            f"{'SSIM':>13}  {'latent rel-L1':>15}  {'pred. err':>9}")
+    costs = report.get("cost_model")
+    if costs:
+        echo(f"cost model ({costs['jobs']} generations): every step computed {costs['ratio_all_computed']:.2f}x, "
+             f"fewest ({costs['fewest_fraction']:.1%}) computed {costs['ratio_fewest_computed']:.2f}x the uncached "
+             f"time")
+    head = (f"{'threshold':>9}  {'computed':>8}  {'pred.':>6}  {'fwd x':>5}  {'wall x':>6}  {'pred.':>6}  "
+            f"{'PSNR dB':>13}  {'SSIM':>13}  {'latent rel-L1':>15}  {'pred. err':>9}")
     if base["digit_accuracy"] is not None:
         head += "  digits"
     echo(head)
@@ -498,7 +570,7 @@ def _print_report(report: dict, echo) -> None:
         m, q, p = r["measured"], r["quality"], r["predicted"] or {}
         line = (f"{r['threshold']:>9.4g}  {_fmt(m['compute_fraction'], '>8.1%')}  "
                 f"{_fmt(p.get('compute_fraction'), '>6.1%')}  {_fmt(m['forward_speedup'], '>5.2f')}  "
-                f"{_fmt(m['wall_speedup'], '>6.2f')}  "
+                f"{_fmt(m['wall_speedup'], '>6.2f')}  {_fmt(p.get('wall_speedup'), '>6.2f')}  "
                 f"{_fmt(q['psnr']['mean'], '>6.1f')} ±{_fmt(q['psnr']['std'], '<5.1f')}  "
                 f"{_fmt(q['ssim']['mean'], '>6.3f')} ±{_fmt(q['ssim']['std'], '<5.3f')}  "
                 f"{_fmt(q['latent_rel_l1']['mean'], '>7.4f')} ±{_fmt(q['latent_rel_l1']['std'], '<6.4f')}  "
@@ -507,4 +579,5 @@ def _print_report(report: dict, echo) -> None:
             line += f"  {q['digit_accuracy']:.0%}"
         echo(line)
     echo("computed: measured fraction of full forwards (handle.stats()); pred.: replayed on the traces; fwd x: "
-         "1/computed; wall x: measured wall-clock speed-up (median of repeats); ± is the std over generations")
+         "1/computed; wall x: measured wall-clock speed-up (median of repeats), then the one the cost model predicts "
+         "at the replayed fraction; ± is the std over generations")

@@ -182,6 +182,32 @@ def test_measured_forwards_match_the_prediction(tuned):
     assert res["predicted"]["compute_fraction"] == pytest.approx(predicted)  # eval found the traces itself
 
 
+def test_predicted_wall_speedup_uses_the_measured_cost_model(tuned):
+    """The wall-clock prediction is the replayed fraction put through the cost model eval measured: its extreme
+    setting computes only the forced first and last step, and the prediction is that model at the replayed F."""
+    from calib.evaluation import predicted_wall_speedup
+
+    _, _, _, results, ev = tuned
+    costs = results["cost_model"]
+    assert costs["jobs"] == 4 and costs["fewest_fraction"] == pytest.approx(2 / STEPS)  # first and last step only
+    (res,) = results["results"]
+    assert res["predicted"]["wall_speedup"] == pytest.approx(
+        predicted_wall_speedup(costs, res["predicted"]["compute_fraction"]))
+    assert "cost model (4 generations)" in ev.stdout
+
+
+def test_cost_model_interpolates_between_its_two_measured_settings():
+    from calib.evaluation import predicted_wall_speedup
+
+    costs = {"fewest_fraction": 0.1, "ratio_fewest_computed": 0.3, "ratio_all_computed": 1.05}
+    assert predicted_wall_speedup(costs, 1.0) == pytest.approx(1 / 1.05)  # gate costs: slower than uncached
+    assert predicted_wall_speedup(costs, 0.1) == pytest.approx(1 / 0.3)
+    assert predicted_wall_speedup(costs, 0.0) == pytest.approx(1 / 0.3)  # never below the forced steps
+    assert predicted_wall_speedup(costs, 0.55) == pytest.approx(1 / (0.3 + 0.75 * 0.5))
+    # fixed costs: halving the forwards gives less than 2x
+    assert predicted_wall_speedup(costs, 0.5) < 2.0
+
+
 def test_eval_output_has_the_documented_fields(tuned):
     _, _, _, results, ev = tuned
     assert results["format"] == "calib.eval" and results["version"] == 1
@@ -192,7 +218,9 @@ def test_eval_output_has_the_documented_fields(tuned):
     assert set(res) >= {"threshold", "predicted", "measured", "quality", "per_prompt", "generations"}
     assert set(res["measured"]) >= {"steps", "computed", "compute_fraction", "forward_speedup", "wall_speedup",
                                     "wall_speedup_per_generation", "seconds_uncached", "seconds_cached"}
-    assert set(res["predicted"]) == {"compute_fraction", "speedup", "error_proxy"}
+    assert set(res["predicted"]) == {"compute_fraction", "speedup", "wall_speedup", "error_proxy"}
+    assert set(results["cost_model"]) == {"description", "jobs", "ratio_all_computed", "ratio_fewest_computed",
+                                          "fewest_fraction", "seconds_uncached"}
     for name in ("psnr", "ssim", "latent_rel_l1"):
         assert set(res["quality"][name]) == {"mean", "std", "min", "max", "n"}
         assert res["quality"][name]["n"] == 20
