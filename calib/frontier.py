@@ -23,7 +23,15 @@ Methods (``METHODS``):
   from the default 3 only where the default cannot reach the target;
 * ``taylorseer`` — diffusers' ``TaylorSeerCacheConfig`` in lite mode (whole blocks skipped, the output projection
   extrapolated by a first-order Taylor series), float32 factors; interval and warm-up steps chosen per target;
-* ``pab`` — diffusers' ``PyramidAttentionBroadcastConfig`` (attention reuse only; compared on ``compute``).
+* ``pab`` — diffusers' ``PyramidAttentionBroadcastConfig`` (attention reuse only; compared on ``compute``);
+* ``block-cache`` — Block Caching (arXiv 2312.03209): calib's per-block schedule derived from the same traces
+  (``calib fit --method block-cache``), applied by ``calib.runtime``; blocks are skipped one by one, so it is
+  compared on ``compute`` (its thresholds bisected over real runs on that axis);
+* ``fastercache`` — diffusers' ``FasterCacheConfig`` with the fields of ``calib export --format
+  diffusers-fastercache`` (the CFG cache calibrated from the traced cond - uncond change), one point per CFG
+  tolerance; it skips the unconditional half of the batch, never a whole forward, so it is compared on ``compute``.
+  diffusers' FasterCache needs an image-shaped output (BCHW / BCFHW): on packed-token models (FLUX, the built-in
+  image model) it is reported as not applicable.
 
 Threshold methods are bisected over real runs (starting from the replayed threshold where a replay exists) to the
 setting whose measured fraction is closest to each target; the achieved fraction is reported beside every number.
@@ -46,7 +54,7 @@ REACHED = 0.05  # a setting further than this from a target does not count as re
 TOLERANCE = 0.01  # stop bisecting when the measured fraction is this close to the target
 MAX_PROBES = 6
 CURVE_FRACTIONS = (0.8, 0.65, 0.25)
-METHODS = ("calib", "raw", "uniform", "fbcache", "magcache", "taylorseer", "pab")
+METHODS = ("calib", "raw", "uniform", "fbcache", "magcache", "taylorseer", "pab", "block-cache", "fastercache")
 LABELS = {
     "calib": "calib (calibrated rescaler)",
     "raw": "TeaCache rule, no rescaling [1, 0]",
@@ -55,8 +63,11 @@ LABELS = {
     "magcache": "diffusers MagCache (ratios from traces)",
     "taylorseer": "diffusers TaylorSeer (lite)",
     "pab": "diffusers PyramidAttentionBroadcast",
+    "block-cache": "calib Block Caching (per-block schedule)",
+    "fastercache": "diffusers FasterCache (fields from traces)",
 }
-PARTIAL = {"pab"}  # never skips a whole forward: matched on compute share
+PARTIAL = {"pab", "block-cache", "fastercache"}  # never skip a whole forward: matched on compute share
+FASTERCACHE_TOLERANCES = (0.5, 1.0, 2.0, 4.0, 8.0)  # x the median traced cond - uncond change
 
 
 class ComputeMeter:
@@ -399,6 +410,74 @@ def _pab_method(harness):
     return points
 
 
+def _block_cache_method(harness, trace_set, targets):
+    """calib's Block Caching schedule, thresholds bisected over real runs on the compute share."""
+    import calib.runtime as cr
+
+    from .block_cache import block_changes, build_document, components_of, tune
+    from .runtime.block_cache import parse
+
+    doc, _ = build_document(trace_set)
+    config = parse(doc, "<frontier block-cache>")
+    changes = {name: block_changes(trace_set, name)[1] for name in components_of(trace_set)}
+
+    def guess(f):
+        return tune(changes, f)[0].threshold
+
+    def make(t):
+        def install():
+            handle = cr.apply(harness.pipe, config, threshold=t)
+            return handle.remove
+
+        return install
+
+    probes: dict = {}
+    for f in CURVE_FRACTIONS:
+        t = float(f"{guess(f):.6g}")
+        if t not in probes:
+            probes[t] = harness.run("block-cache", make(t), {"threshold": t})
+    for target in targets:
+        _search(harness, "block-cache", make, target, guess(target), key="compute", probes=probes)
+    return list(probes.values())
+
+
+def _fastercache_method(harness, trace_set):
+    """diffusers' FasterCache with the fields calib derives from the traces (``calib export --format
+    diffusers-fastercache``), one point per CFG tolerance."""
+    from diffusers import FasterCacheConfig
+
+    from .diffusers_export import fastercache_config, fastercache_warnings
+    from .fastercache import build_document, cfg_series
+
+    c, _, _ = cfg_series(trace_set)
+    finite = c[1:][np.isfinite(c[1:])]
+    if finite.size == 0:
+        raise CalibError("the traces hold no cond - uncond changes (CFG off or traced without it)")
+    scheduler = harness.pipe.scheduler
+
+    def current_timestep():
+        index = getattr(scheduler, "step_index", None) or 0
+        return float(scheduler.timesteps[min(index, len(scheduler.timesteps) - 1)])
+
+    points, seen = [], set()
+    median = float(np.median(finite))
+    for factor in FASTERCACHE_TOLERANCES:
+        kwargs, info = fastercache_config(build_document(trace_set, cfg_tolerance=factor * median))
+        warnings = fastercache_warnings(info)
+        if warnings:
+            raise CalibError(warnings[0])
+        key = (kwargs["unconditional_batch_skip_range"], tuple(kwargs["unconditional_batch_timestep_skip_range"]),
+               kwargs["spatial_attention_block_skip_range"], tuple(kwargs["spatial_attention_timestep_skip_range"]))
+        if key in seen:
+            continue
+        seen.add(key)
+        make = lambda kw=kwargs: FasterCacheConfig(**kw, current_timestep_callback=current_timestep)  # noqa: E731
+        points.append(harness.run("fastercache", _diffusers_install(harness.transformer, make),
+                                  {"cfg_tolerance": factor * median,
+                                   "unconditional_batch_skip_range": kwargs["unconditional_batch_skip_range"]}))
+    return points
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # run, table, plot
 # ---------------------------------------------------------------------------------------------------------------
@@ -428,6 +507,10 @@ def run_frontier(pipe, config, trace_set, prompts, seeds, *, steps, guidance, pi
                     points[m] = _taylorseer_method(harness, targets)
                 elif m == "pab":
                     points[m] = _pab_method(harness)
+                elif m == "block-cache":
+                    points[m] = _block_cache_method(harness, trace_set, targets)
+                elif m == "fastercache":
+                    points[m] = _fastercache_method(harness, trace_set)
             except Exception as exc:  # noqa: BLE001 - a cache that does not apply to this model is reported, not fatal
                 if getattr(harness.transformer, "is_cache_enabled", False):
                     harness.transformer.disable_cache()
