@@ -45,7 +45,8 @@ def cli():
 
 @cli.command()
 @click.option("--model", "model", default="builtin:digits", show_default=True,
-              help="Built-in model (builtin:digits), a local diffusers pipeline folder, or a hub id.")
+              help="Built-in model (builtin:digits, builtin:wan-digits), a local diffusers pipeline folder, a hub "
+                   "id, or module:function (your code that returns the pipeline).")
 @click.option("--prompts", "prompts_file", type=click.Path(path_type=Path),
               help="Text file, one prompt per line. Built-in models default to their bundled prompts.")
 @click.option("--steps", default=30, show_default=True, type=int, help="Denoising steps per generation.")

@@ -229,7 +229,9 @@ def build_document(
     if model_info.get("scheduler") is not None:
         calibration["scheduler"] = str(model_info["scheduler"])
     calibration["guidance"] = [None if g is None else float(g) for g in settings.get("guidance", [])]
-    calibration["resolution"] = [[int(v) for v in np.atleast_1d(r)] for r in settings.get("resolution", [])]
+    # A trace of a pipeline that does not say its resolution (no --height/--width) records an empty one: not listed.
+    calibration["resolution"] = [[int(v) for v in np.atleast_1d(r)] for r in settings.get("resolution", [])
+                                 if np.size(r)]
     calibration["num_prompts"] = int(settings.get("prompts", 0))
     calibration["num_seeds"] = int(settings.get("seeds", 0))
     calibration["num_trajectories"] = len(trace_set.trajectories)

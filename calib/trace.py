@@ -477,7 +477,12 @@ class Tracer:
 
 
 def default_trace_path(model: str) -> Path:
-    name = model.split(":", 1)[1] if model.startswith("builtin:") else Path(model.rstrip("/")).name
+    from .models.loading import is_factory_spec
+
+    if model.startswith("builtin:") or is_factory_spec(model):  # builtin:NAME, module:NAME
+        name = model.split(":", 1)[1]
+    else:
+        name = Path(model.rstrip("/")).name
     return Path("traces") / f"{name or 'model'}.h5"
 
 

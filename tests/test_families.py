@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import io
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Callable
@@ -232,6 +233,27 @@ def stand_in(name: str) -> StandInPipeline:
     return StandInPipeline(FAMILIES[name], FAMILIES[name].build())
 
 
+# `calib trace --model test_families:tiny_<family>` builds these (the module:function form of --model).
+def _factory(name: str):
+    def make() -> StandInPipeline:
+        return StandInPipeline(FAMILIES[name], FAMILIES[name].build())
+
+    make.__name__ = f"tiny_{name}"
+    return make
+
+
+for _name in FAMILIES:
+    globals()[f"tiny_{_name}"] = _factory(_name)
+
+TWO_EXPERT_BOUNDARY = 0.5
+
+
+def tiny_wan_two_expert() -> StandInPipeline:
+    """Wan2.2 A14B in small: ``transformer`` for timesteps >= 500, ``transformer_2`` (other weights) below."""
+    family = FAMILIES["wan_t2v"]
+    return StandInPipeline(family, family.build(0), family.build(1), boundary_ratio=TWO_EXPERT_BOUNDARY)
+
+
 def generate(pipe, cfg_mode="batched", seed=0):
     return pipe("a prompt", num_inference_steps=STEPS, guidance_scale=GUIDANCE,
                 generator=torch.Generator().manual_seed(seed), cfg_mode=cfg_mode).images
@@ -372,6 +394,127 @@ def test_two_expert_wan():
         # each expert computes its own first step (it has no residual of its own yet); the last step always computes
         assert first["skipped_steps"] == list(range(1, len(high)))
         assert second["skipped_steps"] == list(range(1, len(low) - 1))
+
+
+def cli(*argv: str) -> int:
+    from calib.cli import main
+
+    return main(list(argv))
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_calib_trace_command_on_a_tiny_model(name, tmp_path, monkeypatch):
+    """`calib trace --model module:function` as a user runs it, on a tiny model of every family: the trace file
+    names the class and its adapter and holds, per seed, a cond and an uncond trajectory whose every series has one
+    finite value per step after the first."""
+    from calib.store import read_traces
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "p.txt").write_text("a prompt\n")
+    spec = f"{__name__}:tiny_{name}"
+    assert cli("trace", "--model", spec, "--prompts", "p.txt", "--steps", str(STEPS), "--seeds", "0,1",
+               "--guidance", str(GUIDANCE)) == 0
+    traces = read_traces([tmp_path / "traces" / f"tiny_{name}.h5"])
+    family = FAMILIES[name]
+    adapter = get_adapter(family.cls)
+    assert traces.model_info["class"] == family.cls and traces.model_info["source"] == spec
+    assert traces.model_info["adapter"] == adapter.name
+    assert sorted((t.seed, t.stream) for t in traces.trajectories) == [(0, "cond"), (0, "uncond"), (1, "cond"),
+                                                                       (1, "uncond")]
+    n_blocks = len(adapter.blocks(stand_in(name).transformer))
+    for traj in traces.trajectories:
+        assert traj.component == "transformer" and traj.steps == STEPS
+        assert traj.block_rel_l1.shape == (STEPS, n_blocks)
+        check_series(traj, STEPS)
+    seed0 = [t for t in traces.trajectories if t.seed == 0]
+    seed1 = [t for t in traces.trajectories if t.seed == 1]
+    assert not np.array_equal(seed0[0].output_rel_l1[1:], seed1[0].output_rel_l1[1:])  # the seed reached the model
+
+
+def test_model_factory_errors(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "p.txt").write_text("a prompt\n")
+    (tmp_path / "mypipes.py").write_text("def nothing():\n    return 42\n")
+    for spec, message in (
+        ("no_such_module_here:make", "calib: error: --model no_such_module_here:make: no module "
+                                     "'no_such_module_here' (in the current folder or installed)"),
+        ("mypipes:absent", "calib: error: --model mypipes:absent: module 'mypipes' has no function 'absent'"),
+        ("mypipes:nothing", "calib: error: --model mypipes:nothing: nothing() returned int, not a pipeline with a "
+                            "transformer"),
+    ):
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            code = cli("trace", "--model", spec, "--prompts", "p.txt")
+        assert code == 2 and err.getvalue().strip().splitlines()[-1] == message
+        assert sorted(p.name for p in tmp_path.iterdir() if p.name != "__pycache__") == ["mypipes.py", "p.txt"]
+
+
+def test_two_expert_wan_trace_fit_apply(tmp_path, monkeypatch):
+    """Wan2.2 A14B end to end as a user runs it: `calib trace` labels which expert ran each step, `calib fit` fits
+    each expert on its own steps and writes both polynomials keyed by component, and the runtime drives each expert
+    with its own polynomial."""
+    import json
+
+    from calib.store import read_traces
+
+    monkeypatch.chdir(tmp_path)
+    steps = 10
+    (tmp_path / "p.txt").write_text("a prompt\n")
+    spec = f"{__name__}:tiny_wan_two_expert"
+    assert cli("trace", "--model", spec, "--prompts", "p.txt", "--steps", str(steps), "--seeds", "0-2",
+               "--guidance", str(GUIDANCE), "--out", "wan.h5") == 0
+
+    pipe = tiny_wan_two_expert()
+    pipe.scheduler.set_timesteps(steps)
+    boundary = TWO_EXPERT_BOUNDARY * pipe.scheduler.config.num_train_timesteps
+    high = [i for i, t in enumerate(pipe.scheduler.timesteps) if t >= boundary]
+    low = [i for i in range(steps) if i not in high]
+    assert len(high) >= 3 and len(low) >= 3
+
+    traces = read_traces([tmp_path / "wan.h5"])
+    assert traces.model_info["components"] == ["transformer", "transformer_2"]
+    by_component = {"transformer": [], "transformer_2": []}
+    for traj in traces.trajectories:
+        by_component[traj.component].append(traj)
+        assert list(traj.step_index) == (high if traj.component == "transformer" else low)
+        check_series(traj, len(traj.step_index))
+    assert [len(v) for v in by_component.values()] == [3 * 2, 3 * 2]  # 3 seeds x (cond, uncond) each
+
+    assert cli("fit", "wan.h5", "--out", "wan.json", "--indicator", "modulated_input", "--normalization", "none",
+               "--degree", "1", "--bootstrap", "0", "--no-plot") == 0
+    doc = json.loads((tmp_path / "wan.json").read_text())
+    assert set(doc["components"]) == {"transformer", "transformer_2"}
+    for component, trajectories in by_component.items():
+        # each polynomial is fitted on its own expert's points: its domain lies within that expert's inputs
+        x = np.concatenate([t.input_rel_l1[1:] for t in trajectories])
+        lo, hi = doc["components"][component]["domain"]
+        assert x.min() <= lo < hi <= x.max(), (component, lo, hi, x.min(), x.max())
+    assert doc["components"]["transformer"]["coefficients"] != doc["components"]["transformer_2"]["coefficients"]
+
+    def run():
+        return pipe("a prompt", num_inference_steps=steps, guidance_scale=GUIDANCE,
+                    generator=torch.Generator().manual_seed(0)).images
+
+    base = run()
+    with cr.apply(pipe, cr.load(tmp_path / "wan.json"), threshold=0) as handle:
+        assert torch.equal(run(), base)
+        assert {t["component"] for t in handle.stats()["trajectories"]} == {"transformer", "transformer_2"}
+
+    # Which polynomial drives which expert: one that never adds up (0) skips every middle step of its expert, one
+    # that always exceeds the threshold computes them all; swapping the two swaps the experts' behaviour.
+    for idle, busy in (("transformer", "transformer_2"), ("transformer_2", "transformer")):
+        edited = json.loads(json.dumps(doc))
+        edited["components"][idle]["coefficients"] = [0.0, 0.0]
+        edited["components"][busy]["coefficients"] = [0.0, 1e6]
+        (tmp_path / "edited.json").write_text(json.dumps(edited))
+        with cr.apply(pipe, cr.load(tmp_path / "edited.json"), threshold=1.0) as handle:
+            run()
+            stats = {t["component"]: t for t in handle.stats()["trajectories"]}  # batched CFG: one stream each
+        n = {"transformer": len(high), "transformer_2": len(low)}
+        assert stats[busy]["skipped_steps"] == [] and stats[busy]["computed"] == n[busy]
+        # an expert's first step computes; the generation's last step (the low-noise expert's last) computes
+        last = n[idle] - 1 if idle == "transformer_2" else n[idle]
+        assert stats[idle]["skipped_steps"] == list(range(1, last))
 
 
 class MysteryTransformer(torch.nn.Module):

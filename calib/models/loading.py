@@ -1,7 +1,9 @@
-"""Resolve ``--model``: a built-in name, a local diffusers pipeline folder, or a hub id."""
+"""Resolve ``--model``: a built-in name, a local diffusers pipeline folder, a hub id, or ``module:function`` (your
+own code that builds the pipeline)."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Callable
 
@@ -33,6 +35,43 @@ def builtin_names() -> list[str]:
     return [f"builtin:{name}" for name in BUILTIN]
 
 
+# ``package.module:function``: dotted Python names, one colon (a hub id has a slash, a Windows path a backslash).
+FACTORY_SPEC = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
+
+
+def is_factory_spec(spec: str) -> bool:
+    return bool(FACTORY_SPEC.match(spec)) and not spec.startswith("builtin:") and not Path(spec).exists()
+
+
+def load_factory(spec: str, device: str = "cpu"):
+    """``module:function``: import the module (from the current folder or the installed packages) and call the
+    function with no arguments; it returns the pipeline to trace (one built with quantisation, LoRAs fused, or a
+    class diffusers cannot load from a folder). This runs the user's own code, named on the command line; a model
+    folder or hub id never runs code (``trust_remote_code=False``)."""
+    import importlib
+    import os
+    import sys
+
+    module_name, attr = spec.split(":")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())  # as `python -m` would; the console script does not add it
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name and module_name.startswith(exc.name):
+            raise CalibError(f"--model {spec}: no module {exc.name!r} (in the current folder or installed)") from None
+        raise
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        raise CalibError(f"--model {spec}: module {module_name!r} has no function {attr!r}")
+    pipe = factory()
+    if not callable(pipe) or not hasattr(pipe, "transformer"):
+        raise CalibError(f"--model {spec}: {attr}() returned {type(pipe).__name__}, not a pipeline with a transformer")
+    if hasattr(pipe, "to"):
+        pipe.to(device)
+    return pipe
+
+
 def load_model(spec: str, device: str = "cpu", dtype=None):
     """Load a diffusers pipeline. Never executes code shipped with a model folder (no trust_remote_code)."""
     spec = (spec or DEFAULT_MODEL).strip()
@@ -41,6 +80,8 @@ def load_model(spec: str, device: str = "cpu", dtype=None):
         if name not in BUILTIN:
             raise CalibError(f"no built-in model {name!r}; built-in models: {', '.join(builtin_names())}")
         return BUILTIN[name](device)
+    if is_factory_spec(spec):
+        return load_factory(spec, device)
     from diffusers import DiffusionPipeline
 
     kwargs = {"trust_remote_code": False}
@@ -58,7 +99,7 @@ def load_model(spec: str, device: str = "cpu", dtype=None):
         if "/" not in spec:
             raise CalibError(
                 f"--model {spec!r} is neither a built-in model ({', '.join(builtin_names())}), "
-                "an existing folder, nor a hub id like 'black-forest-labs/FLUX.1-dev'"
+                "an existing folder, a hub id like 'black-forest-labs/FLUX.1-dev', nor module:function"
             )
         try:
             pipe = DiffusionPipeline.from_pretrained(spec, **kwargs)
