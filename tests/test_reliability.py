@@ -254,6 +254,24 @@ def _apply_mismatch_allowed(work: Path):
     return lines[0]
 
 
+def _pickled_weights(work: Path) -> None:
+    """A real diffusers pipeline folder (a tiny DiT: no text encoder) whose transformer weights are a pickled .bin."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+
+    torch.manual_seed(0)
+    transformer = DiTTransformer2DModel(sample_size=4, in_channels=4, out_channels=8, num_layers=1,
+                                        attention_head_dim=8, num_attention_heads=2, num_embeds_ada_norm=10,
+                                        patch_size=2)
+    vae = AutoencoderKL(block_out_channels=(8,), down_block_types=("DownEncoderBlock2D",),
+                        up_block_types=("UpDecoderBlock2D",), latent_channels=4, norm_num_groups=4,
+                        layers_per_block=1)
+    DiTPipeline(transformer=transformer, vae=vae, scheduler=DDIMScheduler()).save_pretrained(work / "model")
+    (work / "model" / "transformer" / "diffusion_pytorch_model.safetensors").unlink()
+    transformer.save_pretrained(work / "model" / "transformer", safe_serialization=False)
+    _p("a cat\n")(work)
+
+
 def _load_model_folder(work: Path):
     from calib.models.loading import load_model
 
@@ -312,6 +330,12 @@ CASES: list[Case] = [
     Case("model-folder", "model folder without model_index.json", "calib trace --model empty_dir --prompts p.txt",
          "calib: error: empty_dir: not a diffusers pipeline folder (no model_index.json)", 2,
          lambda work: (_p("a cat\n")(work), _empty_dir(work / "empty_dir"))),
+    Case("model-pickled-weights", "model folder whose weights are pickled (`.bin`), not safetensors",
+         "calib trace --model model --prompts p.txt",
+         "calib: error: model: could not load the pipeline: Error no file named diffusion_pytorch_model.safetensors "
+         "found in directory model/transformer. calib loads weights from .safetensors files only, never pickled "
+         ".bin/.pt files; convert them once where you trust them (save_pretrained(..., safe_serialization=True))", 2,
+         _pickled_weights),
     Case("model-folder-api", "model folder without model_index.json (Python)", 'load_model("empty_dir")',
          "CalibError: empty_dir: not a diffusers pipeline folder (no model_index.json)", None,
          lambda work: _empty_dir(work / "empty_dir"), call=_load_model_folder),
@@ -529,6 +553,7 @@ def test_bad_input(case: Case, tmp_path):
     if case.exit is not None and case.exit != 0:
         errors = [ln for ln in outcome.stderr.splitlines() if ln.startswith("calib: error:")]
         assert len(errors) <= 1, errors  # one line, not a cascade
+    if case.exit is None or case.exit != 0:  # refused (or a Python call, which writes nothing either)
         assert files["after"] == files["before"], "an input that was refused changed or left files"
     if case.call is not None and case.exit is None:
         assert not hasattr(pipe().transformer, "_calib_cache_handle")  # a refused apply left no hooks
@@ -942,6 +967,8 @@ def test_model_folders_load_without_remote_code(tmp_path, monkeypatch):
     assert seen[str(tmp_path / "model")]["trust_remote_code"] is False
     assert seen[str(tmp_path / "model")]["local_files_only"] is True
     assert seen["some-org/some-model"]["trust_remote_code"] is False
+    for kwargs in seen.values():  # weights from safetensors only: diffusers never falls back to torch.load
+        assert kwargs["use_safetensors"] is True
 
 
 # ---------------------------------------------------------------------------------------------------- main

@@ -72,6 +72,15 @@ def load_factory(spec: str, device: str = "cpu"):
     return pipe
 
 
+def _gist(exc: Exception) -> str:
+    """diffusers' error in one line; a missing .safetensors file says why calib wants one."""
+    first = (str(exc).splitlines() or [type(exc).__name__])[0].rstrip(".")
+    if "safetensors" in first and "no file named" in first:
+        return (f"{first}. calib loads weights from .safetensors files only, never pickled .bin/.pt files; convert "
+                "them once where you trust them (save_pretrained(..., safe_serialization=True))")
+    return first
+
+
 def load_model(spec: str, device: str = "cpu", dtype=None):
     """Load a diffusers pipeline. Never executes code shipped with a model folder (no trust_remote_code)."""
     spec = (spec or DEFAULT_MODEL).strip()
@@ -84,7 +93,9 @@ def load_model(spec: str, device: str = "cpu", dtype=None):
         return load_factory(spec, device)
     from diffusers import DiffusionPipeline
 
-    kwargs = {"trust_remote_code": False}
+    # No code shipped with the model runs, and nothing is unpickled: weights load from safetensors files only
+    # (diffusers would otherwise fall back to torch.load on .bin/.pt files).
+    kwargs = {"trust_remote_code": False, "use_safetensors": True}
     if dtype is not None:
         kwargs["torch_dtype"] = dtype
     path = Path(spec)
@@ -94,7 +105,7 @@ def load_model(spec: str, device: str = "cpu", dtype=None):
         try:
             pipe = DiffusionPipeline.from_pretrained(str(path), local_files_only=True, **kwargs)
         except Exception as exc:  # diffusers raises many types; the user needs the gist in one line
-            raise CalibError(f"{spec}: could not load the pipeline: {str(exc).splitlines()[0]}") from None
+            raise CalibError(f"{spec}: could not load the pipeline: {_gist(exc)}") from None
     else:
         if "/" not in spec:
             raise CalibError(
@@ -105,7 +116,7 @@ def load_model(spec: str, device: str = "cpu", dtype=None):
             pipe = DiffusionPipeline.from_pretrained(spec, **kwargs)
         except Exception as exc:
             raise CalibError(
-                f"{spec}: could not load from the hub ({str(exc).splitlines()[0]}); "
+                f"{spec}: could not load from the hub ({_gist(exc)}); "
                 "on an offline machine download it elsewhere and pass the folder"
             ) from None
     pipe.to(device)
