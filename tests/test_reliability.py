@@ -913,6 +913,24 @@ def test_png_write_cut_off_keeps_previous_png(fitted, monkeypatch):
     _only_final_files(work)
 
 
+def test_html_report_write_cut_off_keeps_previous_report(fitted, monkeypatch):
+    work, _, _ = fitted
+    (work / "r.html").write_text("<html>previous report</html>")
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if str(dst).endswith(".html"):
+            raise OSError(28, "No space left on device")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+    code, _, err = run_cli(["report", "t.h5", "--coeffs", "c.json", "--out", "r.html"], work)
+    monkeypatch.undo()
+    assert code == 2 and err.strip().splitlines()[-1] == "calib: error: cannot write r.html: No space left on device"
+    assert (work / "r.html").read_text() == "<html>previous report</html>"
+    _only_final_files(work)
+
+
 # ---------------------------------------------------------------------------------------------------- security
 
 FORBIDDEN = {
