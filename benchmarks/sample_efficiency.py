@@ -1,6 +1,7 @@
 """How many prompts does a calibration need? Held-out error of fits from 1, 2, 4, 8, 16, 32 prompts against a large fit.
 
-    python benchmarks/sample_efficiency.py [--model builtin:digits] [--repeats 20] [--json out.json]
+    python benchmarks/sample_efficiency.py [--model builtin:digits] [--repeats 20] [--indicator modulated_input]
+                                           [--json out.json]
 
 A "prompt" here is one traced generation (prompt x seed): TeaCache calibrated on 70 prompts with one seed each. The
 pool is the bundled prompts x 8 seeds (80 generations on builtin:digits); the test set is the same prompts with
@@ -10,6 +11,9 @@ domain, floored at 0), relative to the same procedure fitted on the whole pool. 
 
 * paper: degree 4, least squares, no shape check (TeaCache's fit);
 * calib: ``--degree auto``, least squares, shape-constrained where the plain fit violates (calib fit's default).
+
+Both fit ``--indicator`` (default: the paper's modulated input; ``temb`` is what ``calib fit --indicator auto`` keeps
+on builtin:wan-digits) with ``--normalization`` (default none).
 
 Traces are cached (``$CALIB_BENCH_CACHE``, default ``$TMPDIR/calib-bench``); the first run traces ~120 generations
 (about a minute on 2 cores for builtin:digits), a rerun only fits (~1-2 minutes).
@@ -45,6 +49,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--test-seeds", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--cache", default=str(DEFAULT_CACHE))
+    ap.add_argument("--indicator", default="modulated_input", choices=["modulated_input", "block_input", "temb"])
+    ap.add_argument("--normalization", default="none", choices=["none", "delta_sigma"])
     ap.add_argument("--json", default=None, help="also write the numbers here")
     args = ap.parse_args(argv)
 
@@ -56,7 +62,9 @@ def main(argv=None) -> dict:
     generations = sorted({(t.prompt, t.seed) for t in pool.trajectories})
     sizes = [n for n in SIZES if n < len(generations)] + [len(generations)]
 
-    large = {name: fit_traces(pool, **kw) for name, kw in PROCEDURES.items()}
+    procedures = {name: dict(kw, indicator=args.indicator, normalization=args.normalization)
+                  for name, kw in PROCEDURES.items()}
+    large = {name: fit_traces(pool, **kw) for name, kw in procedures.items()}
     large_mae = {name: held_out_mae(res, test) for name, res in large.items()}
     log("large fits: " + ", ".join(f"{k} degree {v.rescaler.degree_} MAE {large_mae[k]:.5f}" for k, v in large.items()))
 
@@ -72,7 +80,7 @@ def main(argv=None) -> dict:
         for _ in range(repeats):
             pick = {generations[i] for i in rng.choice(len(generations), size=n, replace=False)}
             part = subset(pool, lambda t: (t.prompt, t.seed) in pick)
-            for name, kw in PROCEDURES.items():
+            for name, kw in procedures.items():
                 res = fit_traces(part, **kw)
                 mae = held_out_mae(res, test)
                 results[name][n].append(mae / large_mae[name] - 1.0)
@@ -93,7 +101,8 @@ def main(argv=None) -> dict:
     header = ["prompts"]
     for name in PROCEDURES:
         header += [f"{name}: median MAE", f"{name}: median excess", f"{name}: p90 excess", f"{name}: within 5 %"]
-    print(f"## Sample efficiency on {args.model} ({args.steps} steps)\n")
+    print(f"## Sample efficiency on {args.model} ({args.steps} steps, indicator {args.indicator}"
+          + ("" if args.normalization == "none" else f" / {args.normalization}") + ")\n")
     print(f"Held-out MAE of the large fit ({len(generations)} generations): "
           + ", ".join(f"{k} {large_mae[k]:.5f} (degree {large[k].rescaler.degree_})" for k in PROCEDURES) + ".")
     print(f"Excess = held-out MAE of an N-prompt fit / that of the large fit - 1, over {args.repeats} random subsets.\n")
@@ -105,6 +114,8 @@ def main(argv=None) -> dict:
     out = {
         "model": args.model,
         "steps": args.steps,
+        "indicator": args.indicator,
+        "normalization": args.normalization,
         "large_mae": large_mae,
         "large_degree": {k: v.rescaler.degree_ for k, v in large.items()},
         "excess": {name: {str(n): list(map(float, v)) for n, v in r.items()} for name, r in results.items()},

@@ -1,12 +1,14 @@
 """Step-count transfer: calibrate at one step count, run at others, with the plain and the Δσ-normalised indicator.
 
-    python benchmarks/transfer.py [--model builtin:digits] [--calib-steps 30] [--run-steps 15,30,50] [--json out.json]
+    python benchmarks/transfer.py [--model builtin:digits] [--calib-steps 30] [--run-steps 15,30,50]
+                                  [--indicator modulated_input] [--json out.json]
 
 1. Held-out error. Rescalers fitted on a trace at ``--calib-steps`` (bundled prompts x 4 seeds) predict the output
    change of held-out generations (2 other seeds) traced at each of ``--run-steps``; MAE of the predicted output
    change, evaluated as the runtime does. Candidates: modulated input and temb, each plain (``none``) and normalised
    (``delta_sigma``), with calib fit's defaults (degree auto, shape-constrained). "oracle" is the plain fit
    calibrated at the run's own step count (same prompts and seeds), the best one can hope for.
+   ``--indicator`` (default: the paper's modulated input) is the indicator of the oracle row and of the real runs.
 2. Real runs. The 30-step coefficient files (plain, normalised) drive the runtime on held-out prompts and seed
    (the ten digits, seed 1000) at each run step count, with the threshold each file recommends (the threshold a user
    would take from the file) and on a grid of thresholds, compared at matched compute (interpolated error at the
@@ -84,6 +86,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--run-steps", default="15,30,50")
     ap.add_argument("--guidance", type=float, default=3.0)
     ap.add_argument("--cache", default=str(DEFAULT_CACHE))
+    ap.add_argument("--indicator", default="modulated_input", choices=sorted({c[0] for c in CANDIDATES}),
+                    help="indicator of the oracle row and of the real runs")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     run_steps = [int(s) for s in args.run_steps.split(",")]
@@ -105,7 +109,7 @@ def main(argv=None) -> dict:
     fits = {}
     for ind, norm in CANDIDATES:
         fits[(ind, norm)] = fit_all_components(calib_set, degree="auto", indicator=ind, normalization=norm)
-    oracle = {s: fit_all_components(own_sets[s], degree="auto") for s in run_steps}
+    oracle = {s: fit_all_components(own_sets[s], degree="auto", indicator=args.indicator) for s in run_steps}
     err_rows, errors = [], {}
     for ind, norm in CANDIDATES:
         row = [ind, norm, fits[(ind, norm)]["transformer"].rescaler.degree_]
@@ -114,7 +118,7 @@ def main(argv=None) -> dict:
             errors[f"{ind}/{norm}/{s}"] = e
             row.append(f"{e:.4f}")
         err_rows.append(row)
-    row = ["modulated_input (oracle: fitted at the run's steps)", "none", "-"]
+    row = [f"{args.indicator} (oracle: fitted at the run's steps)", "none", "-"]
     for s in run_steps:
         e = held_out_mae(oracle[s]["transformer"], eval_sets[s])
         errors[f"oracle/{s}"] = e
@@ -136,7 +140,7 @@ def main(argv=None) -> dict:
         run_prompts = [f"a handwritten {d}" for d in range(10)]
     else:
         run_prompts = prompts
-    configs = {norm: _config(fits[("modulated_input", norm)], calib_set, args.model) for norm in ("none", "delta_sigma")}
+    configs = {norm: _config(fits[(args.indicator, norm)], calib_set, args.model) for norm in ("none", "delta_sigma")}
     runs, real_rows = {}, []
     for s in run_steps:
         base = _generate(pipe, s, args.guidance, run_prompts)
@@ -160,15 +164,15 @@ def main(argv=None) -> dict:
     print(f"## Step-count transfer on {args.model}: calibrated at {args.calib_steps} steps\n")
     print("Held-out MAE of the predicted output change (generations not used for fitting):\n")
     print(markdown_table(["indicator", "normalization", "degree"] + [f"run at {s}" for s in run_steps], err_rows))
-    print(f"\nReal runs with the {args.calib_steps}-step files on held-out prompts/seed "
+    print(f"\nReal runs with the {args.calib_steps}-step {args.indicator} files on held-out prompts/seed "
           f"(latent rel-L1 vs the uncached run of the same step count):\n")
     print(markdown_table(
         ["run steps", "normalization", "file's threshold", "compute fraction", "latent rel-L1",
          "digits read (uncached)", f"rel-L1 at compute {target:.2f}"], real_rows))
     elapsed = time.perf_counter() - start
     print(f"\n({elapsed:.0f} s)")
-    out = {"model": args.model, "calib_steps": args.calib_steps, "errors": errors, "runs": runs,
-           "matched_compute": target, "seconds": elapsed}
+    out = {"model": args.model, "calib_steps": args.calib_steps, "indicator": args.indicator, "errors": errors,
+           "runs": runs, "matched_compute": target, "seconds": elapsed}
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump(out, fh, indent=1)
