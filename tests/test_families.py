@@ -533,6 +533,36 @@ def test_unsupported_class_names_supported_ones_and_the_flag():
             assert cls in message
 
 
+class _MysteryPipeline:
+    def __init__(self):
+        self.transformer = MysteryTransformer()
+        self.scheduler = diffusers.FlowMatchEulerDiscreteScheduler()
+
+    def __call__(self, *args, **kwargs):
+        raise AssertionError("an unsupported class must be refused before any generation")
+
+
+def tiny_mystery_pipeline():
+    return _MysteryPipeline()
+
+
+def test_unsupported_class_on_the_command_line(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "p.txt").write_text("a prompt\n")
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = cli("trace", "--model", f"{__name__}:tiny_mystery_pipeline", "--prompts", "p.txt", "--out", "m.h5")
+    lines = [ln for ln in err.getvalue().splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err.getvalue()
+    assert lines[0].startswith("calib: error: calib has no adapter for MysteryTransformer; supported: ")
+    assert lines[0].endswith("For another class pass --modulation-module (e.g. --modulation-module "
+                             "transformer_blocks.0.norm1)")
+    from calib.adapters import supported_classes
+
+    assert all(cls in lines[0] for cls in supported_classes())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.txt"]
+
+
 def test_custom_adapter_on_flux():
     pipe = stand_in("flux")
     adapter = custom_adapter("transformer_blocks.0.norm1")
