@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import warnings
 from pathlib import Path
 
@@ -290,6 +291,9 @@ def test_fit_on_builtin_model_is_monotone_and_documents_its_choices(builtin):
     # the diagnostics print the degree table, the loss comparison, the shape decision and the band
     for part in ("degree by held-out error", "CV MAE", "huber", "shape:", "bootstrap", "indicator by held-out error"):
         assert part in text
+    # the JSON records the indicator the held-out ranking kept (the runtime computes it: tests below)
+    kept = re.search(r"kept (\w+) / (\w+): ", text)
+    assert kept and (doc["indicator"]["name"], doc["indicator"]["normalization"]) == kept.groups()
     assert out.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -451,7 +455,7 @@ def test_report_lists_band_and_degree_table():
 # --- merging traces -----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("field,a,b,word", [("steps", 11, 21, "steps"), ("guidance", 3.0, 5.0, "guidance"),
                                             ("resolution", (8, 8), (16, 16), "resolution")])
-def test_mixed_settings_are_refused_unless_allowed(tmp_path, field, a, b, word):
+def test_mixed_settings_are_refused_unless_allowed(tmp_path, capsys, field, a, b, word):
     rng = np.random.default_rng(0)
     paths = []
     for i, value in enumerate((a, b)):
@@ -466,6 +470,11 @@ def test_mixed_settings_are_refused_unless_allowed(tmp_path, field, a, b, word):
         run_fit(paths, out=tmp_path / "m.json", plot=False, bootstrap=0, echo=lambda *a: None)
     msg = str(exc.value)
     assert "\n" not in msg and f"mix {word}" in msg and "t0.h5" in msg and "t1.h5" in msg and "--allow-mixed" in msg
+    from calib.cli import main
+
+    capsys.readouterr()
+    assert main(["fit", *map(str, paths), "--out", str(tmp_path / "cli.json"), "--no-plot"]) == 2
+    assert capsys.readouterr().err.strip() == f"calib: error: {msg}" and not (tmp_path / "cli.json").exists()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         run_fit(paths, out=tmp_path / "m.json", plot=False, bootstrap=0, degree=2, allow_mixed=True,
