@@ -177,3 +177,16 @@ def test_demo_main_job(tmp_path):
     assert int(legible.split("reads ")[1].split("/")[0]) >= 9
     for name in ("traces/digits.h5", "coeffs/digits.json", "coeffs/digits.png", "coeffs/digits.demo.png"):
         assert (tmp_path / name).is_file(), name
+    # Run in a checkout, the demo rewrites the shipped coeffs/digits.json: it must be the same measurement.
+    made = json.loads((tmp_path / "coeffs/digits.json").read_text())
+    shipped = json.loads((ROOT / "coeffs/digits.json").read_text())
+    for doc in (made, shipped):
+        doc["calibration"].pop("trace_files")
+    for key in ("model", "indicator", "calibration"):
+        assert made[key] == shipped[key], key
+    assert made["thresholds"]["recommended"] == shipped["thresholds"]["recommended"]
+    a, b = made["components"]["transformer"], shipped["components"]["transformer"]
+    assert a["degree"] == b["degree"] and a["fit"]["constraint"] == b["fit"]["constraint"]
+    assert a["domain"] == pytest.approx(b["domain"], rel=1e-6)
+    grid = np.linspace(*b["domain"], 50)
+    np.testing.assert_allclose(np.polyval(a["coefficients"], grid), np.polyval(b["coefficients"], grid), rtol=1e-4)
