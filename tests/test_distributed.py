@@ -1,6 +1,8 @@
 """Scale out: a trace split over processes (torchrun on CPU with gloo, or --shard i/n jobs) equals the same trace
 made by one process, value for value; shards resume; fit and merge read a manifest as one trace."""
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -253,3 +255,49 @@ def test_cluster_doc_commands_run_as_written(tmp_path):
     config = cr.load(tmp_path / "coeffs" / "digits.json")
     assert list(config.components) == ["transformer"]
     assert "<html" in (tmp_path / "report.html").read_text(encoding="utf-8").lower()
+
+
+def test_manifest_checks_its_shards(tmp_path):
+    """A manifest read as one trace refuses shard files that belong to another run: another model, another shard
+    position, other settings; `calib fit` says so in one line."""
+    import shutil
+
+    import h5py
+
+    from calib.cli import main
+
+    (tmp_path / "p.txt").write_text(PROMPTS)
+    good = tmp_path / "good"
+    for index in (0, 1):
+        run_trace("builtin:digits", tmp_path / "p.txt", TraceSettings(steps=3, seeds=(0,)), out=good / "d.h5",
+                  shard=f"{index}/2", echo=quiet)
+    assert len(read_traces([good / "d.manifest.json"]).trajectories) == 3 * 2
+
+    def variant(name, edit_manifest=None, edit_shard1=None):
+        folder = tmp_path / name
+        shutil.copytree(good, folder)
+        if edit_manifest:
+            doc = json.loads((folder / "d.manifest.json").read_text())
+            edit_manifest(doc)
+            (folder / "d.manifest.json").write_text(json.dumps(doc))
+        if edit_shard1:
+            with h5py.File(folder / "d.rank1-of-2.h5", "r+") as f:
+                edit_shard1(f)
+        return folder / "d.manifest.json"
+
+    other_model = variant("model", edit_manifest=lambda d: d["model_info"].update(config_hash="sha256:" + "0" * 64))
+    with pytest.raises(CalibError, match=r"d\.rank0-of-2\.h5: traces another model than its manifest .*config_hash"):
+        read_traces([other_model])
+    swapped = variant("index", edit_shard1=lambda f: f.attrs.__setitem__("shard_index", 0))
+    with pytest.raises(CalibError, match=r"d\.rank1-of-2\.h5: is shard 0 of 2, but .* lists it as shard 1 of 2"):
+        read_traces([swapped])
+    other_steps = variant("steps", edit_manifest=lambda d: d["settings"].update(steps=4))
+    with pytest.raises(CalibError, match=r"holds generations with other settings \(steps, guidance\) \[\(3, 3\.0\)\]"):
+        read_traces([other_steps])
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(["fit", str(swapped), "--out", str(tmp_path / "c.json")])
+    lines = err.getvalue().strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("calib: error: ") and "is shard 0 of 2" in lines[0]
+    assert not (tmp_path / "c.json").exists()
