@@ -186,10 +186,10 @@ def timestep_value(args: tuple, kwargs: dict, forward: Callable, name: str = "ti
     """The first element of the transformer's timestep argument as a float (a host read: bare-transformer mode)."""
     value = kwargs.get(name)
     if value is None:
-        import inspect
+        from .adapters.base import parameter_names
 
         try:
-            params = list(inspect.signature(forward).parameters)
+            params = parameter_names(forward)
         except (TypeError, ValueError):
             return None
         if name in params and params.index(name) < len(args):
