@@ -251,7 +251,10 @@ def report(traces, coeffs, eval_path, out):
 @click.option("--max-error", type=float, help="Error budget: the fastest threshold whose predicted error is at most this.")
 @click.option("--compute-fraction", type=float, help="Target fraction of steps that run the full forward (0-1].")
 @click.option("--write", is_flag=True, help="Record the table and the chosen threshold in the JSON's thresholds section.")
-def tune(traces, coeffs, speedup, max_error, compute_fraction, write):
+@click.option("--costs", type=click.Path(path_type=Path),
+              help="Results JSON of `calib eval`: its measured cost model makes --speedup wall-clock and adds the "
+                   "predicted wall-clock speed-up to the table.")
+def tune(traces, coeffs, speedup, max_error, compute_fraction, write, costs):
     """Choose the threshold for a target by replaying the runtime's rule on traces (docs/evaluation.md).
 
     Prints threshold -> predicted fraction of full forwards -> predicted speed-up -> predicted error."""
@@ -261,7 +264,7 @@ def tune(traces, coeffs, speedup, max_error, compute_fraction, write):
              if v is not None]
     if len(given) != 1:
         raise CalibError("give exactly one target: --speedup S, --max-error E or --compute-fraction F")
-    run_tune(list(traces), coeffs, TuneTarget(*given[0]), write=write, echo=click.echo)
+    run_tune(list(traces), coeffs, TuneTarget(*given[0]), write=write, costs=costs, echo=click.echo)
 
 
 @cli.command(name="eval")

@@ -315,33 +315,88 @@ def rescalers_of(doc: dict) -> tuple[dict[str, Rescaler], str, str]:
 
 
 def tuned_thresholds_section(table: list[ThresholdRow], chosen: ThresholdRow, target: TuneTarget, reached: bool,
-                             trace_set) -> dict:
+                             trace_set, cost_model: dict | None = None) -> dict:
     """The coefficient file's ``thresholds`` section as ``calib tune --write`` records it."""
-    return {
+    describe = target.describe()
+    rows = [row.as_dict() for row in table]
+    if cost_model is not None:
+        from .evaluation import predicted_wall_speedup
+
+        for out, row in zip(rows, table):
+            out["predicted_wall_speedup"] = round(predicted_wall_speedup(cost_model, row.compute_fraction), 4)
+        if target.kind == "speedup":
+            describe = (f"smallest threshold whose predicted wall-clock speed-up (cost model measured by calib eval) "
+                        f"is >= {target.value:g}x")
+    section = {
         "recommended": float(chosen.threshold),
-        "criterion": f"calib tune --{target.option} {target.value:g}: {target.describe()}"
+        "criterion": f"calib tune --{target.option} {target.value:g}: {describe}"
                      + ("" if reached else " — not reachable; closest threshold"),
         "target": {"kind": target.kind, "value": float(target.value), "reached": bool(reached)},
         "error_proxy": ERROR_PROXY,
         "trace_files": [str(f) for f in (getattr(trace_set, "files", None) or [])],
         "num_trajectories": len(trace_set.trajectories),
-        "table": [row.as_dict() for row in table],
+        "table": rows,
     }
+    if cost_model is not None:
+        section["cost_model"] = {k: cost_model[k] for k in ("description", "jobs", "ratio_all_computed",
+                                                            "ratio_fewest_computed", "fewest_fraction")
+                                 if k in cost_model}
+    return section
 
 
-def format_table(table: list[ThresholdRow], chosen: ThresholdRow | None = None) -> str:
-    lines = [f"{'threshold':>10}  {'computed':>8}  {'speed-up':>8}  {'pred. error':>11}"]
+def format_table(table: list[ThresholdRow], chosen: ThresholdRow | None = None, costs: dict | None = None) -> str:
+    """The replay table; ``speed-up`` is in forwards (1 / computed); with ``costs`` (the cost model of a
+    ``calib eval`` results file) a ``wall x`` column adds the wall-clock speed-up that model predicts."""
+    from .evaluation import predicted_wall_speedup
+
+    head = f"{'threshold':>10}  {'computed':>8}  {'speed-up':>8}"
+    head += f"  {'wall x':>6}" if costs else ""
+    lines = [head + f"  {'pred. error':>11}"]
     for r in table:
         mark = "  <- chosen" if chosen is not None and r.threshold == chosen.threshold else ""
         speed = "inf" if r.compute_fraction <= 0 else f"{r.predicted_speedup:.2f}x"
         err = "-" if r.predicted_error is None else f"{r.predicted_error:.5f}"
-        lines.append(f"{r.threshold:>10.5g}  {r.compute_fraction:>8.1%}  {speed:>8}  {err:>11}{mark}")
+        wall = f"  {predicted_wall_speedup(costs, r.compute_fraction):>5.2f}x" if costs else ""
+        lines.append(f"{r.threshold:>10.5g}  {r.compute_fraction:>8.1%}  {speed:>8}{wall}  {err:>11}{mark}")
     return "\n".join(lines)
 
 
-def run_tune(traces, coeffs, target: TuneTarget, *, write: bool = False, echo=print) -> dict:
+def read_cost_model(path) -> dict:
+    """The ``cost_model`` of a ``calib eval --out`` results file (:func:`calib.evaluation.cost_model`)."""
+    import json
+    from pathlib import Path
+
+    from .errors import CalibError
+
+    try:
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CalibError(f"--costs {path}: cannot read it as JSON ({exc.__class__.__name__})") from None
+    costs = doc.get("cost_model") if isinstance(doc, dict) else None
+    keys = ("fewest_fraction", "ratio_fewest_computed", "ratio_all_computed")
+    if (not isinstance(costs, dict) or doc.get("format") != "calib.eval"
+            or not all(isinstance(costs.get(k), (int, float)) and math.isfinite(costs[k]) for k in keys)
+            or not 0 <= costs["fewest_fraction"] < 1 or not 0 < costs["ratio_fewest_computed"] < costs["ratio_all_computed"]):
+        raise CalibError(f"--costs {path}: not a calib eval results file with a usable cost_model "
+                         "(write one with calib eval --out results.json)")
+    return costs
+
+
+def wall_target_fraction(costs: dict, speedup: float) -> float:
+    """The compute fraction at which the cost model predicts a wall-clock ``speedup`` (clamped to
+    [fewest_fraction, 1]: below it the forced steps compute anyway)."""
+    f0, r0, r1 = costs["fewest_fraction"], costs["ratio_fewest_computed"], costs["ratio_all_computed"]
+    fraction = f0 + (1.0 / speedup - r0) * (1.0 - f0) / (r1 - r0)
+    return min(max(fraction, f0), 1.0)
+
+
+def run_tune(traces, coeffs, target: TuneTarget, *, write: bool = False, costs=None, echo=print) -> dict:
     """``calib tune``: replay the coefficient file's rule on the traces, print the table, choose the threshold for
-    ``target`` and, with ``write``, record table and choice in the file's ``thresholds`` section."""
+    ``target`` and, with ``write``, record table and choice in the file's ``thresholds`` section.
+
+    ``costs``: a ``calib eval`` results file; its measured cost model turns ``--speedup`` into a wall-clock target
+    (a skipped step still pays the pipeline, the embeddings, the indicator and the output head, so 2x fewer forwards
+    is less than 2x faster) and adds the predicted wall-clock speed-up to the table."""
     from pathlib import Path
 
     from .export import load_document, write_document
@@ -350,7 +405,11 @@ def run_tune(traces, coeffs, target: TuneTarget, *, write: bool = False, echo=pr
     doc = load_document(coeffs)
     if doc.get("method") == "block-cache":  # a per-block schedule: its own rule (calib.block_cache)
         from .block_cache import run_tune as run_block_cache_tune
+        from .errors import CalibError
 
+        if costs is not None:
+            raise CalibError("--costs is TeaCache's wall-clock cost model; a block-cache file is tuned on its "
+                             "fraction of block computations")
         return run_block_cache_tune(traces, coeffs, doc, target, write=write, echo=echo)
     rescalers, indicator, normalization = rescalers_of(doc)
     trace_set = read_traces([Path(t) for t in traces])
@@ -366,20 +425,39 @@ def run_tune(traces, coeffs, target: TuneTarget, *, write: bool = False, echo=pr
 
         warnings.warn(f"the traces are of {traced_class}, {coeffs} was calibrated for {model_class}", stacklevel=2)
     kw = dict(indicator=indicator, normalization=normalization)
-    chosen, reached = find_threshold(trace_set, rescalers, target, **kw)
+    cost_model = None if costs is None else read_cost_model(costs)
+    search = target
+    wall_reachable = True
+    if cost_model is not None and target.kind == "speedup":
+        from .evaluation import predicted_wall_speedup
+
+        wall_reachable = predicted_wall_speedup(cost_model, 0.0) >= target.value
+        search = TuneTarget("compute_fraction", wall_target_fraction(cost_model, target.value))
+    chosen, reached = find_threshold(trace_set, rescalers, search, **kw)
+    reached = reached and wall_reachable
     table = tune_table(trace_set, rescalers, extra=[chosen.threshold], **kw)
     chosen = next(r for r in table if r.threshold == chosen.threshold)
     echo(f"replayed {len(trace_set.trajectories)} traced trajectories ({', '.join(str(f) for f in trace_set.files)})")
-    echo(format_table(table, chosen))
+    if cost_model is not None:
+        echo(f"cost model from {costs}: every step computed {cost_model['ratio_all_computed']:.2f}x, fewest "
+             f"({cost_model['fewest_fraction']:.1%}) computed {cost_model['ratio_fewest_computed']:.2f}x the uncached "
+             "time; --speedup is wall-clock")
+    echo(format_table(table, chosen, cost_model))
+    wall = ""
+    if cost_model is not None:
+        from .evaluation import predicted_wall_speedup
+
+        wall = f", predicted {predicted_wall_speedup(cost_model, chosen.compute_fraction):.2f}x wall-clock"
     if reached:
         echo(f"threshold {chosen.threshold:g} for --{target.option} {target.value:g}: computes "
-             f"{chosen.compute_fraction:.1%} of steps (predicted {chosen.predicted_speedup:.2f}x fewer forwards, "
+             f"{chosen.compute_fraction:.1%} of steps (predicted {chosen.predicted_speedup:.2f}x fewer forwards{wall}, "
              f"predicted error {chosen.predicted_error:.5f})")
     else:
         echo(f"--{target.option} {target.value:g} cannot be reached on these traces (the first and last steps always "
-             f"compute); closest: threshold {chosen.threshold:g}, {chosen.compute_fraction:.1%} computed")
+             f"compute{'' if wall_reachable else ', and they and the fixed costs cap the wall-clock speed-up'}); "
+             f"closest: threshold {chosen.threshold:g}, {chosen.compute_fraction:.1%} computed{wall}")
     if write:
-        doc["thresholds"] = tuned_thresholds_section(table, chosen, target, reached, trace_set)
+        doc["thresholds"] = tuned_thresholds_section(table, chosen, target, reached, trace_set, cost_model)
         write_document(doc, coeffs)
         echo(f"wrote the table and threshold {chosen.threshold:g} (now the recommended one) to {coeffs}")
     return {"threshold": chosen.threshold, "row": chosen, "reached": reached, "table": table}

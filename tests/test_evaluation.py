@@ -196,6 +196,35 @@ def test_predicted_wall_speedup_uses_the_measured_cost_model(tuned):
     assert "cost model (4 generations)" in ev.stdout
 
 
+def test_tune_with_costs_targets_wall_clock(tuned, tmp_path):
+    """--costs takes eval's measured cost model: --speedup becomes wall-clock, the chosen threshold is the smallest
+    whose predicted wall-clock speed-up reaches the target, and the model is recorded with the table."""
+    import shutil
+
+    from calib.evaluation import predicted_wall_speedup
+
+    work, _, _, results, _ = tuned
+    coeffs = tmp_path / "c.json"
+    shutil.copy(work / "coeffs/digits.json", coeffs)
+    out = run_calib("tune", "traces/digits.h5", "--coeffs", str(coeffs), "--speedup", "1.5", "--costs",
+                    "results.json", "--write", cwd=work)
+    assert out.returncode == 0, out.stderr
+    assert "wall x" in out.stdout and "--speedup is wall-clock" in out.stdout
+    th = json.loads(coeffs.read_text())["thresholds"]
+    jsonschema.validate(json.loads(coeffs.read_text()), schema())
+    assert th["cost_model"]["ratio_all_computed"] == results["cost_model"]["ratio_all_computed"]
+    assert "wall-clock" in th["criterion"] and th["target"]["reached"]
+    rows = sorted(th["table"], key=lambda r: r["threshold"])
+    for r in rows:
+        assert r["predicted_wall_speedup"] == pytest.approx(
+            predicted_wall_speedup(results["cost_model"], r["compute_fraction"]), abs=1e-4)
+    i = next(i for i, r in enumerate(rows) if r["threshold"] == th["recommended"])
+    assert rows[i]["predicted_wall_speedup"] >= 1.5 and all(r["predicted_wall_speedup"] < 1.5 for r in rows[:i])
+    bad = run_calib("tune", "traces/digits.h5", "--coeffs", str(coeffs), "--speedup", "2", "--costs",
+                    "coeffs/digits.json", cwd=work)
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("calib: error: --costs")
+
+
 def test_cost_model_interpolates_between_its_two_measured_settings():
     from calib.evaluation import predicted_wall_speedup
 
