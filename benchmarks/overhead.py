@@ -1,6 +1,6 @@
 """What calib's hooks cost: the tracer as a fraction of plain inference, and the runtime's per-step overhead.
 
-    python benchmarks/overhead.py                    # built-in digits model on CPU (+ a large FLUX if CUDA is there)
+    python benchmarks/overhead.py                    # both built-in models on CPU (+ a large FLUX if CUDA is there)
     python benchmarks/overhead.py --repeats 30 --threads 1
     python benchmarks/overhead.py --flux-small       # the large-model code path on a small FLUX, on CPU
 
@@ -30,7 +30,7 @@ from contextlib import contextmanager
 
 import torch
 
-PROMPT = "a handwritten 7"
+PROMPT = "a handwritten 7"  # valid for both built-in models (each checks its prompts against its vocabulary)
 
 
 def _config_for(transformer, component="transformer"):
@@ -342,13 +342,32 @@ def main(argv=None) -> int:
     p.add_argument("--flux-steps", type=int, default=10)
     p.add_argument("--flux-repeats", type=int, default=5)
     p.add_argument("--only-flux", action="store_true")
+    p.add_argument("--no-wan", action="store_true", help="skip the built-in video model")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if not args.only_flux:
         digits(args)
+        if not args.no_wan:
+            wan_digits(args)
     if not args.no_flux:
         flux(args)
     return 0
+
+
+
+def wan_digits(args) -> None:
+    try:
+        from calib.models.wan_digits import load_pipeline
+
+        load_pipeline()
+    except Exception as exc:  # noqa: BLE001 - a checkout whose video weights are not trained
+        print(f"\n== built-in wan-digits model: skipped ({str(exc).splitlines()[0]}) ==")
+        return
+    from calib.trace import TraceSettings
+
+    settings = TraceSettings(steps=args.steps, guidance=3.0, seeds=(0,))
+    measure(load_pipeline, settings, repeats=args.repeats, warmup=2, cuda=False, calls_per_generation=args.steps,
+            label=f"built-in wan-digits video model (CPU, {torch.get_num_threads()} thread(s), batched CFG)")
 
 
 if __name__ == "__main__":

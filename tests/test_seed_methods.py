@@ -261,6 +261,30 @@ def test_block_cache_recommended_schedule_runs_as_calibrated(pipe, traced, tmp_p
     assert main(["tune", str(path), "--coeffs", str(bc), "--max-error", "0.1"]) == 2
 
 
+def test_block_cache_and_fastercache_rows_join_the_frontier(pipe, traced, tmp_path):
+    """Block Caching runs in the frontier with calib's schedule and is matched on the compute share (it skips
+    blocks, rarely a whole forward); diffusers' FasterCache is reported as not applicable on the packed-token image
+    model, with the reason, instead of a made-up row."""
+    from calib.frontier import PARTIAL, format_frontier, run_frontier
+
+    _, _, ts = traced
+    result = run_frontier(pipe, None, ts, ["a handwritten 3"], (5,), steps=STEPS, guidance=3.0,
+                          methods=("block-cache", "fastercache"), echo=lambda *a: None)
+    assert {"block-cache", "fastercache"} <= PARTIAL
+    entry = result["methods"]["block-cache"]
+    assert entry["matched_on"] == "compute"
+    points = sorted(entry["points"], key=lambda p: p["setting"]["threshold"])
+    assert len(points) >= 3
+    computes = [p["compute"] for p in points]
+    assert computes == sorted(computes, reverse=True)  # a larger threshold never computes more blocks
+    assert computes[-1] < 0.6 and all(p["compute"] >= p["fraction"] for p in points)
+    errors = [p["latent_rel_l1"] for p in points]
+    assert errors[-1] > errors[0] > 0  # skipping more blocks costs accuracy
+    assert "packed tokens" in result["not_applicable"]["fastercache"]
+    table = format_frontier(result)
+    assert "calib Block Caching" in table and "diffusers FasterCache" in table
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # the tracer's new series
 # ---------------------------------------------------------------------------------------------------------------
