@@ -255,9 +255,13 @@ def test_block_cache_recommended_schedule_runs_as_calibrated(pipe, traced, tmp_p
     bc = tmp_path / "d.blockcache.json"
     assert main(["tune", str(path), "--coeffs", str(bc), "--compute-fraction", "0.4", "--write"]) == 0
     tuned = cr.load(bc)
+    th = tuned.document["thresholds"]
+    chosen = next(r for r in th["table"] if r["threshold"] == th["recommended"])
+    assert chosen["compute_fraction"] <= 0.4
     with cr.apply(pipe, tuned) as handle:
         generate(pipe, seed=5)
-        assert handle.stats()["compute_fraction"] <= 0.4
+        # a static schedule: the runtime computes exactly the block evaluations calib tune predicted
+        assert handle.stats()["compute_fraction"] == pytest.approx(chosen["compute_fraction"], abs=1e-6)
     assert main(["tune", str(path), "--coeffs", str(bc), "--max-error", "0.1"]) == 2
 
 
