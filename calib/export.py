@@ -130,6 +130,11 @@ def _fit_section(res) -> dict:
     """``components.X.fit``: which fit was kept and why (calib.rescalers.AutoRescaler), or the plain fit."""
     r = res.rescaler
     fit: dict[str, Any] = {"method": str(getattr(r, "method_", "least_squares"))}
+    if getattr(res, "exclude_forced", False):
+        from .fit import FORCED_LAST_REASON
+
+        fit["excluded_steps"] = {"rule": "forced_last", "points": int(getattr(res, "n_excluded", 0)),
+                                 "reason": FORCED_LAST_REASON}
     if not hasattr(r, "constraint_"):  # a plain PolynomialRescaler: no selection, no shape check
         fit["streams"] = sorted({str(s) for s in np.asarray(res.streams).tolist()})
         return fit

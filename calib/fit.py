@@ -236,6 +236,9 @@ class FitResult:
     scale: np.ndarray | None = field(default=None, repr=False)
     cv_groups: np.ndarray | None = field(default=None, repr=False)  # one id per generation: held out together
     steps: np.ndarray | None = field(default=None, repr=False)  # the step count of each point's trajectory
+    # The generation's forced last step left out of the points (collect_samples' exclude_forced) and how many.
+    exclude_forced: bool = False
+    n_excluded: int = 0
 
     @property
     def n_trajectories(self) -> int:
@@ -250,12 +253,42 @@ def _stream_list(streams: str | Iterable[str] | None) -> list[str] | None:
     return [str(s) for s in streams]
 
 
-def collect_points(trace_set, component: str = "transformer", streams=None):
+def forced_last_mask(traj, n: int) -> np.ndarray:
+    """Which of a trajectory's ``n`` entries is the step the gate always computes at the end of a generation.
+
+    The runtime (:mod:`calib.runtime.api`) forces the generation's last step, ``step_index == steps - 1``; its
+    (x, y) pair never decides a skip. With two experts (Wan2.2: ``transformer`` above the boundary, ``transformer_2``
+    below) that step lies in the low-noise expert's trajectory only; the high-noise expert's last step is an ordinary
+    gated step. A trajectory that does not say its steps (a stand-in without ``step_index``/``steps``) is taken to
+    end at the generation's last step, as :func:`calib.runtime.gate.replay` takes it.
+    """
+    mask = np.zeros(n, dtype=bool)
+    if n == 0:
+        return mask
+    step_index = getattr(traj, "step_index", None)
+    steps = getattr(traj, "steps", None)
+    if step_index is not None and steps is not None:
+        idx = np.asarray(step_index).reshape(-1)
+        if len(idx) == n:
+            return idx == int(steps) - 1
+    mask[-1] = True
+    return mask
+
+
+FORCED_LAST_REASON = (
+    "the generation's last step always computes (runtime gate and replay), so its pair never decides a skip;"
+    " the rescaler is fitted on the steps the gate decides"
+)
+
+
+def collect_points(trace_set, component: str = "transformer", streams=None, *, exclude_forced: bool = True):
     """Gather ``(x, y, groups, streams, n_skipped)`` for one component.
 
     ``x = input_rel_l1[1:]`` and ``y = output_rel_l1[1:]`` of each trajectory of ``component`` (and of the given
     ``streams``, all when None); the group of a point is the index of its trajectory in ``trace_set.trajectories``.
-    A trajectory with any non-finite value after entry 0 is skipped entirely and counted in ``n_skipped``.
+    With ``exclude_forced`` (default) the generation's last step, which the gate always computes, is left out
+    (:func:`forced_last_mask`). A trajectory with any non-finite value after entry 0 is skipped entirely and counted
+    in ``n_skipped``.
     """
     wanted = _stream_list(streams)
     xs: list[np.ndarray] = []
@@ -268,16 +301,19 @@ def collect_points(trace_set, component: str = "transformer", streams=None):
             continue
         if wanted is not None and traj.stream not in wanted:
             continue
-        x = np.asarray(traj.input_rel_l1, dtype=np.float64).reshape(-1)[1:]
-        y = np.asarray(traj.output_rel_l1, dtype=np.float64).reshape(-1)[1:]
+        x = np.asarray(traj.input_rel_l1, dtype=np.float64).reshape(-1)
+        y = np.asarray(traj.output_rel_l1, dtype=np.float64).reshape(-1)
         if x.shape != y.shape:
             raise CalibError(
-                f"trajectory {index} ({component}, {traj.stream}) has {len(x) + 1} input but {len(y) + 1}"
+                f"trajectory {index} ({component}, {traj.stream}) has {len(x)} input but {len(y)}"
                 " output entries; the trace file is damaged — trace again"
             )
+        keep = ~forced_last_mask(traj, len(x)) if exclude_forced else np.ones(len(x), dtype=bool)
+        x, y = x[1:], y[1:]
         if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
             n_skipped += 1
             continue
+        x, y = x[keep[1:]], y[keep[1:]]
         xs.append(x)
         ys.append(y)
         gs.append(np.full(len(x), index, dtype=np.int64))
@@ -312,6 +348,7 @@ class Samples:
     steps: np.ndarray  # step count of the trajectory
     n_skipped: int
     n_matching: int  # trajectories of the component (and streams), before skipping
+    n_excluded: int = 0  # forced last-step points left out (see forced_last_mask)
 
 
 def _generation_key(index: int, traj) -> tuple:
@@ -323,14 +360,17 @@ def _generation_key(index: int, traj) -> tuple:
 
 
 def collect_samples(trace_set, component: str = "transformer", streams=None, indicator: str = "modulated_input",
-                    normalization: str = "none") -> Samples | None:
+                    normalization: str = "none", *, exclude_forced: bool = True) -> Samples | None:
     """The points of ``component`` for ``indicator`` and ``normalization``; None when no trajectory recorded the
-    indicator. A trajectory with any non-finite value after entry 0 (also of its Δσ) is skipped and counted."""
+    indicator. A trajectory with any non-finite value after entry 0 (also of its Δσ) is skipped and counted.
+
+    With ``exclude_forced`` (default) the generation's last step is left out: the gate always computes it, so its
+    pair never decides a skip (:func:`forced_last_mask`; counted in ``n_excluded``)."""
     from calib.rescalers import indicator_series
 
     wanted = _stream_list(streams)
     xs, ys, ss, gs, cgs, sts, names = [], [], [], [], [], [], []
-    n_skipped = n_matching = n_missing = 0
+    n_skipped = n_matching = n_missing = n_excluded = 0
     generation_ids: dict[tuple, int] = {}
     for index, traj in enumerate(trace_set.trajectories):
         if traj.component != component or (wanted is not None and traj.stream not in wanted):
@@ -340,15 +380,19 @@ def collect_samples(trace_set, component: str = "transformer", streams=None, ind
         if series is None:
             n_missing += 1
             continue
-        x, y, scale = (a[1:] for a in series)
+        x, y, scale = series
         if x.shape != y.shape:
             raise CalibError(
-                f"trajectory {index} ({component}, {traj.stream}) has {len(x) + 1} input but {len(y) + 1}"
+                f"trajectory {index} ({component}, {traj.stream}) has {len(x)} input but {len(y)}"
                 " output entries; the trace file is damaged — trace again"
             )
+        keep = (~forced_last_mask(traj, len(x)) if exclude_forced else np.ones(len(x), dtype=bool))[1:]
+        x, y, scale = x[1:], y[1:], scale[1:]
         if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y)) and np.all(np.isfinite(scale))):
             n_skipped += 1
             continue
+        n_excluded += int(np.count_nonzero(~keep))
+        x, y, scale = x[keep], y[keep], scale[keep]
         gen = generation_ids.setdefault(_generation_key(index, traj), len(generation_ids))
         xs.append(x / scale)
         ys.append(y / scale)
@@ -363,19 +407,20 @@ def collect_samples(trace_set, component: str = "transformer", streams=None, ind
     return Samples(
         x=cat(xs, np.float64), y=cat(ys, np.float64), scale=cat(ss, np.float64), groups=cat(gs, np.int64),
         cv_groups=cat(cgs, np.int64), streams=np.array(names, dtype=str), steps=cat(sts, np.int64),
-        n_skipped=n_skipped, n_matching=n_matching,
+        n_skipped=n_skipped, n_matching=n_matching, n_excluded=n_excluded,
     )
 
 
 def fit_traces(trace_set, degree=4, component: str = "transformer", streams=None, *, robust: bool = False,
                shape: str = "auto", indicator: str = "modulated_input", normalization: str = "none",
-               bootstrap: int = 0) -> FitResult:
+               bootstrap: int = 0, exclude_forced: bool = True) -> FitResult:
     """Fit one rescaler on the trajectories of ``component`` (optionally only ``streams``).
 
     ``degree`` is an integer (forced) or ``"auto"`` (chosen by held-out error); ``robust`` uses the Huber loss;
     ``shape="auto"`` refits under non-negativity and monotonicity when the plain fit violates them; ``indicator``
     and ``normalization`` choose what x is; ``bootstrap`` resamples generations for a confidence band
-    (see :class:`calib.rescalers.AutoRescaler`)."""
+    (see :class:`calib.rescalers.AutoRescaler`); ``exclude_forced`` (default) leaves out the generation's last step,
+    which the gate always computes (:func:`collect_samples`)."""
     from calib.rescalers import AutoRescaler, _check_degree_arg
 
     if degree != "auto":
@@ -383,7 +428,7 @@ def fit_traces(trace_set, degree=4, component: str = "transformer", streams=None
     else:
         degree = _check_degree_arg(degree)
     wanted = _stream_list(streams)
-    samples = collect_samples(trace_set, component, wanted, indicator, normalization)
+    samples = collect_samples(trace_set, component, wanted, indicator, normalization, exclude_forced=exclude_forced)
     if samples is None:
         raise CalibError(
             f"component {component!r}: the traces did not record the indicator {indicator!r}"
@@ -419,6 +464,8 @@ def fit_traces(trace_set, degree=4, component: str = "transformer", streams=None
         scale=samples.scale,
         cv_groups=samples.cv_groups,
         steps=samples.steps,
+        exclude_forced=bool(exclude_forced),
+        n_excluded=samples.n_excluded,
     )
 
 
@@ -458,14 +505,15 @@ def _transfer_error(samples: Samples, degree: int, robust: bool, shape: str) -> 
 
 
 def select_indicator(trace_set, *, degree="auto", streams=None, robust: bool = False, shape: str = "auto",
-                     indicators=None, normalizations=None) -> IndicatorChoice:
+                     indicators=None, normalizations=None, exclude_forced: bool = True) -> IndicatorChoice:
     """Rank candidate indicators (and normalisations) by the held-out error of their fitted rescalers.
 
     The score is the mean absolute error of the predicted output change on held-out data, summed over components:
     across step counts (leave one step count out) when the traces hold several, else across generations
     (GroupKFold). Candidates are tried in order of preference — the paper's ``modulated_input`` without
     normalisation first — and the first whose score is within :data:`calib.rescalers.SELECTION_TOLERANCE` of the
-    best is kept, so the paper's indicator stays unless another is clearly better.
+    best is kept, so the paper's indicator stays unless another is clearly better. Like the fit, it scores on the
+    steps the gate decides (``exclude_forced``, see :func:`collect_samples`).
     """
     from calib.rescalers import INDICATORS, NORMALIZATIONS, SELECTION_TOLERANCE, AutoRescaler, single_blas_thread
 
@@ -487,7 +535,7 @@ def select_indicator(trace_set, *, degree="auto", streams=None, robust: bool = F
                 total, degrees = 0.0, []
                 plain = next((r for r in rows if r["indicator"] == ind and r["normalization"] == "none"), None)
                 for comp in components:
-                    samples = collect_samples(trace_set, comp, streams, ind, norm)
+                    samples = collect_samples(trace_set, comp, streams, ind, norm, exclude_forced=exclude_forced)
                     if samples is None or len(samples.x) == 0:
                         row["note"] = "not traced" if samples is None else "no usable points"
                         total = math.nan
@@ -514,7 +562,7 @@ def select_indicator(trace_set, *, degree="auto", streams=None, robust: bool = F
     if not scored:
         for comp in components:  # the preferred candidate's own error says why (all NaN, too few points, ...)
             fit_traces(trace_set, degree=degree, component=comp, streams=streams, robust=robust, shape=shape,
-                       indicator=indicators[0], normalization=normalizations[0])
+                       indicator=indicators[0], normalization=normalizations[0], exclude_forced=exclude_forced)
         raise CalibError(
             "no candidate indicator could be scored (fewer than 2 generations to hold out?); pass --indicator"
             " and --normalization explicitly"

@@ -141,9 +141,12 @@ def test_build_document_contents(doc):
     assert all(type(c) is float for c in comp["coefficients"])
     assert comp["domain"][0] < comp["domain"][1]
     m = comp["metrics"]
-    assert m["points"] == 66 and m["trajectories"] == 6 and m["skipped_trajectories"] == 0 and m["cv_folds"] == 5
+    # 6 trajectories x 12 steps, less entry 0 (no previous step) and the last step (forced by the gate)
+    assert m["points"] == 60 and m["trajectories"] == 6 and m["skipped_trajectories"] == 0 and m["cv_folds"] == 5
     assert m["r2"] > 0.99
     assert comp["fit"]["method"] == "least_squares" and comp["fit"]["streams"] == ["cond", "uncond"]
+    excluded = comp["fit"]["excluded_steps"]
+    assert excluded["rule"] == "forced_last" and excluded["points"] == 6 and "last step" in excluded["reason"]
     assert comp["fit"]["constraint"] in ("none", "nonnegative_nondecreasing") and comp["fit"]["reason"]
     assert doc["thresholds"]["recommended"] == 0.3
 

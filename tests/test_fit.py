@@ -157,10 +157,15 @@ def test_collect_points_skips_nan_trajectory():
     ts.trajectories[1].output_rel_l1[4] = np.nan  # beyond entry 0: whole trajectory skipped
     x, y, groups, streams, skipped = collect_points(ts)
     assert skipped == 1
-    assert len(x) == len(y) == len(groups) == len(streams) == 3 * 9
+    # entry 0 has no previous step; the last step is the one the gate forces: 10 - 2 points per trajectory
+    assert len(x) == len(y) == len(groups) == len(streams) == 3 * 8
     assert sorted(set(groups.tolist())) == [0, 2, 3]
     assert set(streams.tolist()) == {"cond", "uncond"}
-    np.testing.assert_array_equal(x[:9], ts.trajectories[0].input_rel_l1[1:].astype(np.float64))
+    np.testing.assert_array_equal(x[:8], ts.trajectories[0].input_rel_l1[1:-1].astype(np.float64))
+    # opting out keeps the forced last step's pair
+    x_all, _, _, _, _ = collect_points(ts, exclude_forced=False)
+    assert len(x_all) == 3 * 9
+    np.testing.assert_array_equal(x_all[:9], ts.trajectories[0].input_rel_l1[1:].astype(np.float64))
 
     # stream filter
     x, _, groups, streams, skipped = collect_points(ts, streams=["cond"])
@@ -174,7 +179,8 @@ def test_fit_traces_and_all_components():
     assert isinstance(res, FitResult)
     assert res.component == "transformer" and res.n_skipped_trajectories == 1
     assert res.rescaler.degree_ == 3 and res.rescaler.n_groups_ == 5
-    assert res.x.shape == res.y.shape == res.groups.shape == res.streams.shape == (5 * 14,)
+    assert res.x.shape == res.y.shape == res.groups.shape == res.streams.shape == (5 * 13,)  # 15 - first - last
+    assert res.exclude_forced and res.n_excluded == 5
 
     results = fit_all_components(ts)
     assert list(results) == ["transformer", "transformer_2"]
@@ -190,7 +196,7 @@ def test_fit_traces_errors():
     ts = make_trace_set(n_traj=2, steps=4)
     with pytest.raises(CalibError, match=r"no trajectories for component 'vae'"):
         fit_traces(ts, component="vae")
-    with pytest.raises(CalibError, match=r"component 'transformer': only 6 finite points"):
+    with pytest.raises(CalibError, match=r"component 'transformer': only 4 finite points"):
         fit_traces(ts, degree=5)
     for t in ts.trajectories:
         t.input_rel_l1[2] = np.nan

@@ -74,6 +74,78 @@ def noisy_poly(coef, n_gen=10, per=30, noise=0.004, seed=0, lo=0.05, hi=0.35):
     return x.ravel(), y.ravel(), groups
 
 
+# --- the forced last step -----------------------------------------------------------------------------------------
+def test_the_forced_last_step_is_left_out_of_the_fit(tmp_path):
+    """The gate always computes a generation's last step, so its (x, y) pair never decides a skip; calib fit must
+    not let it shape the rescaler. Here it is an extreme outlier: fitted on, it would set the top of the domain."""
+    from calib.fit import forced_last_mask
+
+    rng = np.random.default_rng(5)
+    steps, trajs = 20, []
+    for g in range(8):
+        for stream in ("cond", "uncond"):
+            x = np.r_[rng.uniform(0.05, 0.2, steps - 2), 0.9]  # last pair far off the curve, as on the built-ins
+            y = np.r_[0.5 * x[:-1] + rng.normal(0, 0.002, steps - 2), 3.0]
+            trajs.append(make_traj(x, y, prompt=f"p{g}", seed=g, stream=stream))
+    path = tmp_path / "outlier.h5"
+    with TraceWriter(path, MODEL_INFO) as w:
+        w.append(trajs)
+    run_fit([path], out=tmp_path / "o.json", indicator="modulated_input", normalization="none", bootstrap=0,
+            plot=False, echo=lambda *a: None)
+    comp = load_document(tmp_path / "o.json")["components"]["transformer"]
+    gated = np.concatenate([t.input_rel_l1[1:-1] for t in trajs]).astype(np.float64)
+    assert comp["domain"] == pytest.approx([gated.min(), gated.max()])  # not 0.9
+    assert comp["metrics"]["points"] == len(gated) == 16 * (steps - 2)
+    assert comp["fit"]["excluded_steps"]["rule"] == "forced_last" and comp["fit"]["excluded_steps"]["points"] == 16
+    top = np.poly1d(comp["coefficients"])(gated.max())
+    assert top == pytest.approx(0.5 * gated.max(), abs=0.01)  # the curve is not bent towards (0.9, 3.0)
+    # the opt-out (Python API only) fits every pair: the outlier then does set the domain
+    everything = fit_traces(trace_set(trajs), degree=2, exclude_forced=False, shape="none")
+    assert everything.rescaler.domain_[1] == pytest.approx(0.9) and everything.n_excluded == 0
+    # the step left out is the one the offline replay forces: with a rescaler that never adds up, only the first
+    # and the forced last step compute
+    t = trajs[0]
+    decisions = replay(t.input_rel_l1.tolist(), Rescaler([0.0]), threshold=1.0)
+    assert np.flatnonzero(decisions).tolist() == [0, steps - 1]
+    assert np.flatnonzero(forced_last_mask(t, steps)).tolist() == [steps - 1]
+
+
+def test_with_two_experts_only_the_generations_last_step_is_left_out():
+    """Wan2.2: ``transformer`` runs the high-noise steps, ``transformer_2`` the rest. The runtime forces the
+    generation's last step (in transformer_2's trajectory); the high-noise expert's last step is gated like any
+    other, so its pair stays in that expert's fit."""
+    import dataclasses
+
+    from calib.fit import forced_last_mask
+    from calib.hooking import StepClock
+
+    rng = np.random.default_rng(0)
+    n, boundary, trajs = 10, 6, []
+    for g in range(2):
+        full = make_traj(rng.uniform(0.05, 0.3, n - 1), rng.uniform(0.05, 0.3, n - 1), prompt=f"p{g}", seed=g)
+        for component, idx in (("transformer", np.arange(boundary)), ("transformer_2", np.arange(boundary, n))):
+            series = {k: np.r_[np.nan, getattr(full, k)[idx][1:]] for k in ("input_rel_l1", "output_rel_l1",
+                                                                           "residual_rel_l1")}
+            trajs.append(dataclasses.replace(full, component=component, step_index=idx, timesteps=full.timesteps[idx],
+                                             sigmas=full.sigmas[idx], block_rel_l1=np.zeros((len(idx), 0)), extra={},
+                                             **series))
+    ts = trace_set(trajs)
+    high, low = collect_samples(ts, "transformer"), collect_samples(ts, "transformer_2")
+    assert high.n_excluded == 0 and len(high.x) == 2 * (boundary - 1)  # all but entry 0: none is forced
+    np.testing.assert_allclose(high.x[: boundary - 1], trajs[0].input_rel_l1[1:], rtol=1e-6)
+    assert low.n_excluded == 2 and len(low.x) == 2 * (n - boundary - 2)  # less entry 0 and the last step
+    np.testing.assert_allclose(low.x[: n - boundary - 2], trajs[1].input_rel_l1[1:-1], rtol=1e-6)
+    # the rule is the runtime's: the clock's last step of the generation, across both experts
+    clock = StepClock()
+    clock.new_generation(n)
+    runtime_forced = []
+    for _ in range(n):
+        runtime_forced.append(clock.is_last_step)
+        clock.end_step()
+    fit_forced = np.concatenate([forced_last_mask(t, len(t.step_index)) for t in trajs[:2]])
+    assert fit_forced.tolist() == runtime_forced
+
+
 # --- degree by cross-validation -----------------------------------------------------------------------------------
 def test_auto_degree_finds_the_true_degree_and_forced_degree_is_kept():
     cubic = [40.0, -12.0, 2.5, 0.01]  # increasing on [0.05, 0.35]
