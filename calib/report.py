@@ -401,6 +401,15 @@ def build_html(trace_set, docs: list[dict], eval_data=None, eval_name: str | Non
         x_key, y_key = _pick_key(rows, SPEED_KEYS), _pick_key(rows, QUALITY_KEYS)
         group_key = next((k for k in ("method", "name", "config", "label") if any(k in r for r in rows)), None)
         body = f"<p class='muted'>From {html.escape(eval_name or 'the evaluation results')}.</p>"
+        compare = eval_data.get("frontier") if isinstance(eval_data, dict) else None
+        if isinstance(compare, dict) and compare.get("methods"):  # calib eval --compare: every method's points
+            from .frontier import format_frontier, frontier_png
+
+            try:
+                body += _img(frontier_png(compare), "frontier: error vs fraction of full forwards, every method")
+                body += f"<pre>{html.escape(compare.get('table') or format_frontier(compare))}</pre>"
+            except (KeyError, TypeError, ValueError) as exc:
+                body += f"<p class='muted'>The frontier in the results could not be drawn ({html.escape(str(exc))}).</p>"
         if rows and x_key and y_key:
             body += _img(frontier_figure(rows, x_key, y_key, group_key), "evaluation frontier")
         else:

@@ -287,6 +287,26 @@ def test_block_cache_and_fastercache_rows_join_the_frontier(pipe, traced, tmp_pa
     assert "packed tokens" in result["not_applicable"]["fastercache"]
     table = format_frontier(result)
     assert "calib Block Caching" in table and "diffusers FasterCache" in table
+    # calib report draws the frontier of a `calib eval --compare` results file: every method's points and the table
+    _, path, _ = traced
+    page_of = {}
+    for name, frontier in (("plain", None), ("compare", result)):
+        results = {"format": "calib.eval", "results": [{"threshold": 0.1, "speedup": 1.5, "psnr": 40.0}]}
+        if frontier is not None:
+            results["frontier"] = frontier
+        (tmp_path / f"{name}.json").write_text(json.dumps(results))
+        out = tmp_path / f"{name}.html"
+        assert main(["report", str(path), "--eval", str(tmp_path / f"{name}.json"), "--out", str(out)]) == 0
+        page = out.read_text(encoding="utf-8")
+        page_of[name] = page[page.index("id='frontier'"):]
+    parsed = {}
+    for name, section in page_of.items():
+        parser = _Images()
+        parser.feed(section)
+        parsed[name] = parser.srcs
+    assert len(parsed["compare"]) == len(parsed["plain"]) + 1
+    assert "calib Block Caching (per-block schedule)" in page_of["compare"]
+    assert "calib Block Caching" not in page_of["plain"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
