@@ -6,7 +6,7 @@
 For each model: trace the bundled prompts (calibration seeds), fit the rescaler, then generate the same prompts on
 held-out seeds with every method and compare each with the uncached generation (calib.frontier). Prints the table of
 error at 50 % and 33 % of full forwards per method, writes ``OUT/<model>.json`` and ``OUT/<model>.png`` (error vs
-fraction of full forwards). From a fresh clone it ran in 9 minutes on 2 shared CPU cores (docs/evaluation.md).
+fraction of full forwards). From a fresh clone it ran in 8-9 minutes on 2 shared CPU cores (docs/evaluation.md).
 """
 
 from __future__ import annotations
