@@ -300,6 +300,7 @@ def build_html(trace_set, docs: list[dict], eval_data=None, eval_name: str | Non
     """(the page, the section ids in it)."""
     from . import block_cache
     from .runtime.gate import Rescaler, replay
+    from .fit import forced_last_mask
 
     by_method = {}
     for d in docs:
@@ -338,7 +339,9 @@ def build_html(trace_set, docs: list[dict], eval_data=None, eval_name: str | Non
             comp = tot = 0
             for traj in trace_set.trajectories:
                 if traj.component in rescalers and indicator == "modulated_input":
-                    d = replay(np.asarray(traj.input_rel_l1, float).tolist(), rescalers[traj.component], t)
+                    x = np.asarray(traj.input_rel_l1, float)
+                    d = replay(x.tolist(), rescalers[traj.component], t,
+                               last_forced=bool(forced_last_mask(traj, len(x))[-1]))
                     comp += sum(d)
                     tot += len(d)
             if tot:

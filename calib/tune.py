@@ -60,6 +60,7 @@ def replay_trajectories(trace_set, rescalers: dict[str, Rescaler], threshold: fl
                         indicator: str = "modulated_input", normalization: str = "none"):
     """``(trajectory, decisions)`` for every traced trajectory of a component with a rescaler: the runtime's own
     gate (:func:`calib.runtime.gate.replay`) run on the trajectory's indicator changes (True = computed)."""
+    from .fit import forced_last_mask
     from .rescalers import indicator_series
 
     for traj in trace_set.trajectories:
@@ -70,7 +71,9 @@ def replay_trajectories(trace_set, rescalers: dict[str, Rescaler], threshold: fl
         if series is None:
             continue
         changes, _, scales = series
-        yield traj, replay(changes.tolist(), rescaler, threshold, None if normalization == "none" else scales.tolist())
+        last_forced = bool(forced_last_mask(traj, len(changes))[-1])
+        yield traj, replay(changes.tolist(), rescaler, threshold, None if normalization == "none" else scales.tolist(),
+                           last_forced=last_forced)
 
 
 def threshold_table(trace_set, rescalers: dict[str, Rescaler], grid=DEFAULT_GRID, *,

@@ -145,6 +145,16 @@ def test_with_two_experts_only_the_generations_last_step_is_left_out():
     fit_forced = np.concatenate([forced_last_mask(t, len(t.step_index)) for t in trajs[:2]])
     assert fit_forced.tolist() == runtime_forced
 
+    # calib tune replays the same rule: with a threshold no change reaches, the high-noise expert computes only its
+    # first step (its last is gated), the low-noise expert its first and the generation's last
+    from calib.runtime.gate import Rescaler
+    from calib.tune import replay_trajectories
+
+    rescalers = {c: Rescaler([1.0, 0.0]) for c in ("transformer", "transformer_2")}
+    decisions = {t.component: d for t, d in replay_trajectories(trace_set(trajs[:2]), rescalers, 1e9)}
+    assert decisions["transformer"] == [True] + [False] * (boundary - 1)
+    assert decisions["transformer_2"] == [True] + [False] * (n - boundary - 2) + [True]
+
 
 # --- degree by cross-validation -----------------------------------------------------------------------------------
 def test_auto_degree_finds_the_true_degree_and_forced_degree_is_kept():

@@ -64,15 +64,17 @@ class TeaCacheGate:
 
 
 def replay(changes: Sequence[float], rescaler: Rescaler, threshold: float,
-           scales: Sequence[float] | None = None) -> list[bool]:
+           scales: Sequence[float] | None = None, *, last_forced: bool = True) -> list[bool]:
     """Offline: the compute/skip decisions the runtime would take on one stream's per-step indicator changes
-    (entry 0 has no previous step). The first and last steps always compute. ``scales``: per-step Δσ for
-    coefficients fitted on the ``delta_sigma`` indicator (None: not normalised)."""
+    (entry 0 has no previous step). The first step always computes, and so does the last when it is the
+    generation's last step (``last_forced``; not so for the high-noise expert of a two-expert model, whose last step
+    the runtime gates like any other). ``scales``: per-step Δσ for coefficients fitted on the ``delta_sigma``
+    indicator (None: not normalised)."""
     gate = TeaCacheGate(rescaler, threshold)
     n = len(changes)
     out = []
     for i, change in enumerate(changes):
-        first_or_last = i == 0 or i == n - 1
+        first_or_last = i == 0 or (last_forced and i == n - 1)
         scale = None if scales is None or i == 0 else float(scales[i])
         out.append(gate.should_compute(None if i == 0 else float(change), force=first_or_last, scale=scale))
     return out
