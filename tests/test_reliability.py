@@ -390,20 +390,20 @@ CASES: list[Case] = [
          "--indicator and --normalization explicitly", 2, _files(t__h5=lambda p: write_trace(p, poisoned(6, 1)))),
     Case("fit-too-few-points", "NaN/Inf in all but one trajectory, indicator and degree given",
          "calib fit t.h5 --out c.json --indicator modulated_input --normalization none --degree 4",
-         "calib: error: component 'transformer': only 5 finite points; a degree-4 fit needs at least 6 — trace more "
+         "calib: error: component 'transformer': only 4 finite points; a degree-4 fit needs at least 6 — trace more "
          "prompts or lower --degree", 2, _files(t__h5=lambda p: write_trace(p, poisoned(6, 1)))),
     Case("fit-all-nan", "NaN/Inf in every trajectory", "calib fit t.h5 --out c.json",
          "calib: error: component 'transformer': all 8 trajectories contain NaN or Inf changes — the model diverged "
          "or the trace is damaged; trace again", 2, _files(t__h5=lambda p: write_trace(p, poisoned(4, 4)))),
-    Case("fit-degree-9", "`--degree 9` on a tiny trace (6 points)", "calib fit t.h5 --out c.json --degree 9",
-         "calib: error: component 'transformer': only 6 finite points; a degree-9 fit needs at least 11 — trace more "
+    Case("fit-degree-9", "`--degree 9` on a tiny trace (4 fitted points)", "calib fit t.h5 --out c.json --degree 9",
+         "calib: error: component 'transformer': only 4 finite points; a degree-9 fit needs at least 11 — trace more "
          "prompts or lower --degree", 2, lambda work: copy_asset("tiny.h5", work, "t.h5")),
     Case("fit-degree-range", "`--degree 12`", "calib fit t.h5 --out c.json --degree 12",
          "calib: error: degree must be an integer from 1 to 9, got 12", 2,
          lambda work: copy_asset("real.h5", work, "t.h5")),
     Case("fit-constant", "all input changes equal",
          "calib fit t.h5 --out c.json --indicator modulated_input --normalization none",
-         "calib: error: component 'transformer': all 40 input changes are equal (x = 0.1); a polynomial cannot be "
+         "calib: error: component 'transformer': all 32 input changes are equal (x = 0.1); a polynomial cannot be "
          "fitted — check that the traces vary between steps", 2, _files(t__h5=_constant_inputs)),
     Case("fit-stream", "`--stream` that the trace does not hold", "calib fit t.h5 --out c.json --stream text",
          "calib: error: no trajectories for component 'transformer' with streams ['text']; the traces hold "
