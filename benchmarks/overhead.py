@@ -3,6 +3,8 @@
     python benchmarks/overhead.py                    # both built-in models on CPU (+ a large FLUX if CUDA is there)
     python benchmarks/overhead.py --repeats 30 --threads 1
     python benchmarks/overhead.py --flux-small       # the large-model code path on a small FLUX, on CPU
+    python benchmarks/overhead.py --only-flux --flux-cpu --flux-layers 1 2 --flux-side 8 --flux-steps 6 --flux-repeats 3
+                                                     # FLUX.1-dev's width, 3 blocks, on CPU (~1.5 GB, a few minutes)
 
 Every measurement is interleaved: plain, traced, runtime (threshold 0), runtime (tiny threshold) generations of the
 same prompt and seed take turns, so drift and other load on the machine hit all of them alike; the report gives
@@ -158,7 +160,10 @@ def measure(make_pipe, settings, *, repeats: int, warmup: int, cuda: bool, calls
     report(times, label=label, steps=settings.steps, calls=calls_per_generation, cpu=not cuda)
     if not cuda:
         report_per_call(per_call, outside, times, calls=calls_per_generation)
-        paired_calls(plain, traced, kept["tracer"], gen, repeats=repeats)
+        if "tracer" in kept:
+            paired_calls(plain, traced, kept["tracer"], gen, repeats=repeats)
+        else:  # one shared model, hooked around each generation: there is no unhooked twin to pair calls with
+            print("paired transformer calls: not measured (one shared model)")
     if "tracer" in kept:
         kept["tracer"].remove()
     return times
@@ -291,10 +296,11 @@ def flux(args) -> None:
 
     from calib.trace import TraceSettings
 
-    small = args.flux_small
-    cuda = torch.cuda.is_available() and not small
-    if not cuda and not small:
-        print("\n== large FLUX transformer: skipped (no CUDA device; --flux-small runs the code path on CPU) ==")
+    small, wide_cpu = args.flux_small, args.flux_cpu
+    cuda = torch.cuda.is_available() and not (small or wide_cpu)
+    if not cuda and not (small or wide_cpu):
+        print("\n== large FLUX transformer: skipped (no CUDA device; --flux-small runs the code path on CPU, "
+              "--flux-cpu FLUX.1-dev's width with --flux-layers blocks on CPU) ==")
         return
     device = "cuda" if cuda else "cpu"
     dtype = torch.bfloat16 if cuda else torch.float32
@@ -311,12 +317,13 @@ def flux(args) -> None:
     params = sum(p.numel() for p in transformer.parameters())
 
     def make_pipe():
-        return LatentPipeline(transformer, side, 8 if small else 512, device, dtype)
+        return LatentPipeline(transformer, side, 8 if small else (64 if wide_cpu else 512), device, dtype)
 
     settings = TraceSettings(steps=args.flux_steps, guidance=3.5, seeds=(0,))
     label = (f"FLUX transformer, {config['num_layers']}+{config['num_single_layers']} blocks, {params / 1e9:.2f} B "
              f"params, random weights, {side * side} image tokens, {dtype}, {device}"
-             + (" (--flux-small: code path check, not a large-model number)" if small else ""))
+             + (" (--flux-small: code path check, not a large-model number)" if small else "")
+             + (" (--flux-cpu: FLUX.1-dev's width, few blocks, short sequences, on CPU)" if wide_cpu else ""))
     measure(make_pipe, settings, repeats=args.flux_repeats, warmup=1, cuda=cuda, calls_per_generation=settings.steps,
             label=label, share_model=True)
 
@@ -337,6 +344,9 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads for the CPU model (1: robust CPU times)")
     p.add_argument("--no-flux", action="store_true")
     p.add_argument("--flux-small", action="store_true", help="run the FLUX part on a small config on CPU")
+    p.add_argument("--flux-cpu", action="store_true",
+                   help="run the FLUX part on CPU at FLUX.1-dev's width (3072) with --flux-layers blocks and 64 text "
+                        "tokens: how the tracer's share shrinks with the model's width, without a GPU")
     p.add_argument("--flux-layers", type=int, nargs=2, default=(19, 38), metavar=("DOUBLE", "SINGLE"))
     p.add_argument("--flux-side", type=int, default=64, help="latent tokens per side (64: 1024x1024 images)")
     p.add_argument("--flux-steps", type=int, default=10)
