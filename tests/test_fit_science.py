@@ -437,6 +437,24 @@ def _config(pipe, indicator, normalization="none", coefficients=(1e9,)):
     })
 
 
+def _what_the_gate_sees(pipe, config, steps, monkeypatch) -> list[tuple]:
+    """(change, Δσ scale) the runtime's gate is given at each step of one generation (seed 7, no guidance), with a
+    rescaler steep enough that every step computes."""
+    seen = []
+    original = TeaCacheGate.should_compute
+
+    def spy(self, change, *, force=False, scale=None):
+        seen.append((change, scale))
+        return original(self, change, force=force, scale=scale)
+
+    monkeypatch.setattr(TeaCacheGate, "should_compute", spy)
+    with cr.apply(pipe, config, threshold=1.0) as handle:
+        pipe("a handwritten 4", num_inference_steps=steps, guidance_scale=1.0,
+             generator=torch.Generator().manual_seed(7), output_type="latent")
+        assert handle.stats()["computed"] == steps
+    return seen
+
+
 @pytest.mark.parametrize("indicator,normalization", [("modulated_input", "none"), ("block_input", "none"),
                                                      ("temb", "delta_sigma")])
 def test_runtime_computes_the_traced_indicator(builtin, monkeypatch, indicator, normalization):
@@ -448,18 +466,7 @@ def test_runtime_computes_the_traced_indicator(builtin, monkeypatch, indicator, 
     with Tracer(pipe) as tracer:
         traj = tracer.trace("a handwritten 4", 7, TraceSettings(steps=steps, guidance=1.0))[0]
     x, _, scale = indicator_series(traj, indicator, normalization)
-    seen = []
-    original = TeaCacheGate.should_compute
-
-    def spy(self, change, *, force=False, scale=None):
-        seen.append((change, scale))
-        return original(self, change, force=force, scale=scale)
-
-    monkeypatch.setattr(TeaCacheGate, "should_compute", spy)
-    with cr.apply(pipe, _config(pipe, indicator, normalization), threshold=1.0) as handle:
-        pipe("a handwritten 4", num_inference_steps=steps, guidance_scale=1.0,
-             generator=torch.Generator().manual_seed(7), output_type="latent")
-        assert handle.stats()["computed"] == steps
+    seen = _what_the_gate_sees(pipe, _config(pipe, indicator, normalization), steps, monkeypatch)
     changes = np.array([np.nan if c is None else c for c, _ in seen])
     np.testing.assert_allclose(changes[1:-1], x[1:-1], rtol=1e-4)  # the last step is forced: no change computed
     if normalization == "delta_sigma":
@@ -481,18 +488,7 @@ def test_runtime_computes_the_indicator_the_shipped_wan_file_records(monkeypatch
         traj = tracer.trace("a handwritten 4", 7, TraceSettings(steps=steps, guidance=1.0))[0]
     x, _, scale = indicator_series(traj, indicator, normalization)
     doc["components"]["transformer"].update(coefficients=[1e9], degree=0, domain=[0.0, 1e6])  # every step computes
-    seen = []
-    original = TeaCacheGate.should_compute
-
-    def spy(self, change, *, force=False, scale=None):
-        seen.append((change, scale))
-        return original(self, change, force=force, scale=scale)
-
-    monkeypatch.setattr(TeaCacheGate, "should_compute", spy)
-    with cr.apply(pipe, cr.parse(doc), threshold=1.0) as handle:
-        pipe("a handwritten 4", num_inference_steps=steps, guidance_scale=1.0,
-             generator=torch.Generator().manual_seed(7), output_type="latent")
-        assert handle.stats()["computed"] == steps
+    seen = _what_the_gate_sees(pipe, cr.parse(doc), steps, monkeypatch)
     changes = np.array([np.nan if c is None else c for c, _ in seen])
     assert len(changes) == steps
     np.testing.assert_allclose(changes[1:-1], x[1:-1], rtol=1e-4)

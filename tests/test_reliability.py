@@ -902,38 +902,27 @@ def test_crash_while_rendering_png_keeps_previous_png(fitted, monkeypatch):
     _only_final_files(work)
 
 
-def test_png_write_cut_off_keeps_previous_png(fitted, monkeypatch):
-    work, _, prev_png = fitted
+@pytest.mark.parametrize("name, argv", [
+    ("c.png", ["fit", "t.h5", "--out", "c.json", *FAST_FIT]),
+    ("r.html", ["report", "t.h5", "--coeffs", "c.json", "--out", "r.html"]),
+], ids=["png", "html-report"])
+def test_artifact_write_cut_off_keeps_the_previous_one(fitted, monkeypatch, name, argv):
+    work = fitted[0]
+    if not (work / name).exists():
+        (work / name).write_bytes(b"<html>previous report</html>")
+    previous = (work / name).read_bytes()
     real_replace = os.replace
 
     def replace(src, dst):
-        if str(dst).endswith(".png"):
+        if str(dst).endswith(name):
             raise OSError(28, "No space left on device")
         return real_replace(src, dst)
 
     monkeypatch.setattr(os, "replace", replace)
-    code, _, err = run_cli(["fit", "t.h5", "--out", "c.json", *FAST_FIT], work)
+    code, _, err = run_cli(argv, work)
     monkeypatch.undo()
-    assert code == 2 and err.strip().splitlines()[-1] == "calib: error: cannot write c.png: No space left on device"
-    assert (work / "c.png").read_bytes() == prev_png
-    _only_final_files(work)
-
-
-def test_html_report_write_cut_off_keeps_previous_report(fitted, monkeypatch):
-    work, _, _ = fitted
-    (work / "r.html").write_text("<html>previous report</html>")
-    real_replace = os.replace
-
-    def replace(src, dst):
-        if str(dst).endswith(".html"):
-            raise OSError(28, "No space left on device")
-        return real_replace(src, dst)
-
-    monkeypatch.setattr(os, "replace", replace)
-    code, _, err = run_cli(["report", "t.h5", "--coeffs", "c.json", "--out", "r.html"], work)
-    monkeypatch.undo()
-    assert code == 2 and err.strip().splitlines()[-1] == "calib: error: cannot write r.html: No space left on device"
-    assert (work / "r.html").read_text() == "<html>previous report</html>"
+    assert code == 2 and err.strip().splitlines()[-1] == f"calib: error: cannot write {name}: No space left on device"
+    assert (work / name).read_bytes() == previous
     _only_final_files(work)
 
 
