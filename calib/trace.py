@@ -161,7 +161,7 @@ class _Recorder:
         self.key_order: list[str] = []
         # per call key: one flat vector of every per-row value of one call, and where each series sits in it
         self.values: dict[str, list[tuple[list, tuple]]] = defaultdict(list)  # key -> per call (parts, layout)
-        self._stacks: dict[tuple, tuple] = {}  # (key, names, shapes) -> the group's float stack and its mean |.|, last call
+        self._stacks: dict[tuple, torch.Tensor] = {}  # (key, names, shapes) -> the group's float stack, last call
         self._norms: dict[str, tuple] = {}  # key -> (shape, per-token norms) of the last residual
         self.cfg_delta: list[tuple[int, torch.Tensor]] = []  # (step, cond - uncond output), in call order
         self._cfg_changes: dict[int, float] | None = None  # step -> rel-L1 change of it, computed once (collect)
@@ -200,14 +200,13 @@ class _Recorder:
                     cur = cur.flatten(2)
                 stash = (key, names, shapes)
                 prev = self._stacks.get(stash)
-                # |cur| is reduced now and kept: it is the next call's denominator (one pass over the stack saved)
-                self._stacks[stash] = (cur, cur.abs().mean(dim=2))
+                self._stacks[stash] = cur
                 for name, tensor in members:
                     self.previous[(key, name)] = tensor
                 if prev is not None:
-                    prev_stack, prev_scale = prev
                     layout.extend((n, len(parts), i) for i, n in enumerate(names))
-                    parts.append((cur - prev_stack).abs_().mean(dim=2) / prev_scale)
+                    # abs_ in place: the difference is a temporary, no second buffer of the stack's size
+                    parts.append((cur - prev).abs_().mean(dim=2) / prev.abs().mean(dim=2))
                 else:  # the first call of this stream: nothing to compare with
                     nan = torch.full((len(members), rows), float("nan"), device=cur.device)
                     layout.extend((n, len(parts), i) for i, n in enumerate(names))
