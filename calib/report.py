@@ -57,10 +57,15 @@ def _series(traj, name: str) -> np.ndarray | None:
 
 
 def _xy(traj, indicator: str, normalization: str):
+    """(x, y, forced) of a trajectory's steps 1..n-1; ``forced`` marks the generation's last step, which the runtime
+    always computes and ``calib fit`` leaves out (:func:`calib.fit.forced_last_mask`)."""
+    from .fit import forced_last_mask
+
     x = _series(traj, INDICATOR_SERIES.get(indicator, "input_rel_l1"))
     y = _series(traj, "output_rel_l1")
     if x is None or y is None:
         return None
+    forced = forced_last_mask(traj, len(x))[1:]
     x, y = x[1:], y[1:]
     if normalization == "delta_sigma":
         sig = np.asarray(traj.sigmas, dtype=np.float64)
@@ -69,7 +74,7 @@ def _xy(traj, indicator: str, normalization: str):
         with np.errstate(all="ignore"):
             x, y = x / ds, y / ds
     keep = np.isfinite(x) & np.isfinite(y)
-    return x[keep], y[keep]
+    return x[keep], y[keep], forced[keep]
 
 
 def fit_figure(trace_set, teacache_doc: dict | None):
@@ -88,7 +93,7 @@ def fit_figure(trace_set, teacache_doc: dict | None):
     streams = sorted({t.stream for t in trace_set.trajectories})
     colors = {s: f"C{i % 10}" for i, s in enumerate(streams)}
     for ax, comp in zip(axes, components):
-        xs, ys = [], []
+        xs, ys, forced_x, forced_y = [], [], [], []
         for s in streams:
             pts = [_xy(t, indicator, normalization) for t in trace_set.trajectories if t.component == comp and t.stream == s]
             pts = [p for p in pts if p is not None]
@@ -96,11 +101,17 @@ def fit_figure(trace_set, teacache_doc: dict | None):
                 continue
             x = np.concatenate([p[0] for p in pts])
             y = np.concatenate([p[1] for p in pts])
-            xs.append(x)
-            ys.append(y)
-            ax.scatter(x, y, s=8, alpha=0.55, color=colors[s], label=s, linewidths=0)
+            forced = np.concatenate([p[2] for p in pts])
+            xs.append(x[~forced])
+            ys.append(y[~forced])
+            forced_x.append(x[forced])
+            forced_y.append(y[forced])
+            ax.scatter(x[~forced], y[~forced], s=8, alpha=0.55, color=colors[s], label=s, linewidths=0)
         if not xs:
             continue
+        if sum(len(f) for f in forced_x):
+            ax.scatter(np.concatenate(forced_x), np.concatenate(forced_y), s=14, marker="x", color="0.55",
+                       linewidths=0.8, label="last step (always computed, not fitted)")
         x_all, y_all = np.concatenate(xs), np.concatenate(ys)
         if comp in polys:
             coef, domain = polys[comp]
