@@ -459,6 +459,11 @@ def run_tune(traces, coeffs, target: TuneTarget, *, write: bool = False, costs=N
         echo(f"--{target.option} {target.value:g} cannot be reached on these traces (the first and last steps always "
              f"compute{'' if wall_reachable else ', and they and the fixed costs cap the wall-clock speed-up'}); "
              f"closest: threshold {chosen.threshold:g}, {chosen.compute_fraction:.1%} computed{wall}")
+    if cost_model is None and target.option == "speedup":
+        # On small models the fixed part of a step (pipeline, embeddings, indicator, head) is a sizeable share, so
+        # 2x fewer forwards is less than 2x wall-clock; calib eval measures it (docs/evaluation.md).
+        echo("note: this speed-up counts transformer forwards; for a wall-clock target run `calib eval --out "
+             "results.json` once and pass `--costs results.json`")
     if write:
         doc["thresholds"] = tuned_thresholds_section(table, chosen, target, reached, trace_set, cost_model)
         write_document(doc, coeffs)
