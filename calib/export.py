@@ -218,30 +218,11 @@ def build_document(
     """
     if not fits:
         raise CalibError("no fitted components to export — fit at least one component")
-    model_info = dict(getattr(trace_set, "model_info", None) or {})
-    model_class = model_info.get("class")
-    if not model_class:
-        raise CalibError("the traces do not record the model class; trace again with this version of calib")
-    model = {"class": str(model_class)}
-    for key in ("source", "config_hash", "adapter"):
-        if model_info.get(key) is not None:
-            model[key] = str(model_info[key])
+    from .method_docs import calibration_section, model_section
 
-    settings = trace_set.settings()
-    calibration: dict[str, Any] = {
-        "steps": [int(s) for s in settings.get("steps", [])],
-    }
-    if model_info.get("scheduler") is not None:
-        calibration["scheduler"] = str(model_info["scheduler"])
-    calibration["guidance"] = [None if g is None else float(g) for g in settings.get("guidance", [])]
-    # A trace of a pipeline that does not say its resolution (no --height/--width) records an empty one: not listed.
-    calibration["resolution"] = [[int(v) for v in np.atleast_1d(r)] for r in settings.get("resolution", [])
-                                 if np.size(r)]
-    calibration["num_prompts"] = int(settings.get("prompts", 0))
-    calibration["num_seeds"] = int(settings.get("seeds", 0))
-    calibration["num_trajectories"] = len(trace_set.trajectories)
-    calibration["streams"] = [str(s) for s in settings.get("streams", [])]
-    calibration["trace_files"] = [str(f) for f in (getattr(trace_set, "files", None) or [])]
+    model_info = dict(getattr(trace_set, "model_info", None) or {})
+    model = model_section(trace_set)
+    calibration = calibration_section(trace_set)
 
     doc: dict[str, Any] = {
         "format": FORMAT,

@@ -29,8 +29,9 @@ def calibration_section(trace_set) -> dict:
     out = {"steps": [int(s) for s in settings.get("steps", [])]}
     if info.get("scheduler") is not None:
         out["scheduler"] = str(info["scheduler"])
-    out["guidance"] = [float(g) for g in settings.get("guidance", [])]
-    out["resolution"] = [[int(v) for v in np.atleast_1d(r)] for r in settings.get("resolution", [])]
+    out["guidance"] = [None if g is None else float(g) for g in settings.get("guidance", [])]
+    # A trace of a pipeline that does not say its resolution (no --height/--width) records an empty one: not listed.
+    out["resolution"] = [[int(v) for v in np.atleast_1d(r)] for r in settings.get("resolution", []) if np.size(r)]
     out["num_prompts"] = int(settings.get("prompts", 0))
     out["num_seeds"] = int(settings.get("seeds", 0))
     out["num_trajectories"] = len(trace_set.trajectories)
@@ -40,11 +41,11 @@ def calibration_section(trace_set) -> dict:
 
 
 def header(method: str, trace_set, created: str | None = None) -> dict:
-    from .export import _utc_now
+    from .export import FORMAT, SCHEMA_VERSION, _utc_now
 
     return {
-        "format": "calib.coefficients",
-        "schema_version": 1,
+        "format": FORMAT,
+        "schema_version": SCHEMA_VERSION,
         "method": method,
         "calib_version": __version__,
         "created": created or _utc_now(),
