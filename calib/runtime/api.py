@@ -23,10 +23,10 @@ import torch
 
 from ..adapters import get_adapter
 from ..adapters.base import Adapter
-from ..hooking import ContextProbe, StepClock, rel_l1, timestep_value, wrap_forward, wrap_method
+from ..hooking import ContextProbe, StepClock, rel_l1, timestep_value, wrap_forward
 from .coefficients import CacheConfig
 from .gate import TeaCacheGate
-from .handle import RuntimeHandle, check_model, choose_threshold, components_of
+from .handle import RuntimeHandle, check_model, choose_threshold, components_of, steps_with
 from .stats import CacheStats
 
 
@@ -257,7 +257,7 @@ def apply(
     threshold = choose_threshold(threshold, config, "coefficient")
     components, scheduler = components_of(target, config, "one polynomial per expert")
     clock = StepClock()
-    pipeline_mode = scheduler is not None and hasattr(scheduler, "set_timesteps") and hasattr(scheduler, "step")
+    pipeline_mode = steps_with(scheduler)
     handle = CacheHandle(config, threshold, clock, pipeline_mode)
     _, normalized = _indicator_of(config)
     if normalized and not pipeline_mode and sigmas is None:
@@ -274,11 +274,8 @@ def apply(
             adapter = get_adapter(transformer, modulation_module or _custom_module(config))
             handle._attach(name, transformer, adapter, config.components[name].rescaler())
         if pipeline_mode:
-            handle._handle.add(
-                wrap_method(scheduler, "set_timesteps", after=lambda *_a, **_k: handle._new_generation(
-                    len(scheduler.timesteps), _sigma_list(scheduler) if normalized else None))
-            )
-            handle._handle.add(wrap_method(scheduler, "step", after=lambda *_a, **_k: clock.end_step()))
+            handle._follow(scheduler, lambda: handle._new_generation(
+                len(scheduler.timesteps), _sigma_list(scheduler) if normalized else None))
         else:
             clock.num_steps = num_steps
             if num_steps is None:

@@ -25,14 +25,15 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
 from ..adapters import get_adapter
-from ..hooking import ContextProbe, StepClock, timestep_value, wrap_forward, wrap_method
-from .errors import CoefficientFileError, ModelMismatchError
-from .handle import RuntimeHandle, check_model, choose_threshold, components_of
+from ..hooking import ContextProbe, StepClock, timestep_value, wrap_forward
+from .coefficients import _check_with_jsonschema, _fail, _finite, _model_section, _recommended_threshold
+from .errors import ModelMismatchError
+from .handle import RuntimeHandle, check_model, choose_threshold, components_of, steps_with
+from .stats import totals
 
 METHOD = "block-cache"
 
@@ -106,47 +107,33 @@ class BlockCacheConfig:
     method: str = METHOD
 
 
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def parse(doc: dict, source: str = "<document>") -> BlockCacheConfig:
     """Validate a decoded block-cache document (format and version already checked by the caller)."""
-
-    def fail(where, what):
-        raise CoefficientFileError(f"{source}: {where}: {what}")
-
-    model = doc.get("model")
-    if not isinstance(model, dict) or not isinstance(model.get("class"), str) or not model["class"]:
-        fail("model.class", "missing: the file must name the model class it was calibrated on")
+    model = _model_section(doc, source)
     section = doc.get("block_cache")
     if not isinstance(section, dict) or not isinstance(section.get("components"), dict) or not section["components"]:
-        fail("block_cache.components", "missing or empty: expected at least one component")
+        _fail(source, "block_cache.components", "missing or empty: expected at least one component")
     comps = {}
     for name, comp in section["components"].items():
         where = f"block_cache.components.{name}"
         if not isinstance(comp, dict):
-            fail(where, "expected an object")
+            _fail(source, where, "expected an object")
         blocks = comp.get("blocks")
         if not isinstance(blocks, list) or not blocks or not all(isinstance(b, str) for b in blocks):
-            fail(f"{where}.blocks", "expected a non-empty list of block names")
+            _fail(source, f"{where}.blocks", "expected a non-empty list of block names")
         changes = comp.get("changes")
         if not isinstance(changes, list) or not changes:
-            fail(f"{where}.changes", "expected steps x blocks numbers (row 0 null)")
+            _fail(source, f"{where}.changes", "expected steps x blocks numbers (row 0 null)")
         rows = []
         for i, row in enumerate(changes):
             if not isinstance(row, list) or len(row) != len(blocks):
-                fail(f"{where}.changes[{i}]", f"expected {len(blocks)} entries, one per block")
+                _fail(source, f"{where}.changes[{i}]", f"expected {len(blocks)} entries, one per block")
             for v in row:
                 if v is not None and not (_finite(v) and v >= 0):
-                    fail(f"{where}.changes[{i}]", "entries must be finite numbers >= 0 or null")
+                    _fail(source, f"{where}.changes[{i}]", "entries must be finite numbers >= 0 or null")
             rows.append(tuple(None if v is None else float(v) for v in row))
         comps[name] = BlockSchedule(tuple(blocks), tuple(rows))
-    recommended = (doc.get("thresholds") or {}).get("recommended")
-    if recommended is not None and not (_finite(recommended) and recommended >= 0):
-        fail("thresholds.recommended", "must be a finite number >= 0")
-    from .coefficients import _check_with_jsonschema
-
+    recommended = _recommended_threshold(doc, source)
     _check_with_jsonschema(doc, source)
     return BlockCacheConfig(
         model_class=model["class"],
@@ -154,7 +141,7 @@ def parse(doc: dict, source: str = "<document>") -> BlockCacheConfig:
         config_hash=model.get("config_hash"),
         source=model.get("source"),
         adapter=model.get("adapter"),
-        recommended_threshold=None if recommended is None else float(recommended),
+        recommended_threshold=recommended,
         calibration=dict(doc.get("calibration") or {}),
         document=doc,
     )
@@ -194,15 +181,7 @@ class BlockStats:
                 "skipped": evaluations - computed,
                 "computed_per_block": per_block,
             })
-        blocks = sum(t["blocks"] for t in trajectories)
-        computed = sum(t["computed"] for t in trajectories)
-        return {
-            "trajectories": trajectories,
-            "blocks": blocks,
-            "computed": computed,
-            "skipped": blocks - computed,
-            "compute_fraction": (computed / blocks) if blocks else None,
-        }
+        return totals(trajectories, "blocks")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -348,7 +327,7 @@ def apply(
     threshold = choose_threshold(threshold, config, "block-cache")
     components, scheduler = components_of(target, config, "a schedule per component")
     clock = StepClock()
-    pipeline_mode = scheduler is not None and hasattr(scheduler, "set_timesteps") and hasattr(scheduler, "step")
+    pipeline_mode = steps_with(scheduler)
     handle = BlockCacheHandle(config, threshold, clock, pipeline_mode)
     try:
         for name, transformer in components:
@@ -356,9 +335,7 @@ def apply(
             adapter = get_adapter(transformer, modulation_module)
             handle._attach(name, transformer, adapter, config.components[name])
         if pipeline_mode:
-            handle._handle.add(wrap_method(
-                scheduler, "set_timesteps", after=lambda *_a, **_k: handle._new_generation(len(scheduler.timesteps))))
-            handle._handle.add(wrap_method(scheduler, "step", after=lambda *_a, **_k: clock.end_step()))
+            handle._follow(scheduler, lambda: handle._new_generation(len(scheduler.timesteps)))
         else:
             clock.num_steps = num_steps or next(iter(config.components.values())).steps
     except BaseException:

@@ -68,6 +68,25 @@ def _fail(source: str, where: str, what: str):
     raise CoefficientFileError(f"{source}: {where}: {what}")
 
 
+def _model_section(doc: dict, source: str) -> dict:
+    """The document's ``model`` object; it must name the model class (every method's file does)."""
+    model = doc.get("model")
+    if not isinstance(model, dict) or not isinstance(model.get("class"), str) or not model["class"]:
+        _fail(source, "model.class", "missing: the file must name the model class it was calibrated on")
+    return model
+
+
+def _recommended_threshold(doc: dict, source: str) -> float | None:
+    """``thresholds.recommended`` as a float, None when absent; a finite number >= 0 otherwise refused."""
+    thresholds = doc.get("thresholds")
+    if not isinstance(thresholds, dict) or thresholds.get("recommended") is None:
+        return None
+    recommended = thresholds["recommended"]
+    if not _finite(recommended) or recommended < 0:
+        _fail(source, "thresholds.recommended", "must be a finite number >= 0")
+    return float(recommended)
+
+
 def parse(doc: Any, source: str = "<document>") -> CacheConfig:
     """Validate a decoded coefficient document and build the config; one-line CoefficientFileError otherwise."""
     if not isinstance(doc, dict):
@@ -84,9 +103,7 @@ def parse(doc: Any, source: str = "<document>") -> CacheConfig:
         return parse_block_cache(doc, source)
     if method not in METHODS:
         _fail(source, "method", f"{method!r} is not a method this runtime applies ({', '.join(METHODS)})")
-    model = doc.get("model")
-    if not isinstance(model, dict) or not isinstance(model.get("class"), str) or not model["class"]:
-        _fail(source, "model.class", "missing: the file must name the model class it was calibrated on")
+    model = _model_section(doc, source)
     components = doc.get("components")
     if not isinstance(components, dict) or not components:
         _fail(source, "components", "missing or empty: expected at least one component with coefficients")
@@ -116,12 +133,7 @@ def parse(doc: Any, source: str = "<document>") -> CacheConfig:
     if isinstance(indicator, dict) and indicator.get("normalization", "none") not in NORMALIZATIONS:
         _fail(source, "indicator.normalization",
               f"{indicator.get('normalization')!r} is not one this runtime computes ({', '.join(NORMALIZATIONS)})")
-    recommended = None
-    thresholds = doc.get("thresholds")
-    if isinstance(thresholds, dict) and thresholds.get("recommended") is not None:
-        recommended = thresholds["recommended"]
-        if not _finite(recommended) or recommended < 0:
-            _fail(source, "thresholds.recommended", "must be a finite number >= 0")
+    recommended = _recommended_threshold(doc, source)
     _check_with_jsonschema(doc, source)
     return CacheConfig(
         model_class=model["class"],
@@ -130,7 +142,7 @@ def parse(doc: Any, source: str = "<document>") -> CacheConfig:
         source=model.get("source"),
         adapter=model.get("adapter"),
         indicator=dict(doc.get("indicator") or {}),
-        recommended_threshold=None if recommended is None else float(recommended),
+        recommended_threshold=recommended,
         calibration=dict(doc.get("calibration") or {}),
         path=None,
         document=doc,

@@ -12,7 +12,7 @@ import warnings
 import torch
 
 from ..adapters import model_identity
-from ..hooking import Handle, StepClock
+from ..hooking import Handle, StepClock, wrap_method
 from .errors import ModelMismatchError, ThresholdError
 
 
@@ -51,8 +51,20 @@ class RuntimeHandle:
     def __enter__(self):
         return self
 
+    def _follow(self, scheduler, new_generation) -> None:
+        """Pipeline mode: a generation starts when the pipeline calls ``scheduler.set_timesteps`` (then
+        ``new_generation()`` runs) and a step ends at ``scheduler.step``."""
+        self._handle.add(wrap_method(scheduler, "set_timesteps", after=lambda *_a, **_k: new_generation()))
+        self._handle.add(wrap_method(scheduler, "step", after=lambda *_a, **_k: self._clock.end_step()))
+
     def __exit__(self, *exc):
         self.remove()
+
+
+def steps_with(scheduler) -> bool:
+    """Whether the target's scheduler tells generations and steps apart (``set_timesteps`` and ``step``): then the
+    handle follows it (pipeline mode); otherwise it reads timesteps from the transformer's calls."""
+    return scheduler is not None and hasattr(scheduler, "set_timesteps") and hasattr(scheduler, "step")
 
 
 def check_threshold(threshold) -> float:

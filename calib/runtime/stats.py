@@ -50,13 +50,18 @@ class CacheStats:
         self._by_key.clear()
 
     def report(self) -> dict:
-        trajectories = [t.as_dict() for t in self._by_key.values()]
-        steps = sum(t["steps"] for t in trajectories)
-        computed = sum(t["computed"] for t in trajectories)
-        return {
-            "trajectories": trajectories,
-            "steps": steps,
-            "computed": computed,
-            "skipped": steps - computed,
-            "compute_fraction": (computed / steps) if steps else None,
-        }
+        return totals([t.as_dict() for t in self._by_key.values()], "steps")
+
+
+def totals(trajectories: list[dict], unit: str) -> dict:
+    """The report of a handle: its trajectories and the sums over them of ``unit`` (what was evaluated: "steps",
+    or "blocks" for block caching), computed and skipped, and the computed fraction."""
+    evaluated = sum(t[unit] for t in trajectories)
+    computed = sum(t["computed"] for t in trajectories)
+    return {
+        "trajectories": trajectories,
+        unit: evaluated,
+        "computed": computed,
+        "skipped": evaluated - computed,
+        "compute_fraction": (computed / evaluated) if evaluated else None,
+    }
