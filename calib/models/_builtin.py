@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -44,6 +45,32 @@ def load_weights(transformer: nn.Module, prompt_encoder: nn.Module, path: Path, 
     state = load_file(str(path))
     for prefix, module in (("transformer.", transformer), ("prompt_encoder.", prompt_encoder)):
         module.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
+
+
+def optimizer_step(loss: torch.Tensor, opt, sched, params, max_norm: float = 1.0) -> None:
+    """One training step of the built-in models' recipe: backward, gradient clipping, AdamW, scheduler."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, max_norm)
+    opt.step()
+    sched.step()
+
+
+class LossLog:
+    """The training loss as an exponential moving average, logged and kept every 100 steps (and at step 1)."""
+
+    def __init__(self, log=print):
+        self.log = log
+        self.running: float | None = None
+        self.history: list[tuple[int, float]] = []
+        self.start = time.perf_counter()
+
+    def update(self, step: int, loss: torch.Tensor) -> None:
+        value = loss.item()
+        self.running = value if self.running is None else 0.98 * self.running + 0.02 * value
+        if step % 100 == 0 or step == 1:
+            self.history.append((step, round(self.running, 4)))
+            self.log(f"step {step:5d}  loss {self.running:.4f}  {time.perf_counter() - self.start:6.1f}s")
 
 
 def _pipeline_base():

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from . import digits
-from ._builtin import save_weights
+from ._builtin import LossLog, optimizer_step, save_weights
 
 
 def train(steps: int = 1500, batch: int = 128, lr: float = 1e-3, seed: int = 0, null_prob: float = 0.1, log=print):
@@ -30,9 +30,7 @@ def train(steps: int = 1500, batch: int = 128, lr: float = 1e-3, seed: int = 0, 
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps, eta_min=lr * 0.05)
     txt_ids, img_ids = digits.position_ids()
     gen = torch.Generator().manual_seed(seed)
-    history = []
-    start = time.perf_counter()
-    running = None
+    losses = LossLog(log)
     for step in range(1, steps + 1):
         idx = torch.randint(0, x_all.shape[0], (batch,), generator=gen)
         x0 = x_all[idx]
@@ -52,18 +50,11 @@ def train(steps: int = 1500, batch: int = 128, lr: float = 1e-3, seed: int = 0, 
             return_dict=False,
         )[0]
         loss = torch.nn.functional.mse_loss(pred, noise - x0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-        if step % 100 == 0 or step == 1:
-            history.append((step, round(running, 4)))
-            log(f"step {step:5d}  loss {running:.4f}  {time.perf_counter() - start:6.1f}s")
-    elapsed = time.perf_counter() - start
+        optimizer_step(loss, opt, sched, params)
+        losses.update(step, loss)
+    elapsed = time.perf_counter() - losses.start
     return transformer, encoder, {"steps": steps, "batch": batch, "lr": lr, "seed": seed,
-                                  "seconds": round(elapsed, 1), "loss_history": history}
+                                  "seconds": round(elapsed, 1), "loss_history": losses.history}
 
 
 def main(argv=None):

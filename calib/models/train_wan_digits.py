@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from . import wan_digits
-from ._builtin import save_weights
+from ._builtin import LossLog, optimizer_step, save_weights
 
 
 def lr_factor(step: int, steps: int, warmup: int, floor: float = 0.05) -> float:
@@ -40,9 +40,8 @@ def train(steps: int = 800, batch: int = 64, lr: float = 1e-3, seed: int = 0, nu
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, steps, warmup))
     gen = torch.Generator().manual_seed(seed)
-    history = []
-    start, cpu_start = time.perf_counter(), time.process_time()
-    running = None
+    losses = LossLog(log)
+    cpu_start = time.process_time()
     for step in range(1, steps + 1):
         idx = torch.randint(0, images.shape[0], (batch,), generator=gen)
         x0 = wan_digits.make_clips(images[idx], gen)
@@ -57,22 +56,15 @@ def train(steps: int = 800, batch: int = 64, lr: float = 1e-3, seed: int = 0, nu
         xt = (1 - tb) * x0 + tb * noise
         pred = transformer(hidden_states=xt, timestep=t * 1000, encoder_hidden_states=encoder(y), return_dict=False)[0]
         loss = torch.nn.functional.mse_loss(pred, noise - x0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-        if step % 100 == 0 or step == 1:
-            history.append((step, round(running, 4)))
-            log(f"step {step:5d}  loss {running:.4f}  {time.perf_counter() - start:6.1f}s")
-    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+        optimizer_step(loss, opt, sched, params)
+        losses.update(step, loss)
+    elapsed, cpu = time.perf_counter() - losses.start, time.process_time() - cpu_start
     transformer.eval()
     encoder.eval()
     info = {"steps": steps, "batch": batch, "lr": lr, "seed": seed, "null_prob": null_prob, "warmup": warmup,
             "t_sampling": "logit_normal(0, 1)" if logit_normal else "uniform",
             "threads": torch.get_num_threads(), "seconds": round(elapsed, 1), "cpu_seconds": round(cpu, 1),
-            "loss_history": history}
+            "loss_history": losses.history}
     return transformer, encoder, info
 
 
