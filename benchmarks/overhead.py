@@ -37,21 +37,8 @@ PROMPT = "a handwritten 7"  # valid for both built-in models (each checks its pr
 
 def _config_for(transformer, component="transformer"):
     import calib.runtime as cr
-    from calib.adapters import model_identity
 
-    ident = model_identity(transformer)
-    return cr.parse({
-        "format": "calib.coefficients",
-        "schema_version": 1,
-        "method": "teacache",
-        "calib_version": "0.1.0",
-        "created": "2026-01-01T00:00:00Z",
-        "model": {"class": ident["class"], "config_hash": ident["config_hash"]},
-        "indicator": {"name": "modulated_input"},
-        "calibration": {},
-        "components": {component: {"coefficients": [1.0, 0.0], "order": "highest_first", "degree": 1,
-                                   "domain": None}},
-    })
+    return cr.parse(cr.document_for(transformer, components=(component,)))
 
 
 class Clock:

@@ -18,7 +18,7 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 
 import calib.runtime as cr  # noqa: E402
-from calib.adapters import custom_adapter, get_adapter, model_identity  # noqa: E402
+from calib.adapters import custom_adapter, get_adapter  # noqa: E402
 from calib.errors import CalibError  # noqa: E402
 from calib.trace import TraceSettings, Tracer  # noqa: E402
 
@@ -260,21 +260,10 @@ def generate(pipe, cfg_mode="batched", seed=0):
 
 
 def make_config(transformer, components=("transformer",), adapter=None, indicator="modulated_input"):
-    ident = model_identity(transformer)
-    model = {"class": ident["class"], "config_hash": ident["config_hash"], **({"adapter": adapter} if adapter else {})}
-    return cr.parse({
-        "format": "calib.coefficients",
-        "schema_version": 1,
-        "method": "teacache",
-        "calib_version": "0.1.0",
-        "created": "2026-11-23T08:00:00Z",
-        "model": model,
-        "indicator": {"name": indicator},
-        "calibration": {},
-        "components": {
-            c: {"coefficients": [1.0, 0.0], "order": "highest_first", "degree": 1, "domain": None} for c in components
-        },
-    })
+    doc = cr.document_for(transformer, components=components, indicator=indicator)
+    if adapter:
+        doc["model"]["adapter"] = adapter
+    return cr.parse(doc)
 
 
 def check_series(traj, steps):

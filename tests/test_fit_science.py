@@ -302,7 +302,7 @@ def test_builtin_models_ship_measured_coefficients_for_their_weights(name):
     source, steps, seeds, guidance = BUILTIN_COEFFS[name]
     path = REPO / "coeffs" / name
     assert path in _measured_files(), f"{path} is missing: run scripts/make_builtin_coeffs.sh"
-    assert (REPO / "scripts" / "make_builtin_coeffs.sh").read_text().count(f"--out \"coeffs/$name.json\"") == 1
+    assert (REPO / "scripts" / "make_builtin_coeffs.sh").read_text().count("--out \"coeffs/$name.json\"") == 1
     doc = load_document(path)
     assert doc["method"] == "teacache" and doc["provenance"]["source"] == "measured"
     cal = doc["calibration"]
@@ -425,16 +425,10 @@ def test_gate_and_replay_accumulate_delta_sigma_times_rate():
 
 # --- runtime: the indicator and normalisation the file names --------------------------------------------------------
 def _config(pipe, indicator, normalization="none", coefficients=(1e9,)):
-    from calib.adapters import model_identity
-
-    ident = model_identity(pipe.transformer)
-    return cr.parse({
-        "format": "calib.coefficients", "schema_version": 1, "method": "teacache", "calib_version": "0.1.0",
-        "created": "2026-11-23T08:00:00Z", "model": ident | {"adapter": "flux"},
-        "indicator": {"name": indicator, "normalization": normalization}, "calibration": {},
-        "components": {"transformer": {"coefficients": list(coefficients), "order": "highest_first",
-                                       "degree": len(coefficients) - 1, "domain": [0.0, 1e6]}},
-    })
+    doc = cr.document_for(pipe.transformer, coefficients, domain=(0.0, 1e6), indicator=indicator)
+    doc["model"]["adapter"] = "flux"
+    doc["indicator"]["normalization"] = normalization
+    return cr.parse(doc)
 
 
 def _what_the_gate_sees(pipe, config, steps, monkeypatch) -> list[tuple]:

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 import calib.runtime as cr
-from calib.adapters import model_identity
 from calib.models import digits
 from calib.runtime.gate import Rescaler, TeaCacheGate, replay
 
@@ -21,27 +20,9 @@ def pipe():
 
 
 def make_config(pipe, coefficients=(1.0, 0.0), domain=None, model_class=None, config_hash=None, recommended=None):
-    ident = model_identity(pipe.transformer)
-    doc = {
-        "format": "calib.coefficients",
-        "schema_version": 1,
-        "method": "teacache",
-        "calib_version": "0.1.0",
-        "created": "2026-11-23T08:00:00Z",
-        "model": {"class": model_class or ident["class"], "config_hash": config_hash or ident["config_hash"]},
-        "indicator": {"name": "modulated_input"},
-        "calibration": {},
-        "components": {
-            "transformer": {
-                "coefficients": list(coefficients),
-                "order": "highest_first",
-                "degree": len(coefficients) - 1,
-                "domain": domain,
-            }
-        },
-    }
-    if recommended is not None:
-        doc["thresholds"] = {"recommended": recommended}
+    doc = cr.document_for(pipe.transformer, coefficients, domain=domain, recommended=recommended)
+    doc["model"]["class"] = model_class or doc["model"]["class"]
+    doc["model"]["config_hash"] = config_hash or doc["model"]["config_hash"]
     return cr.parse(doc)
 
 

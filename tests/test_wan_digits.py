@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import calib.runtime as cr
-from calib.adapters import get_adapter, model_identity
+from calib.adapters import get_adapter
 from calib.cli import main
 from calib.errors import CalibError
 from calib.models import wan_digits
@@ -122,19 +122,7 @@ def test_cli_trace_records_both_cfg_streams(tmp_path, monkeypatch):
 
 
 def _identity_config(pipe):
-    ident = model_identity(pipe.transformer)
-    return cr.parse({
-        "format": "calib.coefficients",
-        "schema_version": 1,
-        "method": "teacache",
-        "calib_version": "0.1.0",
-        "created": "2026-11-23T08:00:00Z",
-        "model": {"class": ident["class"], "config_hash": ident["config_hash"]},
-        "indicator": {"name": "modulated_input"},
-        "calibration": {},
-        "components": {"transformer": {"coefficients": [1.0, 0.0], "order": "highest_first", "degree": 1,
-                                       "domain": None}},
-    })
+    return cr.parse(cr.document_for(pipe.transformer))
 
 
 @pytest.mark.parametrize("mode", ["batched", "sequential"])

@@ -11,7 +11,7 @@ only (diffusers is used when present).
 
 from .api import CacheHandle, apply
 from .block_cache import BlockCacheConfig, BlockCacheHandle
-from .coefficients import CacheConfig, ComponentRescaler, load, parse
+from .coefficients import CacheConfig, ComponentRescaler, document_for, load, parse
 from .errors import CoefficientFileError, ModelMismatchError, ThresholdError
 from .gate import Rescaler, TeaCacheGate, replay
 
@@ -27,6 +27,7 @@ __all__ = [
     "TeaCacheGate",
     "ThresholdError",
     "apply",
+    "document_for",
     "load",
     "parse",
     "replay",

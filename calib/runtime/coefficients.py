@@ -167,6 +167,45 @@ def _check_with_jsonschema(doc: dict, source: str) -> None:
         _fail(source, where, error.message)
 
 
+def document_for(
+    transformer,
+    coefficients=(1.0, 0.0),
+    *,
+    components=("transformer",),
+    domain=None,
+    indicator: str = "modulated_input",
+    recommended: float | None = None,
+) -> dict:
+    """A coefficient document for ``transformer``'s class and config, written in code rather than fitted: the same
+    polynomial (highest degree first) for each of ``components``. ``[1, 0]``, the default, is TeaCache's rule
+    without rescaling. ``parse`` it (after changing what you need) to apply it."""
+    from datetime import datetime, timezone
+
+    from .. import __version__
+    from ..adapters import model_identity
+
+    identity = model_identity(transformer)
+    coefficients = [float(c) for c in coefficients]
+    doc = {
+        "format": FORMAT,
+        "schema_version": SCHEMA_VERSION,
+        "method": "teacache",
+        "calib_version": __version__,
+        "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "model": {"class": identity["class"], "config_hash": identity["config_hash"]},
+        "indicator": {"name": indicator},
+        "calibration": {},
+        "components": {
+            name: {"coefficients": coefficients, "order": "highest_first", "degree": len(coefficients) - 1,
+                   "domain": None if domain is None else list(domain)}
+            for name in components
+        },
+    }
+    if recommended is not None:
+        doc["thresholds"] = {"recommended": recommended}
+    return doc
+
+
 def load(path: str | Path) -> CacheConfig:
     """Read and validate a coefficient JSON. Every problem is one line naming the file."""
     path = Path(path)
