@@ -195,39 +195,37 @@ def _block_config(pipe, changes, recommended=None):
     return cr.parse(doc)
 
 
-@pytest.mark.parametrize("mode", ["batched", "sequential"])
-def test_block_cache_threshold_zero_reproduces_output_exactly(pipe, mode):
+def _run_block_cache(pipe, mode, threshold):
+    """(uncached output, cached output, stats, schedule, block-body calls per block) of one generation with a
+    schedule in which every block changes by 0.1 per step."""
     changes = np.r_[[[np.nan] * 6], np.full((STEPS - 1, 6), 0.1)]
     config = _block_config(pipe, changes)
     base = generate(pipe, mode)
     counter = BlockCounter(pipe.transformer)
     try:
-        with cr.apply(pipe, config, threshold=0.0) as handle:
+        with cr.apply(pipe, config, threshold=threshold) as handle:
             cached = generate(pipe, mode)
-            stats = handle.stats()
+            stats, schedule = handle.stats(), handle.schedule()
     finally:
         counter.remove()
+    return base, cached, stats, schedule, counter.counts
+
+
+@pytest.mark.parametrize("mode", ["batched", "sequential"])
+def test_block_cache_threshold_zero_reproduces_output_exactly(pipe, mode):
+    base, cached, stats, _, counts = _run_block_cache(pipe, mode, 0.0)
     assert torch.equal(base, cached)
     streams = 1 if mode == "batched" else 2
     assert stats["skipped"] == 0 and stats["computed"] == stats["blocks"] == STEPS * 6 * streams
-    assert set(counter.counts.values()) == {STEPS * streams}
+    assert set(counts.values()) == {STEPS * streams}
 
 
 @pytest.mark.parametrize("mode", ["batched", "sequential"])
 def test_block_cache_huge_threshold_computes_each_block_on_first_and_last_step_only(pipe, mode):
-    changes = np.r_[[[np.nan] * 6], np.full((STEPS - 1, 6), 0.1)]
-    config = _block_config(pipe, changes)
-    base = generate(pipe, mode)
-    counter = BlockCounter(pipe.transformer)
-    try:
-        with cr.apply(pipe, config, threshold=1e9) as handle:
-            cached = generate(pipe, mode)
-            stats = handle.stats()
-            assert set(map(tuple, handle.schedule().values())) == {(0, STEPS - 1)}
-    finally:
-        counter.remove()
+    base, cached, stats, schedule, counts = _run_block_cache(pipe, mode, 1e9)
+    assert set(map(tuple, schedule.values())) == {(0, STEPS - 1)}
     streams = 1 if mode == "batched" else 2
-    assert set(counter.counts.values()) == {2 * streams}  # the block bodies really ran twice per stream
+    assert set(counts.values()) == {2 * streams}  # the block bodies really ran twice per stream
     for traj in stats["trajectories"]:
         assert set(traj["computed_per_block"].values()) == {2}
         assert traj["blocks"] == STEPS * 6
