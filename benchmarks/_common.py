@@ -84,3 +84,10 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(out)
+
+
+def write_json(path, data) -> None:
+    """Write a benchmark's results as JSON, atomically (a temporary file renamed into place)."""
+    from calib.export import write_atomic_bytes
+
+    write_atomic_bytes(Path(path), (json.dumps(data, indent=1) + "\n").encode())

@@ -22,13 +22,11 @@ Traces are cached (``$CALIB_BENCH_CACHE``, default ``$TMPDIR/calib-bench``); the
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import time
 
 import numpy as np
 
-from _common import DEFAULT_CACHE, held_out_mae, log, markdown_table, subset, traced
+from _common import DEFAULT_CACHE, held_out_mae, log, markdown_table, subset, traced, write_json
 
 SIZES = (1, 2, 4, 8, 16, 32)
 PROCEDURES = {
@@ -107,7 +105,7 @@ def main(argv=None) -> dict:
           + ", ".join(f"{k} {large_mae[k]:.5f} (degree {large[k].rescaler.degree_})" for k in PROCEDURES) + ".")
     print(f"Excess = held-out MAE of an N-prompt fit / that of the large fit - 1, over {args.repeats} random subsets.\n")
     print(markdown_table(header, rows))
-    print(f"\nfits that are negative or decreasing somewhere on their domain: "
+    print("\nfits that are negative or decreasing somewhere on their domain: "
           + ", ".join(f"{k} {v} of {sum(len(r) for r in results[k].values())}" for k, v in violations.items()))
     elapsed = time.perf_counter() - start
     print(f"\n({elapsed:.0f} s)")
@@ -124,8 +122,7 @@ def main(argv=None) -> dict:
         "seconds": elapsed,
     }
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as fh:
-            json.dump(out, fh, indent=1)
+        write_json(args.json, out)
     return out
 
 

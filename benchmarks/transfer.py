@@ -21,12 +21,11 @@ Traces are cached like in sample_efficiency.py; a cold run takes a few minutes o
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import numpy as np
 
-from _common import DEFAULT_CACHE, held_out_mae, load_builtin, log, markdown_table, traced
+from _common import DEFAULT_CACHE, held_out_mae, load_builtin, log, markdown_table, traced, write_json
 
 CANDIDATES = [("modulated_input", "none"), ("modulated_input", "delta_sigma"), ("temb", "none"), ("temb", "delta_sigma")]
 GRID = (0.02, 0.04, 0.06, 0.08, 0.1, 0.13, 0.16, 0.2, 0.25, 0.3, 0.4)
@@ -174,8 +173,7 @@ def main(argv=None) -> dict:
     out = {"model": args.model, "calib_steps": args.calib_steps, "indicator": args.indicator, "errors": errors,
            "runs": runs, "matched_compute": target, "seconds": elapsed}
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as fh:
-            json.dump(out, fh, indent=1)
+        write_json(args.json, out)
     return out
 
 
