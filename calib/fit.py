@@ -290,49 +290,11 @@ def collect_points(trace_set, component: str = "transformer", streams=None, *, e
     (:func:`forced_last_mask`). A trajectory with any non-finite value after entry 0 is skipped entirely and counted
     in ``n_skipped``.
     """
-    wanted = _stream_list(streams)
-    xs: list[np.ndarray] = []
-    ys: list[np.ndarray] = []
-    gs: list[np.ndarray] = []
-    ss: list[str] = []
-    n_skipped = 0
-    for index, traj in enumerate(trace_set.trajectories):
-        if traj.component != component:
-            continue
-        if wanted is not None and traj.stream not in wanted:
-            continue
-        x = np.asarray(traj.input_rel_l1, dtype=np.float64).reshape(-1)
-        y = np.asarray(traj.output_rel_l1, dtype=np.float64).reshape(-1)
-        if x.shape != y.shape:
-            raise CalibError(
-                f"trajectory {index} ({component}, {traj.stream}) has {len(x)} input but {len(y)}"
-                " output entries; the trace file is damaged — trace again"
-            )
-        keep = ~forced_last_mask(traj, len(x)) if exclude_forced else np.ones(len(x), dtype=bool)
-        x, y = x[1:], y[1:]
-        if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
-            n_skipped += 1
-            continue
-        x, y = x[keep[1:]], y[keep[1:]]
-        xs.append(x)
-        ys.append(y)
-        gs.append(np.full(len(x), index, dtype=np.int64))
-        ss.extend([str(traj.stream)] * len(x))
-    if xs:
-        return (
-            np.concatenate(xs),
-            np.concatenate(ys),
-            np.concatenate(gs),
-            np.array(ss, dtype=str),
-            n_skipped,
-        )
-    return (
-        np.empty(0, dtype=np.float64),
-        np.empty(0, dtype=np.float64),
-        np.empty(0, dtype=np.int64),
-        np.empty(0, dtype=str),
-        n_skipped,
-    )
+    samples = collect_samples(trace_set, component, streams, exclude_forced=exclude_forced)
+    if samples is None:  # no trajectory of the component recorded an input change
+        return (np.empty(0, dtype=np.float64), np.empty(0, dtype=np.float64), np.empty(0, dtype=np.int64),
+                np.empty(0, dtype=str), 0)
+    return samples.x, samples.y, samples.groups, samples.streams, samples.n_skipped
 
 
 @dataclass
