@@ -167,6 +167,8 @@ def test_tune_write_records_table_and_choice(tuned):
     assert all("predicted_error" in r for r in th["table"])
     assert th["trace_files"] == ["traces/digits.h5"] and th["error_proxy"] == ERROR_PROXY
     assert "threshold" in tune.stdout and "<- chosen" in tune.stdout
+    # without a cost model the speed-up is in forwards, and calib tune says how to make it wall-clock
+    assert "counts transformer forwards" in tune.stdout and "--costs results.json" in tune.stdout
     import calib.runtime as cr
 
     assert cr.load(work / "coeffs/digits.json").recommended_threshold == th["recommended"]
@@ -210,6 +212,7 @@ def test_tune_with_costs_targets_wall_clock(tuned, tmp_path):
                     "results.json", "--write", cwd=work)
     assert out.returncode == 0, out.stderr
     assert "wall x" in out.stdout and "--speedup is wall-clock" in out.stdout
+    assert "counts transformer forwards" not in out.stdout
     th = json.loads(coeffs.read_text())["thresholds"]
     jsonschema.validate(json.loads(coeffs.read_text()), schema())
     assert th["cost_model"]["ratio_all_computed"] == results["cost_model"]["ratio_all_computed"]
