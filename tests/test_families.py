@@ -5,8 +5,10 @@ separate state per stream, two-expert Wan, unsupported classes and ``--modulatio
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import io
+import warnings
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Callable
@@ -285,10 +287,13 @@ def test_family(name):
 
     # (1) the tracer: batched CFG gives rows uncond/cond, separate calls give cond/uncond
     settings = TraceSettings(steps=STEPS, guidance=GUIDANCE, seeds=(0,))
-    with Tracer(pipe) as tracer:
+    with warnings.catch_warnings(), Tracer(pipe) as tracer:
+        warnings.filterwarnings("error", message="calib:")  # e.g. the consumer check below failing
         batched = tracer.trace("a prompt", 0, settings)
         separate = tracer.trace("a prompt", 0, TraceSettings(steps=STEPS, guidance=GUIDANCE, seeds=(0,),
                                                                pipeline_kwargs={"cfg_mode": "separate"}))
+    # where the adapter names the layer fed the modulated input, the tracer took it there (checked, not recomputed)
+    assert tracer.recorders[0]._consumer_ok is (adapter.modulated_input_consumer is not None)
     for trajectories in (batched, separate):
         assert sorted(t.stream for t in trajectories) == ["cond", "uncond"]
         assert len(trajectories[0].block_names) == len(adapter.blocks(transformer))
@@ -320,12 +325,13 @@ def test_family(name):
 
 @pytest.mark.parametrize("name", [n for n in FAMILIES if get_adapter(FAMILIES[n].cls).modulated_input is not None])
 def test_modulated_input_is_what_the_block_feeds_its_attention(name):
-    """For blocks without a modulation layer the adapter recomputes the modulated input; it must be bit-identical
-    to the tensor the block itself gives its self-attention."""
+    """For blocks without a modulation layer the adapter recomputes the modulated input (the runtime must: it
+    decides before the block runs); it must be bit-identical to the tensor the block itself gives its
+    self-attention, which is where the tracer reads it."""
     pipe = stand_in(name)
     adapter = get_adapter(pipe.transformer)
     block = adapter.blocks(pipe.transformer)[0][1]
-    attention = block.attn if hasattr(block, "img_mod") else block.attn1  # Qwen-Image names it attn
+    attention = block.get_submodule(adapter.modulated_input_consumer)  # the tracer reads it there
     seen = []
 
     def ours(module, args, kwargs):
@@ -636,3 +642,22 @@ def test_stack_whose_output_shape_differs_is_traced_with_nan_residual_and_never_
                   modulation_module="transformer_blocks.0.norm1") as handle:
         assert torch.equal(generate(pipe), base)
         assert handle.stats()["skipped"] == 0
+
+
+def test_tracer_recomputes_the_modulated_input_when_the_consumer_layer_gets_something_else():
+    """An adapter whose consumer layer is fed another tensor (here Wan's cross-attention, fed norm2(x)): the first
+    call's check catches it, the tracer warns once and recomputes, and the trace equals the correct adapter's."""
+    pipe = stand_in("wan_t2v")
+    good = get_adapter(pipe.transformer)
+    wrong = dataclasses.replace(good, modulated_input_consumer="attn2")
+    settings = TraceSettings(steps=STEPS, guidance=GUIDANCE, seeds=(0,))
+    with Tracer(pipe, good) as tracer:
+        expected = tracer.trace("a prompt", 0, settings)
+    with pytest.warns(UserWarning, match="recomputes it every step") as caught, Tracer(pipe, wrong) as tracer:
+        got = tracer.trace("a prompt", 0, settings)
+        got_again = tracer.trace("a prompt", 0, settings)
+    assert len([w for w in caught if "recomputes" in str(w.message)]) == 1
+    assert tracer.recorders[0]._consumer_ok is False
+    for trajectories in (got, got_again):
+        for a, b in zip(expected, trajectories):
+            np.testing.assert_array_equal(a.input_rel_l1, b.input_rel_l1)

@@ -119,13 +119,17 @@ class Adapter:
     ``modulation_module`` is the dotted path of the layer (inside the first block) whose output is the timestep-
     modulated input TeaCache watches; its first output (or its only one) is taken. Families where no single layer
     produces it give ``modulated_input`` instead: a function ``(block, args, kwargs) -> Tensor`` computed from the
-    first block's arguments before the block runs.
+    first block's arguments before the block runs. ``modulated_input_consumer`` (optional, with ``modulated_input``)
+    is the dotted path, inside the first block, of the layer the block itself feeds that same tensor to (its
+    ``hidden_states`` argument, else its first one): the tracer reads it there instead of recomputing it, after
+    checking once per tracer that the two are equal. The runtime always recomputes: it decides before the block runs.
     """
 
     name: str
     model_classes: tuple[str, ...]
     modulation_module: str | None = "transformer_blocks.0.norm1"
     modulated_input: Callable[[torch.nn.Module, tuple, dict], torch.Tensor] | None = None
+    modulated_input_consumer: str | None = None
     block_stacks: tuple[str, ...] = DEFAULT_BLOCK_STACKS
     # Block output layout for blocks diffusers' registry does not know (keyed by block class name).
     block_io_overrides: dict[str, BlockIO] = field(default_factory=dict)
@@ -142,6 +146,8 @@ class Adapter:
             raise ValueError("adapter needs a name")
         if self.modulation_module is None and self.modulated_input is None:
             raise ValueError(f"adapter {self.name!r} needs modulation_module or modulated_input")
+        if self.modulated_input_consumer is not None and self.modulated_input is None:
+            raise ValueError(f"adapter {self.name!r}: modulated_input_consumer needs modulated_input to check it against")
 
     # -- structure -----------------------------------------------------------------------------------------
     def blocks(self, transformer: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:

@@ -17,6 +17,7 @@ LTX_VIDEO = Adapter(
     model_classes=("LTXVideoTransformer3DModel",),
     modulation_module=None,
     modulated_input=ltx_modulated_input,
+    modulated_input_consumer="attn1",
     block_stacks=("transformer_blocks",),
     notes="first block's norm1(x) * (1 + scale_msa) + shift_msa from scale_shift_table + temb, "
     "as in TeaCache4LTX-Video",

@@ -16,6 +16,7 @@ QWENIMAGE = Adapter(
     model_classes=("QwenImageTransformer2DModel",),
     modulation_module=None,
     modulated_input=qwenimage_modulated_input,
+    modulated_input_consumer="attn",
     block_stacks=("transformer_blocks",),
     notes="first block's img_norm1(x) modulated by the first chunk of img_mod(temb), recomputed with the block's "
     "own _modulate (one extra img_mod linear per step); ControlNet residuals between blocks are not reproduced "

@@ -22,6 +22,7 @@ WAN = Adapter(
     model_classes=("WanTransformer3DModel",),
     modulation_module=None,
     modulated_input=wan_modulated_input,
+    modulated_input_consumer="attn1",
     block_stacks=("blocks",),
     notes="first block's norm1(x) * (1 + scale_msa) + shift_msa, recomputed from scale_shift_table + temb; "
     "TeaCache's own Wan2.1 port watches the timestep embedding (e / e0) instead, traced here as temb_rel_l1. "
