@@ -23,9 +23,12 @@ from .adapters.base import get_submodule
 from .errors import CalibError
 from .hooking import ContextProbe, Handle, StepClock, wrap_forward, wrap_method
 
-# Per call, same-shaped series are reduced together while the stack holds at most this many elements
-# (_Recorder._changes); beyond it (large models) each is reduced on its own, holding no stacked copy.
+# Per call, same-shaped series are copied into one stack per group and reduced later, many calls at once, while a
+# call's stack holds at most BATCH_NUMEL elements (_Recorder._changes); beyond it (large models) each is reduced on
+# its own at once, holding no stacked copy. A group's buffer of held calls grows to at most PENDING_NUMEL elements
+# (64 MB in float32); when full, and at the end of each generation, its calls are reduced.
 BATCH_NUMEL = 1 << 22
+PENDING_NUMEL = 1 << 24
 EXTRA_SERIES = (
     "block_input_rel_l1",
     "temb_rel_l1",
@@ -102,6 +105,7 @@ class _Recorder:
         self.probe = ContextProbe(transformer)
         self.handle.add(self.probe.remove)
         self._call: dict | None = None
+        self._pending: dict[tuple, _PendingGroup] = {}
         self.reset()
         head = self.blocks[0][1]
         tail = self.blocks[-1][1]
@@ -204,7 +208,10 @@ class _Recorder:
         self.key_order: list[str] = []
         # per call key: one flat vector of every per-row value of one call, and where each series sits in it
         self.values: dict[str, list[tuple[list, tuple]]] = defaultdict(list)  # key -> per call (parts, layout)
-        self._stacks: dict[tuple, torch.Tensor] = {}  # (key, names, shapes) -> the group's float stack, last call
+        # (key, names, shapes) -> the group's calls not yet reduced (_changes). The buffers are kept from one
+        # generation to the next: a fresh one per generation costs page faults comparable to the reductions.
+        for pending in self._pending.values():
+            pending.clear()
         self._norms: dict[str, tuple] = {}  # key -> (shape, per-token norms) of the last residual
         self.cfg_delta: list[tuple[int, torch.Tensor]] = []  # (step, cond - uncond output), in call order
         self._cfg_changes: dict[int, float] | None = None  # step -> rel-L1 change of it, computed once (collect)
@@ -219,45 +226,38 @@ class _Recorder:
         return _rel_l1_rows(tensor, prev)
 
     def _changes(self, key: str, named: list[tuple[str, torch.Tensor]], parts: list, layout: list) -> None:
-        """rel-L1 change of each named tensor against the previous call of stream ``key``, batched: tensors with
-        the same rows, elements per row, dtype and device are stacked and reduced in one go (~9 ops instead of ~9
-        per tensor; on a small model the dispatcher, not the arithmetic, is the cost). Appends the (G, rows)
-        results to ``parts`` and ``(name, part, row)`` to ``layout``. Groups over BATCH_NUMEL elements are reduced
-        tensor by tensor instead, so a large model holds no stacked copies."""
+        """rel-L1 change of each named tensor against the previous call of stream ``key``. Tensors with the same
+        rows, elements per row, dtype and device form a group; a group of at most BATCH_NUMEL elements is copied
+        into one stack per call and reduced later, with the group's other calls of the generation, in one batched
+        reduction (:meth:`_reduce_pending`): on a small model the dispatcher, not the arithmetic, is the cost,
+        and this is ~2 dispatches per call instead of ~9 per group. ``parts`` gets a placeholder that the
+        reduction fills with the group's (G, rows) values; ``layout`` gets ``(name, part, row)``. Larger groups
+        (large models) are reduced tensor by tensor at once, holding no stacked copy."""
         groups: dict[tuple, list] = {}
         for name, tensor in named:
             rows = tensor.shape[0]
             sig = (rows, tensor.numel() // rows if rows else 0, tensor.dtype, tensor.device)
             groups.setdefault(sig, []).append((name, tensor))
         for (rows, per_row, _, _), members in groups.items():
-            if len(members) > 1 and per_row * rows * len(members) <= BATCH_NUMEL:
+            if rows and per_row * rows * len(members) <= BATCH_NUMEL:
                 names = tuple(n for n, _ in members)
                 shapes = tuple(t.shape for _, t in members)
-                tensors = [t for _, t in members]
-                if len(set(shapes)) > 1:
-                    tensors = [t.reshape(rows, per_row) for t in tensors]
-                cur = torch.stack(tensors)
-                if cur.dtype != torch.float32:
-                    cur = cur.float()
-                if cur.dim() != 3:
-                    cur = cur.flatten(2)
-                stash = (key, names, shapes)
-                prev = self._stacks.get(stash)
-                self._stacks[stash] = cur
                 for name, tensor in members:
                     self.previous[(key, name)] = tensor
-                if prev is not None:
-                    layout.extend((n, len(parts), i) for i, n in enumerate(names))
-                    # abs_ in place: the difference is a temporary, no second buffer of the stack's size
-                    parts.append((cur - prev).abs_().mean(dim=2) / prev.abs().mean(dim=2))
-                else:  # the first call of this stream: nothing to compare with
-                    nan = torch.full((len(members), rows), float("nan"), device=cur.device)
-                    layout.extend((n, len(parts), i) for i, n in enumerate(names))
-                    parts.append(nan)
+                layout.extend((n, len(parts), i) for i, n in enumerate(names))
+                pending = self._pending.get((key, names, shapes))
+                if pending is None:
+                    pending = self._pending[(key, names, shapes)] = _PendingGroup()
+                pending.add([t.reshape(rows, per_row) for _, t in members], (parts, len(parts)))
+                parts.append(None)  # filled by the group's reduction
                 continue
             for name, tensor in members:  # one by one
                 layout.append((name, len(parts), None))
                 parts.append(self._change(key, name, tensor))
+
+    def _reduce_pending(self) -> None:
+        for pending in self._pending.values():
+            pending.reduce()
 
     def _norm_ratio(self, key: str, residual: torch.Tensor) -> torch.Tensor:
         """MagCache's magnitude ratio per row: mean over tokens of |r_t| / |r_t-1| (norm over the last dim).
@@ -322,6 +322,7 @@ class _Recorder:
 
     def collect(self) -> dict[str, dict[str, np.ndarray]]:
         """Move everything to the host, once per stream: {key: {name: array (n_steps, batch[, blocks])}}."""
+        self._reduce_pending()
         out = {}
         for key in self.key_order:
             calls = self.values[key]
@@ -368,6 +369,63 @@ class _Recorder:
             self._cfg_changes = {step: value for (step, _), value in zip(self.cfg_delta, changes)}
         values = self._cfg_changes
         return np.asarray([values.get(int(s), np.nan) for s in step_index], dtype=np.float32)
+
+
+class _PendingGroup:
+    """One group's held calls: a buffer (calls, members, rows, per_row) filled by one ``torch.stack`` per call, where
+    each call's values go (parts list, index), and whether entry 0 is the group's last reduced call (what the next
+    call is compared with). :meth:`reduce` computes every held call's rel-L1 change against the call before it in
+    one batched reduction."""
+
+    def __init__(self):
+        self.buffer: torch.Tensor | None = None
+        self.count = 0
+        self.carried = False
+        self.slots: list[tuple[list, int]] = []
+
+    def clear(self) -> None:
+        """A new generation: nothing held, nothing to compare with; the buffer is kept."""
+        self.count, self.carried, self.slots = 0, False, []
+
+    def add(self, tensors: list[torch.Tensor], slot: tuple[list, int]) -> None:
+        first = tensors[0]
+        entry = (len(tensors), *first.shape)
+        if self.buffer is not None and (self.buffer.shape[1:] != entry or self.buffer.dtype != first.dtype):
+            self.reduce()
+            self.buffer, self.count, self.carried = None, 0, False
+        if self.buffer is None or self.count == self.buffer.shape[0]:
+            per_entry = math.prod(entry)
+            capacity = max(2, min(2 * self.count or 32, PENDING_NUMEL // per_entry))
+            if self.buffer is not None and capacity <= self.buffer.shape[0]:
+                self.reduce()  # full at the memory cap: reduce now, keep only the last call
+            else:
+                grown = torch.empty((capacity, *entry), dtype=first.dtype, device=first.device)
+                if self.count:
+                    grown[: self.count].copy_(self.buffer[: self.count])
+                self.buffer = grown
+        # a copy, not a reference: the model may reuse its tensors before the reduction runs
+        torch.stack(tensors, out=self.buffer[self.count])
+        self.count += 1
+        self.slots.append(slot)
+
+    def reduce(self) -> None:
+        if not self.slots:
+            return
+        held = self.buffer[: self.count]
+        if held.dtype != torch.float32:
+            held = held.float()
+        values: list[torch.Tensor] = []
+        if not self.carried:  # the first call of this stream: nothing to compare with
+            values.append(torch.full(held.shape[1:3], float("nan"), device=held.device))
+        if held.shape[0] > 1:
+            cur, prev = held[1:], held[:-1]
+            # abs_ in place: the difference is a temporary, no second buffer of the stack's size
+            values.extend(((cur - prev).abs_().mean(dim=3) / prev.abs().mean(dim=3)).unbind(0))
+        for (parts, index), value in zip(self.slots, values):
+            parts[index] = value
+        if self.count > 1:
+            self.buffer[0].copy_(self.buffer[self.count - 1])
+        self.count, self.carried, self.slots = 1, True, []
 
 
 def _hold(tensor: torch.Tensor) -> torch.Tensor:

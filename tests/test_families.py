@@ -661,3 +661,48 @@ def test_tracer_recomputes_the_modulated_input_when_the_consumer_layer_gets_some
     for trajectories in (got, got_again):
         for a, b in zip(expected, trajectories):
             np.testing.assert_array_equal(a.input_rel_l1, b.input_rel_l1)
+
+
+@pytest.mark.parametrize("name", ["wan_t2v", "flux"])
+def test_traced_changes_are_the_rel_l1_of_what_the_model_computed(name, monkeypatch):
+    """The tracer's batched, deferred reductions give each block's and the output's rel-L1 change per batch row,
+    against an independent computation from the same run's tensors; reducing after every call (the held stacks'
+    memory cap) or tensor by tensor (large models) gives the same values bit for bit."""
+    import calib.trace as trace_module
+    from calib.hooking import rel_l1_rows
+
+    pipe = stand_in(name)
+    adapter = get_adapter(pipe.transformer)
+    blocks = adapter.blocks(pipe.transformer)
+    settings = TraceSettings(steps=STEPS, guidance=GUIDANCE, seeds=(0,))
+    seen = {"output": [], **{i: [] for i in range(len(blocks))}}
+    hooks = [pipe.transformer.register_forward_hook(lambda m, a, out: seen["output"].append(out[0].clone()))]
+    for i, (_, block) in enumerate(blocks):
+        io_ = adapter.block_io(block)
+        hooks.append(block.register_forward_hook(
+            lambda m, a, out, i=i, io_=io_: seen[i].append(io_.hidden_states_out(out).clone())))
+    try:
+        with Tracer(pipe) as tracer:
+            traced = {t.stream: t for t in tracer.trace("a prompt", 0, settings)}
+    finally:
+        for h in hooks:
+            h.remove()
+    for row, stream in enumerate(adapter.cfg_batch_order):  # batched CFG: one call per step, rows by stream
+        traj = traced[stream]
+        for key, series in [("output", traj.output_rel_l1)] + [(i, traj.block_rel_l1[:, i]) for i in range(len(blocks))]:
+            tensors = seen[key]
+            expected = [float("nan")] + [float(rel_l1_rows(c, p)[row]) for p, c in zip(tensors, tensors[1:])]
+            np.testing.assert_allclose(series, expected, rtol=1e-6, equal_nan=True, err_msg=str(key))
+
+    for patch in ({"PENDING_NUMEL": 0}, {"BATCH_NUMEL": 0}):
+        with monkeypatch.context() as m:
+            for attr, value in patch.items():
+                m.setattr(trace_module, attr, value)
+            with Tracer(pipe) as tracer:
+                again = {t.stream: t for t in tracer.trace("a prompt", 0, settings)}
+        for stream, traj in traced.items():
+            np.testing.assert_array_equal(again[stream].block_rel_l1, traj.block_rel_l1, err_msg=str(patch))
+            np.testing.assert_array_equal(again[stream].output_rel_l1, traj.output_rel_l1, err_msg=str(patch))
+            np.testing.assert_array_equal(again[stream].input_rel_l1, traj.input_rel_l1, err_msg=str(patch))
+            for series, values in traj.extra.items():
+                np.testing.assert_array_equal(again[stream].extra[series], values, err_msg=f"{patch} {series}")
