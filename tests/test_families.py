@@ -667,7 +667,7 @@ def test_tracer_recomputes_the_modulated_input_when_the_consumer_layer_gets_some
 def test_traced_changes_are_the_rel_l1_of_what_the_model_computed(name, monkeypatch):
     """The tracer's batched, deferred reductions give each block's and the output's rel-L1 change per batch row,
     against an independent computation from the same run's tensors; reducing after every call (the held stacks'
-    memory cap) or tensor by tensor (large models) gives the same values bit for bit."""
+    memory cap), in chunks of any size, or tensor by tensor (large models) gives the same values bit for bit."""
     import calib.trace as trace_module
     from calib.hooking import rel_l1_rows
 
@@ -694,7 +694,7 @@ def test_traced_changes_are_the_rel_l1_of_what_the_model_computed(name, monkeypa
             expected = [float("nan")] + [float(rel_l1_rows(c, p)[row]) for p, c in zip(tensors, tensors[1:])]
             np.testing.assert_allclose(series, expected, rtol=1e-6, equal_nan=True, err_msg=str(key))
 
-    for patch in ({"PENDING_NUMEL": 0}, {"BATCH_NUMEL": 0}):
+    for patch in ({"PENDING_NUMEL": 0}, {"REDUCE_NUMEL": 0}, {"REDUCE_NUMEL": 1 << 40}, {"BATCH_NUMEL": 0}):
         with monkeypatch.context() as m:
             for attr, value in patch.items():
                 m.setattr(trace_module, attr, value)
