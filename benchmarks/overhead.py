@@ -1,7 +1,7 @@
 """What calib's hooks cost: the tracer as a fraction of plain inference, and the runtime's per-step overhead.
 
     python benchmarks/overhead.py                    # both built-in models on CPU (+ a large FLUX if CUDA is there)
-    python benchmarks/overhead.py --repeats 30 --threads 1
+    python benchmarks/overhead.py --repeats 20 --threads 1  # quicker, noisier
     python benchmarks/overhead.py --flux-small       # the large-model code path on a small FLUX, on CPU
     python benchmarks/overhead.py --only-flux --flux-cpu --flux-layers 1 2 --flux-side 8 --flux-steps 6 --flux-repeats 3
                                                      # FLUX.1-dev's width, 3 blocks, on CPU (~1.5 GB, a few minutes)
@@ -326,7 +326,7 @@ def digits(args) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--repeats", type=int, default=40, help="interleaved rounds (fewer: noisier medians)")
     p.add_argument("--steps", type=int, default=30)
     p.add_argument("--threads", type=int, default=1, help="torch threads for the CPU model (1: robust CPU times)")
     p.add_argument("--no-flux", action="store_true")
