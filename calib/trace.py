@@ -3,8 +3,8 @@
 For every transformer call the tracer keeps, per stream (CFG branch) and batch row, the rel-L1 change against the
 previous step of: the first block's modulated input (the indicator), the transformer output, the block stack's
 residual, every block's output, and two further candidate indicators (the raw stack input and the timestep
-embedding). Reductions run on the model's device and stay there as 0-d/1-d tensors until the generation ends; then
-each series is stacked and moved to the host once.
+embedding). Per call, same-shaped tensors are copied into one stack on the model's device; the reductions run there,
+batched over the held calls, and each series is moved to the host once, when the generation ends.
 """
 
 from __future__ import annotations
@@ -211,6 +211,8 @@ class _Recorder:
         self.values: dict[str, list[tuple[list, tuple]]] = defaultdict(list)  # key -> per call (parts, layout)
         # (key, names, shapes) -> the group's calls not yet reduced (_changes). The buffers are kept from one
         # generation to the next: a fresh one per generation costs page faults comparable to the reductions.
+        # A buffer the last generation did not use (another resolution) is dropped.
+        self._pending = {k: p for k, p in self._pending.items() if p.slots or p.carried}
         for pending in self._pending.values():
             pending.clear()
         self._norms: dict[str, tuple] = {}  # key -> (shape, per-token norms) of the last residual
