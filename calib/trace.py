@@ -375,9 +375,9 @@ class _Recorder:
 
 
 class _PendingGroup:
-    """One group's held calls: a buffer (calls, members, rows, per_row) filled by one ``torch.stack`` per call, where
-    each call's values go (parts list, index), and whether entry 0 is the group's last reduced call (what the next
-    call is compared with). :meth:`reduce` computes every held call's rel-L1 change against the call before it in
+    """One group's held calls: a float32 buffer (calls, members, rows, per_row) filled by one ``torch.stack`` per call,
+    where each call's values go (parts list, index), and whether entry 0 is the group's last reduced call (what the
+    next call is compared with). :meth:`reduce` computes every held call's rel-L1 change against the call before it in
     one batched reduction."""
 
     def __init__(self):
@@ -391,22 +391,18 @@ class _PendingGroup:
         self.count, self.carried, self.slots = 0, False, []
 
     def add(self, tensors: list[torch.Tensor], slot: tuple[list, int]) -> None:
-        first = tensors[0]
-        entry = (len(tensors), *first.shape)
-        if self.buffer is not None and (self.buffer.shape[1:] != entry or self.buffer.dtype != first.dtype):
-            self.reduce()
-            self.buffer, self.count, self.carried = None, 0, False
+        """Copy one call's tensors (same shape: the group's key fixes it) into the next entry, in float32."""
         if self.buffer is None or self.count == self.buffer.shape[0]:
-            per_entry = math.prod(entry)
-            capacity = max(2, min(2 * self.count or 32, PENDING_NUMEL // per_entry))
+            entry = (len(tensors), *tensors[0].shape)
+            capacity = max(2, min(2 * self.count or 32, PENDING_NUMEL // math.prod(entry)))
             if self.buffer is not None and capacity <= self.buffer.shape[0]:
                 self.reduce()  # full at the memory cap: reduce now, keep only the last call
             else:
-                grown = torch.empty((capacity, *entry), dtype=first.dtype, device=first.device)
+                grown = torch.empty((capacity, *entry), dtype=torch.float32, device=tensors[0].device)
                 if self.count:
                     grown[: self.count].copy_(self.buffer[: self.count])
                 self.buffer = grown
-        # a copy, not a reference: the model may reuse its tensors before the reduction runs
+        # a copy, not a reference (the model may reuse its tensors before the reduction runs), converted on the way
         torch.stack(tensors, out=self.buffer[self.count])
         self.count += 1
         self.slots.append(slot)
@@ -415,8 +411,6 @@ class _PendingGroup:
         if not self.slots:
             return
         held = self.buffer[: self.count]
-        if held.dtype != torch.float32:
-            held = held.float()
         values: list[torch.Tensor] = []
         if not self.carried:  # the first call of this stream: nothing to compare with
             values.append(torch.full(held.shape[1:3], float("nan"), device=held.device))

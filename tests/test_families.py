@@ -706,3 +706,22 @@ def test_traced_changes_are_the_rel_l1_of_what_the_model_computed(name, monkeypa
             np.testing.assert_array_equal(again[stream].input_rel_l1, traj.input_rel_l1, err_msg=str(patch))
             for series, values in traj.extra.items():
                 np.testing.assert_array_equal(again[stream].extra[series], values, err_msg=f"{patch} {series}")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_held_calls_of_other_dtypes_are_reduced_in_float32(dtype):
+    """A model in bf16 (or float64): the tracer's held copies are float32, and each change is that of the float32
+    values, as ``rel_l1_rows`` computes it."""
+    from calib.hooking import rel_l1_rows
+    from calib.trace import _PendingGroup
+
+    gen = torch.Generator().manual_seed(0)
+    calls = [[torch.randn(2, 3, 4, generator=gen).to(dtype) for _ in range(2)] for _ in range(3)]
+    group, parts = _PendingGroup(), [None] * 3
+    for i, tensors in enumerate(calls):
+        group.add([t.reshape(2, -1) for t in tensors], (parts, i))
+    group.reduce()
+    assert group.buffer.dtype == torch.float32 and torch.isnan(parts[0]).all()
+    for i in (1, 2):
+        expected = torch.stack([rel_l1_rows(c, p) for c, p in zip(calls[i], calls[i - 1])])
+        assert torch.equal(parts[i], expected), (i, parts[i], expected)
