@@ -154,6 +154,12 @@ class ContextProbe:
                 super().__init__()
                 self.manager = manager
 
+            def reset_state(self, module):
+                # Every real pipeline ends with maybe_free_model_hooks(), which resets each stateful hook; the probe
+                # holds nothing but the context name, so there is nothing to reset but that.
+                self.manager.reset()
+                return module
+
         self._manager = StateManager(_Empty)
         self._module = module
         # Remember what was there so remove() leaves the module exactly as it found it.
