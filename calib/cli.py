@@ -20,14 +20,29 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
     click.echo(f"calib: warning: {message}", err=True)
 
 
+MAX_SEEDS = 100_000  # generations per prompt; more is a typo, and a range is checked before it is built
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
+
+
 def _seeds(value: str) -> tuple[int, ...]:
     try:
         if "-" in value and "," not in value and not value.startswith("-"):
-            lo, hi = value.split("-")
-            return tuple(range(int(lo), int(hi) + 1))
-        return tuple(int(v) for v in value.split(",") if v.strip())
+            lo, hi = (int(v) for v in value.split("-"))
+            if hi - lo + 1 > MAX_SEEDS:
+                raise CalibError(f"--seeds {value!r}: {hi - lo + 1:,} seeds; at most {MAX_SEEDS:,} per run")
+            seeds = tuple(range(lo, hi + 1))
+        else:
+            if len(value) > 20 * MAX_SEEDS:
+                raise CalibError(f"--seeds: a list of more than {MAX_SEEDS:,} seeds")
+            seeds = tuple(int(v) for v in value.split(",") if v.strip())
     except ValueError:
         raise CalibError(f"--seeds {value!r}: expected integers like '0,1,2' or a range like '0-7'") from None
+    if len(seeds) > MAX_SEEDS:
+        raise CalibError(f"--seeds: {len(seeds):,} seeds; at most {MAX_SEEDS:,} per run")
+    bad = [s for s in seeds if not SEED_RANGE[0] <= s <= SEED_RANGE[1]]
+    if bad:
+        raise CalibError(f"--seeds: {bad[0]} is outside the seeds torch takes (-2**63 to 2**64-1)")
+    return seeds
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -179,7 +194,7 @@ def export(coeffs, fmt, out, threshold, target_speedup, component):
 
             click.echo(json.dumps(doc, indent=2))
         else:
-            write_document(doc, out)
+            write_document(doc, out, inputs=[coeffs])
             click.echo(f"wrote {out}")
         return
     for name, comp in doc["components"].items():
@@ -207,10 +222,14 @@ def compare(files, out, points):
     """Compare the rescalers of two coefficient files (e.g. a published one and yours) over their common range."""
     from .compare import compare as compare_files, plot_comparison
 
+    if out is not None:
+        from ._io import resolve_output
+
+        resolve_output(out, inputs=files)  # before the work: a directory, one of the two files
     table = compare_files(files, points=points)
     click.echo(table.format())
     if out is not None:
-        plot_comparison(table, out)
+        plot_comparison(table, out, inputs=files)
         click.echo(f"wrote {out}")
 
 
@@ -269,7 +288,8 @@ def tune(traces, coeffs, speedup, max_error, compute_fraction, write, costs):
 
 @cli.command(name="eval")
 @click.option("--coeffs", required=True, type=click.Path(path_type=Path), help="Coefficient JSON to evaluate.")
-@click.option("--model", default=None, help="Pipeline [default: the file's model.source, else builtin:digits].")
+@click.option("--model", default=None, help="Pipeline [default: the file's model.source when it is a built-in model, a folder or a hub "
+                   "id (a file never names code: module:function only here), else builtin:digits].")
 @click.option("--prompts", "prompts_file", type=click.Path(path_type=Path),
               help="Held-out prompts, one a line [default: built-in models' bundled prompts].")
 @click.option("--seeds", default="100-103", show_default=True, help="Held-out seeds: '100,101' or '100-103'.")
@@ -279,7 +299,7 @@ def tune(traces, coeffs, speedup, max_error, compute_fraction, write, costs):
 @click.option("--guidance", type=float, help="guidance_scale [default: the calibrated one].")
 @click.option("--repeats", default=3, show_default=True, type=int, help="Timed repeats per generation (median).")
 @click.option("--traces", "trace_files", multiple=True, type=click.Path(path_type=Path),
-              help="Traces for the predictions [default: the file's calibration.trace_files, where they exist].")
+              help="Traces for the predictions [default: none; the file's calibration.trace_files are never opened].")
 @click.option("--device", default=None, help="torch device [default: cuda if available, else cpu].")
 @click.option("--out", type=click.Path(path_type=Path), help="Write the results as JSON here.")
 @click.option("--compare", is_flag=True,
@@ -312,6 +332,10 @@ def main(argv=None) -> int:
     except click.ClickException as exc:
         exc.show()
         return exc.exit_code
+    except OSError as exc:  # the machine, not calib: a path the OS refuses (too long, no permission, I/O error)
+        where = f"{exc.filename}: " if exc.filename else ""
+        click.echo(f"calib: error: {where}{exc.strerror or exc}", err=True)
+        return 2
     except click.exceptions.Exit as exc:
         return exc.exit_code
     return code if isinstance(code, int) else 0

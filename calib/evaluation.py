@@ -9,7 +9,7 @@ of every cached generation is compared with the uncached one of the same prompt 
 * PSNR and SSIM of the decoded output (8-bit scale, data range 255), and the relative L1 change of the final latents
   (``mean|cached - uncached| / mean|uncached|``);
 * for the built-in models, the digit classifier's accuracy on cached and uncached outputs;
-* with traces (``--traces`` or the file's ``calibration.trace_files``), the replayed predictions of ``calib tune``
+* with traces (``--traces``; the file's ``calibration.trace_files`` is never opened), the replayed predictions of ``calib tune``
   (compute fraction, speed-up in forwards, error proxy) beside the measurements, which is how the proxy is validated;
 * the predicted wall-clock speed-up: the replayed compute fraction put through a cost model measured on this machine
   (:func:`cost_model`). A skipped step is not free — the pipeline, the embeddings before the block stack, the
@@ -287,32 +287,26 @@ def _settings_from(doc: dict, steps, guidance) -> tuple[int, float]:
     if guidance is None:
         traced = [g for g in cal.get("guidance") or [] if isinstance(g, (int, float))]
         guidance = float(traced[0]) if traced else 3.0
+    from .trace import MAX_STEPS
+
     if not isinstance(steps, int) or steps < 2:
         raise CalibError(f"--steps must be an integer >= 2, got {steps!r}")
+    if steps > MAX_STEPS:
+        raise CalibError(f"--steps {steps}: at most {MAX_STEPS} denoising steps")
     if not (math.isfinite(guidance) and guidance >= 0):
         raise CalibError(f"--guidance must be a finite number >= 0, got {guidance}")
     return steps, float(guidance)
 
 
-def _find_traces(doc: dict, traces, coeffs: Path):
-    """The trace set for predictions: ``traces`` if given, else the file's calibration.trace_files that exist
-    (relative to the working directory, then to the coefficient file's folder); None when there are none."""
+def _find_traces(traces):
+    """The trace set for predictions: the ``--traces`` given, else None. A coefficient file's
+    ``calibration.trace_files`` only records what it was fitted on; calib never opens paths a file names (a file
+    from someone else could name any file on this machine), only what the command line names."""
     from .store import read_traces
 
     if traces:
         return read_traces([Path(t) for t in traces])
-    found = []
-    for name in (doc.get("calibration") or {}).get("trace_files") or []:
-        for candidate in (Path(name), coeffs.parent / name, coeffs.parent.parent / name):
-            if candidate.is_file():
-                found.append(candidate)
-                break
-    if not found:
-        return None
-    try:
-        return read_traces(found)
-    except CalibError:
-        return None
+    return None
 
 
 def _prompts(model: str, prompts_file, pipe) -> list[str]:
@@ -337,9 +331,13 @@ def run_eval(coeffs, *, model=None, prompts_file=None, seeds=DEFAULT_SEEDS, thre
     from .export import load_document
     from .trace import pick_device
 
+    from ._io import resolve_output
+
     coeffs = Path(coeffs)
     if out is not None and Path(out).suffix.lower() != ".json":
         raise CalibError(f"--out {out}: the results file must end in .json")
+    if out is not None:  # before minutes of generation: a directory, the coefficient file itself
+        resolve_output(out, inputs=[coeffs, *(traces or [])])
     if plot is not None and not compare:
         raise CalibError("--plot draws the frontier; it needs --compare")
     if not isinstance(repeats, int) or repeats < 1:
@@ -357,13 +355,17 @@ def run_eval(coeffs, *, model=None, prompts_file=None, seeds=DEFAULT_SEEDS, thre
         if not (math.isfinite(t) and t >= 0):
             raise CalibError(f"--threshold must be a finite number >= 0, got {t}")
     steps, guidance = _settings_from(doc, steps, guidance)
-    model = model or (doc.get("model") or {}).get("source") or "builtin:digits"
+    if model is None:  # a file never names code to run: only what model_from_file accepts is taken from it
+        from .models.loading import model_from_file
+
+        source = (doc.get("model") or {}).get("source")
+        model = "builtin:digits" if source is None else model_from_file(source, coeffs)
     if pipe is None:
         from .models.loading import load_model
 
         pipe = load_model(model, device=pick_device(device))
     prompts = _prompts(model, prompts_file, pipe)
-    trace_set = _find_traces(doc, traces, coeffs)
+    trace_set = _find_traces(traces)
     reader = digit_reader(_builtin_name(model, pipe))
     truth = None
     if reader is not None:
@@ -419,7 +421,7 @@ def run_eval(coeffs, *, model=None, prompts_file=None, seeds=DEFAULT_SEEDS, thre
 
         if trace_set is None:
             raise CalibError("--compare needs traces (for the uncalibrated baselines and MagCache's ratios): "
-                             "pass --traces or keep the file's calibration.trace_files where they are")
+                             "pass --traces TRACE.h5")
         report["frontier"] = run_frontier(pipe, config, trace_set, prompts, seeds, steps=steps, guidance=guidance,
                                           pipeline_kwargs=pipeline_kwargs, plot=plot, echo=echo)
     if out is not None:
@@ -427,7 +429,8 @@ def run_eval(coeffs, *, model=None, prompts_file=None, seeds=DEFAULT_SEEDS, thre
 
         from .export import write_atomic_bytes
 
-        write_atomic_bytes(out, (json.dumps(report, indent=2, allow_nan=False) + "\n").encode("utf-8"))
+        write_atomic_bytes(out, (json.dumps(report, indent=2, allow_nan=False) + "\n").encode("utf-8"),
+                           inputs=[coeffs, *(traces or [])])
         echo(f"wrote {out}")
     return report
 

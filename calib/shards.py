@@ -21,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -197,21 +196,9 @@ def write_manifest(out: Path, *, model: str, model_info: dict, settings, prompts
         "shards": shards,
     }
     text = json.dumps(doc, indent=2, ensure_ascii=False, default=str) + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    from .store import final_file_mode
+    from ._io import write_text
 
-    mode = final_file_mode(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, mode)  # not mkstemp's 0600: every task of a job array reads and rewrites it
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_text(path, text)  # every task of a job array reads and rewrites it: the replaced file's mode is kept
     return doc
 
 
@@ -244,9 +231,11 @@ def load_manifest(path) -> Manifest:
     path = Path(path)
     if not path.is_file():
         raise CalibError(f"{path}: manifest not found" if not path.exists() else f"{path}: not a file")
+    from ._io import MAX_JSON_BYTES, parse_json, read_input
+
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        doc = parse_json(read_input(path, what="a trace manifest", limit=MAX_JSON_BYTES).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:  # json.JSONDecodeError is a ValueError; so are calib's limits
         raise CalibError(f"{path}: not a calib trace manifest (invalid JSON: {exc})") from None
     if not isinstance(doc, dict) or doc.get("format") != MANIFEST_FORMAT:
         raise CalibError(f"{path}: not a calib trace manifest (a .json given as a trace must be NAME.manifest.json)")
@@ -260,6 +249,10 @@ def load_manifest(path) -> Manifest:
             raise ValueError("shards do not match shard_count")
         for s in shards:
             s["file"], s["assigned"], s["jobs"]
+            # a shard file is a name beside the manifest: a manifest never makes calib open a path elsewhere
+            if not isinstance(s["file"], str) or s["file"] in ("", ".", "..") or "/" in s["file"] \
+                    or "\\" in s["file"] or "\0" in s["file"]:
+                raise ValueError(f"shard file {s['file']!r} is not a file name beside the manifest")
     except (KeyError, TypeError, ValueError) as exc:
         raise CalibError(f"{path}: damaged manifest ({exc})") from None
     manifest = Manifest(path, doc)

@@ -152,7 +152,7 @@ def tuned(tmp_path_factory):
     doc = json.loads((work / "coeffs/digits.json").read_text())
     threshold = doc["thresholds"]["recommended"]
     ev = run_calib("eval", "--coeffs", "coeffs/digits.json", "--seeds", "100,101", "--threshold", str(threshold),
-                   "--repeats", "1", "--out", "results.json", cwd=work)
+                   "--repeats", "1", "--traces", "traces/digits.h5", "--out", "results.json", cwd=work)
     assert ev.returncode == 0, ev.stderr
     return work, tune, doc, json.loads((work / "results.json").read_text()), ev
 
@@ -181,7 +181,7 @@ def test_measured_forwards_match_the_prediction(tuned):
     measured = res["measured"]["computed"] / res["measured"]["steps"]  # forward counts from handle.stats()
     assert measured == pytest.approx(predicted, rel=0.15)
     assert res["measured"]["forward_speedup"] == pytest.approx(1 / predicted, rel=0.15)
-    assert res["predicted"]["compute_fraction"] == pytest.approx(predicted)  # eval found the traces itself
+    assert res["predicted"]["compute_fraction"] == pytest.approx(predicted)  # replayed on --traces
 
 
 def test_predicted_wall_speedup_uses_the_measured_cost_model(tuned):

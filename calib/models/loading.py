@@ -4,6 +4,7 @@ own code that builds the pipeline)."""
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -50,7 +51,6 @@ def load_factory(spec: str, device: str = "cpu"):
     folder or hub id never runs code (``trust_remote_code=False``)."""
     import importlib
     import os
-    import sys
 
     module_name, attr = spec.split(":")
     if os.getcwd() not in sys.path and "" not in sys.path:
@@ -64,12 +64,71 @@ def load_factory(spec: str, device: str = "cpu"):
     factory = getattr(module, attr, None)
     if not callable(factory):
         raise CalibError(f"--model {spec}: module {module_name!r} has no function {attr!r}")
-    pipe = factory()
+    _check_takes_no_arguments(spec, factory)
+    try:
+        pipe = factory()
+    except Exception as exc:  # the user's own code failed: show its traceback, then say whose it is
+        _print_factory_traceback(spec, exc)
+        raise CalibError(f"--model {spec}: your factory {attr}() raised {type(exc).__name__}: {_gist(exc)} "
+                         "(above: where your code failed)") from None
     if not callable(pipe) or not hasattr(pipe, "transformer"):
         raise CalibError(f"--model {spec}: {attr}() returned {type(pipe).__name__}, not a pipeline with a transformer")
     if hasattr(pipe, "to"):
         pipe.to(device)
     return pipe
+
+
+def _print_factory_traceback(spec: str, exc: BaseException) -> None:
+    """The frames of the user's factory (calib's own call frame left out), so they can see where their code failed."""
+    import traceback
+
+    here = str(Path(__file__).resolve().parents[1])
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not str(Path(f.filename).resolve()).startswith(here)]
+    lines = [f"--model {spec}: where your factory failed (most recent call last):\n"]
+    lines += traceback.format_list(frames)
+    lines += traceback.format_exception_only(type(exc), exc)
+    sys.stderr.write("".join(lines))
+
+
+def _check_takes_no_arguments(spec: str, factory) -> None:
+    """calib calls the factory with no arguments: one that needs some is refused before it is called."""
+    import inspect
+
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):  # a builtin without a signature: just call it
+        return
+    required = [p.name for p in signature.parameters.values()
+                if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    if required:
+        raise CalibError(f"--model {spec}: {getattr(factory, '__name__', 'the factory')}() needs arguments "
+                         f"({', '.join(required)}); calib calls it with none — give them defaults or wrap it in a "
+                         "function that takes none")
+
+
+# A hub id: ``org/name`` (letters, digits, '-', '_', '.'), as the Hugging Face hub spells repository ids.
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
+
+
+def model_from_file(source, file) -> str:
+    """The model a file (a coefficient, trace, manifest or results file) names, as a ``--model`` value that runs no
+    code: a built-in name, an existing folder or a hub id. A file never names code to run, so ``module:function``
+    (or anything else) is refused in one line that asks for ``--model``; only the command line may name a factory."""
+    text = str(source).strip() if isinstance(source, str) else ""
+    if text.startswith("builtin:") and text[len("builtin:"):] in BUILTIN:
+        return text
+    if text and not is_factory_spec(text) and not text.startswith("builtin:"):
+        path = Path(text)
+        try:
+            if path.is_dir():
+                return text
+        except OSError:
+            pass
+        if HUB_ID.match(text) and not path.exists() and ".." not in text.split("/"):
+            return text
+    shown = repr(source) if len(repr(source)) <= 80 else repr(source)[:79] + "…"
+    raise CalibError(f"{file}: its model.source {shown} is not a built-in model, an existing folder or a hub id "
+                     "(calib never runs code a file names); pass --model to say which pipeline to load")
 
 
 def _gist(exc: Exception) -> str:
