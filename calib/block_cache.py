@@ -272,15 +272,21 @@ def default_out(traces) -> Path:
 def run_fit(traces, *, out=None, target_fraction: float = DEFAULT_TARGET_FRACTION, streams=None, plot: bool = True,
             echo=print) -> Path:
     """``calib fit --method block-cache``: traces in, block-cache JSON (+ heat-map PNG) out."""
-    from .export import write_atomic_bytes, write_document
+    from ._io import resolve_output, write_files
+    from .export import document_bytes
     from .store import read_traces
 
     if out is not None and Path(out).suffix.lower() != ".json":
         raise CalibError(f"--out {out}: the coefficient file must end in .json")
+    out = Path(out) if out is not None else default_out(traces)
+    png = out.with_suffix(".png")
+    targets = [resolve_output(p, inputs=traces) for p in ([out, png] if plot else [out])]
     trace_set = read_traces([Path(t) for t in traces])
     doc, plots = build_document(trace_set, target_fraction=target_fraction, streams=streams)
-    out = Path(out) if out is not None else default_out(traces)
-    write_document(doc, out)
+    files = [(out, document_bytes(doc, out))]
+    if plot:  # the JSON and its heat-map: both replaced, or neither
+        files.append((png, heatmap_png(plots, title=f"{doc['model']['class']} block changes")))
+    write_files(files, targets=targets)
     row = next(r for r in doc["thresholds"]["table"] if r["threshold"] == doc["thresholds"]["recommended"])
     for name, comp in doc["block_cache"]["components"].items():
         per_block = ", ".join(f"{b}: {len(s)}" for b, s in comp["schedule"].items())
@@ -288,11 +294,8 @@ def run_fit(traces, *, out=None, target_fraction: float = DEFAULT_TARGET_FRACTIO
              f"recommended threshold: {per_block}")
     echo(f"recommended threshold {doc['thresholds']['recommended']:.6g}: computes {row['compute_fraction']:.1%} of "
          f"block evaluations (target <= {target_fraction:.0%}, predicted {row['predicted_speedup']:.2f}x fewer)")
-    echo(f"wrote {out}")
-    if plot:
-        png = out.with_suffix(".png")
-        write_atomic_bytes(png, heatmap_png(plots, title=f"{doc['model']['class']} block changes"))
-        echo(f"wrote {png}")
+    for path, _ in files:
+        echo(f"wrote {path}")
     return out
 
 

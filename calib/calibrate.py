@@ -60,7 +60,8 @@ def run_fit(traces, *, out=None, degree="auto", streams=None, plot: bool = True,
             allow_mixed: bool = False) -> Path:
     import warnings
 
-    from .export import build_document, write_document
+    from ._io import resolve_output, write_files
+    from .export import build_document, document_bytes
     from .fit import fit_all_components, format_diagnostics, format_fit_report, select_indicator
     from .rescalers import INDICATORS, NORMALIZATIONS, WIDE_BAND
     from .store import read_traces
@@ -74,6 +75,11 @@ def run_fit(traces, *, out=None, degree="auto", streams=None, plot: bool = True,
         raise CalibError(f"--normalization {normalization!r}: choose auto or one of {', '.join(NORMALIZATIONS)}")
     if bootstrap < 0:
         raise CalibError(f"--bootstrap must be >= 0, got {bootstrap}")
+    out = Path(out) if out is not None else default_coeffs_path(traces)
+    # the outputs are checked before hours of fitting, and against the inputs (a manifest is a .json too)
+    targets = [resolve_output(out, inputs=traces)]
+    if plot:
+        targets.append(resolve_output(out.with_suffix(".png"), inputs=traces))
     trace_set = read_traces([Path(t) for t in traces])
     check_settings(trace_set, allow_mixed)
     choice = None
@@ -103,16 +109,17 @@ def run_fit(traces, *, out=None, degree="auto", streams=None, plot: bool = True,
     table = threshold_table(trace_set, rescalers, indicator=indicator, normalization=normalization)
     chosen = recommend(table)
     doc = build_document(fits, trace_set, thresholds=thresholds_section(table, chosen, RECOMMENDED_COMPUTE_FRACTION))
-    out = Path(out) if out is not None else default_coeffs_path(traces)
-    write_document(doc, out)
+    files = [(out, document_bytes(doc, out))]
+    if plot:  # the JSON and its PNG are one product: both are replaced, or neither
+        from .plots import plot_fit_png
+
+        files.append((out.with_suffix(".png"),
+                      plot_fit_png(fits, title=f"{trace_set.model_info.get('class')} rescaler fit")))
+    write_files(files, targets=targets)
     echo(f"recommended threshold {chosen.threshold:g}: replayed on the traces it computes "
          f"{chosen.compute_fraction:.0%} of steps (predicted {chosen.predicted_speedup:.2f}x fewer forwards)")
-    echo(f"wrote {out}")
-    if plot:
-        from .plots import plot_fit
-
-        png = plot_fit(fits, out.with_suffix(".png"), title=f"{trace_set.model_info.get('class')} rescaler fit")
-        echo(f"wrote {png}")
+    for path, _ in files:
+        echo(f"wrote {path}")
     return out
 
 

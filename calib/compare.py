@@ -172,6 +172,10 @@ def compare(paths: Sequence, *, points: int = 11) -> Comparison:
     path_a, path_b = (Path(p) for p in paths)
     doc_a = load_document(path_a)
     doc_b = load_document(path_b)
+    for path, doc in ((path_a, doc_a), (path_b, doc_b)):
+        if doc["method"] != "teacache":  # block-cache / fastercache-cfg files hold schedules, not a rescaler curve
+            raise CalibError(f"{path}: is a {doc['method']} file; calib compare compares TeaCache rescalers "
+                             "(method teacache)")
     comps_a, comps_b = doc_a["components"], doc_b["components"]
     common = [name for name in comps_a if name in comps_b]
     if not common:
@@ -264,7 +268,7 @@ def _draw(ax, comp: ComponentComparison, label_a: str, label_b: str) -> None:
     ax.legend(fontsize=8, loc="best")
 
 
-def plot_comparison(table: Comparison, path) -> Path:
+def plot_comparison(table: Comparison, path, inputs=()) -> Path:
     """Write a PNG with both curves per common component (solid inside each file's domain, dashed outside)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -280,4 +284,4 @@ def plot_comparison(table: Comparison, path) -> Path:
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
-    return write_atomic_bytes(path, buf.getvalue())
+    return write_atomic_bytes(path, buf.getvalue(), inputs=inputs)

@@ -7,12 +7,15 @@ uncached output, and whether a digit classifier still reads the cached digits.
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from .errors import CalibError
 
 HELD_OUT_SEED = 1000
 
@@ -93,12 +96,24 @@ def run_demo(*, prompts_file=None, steps=30, seeds=(0, 1), guidance=3.0, thresho
     from .models import digits
     from .trace import TraceSettings, run_trace
 
+    from ._io import resolve_output
+
+    # every setting is checked before the first file is written: a refused demo leaves nothing behind
+    if threshold is not None and not (isinstance(threshold, (int, float)) and math.isfinite(threshold)
+                                      and threshold >= 0):
+        raise CalibError(f"--threshold must be a finite number >= 0, got {threshold}")
+    settings = TraceSettings(steps=steps, guidance=guidance, seeds=tuple(seeds))
+    if prompts_file is not None:
+        from .prompts import read_prompts
+
+        read_prompts(prompts_file)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     trace_path = Path(traces_dir) / "digits.h5"
     coeffs_path = Path(coeffs_dir) / "digits.json"
+    for path in (trace_path, coeffs_path, coeffs_path.with_suffix(".png"), Path(coeffs_dir) / "digits.demo.png"):
+        resolve_output(path)
     echo("== 1/4 trace: builtin:digits on the bundled prompts")
     pipe = digits.load_pipeline()
-    settings = TraceSettings(steps=steps, guidance=guidance, seeds=tuple(seeds))
     run_trace("builtin:digits", prompts_file, settings, out=trace_path, overwrite=overwrite, echo=echo, pipe=pipe)
 
     echo("\n== 2/4 fit: polynomial rescaler with diagnostics")

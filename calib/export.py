@@ -4,9 +4,9 @@ The format is described in ``docs/coefficient-format.md`` and by the JSON Schema
 ``calib/schemas/coefficients.v1.schema.json``. Every problem with a document is reported as a :class:`CalibError`
 with one line: ``"{source}: {where}: {what}"``, where ``where`` is the JSON path of the offending value.
 
-:func:`write_atomic_bytes` is the one way calib writes a result file (coefficients, plots, reports): the bytes go
-to a temporary file in the target directory, are flushed and fsynced, then renamed over the target, so a reader
-never sees half a file and a failed write leaves the old file as it was.
+:func:`write_atomic_bytes` hands a result file (coefficients, plots, reports) to calib's one write path,
+:mod:`calib._io`: a temporary file in the target folder, every write checked, fsynced, read back, renamed over the
+target, so a reader never sees half a file and a failed write leaves the old file as it was.
 """
 
 from __future__ import annotations
@@ -15,8 +15,6 @@ import copy
 import functools
 import json
 import math
-import os
-import tempfile
 from datetime import datetime, timezone
 from importlib import resources
 from pathlib import Path
@@ -421,70 +419,23 @@ def validate_document(doc: Any, *, source: str = "<document>") -> dict:
 # write / load
 # ---------------------------------------------------------------------------------------------------------------
 def _new_file_mode() -> int:
-    """Mode a plain open() would give a new file: 0o666 minus the umask (read without changing it)."""
-    try:
-        with open("/proc/self/status", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("Umask:"):
-                    return 0o666 & ~int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    return 0o644
+    """Mode a plain open() would give a new file (kept for callers; calib._io.new_file_mode)."""
+    from ._io import new_file_mode
+
+    return new_file_mode()
 
 
-def write_atomic_bytes(path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically (temp file in the same directory, fsync, ``os.replace``).
+def write_atomic_bytes(path, data: bytes, *, inputs=()) -> Path:
+    """Write ``data`` to ``path`` through calib's one write path (:mod:`calib._io`): temp file in the target folder,
+    every write checked, fsync, read back, rename; a device or FIFO is streamed, a symlink written through, an
+    output that is one of ``inputs`` refused. On any failure ``path`` is left as it was (one-line CalibError)."""
+    from ._io import write_bytes
 
-    Parent directories are created. On any failure the temp file is removed and ``path`` is left as it was.
-    """
-    path = Path(path)
-    if path.is_dir():
-        raise CalibError(f"cannot write {path}: it is a directory")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise CalibError(f"cannot create directory {path.parent}: {exc.strerror or exc}") from None
-    try:
-        mode = path.stat().st_mode & 0o7777 if path.exists() else _new_file_mode()
-    except OSError:
-        mode = _new_file_mode()
-    try:
-        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as exc:
-        raise CalibError(f"cannot write {path}: {exc.strerror or exc}") from None
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException as exc:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        if isinstance(exc, OSError):
-            raise CalibError(f"cannot write {path}: {exc.strerror or exc}") from None
-        raise
-    # Make the rename itself durable (POSIX; best effort elsewhere).
-    try:
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return path
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
-    return path
+    return write_bytes(path, data, inputs=inputs)
 
 
-def write_document(doc: dict, path) -> Path:
-    """Validate ``doc``, then write it atomically as UTF-8 JSON (indent 2, no NaN). Returns the path."""
-    path = Path(path)
+def document_bytes(doc: dict, path) -> bytes:
+    """``doc`` validated and serialised as calib writes coefficient files (UTF-8 JSON, indent 2, no NaN)."""
     validate_document(doc, source=str(path))
     try:
         text = json.dumps(doc, indent=2, allow_nan=False, ensure_ascii=False)
@@ -492,20 +443,29 @@ def write_document(doc: dict, path) -> Path:
         raise CalibError(f"{path}: {_ROOT}: {exc}") from None
     except TypeError as exc:
         raise CalibError(f"{path}: {_ROOT}: cannot be written as JSON ({exc})") from None
-    return write_atomic_bytes(path, (text + "\n").encode("utf-8"))
+    try:
+        return (text + "\n").encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate (e.g. in provenance.notes) has no UTF-8 form
+        raise CalibError(f"{path}: holds a character UTF-8 cannot encode ({text[exc.start:exc.end]!a}); "
+                         "remove it") from None
+
+
+def write_document(doc: dict, path, *, inputs=()) -> Path:
+    """Validate ``doc``, then write it atomically as UTF-8 JSON (indent 2, no NaN). Returns the path."""
+    path = Path(path)
+    return write_atomic_bytes(path, document_bytes(doc, path), inputs=inputs)
 
 
 def load_document(path) -> dict:
     """Read and validate a coefficient file; any problem is a one-line :class:`CalibError`."""
+    from ._io import MAX_JSON_BYTES, parse_json, read_input
+
     path = Path(path)
     if not path.exists():
         raise CalibError(f"{path}: no such file")
     if path.is_dir():
         raise CalibError(f"{path}: is a directory, expected a coefficient JSON file")
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise CalibError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    raw = read_input(path, what="a coefficient JSON file", limit=MAX_JSON_BYTES)
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -515,11 +475,11 @@ def load_document(path) -> dict:
     if not text.strip():
         raise CalibError(f"{path}: not JSON: the file is empty")
     try:
-        doc = json.loads(text)  # NaN/Infinity literals parse here and are rejected by validation with their path
+        doc = parse_json(text)  # NaN/Infinity literals parse here and are rejected by validation with their path
     except json.JSONDecodeError as exc:
         raise CalibError(f"{path}: not JSON: line {exc.lineno} column {exc.colno}: {exc.msg}") from None
-    except RecursionError:
-        raise CalibError(f"{path}: not JSON: nested too deeply") from None
+    except ValueError as exc:  # calib's limits: nesting depth, integer size
+        raise CalibError(f"{path}: not a coefficient file calib reads: {exc}") from None
     if not isinstance(doc, dict):
         raise CalibError(f"{path}: {_ROOT}: expected a JSON object, got {_json_type(doc)}")
     return validate_document(doc, source=str(path))

@@ -37,10 +37,10 @@ def _is_trace(path: Path) -> bool:
         return False
 
 
-def _write(path: Path, text: str) -> None:
-    from .export import write_atomic_bytes
+def _write(path: Path, text: str, inputs=()) -> None:
+    from ._io import write_text
 
-    write_atomic_bytes(path, text.encode("utf-8"))
+    write_text(path, text, inputs=inputs)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -217,7 +217,7 @@ def run_export(path, fmt: str, *, out=None, threshold=None, target_speedup=None,
     if summary:
         info(f"# {summary}")
     if out is not None:
-        _write(Path(out), text)
+        _write(Path(out), text, inputs=[path])
         echo(f"wrote {out}")
     else:
         echo(text.rstrip("\n"))

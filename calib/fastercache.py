@@ -250,15 +250,17 @@ def default_out(traces) -> Path:
 
 def run_fit(traces, *, out=None, cfg_tolerance=None, echo=print) -> Path:
     """``calib fit --method fastercache-cfg``."""
+    from ._io import resolve_output
     from .export import write_document
     from .store import read_traces
 
     if out is not None and Path(out).suffix.lower() != ".json":
         raise CalibError(f"--out {out}: the coefficient file must end in .json")
+    out = Path(out) if out is not None else default_out(traces)
+    resolve_output(out, inputs=traces)  # before the work: a directory, one of the inputs
     trace_set = read_traces([Path(t) for t in traces])
     doc = build_document(trace_set, cfg_tolerance=cfg_tolerance)
-    out = Path(out) if out is not None else default_out(traces)
-    write_document(doc, out)
+    write_document(doc, out, inputs=traces)
     for name, comp in doc["fastercache_cfg"]["components"].items():
         lo, hi = comp["unconditional_batch_timestep_skip_range"]
         echo(f"{name}: unconditional pass skipped at steps {comp['uncond_skipped_steps']} "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from .errors import CalibError
@@ -51,12 +52,16 @@ def run_merge(inputs, *, out=None, overwrite: bool = False, echo=print) -> Path:
         out = merged_path(inputs)
         if out is None:
             raise CalibError("--out is required unless the inputs are one manifest or the shard files of one run")
+    from ._io import resolve_output
+
     out = Path(out)
     if out.suffix.lower() not in (".h5", ".hdf5"):
         raise CalibError(f"--out {out}: a trace file must end in .h5")
     trace_set = read_traces(inputs)
-    if any(out.resolve() == Path(f).resolve() for f in trace_set.files):
+    if any(Path(f).exists() and out.exists() and os.path.samefile(out, f) for f in trace_set.files) \
+            or any(os.path.realpath(out) == os.path.realpath(f) for f in [*trace_set.files, *inputs]):
         raise CalibError(f"--out {out} is one of the inputs; choose another file")
+    resolve_output(out, inputs=inputs)
     if out.exists() and not overwrite:
         raise CalibError(f"{out} exists; pass --overwrite to replace it or choose another --out")
     seen, dupes = set(), []

@@ -15,7 +15,7 @@ import numpy as np
 from calib.errors import CalibError
 from calib.export import write_atomic_bytes
 
-__all__ = ["plot_fit"]
+__all__ = ["plot_fit", "plot_fit_png"]
 
 X_LABEL = "rel-L1 change of modulated input"
 Y_LABEL = "rel-L1 change of output"
@@ -115,6 +115,11 @@ def _draw_component(ax, name: str, res, colors: dict) -> None:
 
 def plot_fit(results: dict, path, title: str | None = None) -> Path:
     """Write a PNG with one panel per component: points by stream, the fit, its domain. Returns the path."""
+    return write_atomic_bytes(path, plot_fit_png(results, title))
+
+
+def plot_fit_png(results: dict, title: str | None = None) -> bytes:
+    """The PNG of :func:`plot_fit`, as bytes (to be written together with the coefficient file)."""
     if not results:
         raise CalibError("nothing to plot: no fitted components")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -141,4 +146,4 @@ def plot_fit(results: dict, path, title: str | None = None) -> Path:
 
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
-    return write_atomic_bytes(path, buf.getvalue())
+    return buf.getvalue()

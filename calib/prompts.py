@@ -23,7 +23,9 @@ def read_prompts(path: str | Path) -> list[str]:
         raise CalibError(f"{path}: prompts file not found")
     if path.is_dir():
         raise CalibError(f"{path}: is a directory; expected a text file with one prompt per line")
-    data = path.read_bytes()
+    from ._io import MAX_TEXT_BYTES, read_input
+
+    data = read_input(path, what="a text file with one prompt per line", limit=MAX_TEXT_BYTES)
     if b"\x00" in data:
         raise CalibError(f"{path}: looks binary (contains NUL bytes); expected a UTF-8 text file with one prompt per line")
     try:

@@ -458,23 +458,25 @@ def build_html(trace_set, docs: list[dict], eval_data=None, eval_name: str | Non
 
 
 def run_report(traces, *, coeffs=(), eval_path=None, out, echo=print) -> Path:
-    from .export import load_document, write_atomic_bytes
+    from ._io import load_json_file, resolve_output, write_text
+    from .export import load_document
     from .store import read_traces
 
     out = Path(out)
     if out.suffix.lower() not in (".html", ".htm"):
         raise CalibError(f"--out {out}: the report is an HTML file (.html)")
+    inputs = [*traces, *coeffs, *([eval_path] if eval_path is not None else [])]
+    resolve_output(out, inputs=inputs)
     trace_set = read_traces([Path(t) for t in traces])
     docs = [load_document(c) for c in coeffs]
     eval_data = None
     if eval_path is not None:
-        try:
-            eval_data = json.loads(Path(eval_path).read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise CalibError(f"{eval_path}: no such file") from None
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise CalibError(f"{eval_path}: not a JSON results file ({exc})") from None
+        if not Path(eval_path).exists():
+            raise CalibError(f"{eval_path}: no such file")
+        eval_data = load_json_file(eval_path, what="a JSON results file of calib eval")
+        if not isinstance(eval_data, dict):
+            raise CalibError(f"{eval_path}: not a JSON results file of calib eval (not an object)")
     page, ids = build_html(trace_set, docs, eval_data, str(eval_path) if eval_path else None)
-    write_atomic_bytes(out, page.encode("utf-8"))
+    write_text(out, page, inputs=inputs)
     echo(f"wrote {out} ({len(page) / 1024:.0f} kB; sections: {', '.join(ids)})")
     return out

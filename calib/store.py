@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -191,73 +190,112 @@ def _write_group(root, index: int, t: Trajectory) -> None:
             extra.create_dataset(name, data=values)
 
 
-def _tmp_pattern(path: Path) -> re.Pattern:
-    # tempfile.mkstemp names: prefix + 8 random characters + suffix
-    return re.compile(rf"^\.{re.escape(path.name)}\.[A-Za-z0-9_]{{8}}\.tmp$")
-
-
 def final_file_mode(path: Path) -> int:
     """The mode a file written by temp file + rename should end with: the replaced file's, else what a plain
     ``open()`` would give a new one (0o666 minus the umask)."""
-    from .export import _new_file_mode
+    from ._io import new_file_mode
 
     try:
         return path.stat().st_mode & 0o7777
     except OSError:
-        return _new_file_mode()
+        return new_file_mode()
 
 
-def _write_file(path: Path, model_info: dict, trajectories: list, created: str, *, extra_attrs: dict | None = None,
-                on_disk: int = 0) -> None:
-    """Write ``trajectories`` to ``path`` atomically (temporary file, fsync, rename, fsync of the directory).
+def _series_digest(h, values) -> None:
+    arr = np.ascontiguousarray(values)
+    h.update(str(arr.dtype.str).encode("ascii") + str(arr.shape).encode("ascii"))
+    h.update(arr.tobytes())
 
-    ``on_disk``: how many of ``trajectories`` (a prefix) the current ``path`` already holds, as groups
-    ``000000`` .. ; then the file is copied byte for byte and only the rest is added to the copy, so an append
-    costs a file copy plus the new groups instead of re-encoding every trajectory (h5py creates ~4k datasets/s).
-    Either way the final name is only ever replaced by a complete, fsynced file.
-    """
-    import shutil
+
+def _trajectory_digest(trajectories) -> str:
+    """SHA-256 over what the groups of ``trajectories`` store (attributes and series), to check a written file."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for t in trajectories:
+        h.update(json.dumps([t.prompt, t.seed, t.stream, t.component, t.steps, t.guidance, list(t.resolution),
+                             t.block_names, sorted(t.extra)]).encode("utf-8"))
+        for name in SERIES:
+            _series_digest(h, getattr(t, name))
+        _series_digest(h, t.block_rel_l1)
+        for name in sorted(t.extra):
+            _series_digest(h, t.extra[name])
+    return h.hexdigest()
+
+
+def _encode_file(model_info: dict, trajectories: list, created: str, extra_attrs: dict | None, base: bytes | None,
+                 on_disk: int) -> bytes:
+    """The whole HDF5 file as bytes, built in memory (h5py on a BytesIO: the library never writes to disk, so a
+    full disk cannot leave it half-flushed or crash it). With ``base`` (the current file's bytes, holding the first
+    ``on_disk`` trajectories as groups 000000..), only the rest is added to a copy of it."""
+    import io
 
     import h5py
 
-    mode = final_file_mode(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        done = False
-        if on_disk and path.exists():
-            try:
-                shutil.copyfile(path, tmp)
-                with h5py.File(tmp, "r+") as f:
-                    root = f["trajectories"]
-                    if len(root) != on_disk:
-                        raise ValueError("file holds other groups than expected")
-                    _write_attrs(f, model_info, created, extra_attrs)
-                    for i, t in enumerate(trajectories[on_disk:], start=on_disk):
-                        _write_group(root, i, t)
-                    f.flush()
-                done = True
-            except (OSError, ValueError, KeyError):
-                done = False  # e.g. group names of another writer: fall back to writing the whole file
-        if not done:
-            with h5py.File(tmp, "w") as f:
-                _write_attrs(f, model_info, created, extra_attrs)
-                root = f.create_group("trajectories")
-                for i, t in enumerate(trajectories):
-                    _write_group(root, i, t)
-                f.flush()
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.chmod(tmp, mode)  # mkstemp's 0600 would hide the trace from the group (a cluster's shared folder)
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
+    if base is not None and on_disk:
+        buf = io.BytesIO(base)
         try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+            with h5py.File(buf, "r+") as f:
+                root = f["trajectories"]
+                if len(root) != on_disk:
+                    raise ValueError("file holds other groups than expected")
+                _write_attrs(f, model_info, created, extra_attrs)
+                for i, t in enumerate(trajectories[on_disk:], start=on_disk):
+                    _write_group(root, i, t)
+            return buf.getvalue()
+        except (OSError, ValueError, KeyError):
+            pass  # e.g. group names of another writer: write the whole file
+    buf = io.BytesIO()
+    with h5py.File(buf, "w") as f:
+        _write_attrs(f, model_info, created, extra_attrs)
+        root = f.create_group("trajectories")
+        for i, t in enumerate(trajectories):
+            _write_group(root, i, t)
+    return buf.getvalue()
+
+
+def _verifier(trajectories: list, checked_from: int):
+    """A check of a written temporary trace: it opens, holds exactly ``len(trajectories)`` groups, and the groups
+    from ``checked_from`` on (the ones this write added) hold exactly these trajectories' data."""
+    expected = _trajectory_digest(trajectories[checked_from:])
+
+    def verify(tmp: Path) -> None:
+        import errno
+
+        try:
+            _, back, _ = _read_file(Path(tmp), quick=checked_from)
+        except CalibError as exc:
+            raise OSError(errno.EIO, f"the written file does not read back ({exc})") from None
+        if len(back) != len(trajectories) - checked_from:
+            raise OSError(errno.EIO, f"the written file holds {len(back) + checked_from} trajectories, not "
+                                     f"{len(trajectories)}")
+        if _trajectory_digest(back) != expected:
+            raise OSError(errno.EIO, "the written file's data differ from what was written")
+
+    return verify
+
+
+def _write_file(path: Path, model_info: dict, trajectories: list, created: str, *, extra_attrs: dict | None = None,
+                on_disk: int = 0, shown: Path | None = None) -> None:
+    """Write ``trajectories`` to ``path`` atomically through :mod:`calib._io` (temp file, checked writes, fsync,
+    verified, rename): the file is built in memory; the temporary file is re-opened and its trajectory count and
+    the checksum of the data added are checked before the rename. ``path`` is the real path (symlinks resolved),
+    ``shown`` the name errors give (the path as the user spelled it).
+
+    ``on_disk``: how many of ``trajectories`` (a prefix) the current ``path`` already holds; then the file's bytes
+    are taken and only the rest is added, so an append costs a copy plus the new groups instead of re-encoding every
+    trajectory (h5py creates ~4k datasets/s). Either way the final name is only ever replaced by a verified file."""
+    from ._io import Target, write_bytes
+
+    base = None
+    if on_disk:
+        try:
+            base = path.read_bytes()
+        except OSError:
+            on_disk = 0
+    data = _encode_file(model_info, trajectories, created, extra_attrs, base, on_disk)
+    write_bytes(path, data, target=Target(shown or path, path, False), mode=final_file_mode(path),
+                verify=_verifier(trajectories, on_disk if base is not None else 0))
 
 
 def _looks_like_hdf5(path: Path) -> bool:
@@ -274,19 +312,23 @@ def _looks_like_hdf5(path: Path) -> bool:
         return False
 
 
-def _read_file(path: Path) -> tuple[dict, list, dict]:
-    """(model_info, trajectories, file attrs) of one trace file; CalibError with one line naming it otherwise."""
+def _read_file(path: Path, *, quick: int = 0) -> tuple[dict, list, dict]:
+    """(model_info, trajectories, file attrs) of one trace file; CalibError with one line naming it otherwise.
+    ``quick``: skip (do not read) the first ``quick`` groups -- the writer's check of what it appended."""
     import h5py
+
+    from ._io import MAX_TRACE_BYTES, check_input
 
     if not path.exists():
         raise CalibError(f"{path}: trace file not found")
     if path.is_dir():
         raise CalibError(f"{path}: is a directory; expected an HDF5 trace file (.h5)")
+    check_input(path, what="an HDF5 trace file", limit=MAX_TRACE_BYTES)
     try:
         size = path.stat().st_size
         is_hdf5 = size > 0 and _looks_like_hdf5(path)
     except OSError as exc:
-        raise CalibError(f"{path}: cannot read it ({_first_line(exc)})") from None
+        raise CalibError(f"{path}: cannot read it ({exc.strerror or _first_line(exc)})") from None
     if size == 0:
         raise CalibError(f"{path}: is empty (0 bytes), not an HDF5 file; expected a trace written by `calib trace`")
     if not is_hdf5:
@@ -311,9 +353,11 @@ def _read_file(path: Path) -> tuple[dict, list, dict]:
                 f"this calib reads version {SCHEMA_VERSION}{hint}"
             )
         if "model_info" in attrs:
+            from ._io import parse_json
+
             try:
-                model_info = json.loads(attrs["model_info"])
-            except (json.JSONDecodeError, TypeError):
+                model_info = parse_json(attrs["model_info"])
+            except (ValueError, TypeError):  # json.JSONDecodeError and calib's limits are ValueErrors
                 raise CalibError(f"{path}: model_info attribute is not valid JSON") from None
             if not isinstance(model_info, dict):
                 raise CalibError(f"{path}: model_info attribute is not a JSON object")
@@ -322,7 +366,7 @@ def _read_file(path: Path) -> tuple[dict, list, dict]:
         trajectories = []
         root = f.get("trajectories")
         if root is not None:
-            for name in sorted(root, key=int):  # append order; int() also copes with > 6 digits
+            for name in sorted(root, key=int)[quick:]:  # append order; int() also copes with > 6 digits
                 g = root[name]
                 extra = {k: g["extra"][k][()] for k in g["extra"]} if "extra" in g else {}
                 trajectories.append(
@@ -376,22 +420,30 @@ class TraceWriter:
             raise ValueError(f"attrs may not set {clash}: calib writes these itself")
         if self.path.suffix.lower() not in (".h5", ".hdf5"):
             raise CalibError(f"{self.path}: a trace file must end in .h5")
-        if self.path.is_dir():
-            raise CalibError(f"{self.path}: is a directory; give a file name ending in .h5")
+        from ._io import resolve_output
+
+        target = resolve_output(self.path)  # a directory, a name too long: one line
+        if target.stream:
+            raise CalibError(f"{self.path}: is not a regular file (a device or FIFO); a trace file must be one")
+        # Every file operation (and the lock) is on the real path: a symlink is written through, and two writers
+        # that spell the file differently (link, relative, absolute) take the same lock.
+        self._real = target.real
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._real.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise CalibError(f"{self.path}: cannot create its directory ({_first_line(exc)})") from None
         self._lock()
+        self._unwritten = False  # a new file is first written by the first append (or an empty one on close)
         try:
             self._remove_stale_temporaries()
             self._trajectories: list[Trajectory] = []
             self.created = _now()
-            if self.path.exists() and not overwrite:
+            if self._real.exists() and not overwrite:
                 try:
-                    info, trajectories, file_attrs = _read_file(self.path)
+                    info, trajectories, file_attrs = _read_file(self._real)
                 except CalibError as exc:
-                    raise CalibError(f"{exc}; pass --overwrite to replace it or choose another --out") from None
+                    text = str(exc).replace(str(self._real), str(self.path), 1)
+                    raise CalibError(f"{text}; pass --overwrite to replace it or choose another --out") from None
                 for key in ("class", "config_hash", "source"):
                     if info.get(key) != self.model_info.get(key):
                         raise CalibError(
@@ -404,21 +456,31 @@ class TraceWriter:
                 kept = {k: v for k, v in file_attrs.items() if k not in RESERVED_FILE_ATTRS}
                 self.attrs = {**kept, **self.attrs}
             else:
-                _write_file(self.path, self.model_info, [], self.created, extra_attrs=self.attrs)
+                # Not written yet: a run whose first generation fails leaves no empty trace behind (and an
+                # --overwrite that fails keeps the old file). close() writes an empty file when nothing failed.
+                self._unwritten = True
         except BaseException:
-            self.close()
+            self.close(failed=True)
             raise
 
     @property
     def lock_path(self) -> Path:
-        return Path(f"{self.path}.lock")
+        return Path(f"{self._real}.lock")
 
     def _lock(self) -> None:
         import fcntl
 
         lock_path = self.lock_path
         for _ in range(100):
-            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as exc:
+                import errno
+
+                if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+                    raise CalibError(f"cannot write in {self.path.parent}: {(exc.strerror or '').lower() or exc} "
+                                     f"(for the lock file of {self.path.name})") from None
+                raise CalibError(f"{lock_path}: cannot create the lock file ({_first_line(exc)})") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -442,19 +504,18 @@ class TraceWriter:
             os.close(fd)
         else:  # pragma: no cover - needs another process unlinking the lock file in a loop
             raise CalibError(f"{lock_path}: could not take the lock; remove it if no calib process is running")
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode("ascii"))
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, str(os.getpid()).encode("ascii"))  # the holder's pid, for the next writer's message
+        except OSError:
+            pass  # a full disk: the lock is held all the same, only the message lacks the pid
         self._lock_fd = fd
 
     def _remove_stale_temporaries(self) -> None:
         """Temporary files of a writer killed mid-append (we hold the lock, so none of them is in use)."""
-        pattern = _tmp_pattern(self.path)
-        try:
-            for entry in os.scandir(self.path.parent):
-                if pattern.match(entry.name):
-                    Path(entry.path).unlink(missing_ok=True)
-        except OSError:
-            pass
+        from ._io import remove_stale_temporaries
+
+        remove_stale_temporaries(self._real, all_of_them=True)
 
     def flush(self) -> None:
         """Wait for the write in flight (background mode); re-raises its error. A no-op otherwise."""
@@ -466,10 +527,14 @@ class TraceWriter:
                 self._trajectories = self._trajectories[: self._durable]
                 raise
 
-    def close(self) -> None:
-        """Finish the write in flight, release the lock and remove the lock file; idempotent."""
+    def close(self, failed: bool = False) -> None:
+        """Finish the write in flight, release the lock and remove the lock file; idempotent. A new file nothing was
+        appended to is written empty, unless the run ``failed`` (then nothing is left behind)."""
         try:
             self.flush()
+            if self._unwritten and not failed and self._lock_fd is not None:
+                _write_file(self._real, self.model_info, [], self.created, extra_attrs=self.attrs, shown=self.path)
+                self._unwritten = False
         finally:
             if self._executor is not None:
                 self._executor.shutdown(wait=True)
@@ -492,8 +557,8 @@ class TraceWriter:
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        self.close()
+    def __exit__(self, exc_type, exc, tb):
+        self.close(failed=exc_type is not None and not issubclass(exc_type, KeyboardInterrupt))
 
     @property
     def trajectories(self) -> list[Trajectory]:
@@ -522,8 +587,10 @@ class TraceWriter:
         on_disk = self._durable
 
         def write():
-            _write_file(self.path, self.model_info, new, self.created, extra_attrs=self.attrs, on_disk=on_disk)
+            _write_file(self._real, self.model_info, new, self.created, extra_attrs=self.attrs, on_disk=on_disk,
+                        shown=self.path)
             self._durable = len(new)
+            self._unwritten = False
 
         self._trajectories = new
         if not self.background:

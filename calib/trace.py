@@ -39,6 +39,9 @@ EXTRA_SERIES = (
 )
 
 
+MAX_STEPS = 10_000  # denoising steps; schedulers use 1-1000, and the tracer sizes buffers by it
+
+
 @dataclass
 class TraceSettings:
     """What a trace run generates: each prompt x seed is one generation."""
@@ -55,6 +58,8 @@ class TraceSettings:
     def __post_init__(self):
         if not isinstance(self.steps, int) or self.steps < 2:
             raise CalibError(f"--steps must be an integer >= 2, got {self.steps!r}")
+        if self.steps > MAX_STEPS:  # before any buffer is sized by it
+            raise CalibError(f"--steps {self.steps}: at most {MAX_STEPS} denoising steps")
         if not (isinstance(self.guidance, (int, float)) and math.isfinite(self.guidance) and self.guidance >= 0):
             raise CalibError(f"--guidance must be a finite number >= 0, got {self.guidance!r}")
         self.seeds = tuple(int(s) for s in self.seeds)
@@ -588,8 +593,38 @@ def default_trace_path(model: str) -> Path:
     return Path("traces") / f"{name or 'model'}.h5"
 
 
+def check_device(device: str) -> str:
+    """``--device`` as torch spells it, if this machine has it; one line otherwise (before the model is loaded)."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise CalibError(f"--device {device!r}: not a torch device; use cpu, cuda or cuda:N") from None
+    kind = parsed.type
+    if kind == "meta":
+        raise CalibError("--device meta holds no data and cannot generate; use cpu or cuda")
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise CalibError(f"--device {device}: this torch has no CUDA device (torch {torch.__version__}, "
+                             f"CUDA build: {torch.version.cuda or 'none'}); use --device cpu")
+        count = torch.cuda.device_count()
+        if parsed.index is not None and parsed.index >= count:
+            raise CalibError(f"--device {device}: this machine has {count} CUDA device(s) (cuda:0 to cuda:{count - 1})")
+    elif kind == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise CalibError(f"--device {device}: MPS is not available here; use --device cpu")
+    elif kind != "cpu":
+        module = getattr(torch, kind, None)
+        available = getattr(module, "is_available", None)
+        if not callable(available) or not available():
+            raise CalibError(f"--device {device}: no {kind} device is available to this torch; use cpu or cuda")
+    return device
+
+
 def pick_device(device: str | None, local_rank: int | None = None) -> str:
     """``--device``, else cuda if available, else cpu; under a distributed launcher ``cuda`` means cuda:LOCAL_RANK."""
+    if device:
+        check_device(device)
     if device and not (device == "cuda" and local_rank is not None):
         return device
     if device == "cuda" or torch.cuda.is_available():
@@ -646,7 +681,11 @@ def run_trace(
         check = getattr(pipe, "validate_prompts", None)
         if callable(check):  # fail on an unreadable prompt before hours of tracing, not at prompt 57
             check(prompts)
-        tracer = Tracer(pipe, modulation_module=modulation_module, record_blocks=settings.record_blocks)
+        try:
+            tracer = Tracer(pipe, modulation_module=modulation_module, record_blocks=settings.record_blocks)
+        except LookupError as exc:  # a --modulation-module or block stack the model does not have
+            hint = f"--modulation-module {modulation_module}: " if modulation_module else ""
+            raise CalibError(f"{hint}{exc.args[0] if exc.args else exc}") from None
         info = describe_model(pipe, model, tracer.adapter)
         all_jobs = [(p, s) for p in prompts for s in settings.seeds]
         if part is None:

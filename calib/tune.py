@@ -371,10 +371,14 @@ def read_cost_model(path) -> dict:
 
     from .errors import CalibError
 
+    from ._io import load_json_file
+
+    if not Path(path).exists():
+        raise CalibError(f"--costs {path}: no such file")
     try:
-        doc = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise CalibError(f"--costs {path}: cannot read it as JSON ({exc.__class__.__name__})") from None
+        doc = load_json_file(path, what="a calib eval results file")
+    except CalibError as exc:
+        raise CalibError(f"--costs {exc}") from None
     costs = doc.get("cost_model") if isinstance(doc, dict) else None
     keys = ("fewest_fraction", "ratio_fewest_computed", "ratio_all_computed")
     if (not isinstance(costs, dict) or doc.get("format") != "calib.eval"
