@@ -128,7 +128,7 @@ def test_recommended_threshold_is_the_default(pipe):
 def test_applying_twice_is_refused(pipe):
     handle = cr.apply(pipe, make_config(pipe), threshold=0.1)
     try:
-        with pytest.raises(RuntimeError, match="already has a calib cache"):
+        with pytest.raises(cr.ModelMismatchError, match="already has a calib cache"):
             cr.apply(pipe, make_config(pipe), threshold=0.1)
     finally:
         handle.remove()

@@ -25,8 +25,9 @@ from ..adapters import get_adapter
 from ..adapters.base import Adapter
 from ..hooking import ContextProbe, StepClock, rel_l1, timestep_value, wrap_forward
 from .coefficients import CacheConfig
+from .errors import ModelMismatchError
 from .gate import TeaCacheGate
-from .handle import RuntimeHandle, check_model, choose_threshold, components_of, steps_with
+from .handle import RuntimeHandle, check_model, check_not_applied, choose_threshold, components_of, steps_with
 from .stats import CacheStats
 
 
@@ -79,10 +80,7 @@ class CacheHandle(RuntimeHandle):
         return sigmas[step - 1] - sigmas[step]
 
     def _attach(self, name: str, transformer: torch.nn.Module, adapter: Adapter, rescaler) -> None:
-        if getattr(transformer, "_calib_cache_handle", None) is not None:
-            raise RuntimeError(
-                f"{type(transformer).__name__} already has a calib cache applied; call handle.remove() first"
-            )
+        check_not_applied(transformer)
         comp = _Component(name, transformer, adapter, rescaler)
         self._components.append(comp)
         transformer._calib_cache_handle = self
@@ -272,7 +270,10 @@ def apply(
         for name, transformer in components:
             check_model(name, transformer, config, allow_model_mismatch, "coefficients")
             adapter = get_adapter(transformer, modulation_module or _custom_module(config))
-            handle._attach(name, transformer, adapter, config.components[name].rescaler())
+            try:
+                handle._attach(name, transformer, adapter, config.components[name].rescaler())
+            except LookupError as exc:  # a modulation layer or block stack this model does not have
+                raise ModelMismatchError(f"{name}: {exc.args[0] if exc.args else exc}") from None
         if pipeline_mode:
             handle._follow(scheduler, lambda: handle._new_generation(
                 len(scheduler.timesteps), _sigma_list(scheduler) if normalized else None))

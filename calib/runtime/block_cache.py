@@ -32,7 +32,7 @@ from ..adapters import get_adapter
 from ..hooking import ContextProbe, StepClock, timestep_value, wrap_forward
 from .coefficients import _check_with_jsonschema, _fail, _finite, _model_section, _recommended_threshold
 from .errors import ModelMismatchError
-from .handle import RuntimeHandle, check_model, choose_threshold, components_of, steps_with
+from .handle import RuntimeHandle, check_model, check_not_applied, choose_threshold, components_of, steps_with
 from .stats import totals
 
 METHOD = "block-cache"
@@ -235,10 +235,7 @@ class BlockCacheHandle(RuntimeHandle):
         return comp.decisions[n]
 
     def _attach(self, name: str, transformer: torch.nn.Module, adapter, schedule: BlockSchedule) -> None:
-        if getattr(transformer, "_calib_cache_handle", None) is not None:
-            raise RuntimeError(
-                f"{type(transformer).__name__} already has a calib cache applied; call handle.remove() first"
-            )
+        check_not_applied(transformer)
         blocks = adapter.blocks(transformer)
         names = [n for n, _ in blocks]
         if list(schedule.blocks) != names:

@@ -18,6 +18,7 @@ from .gate import Rescaler
 SCHEMA_VERSION = 1
 FORMAT = "calib.coefficients"
 METHODS = ("teacache",)
+MAX_COEFFICIENTS = 21  # degree 20: the schema's limit (calib fit goes to 9)
 NORMALIZATIONS = ("none", "delta_sigma")  # indicator.normalization: see calib.runtime.api
 
 
@@ -61,7 +62,12 @@ class CacheConfig:
 
 
 def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond float's range is no finite float
+        return False
 
 
 def _fail(source: str, where: str, what: str):
@@ -115,6 +121,8 @@ def parse(doc: Any, source: str = "<document>") -> CacheConfig:
         coefs = comp.get("coefficients")
         if not isinstance(coefs, list) or not coefs:
             _fail(source, f"{where}.coefficients", "missing or empty")
+        if len(coefs) > MAX_COEFFICIENTS:  # as the schema (and calib export) allow: degree at most 20
+            _fail(source, f"{where}.coefficients", f"{len(coefs)} coefficients; at most {MAX_COEFFICIENTS} (degree 20)")
         if not all(_finite(c) for c in coefs):
             _fail(source, f"{where}.coefficients", "every coefficient must be a finite number")
         if comp.get("order", "highest_first") != "highest_first":
@@ -128,6 +136,9 @@ def parse(doc: Any, source: str = "<document>") -> CacheConfig:
             if domain[0] > domain[1]:
                 _fail(source, f"{where}.domain", f"min {domain[0]} is larger than max {domain[1]}")
             domain = (float(domain[0]), float(domain[1]))
+        elif (doc.get("provenance") or {}).get("source") == "measured":  # as calib.export validates it
+            _fail(source, f"{where}.domain", "is null, but measured coefficients must state the input range they "
+                                             "were fitted on (the runtime clamps to it)")
         parsed[name] = ComponentRescaler(tuple(float(c) for c in coefs), domain)
     indicator = doc.get("indicator")
     if isinstance(indicator, dict) and indicator.get("normalization", "none") not in NORMALIZATIONS:
@@ -214,13 +225,21 @@ def load(path: str | Path) -> CacheConfig:
         raise CoefficientFileError(f"{source}: no such file")
     if path.is_dir():
         raise CoefficientFileError(f"{source}: is a directory, expected a coefficient JSON file")
+    from .._io import MAX_JSON_BYTES, parse_json, read_input
+    from ..errors import CalibError
+
     try:
-        text = path.read_bytes().decode("utf-8")
+        raw = read_input(path, what="a coefficient JSON file", limit=MAX_JSON_BYTES)  # regular, not too large
+    except CalibError as exc:  # unreadable (permissions), a FIFO or device, too large
+        raise CoefficientFileError(str(exc)) from None
+    try:
+        text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise CoefficientFileError(f"{source}: not UTF-8 text; expected a coefficient JSON file") from None
     try:
         # Non-finite literals (NaN, Infinity) are not JSON; refuse them instead of letting them into a gate.
-        doc = json.loads(text, parse_constant=_reject_constant)
+        # calib's limits (nesting depth, integer size) keep a hostile file from RecursionError / huge ints.
+        doc = parse_json(text, parse_constant=_reject_constant)
     except json.JSONDecodeError as exc:
         raise CoefficientFileError(f"{source}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
     except ValueError as exc:

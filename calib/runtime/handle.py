@@ -69,8 +69,13 @@ def steps_with(scheduler) -> bool:
 
 def check_threshold(threshold) -> float:
     """A threshold as a float, or a ThresholdError saying why not (not a number, not finite, negative)."""
+    if isinstance(threshold, bool):
+        raise ThresholdError(f"threshold must be a number, got {threshold!r}")
     try:
         value = float(threshold)
+    except OverflowError:  # an int too large for a float (10**400)
+        raise ThresholdError(f"threshold must be a finite number, got an integer of {len(str(abs(threshold)))} "
+                             "digits") from None
     except (TypeError, ValueError):
         raise ThresholdError(f"threshold must be a number, got {threshold!r}") from None
     if not math.isfinite(value):
@@ -96,17 +101,27 @@ def components_of(target, config, per_expert: str) -> tuple[list[tuple[str, torc
     if isinstance(target, torch.nn.Module) and not hasattr(target, "scheduler"):
         if len(config.components) == 1:
             return [(next(iter(config.components)), target)], None
-        raise ValueError(
+        raise ModelMismatchError(
             f"this file has {per_expert} ({', '.join(config.components)}); apply it to the pipeline so each expert"
             " gets its own"
         )
     found = [(name, getattr(target, name)) for name in config.components
              if isinstance(getattr(target, name, None), torch.nn.Module)]
     if not found:
-        raise ValueError(
-            f"{type(target).__name__} has none of the components {list(config.components)} named in the file"
+        have = [n for n in ("transformer", "transformer_2") if isinstance(getattr(target, n, None), torch.nn.Module)]
+        raise ModelMismatchError(
+            f"{type(target).__name__} has none of the components {list(config.components)} named in "
+            f"{config.path or 'the file'} (it has {', '.join(have) or 'no transformer'})"
         )
     return found, getattr(target, "scheduler", None)
+
+
+def check_not_applied(transformer: torch.nn.Module) -> None:
+    """One calib cache per transformer: a second apply() is refused until the first handle is removed."""
+    if getattr(transformer, "_calib_cache_handle", None) is not None:
+        raise ModelMismatchError(
+            f"{type(transformer).__name__} already has a calib cache applied; call handle.remove() first"
+        )
 
 
 def check_model(name: str, transformer: torch.nn.Module, config, allow_model_mismatch: bool, what: str) -> None:
