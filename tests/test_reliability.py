@@ -278,6 +278,129 @@ def _load_model_folder(work: Path):
     return load_model("empty_dir")
 
 
+def _torch_version() -> str:
+    import torch
+
+    return torch.__version__
+
+
+EVIL_MODULE = """import pathlib
+pathlib.Path("RAN").write_text("imported")
+
+
+def pipeline():
+    pathlib.Path("RAN").write_text("called")
+"""
+
+
+def _plant_module(work: Path) -> None:
+    """A module in the working folder that leaves a file RAN when it is imported or its function called."""
+    (work / "evil.py").write_text(EVIL_MODULE)
+
+
+def _module_never_ran(work: Path) -> None:
+    assert not (work / "RAN").exists(), "a file made calib import and run code"
+    assert "evil" not in sys.modules
+
+
+FACTORY_MODULE = """def broken():
+    raise ValueError("no weights here")
+
+
+def needs_path(path):
+    return None
+"""
+
+
+def _factory(work: Path) -> None:
+    (work / "myfactory.py").write_text(FACTORY_MODULE)
+    sys.modules.pop("myfactory", None)
+
+
+def _manifest(work: Path, shard_file: str) -> None:
+    """A one-shard trace s.rank0-of-1.h5 and its manifest s.manifest.json, listing ``shard_file`` as the shard."""
+    from calib import shards
+    from calib.store import TraceWriter
+    from calib.trace import TraceSettings
+
+    info, trajectories = real_trajectories()
+    with TraceWriter(work / "s.rank0-of-1.h5", info, attrs={"shard_index": 0, "shard_count": 1}) as w:
+        w.append(trajectories)
+    jobs = sorted({(t.prompt, t.seed) for t in trajectories})
+    shards.write_manifest(work / "s.h5", model="builtin:digits", model_info=info,
+                          settings=TraceSettings(steps=6, seeds=(0, 1)), prompts=sorted({p for p, _ in jobs}),
+                          jobs=jobs, count=1, launcher="shard")
+    if shard_file != "s.rank0-of-1.h5":
+        doc = json.loads((work / "s.manifest.json").read_text())
+        doc["shards"][0]["file"] = shard_file
+        (work / "s.manifest.json").write_text(json.dumps(doc))
+
+
+def _with_coefficient(literal: str) -> str:
+    """The real coefficient file's text with its first coefficient replaced by ``literal`` (as written)."""
+    doc = real_doc()
+    doc["components"]["transformer"]["coefficients"][0] = 12345.678
+    return json.dumps(doc).replace("12345.678", literal)
+
+
+def _block_cache_doc(path: Path) -> None:
+    from calib.block_cache import build_document
+    from calib.export import write_document
+    from calib.store import read_traces
+
+    doc, _ = build_document(read_traces([assets() / "real.h5"]))
+    write_document(doc, path)
+
+
+def _deny(path: Path, what: str):
+    """Permission denied on ``path`` as a non-root user gets it (the tests may run as root, whom chmod does not
+    stop): ``write``: creating files in the folder ``path``; ``read``: opening the file ``path``. Returns the undo."""
+    import builtins
+    import errno
+
+    target = os.path.realpath(path)
+    real_open, real_os_open = builtins.open, os.open
+
+    def denied(p, writing: bool) -> bool:
+        try:
+            p = os.path.realpath(os.fspath(p))
+        except TypeError:  # an int fd
+            return False
+        if what == "write":
+            return writing and os.path.dirname(p) == target
+        return p == target
+
+    def fail(p):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(p))
+
+    def open_(file, mode="r", *a, **k):
+        if denied(file, any(c in mode for c in "wax+")):
+            fail(file)
+        return real_open(file, mode, *a, **k)
+
+    def os_open(p, flags, *a, **k):
+        if denied(p, bool(flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT))):
+            fail(p)
+        return real_os_open(p, flags, *a, **k)
+
+    builtins.open, os.open = open_, os_open
+
+    def undo():
+        builtins.open, os.open = real_open, real_os_open
+
+    return undo
+
+
+def _apply_twice(name: str):
+    import calib.runtime as cr
+
+    first = cr.apply(pipe(), cr.load(name))
+    try:
+        cr.apply(pipe(), cr.load(name))
+    finally:
+        first.remove()
+
+
 TRACE = "calib trace --steps 2 --seeds 0"
 LONG_PROMPT = "a handwritten 7, " + "very " * 500
 
@@ -466,6 +589,136 @@ CASES: list[Case] = [
          "ThresholdError: threshold must be a finite number, got nan", None,
          lambda work: copy_asset("real.json", work, "c.json"),
          call=lambda work: _apply("c.json", threshold=float("nan"))),
+    # -- hostile files: nothing a file says is run or opened ---------------------------------------------------------
+    Case("file-names-code", "a coefficient file whose `model.source` names code (`module:function`)",
+         "calib eval --coeffs c.json",
+         "calib: error: c.json: its model.source 'evil:pipeline' is not a built-in model, an existing folder or a hub "
+         "id (calib never runs code a file names); pass --model to say which pipeline to load", 2,
+         lambda work: (_plant_module(work), _json_edit(lambda d: _set(d, "model.source", "evil:pipeline"))(
+             work / "c.json")), check=_module_never_ran),
+    Case("manifest-outside", "a manifest naming a shard file outside its folder", "calib fit s.manifest.json",
+         "calib: error: s.manifest.json: damaged manifest (shard file '../t.h5' is not a file name beside the "
+         "manifest)", 2, lambda work: _manifest(work, "../t.h5")),
+    # -- outputs ------------------------------------------------------------------------------------------------
+    Case("out-directory", "`--out` names a directory", "calib export c.json --format json --out out",
+         "calib: error: cannot write out: it is a directory", 2,
+         lambda work: (copy_asset("real.json", work, "c.json"), (work / "out").mkdir())),
+    Case("out-name-too-long", "`--out` file name over 255 bytes",
+         f"calib export c.json --format json --out {'c' * 300}.json",
+         f"calib: error: cannot write {'c' * 300}.json: the file name is too long for this file system", 2,
+         lambda work: copy_asset("real.json", work, "c.json")),
+    Case("out-is-input-export", "the input named as the output (export)",
+         "calib export t.h5 --format diffusers-magcache --out t.h5",
+         "calib: error: --out t.h5 is one of the inputs (t.h5); choose another file", 2,
+         lambda work: copy_asset("real.h5", work, "t.h5")),
+    Case("out-is-input-compare", "the input named as the output (compare)", "calib compare a.json b.json --out b.json",
+         "calib: error: --out b.json is one of the inputs (b.json); choose another file", 2,
+         lambda work: (copy_asset("real.json", work, "a.json"), copy_asset("real.json", work, "b.json"))),
+    Case("out-is-input-eval", "the input named as the output (eval)", "calib eval --coeffs c.json --out c.json",
+         "calib: error: --out c.json is one of the inputs (c.json); choose another file", 2,
+         lambda work: copy_asset("real.json", work, "c.json")),
+    Case("out-is-input-fit", "the input named as the output (fit of a manifest)",
+         "calib fit s.manifest.json --out s.manifest.json",
+         "calib: error: --out s.manifest.json is one of the inputs (s.manifest.json); choose another file", 2,
+         lambda work: _manifest(work, "s.rank0-of-1.h5")),
+    Case("out-folder-read-only", "the output folder is read-only", "calib fit t.h5 --out ro/c.json --no-plot",
+         "calib: error: cannot write ro/c.json: cannot write in ro: permission denied", 2,
+         lambda work: (copy_asset("real.h5", work, "t.h5"), (work / "ro").mkdir(), _deny(work / "ro", "write"))[2]),
+    Case("lock-folder-read-only", "the trace's folder is read-only (no lock file)",
+         f"{TRACE} --prompts p.txt --out ro/t.h5",
+         "calib: error: cannot write in ro: permission denied (for the lock file of t.h5)", 2,
+         lambda work: (_p("a handwritten 7\n")(work), (work / "ro").mkdir(), _deny(work / "ro", "write"))[2]),
+    # -- inputs ---------------------------------------------------------------------------------------------------
+    Case("input-unreadable", "an input file without read permission", "calib fit t.h5 --out c.json",
+         "calib: error: t.h5: cannot read it (Permission denied)", 2,
+         lambda work: (copy_asset("real.h5", work, "t.h5"), _deny(work / "t.h5", "read"))[1]),
+    Case("input-dev-zero-prompts", "a prompts file that is a symlink to /dev/zero", "calib trace --prompts p.txt",
+         "calib: error: p.txt: is a device, not a regular file; expected a text file with one prompt per line", 2,
+         lambda work: (work / "p.txt").symlink_to("/dev/zero")),
+    Case("input-dev-zero-trace", "a trace that is a symlink to /dev/zero", "calib fit t.h5 --out c.json",
+         "calib: error: t.h5: is a device, not a regular file; expected an HDF5 trace file", 2,
+         lambda work: (work / "t.h5").symlink_to("/dev/zero")),
+    Case("input-dev-zero-json", "a coefficient file that is a symlink to /dev/zero", "calib export c.json",
+         "calib: error: c.json: is a device, not a regular file; expected a coefficient JSON file", 2,
+         lambda work: (work / "c.json").symlink_to("/dev/zero")),
+    Case("input-fifo", "a coefficient file that is a FIFO", "calib export c.json",
+         "calib: error: c.json: is a FIFO (named pipe), not a regular file; expected a coefficient JSON file", 2,
+         lambda work: os.mkfifo(work / "c.json")),
+    Case("json-deep", "JSON nested 100,000 deep", "calib export c.json",
+         "calib: error: c.json: not a coefficient file calib reads: nested more than 64 levels deep", 2,
+         _p("[" * 100_000 + "]" * 100_000, "c.json")),
+    Case("json-deep-api", "JSON nested 100,000 deep (Python)", 'cr.load("c.json")',
+         "CoefficientFileError: c.json: nested more than 64 levels deep", None,
+         _p("[" * 100_000 + "]" * 100_000, "c.json"), call=lambda work: _load("c.json")),
+    Case("json-huge-int", "a 5,000-digit integer in JSON", "calib export c.json",
+         "calib: error: c.json: not a coefficient file calib reads: holds an integer of 5000 digits (at most 30 are "
+         "read)", 2, _files(c__json=lambda p: p.write_text(
+             json.dumps(real_doc()).replace('"schema_version": 1', '"schema_version": ' + "9" * 5000)))),
+    Case("json-huge-coefficient-api", "a 400-digit integer as a coefficient (Python)", 'cr.load("c.json")',
+         "CoefficientFileError: c.json: holds an integer of 401 digits (at most 30 are read)", None,
+         _files(c__json=lambda p: p.write_text(_with_coefficient(str(10**400)))), call=lambda work: _load("c.json")),
+    Case("json-coefficient-1e400-api", "a coefficient of 1e400 (Python)", 'cr.load("c.json")',
+         "CoefficientFileError: c.json: components.transformer.coefficients: every coefficient must be a finite "
+         "number", None, _files(c__json=lambda p: p.write_text(_with_coefficient("1e400"))),
+         call=lambda work: _load("c.json")),
+    Case("json-unreadable-api", "a coefficient file without read permission (Python)", 'cr.load("c.json")',
+         "CoefficientFileError: c.json: cannot read it: Permission denied", None,
+         lambda work: (copy_asset("real.json", work, "c.json"), _deny(work / "c.json", "read"))[1],
+         call=lambda work: _load("c.json")),
+    Case("json-measured-null-domain-api", "a measured file with `\"domain\": null` (Python; export refuses it too)",
+         'cr.load("c.json")',
+         "CoefficientFileError: c.json: components.transformer.domain: is null, but measured coefficients must "
+         "state the input range they were fitted on (the runtime clamps to it)", None,
+         _files(c__json=_json_edit(lambda d: _set(d, "components.transformer.domain", None))),
+         call=lambda work: _load("c.json")),
+    Case("json-lone-surrogate", "a lone surrogate in a notes field", "calib export c.json --format json --out x.json",
+         "calib: error: x.json: holds a character UTF-8 cannot encode ('\\ud800'); remove it", 2,
+         _files(c__json=_json_edit(lambda d: _set(d, "provenance.notes", "\ud800")))),
+    Case("compare-block-cache", "a block-cache document given to `calib compare`", "calib compare a.json b.json",
+         "calib: error: b.json: is a block-cache file; calib compare compares TeaCache rescalers (method teacache)", 2,
+         lambda work: (copy_asset("real.json", work, "a.json"), _block_cache_doc(work / "b.json"))),
+    Case("report-degree-1000", "a degree-1000 polynomial in `calib report`", "calib report t.h5 --coeffs c.json "
+         "--out r.html", "calib: error: c.json: components.transformer.degree: 1000 is greater than the maximum of 20", 2, lambda work: (copy_asset("real.h5", work, "t.h5"), _json_edit(lambda d: d["components"][
+             "transformer"].update(coefficients=[0.0] * 1000 + [1.0], degree=1000))(work / "c.json"))),
+    # -- bounds -----------------------------------------------------------------------------------------------------
+    Case("seeds-huge", "`--seeds 0-99999999999`", "calib trace --seeds 0-99999999999",
+         "calib: error: --seeds '0-99999999999': 100,000,000,000 seeds; at most 100,000 per run", 2),
+    Case("steps-huge", "`--steps 10000000000`", "calib trace --steps 10000000000",
+         "calib: error: --steps 10000000000: at most 10000 denoising steps", 2),
+    Case("device-cuda", "`--device cuda` without CUDA", "calib trace --device cuda --prompts p.txt",
+         f"calib: error: --device cuda: this torch has no CUDA device (torch {_torch_version()}, CUDA build: none); "
+         "use --device cpu", 2, _p("a handwritten 7\n")),
+    Case("device-foo", "`--device foo`", "calib trace --device foo --prompts p.txt",
+         "calib: error: --device 'foo': not a torch device; use cpu, cuda or cuda:N", 2, _p("a handwritten 7\n")),
+    Case("device-meta", "`--device meta`", "calib trace --device meta --prompts p.txt",
+         "calib: error: --device meta holds no data and cannot generate; use cpu or cuda", 2, _p("a handwritten 7\n")),
+    Case("modulation-module", "`--modulation-module no.such.layer`",
+         f"{TRACE} --prompts p.txt --out t.h5 --modulation-module no.such.layer",
+         "calib: error: --modulation-module no.such.layer: FluxTransformer2DModel has no submodule "
+         "'no.such.layer'", 2, _p("a handwritten 7\n")),
+    Case("factory-raises", "a `module:function` factory that raises (its traceback, then this line)",
+         "calib trace --model myfactory:broken --prompts p.txt",
+         "calib: error: --model myfactory:broken: your factory broken() raised ValueError: no weights here (above: "
+         "where your code failed)", 2, lambda work: (_p("a cat\n")(work), _factory(work))),
+    Case("factory-arguments", "a `module:function` factory that needs arguments",
+         "calib trace --model myfactory:needs_path --prompts p.txt",
+         "calib: error: --model myfactory:needs_path: needs_path() needs arguments (path); calib calls it with none "
+         "— give them defaults or wrap it in a function that takes none", 2,
+         lambda work: (_p("a cat\n")(work), _factory(work))),
+    Case("demo-threshold", "`calib demo --threshold -1` (refused before anything is written)",
+         "calib demo --threshold -1", "calib: error: --threshold must be a finite number >= 0, got -1.0", 2),
+    # -- the runtime's error types -----------------------------------------------------------------------------------
+    Case("apply-twice", "the runtime applied twice", 'cr.apply(pipe, cr.load("c.json")); cr.apply(pipe, ...)',
+         "ModelMismatchError: FluxTransformer2DModel already has a calib cache applied; call handle.remove() first",
+         None, lambda work: copy_asset("real.json", work, "c.json"), call=lambda work: _apply_twice("c.json")),
+    Case("apply-missing-component", "a file for `transformer_2` only, applied to a one-transformer pipeline",
+         'cr.apply(pipe, cr.load("c.json"))',
+         "ModelMismatchError: DigitsPipeline has none of the components ['transformer_2'] named in c.json (it has "
+         "transformer)", None, _files(c__json=_json_edit(lambda d: d.update(
+             components={"transformer_2": d["components"]["transformer"]}))), call=lambda work: _apply("c.json")),
+    Case("threshold-huge-int", "`threshold=10**400`", 'cr.apply(pipe, cr.load("c.json"), threshold=10**400)',
+         "ThresholdError: threshold must be a finite number, got an integer of 401 digits", None,
+         lambda work: copy_asset("real.json", work, "c.json"), call=lambda work: _apply("c.json", threshold=10**400)),
 ]
 
 VOLATILE = [(re.compile(r"\(pid \d+\)"), "(pid <pid>)"), (re.compile(r"\b(stored_eof|eof) = \d+"), r"\1 = <n>")]

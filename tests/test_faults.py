@@ -1,0 +1,510 @@
+"""Faults and hostile files: full disks, injected write / fsync / close errors, output paths, locks, files that try to
+make calib run code or open other files, and the runtime's error types.
+
+* Full disk: a 200 kB tmpfs as the output folder (mounted where the tests run as root; skipped with the reason
+  otherwise). Every writing command (trace, fit, merge, report, tune --write, export) ends in one line, exit 2, and
+  leaves the previous file byte for byte.
+* Injected errors: a shim on calib's one writer (:mod:`calib._io`) fails its N-th OS call (open, write, fsync,
+  close, link, rename) with ENOSPC or EIO, for every N of a run of ``calib merge``, ``fit`` (JSON + PNG),
+  ``report``, ``tune --write``, ``export`` and ``trace``: each run is one line and the previous file, or exits 0
+  with exactly the file a clean run writes. Where strace is installed the same sweep runs on a real ``calib merge``
+  process with ``strace -e inject=write:error=ENOSPC:when=N`` (and fsync/EIO), which also proves no exit 139.
+* Hostile files: a module planted in the working folder never runs through any command that reads a file, and the
+  paths a coefficient file lists are never opened.
+
+The one-line refusals (outputs that are directories or inputs, devices as inputs, deep JSON, ...) are cases of
+tests/test_reliability.py, which generates docs/bad-inputs.md.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from test_reliability import (EVIL_MODULE, FAST_FIT, assets, copy_asset, pipe, real_doc, real_trajectories,
+                              run_cli, write_trace)
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHONPATH=str(ROOT), PYTHONDONTWRITEBYTECODE="1")
+
+
+def files_of(folder: Path) -> dict:
+    """name -> sha256 of every regular file (temporary files included, so a leftover one shows)."""
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def temporaries(folder: Path) -> list[str]:
+    return [p.name for p in folder.iterdir() if p.name.endswith(".tmp")]
+
+
+def one_error_line(err: str) -> str:
+    assert "Traceback" not in err, err[-3000:]
+    errors = [ln for ln in err.splitlines() if ln.startswith("calib: error:")]
+    assert len(errors) == 1, err[-3000:]
+    return errors[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the commands that write, each with its inputs and the file it writes
+# ---------------------------------------------------------------------------------------------------------------
+def _prepare(work: Path, out_dir: Path) -> None:
+    """Inputs in ``work``; the previous outputs (what a failed write must leave) in ``out_dir``."""
+    copy_asset("real.h5", work, "t.h5")
+    copy_asset("real.json", work, "c.json")
+    (work / "p.txt").write_text("a handwritten 7\n")
+    from calib import shards
+    from calib.store import TraceWriter
+    from calib.trace import TraceSettings
+
+    info, trajectories = real_trajectories()
+    with TraceWriter(work / "s.rank0-of-1.h5", info, attrs={"shard_index": 0, "shard_count": 1}) as w:
+        w.append(trajectories)
+    jobs = sorted({(t.prompt, t.seed) for t in trajectories})
+    shards.write_manifest(work / "s.h5", model="builtin:digits", model_info=info,
+                          settings=TraceSettings(steps=6, seeds=(0, 1)), prompts=sorted({p for p, _ in jobs}),
+                          jobs=jobs, count=1, launcher="shard")
+    out_dir.mkdir(exist_ok=True)
+    copy_asset("real.h5", out_dir, "m.h5")        # merge --overwrite replaces it
+    copy_asset("tiny.h5", out_dir, "trace.h5")    # trace resumes it (another prompt, so it appends)
+    copy_asset("real.json", out_dir, "fit.json")  # fit replaces it and its PNG
+    (out_dir / "fit.png").write_bytes(b"\x89PNG\r\n\x1a\n previous plot")
+    copy_asset("real.json", out_dir, "tuned.json")  # tune --write rewrites it in place
+    (out_dir / "r.html").write_text("<html>previous report</html>")
+    (out_dir / "mag.json").write_text('{"previous": true}\n')
+
+
+def commands(out: str) -> dict:
+    """name -> argv, every output under the folder ``out`` (relative to the working folder)."""
+    return {
+        "merge": ["merge", "s.manifest.json", "--out", f"{out}/m.h5", "--overwrite"],
+        "fit": ["fit", "t.h5", "--out", f"{out}/fit.json", *FAST_FIT],
+        "report": ["report", "t.h5", "--coeffs", "c.json", "--out", f"{out}/r.html"],
+        "tune": ["tune", "t.h5", "--coeffs", f"{out}/tuned.json", "--speedup", "1.5", "--write"],
+        "export": ["export", "t.h5", "--format", "diffusers-magcache", "--out", f"{out}/mag.json"],
+        "trace": ["trace", "--prompts", "p.txt", "--steps", "4", "--seeds", "1", "--out", f"{out}/trace.h5"],
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# full disk: a 200 kB tmpfs
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def small_disk(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("mounting a 200 kB tmpfs as the full disk needs root (run the tests as root, as CI does)")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200k", "tmpfs", str(disk)], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip() or done.returncode})")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def fill(disk: Path) -> None:
+    """Use up every free byte of ``disk``."""
+    fd = os.open(disk / "filler", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        for size in (65536, 4096, 512, 1):
+            try:
+                while os.write(fd, b"\0" * size):
+                    pass
+            except OSError:
+                pass
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("name", list(commands("disk")))
+def test_full_disk_keeps_the_previous_file(small_disk, tmp_path, name):
+    work = tmp_path
+    _prepare(work, small_disk)
+    pipe()  # loaded once per session, not counted in the trace command
+    fill(small_disk)
+    before = files_of(small_disk)
+    code, out, err = run_cli(commands("disk")[name], work)
+    assert code == 2, (code, out, err)
+    line = one_error_line(err)
+    assert re.fullmatch(r"calib: error: cannot write disk/[\w.]+: No space left on device", line), line
+    assert files_of(small_disk) == before, "a failed write changed or left a file on the full disk"
+    assert not temporaries(small_disk)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# injected errors: every OS call of calib's one writer, one at a time
+# ---------------------------------------------------------------------------------------------------------------
+class FaultyOS:
+    """``os`` for calib._io, whose ``fail_at``-th call of the functions ``calls`` raises ``error``."""
+
+    CALLS = ("open", "write", "fsync", "close", "replace", "link", "chmod")
+
+    def __init__(self, fail_at: int, error: int, calls=CALLS):
+        self.fail_at, self.error, self.calls, self.names = fail_at, error, 0, tuple(calls)
+
+    def __getattr__(self, name):
+        real = getattr(os, name)
+        if name not in self.names:
+            return real
+
+        def call(*args, **kwargs):
+            self.calls += 1
+            if self.calls == self.fail_at:
+                if name == "close":  # the descriptor is closed all the same, as the kernel does
+                    real(*args, **kwargs)
+                raise OSError(self.error, os.strerror(self.error))
+            return real(*args, **kwargs)
+
+        return call
+
+
+def sweep(work: Path, argv: list[str], outputs: list[str], error: int, monkeypatch, limit: int = 60,
+          calls=FaultyOS.CALLS, first: int = 1, complete: bool = True) -> int:
+    """Run ``argv`` with the N-th OS call of the writer failing (of the names ``calls``), N = ``first``, ... until a
+    run passes every call (``complete``) or N reaches ``limit``. Each failed run: one line naming an output and the
+    error, every file as before. Returns how many calls a clean run makes."""
+    import calib._io as cio
+
+    clean = work / "clean"
+    shutil.copytree(work, clean, symlinks=True)
+    code, _, err = run_cli(argv, clean)
+    assert code == 0, err
+    expected = {name: (clean / name).read_bytes() for name in outputs}
+    before = files_of(work / "disk")
+    for n in range(first, limit):
+        faulty = FaultyOS(n, error, calls)
+        monkeypatch.setattr(cio, "os", faulty)
+        try:
+            code, out, err = run_cli(argv, work)
+        finally:
+            monkeypatch.setattr(cio, "os", os)
+        if code == 0:  # the fault was never reached, or hit a best-effort call (the folder's fsync)
+            for name in outputs:
+                if name.endswith(".h5"):
+                    assert _trajectories(work / name) == _trajectories(clean / name), (n, name)
+                elif name.endswith("mag.json"):  # the others hold a time stamp
+                    assert (work / name).read_bytes() == expected[name], (n, name)
+            if faulty.calls < n:
+                return n - 1
+            before = files_of(work / "disk")
+            continue
+        assert code == 2, (n, code, out, err)
+        line = one_error_line(err)
+        assert re.fullmatch(rf"calib: error: cannot write( in)? disk[/\w.]*: .*{os.strerror(error)}.*", line,
+                            re.IGNORECASE), (n, line)
+        assert files_of(work / "disk") == before, f"call {n}: a failed write changed or left a file"
+    if complete:
+        raise AssertionError(f"{argv} made more than {limit} writer calls")
+    return limit - 1
+
+
+def _trajectories(path: Path) -> list:
+    from calib.store import read_traces
+
+    return [(t.key, t.steps, [getattr(t, s).tobytes() for s in ("input_rel_l1", "output_rel_l1", "step_index")])
+            for t in read_traces([path]).trajectories]
+
+
+OUTPUTS = {"merge": ["disk/m.h5"], "fit": ["disk/fit.json", "disk/fit.png"], "report": ["disk/r.html"],
+           "tune": ["disk/tuned.json"], "export": ["disk/mag.json"], "trace": ["disk/trace.h5"]}
+
+
+@pytest.mark.parametrize("name", ["merge", "tune", "export", pytest.param("fit", marks=pytest.mark.slow),
+                                  pytest.param("report", marks=pytest.mark.slow),
+                                  pytest.param("trace", marks=pytest.mark.slow)])
+def test_every_writer_call_failing_keeps_the_previous_file(tmp_path, monkeypatch, name):
+    """The sweep: the N-th OS call of the writer fails, for every N of the run."""
+    _prepare(tmp_path, tmp_path / "disk")
+    pipe()
+    error = errno.EIO if name in ("fit", "tune") else errno.ENOSPC
+    calls = sweep(tmp_path, commands("disk")[name], OUTPUTS[name], error, monkeypatch)
+    assert calls >= 5, calls  # open, write, fsync, close, rename at least: the sweep covered them
+
+
+@pytest.mark.parametrize("name, call, error", [
+    ("fit", "write", errno.ENOSPC), ("fit", "replace", errno.ENOSPC), ("report", "fsync", errno.EIO),
+    ("report", "close", errno.EIO), ("trace", "write", errno.ENOSPC), ("trace", "fsync", errno.EIO)])
+def test_write_fsync_close_rename_failing_keeps_the_previous_file(tmp_path, monkeypatch, name, call, error):
+    """The slower commands (the sweep over all their calls is marked slow): the first write, fsync, close or rename
+    fails; for fit (JSON + PNG) also the second rename, after the JSON is in place, which must be taken back."""
+    _prepare(tmp_path, tmp_path / "disk")
+    pipe()
+    last = 3 if (name, call) == ("fit", "replace") else 2
+    sweep(tmp_path, commands("disk")[name], OUTPUTS[name], error, monkeypatch, limit=last, calls=(call,),
+          complete=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the same on a real process, with the kernel's calls failing (strace)
+# ---------------------------------------------------------------------------------------------------------------
+def _strace(work: Path, inject: str, argv: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(["strace", "-f", "-qq", "-o", "/dev/null", "-e", f"trace={inject.split(':')[0]}",
+                           "-e", f"inject={inject}", sys.executable, "-m", "calib", *argv],
+                          cwd=work, env=ENV, capture_output=True, text=True, timeout=120)
+
+
+def _writes_of(work: Path, argv: list[str]) -> int:
+    log = work / "strace.log"
+    subprocess.run(["strace", "-f", "-qq", "-o", str(log), "-e", "trace=write", sys.executable, "-m", "calib",
+                    *argv], cwd=work, env=ENV, capture_output=True, timeout=120, check=True)
+    return sum(1 for ln in log.read_text().splitlines() if "write(" in ln)
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed (apt-get install -y strace)")
+def test_merge_under_injected_enospc_at_every_write(tmp_path):
+    """`calib merge` with write(2) failing with ENOSPC at its N-th call, for every N: never a wrong m.h5, never a
+    crash (exit 139), one line each time (the issue's sweep, on the real process)."""
+    work = tmp_path
+    _prepare(work, work / "disk")
+    argv = commands("disk")["merge"]
+    reference = work / "ref"
+    shutil.copytree(work, reference)
+    total = _writes_of(reference, argv)
+    expected = _trajectories(reference / "disk/m.h5")
+    previous = (work / "disk/m.h5").read_bytes()
+    assert total >= 2, total
+    for n in range(1, total + 1):
+        (work / "disk/m.h5").write_bytes(previous)
+        done = _strace(work, f"write:error=ENOSPC:when={n}", argv)
+        assert done.returncode in (0, 2), (n, done.returncode, done.stderr[-2000:])  # never 139
+        assert "Traceback" not in done.stderr, (n, done.stderr[-2000:])
+        assert len([ln for ln in done.stderr.splitlines() if ln.startswith("calib: error:")]) <= 1, n
+        now = (work / "disk/m.h5").read_bytes()
+        # the previous file, or exactly what a clean merge writes (when the failed write was the final message)
+        assert now == previous or _trajectories(work / "disk/m.h5") == expected, f"write {n}: a wrong m.h5"
+        if done.returncode == 0:
+            assert _trajectories(work / "disk/m.h5") == expected, n
+        assert not temporaries(work / "disk"), n
+    (work / "disk/m.h5").write_bytes(previous)
+    done = _strace(work, "fsync:error=EIO:when=1", argv)
+    assert done.returncode == 2 and one_error_line(done.stderr) == \
+        "calib: error: cannot write disk/m.h5: Input/output error", done.stderr[-2000:]
+    assert (work / "disk/m.h5").read_bytes() == previous
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("strace") is None, reason="strace is not installed (apt-get install -y strace)")
+def test_trace_under_injected_fsync_eio(tmp_path):
+    work = tmp_path
+    _prepare(work, work / "disk")
+    previous = (work / "disk/trace.h5").read_bytes()
+    done = _strace(work, "fsync:error=EIO:when=1", commands("disk")["trace"])
+    assert done.returncode == 2, (done.returncode, done.stderr[-2000:])
+    assert one_error_line(done.stderr) == "calib: error: cannot write disk/trace.h5: Input/output error"
+    assert (work / "disk/trace.h5").read_bytes() == previous and not temporaries(work / "disk")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# output paths and locks
+# ---------------------------------------------------------------------------------------------------------------
+def test_stdout_fifo_and_device_outputs_are_streams(tmp_path):
+    work = tmp_path
+    copy_asset("real.json", work, "c.json")
+    done = subprocess.run([sys.executable, "-m", "calib", "export", "c.json", "--format", "json", "--out",
+                           "/dev/stdout"], cwd=work, env=ENV, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout[: done.stdout.rindex("}") + 1])["format"] == "calib.coefficients"
+    # a FIFO at --out is written into, not replaced by a regular file
+    os.mkfifo(work / "pipe.json")
+    reader = subprocess.Popen(["cat", str(work / "pipe.json")], stdout=subprocess.PIPE)
+    code, _, err = run_cli(["export", "c.json", "--format", "json", "--out", "pipe.json"], work)
+    got = reader.communicate(timeout=60)[0]
+    assert code == 0, err
+    assert stat.S_ISFIFO(os.stat(work / "pipe.json").st_mode) and json.loads(got)["format"] == "calib.coefficients"
+    if os.geteuid() == 0:  # a device node (a copy of /dev/null) stays a device
+        os.mknod(work / "null.json", stat.S_IFCHR | 0o666, os.makedev(1, 3))
+        code, _, err = run_cli(["export", "c.json", "--format", "json", "--out", "null.json"], work)
+        assert code == 0, err
+        assert stat.S_ISCHR(os.stat(work / "null.json").st_mode)
+    assert not temporaries(work)
+
+
+def test_symlinked_output_is_written_through(tmp_path):
+    work = tmp_path
+    copy_asset("real.json", work, "c.json")
+    (work / "real").mkdir()
+    (work / "real/out.json").write_text("{}")
+    (work / "link.json").symlink_to("real/out.json")
+    code, _, err = run_cli(["export", "c.json", "--format", "json", "--out", "link.json"], work)
+    assert code == 0, err
+    assert (work / "link.json").is_symlink(), "the symlink was replaced by a regular file"
+    assert json.loads((work / "real/out.json").read_text())["format"] == "calib.coefficients"
+    assert not temporaries(work) and not temporaries(work / "real")
+
+
+def test_two_tracers_through_a_symlink_share_the_lock(tmp_path):
+    from calib.store import TraceWriter
+
+    work = tmp_path
+    (work / "p.txt").write_text("a handwritten 7\n")
+    (work / "link.h5").symlink_to("t.h5")
+    holder = TraceWriter(work / "t.h5", real_trajectories()[0])  # the first tracer
+    try:
+        for out in ("link.h5", str(work / "t.h5"), "./t.h5"):
+            code, _, err = run_cli(["trace", "--prompts", "p.txt", "--steps", "2", "--seeds", "0", "--out", out],
+                                   work)
+            assert code == 2
+            assert one_error_line(err) == (f"calib: error: {Path(out)} is being written by another calib process "
+                                           f"(pid {os.getpid()}); wait for it or use another --out")
+    finally:
+        holder.close()
+    code, _, err = run_cli(["trace", "--prompts", "p.txt", "--steps", "2", "--seeds", "0", "--out", "link.h5"], work)
+    assert code == 0, err
+    assert (work / "link.h5").is_symlink() and (work / "t.h5").is_file()
+    assert not (work / "t.h5.lock").exists() and not (work / "link.h5.lock").exists()
+
+
+def test_stale_temporaries_of_killed_writers_are_removed(tmp_path):
+    work = tmp_path
+    copy_asset("real.json", work, "c.json")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    from calib._io import _HOST
+
+    stale = work / f".x.json.{dead.pid}-{_HOST}.abcd1234.tmp"  # a writer that was killed mid-write
+    stale.write_text("half")
+    mine = work / f".x.json.{os.getpid()}-{_HOST}.abcd1234.tmp"  # a live writer's (this process)
+    mine.write_text("in flight")
+    code, _, err = run_cli(["export", "c.json", "--format", "json", "--out", "x.json"], work)
+    assert code == 0, err
+    assert not stale.exists() and mine.exists()
+
+
+def test_a_failed_first_generation_leaves_no_trace(tmp_path, monkeypatch):
+    import calib.trace
+
+    def broken(self, *a, **k):
+        raise calib.trace.CalibError("the model failed")
+
+    (tmp_path / "p.txt").write_text("a handwritten 7\n")
+    monkeypatch.setattr(calib.trace.Tracer, "trace", broken)
+    code, _, err = run_cli(["trace", "--prompts", "p.txt", "--steps", "2", "--seeds", "0", "--out", "t.h5"], tmp_path)
+    assert code == 2 and one_error_line(err) == "calib: error: the model failed"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.txt"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# hostile files
+# ---------------------------------------------------------------------------------------------------------------
+def test_no_file_makes_calib_run_code(tmp_path):
+    """A module planted in the working folder, named by the trace (model_source), the coefficient file fitted from
+    it (model.source), the manifest and an eval results file: no command that reads them imports it."""
+    from calib import shards
+    from calib.store import TraceWriter
+    from calib.trace import TraceSettings
+
+    work = tmp_path
+    (work / "evil.py").write_text(EVIL_MODULE)
+    info, trajectories = real_trajectories()
+    info = dict(info, source="evil:pipeline")
+    write_trace(work / "t.h5", trajectories, info)
+    with TraceWriter(work / "s.rank0-of-1.h5", info, attrs={"shard_index": 0, "shard_count": 1}) as w:
+        w.append(trajectories)
+    jobs = sorted({(t.prompt, t.seed) for t in trajectories})
+    shards.write_manifest(work / "s.h5", model="evil:pipeline", model_info=info,
+                          settings=TraceSettings(steps=6, seeds=(0, 1)), prompts=sorted({p for p, _ in jobs}),
+                          jobs=jobs, count=1, launcher="shard")
+    (work / "p.txt").write_text("a handwritten 7\n")
+
+    def ran() -> bool:
+        return (work / "RAN").exists() or "evil" in sys.modules
+
+    code, _, err = run_cli(["fit", "t.h5", "--out", "c.json", *FAST_FIT, "--no-plot"], work)
+    assert code == 0, err
+    assert json.loads((work / "c.json").read_text())["model"]["source"] == "evil:pipeline"  # carried, not run
+    (work / "c2.json").write_bytes((work / "c.json").read_bytes())
+    (work / "e.json").write_text(json.dumps({"format": "calib.eval", "version": 1, "model": "evil:pipeline",
+                                             "coeffs": "c.json", "results": []}))
+    refused = {
+        ("eval", "--coeffs", "c.json"): "pass --model",
+        ("trace", "--prompts", "p.txt", "--steps", "2", "--seeds", "9", "--out", "t.h5"): "another model",
+    }
+    for argv, why in refused.items():
+        code, _, err = run_cli(list(argv), work)
+        assert code == 2 and why in one_error_line(err), (argv, err)
+        assert not ran(), argv
+    for argv in (["export", "c.json"], ["export", "c.json", "--format", "json", "--out", "x.json"],
+                 ["export", "t.h5", "--format", "diffusers-magcache", "--out", "m.json"],
+                 ["compare", "c.json", "c2.json"], ["tune", "t.h5", "--coeffs", "c2.json", "--speedup", "1.5"],
+                 ["fit", "s.manifest.json", "--out", "c3.json", *FAST_FIT, "--no-plot"],
+                 ["merge", "s.manifest.json", "--out", "merged.h5"],
+                 ["report", "t.h5", "--coeffs", "c.json", "--eval", "e.json", "--out", "r.html"]):
+        code, _, err = run_cli(argv, work)
+        assert code in (0, 2), (argv, err)
+        assert "Traceback" not in err, (argv, err)
+        assert not ran(), argv
+
+
+def test_eval_never_opens_the_files_a_coefficient_file_lists(tmp_path, monkeypatch):
+    """`calib eval` without --traces: the file's calibration.trace_files (a trace, /etc/passwd) are not opened; the
+    run is stopped where generation would start, by which point the traces for the predictions are chosen."""
+    import calib.evaluation
+    import calib.store
+    from calib.errors import CalibError
+
+    def stop(*a, **k):
+        raise CalibError("stopped before generating")
+
+    work = tmp_path
+    copy_asset("real.h5", work, "secret.h5")
+    doc = real_doc()
+    doc["calibration"]["trace_files"] = [str(work / "secret.h5"), "/etc/passwd"]
+    (work / "c.json").write_text(json.dumps(doc))
+    (work / "p.txt").write_text("a handwritten 7\n")
+    opened = []
+    real_read = calib.store._read_file
+    monkeypatch.setattr(calib.store, "_read_file", lambda path, **k: (opened.append(str(path)), real_read(path, **k))[1])
+    monkeypatch.setattr(calib.evaluation, "_measure", stop)
+    monkeypatch.setattr(calib.evaluation, "digit_reader", lambda builtin: None)  # its classifier takes seconds
+    code, _, err = run_cli(["eval", "--coeffs", "c.json", "--prompts", "p.txt", "--seeds", "100", "--steps", "4",
+                            "--repeats", "1", "--out", "res.json"], work)
+    assert code == 2 and one_error_line(err) == "calib: error: stopped before generating", err
+    assert opened == []
+    code, _, err = run_cli(["eval", "--coeffs", "c.json", "--prompts", "p.txt", "--seeds", "100", "--steps", "4",
+                            "--repeats", "1", "--traces", "secret.h5"], work)
+    assert code == 2 and opened == ["secret.h5"]  # what the command line names is read
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the runtime's error contract
+# ---------------------------------------------------------------------------------------------------------------
+def test_runtime_raises_only_its_documented_errors(tmp_path):
+    """load / apply on hostile input raise CoefficientFileError, ModelMismatchError or ThresholdError (each a
+    CalibError), never PermissionError, RecursionError, OverflowError, ValueError or RuntimeError."""
+    import calib.runtime as cr
+
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    huge = tmp_path / "huge.json"
+    huge.write_text(json.dumps(real_doc()).replace('"schema_version": 1', '"schema_version": ' + "9" * 5000))
+    for path in (deep, huge, tmp_path):
+        with pytest.raises(cr.CoefficientFileError):
+            cr.load(path)
+    config = cr.load(copy_asset("real.json", tmp_path, "c.json"))
+    for threshold in (10**400, -1, float("inf"), "fast", True):
+        with pytest.raises(cr.ThresholdError):
+            cr.apply(pipe(), config, threshold=threshold)
+    handle = cr.apply(pipe(), config)
+    try:
+        with pytest.raises(cr.ModelMismatchError):
+            cr.apply(pipe(), config)
+    finally:
+        handle.remove()
+    two = dict(real_doc())
+    two["components"] = {"transformer": two["components"]["transformer"],
+                         "transformer_2": two["components"]["transformer"]}
+    with pytest.raises(cr.ModelMismatchError):
+        cr.apply(pipe().transformer, cr.parse(two))  # one bare transformer, two experts in the file
+    assert not hasattr(pipe().transformer, "_calib_cache_handle")
