@@ -333,7 +333,8 @@ def _write_temp(target: Target, data: bytes, verify: Callable[[Path], None] | No
         with open(tmp, "rb") as fh:
             back = fh.read()
         if hashlib.sha256(back).digest() != digest:
-            raise OSError(errno.EIO, f"{os.strerror(errno.EIO)} (read back {len(back)} of {len(data)} bytes, different)")
+            raise OSError(errno.EIO, f"{os.strerror(errno.EIO)} (the {len(back)} bytes read back differ from the "
+                                     f"{len(data)} written)")
         if verify is not None:
             verify(tmp)
     except BaseException as exc:

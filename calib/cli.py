@@ -288,8 +288,9 @@ def tune(traces, coeffs, speedup, max_error, compute_fraction, write, costs):
 
 @cli.command(name="eval")
 @click.option("--coeffs", required=True, type=click.Path(path_type=Path), help="Coefficient JSON to evaluate.")
-@click.option("--model", default=None, help="Pipeline [default: the file's model.source when it is a built-in model, a folder or a hub "
-                   "id (a file never names code: module:function only here), else builtin:digits].")
+@click.option("--model", default=None,
+              help="Pipeline [default: the file's model.source when it is a built-in model, a folder or a hub id "
+                   "(a file never names code: module:function only here), else builtin:digits].")
 @click.option("--prompts", "prompts_file", type=click.Path(path_type=Path),
               help="Held-out prompts, one a line [default: built-in models' bundled prompts].")
 @click.option("--seeds", default="100-103", show_default=True, help="Held-out seeds: '100,101' or '100-103'.")
