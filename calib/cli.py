@@ -305,15 +305,20 @@ def tune(traces, coeffs, speedup, max_error, compute_fraction, write, costs):
 @click.option("--compare", is_flag=True,
               help="Also run the frontier: other caches at 50 % and 33 % full forwards (needs traces).")
 @click.option("--plot", type=click.Path(path_type=Path), help="With --compare: PNG of error vs fraction of full forwards.")
+@click.option("--cpu-offload", is_flag=True,
+              help="enable_model_cpu_offload() (also on when the calibration used it; needs an accelerator).")
 def eval_(coeffs, model, prompts_file, seeds, thresholds, steps, guidance, repeats, trace_files, device, out, compare,
-          plot):
+          plot, cpu_offload):
     """Generate held-out prompts and seeds cached and uncached; report measured speed-up, fraction of full forwards,
-    and PSNR / SSIM / latent rel-L1 against the uncached output (docs/evaluation.md)."""
+    and PSNR / SSIM / latent rel-L1 against the uncached output (docs/evaluation.md).
+
+    The pipeline is loaded and called as calib trace did (the file's calibration.pipeline: --height/--width,
+    --negative-prompt, --true-cfg-scale, --pipeline-arg, --dtype)."""
     from .evaluation import run_eval
 
     run_eval(coeffs, model=model, prompts_file=prompts_file, seeds=_seeds(seeds), thresholds=list(thresholds) or None,
              steps=steps, guidance=guidance, repeats=repeats, traces=list(trace_files) or None, device=device, out=out,
-             compare=compare, plot=plot, echo=click.echo)
+             compare=compare, plot=plot, cpu_offload=cpu_offload, echo=click.echo)
 
 
 def main(argv=None) -> int:

@@ -708,6 +708,13 @@ def _with_dtype(settings: TraceSettings, pipe) -> TraceSettings:
 def check_pipeline_arguments(pipeline, settings: TraceSettings, model: str, *, output_type: str = "latent") -> None:
     """Every argument calib passes to the pipeline (the options, the --pipeline-args) is one its ``__call__``
     takes; otherwise one line naming the option, before any work. ``pipeline`` is the pipeline or its class."""
+    check_call_arguments(pipeline, settings.steps, settings.guidance, settings.call_kwargs(), model,
+                         output_type=output_type)
+
+
+def check_call_arguments(pipeline, steps: int, guidance: float, kwargs: dict, model: str, *,
+                         output_type: str = "latent") -> None:
+    """:func:`check_pipeline_arguments` for a pipeline call of ``steps``, ``guidance`` and further ``kwargs``."""
     import inspect
 
     cls = pipeline if isinstance(pipeline, type) else type(pipeline)
@@ -718,8 +725,8 @@ def check_pipeline_arguments(pipeline, settings: TraceSettings, model: str, *, o
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return  # **kwargs: takes anything
     names = [n for n, p in params.items() if n != "self" and p.kind is not inspect.Parameter.VAR_POSITIONAL]
-    passed = {"num_inference_steps": settings.steps, "guidance_scale": settings.guidance, "generator": None,
-              "output_type": output_type, **settings.call_kwargs()}
+    passed = {"num_inference_steps": steps, "guidance_scale": guidance, "generator": None,
+              "output_type": output_type, **kwargs}
     label = cls.__name__ if model in (None, "", cls.__name__) else f"{cls.__name__} ({model})"
     for argument in passed:
         if argument in names:
