@@ -78,16 +78,18 @@ def clip_text_encoder(hidden_size: int = 32, with_projection: bool = False, proj
     return cls(config).eval()
 
 
-def t5_encoder(d_model: int = 32):
-    from transformers import T5Config, T5EncoderModel
+def t5_encoder(d_model: int = 32, umt5: bool = False):
+    """T5's encoder; ``umt5``: the multilingual variant Wan's pipelines name (same layout, per-layer position bias)."""
+    from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
 
-    config = T5Config(
+    config_class, model_class = (UMT5Config, UMT5EncoderModel) if umt5 else (T5Config, T5EncoderModel)
+    config = config_class(
         vocab_size=VOCAB_SIZE, d_model=d_model, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
         relative_attention_num_buckets=8, dropout_rate=0.0, pad_token_id=PAD_ID, eos_token_id=EOS_ID,
         decoder_start_token_id=PAD_ID,
     )
     torch.manual_seed(0)
-    return T5EncoderModel(config).eval()
+    return model_class(config).eval()
 
 
 def gemma2_encoder(hidden_size: int = 8, head_dim: int = 4):
@@ -189,6 +191,291 @@ def build_qwenimage():
     )
 
 
+
+def _wan_transformer(in_channels: int = 16, image_dim: int | None = None, seed: int = 0):
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=in_channels,
+        out_channels=16, text_dim=32, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", rope_max_seq_len=32, image_dim=image_dim,
+    ).eval()
+
+
+def build_wan_t2v():
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+
+    return WanPipeline(
+        tokenizer=byte_tokenizer(512), text_encoder=t5_encoder(32, umt5=True), vae=wan_vae(),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), transformer=_wan_transformer(),
+    )
+
+
+def build_wan_i2v():
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    torch.manual_seed(0)
+    image_encoder = CLIPVisionModel(CLIPVisionConfig(
+        hidden_size=4, projection_dim=4, num_hidden_layers=2, num_attention_heads=2, image_size=16,
+        intermediate_size=16, patch_size=2,
+    )).eval()
+    return WanImageToVideoPipeline(
+        tokenizer=byte_tokenizer(512), text_encoder=t5_encoder(32, umt5=True), vae=wan_vae(),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+        image_processor=CLIPImageProcessor(crop_size=16, size=16), image_encoder=image_encoder,
+        # 16 noise + 4 mask + 16 image-latent channels
+        transformer=_wan_transformer(in_channels=36, image_dim=4),
+    )
+
+
+def build_wan22_two_experts():
+    """Wan2.2 A14B's layout: ``transformer`` (high noise) above the boundary, ``transformer_2`` (low noise) below."""
+    from diffusers import UniPCMultistepScheduler, WanPipeline
+
+    return WanPipeline(
+        tokenizer=byte_tokenizer(512), text_encoder=t5_encoder(32, umt5=True), vae=wan_vae(),
+        scheduler=UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0),
+        transformer=_wan_transformer(seed=0), transformer_2=_wan_transformer(seed=1),
+        # 6 steps of shift-3 flow sigmas: the first two run on `transformer`, the other four on `transformer_2`
+        boundary_ratio=0.875,
+    )
+
+
+def build_hunyuan_video():
+    from diffusers import AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline
+    from diffusers import HunyuanVideoTransformer3DModel
+    from transformers import LlamaConfig, LlamaModel
+
+    torch.manual_seed(0)
+    transformer = HunyuanVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=10, num_layers=1,
+        num_single_layers=2, num_refiner_layers=1, patch_size=1, patch_size_t=1, guidance_embeds=True,
+        text_embed_dim=16, pooled_projection_dim=8, rope_axes_dim=(2, 4, 4),
+    )
+    torch.manual_seed(0)
+    vae = AutoencoderKLHunyuanVideo(
+        in_channels=3, out_channels=3, latent_channels=4,
+        down_block_types=("HunyuanVideoDownBlock3D",) * 4, up_block_types=("HunyuanVideoUpBlock3D",) * 4,
+        block_out_channels=(8, 8, 8, 8), layers_per_block=1, act_fn="silu", norm_num_groups=4,
+        scaling_factor=0.476986, spatial_compression_ratio=8, temporal_compression_ratio=4,
+        mid_block_add_attention=True,
+    )
+    torch.manual_seed(0)
+    llama = LlamaModel(LlamaConfig(
+        vocab_size=VOCAB_SIZE, hidden_size=16, intermediate_size=37, num_attention_heads=4, num_hidden_layers=3,
+        pad_token_id=PAD_ID, bos_token_id=BOS_ID, eos_token_id=EOS_ID, hidden_act="gelu",
+    )).eval()
+    return HunyuanVideoPipeline(
+        # the default prompt template is cropped at its 95th token; the byte tokenizer gives it ~500
+        text_encoder=llama, tokenizer=byte_tokenizer(1024),
+        transformer=transformer.eval(), vae=vae.eval(), scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+        text_encoder_2=clip_text_encoder(8), tokenizer_2=byte_tokenizer(77, add_bos_eos=True),
+    )
+
+
+def build_cogvideox():
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXPipeline
+    from diffusers import CogVideoXTransformer3DModel
+
+    torch.manual_seed(0)
+    transformer = CogVideoXTransformer3DModel(
+        num_attention_heads=4, attention_head_dim=8, in_channels=4, out_channels=4, time_embed_dim=2,
+        text_embed_dim=32, num_layers=2, sample_width=2, sample_height=2, sample_frames=9, patch_size=2,
+        temporal_compression_ratio=4, max_text_seq_length=226,  # the pipeline's default max_sequence_length
+    )
+    torch.manual_seed(0)
+    vae = AutoencoderKLCogVideoX(
+        in_channels=3, out_channels=3, down_block_types=("CogVideoXDownBlock3D",) * 4,
+        up_block_types=("CogVideoXUpBlock3D",) * 4, block_out_channels=(8, 8, 8, 8), latent_channels=4,
+        layers_per_block=1, norm_num_groups=2, temporal_compression_ratio=4,
+    )
+    return CogVideoXPipeline(
+        tokenizer=byte_tokenizer(512), text_encoder=t5_encoder(32), vae=vae.eval(),
+        transformer=transformer.eval(), scheduler=CogVideoXDDIMScheduler(),
+    )
+
+
+def build_ltx():
+    from diffusers import AutoencoderKLLTXVideo, FlowMatchEulerDiscreteScheduler, LTXPipeline
+    from diffusers import LTXVideoTransformer3DModel
+
+    torch.manual_seed(0)
+    transformer = LTXVideoTransformer3DModel(
+        in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=4, attention_head_dim=8,
+        cross_attention_dim=32, num_layers=2, caption_channels=32,
+    )
+    torch.manual_seed(0)
+    # every decoder size is given: its defaults are the full model's (a 905 MB "tiny" folder)
+    vae = AutoencoderKLLTXVideo(
+        in_channels=3, out_channels=3, latent_channels=8, block_out_channels=(8, 8, 8, 8),
+        decoder_block_out_channels=(8, 8, 8, 8), layers_per_block=(1, 1, 1, 1, 1),
+        decoder_layers_per_block=(1, 1, 1, 1, 1), spatio_temporal_scaling=(True, True, False, False),
+        decoder_spatio_temporal_scaling=(True, True, False, False), decoder_inject_noise=(False,) * 5,
+        upsample_residual=(False,) * 4, upsample_factor=(1,) * 4, timestep_conditioning=False, patch_size=1,
+        patch_size_t=1, encoder_causal=True, decoder_causal=False,
+    )
+    return LTXPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae.eval(), text_encoder=t5_encoder(32),
+        tokenizer=byte_tokenizer(512), transformer=transformer.eval(),
+    )
+
+
+def build_mochi():
+    from diffusers import AutoencoderKLMochi, FlowMatchEulerDiscreteScheduler, MochiPipeline
+    from diffusers import MochiTransformer3DModel
+
+    torch.manual_seed(0)
+    transformer = MochiTransformer3DModel(
+        patch_size=2, num_attention_heads=2, attention_head_dim=8, num_layers=2, pooled_projection_dim=16,
+        in_channels=12, out_channels=None, qk_norm="rms_norm", text_embed_dim=32, time_embed_dim=4,
+        activation_fn="swiglu", max_sequence_length=256,  # the pipeline's default max_sequence_length
+    )
+    torch.manual_seed(0)
+    vae = AutoencoderKLMochi(  # its group norms take 32 groups: 32 channels is the least
+        latent_channels=12, out_channels=3, encoder_block_out_channels=(32, 32, 32, 32),
+        decoder_block_out_channels=(32, 32, 32, 32), layers_per_block=(1, 1, 1, 1, 1),
+    )
+    return MochiPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae.eval(), text_encoder=t5_encoder(32),
+        tokenizer=byte_tokenizer(512), transformer=transformer.eval(),
+    )
+
+
+def build_sd3():
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    torch.manual_seed(0)
+    transformer = SD3Transformer2DModel(
+        sample_size=32, patch_size=1, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=4,
+        caption_projection_dim=32, joint_attention_dim=32, pooled_projection_dim=64, out_channels=4,
+    )
+    return StableDiffusion3Pipeline(
+        transformer=transformer.eval(), scheduler=FlowMatchEulerDiscreteScheduler(), vae=kl_vae(latent_channels=4),
+        text_encoder=clip_text_encoder(32, with_projection=True), tokenizer=byte_tokenizer(77, add_bos_eos=True),
+        text_encoder_2=clip_text_encoder(32, with_projection=True), tokenizer_2=byte_tokenizer(77, add_bos_eos=True),
+        text_encoder_3=t5_encoder(32), tokenizer_3=byte_tokenizer(512),
+    )
+
+
+def build_lumina2():
+    from diffusers import FlowMatchEulerDiscreteScheduler, Lumina2Pipeline, Lumina2Transformer2DModel
+
+    torch.manual_seed(0)
+    transformer = Lumina2Transformer2DModel(
+        sample_size=4, patch_size=2, in_channels=4, hidden_size=8, num_layers=2, num_attention_heads=1,
+        num_kv_heads=1, multiple_of=16, ffn_dim_multiplier=None, norm_eps=1e-5, scaling_factor=1.0,
+        axes_dim_rope=[4, 2, 2], cap_feat_dim=8,
+    )
+    return Lumina2Pipeline(
+        transformer=transformer.eval(), scheduler=FlowMatchEulerDiscreteScheduler(), vae=kl_vae(latent_channels=4),
+        text_encoder=gemma2_encoder(hidden_size=8), tokenizer=byte_tokenizer(1024),
+    )
+
+
+def build_sana():
+    from diffusers import AutoencoderDC, FlowMatchEulerDiscreteScheduler, SanaPipeline, SanaTransformer2DModel
+
+    torch.manual_seed(0)
+    transformer = SanaTransformer2DModel(
+        patch_size=1, in_channels=4, out_channels=4, num_layers=2, num_attention_heads=2, attention_head_dim=4,
+        num_cross_attention_heads=2, cross_attention_head_dim=4, cross_attention_dim=8, caption_channels=8,
+        # 16 selects the pipeline's 512-px resolution bins (it bins by default); a 32x DC-AE makes that 16x16 latents
+        sample_size=16,
+    )
+    torch.manual_seed(0)
+    vae = AutoencoderDC(
+        in_channels=3, latent_channels=4, attention_head_dim=2, encoder_block_types=("ResBlock",) * 6,
+        decoder_block_types=("ResBlock",) * 6, encoder_block_out_channels=(8,) * 6,
+        decoder_block_out_channels=(8,) * 6, encoder_qkv_multiscales=((),) * 6, decoder_qkv_multiscales=((),) * 6,
+        encoder_layers_per_block=(1,) * 6, decoder_layers_per_block=(1,) * 6, downsample_block_type="conv",
+        upsample_block_type="interpolate", decoder_norm_types="rms_norm", decoder_act_fns="silu",
+        scaling_factor=0.41407,
+    )
+    return SanaPipeline(
+        tokenizer=byte_tokenizer(4096), text_encoder=gemma2_encoder(hidden_size=8), vae=vae.eval(),
+        transformer=transformer.eval(), scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+    )
+
+
+def build_pixart_sigma():
+    from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, PixArtSigmaPipeline
+    from diffusers import PixArtTransformer2DModel
+
+    torch.manual_seed(0)
+    transformer = PixArtTransformer2DModel(
+        # 32 selects the pipeline's 256-px resolution bins (it bins by default); an 8x VAE makes that 32x32 latents
+        sample_size=32, num_layers=2, patch_size=2, attention_head_dim=8, num_attention_heads=3,
+        caption_channels=32, in_channels=4, cross_attention_dim=24, out_channels=8, attention_bias=True,
+        activation_fn="gelu-approximate", num_embeds_ada_norm=1000, norm_type="ada_norm_single",
+        norm_elementwise_affine=False, norm_eps=1e-6,
+    )
+    torch.manual_seed(0)
+    vae = AutoencoderKL(
+        sample_size=32, in_channels=3, out_channels=3, block_out_channels=(4, 4, 4, 4), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, latent_channels=4,
+        norm_num_groups=1,
+    )
+    return PixArtSigmaPipeline(
+        tokenizer=byte_tokenizer(512), text_encoder=t5_encoder(32), vae=vae.eval(), transformer=transformer.eval(),
+        scheduler=DPMSolverMultistepScheduler(),
+    )
+
+
+class PassThroughSafetyChecker(torch.nn.Module):
+    """Stands in for NVIDIA's Cosmos Guardrail (the ``cosmos_guardrail`` package and its downloaded models), which
+    every Cosmos pipeline demands: it passes every prompt and frame."""
+
+    def __init__(self):
+        super().__init__()
+        # the pipeline asks each component for its device and dtype (``_execution_device``)
+        self.register_buffer("_where", torch.zeros(()), persistent=False)
+
+    @property
+    def device(self) -> torch.device:
+        return self._where.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._where.dtype
+
+    def check_text_safety(self, prompt: str) -> bool:
+        return True
+
+    def check_video_safety(self, frames):
+        return frames
+
+
+def build_cosmos2_text2image():
+    from diffusers import Cosmos2TextToImagePipeline, CosmosTransformer3DModel, FlowMatchEulerDiscreteScheduler
+
+    torch.manual_seed(0)
+    transformer = CosmosTransformer3DModel(
+        in_channels=16, out_channels=16, num_attention_heads=2, attention_head_dim=16, num_layers=2, mlp_ratio=2,
+        text_embed_dim=32, adaln_lora_dim=4, max_size=(4, 32, 32), patch_size=(1, 2, 2), rope_scale=(2.0, 1.0, 1.0),
+        # the released models concatenate a padding mask, which the transformer resizes with torchvision (not a
+        # dependency here); it widens only the patch embedding's input, not the blocks calib hooks
+        concat_padding_mask=False, extra_pos_embed_type="learnable",
+    )
+    return Cosmos2TextToImagePipeline(
+        text_encoder=t5_encoder(32), tokenizer=byte_tokenizer(512), transformer=transformer.eval(), vae=wan_vae(),
+        scheduler=FlowMatchEulerDiscreteScheduler(use_karras_sigmas=True), safety_checker=PassThroughSafetyChecker(),
+    )
+
+
+def cosmos2_text2image():
+    """``--model real_pipelines:cosmos2_text2image``: a Cosmos folder cannot load offline (its pipeline builds the
+    Guardrail, which downloads its models, when the folder has none), so the CLI gets it from this factory."""
+    return build_cosmos2_text2image()
+
+
+def _wan_i2v_call_kwargs() -> dict:
+    from PIL import Image
+
+    return {"image": Image.new("RGB", (16, 16), (120, 80, 200))}
+
+
 # ---------------------------------------------------------------------------------------------------- registry
 
 
@@ -230,6 +517,27 @@ def _register(family: Family) -> None:
 
 _register(Family("flux", "FluxPipeline", build_flux, height=16, width=16, guidance=3.5))
 _register(Family("qwenimage", "QwenImagePipeline", build_qwenimage, height=32, width=32, guidance=1.0))
+_register(Family("wan_t2v", "WanPipeline", build_wan_t2v, height=32, width=32, num_frames=9, guidance=5.0))
+_register(Family(
+    "wan_i2v", "WanImageToVideoPipeline", build_wan_i2v, height=16, width=16, num_frames=9, guidance=5.0,
+    call_kwargs=_wan_i2v_call_kwargs,
+    note="needs an `image`, which the CLI cannot pass: traced through calib.trace.run_trace(pipeline_kwargs=...)",
+))
+_register(Family("wan22", "WanPipeline", build_wan22_two_experts, height=32, width=32, num_frames=9, guidance=4.0))
+_register(Family("hunyuan_video", "HunyuanVideoPipeline", build_hunyuan_video, height=16, width=16, num_frames=9,
+                 guidance=6.0))
+_register(Family("cogvideox", "CogVideoXPipeline", build_cogvideox, height=16, width=16, num_frames=9, guidance=6.0))
+_register(Family("ltx", "LTXPipeline", build_ltx, height=32, width=32, num_frames=9, guidance=3.0))
+_register(Family("mochi", "MochiPipeline", build_mochi, height=16, width=16, num_frames=7, guidance=4.5))
+_register(Family("sd3", "StableDiffusion3Pipeline", build_sd3, height=16, width=16, guidance=5.0))
+_register(Family("lumina2", "Lumina2Pipeline", build_lumina2, height=32, width=32, guidance=4.0))
+_register(Family("sana", "SanaPipeline", build_sana, height=512, width=512, guidance=4.5))
+_register(Family("pixart_sigma", "PixArtSigmaPipeline", build_pixart_sigma, height=256, width=256, guidance=4.5))
+_register(Family(
+    "cosmos2_text2image", "Cosmos2TextToImagePipeline", build_cosmos2_text2image, height=32, width=32,
+    guidance=7.0, loads_from_folder=False,
+    note="a saved folder loads only with NVIDIA's Guardrail (downloads): traced as --model real_pipelines:cosmos2_text2image",
+))
 
 
 def build(name: str):
