@@ -13,6 +13,7 @@ templates) must work, because ``calib trace`` calls the pipeline with its defaul
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -550,3 +551,168 @@ def save(name: str, folder) -> Path:
     folder = Path(folder)
     build(name).save_pretrained(str(folder), safe_serialization=True)
     return folder
+
+
+# ---------------------------------------------------------------------------------------------------- counting
+
+# The block lists calib's adapters name; the recorder below watches the last block of the last one present, which
+# runs only when a call computes its block stack (a call the cache skips jumps over it).
+_STACK_NAMES = ("single_transformer_blocks", "transformer_blocks", "blocks", "layers")
+
+
+def _last_block(transformer: torch.nn.Module) -> torch.nn.Module:
+    for name in _STACK_NAMES:
+        stack = getattr(transformer, name, None)
+        if isinstance(stack, torch.nn.ModuleList) and len(stack):
+            return stack[-1]
+    raise AssertionError(f"{type(transformer).__name__} has none of {_STACK_NAMES}")
+
+
+@dataclass
+class Call:
+    """One call of a denoiser, as the pipeline made it."""
+
+    step: int
+    component: str
+    context: str | None  # the innermost `transformer.cache_context(...)` name around the call
+    rows: int  # batch rows of hidden_states
+    text: torch.Tensor | None  # encoder_hidden_states, to tell the prompt's rows from the negative prompt's
+    computed: bool = False  # the last block ran
+
+
+class CallRecorder:
+    """Counts how a pipeline calls its transformer(s), without calib: per step (one ``scheduler.step`` each), every
+    call's component, ``cache_context`` name, batch rows and text conditioning, and whether its blocks ran.
+
+    The ``cache_context`` wrapper is an instance attribute over the CacheMixin method the pipelines call as
+    ``self.transformer.cache_context("cond")``; it calls the original, so diffusers' hooks see the same context."""
+
+    def __init__(self, pipe):
+        import contextlib
+
+        self.calls: list[Call] = []
+        self.step = 0
+        self._undo: list[Callable] = []
+        for name in ("transformer", "transformer_2"):
+            module = getattr(pipe, name, None)
+            if not isinstance(module, torch.nn.Module):
+                continue
+            stack: list[str] = []
+            original = getattr(module, "cache_context", None)  # SD3's transformer has none (no CacheMixin)
+
+            @contextlib.contextmanager
+            def cache_context(context_name, _original=original, _stack=stack, **kwargs):
+                _stack.append(context_name)
+                try:
+                    with _original(context_name, **kwargs):
+                        yield
+                finally:
+                    _stack.pop()
+
+            if original is not None:
+                module.cache_context = cache_context
+                self._undo.append(lambda m=module: vars(m).pop("cache_context", None))
+
+            def before(mod, args, kwargs, _name=name, _stack=stack):
+                hidden = kwargs.get("hidden_states", args[0] if args else None)
+                text = kwargs.get("encoder_hidden_states")
+                self.calls.append(Call(self.step, _name, _stack[-1] if _stack else None, int(hidden.shape[0]),
+                                       text.detach().clone() if isinstance(text, torch.Tensor) else None))
+
+            def ran(mod, args, output):
+                self.calls[-1].computed = True
+
+            hooks = [module.register_forward_pre_hook(before, with_kwargs=True),
+                     _last_block(module).register_forward_hook(ran)]
+            self._undo.extend(h.remove for h in hooks)
+        scheduler = pipe.scheduler
+        step, set_timesteps = scheduler.step, scheduler.set_timesteps
+
+        # functools.wraps keeps the signatures, which diffusers' retrieve_timesteps inspects
+        @functools.wraps(step)
+        def counted_step(*args, **kwargs):
+            out = step(*args, **kwargs)
+            self.step += 1
+            return out
+
+        @functools.wraps(set_timesteps)
+        def new_generation(*args, **kwargs):
+            self.calls, self.step = [], 0
+            return set_timesteps(*args, **kwargs)
+
+        scheduler.step, scheduler.set_timesteps = counted_step, new_generation
+        self._undo.append(lambda: [vars(scheduler).pop(n, None) for n in ("step", "set_timesteps")])
+
+    def remove(self) -> None:
+        for undo in reversed(self._undo):
+            undo()
+        self._undo = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.remove()
+
+    def row_labels(self, call: Call, prompt_text: torch.Tensor | None) -> list[str]:
+        """``cond`` for the rows conditioned on the prompt (equal to ``prompt_text``, the text a guidance-free run of
+        the same prompt passed), ``uncond`` for the others."""
+        if call.text is None or prompt_text is None:
+            return ["cond"] * call.rows
+        return ["cond" if call.text[r].shape == prompt_text[0].shape and torch.equal(call.text[r], prompt_text[0])
+                else "uncond" for r in range(call.rows)]
+
+
+def generate(pipe, family: Family, prompt: str, *, steps: int, seed: int = 0, guidance: float | None = None,
+             **kwargs) -> torch.Tensor:
+    """One generation with the settings ``calib trace`` uses for ``family`` (latents out)."""
+    out = pipe(
+        prompt=prompt, num_inference_steps=steps,
+        guidance_scale=family.guidance if guidance is None else guidance,
+        generator=torch.Generator("cpu").manual_seed(seed), output_type="latent",
+        **family.size_kwargs(), **family.call_kwargs(), **kwargs,
+    )
+    result = getattr(out, "frames", None)
+    return (out.images if result is None else result).detach().clone()
+
+
+@dataclass
+class CallPattern:
+    """How a pipeline called its transformer(s) in one generation, counted by :class:`CallRecorder`."""
+
+    calls: list[Call]
+    labels: list[list[str]]  # per call, per batch row: cond / uncond
+
+    def streams(self) -> dict[tuple[str, str], list[int]]:
+        """(component, stream) -> the steps it ran, as calib should record them: a call under a cond/uncond
+        cache_context is that stream; a batched CFG call is one stream per row."""
+        out: dict[tuple[str, str], list[int]] = {}
+        for call, labels in zip(self.calls, self.labels):
+            for label in labels:
+                out.setdefault((call.component, label), []).append(call.step)
+        return out
+
+    def components(self) -> dict[str, list[int]]:
+        out: dict[str, list[int]] = {}
+        for call in self.calls:
+            steps = out.setdefault(call.component, [])
+            if not steps or steps[-1] != call.step:
+                steps.append(call.step)
+        return out
+
+    def per_step(self) -> list[tuple[str | None, int, tuple[str, ...]]]:
+        """The calls of the first step, in order: (cache_context, rows, row labels)."""
+        first = self.calls[0].step
+        return [(c.context, c.rows, tuple(lab)) for c, lab in zip(self.calls, self.labels) if c.step == first]
+
+
+def count_calls(pipe, family: Family, prompt: str, *, steps: int, seed: int = 0, **kwargs) -> CallPattern:
+    """Run the pipeline as ``calib trace`` does and count its transformer calls; a second run with guidance off
+    gives the prompt's own text conditioning, which tells cond rows from uncond rows."""
+    with CallRecorder(pipe) as rec:
+        generate(pipe, family, prompt, steps=steps, seed=seed, guidance=1.0,
+                 **{k: v for k, v in kwargs.items() if k not in ("negative_prompt", "true_cfg_scale")})
+        prompt_text = rec.calls[0].text
+        generate(pipe, family, prompt, steps=steps, seed=seed, **kwargs)
+        calls = list(rec.calls)
+    return CallPattern(calls, [rec.row_labels(c, prompt_text) for c in calls])
