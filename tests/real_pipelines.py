@@ -555,16 +555,17 @@ def save(name: str, folder) -> Path:
 
 # ---------------------------------------------------------------------------------------------------- counting
 
-# The block lists calib's adapters name; the recorder below watches the last block of the last one present, which
-# runs only when a call computes its block stack (a call the cache skips jumps over it).
+# The block lists of the families; the recorder below watches a layer inside the last block of the last list
+# present, which runs only when a call computes its block stack. (A cache may still call the block module itself on a
+# skipped step, to pass its inputs through, so the block's own hooks would fire either way.)
 _STACK_NAMES = ("single_transformer_blocks", "transformer_blocks", "blocks", "layers")
 
 
-def _last_block(transformer: torch.nn.Module) -> torch.nn.Module:
+def _inside_last_block(transformer: torch.nn.Module) -> torch.nn.Module:
     for name in _STACK_NAMES:
         stack = getattr(transformer, name, None)
         if isinstance(stack, torch.nn.ModuleList) and len(stack):
-            return stack[-1]
+            return next(m for m in stack[-1].children() if any(True for _ in m.parameters()))
     raise AssertionError(f"{type(transformer).__name__} has none of {_STACK_NAMES}")
 
 
@@ -577,7 +578,7 @@ class Call:
     context: str | None  # the innermost `transformer.cache_context(...)` name around the call
     rows: int  # batch rows of hidden_states
     text: torch.Tensor | None  # encoder_hidden_states, to tell the prompt's rows from the negative prompt's
-    computed: bool = False  # the last block ran
+    computed: bool = False  # the last block's layers ran
 
 
 class CallRecorder:
@@ -623,7 +624,7 @@ class CallRecorder:
                 self.calls[-1].computed = True
 
             hooks = [module.register_forward_pre_hook(before, with_kwargs=True),
-                     _last_block(module).register_forward_hook(ran)]
+                     _inside_last_block(module).register_forward_hook(ran)]
             self._undo.extend(h.remove for h in hooks)
         scheduler = pipe.scheduler
         step, set_timesteps = scheduler.step, scheduler.set_timesteps
