@@ -493,8 +493,9 @@ class Family:
     guidance: float = 3.0
     # what the test passes the pipeline beyond prompt/steps/guidance/size (e.g. the image of an I2V pipeline)
     call_kwargs: Callable[[], dict] = field(default=dict)
-    loads_from_folder: bool = True  # False: only through `--model module:function` (the reason is in `note`)
-    note: str = ""
+    variant: str = ""  # what sets this build apart from another of the same class (the docs table shows it)
+    factory: str | None = None  # `--model module:function` for a pipeline that cannot load from a folder offline
+    note: str = ""  # why the test drives it another way than `calib trace --model FOLDER`
 
     def trace_options(self) -> list[str]:
         opts = ["--height", str(self.height), "--width", str(self.width), "--guidance", str(self.guidance)]
@@ -524,7 +525,8 @@ _register(Family(
     call_kwargs=_wan_i2v_call_kwargs,
     note="needs an `image`, which the CLI cannot pass: traced through calib.trace.run_trace(pipeline_kwargs=...)",
 ))
-_register(Family("wan22", "WanPipeline", build_wan22_two_experts, height=32, width=32, num_frames=9, guidance=4.0))
+_register(Family("wan22", "WanPipeline", build_wan22_two_experts, height=32, width=32, num_frames=9, guidance=4.0,
+                 variant="`transformer_2`, boundary_ratio 0.875"))
 _register(Family("hunyuan_video", "HunyuanVideoPipeline", build_hunyuan_video, height=16, width=16, num_frames=9,
                  guidance=6.0))
 _register(Family("cogvideox", "CogVideoXPipeline", build_cogvideox, height=16, width=16, num_frames=9, guidance=6.0))
@@ -536,7 +538,7 @@ _register(Family("sana", "SanaPipeline", build_sana, height=512, width=512, guid
 _register(Family("pixart_sigma", "PixArtSigmaPipeline", build_pixart_sigma, height=256, width=256, guidance=4.5))
 _register(Family(
     "cosmos2_text2image", "Cosmos2TextToImagePipeline", build_cosmos2_text2image, height=32, width=32,
-    guidance=7.0, loads_from_folder=False,
+    guidance=7.0, factory="real_pipelines:cosmos2_text2image",
     note="a saved folder loads only with NVIDIA's Guardrail (downloads): traced as --model real_pipelines:cosmos2_text2image",
 ))
 
@@ -683,6 +685,7 @@ class CallPattern:
 
     calls: list[Call]
     labels: list[list[str]]  # per call, per batch row: cond / uncond
+    transformer_class: str = ""
 
     def streams(self) -> dict[tuple[str, str], list[int]]:
         """(component, stream) -> the steps it ran, as calib should record them: a call under a cond/uncond
@@ -716,4 +719,51 @@ def count_calls(pipe, family: Family, prompt: str, *, steps: int, seed: int = 0,
         prompt_text = rec.calls[0].text
         generate(pipe, family, prompt, steps=steps, seed=seed, **kwargs)
         calls = list(rec.calls)
-    return CallPattern(calls, [rec.row_labels(c, prompt_text) for c in calls])
+    return CallPattern(calls, [rec.row_labels(c, prompt_text) for c in calls], type(pipe.transformer).__name__)
+
+
+# ---------------------------------------------------------------------------------------------------- the docs table
+
+
+@dataclass
+class TableRow:
+    """One line of docs/model-families.md's table of real pipelines, from what a test measured."""
+
+    pipeline: str  # the pipeline class
+    call: str  # how it was called (guidance, true CFG)
+    pattern: CallPattern  # counted without calib
+    traced: list  # (component, stream) calib trace recorded
+    runtime: list  # (component, stream) the runtime kept a state for
+
+
+def _by_component(pairs) -> str:
+    components: dict[str, list[str]] = {}
+    for component, stream in pairs:
+        components.setdefault(component, [])
+        if stream not in components[component]:
+            components[component].append(stream)
+    if len(components) == 1:
+        return ", ".join(f"`{s}`" for s in next(iter(components.values())))
+    return "; ".join(f"`{c}`: " + ", ".join(f"`{s}`" for s in streams) for c, streams in components.items())
+
+
+def table_cells(row: TableRow) -> list[str]:
+    calls = row.pattern.per_step()
+    components = row.pattern.components()
+    count = str(len(calls))
+    if len(components) > 1:
+        count += " (" + ", ".join(f"`{c}` at steps {s[0]}–{s[-1]}" for c, s in components.items()) + ")"
+    rows = ", ".join(f"{n} [{', '.join(labels)}]" for _, n, labels in calls)
+    contexts = ", ".join(f"`{c}`" if c else "none" for c, _, _ in calls)
+    return [f"`{row.pipeline}`", row.call, count, rows, contexts, _by_component(row.traced),
+            _by_component(row.runtime)]
+
+
+TABLE_HEADER = ["Pipeline", "Called with", "Transformer calls per step", "Batch rows per call [rows' text]",
+                "`cache_context` per call", "Streams calib records", "Runtime states (per component)"]
+
+
+def markdown_table(rows: list[TableRow]) -> str:
+    lines = ["| " + " | ".join(TABLE_HEADER) + " |", "|" + "---|" * len(TABLE_HEADER)]
+    lines += ["| " + " | ".join(table_cells(r)) + " |" for r in rows]
+    return "\n".join(lines) + "\n"

@@ -10,12 +10,11 @@ trace's streams, the runtime's decisions and docs/model-families.md's table are 
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import subprocess
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +65,7 @@ class FamilyRun:
     model: str  # what --model got
     pattern: rp.CallPattern  # counted without calib
     traced: dict  # (component, stream) -> step_index list, from the trace file
+    model_info: dict  # the trace file's model attributes
     finite: bool  # every traced change after step 0 is finite
     cli: dict  # command -> (exit code, output)
     eval_report: dict | None
@@ -76,7 +76,18 @@ class FamilyRun:
     huge_stats: dict
     huge_finite: bool
     restored: bool  # output after handle.remove() equals the reference
-    notes: list = field(default_factory=list)
+    coeffs: Path = None
+
+    def table_row(self) -> rp.TableRow:
+        return rp.TableRow(self.family.pipeline_class, _called_with(self.family), self.pattern, list(self.traced),
+                           [(t["component"], t["stream"]) for t in self.stats_at_zero["trajectories"]])
+
+
+def _called_with(fam: rp.Family, extra: str = "") -> str:
+    parts = ([fam.variant] if fam.variant else []) + [f"guidance {fam.guidance:g}"] + ([extra] if extra else [])
+    if fam.call_kwargs():
+        parts.append(" ".join(sorted(fam.call_kwargs())))
+    return ", ".join(parts)
 
 
 class Runs:
@@ -95,7 +106,7 @@ class Runs:
         work = self._tmp.mktemp(f"calib-{name}")
         prompts = work / "prompts.txt"
         prompts.write_text("\n".join(PROMPTS) + "\n")
-        model = str(self._folder_of(name)) if fam.loads_from_folder else f"real_pipelines:{fam.build.__name__.replace('build_', '')}"
+        model = fam.factory or str(self._folder_of(name))
         trace, coeffs = work / "trace.h5", work / "coeffs.json"
         cli_out = {}
         trace_args = ["trace", "--model", model, "--prompts", prompts, "--steps", STEPS, "--seeds", SEED,
@@ -110,9 +121,11 @@ class Runs:
         else:
             res = invoke(trace_args)
             cli_out["trace"] = (res.exit_code, res.output)
-        traced, finite = {}, True
+        traced, finite, model_info = {}, True, {}
         if trace.is_file():
-            for t in read_traces([trace]).trajectories:
+            trace_set = read_traces([trace])
+            model_info = trace_set.model_info
+            for t in trace_set.trajectories:
                 if t.prompt == PROMPTS[0]:
                     traced[(t.component, t.stream)] = [int(i) for i in t.step_index]
                 for series in (t.input_rel_l1, t.output_rel_l1):
@@ -154,10 +167,10 @@ class Runs:
             handle.remove()
         after = rp.generate(pipe, fam, PROMPTS[0], steps=STEPS, seed=SEED)
         return FamilyRun(
-            family=fam, model=model, pattern=pattern, traced=traced, finite=finite, cli=cli_out, eval_report=report,
+            family=fam, model=model, pattern=pattern, traced=traced, model_info=model_info, finite=finite, cli=cli_out, eval_report=report,
             reference=reference, exact_at_zero=torch.equal(at_zero, reference), stats_at_zero=stats_at_zero,
             huge_calls=huge_calls, huge_stats=huge_stats, huge_finite=bool(torch.isfinite(huge).all()),
-            restored=torch.equal(after, reference),
+            restored=torch.equal(after, reference), coeffs=coeffs,
         )
 
 
@@ -175,6 +188,7 @@ def test_trace_fit_tune_eval_as_a_user_runs_them(name, runs):
     for command, (code, output) in run.cli.items():
         assert code == 0, f"calib {command} on {run.family.pipeline_class}: exit {code}\n{output}"
     assert run.traced, "the trace file holds no trajectory"
+    assert run.model_info["class"] == run.pattern.transformer_class and run.model_info["source"] == run.model
     assert run.finite, "a traced change after the first step is not finite"
     assert "threshold" in run.cli["tune"][1]
     assert run.eval_report is not None and run.eval_report["results"], "calib eval wrote no results"
@@ -275,3 +289,79 @@ def test_true_cfg_from_the_command_line_records_cond_and_uncond(name, real_pipel
     pipe.set_progress_bar_config(disable=True)
     pattern = rp.count_calls(pipe, fam, PROMPTS[0], steps=4, negative_prompt="bad", true_cfg_scale=4.0)
     assert {k: len(v) for k, v in pattern.streams().items()} == streams
+
+
+# True CFG (a negative prompt and true_cfg_scale > 1) through the Python API, which passes any pipeline argument;
+# the command line gets it with the args branch (the test above).
+TRUE_CFG = {"negative_prompt": "blurry, low quality", "true_cfg_scale": 4.0}
+TRUE_CFG_FAMILIES = ("flux", "qwenimage")
+
+
+@dataclass
+class VariantRun:
+    family: rp.Family
+    pattern: rp.CallPattern
+    traced: list
+    runtime: list
+    exact_at_zero: bool
+
+    def table_row(self) -> rp.TableRow:
+        return rp.TableRow(self.family.pipeline_class, _called_with(self.family, "true CFG (negative prompt, "
+                           f"true_cfg_scale {TRUE_CFG['true_cfg_scale']:g})"), self.pattern, self.traced, self.runtime)
+
+
+@pytest.fixture(scope="module")
+def true_cfg_runs(runs, real_pipeline_folder):
+    from calib.trace import Tracer, TraceSettings
+
+    cache = {}
+
+    def run(name: str) -> VariantRun:
+        if name not in cache:
+            fam = rp.FAMILIES[name]
+            pipe = load_model(str(real_pipeline_folder(name)), device="cpu")
+            pipe.set_progress_bar_config(disable=True)
+            pattern = rp.count_calls(pipe, fam, PROMPTS[0], steps=STEPS, seed=SEED, **TRUE_CFG)
+            settings = TraceSettings(steps=STEPS, guidance=fam.guidance, seeds=(SEED,), **fam.size_kwargs(),
+                                     pipeline_kwargs=dict(TRUE_CFG))
+            with Tracer(pipe) as tracer:
+                traced = [(t.component, t.stream) for t in tracer.trace(PROMPTS[0], SEED, settings)]
+            reference = rp.generate(pipe, fam, PROMPTS[0], steps=STEPS, seed=SEED, **TRUE_CFG)
+            handle = cr.apply(pipe, cr.load(runs(name).coeffs), threshold=0.0)
+            out = rp.generate(pipe, fam, PROMPTS[0], steps=STEPS, seed=SEED, **TRUE_CFG)
+            runtime = [(t["component"], t["stream"]) for t in handle.stats()["trajectories"]]
+            handle.remove()
+            cache[name] = VariantRun(fam, pattern, traced, runtime, torch.equal(out, reference))
+        return cache[name]
+
+    return run
+
+
+@pytest.mark.parametrize("name", TRUE_CFG_FAMILIES)
+def test_true_cfg_streams_are_how_the_pipeline_calls_its_transformer(name, true_cfg_runs):
+    run = true_cfg_runs(name)
+    expected = run.pattern.streams()
+    assert {stream for _, stream in expected} == {"cond", "uncond"}, run.pattern.per_step()
+    assert run.traced == list(expected)
+    assert run.exact_at_zero
+
+
+def test_docs_table_is_what_the_tests_measured(runs, true_cfg_runs):
+    """docs/model-families.md's table of real pipelines is this measurement; CALIB_WRITE_DOCS=1 rewrites it."""
+    rows = []
+    for name in NAMES:
+        rows.append(runs(name).table_row())
+        if name in TRUE_CFG_FAMILIES:
+            rows.append(true_cfg_runs(name).table_row())
+    table = rp.markdown_table(rows)
+    text = DOC.read_text()
+    match = re.search(re.escape(TABLE_START) + r"\n(.*?)" + re.escape(TABLE_END), text, flags=re.S)
+    if os.environ.get("CALIB_WRITE_DOCS") == "1":
+        if match is None:
+            raise AssertionError(f"{DOC} has no {TABLE_START} ... {TABLE_END} block to write the table into")
+        DOC.write_text(text[: match.start(1)] + table + text[match.end(1):])
+        return
+    assert match is not None, f"{DOC} has no table block ({TABLE_START})"
+    assert match.group(1) == table, (
+        f"{DOC}'s table of real pipelines differs from what the tests measured; rewrite it with "
+        "CALIB_WRITE_DOCS=1 python -m pytest tests/test_real_pipelines.py -k docs_table\n" + table)
