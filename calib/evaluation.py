@@ -213,8 +213,9 @@ class Generator:
         sync()
         start = time.perf_counter()
         with context if context is not None else contextlib.nullcontext():
-            out = self.pipe(prompt, num_inference_steps=self.steps, guidance_scale=self.guidance, generator=generator,
-                            output_type="np", **self.kwargs)
+            # prompt by name: an image-to-video pipeline's first parameter is its image
+            out = self.pipe(prompt=prompt, num_inference_steps=self.steps, guidance_scale=self.guidance,
+                            generator=generator, output_type="np", **self.kwargs)
         sync()
         seconds = time.perf_counter() - start
         images = getattr(out, "frames", None)
@@ -292,6 +293,23 @@ def _settings_from(doc: dict, steps, guidance) -> tuple[int, float]:
     if not (math.isfinite(guidance) and guidance >= 0):
         raise CalibError(f"--guidance must be a finite number >= 0, got {guidance}")
     return steps, float(guidance)
+
+
+def _calibrated_size(doc: dict, pipe, given: dict) -> dict:
+    """The calibrated resolution as the ``height`` / ``width`` (and ``num_frames``) the pipeline's ``__call__``
+    takes, for those the caller did not pass: like steps and guidance, eval defaults to what was calibrated. A real
+    pipeline's own default size is its full model's (FLUX: 1024 px), far from a calibration at another size."""
+    import inspect
+
+    sizes = [r for r in (doc.get("calibration") or {}).get("resolution") or [] if isinstance(r, list)]
+    if len(sizes) != 1 or len(sizes[0]) not in (2, 3):
+        return {}
+    names = ("height", "width") if len(sizes[0]) == 2 else ("num_frames", "height", "width")
+    try:
+        params = inspect.signature(pipe.__call__).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {n: int(v) for n, v in zip(names, sizes[0]) if n in params and n not in given}
 
 
 def _find_traces(doc: dict, traces, coeffs: Path):
@@ -380,6 +398,8 @@ def run_eval(coeffs, *, model=None, prompts_file=None, seeds=DEFAULT_SEEDS, thre
         if cls is not None:  # before loading
             check_call_arguments(cls, steps, guidance, call_kwargs, model, output_type="np")
         pipe = load_model(model, device=pick_device(device), dtype=dtype, cpu_offload=offload)
+    # a calibration made before calibration.pipeline existed (or one not given --height/--width) still says its size
+    call_kwargs = {**_calibrated_size(doc, pipe, call_kwargs), **call_kwargs}
     check_call_arguments(pipe, steps, guidance, call_kwargs, model, output_type="np")
     pipeline_used = {"arguments": call_kwargs, "dtype": dtype, "cpu_offload": offload,
                      "as_calibrated": calibrated is not None and not pipeline_kwargs}

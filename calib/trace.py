@@ -619,7 +619,7 @@ class Tracer:
         kwargs = settings.call_kwargs()
         generator = torch.Generator(device="cpu").manual_seed(seed)
         self.pipe(
-            prompt,
+            prompt=prompt,  # by name: an image-to-video pipeline's first parameter is its image
             num_inference_steps=settings.steps,
             guidance_scale=settings.guidance,
             generator=generator,
