@@ -356,7 +356,8 @@ def run_eval(coeffs, *, model=None, prompts_file=None, seeds=DEFAULT_SEEDS, thre
     import calib.runtime as cr
 
     from .export import load_document
-    from .trace import pick_device
+    from .method_docs import describe_call, pipeline_call_kwargs
+    from .trace import check_call_arguments, pick_device, recordable
 
     coeffs = Path(coeffs)
     if out is not None and Path(out).suffix.lower() != ".json":
@@ -379,9 +380,6 @@ def run_eval(coeffs, *, model=None, prompts_file=None, seeds=DEFAULT_SEEDS, thre
             raise CalibError(f"--threshold must be a finite number >= 0, got {t}")
     steps, guidance = _settings_from(doc, steps, guidance)
     model = model or (doc.get("model") or {}).get("source") or "builtin:digits"
-    from .method_docs import describe_call, pipeline_call_kwargs
-    from .trace import check_call_arguments
-
     calibrated = (doc.get("calibration") or {}).get("pipeline")
     if calibrated is None and (doc.get("provenance") or {}).get("source") == "measured":
         import warnings
@@ -389,6 +387,11 @@ def run_eval(coeffs, *, model=None, prompts_file=None, seeds=DEFAULT_SEEDS, thre
         warnings.warn(f"{coeffs} does not record how its traces called the pipeline (traced by an older calib, or "
                       "fitted across several settings); generating with the pipeline's defaults", stacklevel=2)
     call_kwargs = {**pipeline_call_kwargs(calibrated), **(pipeline_kwargs or {})}
+    for key, value in call_kwargs.items():
+        if isinstance(value, dict) and set(value) == {"python_object"}:  # calib.trace.recordable's placeholder
+            raise CalibError(f"{coeffs}: the traces were made with pipeline argument {key!r} = a "
+                             f"{value['python_object']}, which a file cannot hold; pass it to run_eval("
+                             f"pipeline_kwargs={{{key!r}: ...}})")
     dtype = (calibrated or {}).get("dtype")
     offload = bool(cpu_offload or (calibrated or {}).get("cpu_offload"))
     if pipe is None:
@@ -401,7 +404,8 @@ def run_eval(coeffs, *, model=None, prompts_file=None, seeds=DEFAULT_SEEDS, thre
     # a calibration made before calibration.pipeline existed (or one not given --height/--width) still says its size
     call_kwargs = {**_calibrated_size(doc, pipe, call_kwargs), **call_kwargs}
     check_call_arguments(pipe, steps, guidance, call_kwargs, model, output_type="np")
-    pipeline_used = {"arguments": call_kwargs, "dtype": dtype, "cpu_offload": offload,
+    pipeline_used = {"arguments": {k: recordable(v) for k, v in call_kwargs.items()}, "dtype": dtype,
+                     "cpu_offload": offload,
                      "as_calibrated": calibrated is not None and not pipeline_kwargs}
     prompts = _prompts(model, prompts_file, pipe)
     trace_set = _find_traces(doc, traces, coeffs)
@@ -415,7 +419,7 @@ def run_eval(coeffs, *, model=None, prompts_file=None, seeds=DEFAULT_SEEDS, thre
     echo(f"calib eval: {model}, {len(prompts)} prompts x {len(seeds)} seeds (held out), {steps} steps, guidance "
          f"{guidance:g}, thresholds {', '.join(f'{t:g}' for t in thresholds)}, {repeats} timed repeats")
     echo(f"pipeline {'as calibrated' if pipeline_used['as_calibrated'] else 'called with'}: "
-         f"{describe_call(call_kwargs, dtype, offload)}")
+         f"{describe_call(pipeline_used['arguments'], dtype, offload)}")
 
     generate = Generator(pipe, steps=steps, guidance=guidance, pipeline_kwargs=call_kwargs)
     try:

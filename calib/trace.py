@@ -84,6 +84,19 @@ def parse_pipeline_arg(text: str) -> tuple[str, object]:
     return key, value
 
 
+def recordable(value):
+    """A pipeline argument as the trace and coefficient files record it: a JSON value as it is; anything else (the
+    Python API can pass an image) as ``{"python_object": "PIL.Image.Image"}``, its type only -- a file cannot hold
+    it, and a resume cannot tell two of them apart."""
+    import json
+
+    try:
+        return json.loads(json.dumps(value, allow_nan=False))
+    except (TypeError, ValueError):
+        kind = type(value)
+        return {"python_object": f"{kind.__module__}.{kind.__qualname__}"}
+
+
 def dtype_name(dtype) -> str:
     """``torch.bfloat16`` -> ``"bfloat16"``."""
     return str(dtype).replace("torch.", "")
@@ -93,7 +106,8 @@ def dtype_name(dtype) -> str:
 class TraceSettings:
     """What a trace run generates: each prompt x seed is one generation.
 
-    ``pipeline_kwargs``: further keyword arguments of the pipeline call (``--pipeline-arg``), JSON values;
+    ``pipeline_kwargs``: further keyword arguments of the pipeline call (``--pipeline-arg``: JSON values; through
+    Python anything, recorded by :func:`recordable`); the ones with fields of their own move to those;
     ``negative_prompt`` / ``true_cfg_scale`` are passed when given (true CFG of FLUX and Qwen-Image);
     ``dtype``: the dtype the model is loaded in (``None``: as it loads; the trace records the one it ran in);
     ``cpu_offload``: ``enable_model_cpu_offload()`` instead of moving the whole pipeline to the device.
@@ -113,8 +127,6 @@ class TraceSettings:
     cpu_offload: bool = False
 
     def __post_init__(self):
-        import json
-
         if not isinstance(self.steps, int) or self.steps < 2:
             raise CalibError(f"--steps must be an integer >= 2, got {self.steps!r}")
         if not (isinstance(self.guidance, (int, float)) and math.isfinite(self.guidance) and self.guidance >= 0):
@@ -124,6 +136,27 @@ class TraceSettings:
             raise CalibError("--seeds needs at least one seed")
         if len(set(self.seeds)) != len(self.seeds):
             raise CalibError(f"--seeds has duplicates: {list(self.seeds)}")
+        kwargs = dict(self.pipeline_kwargs or {})
+        # Through Python, pipeline_kwargs may hold the arguments that have fields of their own: they move there
+        # (so they are recorded and matched as those settings), unless the field says otherwise.
+        for key in ("height", "width", "num_frames", "negative_prompt", "true_cfg_scale"):
+            if key in kwargs:
+                value = kwargs.pop(key)
+                if getattr(self, key) is not None and getattr(self, key) != value:
+                    raise CalibError(f"{key} is given twice, as {CALIB_ARGUMENTS[key]} {getattr(self, key)!r} and "
+                                     f"as a pipeline argument {value!r}")
+                setattr(self, key, value)
+        self._check_fields()
+        for key in kwargs:
+            if not isinstance(key, str) or not _ARGUMENT_NAME.match(key):
+                raise CalibError(f"--pipeline-arg {key!r}: not an argument name (letters, digits and _)")
+            if key in CALIB_ARGUMENTS:
+                how = CALIB_ARGUMENTS[key]
+                raise CalibError(f"--pipeline-arg {key}: calib sets {key} itself"
+                                 + (f"; use {how}" if how else ""))
+        self.pipeline_kwargs = kwargs
+
+    def _check_fields(self) -> None:
         for name in ("height", "width", "num_frames"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value <= 0):
@@ -140,19 +173,6 @@ class TraceSettings:
             if self.dtype not in DTYPES:
                 raise CalibError(f"--dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
         self.cpu_offload = bool(self.cpu_offload)
-        kwargs = dict(self.pipeline_kwargs or {})
-        for key in kwargs:
-            if not isinstance(key, str) or not _ARGUMENT_NAME.match(key):
-                raise CalibError(f"--pipeline-arg {key!r}: not an argument name (letters, digits and _)")
-            if key in CALIB_ARGUMENTS:
-                how = CALIB_ARGUMENTS[key]
-                raise CalibError(f"--pipeline-arg {key}: calib sets {key} itself"
-                                 + (f"; use {how}" if how else ""))
-        try:  # recorded in the trace file and the coefficient file, so it must be JSON
-            self.pipeline_kwargs = json.loads(json.dumps(kwargs, allow_nan=False))
-        except (TypeError, ValueError) as exc:
-            raise CalibError(f"pipeline arguments must be JSON values (numbers, text, true/false, lists, "
-                             f"objects): {exc}") from None
 
     def call_kwargs(self) -> dict:
         """The keyword arguments of the pipeline call besides prompt, steps, guidance, generator and output type:
@@ -174,7 +194,7 @@ class TraceSettings:
             "num_frames": self.num_frames,
             "negative_prompt": self.negative_prompt,
             "true_cfg_scale": self.true_cfg_scale,
-            "pipeline_args": dict(self.pipeline_kwargs),
+            "pipeline_args": {k: recordable(v) for k, v in self.pipeline_kwargs.items()},
             "dtype": self.dtype,
             "cpu_offload": self.cpu_offload,
             "record_blocks": bool(self.record_blocks),
