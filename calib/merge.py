@@ -77,6 +77,7 @@ def run_merge(inputs, *, out=None, overwrite: bool = False, echo=print) -> Path:
         raise CalibError(f"--out {out} is one of the inputs; choose another file")
     if out.exists() and not overwrite:
         raise CalibError(f"{out} exists; pass --overwrite to replace it or choose another --out")
+    settings = _common_settings(trace_set)  # before the duplicates: traces of two settings repeat prompt x seed
     seen, dupes = set(), []
     for t in trace_set.trajectories:
         key = (t.prompt, t.seed, t.stream, t.component, t.steps, t.guidance, t.resolution)
@@ -90,7 +91,6 @@ def run_merge(inputs, *, out=None, overwrite: bool = False, echo=print) -> Path:
             "merge each shard once"
         )
     ordered = merged_order(trace_set)
-    settings = _common_settings(trace_set)
     with TraceWriter(out, trace_set.model_info, overwrite=True, settings=settings) as writer:
         writer.append(ordered)
     generations = len({t.generation_key for t in ordered})

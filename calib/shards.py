@@ -143,12 +143,6 @@ def finished_generations(path: Path, steps: int, guidance: float) -> set[tuple[s
         return set()
 
 
-def _settings_dict(settings) -> dict:
-    """The manifest's ``settings``: the trace files' ``trace_settings`` (:meth:`calib.trace.TraceSettings.recorded`)
-    and the seeds."""
-    return {**settings.recorded(), "seeds": list(settings.seeds)}
-
-
 def check_manifest_settings(out: Path, now: dict, *, unknown=()) -> None:
     """Refuse, in one line naming the setting, to trace a shard of ``out`` with other settings than the ones its
     manifest records (the other shards were, or are being, traced with those). No manifest yet: nothing to check."""
@@ -173,9 +167,9 @@ def check_manifest_settings(out: Path, now: dict, *, unknown=()) -> None:
 
 
 def write_manifest(out: Path, *, model: str, model_info: dict, settings, prompts: list[str], jobs: list,
-                   count: int, launcher: str) -> dict:
+                   count: int, launcher: str, recorded: dict | None = None) -> dict:
     """(Re)write ``NAME.manifest.json`` for the ``count`` shards of ``out``, counting what their files hold now;
-    returns what it wrote."""
+    returns what it wrote. ``recorded``: the shard files' ``trace_settings`` (default: ``settings.recorded()``)."""
     from . import __version__
     from .store import _now
 
@@ -204,7 +198,7 @@ def write_manifest(out: Path, *, model: str, model_info: dict, settings, prompts
         "launcher": launcher,
         "model": model,
         "model_info": model_info,
-        "settings": _settings_dict(settings),
+        "settings": {**(recorded if recorded is not None else settings.recorded()), "seeds": list(settings.seeds)},
         "prompts": list(prompts),
         "split": "round-robin over the prompt x seed list (prompt-major): generation k goes to shard k mod count",
         "shard_count": count,

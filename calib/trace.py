@@ -857,7 +857,7 @@ def run_trace(
 
         def manifest():
             return sh.write_manifest(out, model=model, model_info=info, settings=settings, prompts=prompts,
-                                     jobs=all_jobs, count=part.count, launcher=part.launcher)
+                                     jobs=all_jobs, count=part.count, launcher=part.launcher, recorded=recorded)
 
         done = 0
         with tracer, TraceWriter(path, info, overwrite=overwrite, attrs=attrs, background=True,
