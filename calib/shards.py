@@ -387,16 +387,6 @@ def check_shard(manifest: Manifest, entry: dict, path: Path, info: dict, traject
             f"{path}: is shard {which[0]} of {which[1]}, but {manifest.path} lists it as shard {entry['index']} "
             f"of {manifest.count}"
         )
-    from .store import settings_difference, stored_settings
-
-    stored = stored_settings(attrs)
-    if stored is not None and "pipeline_args" in manifest.settings:
-        diff = settings_difference(manifest.settings, stored)
-        if diff is not None:
-            raise CalibError(
-                f"{path}: was traced with {diff[1]}, its manifest {manifest.path} with {diff[0]}; pass the shard "
-                "files themselves to read them all"
-            )
     steps, guidance = int(manifest.settings["steps"]), float(manifest.settings["guidance"])
     other = sorted({(t.steps, t.guidance) for t in trajectories if (t.steps, t.guidance) != (steps, guidance)})
     if other:
@@ -404,6 +394,16 @@ def check_shard(manifest: Manifest, entry: dict, path: Path, info: dict, traject
             f"{path}: holds generations with other settings (steps, guidance) {other} than its manifest "
             f"{manifest.path} ({steps}, {guidance:g}); pass the shard files themselves to read them all"
         )
+    from .store import settings_difference, stored_settings
+
+    stored = stored_settings(attrs)
+    if stored is not None and "pipeline_args" in manifest.settings:  # a manifest of this calib: every setting
+        diff = settings_difference(manifest.settings, stored)
+        if diff is not None:
+            raise CalibError(
+                f"{path}: was traced with {diff[1]}, its manifest {manifest.path} with {diff[0]}; pass the shard "
+                "files themselves to read them all"
+            )
     held = {(t.prompt, t.seed) for t in trajectories}
     assigned = {(str(p), int(s)) for p, s in entry["jobs"]}
     missing = len(assigned - held)

@@ -258,17 +258,22 @@ def check_resume(path, file_attrs: dict, trajectories: list, now: dict, *, unkno
         )
 
 
-def precheck_resume(path, now: dict, *, unknown=()) -> None:
+def precheck_resume(path, now: dict, *, unknown=(), source: str | None = None) -> None:
     """:func:`check_resume` on the file at ``path`` if there is one, before the model is loaded (no lock is taken;
-    :class:`TraceWriter` checks again under its lock). A file that cannot be read is left to the writer."""
+    :class:`TraceWriter` checks again under its lock). A file that cannot be read, or one without ``trace_settings``
+    (an older calib's: it may be of another model, which the writer reports first), or one traced from another
+    ``source`` than the command's ``--model`` (the writer reports the other model), is left to the writer."""
     path = Path(path)
     if not path.is_file():
         return
     try:
-        _, trajectories, file_attrs = _read_file(path)
+        info, trajectories, file_attrs = _read_file(path)
     except CalibError:
         return
-    check_resume(path, file_attrs, trajectories, now, unknown=unknown)
+    if source is not None and info.get("source") != source:
+        return
+    if stored_settings(file_attrs) is not None:
+        check_resume(path, file_attrs, trajectories, now, unknown=unknown)
 
 
 def _plain_model_info(model_info: dict) -> dict:

@@ -829,7 +829,7 @@ def run_trace(
         from .store import precheck_resume
 
         unknown = () if settings.dtype is not None else ("dtype",)
-        precheck_resume(path, settings.recorded(), unknown=unknown)
+        precheck_resume(path, settings.recorded(), unknown=unknown, source=model)
         if part is not None:
             sh.check_manifest_settings(out, settings.recorded(), unknown=unknown)
     leader = part is None or not part.distributed or part.index == 0  # prints, shows the bar

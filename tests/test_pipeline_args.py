@@ -267,7 +267,7 @@ CASES: list[Case] = [
          _resumed("--height 12", "no --height (the pipeline's default)"), _copy("wan")),
     Case("resume-legacy-steps", "resume of a trace of an older calib (no `trace_settings`), other `--steps`",
          f"calib trace --steps 4 --seeds 0 --prompts p.txt --out t.h5 {SEQ}", _resumed("--steps 3", "--steps 4"),
-         _legacy),
+         _legacy, before_load=False),  # checked once the model is loaded: the file may be of another model
     Case("resume-shard", "shard 1 of 2 with other `--steps` than shard 0 (in the manifest)",
          "calib trace --steps 4 --seeds 0,1 --prompts p.txt --out d.h5 --shard 1/2",
          "calib: error: d.manifest.json: the shards of this run were traced with --steps 3, this command asks for "
@@ -335,11 +335,16 @@ def test_digits_arguments_reach_trace_fit_tune_and_eval(tmp_path, monkeypatch):
     assert (stored["steps"], stored["guidance"], stored["negative_prompt"], stored["true_cfg_scale"]) == (4, 3.0, None, None)
     assert {t.stream for t in read_traces([tmp_path / "t.h5"]).trajectories} == {"cond", "uncond"}
 
-    ok(tmp_path, "calib fit t.h5 --out c.json --no-plot --bootstrap 0")
+    ok(tmp_path, "calib fit t.h5 --out c.json --no-plot --bootstrap 0 --indicator modulated_input --normalization "
+                 "none --degree 1")
     section = json.loads((tmp_path / "c.json").read_text())["calibration"]["pipeline"]
     assert section == {"height": None, "width": None, "num_frames": None, "negative_prompt": None,
                        "true_cfg_scale": None, "pipeline_args": {"cfg_mode": "sequential"}, "dtype": "bfloat16",
                        "cpu_offload": False}
+
+    for method, name in (("block-cache", "bc.json"), ("fastercache-cfg", "fc.json")):  # every method's document
+        ok(tmp_path, f"calib fit t.h5 --method {method} --out {name} --no-plot")
+        assert json.loads((tmp_path / name).read_text())["calibration"]["pipeline"] == section
 
     shown = 'c.json was calibrated with --pipeline-arg cfg_mode="sequential" --dtype bfloat16'
     assert shown in ok(tmp_path, "calib tune t.h5 --coeffs c.json --compute-fraction 0.7").splitlines()
@@ -369,6 +374,29 @@ def test_resume_with_the_stored_settings_traces_nothing_new(tmp_path, monkeypatc
     ok(tmp_path, f"calib trace --steps 3 --seeds 0,1 --prompts p.txt --out t.h5 {SEQ}")
     assert traced == [("a handwritten 7", 1)]
     assert attrs_of(tmp_path / "t.h5") == attrs_of(asset("digits") / "t.h5")
+
+
+def test_cpu_offload_is_enabled_on_the_device_and_recorded(tmp_path, monkeypatch):
+    """--cpu-offload calls the pipeline's enable_model_cpu_offload(device=...) instead of moving it there, and the
+    trace records it; a resume without it is accepted (it changes where the weights wait, not what is computed).
+    The machine's accelerator is simulated: the offload call is recorded, the weights stay on the CPU."""
+    import calib.models.loading as loading
+    from calib.models.digits import DigitsPipeline
+
+    offloaded = []
+    monkeypatch.setattr(loading, "has_accelerator", lambda: True)
+    monkeypatch.setattr(DigitsPipeline, "enable_model_cpu_offload",
+                        lambda self, gpu_id=None, device=None: offloaded.append(device), raising=False)
+    (tmp_path / "p.txt").write_text(PROMPT)
+    ok(tmp_path, "calib trace --steps 2 --seeds 0 --prompts p.txt --out t.h5 --device cuda --cpu-offload")
+    assert offloaded == ["cuda"] and attrs_of(tmp_path / "t.h5")["cpu_offload"] is True
+    code, _, err = calib(tmp_path, "calib trace --steps 2 --seeds 0 --prompts p.txt --out t.h5 --device cpu "
+                                   "--cpu-offload")
+    assert (code, err.strip().splitlines()[-1]) == (
+        2, "calib: error: --cpu-offload keeps the weights in CPU memory and moves each model to the accelerator while "
+           "it runs, but --device cpu is not one: name the GPU (e.g. --device cuda:0), or drop --cpu-offload")
+    assert "1 of 1 generations already traced" in ok(tmp_path, "calib trace --steps 2 --seeds 0 --prompts p.txt "
+                                                              "--out t.h5 --device cpu")
 
 
 def test_shard_manifest_records_the_pipeline_settings(tmp_path):

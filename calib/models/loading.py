@@ -130,10 +130,11 @@ def check_cpu_offload(device: str) -> None:
     except (RuntimeError, TypeError):
         kind = str(device)
     if kind == "cpu" or kind == "meta":
-        why = ("this machine has no accelerator torch can use (no CUDA, XPU or MPS device)" if not has_accelerator()
-               else f"--device {device} is not an accelerator; drop --device or name the GPU (e.g. cuda:0)")
+        why = ("this machine has no accelerator torch can use (no CUDA, XPU or MPS device); drop --cpu-offload"
+               if not has_accelerator() else
+               f"--device {device} is not one: name the GPU (e.g. --device cuda:0), or drop --cpu-offload")
         raise CalibError("--cpu-offload keeps the weights in CPU memory and moves each model to the accelerator "
-                         f"while it runs, but {why}; drop --cpu-offload")
+                         f"while it runs, but {why}")
     if _accelerate_missing():
         raise CalibError("--cpu-offload needs accelerate: `pip install 'accelerate>=1.0'`")
 
