@@ -112,6 +112,15 @@ def torch_dtype(dtype):
     return DTYPES[name]
 
 
+def _dtype_keyword() -> str:
+    """``from_pretrained``'s dtype argument: ``dtype`` where diffusers renamed ``torch_dtype`` (and warns on it)."""
+    try:
+        from diffusers.utils import _resolve_dtype  # noqa: F401 - present since the rename
+    except ImportError:
+        return "torch_dtype"
+    return "dtype"
+
+
 def has_accelerator() -> bool:
     import torch
 
@@ -243,7 +252,7 @@ def load_model(spec: str, device: str = "cpu", dtype=None, cpu_offload: bool = F
     # (diffusers would otherwise fall back to torch.load on .bin/.pt files).
     kwargs = {"trust_remote_code": False, "use_safetensors": True}
     if dtype is not None:
-        kwargs["torch_dtype"] = dtype
+        kwargs[_dtype_keyword()] = dtype
     path = Path(spec)
     if path.exists():
         if not (path / "model_index.json").is_file():
