@@ -47,6 +47,20 @@ def check_settings(trace_set, allow_mixed: bool = False) -> None:
                 f"the traces mix {label}: {shown}; the per-step change depends on it — fit each setting separately,"
                 " or pass --allow-mixed to fit one rescaler across them"
             )
+    # The pipeline arguments and dtype each file was traced with (steps, guidance and size are compared above on
+    # every trajectory; per-block recording does not change the fit).
+    from .store import settings_difference, stored_settings
+
+    known = [(f, s) for f, s in zip(files, (stored_settings(a) for a in getattr(trace_set, "attrs", None) or []))
+             if s is not None]
+    for f, s in known[1:]:
+        diff = settings_difference(known[0][1], s, unknown=("steps", "guidance", "height", "width", "num_frames",
+                                                             "record_blocks"))
+        if diff is not None:
+            raise CalibError(
+                f"the traces mix pipeline settings: {diff[0]} ({known[0][0]}) vs {diff[1]} ({f}); the per-step change "
+                "depends on them — fit each setting separately, or pass --allow-mixed to fit one rescaler across them"
+            )
 
 
 def _show(value) -> str:

@@ -55,6 +55,18 @@ def cli():
 @click.option("--height", type=int, help="Image height passed to the pipeline (default: the pipeline's).")
 @click.option("--width", type=int, help="Image width passed to the pipeline (default: the pipeline's).")
 @click.option("--num-frames", type=int, help="Frames, for video pipelines.")
+@click.option("--negative-prompt", default=None,
+              help="negative_prompt passed to the pipeline (the uncond branch of FLUX / Qwen-Image true CFG).")
+@click.option("--true-cfg-scale", type=float, default=None,
+              help="true_cfg_scale passed to the pipeline (FLUX, Qwen-Image: > 1 with --negative-prompt runs true CFG).")
+@click.option("--pipeline-arg", "pipeline_args", multiple=True, metavar="KEY=VALUE",
+              help="Any other argument of the pipeline call; VALUE is read as JSON (256, true, {\"scale\": 0.5}), "
+                   "else kept as text. Repeatable, e.g. --pipeline-arg max_sequence_length=256.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
+              help="Load the model in this dtype [default: as it loads, float32 for diffusers folders].")
+@click.option("--cpu-offload", is_flag=True,
+              help="enable_model_cpu_offload(): weights wait in CPU memory, each model moves to the GPU while it runs "
+                   "(for GPUs too small for the whole pipeline; needs an accelerator).")
 @click.option("--out", type=click.Path(path_type=Path), help="HDF5 trace file [default: traces/<model>.h5].")
 @click.option("--device", default=None, help="torch device [default: cuda if available, else cpu].")
 @click.option("--modulation-module", default=None,
@@ -64,18 +76,26 @@ def cli():
 @click.option("--shard", default=None, metavar="I/N",
               help="Trace only shard I of N (0-based) of the prompt x seed list into OUT.rankI-of-N.h5, e.g. as a "
                    "cluster job array; torchrun / accelerate launch shard by RANK/WORLD_SIZE without it.")
-def trace(model, prompts_file, steps, seeds, guidance, height, width, num_frames, out, device, modulation_module,
-          no_blocks, overwrite, shard):
+def trace(model, prompts_file, steps, seeds, guidance, height, width, num_frames, negative_prompt, true_cfg_scale,
+          pipeline_args, dtype, cpu_offload, out, device, modulation_module, no_blocks, overwrite, shard):
     """Run the pipeline on every prompt x seed and record per-step rel-L1 changes into an HDF5 trace.
 
     A generation is written in the background while the next one runs and is on disk before that one finishes;
-    Ctrl-C flushes it. Rerunning the same command resumes. Under `torchrun --nproc_per_node=N -m calib trace` or
-    `accelerate launch -m calib trace` each process traces its share into a shard file and rank 0 writes
-    OUT.manifest.json, which fit and merge accept (docs/cluster.md)."""
-    from .trace import TraceSettings, run_trace
+    Ctrl-C flushes it. Rerunning the same command resumes (with other settings it refuses, naming the setting).
+    Under `torchrun --nproc_per_node=N -m calib trace` or `accelerate launch -m calib trace` each process traces its
+    share into a shard file and rank 0 writes OUT.manifest.json, which fit and merge accept (docs/cluster.md)."""
+    from .trace import TraceSettings, parse_pipeline_arg, run_trace
 
+    kwargs = {}
+    for text in pipeline_args:
+        key, value = parse_pipeline_arg(text)
+        if key in kwargs:
+            raise CalibError(f"--pipeline-arg {key} is given twice")
+        kwargs[key] = value
     settings = TraceSettings(steps=steps, guidance=guidance, seeds=_seeds(seeds), height=height, width=width,
-                             num_frames=num_frames, record_blocks=not no_blocks)
+                             num_frames=num_frames, record_blocks=not no_blocks, pipeline_kwargs=kwargs,
+                             negative_prompt=negative_prompt, true_cfg_scale=true_cfg_scale, dtype=dtype,
+                             cpu_offload=cpu_offload)
     run_trace(model, prompts_file, settings, out=out, device=device, modulation_module=modulation_module,
               overwrite=overwrite, echo=click.echo, shard=shard)
 
@@ -285,15 +305,20 @@ def tune(traces, coeffs, speedup, max_error, compute_fraction, write, costs):
 @click.option("--compare", is_flag=True,
               help="Also run the frontier: other caches at 50 % and 33 % full forwards (needs traces).")
 @click.option("--plot", type=click.Path(path_type=Path), help="With --compare: PNG of error vs fraction of full forwards.")
+@click.option("--cpu-offload", is_flag=True,
+              help="enable_model_cpu_offload() (also on when the calibration used it; needs an accelerator).")
 def eval_(coeffs, model, prompts_file, seeds, thresholds, steps, guidance, repeats, trace_files, device, out, compare,
-          plot):
+          plot, cpu_offload):
     """Generate held-out prompts and seeds cached and uncached; report measured speed-up, fraction of full forwards,
-    and PSNR / SSIM / latent rel-L1 against the uncached output (docs/evaluation.md)."""
+    and PSNR / SSIM / latent rel-L1 against the uncached output (docs/evaluation.md).
+
+    The pipeline is loaded and called as calib trace did (the file's calibration.pipeline: --height/--width,
+    --negative-prompt, --true-cfg-scale, --pipeline-arg, --dtype)."""
     from .evaluation import run_eval
 
     run_eval(coeffs, model=model, prompts_file=prompts_file, seeds=_seeds(seeds), thresholds=list(thresholds) or None,
              steps=steps, guidance=guidance, repeats=repeats, traces=list(trace_files) or None, device=device, out=out,
-             compare=compare, plot=plot, echo=click.echo)
+             compare=compare, plot=plot, cpu_offload=cpu_offload, echo=click.echo)
 
 
 def main(argv=None) -> int:

@@ -349,7 +349,10 @@ def _prompts(model: str, prompts_file, pipe) -> list[str]:
 
 def run_eval(coeffs, *, model=None, prompts_file=None, seeds=DEFAULT_SEEDS, thresholds=None, steps=None, guidance=None,
              repeats: int = 3, traces=None, device=None, out=None, compare: bool = False, plot=None,
-             pipeline_kwargs: dict | None = None, pipe=None, echo=print) -> dict:
+             pipeline_kwargs: dict | None = None, cpu_offload: bool = False, pipe=None, echo=print) -> dict:
+    """``calib eval``. The pipeline is called and loaded as the traces were (the file's ``calibration.pipeline``:
+    size, negative prompt, true-CFG scale, further arguments, dtype, CPU offload); ``pipeline_kwargs`` adds to or
+    replaces those arguments, ``cpu_offload`` turns offload on."""
     import calib.runtime as cr
 
     from .export import load_document
@@ -376,12 +379,31 @@ def run_eval(coeffs, *, model=None, prompts_file=None, seeds=DEFAULT_SEEDS, thre
             raise CalibError(f"--threshold must be a finite number >= 0, got {t}")
     steps, guidance = _settings_from(doc, steps, guidance)
     model = model or (doc.get("model") or {}).get("source") or "builtin:digits"
-    if pipe is None:
-        from .models.loading import load_model
+    from .method_docs import describe_call, pipeline_call_kwargs
+    from .trace import check_call_arguments
 
-        pipe = load_model(model, device=pick_device(device))
+    calibrated = (doc.get("calibration") or {}).get("pipeline")
+    if calibrated is None and (doc.get("provenance") or {}).get("source") == "measured":
+        import warnings
+
+        warnings.warn(f"{coeffs} does not record how its traces called the pipeline (traced by an older calib, or "
+                      "fitted across several settings); generating with the pipeline's defaults", stacklevel=2)
+    call_kwargs = {**pipeline_call_kwargs(calibrated), **(pipeline_kwargs or {})}
+    dtype = (calibrated or {}).get("dtype")
+    offload = bool(cpu_offload or (calibrated or {}).get("cpu_offload"))
+    if pipe is None:
+        from .models.loading import load_model, pipeline_class
+
+        cls = pipeline_class(model)
+        if cls is not None:  # before loading
+            check_call_arguments(cls, steps, guidance, call_kwargs, model, output_type="np")
+        pipe = load_model(model, device=pick_device(device), dtype=dtype, cpu_offload=offload)
+    # a calibration made before calibration.pipeline existed (or one not given --height/--width) still says its size
+    call_kwargs = {**_calibrated_size(doc, pipe, call_kwargs), **call_kwargs}
+    check_call_arguments(pipe, steps, guidance, call_kwargs, model, output_type="np")
+    pipeline_used = {"arguments": call_kwargs, "dtype": dtype, "cpu_offload": offload,
+                     "as_calibrated": calibrated is not None and not pipeline_kwargs}
     prompts = _prompts(model, prompts_file, pipe)
-    pipeline_kwargs = {**_calibrated_size(doc, pipe, pipeline_kwargs or {}), **(pipeline_kwargs or {})}
     trace_set = _find_traces(doc, traces, coeffs)
     reader = digit_reader(_builtin_name(model, pipe))
     truth = None
@@ -392,8 +414,10 @@ def run_eval(coeffs, *, model=None, prompts_file=None, seeds=DEFAULT_SEEDS, thre
     jobs = [(p, s) for p in prompts for s in seeds]
     echo(f"calib eval: {model}, {len(prompts)} prompts x {len(seeds)} seeds (held out), {steps} steps, guidance "
          f"{guidance:g}, thresholds {', '.join(f'{t:g}' for t in thresholds)}, {repeats} timed repeats")
+    echo(f"pipeline {'as calibrated' if pipeline_used['as_calibrated'] else 'called with'}: "
+         f"{describe_call(call_kwargs, dtype, offload)}")
 
-    generate = Generator(pipe, steps=steps, guidance=guidance, pipeline_kwargs=pipeline_kwargs)
+    generate = Generator(pipe, steps=steps, guidance=guidance, pipeline_kwargs=call_kwargs)
     try:
         measured = _measure(generate, config, thresholds, jobs, repeats, reader, echo)
     finally:
@@ -425,7 +449,7 @@ def run_eval(coeffs, *, model=None, prompts_file=None, seeds=DEFAULT_SEEDS, thre
         "model_class": config.model_class,
         "settings": {"steps": steps, "guidance": guidance, "seeds": list(seeds), "prompts": prompts,
                      "repeats": repeats, "device": str(getattr(pipe, "device", "cpu")),
-                     "torch_threads": torch.get_num_threads()},
+                     "torch_threads": torch.get_num_threads(), "pipeline": pipeline_used},
         "traces": None if trace_set is None else [str(f) for f in trace_set.files],
         "baseline": {"seconds": spread(statistics.median(measured["base"][j]["seconds"]) for j in jobs),
                      "digit_accuracy": base_acc},
@@ -440,7 +464,7 @@ def run_eval(coeffs, *, model=None, prompts_file=None, seeds=DEFAULT_SEEDS, thre
             raise CalibError("--compare needs traces (for the uncalibrated baselines and MagCache's ratios): "
                              "pass --traces or keep the file's calibration.trace_files where they are")
         report["frontier"] = run_frontier(pipe, config, trace_set, prompts, seeds, steps=steps, guidance=guidance,
-                                          pipeline_kwargs=pipeline_kwargs, plot=plot, echo=echo)
+                                          pipeline_kwargs=call_kwargs, plot=plot, echo=echo)
     if out is not None:
         import json
 

@@ -42,6 +42,24 @@ def merged_order(trace_set) -> list:
     return out
 
 
+def _common_settings(trace_set) -> dict | None:
+    """The inputs' ``trace_settings`` (what calib trace generated with), which the merged file keeps; inputs
+    traced with different settings are refused, naming the setting, as resuming one file with them would be."""
+    from .store import settings_difference, stored_settings
+
+    found = [(f, stored_settings(a)) for f, a in zip(trace_set.files, trace_set.attrs)]
+    known = [(f, s) for f, s in found if s is not None]
+    if not known:
+        return None
+    first_file, first = known[0]
+    for f, s in known[1:]:
+        diff = settings_difference(first, s)
+        if diff is not None:
+            raise CalibError(f"{f} was traced with {diff[1]}, {first_file} with {diff[0]}; merge the files of one "
+                             "run (one setting per trace file)")
+    return first if len(known) == len(found) else None
+
+
 def run_merge(inputs, *, out=None, overwrite: bool = False, echo=print) -> Path:
     from .shards import merged_path
     from .store import TraceWriter, read_traces
@@ -72,7 +90,8 @@ def run_merge(inputs, *, out=None, overwrite: bool = False, echo=print) -> Path:
             "merge each shard once"
         )
     ordered = merged_order(trace_set)
-    with TraceWriter(out, trace_set.model_info, overwrite=True) as writer:
+    settings = _common_settings(trace_set)
+    with TraceWriter(out, trace_set.model_info, overwrite=True, settings=settings) as writer:
         writer.append(ordered)
     generations = len({t.generation_key for t in ordered})
     echo(f"merged {len(trace_set.files)} files ({generations} generations, {len(ordered)} trajectories) -> {out}")

@@ -144,16 +144,32 @@ def finished_generations(path: Path, steps: int, guidance: float) -> set[tuple[s
 
 
 def _settings_dict(settings) -> dict:
-    return {
-        "steps": settings.steps,
-        "guidance": float(settings.guidance),
-        "seeds": list(settings.seeds),
-        "height": settings.height,
-        "width": settings.width,
-        "num_frames": settings.num_frames,
-        "record_blocks": settings.record_blocks,
-        "pipeline_kwargs": settings.pipeline_kwargs,
-    }
+    """The manifest's ``settings``: the trace files' ``trace_settings`` (:meth:`calib.trace.TraceSettings.recorded`)
+    and the seeds."""
+    return {**settings.recorded(), "seeds": list(settings.seeds)}
+
+
+def check_manifest_settings(out: Path, now: dict, *, unknown=()) -> None:
+    """Refuse, in one line naming the setting, to trace a shard of ``out`` with other settings than the ones its
+    manifest records (the other shards were, or are being, traced with those). No manifest yet: nothing to check."""
+    from .store import settings_difference
+
+    path = manifest_path(out)
+    if not path.is_file():
+        return
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        stored = doc["settings"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # unreadable: rewritten by this run, and read_traces reports a damaged one
+    if not isinstance(stored, dict) or "pipeline_args" not in stored:
+        stored = {k: stored.get(k) for k in ("steps", "guidance")} if isinstance(stored, dict) else {}
+    diff = settings_difference(stored, now, unknown=set(unknown) | {k for k in now if k not in stored})
+    if diff is not None:
+        raise CalibError(
+            f"{path}: the shards of this run were traced with {diff[0]}, this command asks for {diff[1]}; every "
+            "shard of a run uses the same settings (pass --overwrite to start anew, or choose another --out)"
+        )
 
 
 def write_manifest(out: Path, *, model: str, model_info: dict, settings, prompts: list[str], jobs: list,
@@ -377,6 +393,16 @@ def check_shard(manifest: Manifest, entry: dict, path: Path, info: dict, traject
             f"{path}: is shard {which[0]} of {which[1]}, but {manifest.path} lists it as shard {entry['index']} "
             f"of {manifest.count}"
         )
+    from .store import settings_difference, stored_settings
+
+    stored = stored_settings(attrs)
+    if stored is not None and "pipeline_args" in manifest.settings:
+        diff = settings_difference(manifest.settings, stored)
+        if diff is not None:
+            raise CalibError(
+                f"{path}: was traced with {diff[1]}, its manifest {manifest.path} with {diff[0]}; pass the shard "
+                "files themselves to read them all"
+            )
     steps, guidance = int(manifest.settings["steps"]), float(manifest.settings["guidance"])
     other = sorted({(t.steps, t.guidance) for t in trajectories if (t.steps, t.guidance) != (steps, guidance)})
     if other:

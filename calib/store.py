@@ -36,7 +36,22 @@ MODEL_ATTRS = {
 }
 # file attributes calib writes itself; TraceWriter(attrs=...) may not use these names
 RESERVED_FILE_ATTRS = frozenset({"schema_version", "calib_version", "created", "updated", "model_info",
-                                 *MODEL_ATTRS.values()})
+                                 "trace_settings", *MODEL_ATTRS.values()})
+# The settings a resumed trace must share with the file (attribute ``trace_settings``, written by calib trace), and
+# the option that sets each. Prompts and seeds are not among them: more of those extend a trace. ``cpu_offload`` is
+# recorded but not matched: it changes where the weights wait between calls, not what is computed.
+RESUME_FIELDS = {
+    "steps": "--steps",
+    "guidance": "--guidance",
+    "height": "--height",
+    "width": "--width",
+    "num_frames": "--num-frames",
+    "negative_prompt": "--negative-prompt",
+    "true_cfg_scale": "--true-cfg-scale",
+    "pipeline_args": "--pipeline-arg",
+    "dtype": "--dtype",
+    "record_blocks": "--no-blocks",
+}
 SERIES = ("step_index", "timesteps", "sigmas", "input_rel_l1", "output_rel_l1", "residual_rel_l1")
 REL_L1_SERIES = ("input_rel_l1", "output_rel_l1", "residual_rel_l1")
 
@@ -150,6 +165,110 @@ def _str_attr(value) -> str:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def stored_settings(attrs: dict) -> dict | None:
+    """The ``trace_settings`` attribute of a trace file (what ``calib trace`` generated with), or None for a file
+    that has none (written by an older calib, by :class:`TraceWriter` without settings, or not valid JSON)."""
+    raw = attrs.get("trace_settings")
+    if raw is None:
+        return None
+    try:
+        value = json.loads(_str_attr(raw))
+    except (TypeError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _describe_setting(name: str, value, key: str | None = None) -> str:
+    """One stored setting as the option that gives it: ``--steps 30``, ``no --height (the pipeline's default)``."""
+    option = RESUME_FIELDS.get(name, name)
+    if name == "pipeline_args":
+        if value is _ABSENT:
+            return f"no --pipeline-arg {key}"
+        return f"--pipeline-arg {key}={json.dumps(value, ensure_ascii=False)}"
+    if name == "record_blocks":
+        return "per-block changes (no --no-blocks)" if value else "--no-blocks"
+    if name == "resolution":
+        return f"resolution {'x'.join(str(v) for v in value) or 'unknown'}"
+    if value is None:
+        return f"no {option}" + (" (the pipeline's default)" if name in ("height", "width", "num_frames") else "")
+    if isinstance(value, float):
+        return f"{option} {value:g}"
+    if isinstance(value, str) and name == "negative_prompt":
+        return f"{option} {value!r}"
+    return f"{option} {value}"
+
+
+_ABSENT = object()
+
+
+def settings_difference(stored: dict, now: dict, *, unknown=()) -> tuple[str, str] | None:
+    """``(stored, now)`` in words for the first resume setting (:data:`RESUME_FIELDS`) on which a trace's stored
+    settings and a command's differ; None when they agree. Names in ``unknown`` are not compared (the command does
+    not know them yet, e.g. the dtype before the model is loaded when --dtype was not given)."""
+    for name in RESUME_FIELDS:
+        if name in unknown or name not in now:
+            continue
+        old, new = stored.get(name), now.get(name)
+        if name == "pipeline_args":
+            old, new = dict(old or {}), dict(new or {})
+            for key in list(old) + [k for k in new if k not in old]:
+                a, b = old.get(key, _ABSENT), new.get(key, _ABSENT)
+                if a is _ABSENT or b is _ABSENT or json.dumps(a, sort_keys=True) != json.dumps(b, sort_keys=True):
+                    return _describe_setting(name, a, key), _describe_setting(name, b, key)
+            continue
+        if name in ("guidance", "true_cfg_scale") and old is not None and new is not None:
+            same = float(old) == float(new)
+        elif name == "record_blocks":
+            same = bool(True if old is None else old) == bool(new)
+        else:
+            same = old == new
+        if not same:
+            return _describe_setting(name, old), _describe_setting(name, new)
+    return None
+
+
+def _legacy_difference(trajectories: list, now: dict, unknown=()) -> tuple[str, str] | None:
+    """For a file without ``trace_settings``: what its trajectories record (steps, guidance, resolution)."""
+    for t in trajectories:
+        if "steps" in now and t.steps != int(now["steps"]):
+            return _describe_setting("steps", t.steps), _describe_setting("steps", now["steps"])
+        if "guidance" in now and t.guidance != float(now["guidance"]):
+            return _describe_setting("guidance", t.guidance), _describe_setting("guidance", float(now["guidance"]))
+        if "resolution" in now and "resolution" not in unknown and t.resolution != tuple(now["resolution"]):
+            return _describe_setting("resolution", t.resolution), _describe_setting("resolution", now["resolution"])
+    return None
+
+
+def check_resume(path, file_attrs: dict, trajectories: list, now: dict, *, unknown=()) -> None:
+    """Refuse, in one line naming the setting, to resume the trace ``path`` with settings ``now`` that differ from
+    the ones its generations were traced with (:data:`RESUME_FIELDS`)."""
+    stored = stored_settings(file_attrs)
+    if stored is not None:
+        diff = settings_difference(stored, now, unknown=unknown)
+    elif trajectories:
+        diff = _legacy_difference(trajectories, now, unknown)
+    else:
+        diff = None
+    if diff is not None:
+        raise CalibError(
+            f"{path}: its generations were traced with {diff[0]}, this command asks for {diff[1]}; a resume must use "
+            "the same settings (pass --overwrite to start anew, or choose another --out)"
+        )
+
+
+def precheck_resume(path, now: dict, *, unknown=()) -> None:
+    """:func:`check_resume` on the file at ``path`` if there is one, before the model is loaded (no lock is taken;
+    :class:`TraceWriter` checks again under its lock). A file that cannot be read is left to the writer."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    try:
+        _, trajectories, file_attrs = _read_file(path)
+    except CalibError:
+        return
+    check_resume(path, file_attrs, trajectories, now, unknown=unknown)
 
 
 def _plain_model_info(model_info: dict) -> dict:
@@ -362,10 +481,11 @@ class TraceWriter:
     """
 
     def __init__(self, path, model_info: dict, *, overwrite: bool = False, attrs: dict | None = None,
-                 background: bool = False):
+                 background: bool = False, settings: dict | None = None):
         self.path = Path(path)
         self.model_info = _plain_model_info(model_info)
         self.attrs = dict(attrs or {})
+        self.settings = None if settings is None else json.loads(json.dumps(settings, sort_keys=True))
         self.background = background
         self._executor = None
         self._pending = None
@@ -398,12 +518,25 @@ class TraceWriter:
                             f"{self.path}: holds traces of another model ({key} {info.get(key)!r}, now "
                             f"{self.model_info.get(key)!r}); pass --overwrite to start anew or choose another --out"
                         )
+                indicator = (info.get("indicator"), self.model_info.get("indicator"))
+                if self.settings is not None and all(indicator) and indicator[0] != indicator[1]:
+                    raise CalibError(
+                        f"{self.path}: its generations were traced with the indicator {indicator[0]!r}, this command "
+                        f"asks for {indicator[1]!r} (--modulation-module); a resume must use the same settings (pass "
+                        "--overwrite to start anew, or choose another --out)"
+                    )
+                if self.settings is not None:
+                    check_resume(self.path, file_attrs, trajectories, self.settings)
+                elif stored_settings(file_attrs) is not None:  # a writer without settings keeps the file's
+                    self.settings = stored_settings(file_attrs)
                 self._trajectories = trajectories
                 self._durable = len(trajectories)
                 self.created = str(file_attrs.get("created", self.created))
                 kept = {k: v for k, v in file_attrs.items() if k not in RESERVED_FILE_ATTRS}
                 self.attrs = {**kept, **self.attrs}
-            else:
+            if self.settings is not None:
+                self.attrs["trace_settings"] = json.dumps(self.settings, sort_keys=True)
+            if not (self.path.exists() and not overwrite):
                 _write_file(self.path, self.model_info, [], self.created, extra_attrs=self.attrs)
         except BaseException:
             self.close()

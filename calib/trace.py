@@ -10,6 +10,7 @@ batched over the held calls, and each series is moved to the host once, when the
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from pathlib import Path
 from collections import defaultdict
@@ -39,9 +40,64 @@ EXTRA_SERIES = (
 )
 
 
+# torch dtypes by the names --dtype takes (and the trace file records)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Pipeline arguments calib sets itself, with the option that sets them: --pipeline-arg may not give these.
+CALIB_ARGUMENTS = {
+    "prompt": "--prompts",
+    "num_inference_steps": "--steps",
+    "guidance_scale": "--guidance",
+    "generator": "--seeds",
+    "output_type": None,  # "latent" when tracing, "np" when evaluating
+    "return_dict": None,  # calib reads the pipeline's output object
+    "height": "--height",
+    "width": "--width",
+    "num_frames": "--num-frames",
+    "negative_prompt": "--negative-prompt",
+    "true_cfg_scale": "--true-cfg-scale",
+}
+_ARGUMENT_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def option_of(argument: str) -> str:
+    """The command-line option that sets a pipeline argument: ``--steps`` for num_inference_steps, ...,
+    ``--pipeline-arg NAME`` for the rest."""
+    return CALIB_ARGUMENTS.get(argument) or f"--pipeline-arg {argument}"
+
+
+def parse_pipeline_arg(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` of ``--pipeline-arg``: VALUE read as JSON (``64``, ``true``, ``{"scale": 0.5}``), else kept
+    as the string it is (``negative_prompt_2=blurry``)."""
+    import json
+
+    key, sep, raw = str(text).partition("=")
+    key = key.strip()
+    if not sep:
+        raise CalibError(f"--pipeline-arg {text!r}: expected KEY=VALUE, e.g. max_sequence_length=256")
+    if not _ARGUMENT_NAME.match(key):
+        raise CalibError(f"--pipeline-arg {text!r}: {key!r} is not an argument name (letters, digits and _, "
+                         "not starting with a digit)")
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        value = raw
+    return key, value
+
+
+def dtype_name(dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"``."""
+    return str(dtype).replace("torch.", "")
+
+
 @dataclass
 class TraceSettings:
-    """What a trace run generates: each prompt x seed is one generation."""
+    """What a trace run generates: each prompt x seed is one generation.
+
+    ``pipeline_kwargs``: further keyword arguments of the pipeline call (``--pipeline-arg``), JSON values;
+    ``negative_prompt`` / ``true_cfg_scale`` are passed when given (true CFG of FLUX and Qwen-Image);
+    ``dtype``: the dtype the model is loaded in (``None``: as it loads; the trace records the one it ran in);
+    ``cpu_offload``: ``enable_model_cpu_offload()`` instead of moving the whole pipeline to the device.
+    """
 
     steps: int = 30
     guidance: float = 3.0
@@ -51,8 +107,14 @@ class TraceSettings:
     num_frames: int | None = None
     record_blocks: bool = True
     pipeline_kwargs: dict = field(default_factory=dict)
+    negative_prompt: str | None = None
+    true_cfg_scale: float | None = None
+    dtype: str | None = None
+    cpu_offload: bool = False
 
     def __post_init__(self):
+        import json
+
         if not isinstance(self.steps, int) or self.steps < 2:
             raise CalibError(f"--steps must be an integer >= 2, got {self.steps!r}")
         if not (isinstance(self.guidance, (int, float)) and math.isfinite(self.guidance) and self.guidance >= 0):
@@ -66,6 +128,57 @@ class TraceSettings:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value <= 0):
                 raise CalibError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        if self.negative_prompt is not None and not isinstance(self.negative_prompt, str):
+            raise CalibError(f"--negative-prompt must be text, got {type(self.negative_prompt).__name__}")
+        if self.true_cfg_scale is not None:
+            if not (isinstance(self.true_cfg_scale, (int, float)) and math.isfinite(self.true_cfg_scale)
+                    and self.true_cfg_scale >= 0):
+                raise CalibError(f"--true-cfg-scale must be a finite number >= 0, got {self.true_cfg_scale!r}")
+            self.true_cfg_scale = float(self.true_cfg_scale)
+        if self.dtype is not None:
+            self.dtype = dtype_name(self.dtype)
+            if self.dtype not in DTYPES:
+                raise CalibError(f"--dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
+        self.cpu_offload = bool(self.cpu_offload)
+        kwargs = dict(self.pipeline_kwargs or {})
+        for key in kwargs:
+            if not isinstance(key, str) or not _ARGUMENT_NAME.match(key):
+                raise CalibError(f"--pipeline-arg {key!r}: not an argument name (letters, digits and _)")
+            if key in CALIB_ARGUMENTS:
+                how = CALIB_ARGUMENTS[key]
+                raise CalibError(f"--pipeline-arg {key}: calib sets {key} itself"
+                                 + (f"; use {how}" if how else ""))
+        try:  # recorded in the trace file and the coefficient file, so it must be JSON
+            self.pipeline_kwargs = json.loads(json.dumps(kwargs, allow_nan=False))
+        except (TypeError, ValueError) as exc:
+            raise CalibError(f"pipeline arguments must be JSON values (numbers, text, true/false, lists, "
+                             f"objects): {exc}") from None
+
+    def call_kwargs(self) -> dict:
+        """The keyword arguments of the pipeline call besides prompt, steps, guidance, generator and output type:
+        ``--pipeline-arg``s, size and the true-CFG arguments, each only when given."""
+        kwargs = dict(self.pipeline_kwargs)
+        for name in ("height", "width", "num_frames", "negative_prompt", "true_cfg_scale"):
+            if getattr(self, name) is not None:
+                kwargs[name] = getattr(self, name)
+        return kwargs
+
+    def recorded(self) -> dict:
+        """What the trace file stores (attribute ``trace_settings``) and a resume must match: every setting of
+        the generations except the prompts and seeds (more of those extend a trace)."""
+        return {
+            "steps": int(self.steps),
+            "guidance": float(self.guidance),
+            "height": self.height,
+            "width": self.width,
+            "num_frames": self.num_frames,
+            "negative_prompt": self.negative_prompt,
+            "true_cfg_scale": self.true_cfg_scale,
+            "pipeline_args": dict(self.pipeline_kwargs),
+            "dtype": self.dtype,
+            "cpu_offload": self.cpu_offload,
+            "record_blocks": bool(self.record_blocks),
+        }
 
 
 def pipeline_components(pipe) -> list[tuple[str, torch.nn.Module]]:
@@ -503,10 +616,7 @@ class Tracer:
 
         for rec in self.recorders:
             rec.reset()
-        kwargs = dict(settings.pipeline_kwargs)
-        for name in ("height", "width", "num_frames"):
-            if getattr(settings, name) is not None:
-                kwargs[name] = getattr(settings, name)
+        kwargs = settings.call_kwargs()
         generator = torch.Generator(device="cpu").manual_seed(seed)
         self.pipe(
             prompt=prompt,  # by name: an image-to-video pipeline's first parameter is its image
@@ -578,6 +688,56 @@ class Tracer:
         return ()
 
 
+def _with_dtype(settings: TraceSettings, pipe) -> TraceSettings:
+    """``settings`` with the dtype the model runs in: ``--dtype`` when given (a pipeline passed in must be in it),
+    else the transformer's."""
+    import dataclasses
+
+    transformer = pipeline_components(pipe)[0][1]
+    running = dtype_name(getattr(transformer, "dtype", None) or next(transformer.parameters()).dtype)
+    if settings.dtype is None:
+        return dataclasses.replace(settings, dtype=running if running in DTYPES else None)
+    if running != settings.dtype:
+        wanted = DTYPES[settings.dtype]
+        if any(p.is_floating_point() and p.dtype == wanted for p in transformer.parameters()):
+            return settings  # loaded in it; some modules kept in float32 (diffusers' _keep_in_fp32_modules)
+        raise CalibError(f"--dtype {settings.dtype}: the pipeline's transformer is {running}")
+    return settings
+
+
+def check_pipeline_arguments(pipeline, settings: TraceSettings, model: str, *, output_type: str = "latent") -> None:
+    """Every argument calib passes to the pipeline (the options, the --pipeline-args) is one its ``__call__``
+    takes; otherwise one line naming the option, before any work. ``pipeline`` is the pipeline or its class."""
+    check_call_arguments(pipeline, settings.steps, settings.guidance, settings.call_kwargs(), model,
+                         output_type=output_type)
+
+
+def check_call_arguments(pipeline, steps: int, guidance: float, kwargs: dict, model: str, *,
+                         output_type: str = "latent") -> None:
+    """:func:`check_pipeline_arguments` for a pipeline call of ``steps``, ``guidance`` and further ``kwargs``."""
+    import inspect
+
+    cls = pipeline if isinstance(pipeline, type) else type(pipeline)
+    try:
+        params = inspect.signature(cls.__call__).parameters
+    except (TypeError, ValueError):  # a C callable or another object without a signature: cannot tell
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return  # **kwargs: takes anything
+    names = [n for n, p in params.items() if n != "self" and p.kind is not inspect.Parameter.VAR_POSITIONAL]
+    passed = {"num_inference_steps": steps, "guidance_scale": guidance, "generator": None,
+              "output_type": output_type, **kwargs}
+    label = cls.__name__ if model in (None, "", cls.__name__) else f"{cls.__name__} ({model})"
+    for argument in passed:
+        if argument in names:
+            continue
+        option = CALIB_ARGUMENTS.get(argument, f"--pipeline-arg {argument}")
+        if option is None or argument == "generator":
+            raise CalibError(f"{label} does not take {argument!r}, which calib passes to every pipeline it traces; "
+                             f"its __call__ takes: {', '.join(names)}")
+        raise CalibError(f"{option}: {label} does not take {argument!r}; its __call__ takes: {', '.join(names)}")
+
+
 def default_trace_path(model: str) -> Path:
     from .models.loading import is_factory_spec
 
@@ -637,22 +797,41 @@ def run_trace(
     if out.suffix.lower() not in (".h5", ".hdf5"):
         raise CalibError(f"{out}: a trace file must end in .h5")
     device = pick_device(device, part.local_rank if part is not None and part.distributed else None)
+    path = out if part is None else sh.shard_path(out, part.index, part.count)
+    # Before minutes of loading: arguments the pipeline does not take, and a resume with other settings.
+    if pipe is None:
+        from .models.loading import pipeline_class
+
+        cls = pipeline_class(model)
+        if cls is not None:
+            check_pipeline_arguments(cls, settings, model)
+    if not overwrite:
+        from .store import precheck_resume
+
+        unknown = () if settings.dtype is not None else ("dtype",)
+        precheck_resume(path, settings.recorded(), unknown=unknown)
+        if part is not None:
+            sh.check_manifest_settings(out, settings.recorded(), unknown=unknown)
     leader = part is None or not part.distributed or part.index == 0  # prints, shows the bar
     say = echo if leader else (lambda *a, **k: None)
     owns_group = sh.init_process_group(part, device) if part is not None else False
     try:
         if pipe is None:
-            pipe = load_model(model, device=device)
+            pipe = load_model(model, device=device, dtype=settings.dtype, cpu_offload=settings.cpu_offload)
+        check_pipeline_arguments(pipe, settings, model)
+        settings = _with_dtype(settings, pipe)
         check = getattr(pipe, "validate_prompts", None)
         if callable(check):  # fail on an unreadable prompt before hours of tracing, not at prompt 57
             check(prompts)
         tracer = Tracer(pipe, modulation_module=modulation_module, record_blocks=settings.record_blocks)
         info = describe_model(pipe, model, tracer.adapter)
+        recorded = {**settings.recorded(), "resolution": list(tracer._resolution(settings))}
+        if part is not None and not overwrite:  # now with the dtype the model runs in
+            sh.check_manifest_settings(out, recorded)
         all_jobs = [(p, s) for p in prompts for s in settings.seeds]
         if part is None:
-            path, jobs, attrs = out, all_jobs, None
+            jobs, attrs = all_jobs, None
         else:
-            path = sh.shard_path(out, part.index, part.count)
             jobs = sh.split(all_jobs, part.index, part.count)
             attrs = {"shard_index": part.index, "shard_count": part.count}
 
@@ -661,12 +840,10 @@ def run_trace(
                                      jobs=all_jobs, count=part.count, launcher=part.launcher)
 
         done = 0
-        with tracer, TraceWriter(path, info, overwrite=overwrite, attrs=attrs, background=True) as writer:
-            finished = {
-                (t.prompt, t.seed)
-                for t in writer.trajectories
-                if t.steps == settings.steps and t.guidance == float(settings.guidance)
-            }
+        with tracer, TraceWriter(path, info, overwrite=overwrite, attrs=attrs, background=True,
+                                 settings=recorded) as writer:
+            # the writer refused a file traced with other settings, so every generation in it is one of this run's
+            finished = {(t.prompt, t.seed) for t in writer.trajectories}
             todo = [(p, s) for p, s in jobs if (p, s) not in finished]
             if part is not None and (leader or not part.distributed):
                 manifest()  # so the shards are listed even if the run stops early
