@@ -271,6 +271,23 @@ def test_true_cfg_from_the_command_line_records_cond_and_uncond(name, real_pipel
     pattern = rp.count_calls(pipe, fam, PROMPTS[0], steps=4, negative_prompt="bad", true_cfg_scale=4.0)
     assert {k: len(v) for k, v in pattern.streams().items()} == streams
 
+    # the stored settings reproduce the run on resume: the same command traces nothing new, another scale is refused
+    res = invoke(["trace", "--model", folder, "--prompts", prompts, "--steps", 4, "--seeds", 0, "--out", out,
+                  "--device", "cpu", "--negative-prompt", "bad", "--true-cfg-scale", 4, *fam.trace_options()])
+    assert res.exit_code == 0, res.output
+    assert len(read_traces([out]).trajectories) == 2
+    import contextlib
+    import io
+
+    from calib.cli import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(["trace", "--model", str(folder), "--prompts", str(prompts), "--steps", "4", "--seeds", "0",
+                     "--out", str(out), "--device", "cpu", "--negative-prompt", "bad", "--true-cfg-scale", "2",
+                     *fam.trace_options()])
+    assert code == 2 and "true_cfg_scale" in err.getvalue().replace("-", "_"), err.getvalue()
+
 
 # True CFG (a negative prompt and true_cfg_scale > 1) through the Python API (TraceSettings), for the table's
 # runtime states; the test above runs it from the command line.
