@@ -89,6 +89,9 @@ def _called_with(fam: rp.Family, extra: str = "") -> str:
 
 
 class Runs:
+    """``runs(name)``: the family's :class:`FamilyRun`, measured on first use (each check and the docs table share
+    it)."""
+
     def __init__(self, tmp_path_factory, folder_of):
         self._tmp = tmp_path_factory
         self._folder_of = folder_of
@@ -181,6 +184,11 @@ def test_trace_fit_tune_eval_as_a_user_runs_them(name, runs):
 @pytest.mark.parametrize("name", NAMES)
 def test_streams_are_how_the_pipeline_calls_its_transformer(name, runs):
     run = runs(name)
+    by_step: dict[int, list] = {}
+    for call, labels in zip(run.pattern.calls, run.pattern.labels):
+        by_step.setdefault(call.step, []).append((call.context, call.rows, tuple(labels)))
+    assert sorted(by_step) == list(range(STEPS))
+    assert all(calls == run.pattern.per_step() for calls in by_step.values()), "steps differ (the table shows one)"
     assert run.traced == run.pattern.streams(), (
         f"{run.family.pipeline_class}: calib recorded {sorted(run.traced)}, the pipeline called "
         f"{run.pattern.per_step()} per step")
