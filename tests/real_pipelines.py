@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -471,10 +471,28 @@ def cosmos2_text2image():
     return build_cosmos2_text2image()
 
 
-def _wan_i2v_call_kwargs() -> dict:
+def with_image(pipe, image):
+    """``pipe`` with its conditioning image bound: calib passes a pipeline only JSON arguments (it records them), and
+    an image-to-video pipeline needs a PIL image or tensor. The instance's class becomes a subclass of its own class
+    whose ``__call__`` adds ``image=`` and runs the original, so every line that generates is diffusers'."""
+    base = type(pipe)
+
+    class WithImage(base):
+        @functools.wraps(base.__call__)
+        def __call__(self, *args, **kwargs):
+            kwargs.setdefault("image", image)
+            return base.__call__(self, *args, **kwargs)
+
+    WithImage.__name__ = WithImage.__qualname__ = base.__name__
+    pipe.__class__ = WithImage
+    return pipe
+
+
+def wan_i2v_with_image():
+    """``--model real_pipelines:wan_i2v_with_image``: the tiny WanImageToVideoPipeline with a fixed 16x16 image."""
     from PIL import Image
 
-    return {"image": Image.new("RGB", (16, 16), (120, 80, 200))}
+    return with_image(build_wan_i2v(), Image.new("RGB", (16, 16), (120, 80, 200)))
 
 
 # ---------------------------------------------------------------------------------------------------- registry
@@ -491,8 +509,6 @@ class Family:
     width: int
     num_frames: int | None = None
     guidance: float = 3.0
-    # what the test passes the pipeline beyond prompt/steps/guidance/size (e.g. the image of an I2V pipeline)
-    call_kwargs: Callable[[], dict] = field(default=dict)
     variant: str = ""  # what sets this build apart from another of the same class (the docs table shows it)
     factory: str | None = None  # `--model module:function` for a pipeline that cannot load from a folder offline
     note: str = ""  # why the test drives it another way than `calib trace --model FOLDER`
@@ -522,8 +538,8 @@ _register(Family("qwenimage", "QwenImagePipeline", build_qwenimage, height=32, w
 _register(Family("wan_t2v", "WanPipeline", build_wan_t2v, height=32, width=32, num_frames=9, guidance=5.0))
 _register(Family(
     "wan_i2v", "WanImageToVideoPipeline", build_wan_i2v, height=16, width=16, num_frames=9, guidance=5.0,
-    call_kwargs=_wan_i2v_call_kwargs,
-    note="needs an `image`, which the CLI cannot pass: traced through calib.trace.run_trace(pipeline_kwargs=...)",
+    variant="an image (bound by a factory)", factory="real_pipelines:wan_i2v_with_image",
+    note="needs an `image`, which calib cannot pass (it passes JSON arguments only): a factory binds one",
 ))
 _register(Family("wan22", "WanPipeline", build_wan22_two_experts, height=32, width=32, num_frames=9, guidance=4.0,
                  variant="`transformer_2`, boundary_ratio 0.875"))
@@ -538,7 +554,7 @@ _register(Family("sana", "SanaPipeline", build_sana, height=512, width=512, guid
 _register(Family("pixart_sigma", "PixArtSigmaPipeline", build_pixart_sigma, height=256, width=256, guidance=4.5))
 _register(Family(
     "cosmos2_text2image", "Cosmos2TextToImagePipeline", build_cosmos2_text2image, height=32, width=32,
-    guidance=7.0, factory="real_pipelines:cosmos2_text2image",
+    guidance=7.0, variant="a pass-through safety checker (a factory)", factory="real_pipelines:cosmos2_text2image",
     note="a saved folder loads only with NVIDIA's Guardrail (downloads): traced as --model real_pipelines:cosmos2_text2image",
 ))
 
@@ -673,7 +689,7 @@ def generate(pipe, family: Family, prompt: str, *, steps: int, seed: int = 0, gu
         prompt=prompt, num_inference_steps=steps,
         guidance_scale=family.guidance if guidance is None else guidance,
         generator=torch.Generator("cpu").manual_seed(seed), output_type="latent",
-        **family.size_kwargs(), **family.call_kwargs(), **kwargs,
+        **family.size_kwargs(), **kwargs,
     )
     result = getattr(out, "frames", None)
     return (out.images if result is None else result).detach().clone()

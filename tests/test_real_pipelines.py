@@ -85,12 +85,13 @@ class FamilyRun:
 
 def _called_with(fam: rp.Family, extra: str = "") -> str:
     parts = ([fam.variant] if fam.variant else []) + [f"guidance {fam.guidance:g}"] + ([extra] if extra else [])
-    if fam.call_kwargs():
-        parts.append(" ".join(sorted(fam.call_kwargs())))
     return ", ".join(parts)
 
 
 class Runs:
+    """``runs(name)``: the family's :class:`FamilyRun`, measured on first use (each check and the docs table share
+    it)."""
+
     def __init__(self, tmp_path_factory, folder_of):
         self._tmp = tmp_path_factory
         self._folder_of = folder_of
@@ -111,16 +112,8 @@ class Runs:
         cli_out = {}
         trace_args = ["trace", "--model", model, "--prompts", prompts, "--steps", STEPS, "--seeds", SEED,
                       "--out", trace, "--device", "cpu", *fam.trace_options()]
-        if fam.call_kwargs():  # an input the command line cannot give (an I2V image): the Python API
-            from calib.trace import TraceSettings, run_trace
-
-            settings = TraceSettings(steps=STEPS, guidance=fam.guidance, seeds=(SEED,), height=fam.height,
-                                     width=fam.width, num_frames=fam.num_frames, pipeline_kwargs=fam.call_kwargs())
-            run_trace(model, prompts, settings, out=trace, device="cpu", echo=lambda *a, **k: None)
-            cli_out["trace"] = (0, "run_trace (Python API)")
-        else:
-            res = invoke(trace_args)
-            cli_out["trace"] = (res.exit_code, res.output)
+        res = invoke(trace_args)
+        cli_out["trace"] = (res.exit_code, res.output)
         traced, finite, model_info = {}, True, {}
         if trace.is_file():
             trace_set = read_traces([trace])
@@ -136,19 +129,10 @@ class Runs:
         cli_out["fit"] = (res.exit_code, res.output)
         res = invoke(["tune", trace, "--coeffs", coeffs, "--compute-fraction", 0.6])
         cli_out["tune"] = (res.exit_code, res.output)
-        report = None
-        if fam.call_kwargs():
-            from calib.evaluation import run_eval
-
-            report = run_eval(coeffs, model=model, prompts_file=prompts, seeds=(100,), repeats=1, device="cpu",
-                              pipeline_kwargs=fam.call_kwargs(), echo=lambda *a, **k: None)
-            cli_out["eval"] = (0, "run_eval (Python API)")
-        else:
-            res = invoke(["eval", "--coeffs", coeffs, "--model", model, "--prompts", prompts, "--seeds", 100,
-                          "--repeats", 1, "--device", "cpu", "--out", work / "eval.json"])
-            cli_out["eval"] = (res.exit_code, res.output)
-            if (work / "eval.json").is_file():
-                report = json.loads((work / "eval.json").read_text())
+        res = invoke(["eval", "--coeffs", coeffs, "--model", model, "--prompts", prompts, "--seeds", 100,
+                      "--repeats", 1, "--device", "cpu", "--out", work / "eval.json"])
+        cli_out["eval"] = (res.exit_code, res.output)
+        report = json.loads((work / "eval.json").read_text()) if (work / "eval.json").is_file() else None
 
         pipe = load_model(model, device="cpu")
         pipe.set_progress_bar_config(disable=True)
@@ -200,6 +184,11 @@ def test_trace_fit_tune_eval_as_a_user_runs_them(name, runs):
 @pytest.mark.parametrize("name", NAMES)
 def test_streams_are_how_the_pipeline_calls_its_transformer(name, runs):
     run = runs(name)
+    by_step: dict[int, list] = {}
+    for call, labels in zip(run.pattern.calls, run.pattern.labels):
+        by_step.setdefault(call.step, []).append((call.context, call.rows, tuple(labels)))
+    assert sorted(by_step) == list(range(STEPS))
+    assert all(calls == run.pattern.per_step() for calls in by_step.values()), "steps differ (the table shows one)"
     assert run.traced == run.pattern.streams(), (
         f"{run.family.pipeline_class}: calib recorded {sorted(run.traced)}, the pipeline called "
         f"{run.pattern.per_step()} per step")
@@ -290,9 +279,26 @@ def test_true_cfg_from_the_command_line_records_cond_and_uncond(name, real_pipel
     pattern = rp.count_calls(pipe, fam, PROMPTS[0], steps=4, negative_prompt="bad", true_cfg_scale=4.0)
     assert {k: len(v) for k, v in pattern.streams().items()} == streams
 
+    # the stored settings reproduce the run on resume: the same command traces nothing new, another scale is refused
+    res = invoke(["trace", "--model", folder, "--prompts", prompts, "--steps", 4, "--seeds", 0, "--out", out,
+                  "--device", "cpu", "--negative-prompt", "bad", "--true-cfg-scale", 4, *fam.trace_options()])
+    assert res.exit_code == 0, res.output
+    assert len(read_traces([out]).trajectories) == 2
+    import contextlib
+    import io
 
-# True CFG (a negative prompt and true_cfg_scale > 1) through the Python API, which passes any pipeline argument;
-# the command line gets it with the args branch (the test above).
+    from calib.cli import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(["trace", "--model", str(folder), "--prompts", str(prompts), "--steps", "4", "--seeds", "0",
+                     "--out", str(out), "--device", "cpu", "--negative-prompt", "bad", "--true-cfg-scale", "2",
+                     *fam.trace_options()])
+    assert code == 2 and "true_cfg_scale" in err.getvalue().replace("-", "_"), err.getvalue()
+
+
+# True CFG (a negative prompt and true_cfg_scale > 1) through the Python API (TraceSettings), for the table's
+# runtime states; the test above runs it from the command line.
 TRUE_CFG = {"negative_prompt": "blurry, low quality", "true_cfg_scale": 4.0}
 TRUE_CFG_FAMILIES = ("flux", "qwenimage")
 
@@ -323,7 +329,7 @@ def true_cfg_runs(runs, real_pipeline_folder):
             pipe.set_progress_bar_config(disable=True)
             pattern = rp.count_calls(pipe, fam, PROMPTS[0], steps=STEPS, seed=SEED, **TRUE_CFG)
             settings = TraceSettings(steps=STEPS, guidance=fam.guidance, seeds=(SEED,), **fam.size_kwargs(),
-                                     pipeline_kwargs=dict(TRUE_CFG))
+                                     **TRUE_CFG)
             with Tracer(pipe) as tracer:
                 traced = [(t.component, t.stream) for t in tracer.trace(PROMPTS[0], SEED, settings)]
             reference = rp.generate(pipe, fam, PROMPTS[0], steps=STEPS, seed=SEED, **TRUE_CFG)
@@ -365,3 +371,9 @@ def test_docs_table_is_what_the_tests_measured(runs, true_cfg_runs):
     assert match.group(1) == table, (
         f"{DOC}'s table of real pipelines differs from what the tests measured; rewrite it with "
         "CALIB_WRITE_DOCS=1 python -m pytest tests/test_real_pipelines.py -k docs_table\n" + table)
+
+
+def test_the_image_to_video_folder_loads_as_its_pipeline(real_pipeline_folder):
+    """The I2V tests go through a factory only to bind the image; the saved folder itself loads as a user's would."""
+    pipe = load_model(str(real_pipeline_folder("wan_i2v")), device="cpu")
+    assert type(pipe).__name__ == "WanImageToVideoPipeline" and pipe.image_encoder is not None
