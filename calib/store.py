@@ -180,6 +180,9 @@ def stored_settings(attrs: dict) -> dict | None:
     return value if isinstance(value, dict) else None
 
 
+_ABSENT = object()  # a --pipeline-arg one side does not give
+
+
 def _describe_setting(name: str, value, key: str | None = None) -> str:
     """One stored setting as the option that gives it: ``--steps 30``, ``no --height (the pipeline's default)``."""
     option = RESUME_FIELDS.get(name, name)
@@ -199,8 +202,6 @@ def _describe_setting(name: str, value, key: str | None = None) -> str:
         return f"{option} {value!r}"
     return f"{option} {value}"
 
-
-_ABSENT = object()
 
 
 def settings_difference(stored: dict, now: dict, *, unknown=()) -> tuple[str, str] | None:
@@ -479,6 +480,11 @@ class TraceWriter:
     ``attrs``: further file attributes (e.g. ``shard_index``), written on every append; the names calib writes
     itself (:data:`RESERVED_FILE_ATTRS`) are refused. On resume, further attributes already in the file are kept
     unless ``attrs`` gives them anew.
+
+    ``settings``: what the generations are traced with (:meth:`calib.trace.TraceSettings.recorded`), stored as the
+    ``trace_settings`` attribute; resuming a file traced with other settings (:data:`RESUME_FIELDS`) is refused in
+    one line naming the setting (:func:`check_resume`). Without ``settings`` nothing is checked and a resumed file
+    keeps its own.
 
     ``background=True``: :meth:`append` hands the write to one writer thread and returns; at most one write is in
     flight (the next append, :meth:`flush` and :meth:`close` wait for it), so a generation is on disk before the next

@@ -59,12 +59,6 @@ CALIB_ARGUMENTS = {
 _ARGUMENT_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
-def option_of(argument: str) -> str:
-    """The command-line option that sets a pipeline argument: ``--steps`` for num_inference_steps, ...,
-    ``--pipeline-arg NAME`` for the rest."""
-    return CALIB_ARGUMENTS.get(argument) or f"--pipeline-arg {argument}"
-
-
 def parse_pipeline_arg(text: str) -> tuple[str, object]:
     """``KEY=VALUE`` of ``--pipeline-arg``: VALUE read as JSON (``64``, ``true``, ``{"scale": 0.5}``), else kept
     as the string it is (``negative_prompt_2=blurry``)."""
@@ -714,7 +708,9 @@ def _with_dtype(settings: TraceSettings, pipe) -> TraceSettings:
     import dataclasses
 
     transformer = pipeline_components(pipe)[0][1]
-    running = dtype_name(getattr(transformer, "dtype", None) or next(transformer.parameters()).dtype)
+    first = next((p for p in transformer.parameters() if p.is_floating_point()), None)
+    dtype = getattr(transformer, "dtype", None) if isinstance(getattr(transformer, "dtype", None), torch.dtype) else None
+    running = dtype_name(dtype or (first.dtype if first is not None else "unknown"))
     if settings.dtype is None:
         return dataclasses.replace(settings, dtype=running if running in DTYPES else None)
     if running != settings.dtype:
