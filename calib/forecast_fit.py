@@ -2,8 +2,9 @@
 
 For each candidate forecast (order 0 = reuse, orders 1 and 2 in the step index or in σ) the rescaler is fitted to
 the output change (TeaCache's y) or to that forecast's one-step error (:func:`calib.rescalers.indicator_series`;
-both are candidates, since which one picks the better steps is an empirical question), the threshold is set on the training
-generations to compute the target fraction of steps, and the runtime's gate is replayed on the held-out generations.
+both are candidates, since which one picks the better steps is an empirical question), the threshold is set on the
+training generations to compute the target fraction of steps, and the runtime's gate is replayed on the held-out
+generations.
 Each skipped step then costs the traced error of the candidate's forecast at its distance from the last computed
 step (``Trajectory.forecast_rel_l1``), weighted by the sampler's dσ of that step (as ``calib tune``'s error proxy
 weights a stale output); the score is the sum over a trajectory, averaged over the held-out trajectories, in two folds

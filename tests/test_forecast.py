@@ -374,7 +374,8 @@ def test_trace_records_forecast_errors_and_old_traces_still_read(traced, tmp_pat
 
 
 def test_fit_chooses_a_forecast_and_the_runtime_applies_it(traced, pipe):
-    fit = run_calib("fit", "d.h5", "--out", "auto.json", "--no-plot", "--bootstrap", "0", cwd=traced)
+    fit = run_calib("fit", "d.h5", "--out", "auto.json", "--no-plot", "--bootstrap", "0", "--degree", "2",
+                    cwd=traced)
     assert fit.returncode == 0, fit.stderr
     assert "forecast on skipped steps" in fit.stdout and "kept order" in fit.stdout
     doc = json.loads((traced / "auto.json").read_text())
@@ -398,21 +399,22 @@ def test_fit_chooses_a_forecast_and_the_runtime_applies_it(traced, pipe):
 def test_fit_forecast_zero_and_old_traces_fit_as_before(traced, tmp_path):
     from calib.store import TraceWriter, read_traces
 
-    zero = run_calib("fit", "d.h5", "--out", "zero.json", "--no-plot", "--bootstrap", "0", "--forecast", "0",
-                     cwd=traced)
+    zero = run_calib("fit", "d.h5", "--out", "zero.json", "--no-plot", "--bootstrap", "0", "--degree", "2",
+                     "--forecast", "0", cwd=traced)
     assert zero.returncode == 0, zero.stderr
     ts = read_traces([traced / "d.h5"])
     old = tmp_path / "old.h5"
     with TraceWriter(old, ts.model_info) as writer:
         writer.append([dataclasses.replace(x, forecast_rel_l1=None) for x in ts.trajectories])
     plain = run_calib("fit", str(old), "--out", str(tmp_path / "plain.json"), "--no-plot", "--bootstrap", "0",
-                      cwd=traced)
+                      "--degree", "2", cwd=traced)
     assert plain.returncode == 0, plain.stderr
     assert "the traces hold no forecast errors" in plain.stdout
     a = json.loads((traced / "zero.json").read_text())["components"]["transformer"]
     b = json.loads((tmp_path / "plain.json").read_text())["components"]["transformer"]
     assert a["forecast"] == {"kind": "newton", "order": 0, "variable": "step"} and "forecast" not in b
     assert a["coefficients"] == b["coefficients"]  # order 0: the rescaler TeaCache always fitted
-    refused = run_calib("fit", str(old), "--out", str(tmp_path / "x.json"), "--no-plot", "--forecast", "1", cwd=traced)
+    refused = run_calib("fit", str(old), "--out", str(tmp_path / "x.json"), "--no-plot", "--forecast", "1",
+                        "--degree", "2", cwd=traced)
     assert refused.returncode == 2
     assert "trace again" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
