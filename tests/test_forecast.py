@@ -18,6 +18,14 @@ STEPS = 12
 EVERY_OTHER = [0, 2, 4, 6, 8, 10, 11]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # sub-million-parameter models: more threads only spin (much slower on a busy box)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def pipe():
     return digits.load_pipeline()
@@ -333,7 +341,7 @@ def run_calib(*args, cwd):
     import subprocess
     import sys
 
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, "-m", "calib", *args], cwd=cwd, capture_output=True, text=True, env=env)
 
 
