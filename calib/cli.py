@@ -135,8 +135,13 @@ def merge(inputs, out, overwrite):
 @click.option("--cfg-tolerance", type=float, default=None,
               help="fastercache-cfg: allowed accumulated rel-L1 change of the reused cond-uncond difference "
                    "[default: twice its median per-step change].")
+@click.option("--forecast", "forecast", type=click.Choice(["auto", "0", "1", "2"]), default="auto", show_default=True,
+              help="teacache: what skipped steps add: 0 reuses the cached residual, 1/2 extrapolate it (Newton order); "
+                   "auto picks by held-out error (needs traces with forecast errors, else 0).")
+@click.option("--forecast-variable", type=click.Choice(["auto", "step", "sigma"]), default="auto", show_default=True,
+              help="teacache: extrapolate in the step index or in sigma; auto picks by held-out error.")
 def fit(traces, out, degree, robust, indicator, normalization, bootstrap, allow_mixed, streams, no_plot, method,
-        target_fraction, cfg_tolerance):
+        target_fraction, cfg_tolerance, forecast, forecast_variable):
     """Fit the polynomial rescaler (output change as a function of input change) and write the coefficient JSON.
 
     TRACES are trace files, shard files of a sharded trace, or its NAME.manifest.json; all are read as one trace."""
@@ -160,7 +165,7 @@ def fit(traces, out, degree, robust, indicator, normalization, bootstrap, allow_
             raise CalibError(f"--degree {degree!r}: expected auto or an integer from 1 to 9") from None
     run_fit(list(traces), out=out, degree=degree, streams=list(streams) or None, plot=not no_plot, echo=click.echo,
             robust=robust, indicator=indicator, normalization=normalization, bootstrap=bootstrap,
-            allow_mixed=allow_mixed)
+            allow_mixed=allow_mixed, forecast=forecast, forecast_variable=forecast_variable)
 
 
 @cli.command()
