@@ -41,7 +41,7 @@ __all__ = [
 
 FORMAT = "calib.coefficients"
 SCHEMA_VERSION = 1
-METHODS = ("teacache", "block-cache", "fastercache-cfg")
+METHODS = ("teacache", "block-cache", "fastercache-cfg", "schedule")
 SCHEMA_RESOURCE = "coefficients.v1.schema.json"
 DEFAULT_INDICATOR = {"name": "modulated_input"}
 
@@ -380,7 +380,7 @@ def validate_document(doc: Any, *, source: str = "<document>") -> dict:
         where, what = _describe_schema_error(error)
         raise _fail(source, where, what)
 
-    if doc["method"] != "teacache":  # block-cache, fastercache-cfg: their own section's code checks
+    if doc["method"] != "teacache":  # block-cache, fastercache-cfg, schedule: their own section's code checks
         from .method_docs import check_method_section
 
         check_method_section(doc, source)

@@ -69,3 +69,7 @@ def check_method_section(doc: dict, source: str) -> None:
         from .fastercache import check_section
 
         check_section(doc, fail)
+    elif method == "schedule":  # step lists within 0..steps-1, budgets distinct, recommended among them
+        from .runtime.schedule import parse
+
+        parse(doc, source)
