@@ -107,19 +107,43 @@ def merge(inputs, out, overwrite):
 @click.option("--allow-mixed", is_flag=True, help="Fit traces of different steps/guidance/resolution together.")
 @click.option("--stream", "streams", multiple=True, help="Fit only these streams (e.g. --stream cond); default all.")
 @click.option("--no-plot", is_flag=True, help="Do not write the PNG beside the JSON.")
-@click.option("--method", type=click.Choice(["teacache", "block-cache", "fastercache-cfg"]), default="teacache",
-              show_default=True, help="teacache: the rescaler; block-cache: a per-block schedule (Block Caching) + "
-              "heat-map; fastercache-cfg: where the unconditional pass can reuse the cond-uncond difference.")
+@click.option("--method", type=click.Choice(["teacache", "block-cache", "fastercache-cfg", "schedule"]),
+              default="teacache", show_default=True,
+              help="teacache: the rescaler; block-cache: a per-block schedule (Block Caching) + heat-map; "
+                   "fastercache-cfg: where the unconditional pass can reuse the cond-uncond difference; schedule: "
+                   "the computed steps per budget, searched over measured generations of the traced model.")
 @click.option("--target-fraction", type=float, default=0.6, show_default=True,
               help="block-cache: recommend the smallest threshold computing at most this fraction of block evaluations.")
 @click.option("--cfg-tolerance", type=float, default=None,
               help="fastercache-cfg: allowed accumulated rel-L1 change of the reused cond-uncond difference "
                    "[default: twice its median per-step change].")
+@click.option("--gap", type=int, default=None,
+              help="schedule: the longest run of forecast steps + 1 that is measured [default: 6].")
+@click.option("--forecast-order", default=None, metavar="K[,K]",
+              help="schedule: the forecast orders measured, the better is kept [default: 1,2].")
+@click.option("--forecast-variable", type=click.Choice(["step", "sigma", "timestep"]), default=None,
+              help="schedule: what the forecast extrapolates in [default: step].")
+@click.option("--seeds", "schedule_seeds", default=None, help="schedule: seeds to generate [default: the traced ones].")
+@click.option("--shard", default=None, metavar="I/N",
+              help="schedule: measure only shard I of N of the segments (a cluster job array); then run once "
+                   "without --shard to search and write.")
+@click.option("--overwrite", is_flag=True, help="schedule: measure every segment anew instead of resuming.")
+@click.option("--device", default=None, help="schedule: torch device [default: cuda if available, else cpu].")
 def fit(traces, out, degree, robust, indicator, normalization, bootstrap, allow_mixed, streams, no_plot, method,
-        target_fraction, cfg_tolerance):
+        target_fraction, cfg_tolerance, gap, forecast_order, forecast_variable, schedule_seeds, shard, overwrite,
+        device):
     """Fit the polynomial rescaler (output change as a function of input change) and write the coefficient JSON.
 
-    TRACES are trace files, shard files of a sharded trace, or its NAME.manifest.json; all are read as one trace."""
+    TRACES are trace files, shard files of a sharded trace, or its NAME.manifest.json; all are read as one trace.
+    --method schedule reruns the traced model (about steps x gap generations per seed and forecast; it prints the
+    cost first, resumes from OUT.segments.json and shards like calib trace)."""
+    if method == "schedule":
+        from .schedule import DEFAULT_GAP, run_fit as run_schedule
+
+        run_schedule(list(traces), out=out, gap=DEFAULT_GAP if gap is None else gap, orders=forecast_order,
+                     variable=forecast_variable, shard=shard, overwrite=overwrite, device=device,
+                     seeds=None if schedule_seeds is None else _seeds(schedule_seeds), echo=click.echo)
+        return
     if method == "block-cache":
         from .block_cache import run_fit as run_block_cache
 

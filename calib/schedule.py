@@ -502,25 +502,26 @@ def build_document(pipe, setup: Setup, chosen: dict, *, gap: int, trace_files) -
     import calib.runtime as cr
 
     n = setup.steps
-    schedules = []
-    for b, row in sorted(chosen["rows"].items()):
-        schedules.append({
-            "budget": b,
-            "components": split_by_component(row["path"], setup.components, setup.component_of),
-            "search": row["search"],
-            "error": row["error"],
-        })
-    recommended = recommended_budget(n, [s["budget"] for s in schedules])
-    transformer = getattr(pipe, setup.components[0])
-    doc = cr.schedule_document_for(transformer, schedules, steps=n, forecast=chosen["forecast"].runtime(),
-                                   recommended=recommended, components=setup.components)
+    rows = dict(sorted(chosen["rows"].items()))
+    recommended = recommended_budget(n, list(rows))
+    doc = cr.schedule_document_for(
+        pipe, steps=n, forecast=chosen["forecast"].runtime(), recommended=recommended,
+        schedules={b: split_by_component(r["path"], setup.components, setup.component_of) for b, r in rows.items()})
+    for entry in doc["schedules"]:
+        row = rows[entry["budget"]]
+        entry["search"] = row["search"]
+        entry["error"] = row["error"]
+    doc["forecast"]["selection"] = {"held_out_geometric_mean_error": {k: round(math.exp(v), 6)
+                                                                      for k, v in chosen["scores"].items()}}
     doc["model"]["source"] = setup.source
     doc["calibration"] = {
         "method": "measured segment errors + dynamic programming (min-sum and lexicographic minimax), the better "
                   "schedule per budget on held-out prompts",
         "trace_files": [str(f) for f in trace_files],
-        "steps": n,
-        "guidance": setup.guidance,
+        "steps": [n],
+        "guidance": [setup.guidance],
+        "num_prompts": len(setup.measure_prompts) + len(setup.holdout_prompts),
+        "num_seeds": len(setup.seeds),
         "gap": gap,
         "measured_prompts": list(setup.measure_prompts),
         "holdout_prompts": list(setup.holdout_prompts),
