@@ -25,6 +25,11 @@ from . import __version__
 from .errors import CalibError
 
 SCHEMA_VERSION = 1
+# Minor version: additions an older version-1 reader ignores and a newer one reads when present. 1: the optional
+# per-trajectory forecast_rel_l1 dataset (the forecast errors of the stack residual).
+SCHEMA_MINOR = 1
+FORECAST_VARIABLES = ("step", "sigma")  # axes of Trajectory.forecast_rel_l1: (n, variables, orders, horizons)
+FORECAST_ORDERS = (0, 1, 2)
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 MODEL_ATTRS = {
     "class": "model_class",
@@ -35,7 +40,7 @@ MODEL_ATTRS = {
     "indicator": "indicator",
 }
 # file attributes calib writes itself; TraceWriter(attrs=...) may not use these names
-RESERVED_FILE_ATTRS = frozenset({"schema_version", "calib_version", "created", "updated", "model_info",
+RESERVED_FILE_ATTRS = frozenset({"schema_version", "schema_minor", "calib_version", "created", "updated", "model_info",
                                  *MODEL_ATTRS.values()})
 SERIES = ("step_index", "timesteps", "sigmas", "input_rel_l1", "output_rel_l1", "residual_rel_l1")
 REL_L1_SERIES = ("input_rel_l1", "output_rel_l1", "residual_rel_l1")
@@ -67,6 +72,10 @@ class Trajectory:
     block_rel_l1: np.ndarray  # float32 (n, n_blocks), NaN row 0
     block_names: list  # n_blocks names like "transformer_blocks.0"
     extra: dict = field(default_factory=dict)  # name -> float32 (n,), stored under extra/<name>
+    # float32 (n, len(FORECAST_VARIABLES), len(FORECAST_ORDERS), H): at each step, the rel-L1 error of the order-k
+    # Newton forecast of the stack residual from the steps h, 2h, ..., (k+1)h before, for h = 1..H; NaN where those
+    # steps are not all recorded. None: not traced (traces before schema minor 1, or switched off).
+    forecast_rel_l1: np.ndarray | None = None
 
     def __post_init__(self):
         self.prompt = str(self.prompt)
@@ -106,6 +115,24 @@ class Trajectory:
                 raise ValueError(f"extra series {name} has shape {values.shape}, expected ({n},)")
             extra[name] = values
         self.extra = extra
+        if self.forecast_rel_l1 is not None:
+            values = np.asarray(self.forecast_rel_l1, dtype=np.float32)
+            expected = (n, len(FORECAST_VARIABLES), len(FORECAST_ORDERS))
+            if values.ndim != 4 or values.shape[:3] != expected or values.shape[3] < 1:
+                raise ValueError(f"forecast_rel_l1 has shape {values.shape}, expected {expected + ('H',)}")
+            self.forecast_rel_l1 = values
+
+    @property
+    def forecast_horizons(self) -> int:
+        """H, the largest horizon of ``forecast_rel_l1`` (0 when it was not traced)."""
+        return 0 if self.forecast_rel_l1 is None else int(self.forecast_rel_l1.shape[3])
+
+    def forecast_error(self, order: int, variable: str = "step", horizon: int = 1) -> np.ndarray | None:
+        """float32 (n,): the error of the order-``order`` forecast in ``variable`` at ``horizon`` steps, or None
+        when the trace does not hold it."""
+        if self.forecast_rel_l1 is None or not 1 <= horizon <= self.forecast_horizons:
+            return None
+        return self.forecast_rel_l1[:, FORECAST_VARIABLES.index(variable), FORECAST_ORDERS.index(order), horizon - 1]
 
     @property
     def key(self) -> tuple:
@@ -159,6 +186,7 @@ def _plain_model_info(model_info: dict) -> dict:
 
 def _write_attrs(f, model_info: dict, created: str, extra_attrs: dict | None) -> None:
     f.attrs["schema_version"] = SCHEMA_VERSION
+    f.attrs["schema_minor"] = SCHEMA_MINOR
     f.attrs["calib_version"] = __version__
     f.attrs["created"] = created
     f.attrs["updated"] = _now()
@@ -185,6 +213,11 @@ def _write_group(root, index: int, t: Trajectory) -> None:
     for name in SERIES:
         g.create_dataset(name, data=getattr(t, name))
     g.create_dataset("block_rel_l1", data=t.block_rel_l1)
+    if t.forecast_rel_l1 is not None:
+        d = g.create_dataset("forecast_rel_l1", data=t.forecast_rel_l1)
+        d.attrs.create("variables", np.asarray(FORECAST_VARIABLES, dtype=object), dtype=str_dt)
+        d.attrs["orders"] = np.asarray(FORECAST_ORDERS, dtype=np.int64)
+        d.attrs["horizons"] = np.arange(1, t.forecast_horizons + 1, dtype=np.int64)
     if t.extra:
         extra = g.create_group("extra")
         for name, values in t.extra.items():
@@ -337,6 +370,7 @@ def _read_file(path: Path) -> tuple[dict, list, dict]:
                         block_names=[_str_attr(b) for b in np.atleast_1d(g.attrs["block_names"])],
                         block_rel_l1=g["block_rel_l1"][()],
                         extra=extra,
+                        forecast_rel_l1=g["forecast_rel_l1"][()] if "forecast_rel_l1" in g else None,
                         **{s: g[s][()] for s in SERIES},
                     )
                 )

@@ -30,6 +30,8 @@ from .hooking import ContextProbe, Handle, StepClock, wrap_forward, wrap_method
 BATCH_NUMEL = 1 << 22
 PENDING_NUMEL = 1 << 24
 REDUCE_NUMEL = 1 << 20  # held calls are reduced in chunks of about this many elements
+# Forecast errors of the stack residual (Trajectory.forecast_rel_l1): horizons 1..FORECAST_HORIZONS by default.
+FORECAST_HORIZONS = 4
 EXTRA_SERIES = (
     "block_input_rel_l1",
     "temb_rel_l1",
@@ -94,8 +96,11 @@ def describe_model(pipe, source: str, adapter: Adapter) -> dict:
 class _Recorder:
     """Hooks one transformer (a component) and collects its per-step series for the current generation."""
 
-    def __init__(self, component: str, transformer: torch.nn.Module, adapter: Adapter, clock: StepClock, record_blocks: bool):
+    def __init__(self, component: str, transformer: torch.nn.Module, adapter: Adapter, clock: StepClock, record_blocks: bool,
+                 *, scheduler=None, forecast_horizons: int = FORECAST_HORIZONS):
         self.component = component
+        self.scheduler = scheduler  # its sigmas weight the forecasts in σ (read once per generation)
+        self.forecast_horizons = int(forecast_horizons)
         self.transformer = transformer
         self.adapter = adapter
         self.clock = clock
@@ -107,6 +112,7 @@ class _Recorder:
         self.handle.add(self.probe.remove)
         self._call: dict | None = None
         self._pending: dict[tuple, _PendingGroup] = {}
+        self._forecast_tensors: dict[tuple, tuple] = {}  # (weights, slot index) per schedule position
         self.reset()
         head = self.blocks[0][1]
         tail = self.blocks[-1][1]
@@ -220,6 +226,9 @@ class _Recorder:
         self._cfg_changes: dict[int, float] | None = None  # step -> rel-L1 change of it, computed once (collect)
         self._cfg_step: int | None = None
         self._cfg_outputs: dict[str, torch.Tensor] = {}
+        self._residuals: dict[str, dict[int, torch.Tensor]] = defaultdict(dict)  # key -> step -> residual (held)
+        self._forecast_sigmas: list[float] | None = None
+        self._forecast_generation: int | None = None
 
     def _change(self, key: str, name: str, tensor: torch.Tensor) -> torch.Tensor:
         prev = self.previous.get((key, name))
@@ -292,6 +301,89 @@ class _Recorder:
         if delta is not None:  # its change is computed for all steps at once when the generation ends
             self.cfg_delta.append((self.clock.step, delta))
 
+    def _forecast_errors(self, key: str, residual: torch.Tensor | None, output: torch.Tensor) -> torch.Tensor:
+        """(variables x orders x horizons, rows): the rel-L1 error, per batch row, of the order-k Newton forecast of
+        this step's stack residual from the residuals h, 2h, ..., (k+1)h steps before (what a cache computing every
+        h-th step extrapolates from), in the step index and in σ; NaN where those steps were not all recorded.
+
+        The forecast is a weighted sum of past residuals (Lagrange weights, computed on the host from step indices
+        and σ), so every forecast of a call is one matrix product over the stacked past residuals, and the errors
+        one reduction, on the device. The residuals of the last (k+1) H steps of the stream are held (references;
+        the tracer copies nothing for them)."""
+        from .store import FORECAST_ORDERS, FORECAST_VARIABLES
+
+        H = self.forecast_horizons
+        slots = len(FORECAST_VARIABLES) * len(FORECAST_ORDERS) * H
+        step = self.clock.step
+        history = self._residuals[key]
+        if residual is None or any(r.shape != residual.shape for r in history.values()):
+            history.clear()
+        if residual is None:  # no residual (the stack changes the token count): nothing to forecast
+            return torch.full((slots, output.shape[0]), float("nan"), device=output.device)
+        rows = residual.shape[0]
+        span = (max(FORECAST_ORDERS) + 1) * H
+        for old in [s for s in history if s < step - span]:
+            del history[old]
+        sigmas = self._sigmas_now()
+        weights: dict[tuple, int] = {}  # rounded weight row -> prediction index
+        rows_w: list[dict[int, float]] = []
+        slot_of: list[int] = []  # per slot: prediction index, or -1 (NaN)
+        for v, variable in enumerate(FORECAST_VARIABLES):
+            for order in FORECAST_ORDERS:
+                for h in range(1, H + 1):
+                    nodes = [step - j * h for j in range(1, order + 2)]
+                    w = None
+                    if all(n in history for n in nodes):
+                        xs = [float(n) for n in nodes] if variable == "step" else _values_at(sigmas, nodes)
+                        target = float(step) if variable == "step" else _value_at(sigmas, step)
+                        if xs is not None and target is not None:
+                            w = _lagrange_weights(xs, target)
+                    if w is None:
+                        slot_of.append(-1)
+                        continue
+                    row = {n: c for n, c in zip(nodes, w)}
+                    sig = tuple(sorted((n, round(c, 9)) for n, c in row.items()))
+                    if sig not in weights:
+                        weights[sig] = len(rows_w)
+                        rows_w.append(row)
+                    slot_of.append(weights[sig])
+        history[step] = residual
+        if not rows_w:
+            return torch.full((slots, rows), float("nan"), device=residual.device)
+        used = tuple(sorted({n - step for row in rows_w for n in row}))  # offsets of the past steps used
+        # The weights and the slot index repeat from one generation to the next (same schedule): made once each.
+        cache_key = (residual.device, used, tuple(slot_of),
+                     tuple(tuple(round(row.get(step + o, 0.0), 12) for o in used) for row in rows_w))
+        cached = self._forecast_tensors.get(cache_key)
+        if cached is None:
+            W = torch.tensor([[row.get(step + o, 0.0) for o in used] for row in rows_w], dtype=torch.float32)
+            index = torch.tensor([len(rows_w) if i < 0 else i for i in slot_of])
+            cached = self._forecast_tensors[cache_key] = (W.to(residual.device), index.to(residual.device))
+        W, index = cached
+        target = residual.reshape(rows, -1)
+        target = target if target.dtype == torch.float32 else target.float()
+        past = torch.stack([history[step + o].reshape(rows, -1) for o in used])  # (nodes, rows, per_row)
+        past = past if past.dtype == torch.float32 else past.float()
+        scale = target.abs().mean(dim=1)
+        errors = []
+        chunk = max(1, BATCH_NUMEL // max(1, target.numel()))  # predictions held at once
+        for start in range(0, len(rows_w), chunk):
+            pred = torch.tensordot(W[start : start + chunk], past, dims=1)  # (p, rows, per_row)
+            errors.append(pred.sub_(target).abs_().mean(dim=2) / scale)
+        errors.append(torch.full((1, rows), float("nan"), device=residual.device))
+        return torch.cat(errors).index_select(0, index)  # the NaN row fills the slots with nothing to forecast
+
+    def _sigmas_now(self) -> list[float] | None:
+        """The scheduler's σ of this generation as floats (one host read per generation), or None."""
+        if self._forecast_generation != self.clock.generation:
+            self._forecast_generation = self.clock.generation
+            sigmas = getattr(self.scheduler, "sigmas", None)
+            self._forecast_sigmas = (
+                [float(v) for v in sigmas.detach().float().cpu().reshape(-1).tolist()]
+                if isinstance(sigmas, torch.Tensor) else None
+            )
+        return self._forecast_sigmas
+
     def _finish_call(self, key: str) -> None:
         call = self._call
         if "input" not in call:
@@ -320,6 +412,10 @@ class _Recorder:
             named.append(("temb", call["temb"]))
         if self.record_blocks:
             named += [(f"block{i}", call["blocks"][i]) for i in range(len(self.blocks))]
+        if self.forecast_horizons > 0:
+            errors = self._forecast_errors(key, residual, call["output"])
+            layout.extend((f"forecast{j}", len(parts), j) for j in range(errors.shape[0]))
+            parts.append(errors)
         self._changes(key, named, parts, layout)
         self.values[key].append((parts, tuple(layout)))
 
@@ -348,6 +444,13 @@ class _Recorder:
             blocks = [series.pop(f"block{i}") for i in range(len(self.blocks)) if f"block{i}" in series]
             if self.record_blocks and len(blocks) == len(self.blocks):
                 series["blocks"] = np.stack(blocks, axis=-1)
+            if "forecast0" in series:
+                from .store import FORECAST_ORDERS, FORECAST_VARIABLES
+
+                slots = [series.pop(f"forecast{j}") for j in range(len(FORECAST_VARIABLES) * len(FORECAST_ORDERS)
+                                                                   * self.forecast_horizons)]
+                series["forecast"] = np.stack(slots, axis=-1).reshape(
+                    len(calls), -1, len(FORECAST_VARIABLES), len(FORECAST_ORDERS), self.forecast_horizons)
             series["step_index"] = np.asarray(self.steps[key], dtype=np.int32)
             out[key] = series
         return out
@@ -433,6 +536,32 @@ def _hold(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach() if tensor.requires_grad else tensor
 
 
+def _lagrange_weights(xs: list[float], x: float) -> list[float] | None:
+    """Weights w_j with p(x) = sum_j w_j f(xs[j]) for the interpolation polynomial through the nodes (the Newton
+    forecast of calib.runtime, written as a weighted sum); None when two nodes coincide."""
+    out = []
+    for j, xj in enumerate(xs):
+        w = 1.0
+        for i, xi in enumerate(xs):
+            if i != j:
+                if xj == xi:
+                    return None
+                w *= (x - xi) / (xj - xi)
+        out.append(w)
+    return out
+
+
+def _value_at(values: list[float] | None, index: int) -> float | None:
+    if values is None or not 0 <= index < len(values) or not math.isfinite(values[index]):
+        return None
+    return values[index]
+
+
+def _values_at(values: list[float] | None, indices: list[int]) -> list[float] | None:
+    got = [_value_at(values, i) for i in indices]
+    return None if any(v is None for v in got) else got
+
+
 def _rel_l1_rows(current: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
     """:func:`calib.hooking.rel_l1_rows` without the conversions that are no-ops for detached float32 tensors."""
     cur = current if current.dtype == torch.float32 else current.float()
@@ -479,7 +608,7 @@ class Tracer:
         self.recorders: list[_Recorder] = []
         try:
             for name, transformer in components:
-                rec = _Recorder(name, transformer, self.adapter, self.clock, record_blocks)
+                rec = _Recorder(name, transformer, self.adapter, self.clock, record_blocks, scheduler=pipe.scheduler)
                 self.recorders.append(rec)
                 self.handle.add(rec.handle.remove)
             scheduler = pipe.scheduler
@@ -564,6 +693,7 @@ class Tracer:
                             block_rel_l1=blocks.astype(np.float32),
                             block_names=rec.block_names if "blocks" in series else [],
                             extra=extra,
+                            forecast_rel_l1=series["forecast"][:, r] if "forecast" in series else None,
                         )
                     )
         return trajectories
