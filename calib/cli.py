@@ -171,17 +171,20 @@ def fit(traces, out, degree, robust, indicator, normalization, bootstrap, allow_
 @click.argument("coeffs", type=click.Path(path_type=Path))
 @click.option("--format", "fmt", default="poly1d", show_default=True,
               type=click.Choice(["json", "poly1d", "diffusers-magcache", "diffusers-fbcache", "diffusers-fastercache",
-                                 "sglang", "vllm-omni", "tensorrt-llm"]),
+                                 "sglang", "vllm-omni", "tensorrt-llm", "cache-dit"]),
               help="json: a validated copy; poly1d: the coefficient list and threshold for TeaCache-style scripts; "
                    "diffusers-*: kwargs of diffusers' MagCacheConfig / FirstBlockCacheConfig (from a trace .h5) or "
                    "FasterCacheConfig (from a fastercache-cfg file or a trace); sglang, vllm-omni, tensorrt-llm: "
-                   "those engines' TeaCache parameters (docs/exports.md).")
+                   "those engines' TeaCache parameters; cache-dit: a schedule file's step mask for cache-dit's "
+                   "DBCacheConfig (docs/exports.md).")
 @click.option("--out", type=click.Path(path_type=Path), help="Where to write (json format) [default: stdout].")
 @click.option("--threshold", type=float, help="Threshold to print with poly1d [default: the file's recommended one].")
 @click.option("--target-speedup", type=float, default=None,
               help="diffusers-magcache/-fbcache: pick the threshold that computes at most 1/this of the steps [1.6].")
 @click.option("--component", default=None, help="Which component's values to export (e.g. transformer_2).")
-def export(coeffs, fmt, out, threshold, target_speedup, component):
+@click.option("--budget", type=int, default=None,
+              help="cache-dit: which schedule of the file (full forwards) [default: the recommended one].")
+def export(coeffs, fmt, out, threshold, target_speedup, component, budget):
     """Validate a coefficient JSON and export it for the place it will be used."""
     from .export import load_document, write_document
 
@@ -191,7 +194,7 @@ def export(coeffs, fmt, out, threshold, target_speedup, component):
         from .export_targets import run_export
 
         run_export(coeffs, fmt, out=out, threshold=threshold, target_speedup=target_speedup, component=component,
-                   echo=click.echo, info=lambda message: click.echo(message, err=True))
+                   echo=click.echo, info=lambda message: click.echo(message, err=True), budget=budget)
         return
     doc = load_document(coeffs)
     if fmt == "poly1d" and doc["method"] != "teacache":
@@ -269,8 +272,9 @@ def report(traces, coeffs, eval_path, out):
 
 
 @cli.command()
-@click.argument("traces", nargs=-1, required=True, type=click.Path(path_type=Path), metavar="TRACES...")
-@click.option("--coeffs", required=True, type=click.Path(path_type=Path), help="Coefficient JSON whose rule is replayed.")
+@click.argument("traces", nargs=-1, type=click.Path(path_type=Path), metavar="[TRACES...]")
+@click.option("--coeffs", required=True, type=click.Path(path_type=Path),
+              help="Coefficient JSON whose rule is replayed, or a schedule file (no traces needed: picks the budget).")
 @click.option("--speedup", type=float, help="Target speed-up in forwards (2.0: compute half the steps).")
 @click.option("--max-error", type=float, help="Error budget: the fastest threshold whose predicted error is at most this.")
 @click.option("--compute-fraction", type=float, help="Target fraction of steps that run the full forward (0-1].")
@@ -281,7 +285,8 @@ def report(traces, coeffs, eval_path, out):
 def tune(traces, coeffs, speedup, max_error, compute_fraction, write, costs):
     """Choose the threshold for a target by replaying the runtime's rule on traces (docs/evaluation.md).
 
-    Prints threshold -> predicted fraction of full forwards -> predicted speed-up -> predicted error."""
+    Prints threshold -> predicted fraction of full forwards -> predicted speed-up -> predicted error. On a schedule
+    file (calib fit --method schedule) it picks the budget instead, from the file alone."""
     from .tune import TuneTarget, run_tune
 
     given = [(k, v) for k, v in (("speedup", speedup), ("max_error", max_error), ("compute_fraction", compute_fraction))

@@ -628,3 +628,59 @@ def run_fit(traces, *, out=None, gap: int = DEFAULT_GAP, orders=None, variable=N
     echo(f"wrote {out} ({len(doc['schedules'])} budgets; recommended {doc['recommended']['budget']} of "
          f"{doc['steps']} steps); segment errors kept in {segments_path(out)}")
     return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# calib tune on a schedule file: pick the budget
+# ---------------------------------------------------------------------------------------------------------------
+def choose_budget(doc: dict, target, cost_model: dict | None = None) -> tuple[dict, bool]:
+    """``(schedule entry, reached)`` for a ``calib tune`` target: ``--speedup S`` / ``--compute-fraction F`` take
+    the largest budget computing at most ``1/S`` (``F``) of the steps (with ``cost_model``, ``--speedup`` is
+    wall-clock); ``--max-error E`` the smallest budget whose held-out error is at most ``E``."""
+    n = doc["steps"]
+    entries = sorted(doc["schedules"], key=lambda e: e["budget"])
+    if target.kind == "max_error":
+        ok = [e for e in entries if (e.get("error") or {}).get("holdout_latent_rel_l1", math.inf) <= target.value]
+        return (ok[0], True) if ok else (entries[-1], False)
+    fraction = target.fraction
+    if cost_model is not None and target.kind == "speedup":
+        from .tune import wall_target_fraction
+
+        fraction = wall_target_fraction(cost_model, target.value)
+    ok = [e for e in entries if e["budget"] / n <= fraction + 1e-12]
+    return (ok[-1], True) if ok else (entries[0], False)
+
+
+def run_tune(coeffs, doc: dict, target, *, write: bool = False, costs=None, echo=print) -> dict:
+    """``calib tune --coeffs SCHEDULE.json``: the budget for the target; ``--write`` makes it the recommended one."""
+    from .export import write_document
+
+    cost_model = None
+    if costs is not None:
+        from .tune import read_cost_model
+
+        cost_model = read_cost_model(costs)
+    entry, reached = choose_budget(doc, target, cost_model)
+    n = doc["steps"]
+    shown = dict(doc, recommended={"budget": entry["budget"]})
+    echo(format_schedules(shown).replace("<- recommended", "<- chosen"))
+    wall = ""
+    if cost_model is not None:
+        from .evaluation import predicted_wall_speedup
+
+        wall = f", predicted {predicted_wall_speedup(cost_model, entry['budget'] / n):.2f}x wall-clock"
+    err = (entry.get("error") or {}).get("holdout_latent_rel_l1")
+    what = f"budget {entry['budget']} of {n} steps ({entry['budget'] / n:.1%}, {n / entry['budget']:.2f}x fewer " \
+           f"forwards{wall}, held-out error {err if err is None else f'{err:.5f}'})"
+    if reached:
+        echo(f"--{target.option} {target.value:g}: {what}")
+    else:
+        echo(f"--{target.option} {target.value:g} cannot be reached by this file's schedules; closest: {what}")
+    if cost_model is None and target.option == "speedup":
+        echo("note: this speed-up counts transformer forwards; for a wall-clock target run `calib eval --out "
+             "results.json` once and pass `--costs results.json`")
+    if write:
+        doc["recommended"] = {"budget": entry["budget"]}
+        write_document(doc, coeffs)
+        echo(f"wrote budget {entry['budget']} (now the recommended one) to {coeffs}")
+    return {"budget": entry["budget"], "reached": reached, "entry": entry}

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import itertools
+import json
+import os
 import random
 
 import pytest
@@ -63,3 +65,146 @@ def test_prompt_split_holds_out_a_third():
     measured, held = split_prompts(prompts)
     assert len(held) == 3 and not set(measured) & set(held) and sorted(measured + held) == sorted(prompts)
     assert split_prompts(["only"]) == (["only"], ["only"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# through the CLI: calib trace -> calib fit --method schedule -> calib.runtime.apply
+# ---------------------------------------------------------------------------------------------------------------
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    import torch
+
+    from calib.cli import main
+
+    work = tmp_path_factory.mktemp("schedule")
+    (work / "p.txt").write_text("a handwritten 1\na handwritten 4\n", encoding="utf-8")
+    cwd = os.getcwd()
+    os.chdir(work)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a 0.6 M-parameter model: more threads only spin on a busy machine
+    try:
+        assert main(["trace", "--model", "builtin:digits", "--prompts", "p.txt", "--steps", str(STEPS), "--seeds", "0",
+                     "--out", "t.h5"]) == 0
+        assert main(["fit", "t.h5", "--method", "schedule", "--gap", "3", "--forecast-order", "1,2",
+                     "--out", "s.json"]) == 0
+    finally:
+        os.chdir(cwd)
+        torch.set_num_threads(threads)
+    return work
+
+
+def _latents(pipe, prompt="a handwritten 7", seed=3, steps=STEPS):
+    import torch
+
+    out = pipe(prompt, num_inference_steps=steps, guidance_scale=3.0, generator=torch.Generator().manual_seed(seed),
+               output_type="latent")
+    return torch.stack(list(out.images))
+
+
+def test_schedule_file_applies_and_full_budget_is_exact(fitted):
+    import torch
+
+    import calib.runtime as cr
+    from calib.models.digits import load_pipeline
+
+    doc = json.loads((fitted / "s.json").read_text())
+    assert doc["method"] == "schedule" and doc["steps"] == STEPS
+    budgets = [s["budget"] for s in doc["schedules"]]
+    assert budgets == list(range(3, STEPS + 1))  # gap 3 over 6 steps: at least 3 computed, up to all
+    for entry in doc["schedules"]:
+        steps = entry["components"]["transformer"]
+        assert steps[0] == 0 and steps[-1] == STEPS - 1 and len(steps) == entry["budget"]
+        assert entry["search"] in ("min_sum", "minimax") and entry["error"]["holdout_latent_rel_l1"] >= 0
+    assert doc["calibration"]["holdout_prompts"] and not (
+        set(doc["calibration"]["holdout_prompts"]) & set(doc["calibration"]["measured_prompts"]))
+    config = cr.load(fitted / "s.json")
+    pipe = load_pipeline()
+    reference = _latents(pipe)
+    with cr.apply(pipe, config, budget=STEPS) as handle:
+        assert torch.equal(_latents(pipe), reference)  # every step computed: bit-exact
+        assert handle.stats()["skipped"] == 0
+    fewest = min(budgets)
+    with cr.apply(pipe, config, budget=fewest) as handle:
+        cached = _latents(pipe)
+        assert handle.stats()["computed"] == fewest * 1  # batched CFG: one stream
+    assert not torch.equal(cached, reference)
+
+
+def test_schedule_for_another_step_count_is_refused_in_one_line(fitted):
+    import calib.runtime as cr
+    from calib.models.digits import load_pipeline
+
+    pipe = load_pipeline()
+    with cr.apply(pipe, cr.load(fitted / "s.json"), budget=STEPS):
+        with pytest.raises(cr.StepCountError) as info:
+            _latents(pipe, steps=STEPS + 2)
+    message = str(info.value)
+    assert "\n" not in message and str(STEPS) in message and str(STEPS + 2) in message, message
+    assert torch_equal(_latents(pipe), _latents(pipe))  # the hooks are gone: plain runs again
+
+
+def torch_equal(a, b):
+    import torch
+
+    return torch.equal(a, b)
+
+
+def test_resume_measures_nothing_twice(fitted, capsys):
+    from calib.cli import main
+
+    segments = json.loads((fitted / "s.segments.json").read_text())
+    assert set(segments["errors"]) == {"newton-o1-step", "newton-o2-step"}
+    # gap 3 over 6 steps: (i, i+2) for i < 4 and (i, i+3) for i < 3
+    assert sorted(segments["errors"]["newton-o1-step"]) == sorted(
+        f"{i}-{j}" for i, j in segments_of(STEPS, 3))
+    cwd = os.getcwd()
+    os.chdir(fitted)
+    try:
+        capsys.readouterr()
+        assert main(["fit", "t.h5", "--method", "schedule", "--gap", "3", "--forecast-order", "1,2",
+                     "--out", "s2.json", "--shard", "0/2"]) == 0
+        first = capsys.readouterr().out
+        assert "shard 0/2" in first and (fitted / "s2.segments.rank0-of-2.json").exists()
+        assert not (fitted / "s2.json").exists()
+        # the unsharded run reads shard 0's file and measures only the rest
+        assert main(["fit", "t.h5", "--method", "schedule", "--gap", "3", "--forecast-order", "1,2",
+                     "--out", "s2.json"]) == 0
+        out = capsys.readouterr().out
+        half = len(segments_of(STEPS, 3)) * 2
+        assert f"{(half + 1) // 2} already measured" in out, out
+        assert main(["fit", "t.h5", "--method", "schedule", "--gap", "3", "--forecast-order", "1,2",
+                     "--out", "s2.json"]) == 0
+        assert f"{half} already measured in s2.segments.json; 0 to measure" in capsys.readouterr().out
+        # another gap is another set of segments: refused with one line, not mixed in
+        assert main(["fit", "t.h5", "--method", "schedule", "--gap", "2", "--out", "s2.json"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "gap" in err[0] and "--overwrite" in err[0]
+    finally:
+        os.chdir(cwd)
+
+
+def segments_of(n, gap):
+    return segments(n, gap)
+
+
+def test_tune_picks_the_budget_and_export_writes_the_mask(fitted, capsys):
+    from calib.cli import main
+
+    path = fitted / "s.json"
+    assert main(["tune", "--coeffs", str(path), "--speedup", "1.5", "--write"]) == 0
+    doc = json.loads(path.read_text())
+    assert doc["recommended"]["budget"] == 4  # the largest budget with 6 / B >= 1.5
+    capsys.readouterr()
+    assert main(["export", str(path), "--format", "cache-dit"]) == 0
+    exported = json.loads(capsys.readouterr().out)
+    mask = exported["cache_config"]["steps_computation_mask"]
+    entry = next(e for e in doc["schedules"] if e["budget"] == 4)
+    assert mask == [1 if s in entry["components"]["transformer"] else 0 for s in range(STEPS)]
+    assert exported["cache_config"]["steps_computation_policy"] == "static"
+    order = doc["forecast"]["order"]
+    assert exported["calibrator_config"] == ({"taylorseer_order": order} if order else None)
+    assert main(["export", str(path), "--format", "cache-dit", "--budget", "99"]) == 2
+    assert "no schedule for budget 99" in capsys.readouterr().err
