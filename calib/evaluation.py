@@ -222,6 +222,7 @@ class Generator:
             images = out.images if hasattr(out, "images") else out[0]
         if self._last is None:
             raise CalibError(f"{type(self.pipe).__name__} never called scheduler.step; cannot read its final latents")
+        self.images = images  # every output of the call (a list of prompts generates a batch)
         return Output(self._last.detach().float().cpu().clone(), to_planes(images[0]), seconds)
 
 

@@ -55,6 +55,7 @@ REACHED = 0.05  # a setting further than this from a target does not count as re
 TOLERANCE = 0.01  # stop bisecting when the measured fraction is this close to the target
 MAX_PROBES = 6
 CURVE_FRACTIONS = (0.8, 0.65, 0.25)
+# cache-dit last: its disable_cache leaves the FLUX transformer's blocks patched (diffusers' own caches fail after it)
 METHODS = ("calib", "calib-forecast", "calib-schedule", "raw", "uniform", "fbcache", "magcache", "taylorseer", "pab",
            "block-cache", "fastercache", "cache-dit", "cache-dit-taylorseer")
 CALIB_METHODS = ("calib", "calib-forecast", "calib-schedule", "block-cache")  # calibrated by calib: not peers
@@ -151,12 +152,22 @@ class _Harness:
         self.blocks = get_adapter(self.transformer).blocks(self.transformer)
         self.generate = Generator(pipe, steps=steps, guidance=guidance, pipeline_kwargs=pipeline_kwargs)
         self.meter = ComputeMeter(self.transformer, self.blocks)
+        # The held-out prompts of one seed run as one batch (one pipeline call): the same work per method, a
+        # fraction of the calls. Each row is compared with the same row of the uncached batch.
+        self.batches = [(tuple(p for p, s in jobs if s == seed), seed) for seed in dict.fromkeys(s for _, s in jobs)]
         self.references = {}
-        for job in jobs:
-            self.references[job] = self.generate(*job)
+        for batch in self.batches:
+            self.references[batch] = self._generate(batch)
             calls = self.meter.take()
             self.meter.reference = max([self.meter.reference or 0.0, *calls])
             self.calls_per_step = len(calls) / steps  # 2 where CFG runs as two calls
+
+    def _generate(self, batch, context=None):
+        from .evaluation import to_planes
+
+        prompts, seed = batch
+        out = self.generate(list(prompts), seed, context=context)
+        return out.latents, [to_planes(image) for image in self.generate.images]
 
     def close(self):
         self.meter.remove()
@@ -168,17 +179,18 @@ class _Harness:
         undo = install()
         errs, psnrs, ssims, calls = [], [], [], []
         try:
-            for job in self.jobs:
+            for batch in self.batches:
                 diffusers_cache = getattr(self.transformer, "is_cache_enabled", False)
                 if diffusers_cache:
                     self.transformer._reset_stateful_cache()
                 ctx = self.transformer.cache_context("inference") if diffusers_cache else contextlib.nullcontext()
-                out = self.generate(*job, context=ctx)
+                latents, planes = self._generate(batch, context=ctx)
                 calls.extend(self.meter.take())
-                ref = self.references[job]
-                errs.append(latent_rel_l1(ref.latents, out.latents))
-                psnrs.append(psnr(ref.planes, out.planes))
-                ssims.append(ssim(ref.planes, out.planes))
+                ref_latents, ref_planes = self.references[batch]
+                for row in range(len(batch[0])):
+                    errs.append(latent_rel_l1(ref_latents[row], latents[row]))
+                    psnrs.append(psnr(ref_planes[row], planes[row]))
+                    ssims.append(ssim(ref_planes[row], planes[row]))
         finally:
             undo()
             self.meter.take()
@@ -569,6 +581,18 @@ def _cache_dit_method(harness, targets, *, calibrator: bool):
     return list(probes.values())
 
 
+def _restored(harness) -> str | None:
+    """None when an uncached run reproduces the reference again (the method's hooks are all gone), else why not."""
+    batch = harness.batches[0]
+    try:
+        latents, _ = harness._generate(batch)
+    except Exception as exc:  # noqa: BLE001
+        return f"the model fails after it was removed ({type(exc).__name__})"
+    finally:
+        harness.meter.take()
+    return None if torch.equal(latents, harness.references[batch][0]) else "the model's output changed after it was removed"
+
+
 def _schedule_method(harness, schedule_config, targets):
     """calib's searched schedules (``calib fit --method schedule``): the budgets nearest each target and the
     curve's fractions, each applied by ``calib.runtime.apply(pipe, config, budget=B)``."""
@@ -602,6 +626,7 @@ def run_frontier(pipe, config, trace_set, prompts, seeds, *, steps, guidance, pi
         raise CalibError(f"unknown frontier methods {unknown}; choose from {', '.join(METHODS)}")
     if forecast is None and schedule_config is not None:
         forecast = schedule_config.forecast
+    methods = sorted(dict.fromkeys(methods), key=METHODS.index)  # cache-dit last (see METHODS)
     jobs = [(p, s) for p in prompts for s in seeds]
     echo(f"frontier: {len(methods)} methods on {len(jobs)} held-out generations ({steps} steps); "
          f"targets {', '.join(f'{t:.0%}' for t in targets)} of full forwards and of compute")
@@ -639,6 +664,9 @@ def run_frontier(pipe, config, trace_set, prompts, seeds, *, steps, guidance, pi
                     points[m] = _fastercache_method(harness, trace_set)
                 elif m in ("cache-dit", "cache-dit-taylorseer"):
                     points[m] = _cache_dit_method(harness, targets, calibrator=m == "cache-dit-taylorseer")
+                    broken = _restored(harness)
+                    if broken is not None:
+                        echo(f"  {m}: warning — {broken}; the rows after it are not trustworthy")
             except Exception as exc:  # noqa: BLE001 - a cache that does not apply to this model is reported, not fatal
                 if getattr(harness.transformer, "is_cache_enabled", False):
                     harness.transformer.disable_cache()
