@@ -107,11 +107,14 @@ def merge(inputs, out, overwrite):
 @click.option("--allow-mixed", is_flag=True, help="Fit traces of different steps/guidance/resolution together.")
 @click.option("--stream", "streams", multiple=True, help="Fit only these streams (e.g. --stream cond); default all.")
 @click.option("--no-plot", is_flag=True, help="Do not write the PNG beside the JSON.")
-@click.option("--method", type=click.Choice(["teacache", "block-cache", "fastercache-cfg", "schedule"]),
+@click.option("--method", type=click.Choice(["teacache", "block-cache", "fastercache-cfg", "schedule", "auto"]),
               default="teacache", show_default=True,
               help="teacache: the rescaler; block-cache: a per-block schedule (Block Caching) + heat-map; "
                    "fastercache-cfg: where the unconditional pass can reuse the cond-uncond difference; schedule: "
-                   "the computed steps per budget, searched over measured generations of the traced model.")
+                   "the computed steps per budget, searched over measured generations of the traced model; auto: "
+                   "fit teacache and schedule, keep the better with the forecast on held-out prompts.")
+@click.option("--compute-fraction", type=float, default=0.5, show_default=True,
+              help="auto: the budget (fraction of full forwards) the two candidates are compared at.")
 @click.option("--target-fraction", type=float, default=0.6, show_default=True,
               help="block-cache: recommend the smallest threshold computing at most this fraction of block evaluations.")
 @click.option("--cfg-tolerance", type=float, default=None,
@@ -130,13 +133,20 @@ def merge(inputs, out, overwrite):
 @click.option("--overwrite", is_flag=True, help="schedule: measure every segment anew instead of resuming.")
 @click.option("--device", default=None, help="schedule: torch device [default: cuda if available, else cpu].")
 def fit(traces, out, degree, robust, indicator, normalization, bootstrap, allow_mixed, streams, no_plot, method,
-        target_fraction, cfg_tolerance, gap, forecast_order, forecast_variable, schedule_seeds, shard, overwrite,
-        device):
+        compute_fraction, target_fraction, cfg_tolerance, gap, forecast_order, forecast_variable, schedule_seeds,
+        shard, overwrite, device):
     """Fit the polynomial rescaler (output change as a function of input change) and write the coefficient JSON.
 
     TRACES are trace files, shard files of a sharded trace, or its NAME.manifest.json; all are read as one trace.
     --method schedule reruns the traced model (about steps x gap generations per seed and forecast; it prints the
     cost first, resumes from OUT.segments.json and shards like calib trace)."""
+    if method == "auto":
+        from .auto import run_auto
+
+        run_auto(list(traces), out=out, fraction=compute_fraction, gap=gap, orders=forecast_order,
+                 variable=forecast_variable, device=device,
+                 seeds=None if schedule_seeds is None else _seeds(schedule_seeds), echo=click.echo)
+        return
     if method == "schedule":
         from .schedule import DEFAULT_GAP, run_fit as run_schedule
 
