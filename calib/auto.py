@@ -111,35 +111,12 @@ def run_auto(traces, *, out=None, fraction: float = DEFAULT_FRACTION, gap=None, 
     from .runtime import Forecast
 
     forecast = Forecast(order=int(forecast_entry["order"]), variable=forecast_entry.get("variable", "step"))
-    n = schedule_doc["steps"]
-    sched_fraction, sched_error = entry["budget"] / n, entry["error"]["holdout_latent_rel_l1"]
-
     echo(f"\n== 3/3 compare on {len(setup.holdout_prompts)} held-out prompt(s) x seeds {setup.seeds} at <= "
          f"{fraction:.0%} of full forwards, forecast {forecast.as_json()}")
     gate_doc = load_document(gate_path)
-    threshold, gate_fraction, gate_error = _gate_runs(pipe, setup, gate_doc, forecast, fraction, trace_set,
-                                                      echo=echo)
-    echo(f"  gate + forecast:     threshold {threshold:g}, {gate_fraction:.1%} of full forwards, held-out latent "
-         f"rel-L1 {gate_error:.5f}")
-    echo(f"  schedule + forecast: budget {entry['budget']} of {n}, {sched_fraction:.1%} of full forwards, held-out "
-         f"latent rel-L1 {sched_error:.5f}" + ("" if reached else " (the fewest this file has)"))
-    pick_schedule = sched_error <= gate_error
-    verdict = {
-        "target_compute_fraction": fraction,
-        "holdout_prompts": list(setup.holdout_prompts),
-        "seeds": list(setup.seeds),
-        "forecast": forecast.as_json(),
-        "gate": {"threshold": threshold, "compute_fraction": round(gate_fraction, 6),
-                 "holdout_latent_rel_l1": round(gate_error, 6), "file": str(gate_path)},
-        "schedule": {"budget": entry["budget"], "compute_fraction": round(sched_fraction, 6),
-                     "holdout_latent_rel_l1": round(sched_error, 6), "file": str(schedule_path)},
-        "kept": "schedule" if pick_schedule else "gate",
-    }
-    better, worse = (sched_error, gate_error) if pick_schedule else (gate_error, sched_error)
-    margin = (1 - better / worse) if worse > 0 else 0.0
-    why = (f"kept {'schedule + forecast' if pick_schedule else 'gate + forecast'}: held-out latent rel-L1 "
-           f"{better:.5f} vs {worse:.5f} ({margin:.0%} lower) at <= {fraction:.0%} of full forwards")
-    verdict["why"] = why
+    verdict = compare(pipe, setup, gate_doc, schedule_doc, entry, reached, forecast, fraction, trace_set, echo=echo)
+    verdict["gate"]["file"], verdict["schedule"]["file"] = str(gate_path), str(schedule_path)
+    pick_schedule, threshold, why = verdict["kept"] == "schedule", verdict["gate"]["threshold"], verdict["why"]
     if pick_schedule:
         doc = schedule_doc
     else:
@@ -151,6 +128,36 @@ def run_auto(traces, *, out=None, fraction: float = DEFAULT_FRACTION, gap=None, 
     write_document(doc, out)
     echo(why)
     echo(f"wrote {out} (the {'schedule' if pick_schedule else 'coefficient'} file; both candidates kept beside it)")
+    return out
+
+
+def compare(pipe, setup, gate_doc, schedule_doc, entry, reached, forecast, fraction, trace_set, *, echo=print) -> dict:
+    """Gate + forecast (threshold bisected over held-out runs to <= ``fraction``) against the schedule ``entry``
+    (its held-out error was measured on the same jobs by the schedule fit); the verdict, with why."""
+    n = schedule_doc["steps"]
+    sched_fraction, sched_error = entry["budget"] / n, entry["error"]["holdout_latent_rel_l1"]
+    threshold, gate_fraction, gate_error = _gate_runs(pipe, setup, gate_doc, forecast, fraction, trace_set,
+                                                      echo=echo)
+    echo(f"  gate + forecast:     threshold {threshold:g}, {gate_fraction:.1%} of full forwards, held-out latent "
+         f"rel-L1 {gate_error:.5f}")
+    echo(f"  schedule + forecast: budget {entry['budget']} of {n}, {sched_fraction:.1%} of full forwards, held-out "
+         f"latent rel-L1 {sched_error:.5f}" + ("" if reached else " (the fewest this file has)"))
+    pick_schedule = sched_error <= gate_error
+    better, worse = (sched_error, gate_error) if pick_schedule else (gate_error, sched_error)
+    margin = (1 - better / worse) if worse > 0 else 0.0
     if not math.isfinite(better):  # pragma: no cover - both errors come from real runs
         raise CalibError("the comparison produced no finite error")
-    return out
+    why = (f"kept {'schedule + forecast' if pick_schedule else 'gate + forecast'}: held-out latent rel-L1 "
+           f"{better:.5f} vs {worse:.5f} ({margin:.0%} lower) at <= {fraction:.0%} of full forwards")
+    return {
+        "target_compute_fraction": fraction,
+        "holdout_prompts": list(setup.holdout_prompts),
+        "seeds": list(setup.seeds),
+        "forecast": forecast.as_json(),
+        "gate": {"threshold": threshold, "compute_fraction": round(gate_fraction, 6),
+                 "holdout_latent_rel_l1": round(gate_error, 6)},
+        "schedule": {"budget": entry["budget"], "compute_fraction": round(sched_fraction, 6),
+                     "holdout_latent_rel_l1": round(sched_error, 6)},
+        "kept": "schedule" if pick_schedule else "gate",
+        "why": why,
+    }

@@ -1,4 +1,4 @@
-"""The quality / compute frontier: calib's calibrated TeaCache against other caches at equal numbers of full forwards.
+"""The quality / compute frontier: calib's calibrated caches against other caches at equal full forwards and compute.
 
 Every method runs the same held-out prompts x seeds through the real pipeline; the error is measured against the
 uncached generation of the same prompt and seed (relative L1 of the final latents, PSNR / SSIM of the decoded
@@ -12,7 +12,11 @@ output). What each generation computed is counted the same way for every method,
 
 Methods (``METHODS``):
 
-* ``calib`` — TeaCache with the calibrated rescaler (``calib.runtime.apply``);
+* ``calib`` — TeaCache with the calibrated rescaler (``calib.runtime.apply``), the residual reused;
+* ``calib-forecast`` — the same gate, the residual forecast on skipped steps (``forecast=``, by default the one the
+  schedule fit chose);
+* ``calib-schedule`` — the searched static schedules of ``calib fit --method schedule`` (``schedule_config=``), the
+  budget nearest each target;
 * ``raw`` — the same rule on the raw indicator change, coefficients ``[1, 0]`` (no rescaling);
 * ``uniform`` — compute every k-th step, reuse the residual otherwise: the runtime's own gate with the constant
   polynomial ``p(x) = 1`` and threshold ``k`` (the accumulator counts steps), so no hook code is duplicated;
@@ -21,8 +25,9 @@ Methods (``METHODS``):
   traced trajectories of the stack residual's norm ratio, ``calib.diffusers_export.mag_ratios`` — what MagCache's
   own ``calibrate=True`` mode logs, averaged over trajectories instead of one run); ``max_skip_steps`` is raised
   from the default 3 only where the default cannot reach the target;
-* ``taylorseer`` — diffusers' ``TaylorSeerCacheConfig`` in lite mode (whole blocks skipped, the output projection
-  extrapolated by a first-order Taylor series), float32 factors; interval and warm-up steps chosen per target;
+* ``taylorseer`` — diffusers' ``TaylorSeerCacheConfig`` given its best: orders 1 and 2, lite mode (whole blocks
+  skipped, the output projection extrapolated) and full mode (attention extrapolated, the rest computed), float32
+  factors, every interval 2-6 with the warm-up that reaches each target (:func:`taylorseer_settings`);
 * ``pab`` — diffusers' ``PyramidAttentionBroadcastConfig`` (attention reuse only; compared on ``compute``);
 * ``block-cache`` — Block Caching (arXiv 2312.03209): calib's per-block schedule derived from the same traces
   (``calib fit --method block-cache``), applied by ``calib.runtime``; blocks are skipped one by one, so it is
@@ -32,6 +37,12 @@ Methods (``METHODS``):
   tolerance; it skips the unconditional half of the batch, never a whole forward, so it is compared on ``compute``.
   diffusers' FasterCache needs an image-shaped output (BCHW / BCFHW): on packed-token models (FLUX, the built-in
   image model) it is reported as not applicable.
+* ``cache-dit`` / ``cache-dit-taylorseer`` — cache-dit's DBCache (F1B0: the first block always computes) without and
+  with its TaylorSeer calibrator (order 2), through cache-dit's own block adapters; an optional dependency
+  (``pip install 'calib[bench]'``), imported only here; its residual threshold is bisected on both axes.
+
+Every target (50 %, 33 %, 25 %) is matched twice: on the fraction of full forwards and on the compute share, and
+:func:`compare_with_peers` puts calib's best calibrated row against the best other row at each.
 
 Threshold methods are bisected over real runs (starting from the replayed threshold where a replay exists) to the
 setting whose measured fraction is closest to each target; the achieved fraction is reported beside every number.

@@ -208,3 +208,42 @@ def test_tune_picks_the_budget_and_export_writes_the_mask(fitted, capsys):
     assert exported["calibrator_config"] == ({"taylorseer_order": order} if order else None)
     assert main(["export", str(path), "--format", "cache-dit", "--budget", "99"]) == 2
     assert "no schedule for budget 99" in capsys.readouterr().err
+
+
+def test_taylorseer_is_given_every_interval_that_fits_a_target():
+    from calib.frontier import REACHED, TARGETS, _taylorseer_schedule, taylorseer_settings
+
+    settings = taylorseer_settings(30, TARGETS)
+    for target in TARGETS:
+        fits = [(i, b) for i, b in settings if abs(_taylorseer_schedule(i, b, 30) - target) <= REACHED]
+        assert len({i for i, _ in fits}) >= 2, target  # several intervals per target, each with its warm-up
+    assert all(2 <= i <= 6 and b >= 1 for i, b in settings)
+
+
+def test_frontier_runs_the_schedule_and_cache_dit_rows(fitted):
+    """The schedule row applies the file's budgets; cache-dit's DBCache pays its first block on cached steps, so its
+    compute share is above its fraction of full forwards; a peer that cannot run says why."""
+    import torch
+
+    import calib.runtime as cr
+    from calib.frontier import run_frontier
+    from calib.models.digits import load_pipeline
+
+    pytest.importorskip("cache_dit")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        pipe = load_pipeline()
+        result = run_frontier(pipe, None, None, ["a handwritten 3", "a handwritten 5"], (5,), steps=STEPS,
+                              guidance=3.0, methods=("cache-dit", "calib-schedule", "calib-forecast"),
+                              schedule_config=cr.load(fitted / "s.json"), echo=lambda *a: None)
+    finally:
+        torch.set_num_threads(threads)
+    schedule = result["methods"]["calib-schedule"]["points"]
+    assert {round(p["fraction"] * STEPS) for p in schedule} == {p["setting"]["budget"] for p in schedule}
+    assert all(p["compute"] == pytest.approx(p["fraction"]) for p in schedule)
+    dbcache = result["methods"]["cache-dit"]["points"]
+    assert any(p["fraction"] < 1 for p in dbcache)
+    assert all(p["compute"] >= p["fraction"] for p in dbcache)
+    assert "needs coefficients" in result["not_applicable"]["calib-forecast"]
+    assert "matched on the compute share" in result["table"]
