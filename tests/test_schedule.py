@@ -247,3 +247,30 @@ def test_frontier_runs_the_schedule_and_cache_dit_rows(fitted):
     assert all(p["compute"] >= p["fraction"] for p in dbcache)
     assert "needs coefficients" in result["not_applicable"]["calib-forecast"]
     assert "matched on the compute share" in result["table"]
+
+
+def test_fit_auto_keeps_the_better_of_gate_and_schedule_and_says_why(fitted, capsys):
+    import torch
+
+    from calib.cli import main
+
+    cwd = os.getcwd()
+    os.chdir(fitted)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        capsys.readouterr()
+        assert main(["fit", "t.h5", "--method", "auto", "--compute-fraction", "0.5", "--gap", "3",
+                     "--forecast-order", "1", "--out", "auto.json"]) == 0
+    finally:
+        os.chdir(cwd)
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    doc = json.loads((fitted / "auto.json").read_text())
+    verdict = doc["calibration"]["auto"]
+    gate, schedule = verdict["gate"]["holdout_latent_rel_l1"], verdict["schedule"]["holdout_latent_rel_l1"]
+    assert verdict["kept"] == ("schedule" if schedule <= gate else "gate")
+    assert doc["method"] == ("schedule" if verdict["kept"] == "schedule" else "teacache")
+    assert verdict["gate"]["compute_fraction"] <= 0.5 + 1e-9 and verdict["schedule"]["compute_fraction"] <= 0.5
+    assert verdict["why"] in out and "kept" in verdict["why"]
+    assert (fitted / "auto.gate.json").exists() and (fitted / "auto.schedule.json").exists()
