@@ -1,8 +1,9 @@
 """``calib demo``: the whole loop on the built-in digits model, with the numbers a user needs to trust it.
 
-trace (bundled prompts x seeds) -> fit (coefficient JSON + PNG) -> load the JSON into the runtime -> generate held-out
-prompts and seeds with and without the cache, interleaved, and report the measured speed-up, the error against the
-uncached output, and whether a digit classifier still reads the cached digits.
+trace (bundled prompts x seeds) -> fit (coefficient JSON + PNG) -> search a schedule and compare it with the gate, both
+with the schedule fit's forecast, at 50 % of full forwards on held-out prompts (``calib fit --method auto`` in small)
+-> generate held-out prompts and seeds with and without the better one, interleaved, and report the measured speed-up,
+the error against the uncached output, and whether a digit classifier still reads the cached digits.
 """
 
 from __future__ import annotations
