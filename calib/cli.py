@@ -120,12 +120,17 @@ def merge(inputs, out, overwrite):
 @click.option("--cfg-tolerance", type=float, default=None,
               help="fastercache-cfg: allowed accumulated rel-L1 change of the reused cond-uncond difference "
                    "[default: twice its median per-step change].")
+@click.option("--forecast", "forecast", type=click.Choice(["auto", "0", "1", "2"]), default="auto", show_default=True,
+              help="teacache: what skipped steps add: 0 reuses the cached residual, 1/2 extrapolate it (Newton order); "
+                   "auto picks by held-out error (needs traces with forecast errors, else 0).")
+@click.option("--forecast-variable", type=click.Choice(["auto", "step", "sigma", "timestep"]), default="auto",
+              show_default=True,
+              help="teacache: extrapolate in the step index or in sigma, auto picks by held-out error; schedule/auto: "
+                   "what the measured forecasts extrapolate in (auto: step).")
 @click.option("--gap", type=int, default=None,
               help="schedule: the longest run of forecast steps + 1 that is measured [default: 6].")
 @click.option("--forecast-order", default=None, metavar="K[,K]",
-              help="schedule: the forecast orders measured, the better is kept [default: 1,2].")
-@click.option("--forecast-variable", type=click.Choice(["step", "sigma", "timestep"]), default=None,
-              help="schedule: what the forecast extrapolates in [default: step].")
+              help="schedule/auto: the forecast orders measured, the better is kept [default: 1,2].")
 @click.option("--seeds", "schedule_seeds", default=None, help="schedule: seeds to generate [default: the traced ones].")
 @click.option("--shard", default=None, metavar="I/N",
               help="schedule: measure only shard I of N of the segments (a cluster job array); then run once "
@@ -133,8 +138,8 @@ def merge(inputs, out, overwrite):
 @click.option("--overwrite", is_flag=True, help="schedule: measure every segment anew instead of resuming.")
 @click.option("--device", default=None, help="schedule: torch device [default: cuda if available, else cpu].")
 def fit(traces, out, degree, robust, indicator, normalization, bootstrap, allow_mixed, streams, no_plot, method,
-        compute_fraction, target_fraction, cfg_tolerance, gap, forecast_order, forecast_variable, schedule_seeds,
-        shard, overwrite, device):
+        compute_fraction, target_fraction, cfg_tolerance, forecast, forecast_variable, gap, forecast_order,
+        schedule_seeds, shard, overwrite, device):
     """Fit the polynomial rescaler (output change as a function of input change) and write the coefficient JSON.
 
     TRACES are trace files, shard files of a sharded trace, or its NAME.manifest.json; all are read as one trace.
@@ -144,14 +149,14 @@ def fit(traces, out, degree, robust, indicator, normalization, bootstrap, allow_
         from .auto import run_auto
 
         run_auto(list(traces), out=out, fraction=compute_fraction, gap=gap, orders=forecast_order,
-                 variable=forecast_variable, device=device,
+                 variable=None if forecast_variable == "auto" else forecast_variable, device=device,
                  seeds=None if schedule_seeds is None else _seeds(schedule_seeds), echo=click.echo)
         return
     if method == "schedule":
         from .schedule import DEFAULT_GAP, run_fit as run_schedule
 
         run_schedule(list(traces), out=out, gap=DEFAULT_GAP if gap is None else gap, orders=forecast_order,
-                     variable=forecast_variable, shard=shard, overwrite=overwrite, device=device,
+                     variable=None if forecast_variable == "auto" else forecast_variable, shard=shard, overwrite=overwrite, device=device,
                      seeds=None if schedule_seeds is None else _seeds(schedule_seeds), echo=click.echo)
         return
     if method == "block-cache":
@@ -167,6 +172,8 @@ def fit(traces, out, degree, robust, indicator, normalization, bootstrap, allow_
         return
     from .calibrate import run_fit
 
+    if forecast_variable == "timestep":
+        raise CalibError("--forecast-variable timestep is for --method schedule; the teacache fit picks step or sigma")
     if degree != "auto":
         try:
             degree = int(degree)
@@ -174,7 +181,7 @@ def fit(traces, out, degree, robust, indicator, normalization, bootstrap, allow_
             raise CalibError(f"--degree {degree!r}: expected auto or an integer from 1 to 9") from None
     run_fit(list(traces), out=out, degree=degree, streams=list(streams) or None, plot=not no_plot, echo=click.echo,
             robust=robust, indicator=indicator, normalization=normalization, bootstrap=bootstrap,
-            allow_mixed=allow_mixed)
+            allow_mixed=allow_mixed, forecast=forecast, forecast_variable=forecast_variable)
 
 
 @cli.command()

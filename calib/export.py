@@ -200,6 +200,7 @@ def _component_entry(res) -> dict:
             "cv_r2": _metric(r.cv_r2_),
             "cv_folds": int(r.cv_folds_),
         },
+        **({"forecast": res.forecast} if getattr(res, "forecast", None) else {}),
     }
 
 

@@ -301,10 +301,14 @@ class _Recorder:
         if delta is not None:  # its change is computed for all steps at once when the generation ends
             self.cfg_delta.append((self.clock.step, delta))
 
-    def _forecast_errors(self, key: str, residual: torch.Tensor | None, output: torch.Tensor) -> torch.Tensor:
-        """(variables x orders x horizons, rows): the rel-L1 error, per batch row, of the order-k Newton forecast of
-        this step's stack residual from the residuals h, 2h, ..., (k+1)h steps before (what a cache computing every
-        h-th step extrapolates from), in the step index and in σ; NaN where those steps were not all recorded.
+    def _forecast_errors(self, key: str, residual: torch.Tensor | None, output: torch.Tensor,
+                         stack_input: torch.Tensor | None = None) -> torch.Tensor:
+        """(variables x orders x horizons, rows): the error, per batch row, of the order-k Newton forecast of this
+        step's stack residual from the residuals h, 2h, ..., (k+1)h steps before (what a cache computing every h-th
+        step extrapolates from), in the step index and in σ; NaN where those steps were not all recorded. The error
+        is ``mean|forecast - residual| / mean|stack output|``: relative to what the output head receives (the stack
+        output = its input + the residual), so it is in the units of the output's change (``output_rel_l1``) rather
+        than of the residual's own size, which can be small where the stack changes little.
 
         The forecast is a weighted sum of past residuals (Lagrange weights, computed on the host from step indices
         and σ), so every forecast of a call is one matrix product over the stacked past residuals, and the errors
@@ -364,7 +368,8 @@ class _Recorder:
         target = target if target.dtype == torch.float32 else target.float()
         past = torch.stack([history[step + o].reshape(rows, -1) for o in used])  # (nodes, rows, per_row)
         past = past if past.dtype == torch.float32 else past.float()
-        scale = target.abs().mean(dim=1)
+        stack_out = target if stack_input is None else target + stack_input.reshape(rows, -1)
+        scale = stack_out.abs().mean(dim=1)
         errors = []
         chunk = max(1, BATCH_NUMEL // max(1, target.numel()))  # predictions held at once
         for start in range(0, len(rows_w), chunk):
@@ -413,7 +418,7 @@ class _Recorder:
         if self.record_blocks:
             named += [(f"block{i}", call["blocks"][i]) for i in range(len(self.blocks))]
         if self.forecast_horizons > 0:
-            errors = self._forecast_errors(key, residual, call["output"])
+            errors = self._forecast_errors(key, residual, call["output"], call["block_input"])
             layout.extend((f"forecast{j}", len(parts), j) for j in range(errors.shape[0]))
             parts.append(errors)
         self._changes(key, named, parts, layout)

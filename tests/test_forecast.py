@@ -2,8 +2,10 @@
 exactness at threshold 0 / full budget with every order, the forecast's error against reuse at the same computed
 steps, the memory it reports, schedule files (load, budgets, step count) and their one-line errors."""
 
+import dataclasses
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -280,3 +282,139 @@ def test_wan_digits_forecast_exact_at_zero_and_full_budget(wan):
         out = generate(wan, "sequential")
         stats = handle.stats()
     assert stats["computed"] == 2 * len(EVERY_OTHER) and 0 < rel_l1(out, base) < 0.2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# forecast errors in the trace, and calib fit choosing the forecast
+# ---------------------------------------------------------------------------------------------------------------
+def test_traced_forecast_errors_are_the_runtime_forecasts(pipe):
+    from calib.store import FORECAST_ORDERS, FORECAST_VARIABLES
+    from calib.trace import Tracer
+
+    with Tracer(pipe) as tracer:
+        rec = tracer.recorders[0]
+        pipe.scheduler.set_timesteps(10)  # a generation: the recorder reads its sigmas
+        sigmas = [float(s) for s in pipe.scheduler.sigmas]
+        rec.reset()
+        torch.manual_seed(0)
+        a, b, c = torch.randn(3, 2, 4, 8)
+        stack_in = torch.randn(2, 4, 8)
+        residuals, tables = [], []
+        for step in range(9):
+            rec.clock.step = step
+            s = sigmas[step]
+            residuals.append(a + b * s + c * s * s)  # quadratic in sigma
+            tables.append(rec._forecast_errors("call0", residuals[-1], torch.zeros(2, 1), stack_in))
+    H = rec.forecast_horizons
+    table = torch.stack(tables).reshape(9, len(FORECAST_VARIABLES), len(FORECAST_ORDERS), H, 2)
+    v_step, v_sigma = FORECAST_VARIABLES.index("step"), FORECAST_VARIABLES.index("sigma")
+    for step in range(9):
+        for order in FORECAST_ORDERS:
+            for h in range(1, H + 1):
+                nodes = [step - j * h for j in range(order + 1, 0, -1)]  # oldest first, as a cache pushes them
+                for v, variable in ((v_step, "step"), (v_sigma, "sigma")):
+                    got = table[step, v, order, h - 1]
+                    if nodes[0] < 0:
+                        assert torch.isnan(got).all()
+                        continue
+                    history = cr.Forecast(order, variable).history()
+                    for n in nodes:
+                        history.push(n if variable == "step" else sigmas[n], residuals[n])
+                    pred = history.predict(step if variable == "step" else sigmas[step])
+                    want = ((pred - residuals[step]).abs().flatten(1).mean(1)
+                            / (stack_in + residuals[step]).abs().flatten(1).mean(1))
+                    assert torch.allclose(got, want, rtol=1e-4, atol=1e-6), (step, order, h, variable)
+                if order == 2 and nodes[0] >= 0:  # the quadratic in sigma is extrapolated exactly
+                    assert float(table[step, v_sigma, 2, h - 1].max()) < 1e-5
+
+
+def run_calib(*args, cwd):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    return subprocess.run([sys.executable, "-m", "calib", *args], cwd=cwd, capture_output=True, text=True, env=env)
+
+
+@pytest.fixture(scope="module")
+def traced(tmp_path_factory):
+    work = tmp_path_factory.mktemp("forecast")
+    (work / "prompts.txt").write_text("a handwritten 1\na handwritten 4\na handwritten 7\n")
+    run = run_calib("trace", "--model", "builtin:digits", "--prompts", "prompts.txt", "--steps", str(STEPS),
+                    "--seeds", "0,1", "--out", "d.h5", cwd=work)
+    assert run.returncode == 0, run.stderr
+    return work
+
+
+def test_trace_records_forecast_errors_and_old_traces_still_read(traced, tmp_path):
+    import h5py
+
+    from calib.store import TraceWriter, read_traces
+
+    ts = read_traces([traced / "d.h5"])
+    t = ts.trajectories[0]
+    assert t.forecast_rel_l1.shape == (STEPS, 2, 3, 4) and t.forecast_horizons == 4
+    e0, e1 = t.forecast_error(0, "step", 1), t.forecast_error(1, "step", 1)
+    assert np.isnan(e0[0]) and np.isfinite(e0[1:]).all()  # reuse needs one earlier step, order 1 two
+    assert np.isnan(e1[:2]).all() and np.isfinite(e1[2:]).all()
+    assert np.isnan(t.forecast_error(2, "step", 4)[:STEPS]).sum() == STEPS  # 12 steps back: never there
+    with h5py.File(traced / "d.h5") as f:
+        assert int(f.attrs["schema_version"]) == 1 and int(f.attrs["schema_minor"]) == 1
+    # a trace as calib wrote it before the forecast errors: no dataset, no minor version
+    old = tmp_path / "old.h5"
+    with TraceWriter(old, ts.model_info) as writer:
+        writer.append([dataclasses.replace(x, forecast_rel_l1=None) for x in ts.trajectories])
+    with h5py.File(old, "r+") as f:
+        del f.attrs["schema_minor"]
+        assert all("forecast_rel_l1" not in g for g in f["trajectories"].values())
+    back = read_traces([old])
+    assert all(x.forecast_rel_l1 is None for x in back.trajectories)
+    assert back.trajectories[0].forecast_error(1) is None
+
+
+def test_fit_chooses_a_forecast_and_the_runtime_applies_it(traced, pipe):
+    fit = run_calib("fit", "d.h5", "--out", "auto.json", "--no-plot", "--bootstrap", "0", "--degree", "2",
+                    cwd=traced)
+    assert fit.returncode == 0, fit.stderr
+    assert "forecast on skipped steps" in fit.stdout and "kept order" in fit.stdout
+    doc = json.loads((traced / "auto.json").read_text())
+    validate_document(doc)
+    entry = doc["components"]["transformer"]["forecast"]
+    assert entry["kind"] == "newton" and entry["order"] in (0, 1, 2) and entry["variable"] in ("step", "sigma")
+    candidates = entry["selection"]["candidates"]
+    scored = [c for c in candidates if c["held_out_error"] is not None]
+    best = min(scored, key=lambda c: c["held_out_error"])
+    assert (best["order"], best["variable"], best["rescaler_target"]) == (
+        entry["order"], entry["variable"], entry["selection"]["rescaler_target"])
+    assert {(c["order"], c["rescaler_target"]) for c in candidates} >= {
+        (0, "output_change"), (1, "output_change"), (1, "forecast_error"), (2, "forecast_error")}
+    config = cr.load(traced / "auto.json")
+    with cr.apply(pipe, config) as handle:
+        generate(pipe)
+        report = handle.stats()["forecast"]["transformer"]
+    assert (report["order"], report["variable"]) == (entry["order"], entry["variable"])
+
+
+def test_fit_forecast_zero_and_old_traces_fit_as_before(traced, tmp_path):
+    from calib.store import TraceWriter, read_traces
+
+    zero = run_calib("fit", "d.h5", "--out", "zero.json", "--no-plot", "--bootstrap", "0", "--degree", "2",
+                     "--forecast", "0", cwd=traced)
+    assert zero.returncode == 0, zero.stderr
+    ts = read_traces([traced / "d.h5"])
+    old = tmp_path / "old.h5"
+    with TraceWriter(old, ts.model_info) as writer:
+        writer.append([dataclasses.replace(x, forecast_rel_l1=None) for x in ts.trajectories])
+    plain = run_calib("fit", str(old), "--out", str(tmp_path / "plain.json"), "--no-plot", "--bootstrap", "0",
+                      "--degree", "2", cwd=traced)
+    assert plain.returncode == 0, plain.stderr
+    assert "the traces hold no forecast errors" in plain.stdout
+    a = json.loads((traced / "zero.json").read_text())["components"]["transformer"]
+    b = json.loads((tmp_path / "plain.json").read_text())["components"]["transformer"]
+    assert a["forecast"] == {"kind": "newton", "order": 0, "variable": "step"} and "forecast" not in b
+    assert a["coefficients"] == b["coefficients"]  # order 0: the rescaler TeaCache always fitted
+    refused = run_calib("fit", str(old), "--out", str(tmp_path / "x.json"), "--no-plot", "--forecast", "1",
+                        "--degree", "2", cwd=traced)
+    assert refused.returncode == 2
+    assert "trace again" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1

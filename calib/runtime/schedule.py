@@ -55,6 +55,11 @@ class ScheduleConfig:
         return tuple(next(iter(self.schedules.values())).components)
 
     @property
+    def recommended_threshold(self) -> None:
+        """A schedule has no threshold (code written for coefficient files asks; ``apply`` takes ``budget=``)."""
+        return None
+
+    @property
     def budgets(self) -> list[int]:
         return sorted(self.schedules)
 
