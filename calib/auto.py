@@ -115,6 +115,8 @@ def run_auto(traces, *, out=None, fraction: float = DEFAULT_FRACTION, gap=None, 
          f"{fraction:.0%} of full forwards, forecast {forecast.as_json()}")
     gate_doc = load_document(gate_path)
     verdict = compare(pipe, setup, gate_doc, schedule_doc, entry, reached, forecast, fraction, trace_set, echo=echo)
+    forecast = Forecast(order=verdict["gate"]["forecast"]["order"],
+                        variable=verdict["gate"]["forecast"].get("variable", "step"))
     verdict["gate"]["file"], verdict["schedule"]["file"] = str(gate_path), str(schedule_path)
     pick_schedule, threshold, why = verdict["kept"] == "schedule", verdict["gate"]["threshold"], verdict["why"]
     if pick_schedule:
@@ -122,7 +124,8 @@ def run_auto(traces, *, out=None, fraction: float = DEFAULT_FRACTION, gap=None, 
     else:
         doc = gate_doc
         for comp in doc["components"].values():
-            comp["forecast"] = forecast.as_json()
+            if not (comp.get("forecast") or {}).get("order"):  # the gate ran with the schedule fit's forecast
+                comp["forecast"] = forecast.as_json()
         doc.setdefault("thresholds", {})["recommended"] = float(threshold)
     doc.setdefault("calibration", {})["auto"] = verdict
     write_document(doc, out)
@@ -131,9 +134,24 @@ def run_auto(traces, *, out=None, fraction: float = DEFAULT_FRACTION, gap=None, 
     return out
 
 
+def gate_forecast(gate_doc: dict, fallback):
+    """The forecast the gate runs with: its own (``calib fit --forecast`` chose one of order >= 1 on the traced
+    forecast errors), else ``fallback`` (the schedule fit's, chosen on held-out generations)."""
+    from .runtime import Forecast
+
+    own = [c.get("forecast") for c in gate_doc["components"].values() if (c.get("forecast") or {}).get("order")]
+    if own:
+        return Forecast(order=int(own[0]["order"]), variable=own[0].get("variable", "step")), "the gate file's"
+    return fallback, "the schedule fit's"
+
+
 def compare(pipe, setup, gate_doc, schedule_doc, entry, reached, forecast, fraction, trace_set, *, echo=print) -> dict:
     """Gate + forecast (threshold bisected over held-out runs to <= ``fraction``) against the schedule ``entry``
-    (its held-out error was measured on the same jobs by the schedule fit); the verdict, with why."""
+    (its held-out error was measured on the same jobs by the schedule fit); the verdict, with why. The gate runs
+    with its file's forecast where it has one, else with ``forecast``."""
+    schedule_forecast = forecast
+    forecast, whose = gate_forecast(gate_doc, forecast)
+    echo(f"  the gate forecasts with {whose} forecast {forecast.as_json()}")
     n = schedule_doc["steps"]
     sched_fraction, sched_error = entry["budget"] / n, entry["error"]["holdout_latent_rel_l1"]
     threshold, gate_fraction, gate_error = _gate_runs(pipe, setup, gate_doc, forecast, fraction, trace_set,
@@ -153,11 +171,10 @@ def compare(pipe, setup, gate_doc, schedule_doc, entry, reached, forecast, fract
         "target_compute_fraction": fraction,
         "holdout_prompts": list(setup.holdout_prompts),
         "seeds": list(setup.seeds),
-        "forecast": forecast.as_json(),
         "gate": {"threshold": threshold, "compute_fraction": round(gate_fraction, 6),
-                 "holdout_latent_rel_l1": round(gate_error, 6)},
+                 "holdout_latent_rel_l1": round(gate_error, 6), "forecast": forecast.as_json()},
         "schedule": {"budget": entry["budget"], "compute_fraction": round(sched_fraction, 6),
-                     "holdout_latent_rel_l1": round(sched_error, 6)},
+                     "holdout_latent_rel_l1": round(sched_error, 6), "forecast": schedule_forecast.as_json()},
         "kept": "schedule" if pick_schedule else "gate",
         "why": why,
     }

@@ -147,7 +147,8 @@ def run_demo(*, prompts_file=None, steps=30, seeds=(0, 1), guidance=3.0, thresho
     forecast, budget, run_config = None, None, config
     if threshold is None:
         verdict, schedule_path = _choose(pipe, trace_path, coeffs_path, Path(coeffs_dir), echo)
-        forecast = cr.Forecast(order=verdict["forecast"]["order"], variable=verdict["forecast"]["variable"])
+        kept = verdict[verdict["kept"]]["forecast"]
+        forecast = cr.Forecast(order=kept["order"], variable=kept.get("variable", "step"))
         if verdict["kept"] == "schedule":
             run_config, budget = cr.load(schedule_path), verdict["schedule"]["budget"]
             echo(f"using {schedule_path}: budget {budget}, forecast {forecast.as_json()}")

@@ -349,6 +349,10 @@ def run_eval(coeffs, *, model=None, prompts_file=None, seeds=DEFAULT_SEEDS, thre
     if not seeds:
         raise CalibError("--seeds needs at least one seed")
     doc = load_document(coeffs)
+    if doc.get("method") == "schedule":
+        raise CalibError(f"{coeffs}: calib eval sweeps TeaCache thresholds; a schedule file's budgets carry their "
+                         "held-out errors (calib tune --coeffs shows them) and benchmarks/frontier.py runs it against "
+                         "the other caches")
     config = cr.load(coeffs)
     if thresholds is None:
         if config.recommended_threshold is None:

@@ -12,7 +12,8 @@ output). What each generation computed is counted the same way for every method,
 
 Methods (``METHODS``):
 
-* ``calib`` — TeaCache with the calibrated rescaler (``calib.runtime.apply``), the residual reused;
+* ``calib`` — TeaCache with the calibrated rescaler (``calib.runtime.apply``), skipped steps as the file says (the
+  residual reused, or the forecast ``calib fit --forecast`` chose);
 * ``calib-forecast`` — the same gate, the residual forecast on skipped steps (``forecast=``, by default the one the
   schedule fit chose);
 * ``calib-schedule`` — the searched static schedules of ``calib fit --method schedule`` (``schedule_config=``), the
@@ -71,8 +72,8 @@ METHODS = ("calib", "calib-forecast", "calib-schedule", "raw", "uniform", "fbcac
            "block-cache", "fastercache", "cache-dit", "cache-dit-taylorseer")
 CALIB_METHODS = ("calib", "calib-forecast", "calib-schedule", "block-cache")  # calibrated by calib: not peers
 LABELS = {
-    "calib": "calib (calibrated rescaler)",
-    "calib-forecast": "calib gate + forecast (calibrated rescaler)",
+    "calib": "calib (calibrated rescaler, the file's forecast)",
+    "calib-forecast": "calib gate + the schedule fit's forecast",
     "calib-schedule": "calib schedule + forecast (measured, searched)",
     "raw": "TeaCache rule, no rescaling [1, 0]",
     "uniform": "uniform, every k-th step",
