@@ -30,6 +30,7 @@ CANDIDATES = ((0, "step"), (1, "step"), (2, "step"), (1, "sigma"), (2, "sigma"))
 # What the gate's rescaler maps the indicator change to: the output change (TeaCache's y, what reuse loses) or the
 # forecast's one-step error of the stack residual.
 TARGETS = ("output_change", "forecast_error")
+TIE = 1e-6  # relative: scores closer than this are equal
 CRITERION = (
     "held-out forecast error per step: rescaler fitted to each forecast's one-step error on one half of the "
     "generations, threshold set there to compute {fraction:g} of the steps, the gate replayed on the other half; each "
@@ -171,7 +172,9 @@ def select_forecast(trace_set, *, candidates=CANDIDATES, targets=TARGETS, degree
     if not scored:
         raise CalibError("no forecast could be scored on these traces: " + "; ".join(
             f"order {r['order']} in {r['variable']}: {r['note']}" for r in rows))
-    best = min(scored, key=lambda r: r["held_out_error"])  # ties: the earlier, simpler candidate
+    lowest = min(r["held_out_error"] for r in scored)
+    # Ties (within rounding: σ of a linear schedule is an affine step index) go to the earlier, simpler candidate.
+    best = next(r for r in scored if r["held_out_error"] <= lowest * (1 + TIE) + 1e-15)
     reuse = next((r for r in scored if r["order"] == 0), None)
     reason = f"lowest held-out error ({how})"
     if reuse is not None and best is not reuse and reuse["held_out_error"] > 0:
