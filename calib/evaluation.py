@@ -223,6 +223,7 @@ class Generator:
             images = out.images if hasattr(out, "images") else out[0]
         if self._last is None:
             raise CalibError(f"{type(self.pipe).__name__} never called scheduler.step; cannot read its final latents")
+        self.images = images  # every output of the call (a list of prompts generates a batch)
         return Output(self._last.detach().float().cpu().clone(), to_planes(images[0]), seconds)
 
 
@@ -370,6 +371,10 @@ def run_eval(coeffs, *, model=None, prompts_file=None, seeds=DEFAULT_SEEDS, thre
     if not seeds:
         raise CalibError("--seeds needs at least one seed")
     doc = load_document(coeffs)
+    if doc.get("method") == "schedule":
+        raise CalibError(f"{coeffs}: calib eval sweeps TeaCache thresholds; a schedule file's budgets carry their "
+                         "held-out errors (calib tune --coeffs shows them) and benchmarks/frontier.py runs it against "
+                         "the other caches")
     config = cr.load(coeffs)
     if thresholds is None:
         if config.recommended_threshold is None:

@@ -436,6 +436,15 @@ def run_tune(traces, coeffs, target: TuneTarget, *, write: bool = False, costs=N
 
     doc = load_document(coeffs)
     _show_pipeline(doc, coeffs, echo)
+    if doc.get("method") == "schedule":  # static schedules per budget: pick the budget (calib.schedule)
+        from .schedule import run_tune as run_schedule_tune
+
+        return run_schedule_tune(coeffs, doc, target, write=write, costs=costs, echo=echo)
+    if not traces:
+        from .errors import CalibError
+
+        raise CalibError(f"calib tune replays {doc.get('method', 'teacache')}'s rule on traces: pass the trace files "
+                         "(calib tune TRACES... --coeffs ...)")
     if doc.get("method") == "block-cache":  # a per-block schedule: its own rule (calib.block_cache)
         from .block_cache import run_tune as run_block_cache_tune
         from .errors import CalibError
