@@ -3,10 +3,12 @@
     python benchmarks/frontier.py                    # builtin:digits (+ builtin:wan-digits when it is built in)
     python benchmarks/frontier.py --model builtin:digits --seeds 100,101 --steps 30
 
-For each model: trace the bundled prompts (calibration seeds), fit the rescaler, then generate the same prompts on
-held-out seeds with every method and compare each with the uncached generation (calib.frontier). Prints the table of
-error at 50 % and 33 % of full forwards per method, writes ``OUT/<model>.json`` and ``OUT/<model>.png`` (error vs
-fraction of full forwards). From a fresh clone it ran in 8-9 minutes on 2 shared CPU cores (docs/evaluation.md).
+For each model: split the bundled prompts into calibration prompts (every other line, from the first) and held-out
+prompts (the rest), trace the calibration prompts (calibration seeds), fit the rescaler and the searched schedule
+(``calib fit --method schedule``, on the calibration prompts only), then generate the held-out prompts on held-out
+seeds with every method and compare each with the uncached generation (calib.frontier). Prints the tables of error
+at 50 %, 33 % and 25 % of full forwards and of compute per method, writes ``OUT/<model>.json`` and
+``OUT/<model>.png`` (error vs fraction of full forwards). Timing: docs/evaluation.md.
 """
 
 from __future__ import annotations
@@ -48,19 +50,45 @@ def run_model(model: str, args) -> dict | None:
     except Exception as exc:  # noqa: BLE001 - e.g. a built-in model whose weights are not trained yet
         print(f"== {model}: skipped ({str(exc).splitlines()[0]})")
         return None
-    print(f"== {model}: trace {args.steps} steps x seeds {list(args.calib_seeds)} on the bundled prompts")
+    prompts = read_prompts(args.prompts or bundled_prompts_path(name))
+    calibration, held_out = prompts[0::2], prompts[1::2]
+    if not held_out:
+        raise SystemExit(f"{model}: need at least 2 prompts to hold some out")
+    print(f"== {model}: trace {args.steps} steps x seeds {list(args.calib_seeds)} on {len(calibration)} calibration "
+          f"prompts; {len(held_out)} held-out prompts x seeds {list(args.seeds)} for the comparison")
     trace_path = out / "traces" / f"{name}.h5"
-    run_trace(model, None, TraceSettings(steps=args.steps, guidance=args.guidance, seeds=args.calib_seeds),
-              out=trace_path, echo=print, pipe=pipe)
+    prompts_file = out / "traces" / f"{name}.calibration-prompts.txt"
+    prompts_file.parent.mkdir(parents=True, exist_ok=True)
+    prompts_file.write_text("\n".join(calibration) + "\n", encoding="utf-8")
+    run_trace(model, prompts_file, TraceSettings(steps=args.steps, guidance=args.guidance, seeds=args.calib_seeds),
+              out=trace_path, echo=print, pipe=pipe, overwrite=True)
     coeffs = out / f"{name}.coeffs.json"
     run_fit([trace_path], out=coeffs, plot=False, echo=lambda *a, **k: None)
     config = cr.load(coeffs)
-    prompts = read_prompts(args.prompts or bundled_prompts_path(name))
-    result = run_frontier(pipe, config, read_traces([trace_path]), prompts, args.seeds, steps=args.steps,
-                          guidance=args.guidance, methods=args.methods or METHODS, plot=out / f"{name}.png",
-                          echo=print)
+    trace_set = read_traces([trace_path])
+    methods = args.methods or METHODS
+    schedule_config, schedule_seconds = None, None
+    if "calib-schedule" in methods or "calib-forecast" in methods:
+        from calib.export import write_document
+        from calib.schedule import fit_schedule, format_schedules, parse_candidates
+
+        began = time.perf_counter()
+        schedule_path = out / f"{name}.schedule.json"
+        doc = fit_schedule(pipe, trace_set, out=schedule_path, gap=args.gap,
+                           candidates=parse_candidates(args.forecast_orders, None), seeds=args.calib_seeds[:1],
+                           overwrite=True, progress=False)
+        write_document(doc, schedule_path)
+        print(format_schedules(doc))
+        schedule_config = cr.load(schedule_path)
+        schedule_seconds = round(time.perf_counter() - began, 1)
+        print(f"schedule fit: {schedule_seconds:.0f} s, forecast {doc['calibration']['forecast_choice']}")
+    result = run_frontier(pipe, config, trace_set, held_out, args.seeds, steps=args.steps,
+                          guidance=args.guidance, methods=methods, plot=out / f"{name}.png",
+                          echo=print, schedule_config=schedule_config)
     result["model"] = model
     result["coeffs"] = str(coeffs)
+    result["calibration_prompts"] = calibration
+    result["schedule_fit_seconds"] = schedule_seconds
     write_atomic_bytes(out / f"{name}.json", (json.dumps(result, indent=2, allow_nan=False) + "\n").encode())
     print(f"wrote {out / f'{name}.json'}")
     return result
@@ -76,7 +104,14 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=_seeds, default=(100, 101), help="Held-out seeds the methods are compared on.")
     parser.add_argument("--methods", type=lambda s: s.split(","), help="Comma-separated subset of the methods.")
     parser.add_argument("--out", default="benchmarks/results", help="Output folder.")
+    parser.add_argument("--gap", type=int, default=6, help="calib fit --method schedule: longest measured gap.")
+    parser.add_argument("--forecast-orders", default="1,2", help="calib fit --method schedule: forecast orders.")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads (1: these tiny models only spin with more on a busy machine).")
     args = parser.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
     start = time.perf_counter()
     for model in args.model or default_models():
         run_model(model, args)

@@ -47,6 +47,20 @@ def check_settings(trace_set, allow_mixed: bool = False) -> None:
                 f"the traces mix {label}: {shown}; the per-step change depends on it — fit each setting separately,"
                 " or pass --allow-mixed to fit one rescaler across them"
             )
+    # The pipeline arguments and dtype each file was traced with (steps, guidance and size are compared above on
+    # every trajectory; per-block recording does not change the fit).
+    from .store import settings_difference, stored_settings
+
+    known = [(f, s) for f, s in zip(files, (stored_settings(a) for a in getattr(trace_set, "attrs", None) or []))
+             if s is not None]
+    for f, s in known[1:]:
+        diff = settings_difference(known[0][1], s, unknown=("steps", "guidance", "height", "width", "num_frames",
+                                                             "record_blocks"))
+        if diff is not None:
+            raise CalibError(
+                f"the traces mix pipeline settings: {diff[0]} ({known[0][0]}) vs {diff[1]} ({f}); the per-step change "
+                "depends on them — fit each setting separately, or pass --allow-mixed to fit one rescaler across them"
+            )
 
 
 def _show(value) -> str:
@@ -57,7 +71,7 @@ def _show(value) -> str:
 
 def run_fit(traces, *, out=None, degree="auto", streams=None, plot: bool = True, echo=print, robust: bool = False,
             indicator: str = "auto", normalization: str = "auto", bootstrap: int = 200,
-            allow_mixed: bool = False) -> Path:
+            allow_mixed: bool = False, forecast="auto", forecast_variable: str = "auto") -> Path:
     import warnings
 
     from ._io import resolve_output, write_files
@@ -90,8 +104,10 @@ def run_fit(traces, *, out=None, degree="auto", streams=None, plot: bool = True,
             normalizations=list(NORMALIZATIONS) if normalization == "auto" else [normalization],
         )
         indicator, normalization = choice.indicator, choice.normalization
+    forecast_entry = _choose_forecast(trace_set, forecast, forecast_variable, degree=degree, streams=streams,
+                                      robust=robust, indicator=indicator, normalization=normalization, echo=echo)
     fits = fit_all_components(trace_set, degree=degree, streams=streams, robust=robust, indicator=indicator,
-                              normalization=normalization, bootstrap=bootstrap)
+                              normalization=normalization, bootstrap=bootstrap, forecast=forecast_entry)
     echo(format_diagnostics(fits))
     echo(format_fit_report(fits, choice))
     for name, res in fits.items():
@@ -121,6 +137,32 @@ def run_fit(traces, *, out=None, degree="auto", streams=None, plot: bool = True,
     for path, _ in files:
         echo(f"wrote {path}")
     return out
+
+
+def _choose_forecast(trace_set, forecast, variable: str, *, echo, **fit_options) -> dict | None:
+    """The components' ``forecast`` entry: ``forecast`` ``auto`` (choose by held-out error,
+    :mod:`calib.forecast_fit`) or an order 0-2, ``variable`` ``auto`` or ``step``/``sigma``. None (no entry: reuse,
+    as files always did) for ``auto`` on traces without forecast errors."""
+    from .forecast_fit import CANDIDATES, format_choice, select_forecast, traced
+
+    if str(forecast) not in ("auto", "0", "1", "2"):
+        raise CalibError(f"--forecast {forecast!r}: choose auto, 0, 1 or 2")
+    if variable not in ("auto", "step", "sigma"):
+        raise CalibError(f"--forecast-variable {variable!r}: choose auto, step or sigma")
+    if str(forecast) == "0":
+        return {"kind": "newton", "order": 0, "variable": "step"}
+    if not traced(trace_set):
+        if str(forecast) != "auto":
+            raise CalibError("the traces hold no forecast errors (traced before calib recorded them); trace again"
+                             " with this version of calib to calibrate a forecast, or pass --forecast 0")
+        echo("forecast: the traces hold no forecast errors (traced by an older calib): skipped steps reuse the"
+             " cached residual; trace again to calibrate a forecast")
+        return None
+    candidates = [(k, v) for k, v in CANDIDATES
+                  if (forecast == "auto" or k == int(forecast)) and (variable == "auto" or k == 0 or v == variable)]
+    choice = select_forecast(trace_set, candidates=candidates, **fit_options)
+    echo(format_choice(choice))
+    return choice.entry()
 
 
 def _rescaler(res):

@@ -70,6 +70,18 @@ def cli():
 @click.option("--height", type=int, help="Image height passed to the pipeline (default: the pipeline's).")
 @click.option("--width", type=int, help="Image width passed to the pipeline (default: the pipeline's).")
 @click.option("--num-frames", type=int, help="Frames, for video pipelines.")
+@click.option("--negative-prompt", default=None,
+              help="negative_prompt passed to the pipeline (the uncond branch of FLUX / Qwen-Image true CFG).")
+@click.option("--true-cfg-scale", type=float, default=None,
+              help="true_cfg_scale passed to the pipeline (FLUX, Qwen-Image: > 1 with --negative-prompt runs true CFG).")
+@click.option("--pipeline-arg", "pipeline_args", multiple=True, metavar="KEY=VALUE",
+              help="Any other argument of the pipeline call; VALUE is read as JSON (256, true, {\"scale\": 0.5}), "
+                   "else kept as text. Repeatable, e.g. --pipeline-arg max_sequence_length=256.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default=None,
+              help="Load the model in this dtype [default: as it loads, float32 for diffusers folders].")
+@click.option("--cpu-offload", is_flag=True,
+              help="enable_model_cpu_offload(): weights wait in CPU memory, each model moves to the GPU while it runs "
+                   "(for GPUs too small for the whole pipeline; needs an accelerator).")
 @click.option("--out", type=click.Path(path_type=Path), help="HDF5 trace file [default: traces/<model>.h5].")
 @click.option("--device", default=None, help="torch device [default: cuda if available, else cpu].")
 @click.option("--modulation-module", default=None,
@@ -79,18 +91,26 @@ def cli():
 @click.option("--shard", default=None, metavar="I/N",
               help="Trace only shard I of N (0-based) of the prompt x seed list into OUT.rankI-of-N.h5, e.g. as a "
                    "cluster job array; torchrun / accelerate launch shard by RANK/WORLD_SIZE without it.")
-def trace(model, prompts_file, steps, seeds, guidance, height, width, num_frames, out, device, modulation_module,
-          no_blocks, overwrite, shard):
+def trace(model, prompts_file, steps, seeds, guidance, height, width, num_frames, negative_prompt, true_cfg_scale,
+          pipeline_args, dtype, cpu_offload, out, device, modulation_module, no_blocks, overwrite, shard):
     """Run the pipeline on every prompt x seed and record per-step rel-L1 changes into an HDF5 trace.
 
     A generation is written in the background while the next one runs and is on disk before that one finishes;
-    Ctrl-C flushes it. Rerunning the same command resumes. Under `torchrun --nproc_per_node=N -m calib trace` or
-    `accelerate launch -m calib trace` each process traces its share into a shard file and rank 0 writes
-    OUT.manifest.json, which fit and merge accept (docs/cluster.md)."""
-    from .trace import TraceSettings, run_trace
+    Ctrl-C flushes it. Rerunning the same command resumes (with other settings it refuses, naming the setting).
+    Under `torchrun --nproc_per_node=N -m calib trace` or `accelerate launch -m calib trace` each process traces its
+    share into a shard file and rank 0 writes OUT.manifest.json, which fit and merge accept (docs/cluster.md)."""
+    from .trace import TraceSettings, parse_pipeline_arg, run_trace
 
+    kwargs = {}
+    for text in pipeline_args:
+        key, value = parse_pipeline_arg(text)
+        if key in kwargs:
+            raise CalibError(f"--pipeline-arg {key} is given twice")
+        kwargs[key] = value
     settings = TraceSettings(steps=steps, guidance=guidance, seeds=_seeds(seeds), height=height, width=width,
-                             num_frames=num_frames, record_blocks=not no_blocks)
+                             num_frames=num_frames, record_blocks=not no_blocks, pipeline_kwargs=kwargs,
+                             negative_prompt=negative_prompt, true_cfg_scale=true_cfg_scale, dtype=dtype,
+                             cpu_offload=cpu_offload)
     run_trace(model, prompts_file, settings, out=out, device=device, modulation_module=modulation_module,
               overwrite=overwrite, echo=click.echo, shard=shard)
 
@@ -122,19 +142,58 @@ def merge(inputs, out, overwrite):
 @click.option("--allow-mixed", is_flag=True, help="Fit traces of different steps/guidance/resolution together.")
 @click.option("--stream", "streams", multiple=True, help="Fit only these streams (e.g. --stream cond); default all.")
 @click.option("--no-plot", is_flag=True, help="Do not write the PNG beside the JSON.")
-@click.option("--method", type=click.Choice(["teacache", "block-cache", "fastercache-cfg"]), default="teacache",
-              show_default=True, help="teacache: the rescaler; block-cache: a per-block schedule (Block Caching) + "
-              "heat-map; fastercache-cfg: where the unconditional pass can reuse the cond-uncond difference.")
+@click.option("--method", type=click.Choice(["teacache", "block-cache", "fastercache-cfg", "schedule", "auto"]),
+              default="teacache", show_default=True,
+              help="teacache: the rescaler; block-cache: a per-block schedule (Block Caching) + heat-map; "
+                   "fastercache-cfg: where the unconditional pass can reuse the cond-uncond difference; schedule: "
+                   "the computed steps per budget, searched over measured generations of the traced model; auto: "
+                   "fit teacache and schedule, keep the better with the forecast on held-out prompts.")
+@click.option("--compute-fraction", type=float, default=0.5, show_default=True,
+              help="auto: the budget (fraction of full forwards) the two candidates are compared at.")
 @click.option("--target-fraction", type=float, default=0.6, show_default=True,
               help="block-cache: recommend the smallest threshold computing at most this fraction of block evaluations.")
 @click.option("--cfg-tolerance", type=float, default=None,
               help="fastercache-cfg: allowed accumulated rel-L1 change of the reused cond-uncond difference "
                    "[default: twice its median per-step change].")
+@click.option("--forecast", "forecast", type=click.Choice(["auto", "0", "1", "2"]), default="auto", show_default=True,
+              help="teacache: what skipped steps add: 0 reuses the cached residual, 1/2 extrapolate it (Newton order); "
+                   "auto picks by held-out error (needs traces with forecast errors, else 0).")
+@click.option("--forecast-variable", type=click.Choice(["auto", "step", "sigma", "timestep"]), default="auto",
+              show_default=True,
+              help="teacache: extrapolate in the step index or in sigma, auto picks by held-out error; schedule/auto: "
+                   "what the measured forecasts extrapolate in (auto: step).")
+@click.option("--gap", type=int, default=None,
+              help="schedule: the longest run of forecast steps + 1 that is measured [default: 6].")
+@click.option("--forecast-order", default=None, metavar="K[,K]",
+              help="schedule/auto: the forecast orders measured, the better is kept [default: 1,2].")
+@click.option("--seeds", "schedule_seeds", default=None, help="schedule: seeds to generate [default: the traced ones].")
+@click.option("--shard", default=None, metavar="I/N",
+              help="schedule: measure only shard I of N of the segments (a cluster job array); then run once "
+                   "without --shard to search and write.")
+@click.option("--overwrite", is_flag=True, help="schedule: measure every segment anew instead of resuming.")
+@click.option("--device", default=None, help="schedule: torch device [default: cuda if available, else cpu].")
 def fit(traces, out, degree, robust, indicator, normalization, bootstrap, allow_mixed, streams, no_plot, method,
-        target_fraction, cfg_tolerance):
+        compute_fraction, target_fraction, cfg_tolerance, forecast, forecast_variable, gap, forecast_order,
+        schedule_seeds, shard, overwrite, device):
     """Fit the polynomial rescaler (output change as a function of input change) and write the coefficient JSON.
 
-    TRACES are trace files, shard files of a sharded trace, or its NAME.manifest.json; all are read as one trace."""
+    TRACES are trace files, shard files of a sharded trace, or its NAME.manifest.json; all are read as one trace.
+    --method schedule reruns the traced model (about steps x gap generations per seed and forecast; it prints the
+    cost first, resumes from OUT.segments.json and shards like calib trace)."""
+    if method == "auto":
+        from .auto import run_auto
+
+        run_auto(list(traces), out=out, fraction=compute_fraction, gap=gap, orders=forecast_order,
+                 variable=None if forecast_variable == "auto" else forecast_variable, device=device,
+                 seeds=None if schedule_seeds is None else _seeds(schedule_seeds), echo=click.echo)
+        return
+    if method == "schedule":
+        from .schedule import DEFAULT_GAP, run_fit as run_schedule
+
+        run_schedule(list(traces), out=out, gap=DEFAULT_GAP if gap is None else gap, orders=forecast_order,
+                     variable=None if forecast_variable == "auto" else forecast_variable, shard=shard, overwrite=overwrite, device=device,
+                     seeds=None if schedule_seeds is None else _seeds(schedule_seeds), echo=click.echo)
+        return
     if method == "block-cache":
         from .block_cache import run_fit as run_block_cache
 
@@ -148,6 +207,8 @@ def fit(traces, out, degree, robust, indicator, normalization, bootstrap, allow_
         return
     from .calibrate import run_fit
 
+    if forecast_variable == "timestep":
+        raise CalibError("--forecast-variable timestep is for --method schedule; the teacache fit picks step or sigma")
     if degree != "auto":
         try:
             degree = int(degree)
@@ -155,24 +216,27 @@ def fit(traces, out, degree, robust, indicator, normalization, bootstrap, allow_
             raise CalibError(f"--degree {degree!r}: expected auto or an integer from 1 to 9") from None
     run_fit(list(traces), out=out, degree=degree, streams=list(streams) or None, plot=not no_plot, echo=click.echo,
             robust=robust, indicator=indicator, normalization=normalization, bootstrap=bootstrap,
-            allow_mixed=allow_mixed)
+            allow_mixed=allow_mixed, forecast=forecast, forecast_variable=forecast_variable)
 
 
 @cli.command()
 @click.argument("coeffs", type=click.Path(path_type=Path))
 @click.option("--format", "fmt", default="poly1d", show_default=True,
               type=click.Choice(["json", "poly1d", "diffusers-magcache", "diffusers-fbcache", "diffusers-fastercache",
-                                 "sglang", "vllm-omni", "tensorrt-llm"]),
+                                 "sglang", "vllm-omni", "tensorrt-llm", "cache-dit"]),
               help="json: a validated copy; poly1d: the coefficient list and threshold for TeaCache-style scripts; "
                    "diffusers-*: kwargs of diffusers' MagCacheConfig / FirstBlockCacheConfig (from a trace .h5) or "
                    "FasterCacheConfig (from a fastercache-cfg file or a trace); sglang, vllm-omni, tensorrt-llm: "
-                   "those engines' TeaCache parameters (docs/exports.md).")
+                   "those engines' TeaCache parameters; cache-dit: a schedule file's step mask for cache-dit's "
+                   "DBCacheConfig (docs/exports.md).")
 @click.option("--out", type=click.Path(path_type=Path), help="Where to write (json format) [default: stdout].")
 @click.option("--threshold", type=float, help="Threshold to print with poly1d [default: the file's recommended one].")
 @click.option("--target-speedup", type=float, default=None,
               help="diffusers-magcache/-fbcache: pick the threshold that computes at most 1/this of the steps [1.6].")
 @click.option("--component", default=None, help="Which component's values to export (e.g. transformer_2).")
-def export(coeffs, fmt, out, threshold, target_speedup, component):
+@click.option("--budget", type=int, default=None,
+              help="cache-dit: which schedule of the file (full forwards) [default: the recommended one].")
+def export(coeffs, fmt, out, threshold, target_speedup, component, budget):
     """Validate a coefficient JSON and export it for the place it will be used."""
     from .export import load_document, write_document
 
@@ -182,7 +246,7 @@ def export(coeffs, fmt, out, threshold, target_speedup, component):
         from .export_targets import run_export
 
         run_export(coeffs, fmt, out=out, threshold=threshold, target_speedup=target_speedup, component=component,
-                   echo=click.echo, info=lambda message: click.echo(message, err=True))
+                   echo=click.echo, info=lambda message: click.echo(message, err=True), budget=budget)
         return
     doc = load_document(coeffs)
     if fmt == "poly1d" and doc["method"] != "teacache":
@@ -264,8 +328,9 @@ def report(traces, coeffs, eval_path, out):
 
 
 @cli.command()
-@click.argument("traces", nargs=-1, required=True, type=click.Path(path_type=Path), metavar="TRACES...")
-@click.option("--coeffs", required=True, type=click.Path(path_type=Path), help="Coefficient JSON whose rule is replayed.")
+@click.argument("traces", nargs=-1, type=click.Path(path_type=Path), metavar="[TRACES...]")
+@click.option("--coeffs", required=True, type=click.Path(path_type=Path),
+              help="Coefficient JSON whose rule is replayed, or a schedule file (no traces needed: picks the budget).")
 @click.option("--speedup", type=float, help="Target speed-up in forwards (2.0: compute half the steps).")
 @click.option("--max-error", type=float, help="Error budget: the fastest threshold whose predicted error is at most this.")
 @click.option("--compute-fraction", type=float, help="Target fraction of steps that run the full forward (0-1].")
@@ -276,7 +341,8 @@ def report(traces, coeffs, eval_path, out):
 def tune(traces, coeffs, speedup, max_error, compute_fraction, write, costs):
     """Choose the threshold for a target by replaying the runtime's rule on traces (docs/evaluation.md).
 
-    Prints threshold -> predicted fraction of full forwards -> predicted speed-up -> predicted error."""
+    Prints threshold -> predicted fraction of full forwards -> predicted speed-up -> predicted error. On a schedule
+    file (calib fit --method schedule) it picks the budget instead, from the file alone."""
     from .tune import TuneTarget, run_tune
 
     given = [(k, v) for k, v in (("speedup", speedup), ("max_error", max_error), ("compute_fraction", compute_fraction))
@@ -306,15 +372,20 @@ def tune(traces, coeffs, speedup, max_error, compute_fraction, write, costs):
 @click.option("--compare", is_flag=True,
               help="Also run the frontier: other caches at 50 % and 33 % full forwards (needs traces).")
 @click.option("--plot", type=click.Path(path_type=Path), help="With --compare: PNG of error vs fraction of full forwards.")
+@click.option("--cpu-offload", is_flag=True,
+              help="enable_model_cpu_offload() (also on when the calibration used it; needs an accelerator).")
 def eval_(coeffs, model, prompts_file, seeds, thresholds, steps, guidance, repeats, trace_files, device, out, compare,
-          plot):
+          plot, cpu_offload):
     """Generate held-out prompts and seeds cached and uncached; report measured speed-up, fraction of full forwards,
-    and PSNR / SSIM / latent rel-L1 against the uncached output (docs/evaluation.md)."""
+    and PSNR / SSIM / latent rel-L1 against the uncached output (docs/evaluation.md).
+
+    The pipeline is loaded and called as calib trace did (the file's calibration.pipeline: --height/--width,
+    --negative-prompt, --true-cfg-scale, --pipeline-arg, --dtype)."""
     from .evaluation import run_eval
 
     run_eval(coeffs, model=model, prompts_file=prompts_file, seeds=_seeds(seeds), thresholds=list(thresholds) or None,
              steps=steps, guidance=guidance, repeats=repeats, traces=list(trace_files) or None, device=device, out=out,
-             compare=compare, plot=plot, echo=click.echo)
+             compare=compare, plot=plot, cpu_offload=cpu_offload, echo=click.echo)
 
 
 def main(argv=None) -> int:

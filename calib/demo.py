@@ -1,8 +1,9 @@
 """``calib demo``: the whole loop on the built-in digits model, with the numbers a user needs to trust it.
 
-trace (bundled prompts x seeds) -> fit (coefficient JSON + PNG) -> load the JSON into the runtime -> generate held-out
-prompts and seeds with and without the cache, interleaved, and report the measured speed-up, the error against the
-uncached output, and whether a digit classifier still reads the cached digits.
+trace (bundled prompts x seeds) -> fit (coefficient JSON + PNG) -> search a schedule and compare it with the gate, both
+with the schedule fit's forecast, at 50 % of full forwards on held-out prompts (``calib fit --method auto`` in small)
+-> generate held-out prompts and seeds with and without the better one, interleaved, and report the measured speed-up,
+the error against the uncached output, and whether a digit classifier still reads the cached digits.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float("inf") if mse == 0 else 10.0 * np.log10(255.0**2 / mse)
 
 
-def compare_cached(pipe, config, threshold, prompts, *, steps, guidance, seed=HELD_OUT_SEED, repeats=3):
+def compare_cached(pipe, config, threshold, prompts, *, steps, guidance, seed=HELD_OUT_SEED, repeats=3, forecast=None,
+                   budget=None):
     """Uncached and cached generations of the same prompts and seed, timed interleaved; returns the measurements."""
     import calib.runtime as cr
 
@@ -59,7 +61,10 @@ def compare_cached(pipe, config, threshold, prompts, *, steps, guidance, seed=HE
         for _ in range(repeats):
             t, base = timed(generate)
             plain_times.append(t)
-            handle = cr.apply(pipe, config, threshold=threshold)
+            if budget is not None:  # a schedule file
+                handle = cr.apply(pipe, config, budget=budget)
+            else:
+                handle = cr.apply(pipe, config, threshold=threshold, forecast=forecast)
             t, cached = timed(generate)
             cached_times.append(t)
             stats = handle.stats()
@@ -79,6 +84,38 @@ def compare_cached(pipe, config, threshold, prompts, *, steps, guidance, seed=HE
         "base_latents": base,
         "cached_latents": cached,
     }
+
+
+DEMO_FRACTION = 0.5  # the budget the demo compares the gate and the schedule at: 2x fewer forwards
+DEMO_GAP = 5
+DEMO_ORDERS = "2"
+
+
+def _choose(pipe, trace_path, coeffs_path, coeffs_dir, echo):
+    """``calib fit --method auto`` in small: a schedule searched on the traced prompts (one seed, forecast order 2,
+    gaps up to 5: ~130 batched generations), then gate + forecast against it at 50 % of full forwards on the
+    held-out prompts. Returns the verdict and the schedule file's path."""
+    from .auto import compare
+    from .export import load_document, write_document
+    from .schedule import choose_budget, fit_schedule, parse_candidates, setup_from_traces
+    from .store import read_traces
+    from .tune import TuneTarget
+
+    trace_set = read_traces([trace_path])
+    seeds = sorted({t.seed for t in trace_set.trajectories})[:1]
+    schedule_path = coeffs_dir / "digits.schedule.json"
+    doc = fit_schedule(pipe, trace_set, out=schedule_path, gap=DEMO_GAP, candidates=parse_candidates(DEMO_ORDERS, None),
+                       seeds=seeds, echo=echo, progress=False)
+    entry, reached = choose_budget(doc, TuneTarget("compute_fraction", DEMO_FRACTION))
+    doc["recommended"] = {"budget": entry["budget"]}
+    write_document(doc, schedule_path)
+    from .runtime import Forecast
+
+    forecast = Forecast(order=doc["forecast"]["order"], variable=doc["forecast"].get("variable", "step"))
+    verdict = compare(pipe, setup_from_traces(trace_set, seeds=seeds), load_document(coeffs_path), doc, entry, reached,
+                      forecast, DEMO_FRACTION, trace_set, echo=echo)
+    echo(verdict["why"])
+    return verdict, schedule_path
 
 
 def latents_to_images(latents: torch.Tensor) -> list[np.ndarray]:
@@ -119,14 +156,27 @@ def run_demo(*, prompts_file=None, steps=30, seeds=(0, 1), guidance=3.0, thresho
     echo("\n== 2/4 fit: polynomial rescaler with diagnostics")
     run_fit([trace_path], out=coeffs_path, echo=echo)
 
-    echo("\n== 3/4 load the JSON into the runtime")
+    echo("\n== 3/4 what is best here: gate + forecast or a searched schedule + forecast, on held-out prompts")
     config = cr.load(coeffs_path)
     chosen = threshold if threshold is not None else config.recommended_threshold
-    echo(f"loaded {coeffs_path}: {config.model_class}, threshold {chosen:g}")
+    forecast, budget, run_config = None, None, config
+    if threshold is None:
+        verdict, schedule_path = _choose(pipe, trace_path, coeffs_path, Path(coeffs_dir), echo)
+        kept = verdict[verdict["kept"]]["forecast"]
+        forecast = cr.Forecast(order=kept["order"], variable=kept.get("variable", "step"))
+        if verdict["kept"] == "schedule":
+            run_config, budget = cr.load(schedule_path), verdict["schedule"]["budget"]
+            echo(f"using {schedule_path}: budget {budget}, forecast {forecast.as_json()}")
+        else:
+            chosen = verdict["gate"]["threshold"]
+            echo(f"using {coeffs_path}: threshold {chosen:g} with forecast {forecast.as_json()}")
+    else:
+        echo(f"loaded {coeffs_path}: {config.model_class}, threshold {chosen:g} (given: no comparison)")
 
     echo("\n== 4/4 cached vs uncached generation on held-out seeds")
     prompts = [f"a handwritten {d}" for d in range(10)]
-    result = compare_cached(pipe, config, chosen, prompts, steps=steps, guidance=guidance)
+    result = compare_cached(pipe, run_config, chosen, prompts, steps=steps, guidance=guidance, forecast=forecast,
+                            budget=budget)
     base_imgs = latents_to_images(result["base_latents"])
     cached_imgs = latents_to_images(result["cached_latents"])
     classifier = digit_classifier()
@@ -153,9 +203,16 @@ def run_demo(*, prompts_file=None, steps=30, seeds=(0, 1), guidance=3.0, thresho
     echo(f"  legibility          classifier reads {cached_ok}/10 cached digits correctly (uncached: {base_ok}/10)")
     echo(f"\nfiles: trace {trace_path}, coefficients {coeffs_path} (+ {coeffs_path.with_suffix('.png')}), "
          f"comparison {comparison} (top: uncached, bottom: cached)")
+    if budget is not None:
+        how = f"    handle = cr.apply(pipe, cr.load({str(schedule_path)!r}), budget={budget})\n"
+    elif forecast is not None:
+        how = (f"    handle = cr.apply(pipe, cr.load({str(coeffs_path)!r}), threshold={chosen:g},\n"
+               f"                      forecast=cr.Forecast({forecast.order}, {forecast.variable!r}))\n")
+    else:
+        how = f"    handle = cr.apply(pipe, cr.load({str(coeffs_path)!r}))   # threshold defaults to the recommended one\n"
     echo("\nuse it in your code:\n"
          "    import calib.runtime as cr\n"
-         f"    handle = cr.apply(pipe, cr.load({str(coeffs_path)!r}))   # threshold defaults to the recommended one\n"
+         + how +
          "    images = pipe(prompt).images\n"
          "    print(handle.stats()); handle.remove()\n"
          f"or paste into a TeaCache-style script:  calib export {coeffs_path} --format poly1d")
@@ -167,4 +224,5 @@ def run_demo(*, prompts_file=None, steps=30, seeds=(0, 1), guidance=3.0, thresho
         "base_correct": base_ok,
         "stats": stats,
         "threshold": chosen,
+        "budget": budget,
     }

@@ -213,8 +213,9 @@ class Generator:
         sync()
         start = time.perf_counter()
         with context if context is not None else contextlib.nullcontext():
-            out = self.pipe(prompt, num_inference_steps=self.steps, guidance_scale=self.guidance, generator=generator,
-                            output_type="np", **self.kwargs)
+            # prompt by name: an image-to-video pipeline's first parameter is its image
+            out = self.pipe(prompt=prompt, num_inference_steps=self.steps, guidance_scale=self.guidance,
+                            generator=generator, output_type="np", **self.kwargs)
         sync()
         seconds = time.perf_counter() - start
         images = getattr(out, "frames", None)
@@ -222,6 +223,7 @@ class Generator:
             images = out.images if hasattr(out, "images") else out[0]
         if self._last is None:
             raise CalibError(f"{type(self.pipe).__name__} never called scheduler.step; cannot read its final latents")
+        self.images = images  # every output of the call (a list of prompts generates a batch)
         return Output(self._last.detach().float().cpu().clone(), to_planes(images[0]), seconds)
 
 
@@ -298,6 +300,23 @@ def _settings_from(doc: dict, steps, guidance) -> tuple[int, float]:
     return steps, float(guidance)
 
 
+def _calibrated_size(doc: dict, pipe, given: dict) -> dict:
+    """The calibrated resolution as the ``height`` / ``width`` (and ``num_frames``) the pipeline's ``__call__``
+    takes, for those the caller did not pass: like steps and guidance, eval defaults to what was calibrated. A real
+    pipeline's own default size is its full model's (FLUX: 1024 px), far from a calibration at another size."""
+    import inspect
+
+    sizes = [r for r in (doc.get("calibration") or {}).get("resolution") or [] if isinstance(r, list)]
+    if len(sizes) != 1 or len(sizes[0]) not in (2, 3):
+        return {}
+    names = ("height", "width") if len(sizes[0]) == 2 else ("num_frames", "height", "width")
+    try:
+        params = inspect.signature(pipe.__call__).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {n: int(v) for n, v in zip(names, sizes[0]) if n in params and n not in given}
+
+
 def _find_traces(traces):
     """The trace set for predictions: the ``--traces`` given, else None. A coefficient file's
     ``calibration.trace_files`` only records what it was fitted on; calib never opens paths a file names (a file
@@ -325,11 +344,15 @@ def _prompts(model: str, prompts_file, pipe) -> list[str]:
 
 def run_eval(coeffs, *, model=None, prompts_file=None, seeds=DEFAULT_SEEDS, thresholds=None, steps=None, guidance=None,
              repeats: int = 3, traces=None, device=None, out=None, compare: bool = False, plot=None,
-             pipeline_kwargs: dict | None = None, pipe=None, echo=print) -> dict:
+             pipeline_kwargs: dict | None = None, cpu_offload: bool = False, pipe=None, echo=print) -> dict:
+    """``calib eval``. The pipeline is called and loaded as the traces were (the file's ``calibration.pipeline``:
+    size, negative prompt, true-CFG scale, further arguments, dtype, CPU offload); ``pipeline_kwargs`` adds to or
+    replaces those arguments, ``cpu_offload`` turns offload on."""
     import calib.runtime as cr
 
     from .export import load_document
-    from .trace import pick_device
+    from .method_docs import describe_call, pipeline_call_kwargs
+    from .trace import check_call_arguments, pick_device, recordable
 
     from ._io import resolve_output
 
@@ -346,6 +369,10 @@ def run_eval(coeffs, *, model=None, prompts_file=None, seeds=DEFAULT_SEEDS, thre
     if not seeds:
         raise CalibError("--seeds needs at least one seed")
     doc = load_document(coeffs)
+    if doc.get("method") == "schedule":
+        raise CalibError(f"{coeffs}: calib eval sweeps TeaCache thresholds; a schedule file's budgets carry their "
+                         "held-out errors (calib tune --coeffs shows them) and benchmarks/frontier.py runs it against "
+                         "the other caches")
     config = cr.load(coeffs)
     if thresholds is None:
         if config.recommended_threshold is None:
@@ -360,10 +387,33 @@ def run_eval(coeffs, *, model=None, prompts_file=None, seeds=DEFAULT_SEEDS, thre
 
         source = (doc.get("model") or {}).get("source")
         model = "builtin:digits" if source is None else model_from_file(source, coeffs)
-    if pipe is None:
-        from .models.loading import load_model
+    calibrated = (doc.get("calibration") or {}).get("pipeline")
+    if calibrated is None and (doc.get("provenance") or {}).get("source") == "measured":
+        import warnings
 
-        pipe = load_model(model, device=pick_device(device))
+        warnings.warn(f"{coeffs} does not record how its traces called the pipeline (traced by an older calib, or "
+                      "fitted across several settings); generating with the pipeline's defaults", stacklevel=2)
+    call_kwargs = {**pipeline_call_kwargs(calibrated), **(pipeline_kwargs or {})}
+    for key, value in call_kwargs.items():
+        if isinstance(value, dict) and set(value) == {"python_object"}:  # calib.trace.recordable's placeholder
+            raise CalibError(f"{coeffs}: the traces were made with pipeline argument {key!r} = a "
+                             f"{value['python_object']}, which a file cannot hold; pass it to run_eval("
+                             f"pipeline_kwargs={{{key!r}: ...}})")
+    dtype = (calibrated or {}).get("dtype")
+    offload = bool(cpu_offload or (calibrated or {}).get("cpu_offload"))
+    if pipe is None:
+        from .models.loading import load_model, pipeline_class
+
+        cls = pipeline_class(model)
+        if cls is not None:  # before loading
+            check_call_arguments(cls, steps, guidance, call_kwargs, model, output_type="np")
+        pipe = load_model(model, device=pick_device(device), dtype=dtype, cpu_offload=offload)
+    # a calibration made before calibration.pipeline existed (or one not given --height/--width) still says its size
+    call_kwargs = {**_calibrated_size(doc, pipe, call_kwargs), **call_kwargs}
+    check_call_arguments(pipe, steps, guidance, call_kwargs, model, output_type="np")
+    pipeline_used = {"arguments": {k: recordable(v) for k, v in call_kwargs.items()}, "dtype": dtype,
+                     "cpu_offload": offload,
+                     "as_calibrated": calibrated is not None and not pipeline_kwargs}
     prompts = _prompts(model, prompts_file, pipe)
     trace_set = _find_traces(traces)
     reader = digit_reader(_builtin_name(model, pipe))
@@ -375,8 +425,10 @@ def run_eval(coeffs, *, model=None, prompts_file=None, seeds=DEFAULT_SEEDS, thre
     jobs = [(p, s) for p in prompts for s in seeds]
     echo(f"calib eval: {model}, {len(prompts)} prompts x {len(seeds)} seeds (held out), {steps} steps, guidance "
          f"{guidance:g}, thresholds {', '.join(f'{t:g}' for t in thresholds)}, {repeats} timed repeats")
+    echo(f"pipeline {'as calibrated' if pipeline_used['as_calibrated'] else 'called with'}: "
+         f"{describe_call(pipeline_used['arguments'], dtype, offload)}")
 
-    generate = Generator(pipe, steps=steps, guidance=guidance, pipeline_kwargs=pipeline_kwargs)
+    generate = Generator(pipe, steps=steps, guidance=guidance, pipeline_kwargs=call_kwargs)
     try:
         measured = _measure(generate, config, thresholds, jobs, repeats, reader, echo)
     finally:
@@ -408,7 +460,7 @@ def run_eval(coeffs, *, model=None, prompts_file=None, seeds=DEFAULT_SEEDS, thre
         "model_class": config.model_class,
         "settings": {"steps": steps, "guidance": guidance, "seeds": list(seeds), "prompts": prompts,
                      "repeats": repeats, "device": str(getattr(pipe, "device", "cpu")),
-                     "torch_threads": torch.get_num_threads()},
+                     "torch_threads": torch.get_num_threads(), "pipeline": pipeline_used},
         "traces": None if trace_set is None else [str(f) for f in trace_set.files],
         "baseline": {"seconds": spread(statistics.median(measured["base"][j]["seconds"]) for j in jobs),
                      "digit_accuracy": base_acc},
@@ -423,7 +475,7 @@ def run_eval(coeffs, *, model=None, prompts_file=None, seeds=DEFAULT_SEEDS, thre
             raise CalibError("--compare needs traces (for the uncalibrated baselines and MagCache's ratios): "
                              "pass --traces TRACE.h5")
         report["frontier"] = run_frontier(pipe, config, trace_set, prompts, seeds, steps=steps, guidance=guidance,
-                                          pipeline_kwargs=pipeline_kwargs, plot=plot, echo=echo)
+                                          pipeline_kwargs=call_kwargs, plot=plot, echo=echo)
     if out is not None:
         import json
 

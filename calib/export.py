@@ -39,7 +39,7 @@ __all__ = [
 
 FORMAT = "calib.coefficients"
 SCHEMA_VERSION = 1
-METHODS = ("teacache", "block-cache", "fastercache-cfg")
+METHODS = ("teacache", "block-cache", "fastercache-cfg", "schedule")
 SCHEMA_RESOURCE = "coefficients.v1.schema.json"
 DEFAULT_INDICATOR = {"name": "modulated_input"}
 
@@ -198,6 +198,7 @@ def _component_entry(res) -> dict:
             "cv_r2": _metric(r.cv_r2_),
             "cv_folds": int(r.cv_folds_),
         },
+        **({"forecast": res.forecast} if getattr(res, "forecast", None) else {}),
     }
 
 
@@ -378,7 +379,7 @@ def validate_document(doc: Any, *, source: str = "<document>") -> dict:
         where, what = _describe_schema_error(error)
         raise _fail(source, where, what)
 
-    if doc["method"] != "teacache":  # block-cache, fastercache-cfg: their own section's code checks
+    if doc["method"] != "teacache":  # block-cache, fastercache-cfg, schedule: their own section's code checks
         from .method_docs import check_method_section
 
         check_method_section(doc, source)

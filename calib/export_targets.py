@@ -12,6 +12,10 @@ Engine formats, as their public sources define them (read, not copied; see docs/
 * ``sglang``: ``TeaCacheParams(teacache_thresh=T, coefficients=[5], start_skipping=..., end_skipping=...)`` in the
   model's sampling params (``teacache_params``), enabled with ``--enable-teacache``; per-expert
   ``expert_coefficients``/``expert_thresh`` for two-expert models come from sglang PR #36767.
+* ``cache-dit``: a schedule file (``calib fit --method schedule``) as the keyword arguments of cache-dit's
+  ``DBCacheConfig``: ``steps_computation_mask`` (1 = compute the step) with ``steps_computation_policy="static"``
+  (0 = use the cache, no threshold), plus ``TaylorSeerCalibratorConfig(taylorseer_order=k)`` for a forecast of
+  order k >= 1; cache-dit always computes its first ``Fn_compute_blocks`` (>= 1) blocks, even on masked steps.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ from .errors import CalibError
 
 DIFFUSERS_FORMATS = ("diffusers-magcache", "diffusers-fbcache", "diffusers-fastercache")
 ENGINE_FORMATS = ("sglang", "vllm-omni", "tensorrt-llm")
-FORMATS = DIFFUSERS_FORMATS + ENGINE_FORMATS
+MASK_FORMATS = ("cache-dit",)
+FORMATS = DIFFUSERS_FORMATS + ENGINE_FORMATS + MASK_FORMATS
 DEFAULT_TARGET_SPEEDUP = 1.6  # ~60 % of steps computed, the TeaCache fit's recommendation criterion
 
 
@@ -150,10 +155,66 @@ def sglang(doc, threshold=None, component=None) -> tuple[str, str, list[str]]:
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# schedule files -> engines that take a per-step mask
+# ---------------------------------------------------------------------------------------------------------------
+def cache_dit(doc, budget=None, component=None) -> tuple[str, str, list[str], str]:
+    """(file content: {"cache_config": DBCacheConfig kwargs, "calibrator_config": ... or null}, usage, notes,
+    summary) for one budget of a schedule file."""
+    if doc.get("method") != "schedule":
+        raise CalibError(f"--format cache-dit exports a step schedule (calib fit --method schedule); this file's method "
+                         f"is {doc.get('method')!r}")
+    entries = {e["budget"]: e for e in doc["schedules"]}
+    chosen = budget if budget is not None else (doc.get("recommended") or {}).get("budget")
+    if chosen is None:
+        chosen = max(entries)
+    if chosen not in entries:
+        raise CalibError(f"the file has no schedule for budget {chosen}; it has budgets "
+                         f"{', '.join(map(str, sorted(entries)))}")
+    entry = entries[chosen]
+    comps = entry["components"]
+    if len(comps) > 1 and component is None:
+        raise CalibError(f"the schedule has one mask per expert ({', '.join(comps)}); cache-dit's DBCacheConfig takes "
+                         "one steps_computation_mask — pick one with --component (and apply it to that expert)")
+    name = component or next(iter(comps))
+    if name not in comps:
+        raise CalibError(f"no component {name!r} in the schedule (it has {sorted(comps)})")
+    n = int(doc["steps"])
+    computed = set(comps[name])
+    mask = [1 if s in computed else 0 for s in range(n)]
+    warmup = next((i for i, m in enumerate(mask) if m == 0), n)  # the leading run of computed steps
+    cache_config = {"Fn_compute_blocks": 1, "Bn_compute_blocks": 0, "max_warmup_steps": warmup,
+                    "num_inference_steps": n, "steps_computation_mask": mask, "steps_computation_policy": "static"}
+    forecast = doc.get("forecast") or {"kind": "newton", "order": 0}
+    order = int(forecast.get("order", 0))
+    calibrator = {"taylorseer_order": order} if order >= 1 else None
+    text = json.dumps({"cache_config": cache_config, "calibrator_config": calibrator}, indent=2)
+    usage = ("import json, cache_dit\n"
+             "from cache_dit import DBCacheConfig, TaylorSeerCalibratorConfig\n"
+             "cfg = json.load(open(PATH))\n"
+             "cache_dit.enable_cache(pipe, cache_config=DBCacheConfig(**cfg[\"cache_config\"]),\n"
+             "                       calibrator_config=TaylorSeerCalibratorConfig(**cfg[\"calibrator_config\"])\n"
+             "                       if cfg[\"calibrator_config\"] else None)")
+    notes = ["cache-dit always computes the first Fn_compute_blocks (>= 1) blocks, also on the masked steps, so it "
+             "pays more than the schedule's full forwards and its output differs from calib's runtime",
+             "the mask is for exactly num_inference_steps steps; another step count needs another schedule"]
+    if order >= 1 and forecast.get("variable", "step") != "step":
+        notes.append(f"the schedule was searched with a forecast in {forecast['variable']!r}; cache-dit's TaylorSeer "
+                     "extrapolates in the step index — refit with --forecast-variable step for a faithful export")
+    elif order >= 1:
+        notes.append(f"forecast: cache-dit's TaylorSeer calibrator of order {order} (finite differences in the step "
+                     "index) stands in for calib's Newton extrapolation of the same order")
+    if len(comps) > 1:
+        notes.append(f"this is {name}'s mask only (global step indices)")
+    summary = (f"cache-dit: budget {chosen}, computes steps {sorted(computed)} of {n} "
+               f"({len(computed) / n:.0%} of full forwards, plus the first block on the others)")
+    return text + "\n", usage, notes, summary
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # the command
 # ---------------------------------------------------------------------------------------------------------------
 def run_export(path, fmt: str, *, out=None, threshold=None, target_speedup=None, component=None, echo=print,
-               info=None) -> None:
+               info=None, budget=None) -> None:
     """Write (``out``) or print the artifact on stdout; the summary, how to load it and notes go to ``info``
     (stderr by default) so that stdout stays a valid JSON / YAML / Python file."""
     import sys
@@ -202,6 +263,8 @@ def run_export(path, fmt: str, *, out=None, threshold=None, target_speedup=None,
         summary = (f"FasterCache: unconditional pass skipped at steps {meta['uncond_skipped_steps']} of {meta['steps']} "
                    f"(both passes every {kwargs['unconditional_batch_skip_range']} iterations, {lo:.6g} < t < {hi:.6g})")
         text = json.dumps(kwargs, indent=2) + "\n"
+    elif fmt in MASK_FORMATS:
+        text, usage, notes, summary = cache_dit(load_document(path), budget, component)
     elif fmt in ENGINE_FORMATS:
         doc = load_document(path)
         text, usage, notes = {"sglang": sglang, "vllm-omni": vllm_omni, "tensorrt-llm": tensorrt_llm}[fmt](

@@ -239,6 +239,10 @@ class FitResult:
     # The generation's forced last step left out of the points (collect_samples' exclude_forced) and how many.
     exclude_forced: bool = False
     n_excluded: int = 0
+    # The component's forecast entry ({"kind", "order", "variable", "selection"}) when calib fit chose one; with order
+    # >= 1 and selection.rescaler_target "forecast_error", y is that forecast's one-step error
+    # (calib.rescalers.indicator_series), else the output change.
+    forecast: dict | None = None
 
     @property
     def n_trajectories(self) -> int:
@@ -322,7 +326,7 @@ def _generation_key(index: int, traj) -> tuple:
 
 
 def collect_samples(trace_set, component: str = "transformer", streams=None, indicator: str = "modulated_input",
-                    normalization: str = "none", *, exclude_forced: bool = True) -> Samples | None:
+                    normalization: str = "none", *, exclude_forced: bool = True, forecast=None) -> Samples | None:
     """The points of ``component`` for ``indicator`` and ``normalization``; None when no trajectory recorded the
     indicator. A trajectory with any non-finite value after entry 0 (also of its Δσ) is skipped and counted.
 
@@ -338,17 +342,23 @@ def collect_samples(trace_set, component: str = "transformer", streams=None, ind
         if traj.component != component or (wanted is not None and traj.stream not in wanted):
             continue
         n_matching += 1
-        series = indicator_series(traj, indicator, normalization)
+        series = indicator_series(traj, indicator, normalization, forecast)
         if series is None:
             n_missing += 1
             continue
         x, y, scale = series
+        warm_up = 0
+        if forecast is not None and forecast[0] > 0:
+            # the forecast has no points yet at the first order + 1 steps: left out like entry 0
+            warm_up = min(len(y), forecast[0] + 1)
+            x, y, scale = x[warm_up - 1:], y[warm_up - 1:], scale[warm_up - 1:]
         if x.shape != y.shape:
             raise CalibError(
                 f"trajectory {index} ({component}, {traj.stream}) has {len(x)} input but {len(y)}"
                 " output entries; the trace file is damaged — trace again"
             )
-        keep = (~forced_last_mask(traj, len(x)) if exclude_forced else np.ones(len(x), dtype=bool))[1:]
+        forced = forced_last_mask(traj, len(x) + max(warm_up - 1, 0))[max(warm_up - 1, 0):]
+        keep = (~forced if exclude_forced else np.ones(len(x), dtype=bool))[1:]
         x, y, scale = x[1:], y[1:], scale[1:]
         if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y)) and np.all(np.isfinite(scale))):
             n_skipped += 1
@@ -375,7 +385,8 @@ def collect_samples(trace_set, component: str = "transformer", streams=None, ind
 
 def fit_traces(trace_set, degree=4, component: str = "transformer", streams=None, *, robust: bool = False,
                shape: str = "auto", indicator: str = "modulated_input", normalization: str = "none",
-               bootstrap: int = 0, exclude_forced: bool = True) -> FitResult:
+               bootstrap: int = 0, exclude_forced: bool = True, forecast: dict | None = None,
+               target: str | None = None) -> FitResult:
     """Fit one rescaler on the trajectories of ``component`` (optionally only ``streams``).
 
     ``degree`` is an integer (forced) or ``"auto"`` (chosen by held-out error); ``robust`` uses the Huber loss;
@@ -390,7 +401,22 @@ def fit_traces(trace_set, degree=4, component: str = "transformer", streams=None
     else:
         degree = _check_degree_arg(degree)
     wanted = _stream_list(streams)
-    samples = collect_samples(trace_set, component, wanted, indicator, normalization, exclude_forced=exclude_forced)
+    # What y is: the output change, or with target "forecast_error" (the default for a forecast entry that says so)
+    # the one-step error of the forecast of order >= 1.
+    if target is None:
+        target = ((forecast or {}).get("selection") or {}).get("rescaler_target", "output_change")
+    if target not in ("output_change", "forecast_error"):
+        raise ValueError(f"unknown rescaler target {target!r}")
+    y_forecast = None
+    if forecast is not None and target == "forecast_error" and int(forecast["order"]) > 0:
+        y_forecast = (int(forecast["order"]), str(forecast.get("variable", "step")))
+    samples = collect_samples(trace_set, component, wanted, indicator, normalization, exclude_forced=exclude_forced,
+                              forecast=y_forecast)
+    if samples is None and y_forecast is not None:
+        raise CalibError(
+            f"component {component!r}: the traces hold no forecast errors (traced before calib recorded them)"
+            " — trace again with this version of calib to calibrate a forecast, or pass --forecast 0"
+        )
     if samples is None:
         raise CalibError(
             f"component {component!r}: the traces did not record the indicator {indicator!r}"
@@ -428,6 +454,7 @@ def fit_traces(trace_set, degree=4, component: str = "transformer", streams=None
         steps=samples.steps,
         exclude_forced=bool(exclude_forced),
         n_excluded=samples.n_excluded,
+        forecast=None if forecast is None else dict(forecast),
     )
 
 

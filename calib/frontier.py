@@ -1,4 +1,4 @@
-"""The quality / compute frontier: calib's calibrated TeaCache against other caches at equal numbers of full forwards.
+"""The quality / compute frontier: calib's calibrated caches against other caches at equal full forwards and compute.
 
 Every method runs the same held-out prompts x seeds through the real pipeline; the error is measured against the
 uncached generation of the same prompt and seed (relative L1 of the final latents, PSNR / SSIM of the decoded
@@ -12,7 +12,12 @@ output). What each generation computed is counted the same way for every method,
 
 Methods (``METHODS``):
 
-* ``calib`` — TeaCache with the calibrated rescaler (``calib.runtime.apply``);
+* ``calib`` — TeaCache with the calibrated rescaler (``calib.runtime.apply``), skipped steps as the file says (the
+  residual reused, or the forecast ``calib fit --forecast`` chose);
+* ``calib-forecast`` — the same gate, the residual forecast on skipped steps (``forecast=``, by default the one the
+  schedule fit chose);
+* ``calib-schedule`` — the searched static schedules of ``calib fit --method schedule`` (``schedule_config=``), the
+  budget nearest each target;
 * ``raw`` — the same rule on the raw indicator change, coefficients ``[1, 0]`` (no rescaling);
 * ``uniform`` — compute every k-th step, reuse the residual otherwise: the runtime's own gate with the constant
   polynomial ``p(x) = 1`` and threshold ``k`` (the accumulator counts steps), so no hook code is duplicated;
@@ -21,8 +26,9 @@ Methods (``METHODS``):
   traced trajectories of the stack residual's norm ratio, ``calib.diffusers_export.mag_ratios`` — what MagCache's
   own ``calibrate=True`` mode logs, averaged over trajectories instead of one run); ``max_skip_steps`` is raised
   from the default 3 only where the default cannot reach the target;
-* ``taylorseer`` — diffusers' ``TaylorSeerCacheConfig`` in lite mode (whole blocks skipped, the output projection
-  extrapolated by a first-order Taylor series), float32 factors; interval and warm-up steps chosen per target;
+* ``taylorseer`` — diffusers' ``TaylorSeerCacheConfig`` given its best: orders 1 and 2, lite mode (whole blocks
+  skipped, the output projection extrapolated) and full mode (attention extrapolated, the rest computed), float32
+  factors, every interval 2-6 with the warm-up that reaches each target (:func:`taylorseer_settings`);
 * ``pab`` — diffusers' ``PyramidAttentionBroadcastConfig`` (attention reuse only; compared on ``compute``);
 * ``block-cache`` — Block Caching (arXiv 2312.03209): calib's per-block schedule derived from the same traces
   (``calib fit --method block-cache``), applied by ``calib.runtime``; blocks are skipped one by one, so it is
@@ -32,6 +38,12 @@ Methods (``METHODS``):
   tolerance; it skips the unconditional half of the batch, never a whole forward, so it is compared on ``compute``.
   diffusers' FasterCache needs an image-shaped output (BCHW / BCFHW): on packed-token models (FLUX, the built-in
   image model) it is reported as not applicable.
+* ``cache-dit`` / ``cache-dit-taylorseer`` — cache-dit's DBCache (F1B0: the first block always computes) without and
+  with its TaylorSeer calibrator (order 2), through cache-dit's own block adapters; an optional dependency
+  (``pip install 'calib[bench]'``), imported only here; its residual threshold is bisected on both axes.
+
+Every target (50 %, 33 %, 25 %) is matched twice: on the fraction of full forwards and on the compute share, and
+:func:`compare_with_peers` puts calib's best calibrated row against the best other row at each.
 
 Threshold methods are bisected over real runs (starting from the replayed threshold where a replay exists) to the
 setting whose measured fraction is closest to each target; the achieved fraction is reported beside every number.
@@ -42,6 +54,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -49,25 +62,33 @@ import torch
 
 from .errors import CalibError
 
-TARGETS = (0.5, 1.0 / 3.0)
+TARGETS = (0.5, 1.0 / 3.0, 0.25)
 REACHED = 0.05  # a setting further than this from a target does not count as reaching it
 TOLERANCE = 0.01  # stop bisecting when the measured fraction is this close to the target
 MAX_PROBES = 6
 CURVE_FRACTIONS = (0.8, 0.65, 0.25)
-METHODS = ("calib", "raw", "uniform", "fbcache", "magcache", "taylorseer", "pab", "block-cache", "fastercache")
+# cache-dit last: its disable_cache leaves the FLUX transformer's blocks patched (diffusers' own caches fail after it)
+METHODS = ("calib", "calib-forecast", "calib-schedule", "raw", "uniform", "fbcache", "magcache", "taylorseer", "pab",
+           "block-cache", "fastercache", "cache-dit", "cache-dit-taylorseer")
+CALIB_METHODS = ("calib", "calib-forecast", "calib-schedule", "block-cache")  # calibrated by calib: not peers
 LABELS = {
-    "calib": "calib (calibrated rescaler)",
+    "calib": "calib (calibrated rescaler, the file's forecast)",
+    "calib-forecast": "calib gate + the schedule fit's forecast",
+    "calib-schedule": "calib schedule + forecast (measured, searched)",
     "raw": "TeaCache rule, no rescaling [1, 0]",
     "uniform": "uniform, every k-th step",
     "fbcache": "diffusers FirstBlockCache",
     "magcache": "diffusers MagCache (ratios from traces)",
-    "taylorseer": "diffusers TaylorSeer (lite)",
+    "taylorseer": "diffusers TaylorSeer (best of orders 1-2, lite/full, interval, warm-up)",
     "pab": "diffusers PyramidAttentionBroadcast",
     "block-cache": "calib Block Caching (per-block schedule)",
     "fastercache": "diffusers FasterCache (fields from traces)",
+    "cache-dit": "cache-dit DBCache F1B0",
+    "cache-dit-taylorseer": "cache-dit DBCache F1B0 + TaylorSeer order 2",
 }
 PARTIAL = {"pab", "block-cache", "fastercache"}  # never skip a whole forward: matched on compute share
 FASTERCACHE_TOLERANCES = (0.5, 1.0, 2.0, 4.0, 8.0)  # x the median traced cond - uncond change
+CACHE_DIT_WARMUP = 2  # cache-dit's default (8) computes 27 % of 30 steps before caching: the 25 % target needs less
 
 
 class ComputeMeter:
@@ -143,11 +164,22 @@ class _Harness:
         self.blocks = get_adapter(self.transformer).blocks(self.transformer)
         self.generate = Generator(pipe, steps=steps, guidance=guidance, pipeline_kwargs=pipeline_kwargs)
         self.meter = ComputeMeter(self.transformer, self.blocks)
+        # The held-out prompts of one seed run as one batch (one pipeline call): the same work per method, a
+        # fraction of the calls. Each row is compared with the same row of the uncached batch.
+        self.batches = [(tuple(p for p, s in jobs if s == seed), seed) for seed in dict.fromkeys(s for _, s in jobs)]
         self.references = {}
-        for job in jobs:
-            self.references[job] = self.generate(*job)
+        for batch in self.batches:
+            self.references[batch] = self._generate(batch)
             calls = self.meter.take()
             self.meter.reference = max([self.meter.reference or 0.0, *calls])
+            self.calls_per_step = len(calls) / steps  # 2 where CFG runs as two calls
+
+    def _generate(self, batch, context=None):
+        from .evaluation import to_planes
+
+        prompts, seed = batch
+        out = self.generate(list(prompts), seed, context=context)
+        return out.latents, [to_planes(image) for image in self.generate.images]
 
     def close(self):
         self.meter.remove()
@@ -159,17 +191,18 @@ class _Harness:
         undo = install()
         errs, psnrs, ssims, calls = [], [], [], []
         try:
-            for job in self.jobs:
+            for batch in self.batches:
                 diffusers_cache = getattr(self.transformer, "is_cache_enabled", False)
                 if diffusers_cache:
                     self.transformer._reset_stateful_cache()
                 ctx = self.transformer.cache_context("inference") if diffusers_cache else contextlib.nullcontext()
-                out = self.generate(*job, context=ctx)
+                latents, planes = self._generate(batch, context=ctx)
                 calls.extend(self.meter.take())
-                ref = self.references[job]
-                errs.append(latent_rel_l1(ref.latents, out.latents))
-                psnrs.append(psnr(ref.planes, out.planes))
-                ssims.append(ssim(ref.planes, out.planes))
+                ref_latents, ref_planes = self.references[batch]
+                for row in range(len(batch[0])):
+                    errs.append(latent_rel_l1(ref_latents[row], latents[row]))
+                    psnrs.append(psnr(ref_planes[row], planes[row]))
+                    ssims.append(ssim(ref_planes[row], planes[row]))
         finally:
             undo()
             self.meter.take()
@@ -195,11 +228,11 @@ def _with_polynomial(config, coefficients):
     return dataclasses.replace(config, components=comps, recommended_threshold=None)
 
 
-def _runtime_install(pipe, config, threshold):
+def _runtime_install(pipe, config, threshold, forecast=None):
     def install():
         import calib.runtime as cr
 
-        handle = cr.apply(pipe, config, threshold=threshold)
+        handle = cr.apply(pipe, config, threshold=threshold, forecast=forecast)
         return handle.remove
 
     return install
@@ -270,10 +303,10 @@ def _replay_guess(trace_set, rescalers, fraction: float, indicator="modulated_in
     return row.threshold
 
 
-def _teacache_method(harness, config, trace_set, name, targets, echo):
+def _teacache_method(harness, config, trace_set, name, targets, echo, forecast=None):
     from .tune import rescalers_of
 
-    if name == "calib":
+    if name in ("calib", "calib-forecast"):
         cfg = config
         rescalers, indicator, normalization = rescalers_of(config.document)
         guess_of = lambda f: _replay_guess(trace_set, rescalers, f, indicator, normalization)  # noqa: E731
@@ -284,7 +317,7 @@ def _teacache_method(harness, config, trace_set, name, targets, echo):
         raw = {name: Rescaler([1.0, 0.0], None) for name in config.components}
         guess_of = lambda f: _replay_guess(trace_set, raw, f)  # noqa: E731
     probes: dict = {}
-    make = lambda t: _runtime_install(harness.pipe, cfg, t)  # noqa: E731
+    make = lambda t: _runtime_install(harness.pipe, cfg, t, forecast)  # noqa: E731
     for f in CURVE_FRACTIONS:
         t = float(f"{guess_of(f):.6g}")
         if t not in probes:
@@ -371,23 +404,43 @@ def _taylorseer_schedule(interval: int, before: int, n: int) -> float:
     return sum(1 for s in range(n) if s < before or (s - before - 1) % interval == 0) / n
 
 
+TAYLORSEER_INTERVALS = (2, 3, 4, 5, 6)
+TAYLORSEER_VARIANTS = ((1, True), (2, True), (1, False), (2, False))  # (max_order, use_lite_mode)
+
+
+def taylorseer_settings(n: int, targets) -> list[tuple[int, int]]:
+    """Every (cache_interval, disable_cache_before_step) whose fraction of full forwards is the one nearest each
+    target that any setting reaches (one per interval where it exists): TaylorSeer's best at that target is among
+    them."""
+    settings = set()
+    for target in targets:
+        table = {(i, b): _taylorseer_schedule(i, b, n) for i in TAYLORSEER_INTERVALS for b in range(1, n)}
+        nearest = min(abs(f - target) for f in table.values())
+        if nearest > REACHED:
+            continue
+        for interval in TAYLORSEER_INTERVALS:
+            fits = [b for (i, b), f in table.items() if i == interval and abs(abs(f - target) - nearest) < 1e-9]
+            if fits:
+                settings.add((interval, min(fits)))
+    return sorted(settings)
+
+
 def _taylorseer_method(harness, targets):
+    """diffusers' TaylorSeer given its best: orders 1 and 2, lite mode (whole blocks skipped, the output projection
+    extrapolated) and full mode (every attention module extrapolated, the rest computed), and every interval with
+    the warm-up that reaches each target (the full mode's compute share is higher: it still runs the MLPs)."""
     from diffusers import TaylorSeerCacheConfig
 
     n = harness.steps
-    settings = set()
-    for target in (*targets, *CURVE_FRACTIONS):
-        for interval in (2, 3, 4):
-            before = min(range(1, n), key=lambda b: (abs(_taylorseer_schedule(interval, b, n) - target), b))
-            if abs(_taylorseer_schedule(interval, before, n) - target) <= 0.05:
-                settings.add((interval, before))
     points = []
-    for interval, before in sorted(settings):
-        cfg = lambda i=interval, b=before: TaylorSeerCacheConfig(  # noqa: E731
-            cache_interval=i, disable_cache_before_step=b, max_order=1, taylor_factors_dtype=torch.float32,
-            use_lite_mode=True)
-        points.append(harness.run("taylorseer", _diffusers_install(harness.transformer, cfg),
-                                  {"cache_interval": interval, "disable_cache_before_step": before}))
+    for interval, before in taylorseer_settings(n, targets):
+        for order, lite in TAYLORSEER_VARIANTS:
+            cfg = lambda i=interval, b=before, o=order, m=lite: TaylorSeerCacheConfig(  # noqa: E731
+                cache_interval=i, disable_cache_before_step=b, max_order=o, taylor_factors_dtype=torch.float32,
+                use_lite_mode=m)
+            points.append(harness.run("taylorseer", _diffusers_install(harness.transformer, cfg),
+                                      {"cache_interval": interval, "disable_cache_before_step": before,
+                                       "max_order": order, "mode": "lite" if lite else "full"}))
     return points
 
 
@@ -478,25 +531,135 @@ def _fastercache_method(harness, trace_set):
     return points
 
 
+def _quiet_cache_dit():
+    import logging
+    import os
+
+    os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "error")
+    try:
+        import cache_dit
+    except ImportError:
+        raise CalibError("cache-dit is not installed (pip install 'calib[bench]' or pip install cache-dit)") from None
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("cache_dit"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+    return cache_dit
+
+
+def cache_dit_adapter(pipe):
+    """cache-dit's own BlockAdapter for the pipeline's transformer class (its registry keys on pipeline class
+    names, which the built-in pipelines do not share)."""
+    cache_dit = _quiet_cache_dit()
+    from cache_dit.caching.block_adapters import adapters
+
+    name = type(pipe.transformer).__name__
+    for prefix, make in (("Flux", adapters.flux_adapter), ("Wan", adapters.wan_adapter)):
+        if name.startswith(prefix):
+            return make(pipe)
+    try:
+        return cache_dit.get_adapter(pipe)
+    except Exception as exc:  # noqa: BLE001 - cache-dit has no adapter for this pipeline
+        raise CalibError(f"cache-dit has no block adapter for {type(pipe).__name__} / {name}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+
+
+def _cache_dit_method(harness, targets, *, calibrator: bool):
+    """cache-dit's DBCache (first block always computed, no back blocks), with or without its TaylorSeer calibrator
+    (order 2), the residual threshold bisected over real runs on both axes: it always pays its first block, so its
+    compute share is above its fraction of full forwards."""
+    cache_dit = _quiet_cache_dit()
+    from cache_dit import DBCacheConfig, TaylorSeerCalibratorConfig
+
+    adapter = cache_dit_adapter(harness.pipe)
+    separate = harness.calls_per_step > 1  # CFG branches as separate transformer calls
+
+    def make(t):
+        def install():
+            cache_dit.enable_cache(
+                adapter,
+                cache_config=DBCacheConfig(Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=t,
+                                           max_warmup_steps=CACHE_DIT_WARMUP, num_inference_steps=harness.steps,
+                                           enable_separate_cfg=separate),
+                calibrator_config=TaylorSeerCalibratorConfig(taylorseer_order=2) if calibrator else None)
+            return lambda: cache_dit.disable_cache(adapter)
+
+        return install
+
+    name = "cache-dit-taylorseer" if calibrator else "cache-dit"
+    probes: dict = {}
+    for target in targets:
+        _search(harness, name, make, target, 0.1, probes=probes)
+        _search(harness, name, make, target, 0.1, key="compute", probes=probes)
+    return list(probes.values())
+
+
+def _restored(harness) -> str | None:
+    """None when an uncached run reproduces the reference again (the method's hooks are all gone), else why not."""
+    batch = harness.batches[0]
+    try:
+        latents, _ = harness._generate(batch)
+    except Exception as exc:  # noqa: BLE001
+        return f"the model fails after it was removed ({type(exc).__name__})"
+    finally:
+        harness.meter.take()
+    return None if torch.equal(latents, harness.references[batch][0]) else "the model's output changed after it was removed"
+
+
+def _schedule_method(harness, schedule_config, targets):
+    """calib's searched schedules (``calib fit --method schedule``): the budgets nearest each target and the
+    curve's fractions, each applied by ``calib.runtime.apply(pipe, config, budget=B)``."""
+    import calib.runtime as cr
+
+    n = schedule_config.steps
+    budgets = sorted({min(schedule_config.budgets, key=lambda b: (abs(b / n - f), b))
+                      for f in (*targets, *CURVE_FRACTIONS)})
+
+    def make(b):
+        def install():
+            handle = cr.apply(harness.pipe, schedule_config, budget=b)
+            return handle.remove
+
+        return install
+
+    return [harness.run("calib-schedule", make(b), {"budget": b, "forecast": schedule_config.forecast.as_json()})
+            for b in budgets]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # run, table, plot
 # ---------------------------------------------------------------------------------------------------------------
 def run_frontier(pipe, config, trace_set, prompts, seeds, *, steps, guidance, pipeline_kwargs=None,
-                 methods=METHODS, targets=TARGETS, plot=None, echo=print) -> dict:
+                 methods=METHODS, targets=TARGETS, plot=None, echo=print, schedule_config=None, forecast=None) -> dict:
+    """Every method in ``methods`` on ``prompts`` x ``seeds`` (held out from the calibration), against the uncached
+    generations. ``schedule_config``: a schedule file (``calib fit --method schedule``) for the ``calib-schedule``
+    row; ``forecast``: what ``calib-forecast`` adds on skipped steps (default: the schedule file's forecast)."""
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise CalibError(f"unknown frontier methods {unknown}; choose from {', '.join(METHODS)}")
+    if forecast is None and schedule_config is not None:
+        forecast = schedule_config.forecast
+    methods = sorted(dict.fromkeys(methods), key=METHODS.index)  # cache-dit last (see METHODS)
     jobs = [(p, s) for p in prompts for s in seeds]
     echo(f"frontier: {len(methods)} methods on {len(jobs)} held-out generations ({steps} steps); "
-         f"targets {', '.join(f'{t:.0%}' for t in targets)} of full forwards")
+         f"targets {', '.join(f'{t:.0%}' for t in targets)} of full forwards and of compute")
     harness = _Harness(pipe, jobs, steps=steps, guidance=guidance, pipeline_kwargs=pipeline_kwargs, echo=echo)
     points: dict[str, list[Point]] = {}
     skipped: dict[str, str] = {}
+    seconds: dict[str, float] = {}
     try:
         for m in methods:
+            began = time.perf_counter()
             try:
                 if m in ("calib", "raw"):
                     points[m] = _teacache_method(harness, config, trace_set, m, targets, echo)
+                elif m == "calib-forecast":
+                    if forecast is None or config is None:
+                        raise CalibError("needs coefficients and a forecast (pass forecast= or a schedule file)")
+                    points[m] = _teacache_method(harness, config, trace_set, m, targets, echo, forecast=forecast)
+                elif m == "calib-schedule":
+                    if schedule_config is None:
+                        raise CalibError("no schedule file given (calib fit --method schedule)")
+                    points[m] = _schedule_method(harness, schedule_config, targets)
                 elif m == "uniform":
                     points[m] = _uniform_method(harness, config, targets)
                 elif m == "fbcache":
@@ -511,28 +674,37 @@ def run_frontier(pipe, config, trace_set, prompts, seeds, *, steps, guidance, pi
                     points[m] = _block_cache_method(harness, trace_set, targets)
                 elif m == "fastercache":
                     points[m] = _fastercache_method(harness, trace_set)
+                elif m in ("cache-dit", "cache-dit-taylorseer"):
+                    points[m] = _cache_dit_method(harness, targets, calibrator=m == "cache-dit-taylorseer")
+                    broken = _restored(harness)
+                    if broken is not None:
+                        echo(f"  {m}: warning — {broken}; the rows after it are not trustworthy")
             except Exception as exc:  # noqa: BLE001 - a cache that does not apply to this model is reported, not fatal
                 if getattr(harness.transformer, "is_cache_enabled", False):
                     harness.transformer.disable_cache()
                 skipped[m] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
                 echo(f"  {m}: not applicable here — {skipped[m]}")
+            seconds[m] = round(time.perf_counter() - began, 1)
     finally:
         harness.close()
-    chosen = {}
-    for m, pts in points.items():
-        key = "compute" if m in PARTIAL else "fraction"
-        chosen[m] = {f"{t:.4f}": (_closest(pts, t, key).as_dict() if _closest(pts, t, key) else None) for t in targets}
+
+    def pick(pts, key):
+        return {f"{t:.4f}": (_closest(pts, t, key).as_dict() if _closest(pts, t, key) else None) for t in targets}
+
     result = {
         "targets": list(targets),
         "jobs": [{"prompt": p, "seed": s} for p, s in jobs],
         "steps": steps,
         "guidance": guidance,
         "methods": {m: {"label": LABELS[m], "matched_on": "compute" if m in PARTIAL else "fraction",
-                        "points": [p.as_dict() for p in sorted(pts, key=lambda p: -p.fraction)]}
+                        "points": [p.as_dict() for p in sorted(pts, key=lambda p: -p.fraction)],
+                        "seconds": seconds.get(m)}
                     for m, pts in points.items()},
-        "at_target": chosen,
+        "at_target": {m: pick(pts, "compute" if m in PARTIAL else "fraction") for m, pts in points.items()},
+        "at_compute": {m: pick(pts, "compute") for m, pts in points.items()},
         "not_applicable": skipped,
     }
+    result["comparison"] = compare_with_peers(result)
     result["table"] = format_frontier(result)
     echo("")
     echo(result["table"])
@@ -542,30 +714,77 @@ def run_frontier(pipe, config, trace_set, prompts, seeds, *, steps, guidance, pi
     return result
 
 
-def format_frontier(result: dict) -> str:
+def _reached(point: dict | None, target: float, key: str) -> bool:
+    return point is not None and abs(point[key] - target) <= REACHED
+
+
+def compare_with_peers(result: dict) -> dict:
+    """Per axis and target: calib's best calibrated row against the best peer (every method calib does not
+    calibrate), and the relative difference in latent rel-L1 (negative: calib lower)."""
+    out = {}
+    for axis, table in (("fraction", result["at_target"]), ("compute", result["at_compute"])):
+        out[axis] = {}
+        for t in result["targets"]:
+            key = f"{t:.4f}"
+            rows = {m: table[m][key] for m in table
+                    if (axis == "compute" or m not in PARTIAL) and _reached(table[m][key], t, axis)}
+            ours = {m: p for m, p in rows.items() if m in CALIB_METHODS}
+            peers = {m: p for m, p in rows.items() if m not in CALIB_METHODS}  # incl. the raw rule and uniform
+            entry = {}
+            if ours:
+                m = min(ours, key=lambda k: ours[k]["latent_rel_l1"])
+                entry["calib"] = {"method": m, "latent_rel_l1": ours[m]["latent_rel_l1"]}
+            if peers:
+                m = min(peers, key=lambda k: peers[k]["latent_rel_l1"])
+                entry["peer"] = {"method": m, "latent_rel_l1": peers[m]["latent_rel_l1"]}
+            if "calib" in entry and "peer" in entry and entry["peer"]["latent_rel_l1"] > 0:
+                entry["relative"] = entry["calib"]["latent_rel_l1"] / entry["peer"]["latent_rel_l1"] - 1.0
+            out[axis][key] = entry
+    return out
+
+
+def _table(result: dict, axis: str) -> list[str]:
     targets = result["targets"]
-    head = f"| method | " + " | ".join(
-        f"{t:.0%}: full fwd (compute) | {t:.0%}: latent rel-L1 | {t:.0%}: PSNR dB" for t in targets) + " |"
+    table = result["at_target"] if axis == "fraction" else result["at_compute"]
+    what = "full forwards" if axis == "fraction" else "compute"
+    head = "| method | " + " | ".join(f"{t:.0%} {what}: full fwd (compute) | latent rel-L1 | PSNR dB"
+                                      for t in targets) + " |"
     lines = [head, "|" + "---|" * (1 + 3 * len(targets))]
     for m, entry in result["methods"].items():
-        cells = [LABELS[m] + (" *" if m in PARTIAL else "")]
+        if axis == "fraction" and m in PARTIAL:
+            continue
+        cells = [LABELS[m]]
         for t in targets:
-            p = result["at_target"][m][f"{t:.4f}"]
+            p = table[m][f"{t:.4f}"]
             if p is None:
                 cells += ["-", "-", "-"]
-                continue
-            key = entry["matched_on"]
-            if abs(p[key] - t) > REACHED:
+            elif not _reached(p, t, axis):
                 cells += [f"not reached (closest {p['fraction']:.1%} ({p['compute']:.1%}))", "-", "-"]
-                continue
-            cells += [f"{p['fraction']:.1%} ({p['compute']:.1%})", f"{p['latent_rel_l1']:.4f}", f"{p['psnr']:.1f}"]
+            else:
+                cells += [f"{p['fraction']:.1%} ({p['compute']:.1%})", f"{p['latent_rel_l1']:.4f}", f"{p['psnr']:.1f}"]
         lines.append("| " + " | ".join(cells) + " |")
     for m, why in result.get("not_applicable", {}).items():
         lines.append(f"| {LABELS[m]} | not applicable: {why} |")
-    if any(m in PARTIAL for m in result["methods"]):
+    comparison = (result.get("comparison") or {}).get(axis) or {}
+    verdicts = []
+    for t in targets:
+        c = comparison.get(f"{t:.4f}") or {}
+        if "relative" in c:
+            verdicts.append(f"{t:.0%}: calib's best ({LABELS[c['calib']['method']]}) {c['calib']['latent_rel_l1']:.4f} "
+                            f"vs best peer ({LABELS[c['peer']['method']]}) {c['peer']['latent_rel_l1']:.4f}: "
+                            f"{c['relative']:+.0%}")
+    if verdicts:
         lines.append("")
-        lines.append("\\* never skips a whole forward: matched on compute share (Linear MACs of the block stack), not on "
-                     "full forwards")
+        lines += [f"* {v}" for v in verdicts]
+    return lines
+
+
+def format_frontier(result: dict) -> str:
+    """Two tables: methods matched on the fraction of full forwards (methods that never skip a whole forward are
+    left out of it), and every method matched on the compute share."""
+    lines = ["matched on the fraction of full forwards:", ""] + _table(result, "fraction")
+    if "at_compute" in result:
+        lines += ["", "matched on the compute share (Linear MACs of the block stack):", ""] + _table(result, "compute")
     return "\n".join(lines)
 
 

@@ -43,6 +43,24 @@ def merged_order(trace_set) -> list:
     return out
 
 
+def _common_settings(trace_set) -> dict | None:
+    """The inputs' ``trace_settings`` (what calib trace generated with), which the merged file keeps; inputs
+    traced with different settings are refused, naming the setting, as resuming one file with them would be."""
+    from .store import settings_difference, stored_settings
+
+    found = [(f, stored_settings(a)) for f, a in zip(trace_set.files, trace_set.attrs)]
+    known = [(f, s) for f, s in found if s is not None]
+    if not known:
+        return None
+    first_file, first = known[0]
+    for f, s in known[1:]:
+        diff = settings_difference(first, s)
+        if diff is not None:
+            raise CalibError(f"{f} was traced with {diff[1]}, {first_file} with {diff[0]}; merge the files of one "
+                             "run (one setting per trace file)")
+    return first if len(known) == len(found) else None
+
+
 def run_merge(inputs, *, out=None, overwrite: bool = False, echo=print) -> Path:
     from .shards import merged_path
     from .store import TraceWriter, read_traces
@@ -64,6 +82,7 @@ def run_merge(inputs, *, out=None, overwrite: bool = False, echo=print) -> Path:
     resolve_output(out, inputs=inputs)
     if out.exists() and not overwrite:
         raise CalibError(f"{out} exists; pass --overwrite to replace it or choose another --out")
+    settings = _common_settings(trace_set)  # before the duplicates: traces of two settings repeat prompt x seed
     seen, dupes = set(), []
     for t in trace_set.trajectories:
         key = (t.prompt, t.seed, t.stream, t.component, t.steps, t.guidance, t.resolution)
@@ -77,7 +96,7 @@ def run_merge(inputs, *, out=None, overwrite: bool = False, echo=print) -> Path:
             "merge each shard once"
         )
     ordered = merged_order(trace_set)
-    with TraceWriter(out, trace_set.model_info, overwrite=True) as writer:
+    with TraceWriter(out, trace_set.model_info, overwrite=True, settings=settings) as writer:
         writer.append(ordered)
     generations = len({t.generation_key for t in ordered})
     echo(f"merged {len(trace_set.files)} files ({generations} generations, {len(ordered)} trajectories) -> {out}")

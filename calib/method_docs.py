@@ -23,6 +23,79 @@ def model_section(trace_set) -> dict:
     return model
 
 
+# The calibration.pipeline section: how the traced pipeline was called and loaded (calib trace's trace_settings,
+# less what the section lists elsewhere). calib eval regenerates with exactly these.
+PIPELINE_FIELDS = ("height", "width", "num_frames", "negative_prompt", "true_cfg_scale", "pipeline_args", "dtype",
+                   "cpu_offload")
+
+
+def pipeline_section(trace_set) -> dict | None:
+    """``calibration.pipeline`` of the traces: their ``trace_settings`` pipeline fields when every file records
+    them and they agree (``cpu_offload``, which does not change what is computed, is true if any file used it);
+    None for traces of an older calib, or files traced with different pipeline settings (``--allow-mixed``)."""
+    from .store import settings_difference, stored_settings
+
+    found = [stored_settings(a) for a in (getattr(trace_set, "attrs", None) or [])]
+    if not found or any(s is None for s in found):
+        return None
+    first = found[0]
+    for other in found[1:]:
+        if settings_difference(first, other, unknown=("steps", "guidance", "record_blocks")) is not None:
+            return None
+    section = {k: first.get(k) for k in PIPELINE_FIELDS}
+    section["pipeline_args"] = dict(section["pipeline_args"] or {})
+    section["cpu_offload"] = any(bool(s.get("cpu_offload")) for s in found)
+    return section
+
+
+def pipeline_call_kwargs(section: dict | None) -> dict:
+    """The keyword arguments a ``calibration.pipeline`` section says the pipeline was called with (besides
+    prompt, steps, guidance, generator and output type): its pipeline_args, then size and true-CFG arguments."""
+    section = section or {}
+    kwargs = dict(section.get("pipeline_args") or {})
+    for name in ("height", "width", "num_frames", "negative_prompt", "true_cfg_scale"):
+        if section.get(name) is not None:
+            kwargs[name] = section[name]
+    return kwargs
+
+
+def describe_pipeline(section: dict | None) -> str:
+    """``calibration.pipeline`` in one line, as the options that give it."""
+    if not section:
+        return "pipeline settings not recorded (traced by an older calib, or of several settings)"
+    return describe_call(pipeline_call_kwargs(section), section.get("dtype"), bool(section.get("cpu_offload")))
+
+
+_NAMED_OPTIONS = {"height": "--height", "width": "--width", "num_frames": "--num-frames",
+                  "negative_prompt": "--negative-prompt", "true_cfg_scale": "--true-cfg-scale"}
+
+
+def describe_call(kwargs: dict, dtype: str | None = None, cpu_offload: bool = False) -> str:
+    """Pipeline call arguments (besides prompt, steps, guidance, generator), dtype and offload as the options of
+    calib trace that give them: ``--negative-prompt 'bad' --true-cfg-scale 4 --dtype bfloat16``."""
+    import json
+
+    parts = []
+    for name, option in _NAMED_OPTIONS.items():
+        value = kwargs.get(name)
+        if value is None:
+            continue
+        if name == "negative_prompt":
+            parts.append(f"{option} {value!r}")
+        elif isinstance(value, float):
+            parts.append(f"{option} {value:g}")
+        else:
+            parts.append(f"{option} {value}")
+    for key, value in kwargs.items():
+        if key not in _NAMED_OPTIONS:
+            parts.append(f"--pipeline-arg {key}={json.dumps(value, ensure_ascii=False)}")
+    if dtype:
+        parts.append(f"--dtype {dtype}")
+    if cpu_offload:
+        parts.append("--cpu-offload")
+    return " ".join(parts) if parts else "the pipeline's defaults"
+
+
 def calibration_section(trace_set) -> dict:
     info = dict(getattr(trace_set, "model_info", None) or {})
     settings = trace_set.settings()
@@ -37,6 +110,9 @@ def calibration_section(trace_set) -> dict:
     out["num_trajectories"] = len(trace_set.trajectories)
     out["streams"] = [str(s) for s in settings.get("streams", [])]
     out["trace_files"] = [str(f) for f in (getattr(trace_set, "files", None) or [])]
+    pipeline = pipeline_section(trace_set)
+    if pipeline is not None:
+        out["pipeline"] = pipeline
     return out
 
 
@@ -69,3 +145,7 @@ def check_method_section(doc: dict, source: str) -> None:
         from .fastercache import check_section
 
         check_section(doc, fail)
+    elif method == "schedule":  # step lists within 0..steps-1, budgets distinct, recommended among them
+        from .runtime.schedule import parse
+
+        parse(doc, source)

@@ -83,9 +83,14 @@ _MIN_RANGE = 1e-12
 # ---------------------------------------------------------------------------------------------------------------
 # indicators
 # ---------------------------------------------------------------------------------------------------------------
-def indicator_series(traj, indicator: str = "modulated_input", normalization: str = "none"):
+def indicator_series(traj, indicator: str = "modulated_input", normalization: str = "none", forecast=None):
     """``(x, y, scale)`` of one trajectory, per step (entry 0 has no previous step and is NaN), or None when the
-    trajectory did not record ``indicator``.
+    trajectory did not record ``indicator`` (or, with ``forecast``, the forecast errors).
+
+    ``y`` is the transformer output's change (what reusing the cached residual loses, TeaCache's), or with
+    ``forecast = (order, variable)`` of order >= 1 the one-step-ahead error of that forecast of the stack residual
+    (``Trajectory.forecast_error(order, variable, 1)``: NaN at the first ``order + 1`` entries, before the forecast
+    has its points).
 
     ``scale`` is 1 for ``normalization="none"`` and ``Δσ_i = σ[i-1] - σ[i]`` for ``"delta_sigma"`` (NaN where it is
     not a positive finite number). The rescaler is fitted on ``(x / scale, y / scale)``; it predicts
@@ -102,7 +107,13 @@ def indicator_series(traj, indicator: str = "modulated_input", normalization: st
     if x is None:
         return None
     x = np.asarray(x, dtype=np.float64).reshape(-1)
-    y = np.asarray(traj.output_rel_l1, dtype=np.float64).reshape(-1)
+    if forecast is not None and forecast[0] > 0:
+        errors = traj.forecast_error(forecast[0], forecast[1], 1) if hasattr(traj, "forecast_error") else None
+        if errors is None:
+            return None
+        y = np.asarray(errors, dtype=np.float64).reshape(-1)
+    else:
+        y = np.asarray(traj.output_rel_l1, dtype=np.float64).reshape(-1)
     if normalization == "none":
         scale = np.ones_like(x)
     else:

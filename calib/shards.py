@@ -142,23 +142,33 @@ def finished_generations(path: Path, steps: int, guidance: float) -> set[tuple[s
         return set()
 
 
-def _settings_dict(settings) -> dict:
-    return {
-        "steps": settings.steps,
-        "guidance": float(settings.guidance),
-        "seeds": list(settings.seeds),
-        "height": settings.height,
-        "width": settings.width,
-        "num_frames": settings.num_frames,
-        "record_blocks": settings.record_blocks,
-        "pipeline_kwargs": settings.pipeline_kwargs,
-    }
+def check_manifest_settings(out: Path, now: dict, *, unknown=()) -> None:
+    """Refuse, in one line naming the setting, to trace a shard of ``out`` with other settings than the ones its
+    manifest records (the other shards were, or are being, traced with those). No manifest yet: nothing to check."""
+    from .store import settings_difference
+
+    path = manifest_path(out)
+    if not path.is_file():
+        return
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        stored = doc["settings"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # unreadable: rewritten by this run, and read_traces reports a damaged one
+    if not isinstance(stored, dict) or "pipeline_args" not in stored:
+        stored = {k: stored.get(k) for k in ("steps", "guidance")} if isinstance(stored, dict) else {}
+    diff = settings_difference(stored, now, unknown=set(unknown) | {k for k in now if k not in stored})
+    if diff is not None:
+        raise CalibError(
+            f"{path}: the shards of this run were traced with {diff[0]}, this command asks for {diff[1]}; every "
+            "shard of a run uses the same settings (pass --overwrite to start anew, or choose another --out)"
+        )
 
 
 def write_manifest(out: Path, *, model: str, model_info: dict, settings, prompts: list[str], jobs: list,
-                   count: int, launcher: str) -> dict:
+                   count: int, launcher: str, recorded: dict | None = None) -> dict:
     """(Re)write ``NAME.manifest.json`` for the ``count`` shards of ``out``, counting what their files hold now;
-    returns what it wrote."""
+    returns what it wrote. ``recorded``: the shard files' ``trace_settings`` (default: ``settings.recorded()``)."""
     from . import __version__
     from .store import _now
 
@@ -187,7 +197,7 @@ def write_manifest(out: Path, *, model: str, model_info: dict, settings, prompts
         "launcher": launcher,
         "model": model,
         "model_info": model_info,
-        "settings": _settings_dict(settings),
+        "settings": {**(recorded if recorded is not None else settings.recorded()), "seeds": list(settings.seeds)},
         "prompts": list(prompts),
         "split": "round-robin over the prompt x seed list (prompt-major): generation k goes to shard k mod count",
         "shard_count": count,
@@ -377,6 +387,16 @@ def check_shard(manifest: Manifest, entry: dict, path: Path, info: dict, traject
             f"{path}: holds generations with other settings (steps, guidance) {other} than its manifest "
             f"{manifest.path} ({steps}, {guidance:g}); pass the shard files themselves to read them all"
         )
+    from .store import settings_difference, stored_settings
+
+    stored = stored_settings(attrs)
+    if stored is not None and "pipeline_args" in manifest.settings:  # a manifest of this calib: every setting
+        diff = settings_difference(manifest.settings, stored)
+        if diff is not None:
+            raise CalibError(
+                f"{path}: was traced with {diff[1]}, its manifest {manifest.path} with {diff[0]}; pass the shard "
+                "files themselves to read them all"
+            )
     held = {(t.prompt, t.seed) for t in trajectories}
     assigned = {(str(p), int(s)) for p, s in entry["jobs"]}
     missing = len(assigned - held)

@@ -24,6 +24,11 @@ from . import __version__
 from .errors import CalibError
 
 SCHEMA_VERSION = 1
+# Minor version: additions an older version-1 reader ignores and a newer one reads when present. 1: the optional
+# per-trajectory forecast_rel_l1 dataset (the forecast errors of the stack residual).
+SCHEMA_MINOR = 1
+FORECAST_VARIABLES = ("step", "sigma")  # axes of Trajectory.forecast_rel_l1: (n, variables, orders, horizons)
+FORECAST_ORDERS = (0, 1, 2)
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 MODEL_ATTRS = {
     "class": "model_class",
@@ -34,8 +39,23 @@ MODEL_ATTRS = {
     "indicator": "indicator",
 }
 # file attributes calib writes itself; TraceWriter(attrs=...) may not use these names
-RESERVED_FILE_ATTRS = frozenset({"schema_version", "calib_version", "created", "updated", "model_info",
-                                 *MODEL_ATTRS.values()})
+RESERVED_FILE_ATTRS = frozenset({"schema_version", "schema_minor", "calib_version", "created", "updated", "model_info",
+                                 "trace_settings", *MODEL_ATTRS.values()})
+# The settings a resumed trace must share with the file (attribute ``trace_settings``, written by calib trace), and
+# the option that sets each. Prompts and seeds are not among them: more of those extend a trace. ``cpu_offload`` is
+# recorded but not matched: it changes where the weights wait between calls, not what is computed.
+RESUME_FIELDS = {
+    "steps": "--steps",
+    "guidance": "--guidance",
+    "height": "--height",
+    "width": "--width",
+    "num_frames": "--num-frames",
+    "negative_prompt": "--negative-prompt",
+    "true_cfg_scale": "--true-cfg-scale",
+    "pipeline_args": "--pipeline-arg",
+    "dtype": "--dtype",
+    "record_blocks": "--no-blocks",
+}
 SERIES = ("step_index", "timesteps", "sigmas", "input_rel_l1", "output_rel_l1", "residual_rel_l1")
 REL_L1_SERIES = ("input_rel_l1", "output_rel_l1", "residual_rel_l1")
 
@@ -66,6 +86,10 @@ class Trajectory:
     block_rel_l1: np.ndarray  # float32 (n, n_blocks), NaN row 0
     block_names: list  # n_blocks names like "transformer_blocks.0"
     extra: dict = field(default_factory=dict)  # name -> float32 (n,), stored under extra/<name>
+    # float32 (n, len(FORECAST_VARIABLES), len(FORECAST_ORDERS), H): at each step, the rel-L1 error of the order-k
+    # Newton forecast of the stack residual from the steps h, 2h, ..., (k+1)h before, for h = 1..H; NaN where those
+    # steps are not all recorded. None: not traced (traces before schema minor 1, or switched off).
+    forecast_rel_l1: np.ndarray | None = None
 
     def __post_init__(self):
         self.prompt = str(self.prompt)
@@ -105,6 +129,24 @@ class Trajectory:
                 raise ValueError(f"extra series {name} has shape {values.shape}, expected ({n},)")
             extra[name] = values
         self.extra = extra
+        if self.forecast_rel_l1 is not None:
+            values = np.asarray(self.forecast_rel_l1, dtype=np.float32)
+            expected = (n, len(FORECAST_VARIABLES), len(FORECAST_ORDERS))
+            if values.ndim != 4 or values.shape[:3] != expected or values.shape[3] < 1:
+                raise ValueError(f"forecast_rel_l1 has shape {values.shape}, expected {expected + ('H',)}")
+            self.forecast_rel_l1 = values
+
+    @property
+    def forecast_horizons(self) -> int:
+        """H, the largest horizon of ``forecast_rel_l1`` (0 when it was not traced)."""
+        return 0 if self.forecast_rel_l1 is None else int(self.forecast_rel_l1.shape[3])
+
+    def forecast_error(self, order: int, variable: str = "step", horizon: int = 1) -> np.ndarray | None:
+        """float32 (n,): the error of the order-``order`` forecast in ``variable`` at ``horizon`` steps, or None
+        when the trace does not hold it."""
+        if self.forecast_rel_l1 is None or not 1 <= horizon <= self.forecast_horizons:
+            return None
+        return self.forecast_rel_l1[:, FORECAST_VARIABLES.index(variable), FORECAST_ORDERS.index(order), horizon - 1]
 
     @property
     def key(self) -> tuple:
@@ -151,6 +193,116 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def stored_settings(attrs: dict) -> dict | None:
+    """The ``trace_settings`` attribute of a trace file (what ``calib trace`` generated with), or None for a file
+    that has none (written by an older calib, by :class:`TraceWriter` without settings, or not valid JSON)."""
+    raw = attrs.get("trace_settings")
+    if raw is None:
+        return None
+    try:
+        value = json.loads(_str_attr(raw))
+    except (TypeError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+_ABSENT = object()  # a --pipeline-arg one side does not give
+
+
+def _describe_setting(name: str, value, key: str | None = None) -> str:
+    """One stored setting as the option that gives it: ``--steps 30``, ``no --height (the pipeline's default)``."""
+    option = RESUME_FIELDS.get(name, name)
+    if name == "pipeline_args":
+        if value is _ABSENT:
+            return f"no --pipeline-arg {key}"
+        return f"--pipeline-arg {key}={json.dumps(value, ensure_ascii=False)}"
+    if name == "record_blocks":
+        return "per-block changes (no --no-blocks)" if value else "--no-blocks"
+    if name == "resolution":
+        return f"resolution {'x'.join(str(v) for v in value) or 'unknown'}"
+    if value is None:
+        return f"no {option}" + (" (the pipeline's default)" if name in ("height", "width", "num_frames") else "")
+    if isinstance(value, float):
+        return f"{option} {value:g}"
+    if isinstance(value, str) and name == "negative_prompt":
+        return f"{option} {value!r}"
+    return f"{option} {value}"
+
+
+
+def settings_difference(stored: dict, now: dict, *, unknown=()) -> tuple[str, str] | None:
+    """``(stored, now)`` in words for the first resume setting (:data:`RESUME_FIELDS`) on which a trace's stored
+    settings and a command's differ; None when they agree. Names in ``unknown`` are not compared (the command does
+    not know them yet, e.g. the dtype before the model is loaded when --dtype was not given)."""
+    for name in RESUME_FIELDS:
+        if name in unknown or name not in now:
+            continue
+        old, new = stored.get(name), now.get(name)
+        if name == "pipeline_args":
+            old, new = dict(old or {}), dict(new or {})
+            for key in list(old) + [k for k in new if k not in old]:
+                a, b = old.get(key, _ABSENT), new.get(key, _ABSENT)
+                if a is _ABSENT or b is _ABSENT or json.dumps(a, sort_keys=True) != json.dumps(b, sort_keys=True):
+                    return _describe_setting(name, a, key), _describe_setting(name, b, key)
+            continue
+        if name in ("guidance", "true_cfg_scale") and old is not None and new is not None:
+            same = float(old) == float(new)
+        elif name == "record_blocks":
+            same = bool(True if old is None else old) == bool(new)
+        else:
+            same = old == new
+        if not same:
+            return _describe_setting(name, old), _describe_setting(name, new)
+    return None
+
+
+def _legacy_difference(trajectories: list, now: dict, unknown=()) -> tuple[str, str] | None:
+    """For a file without ``trace_settings``: what its trajectories record (steps, guidance, resolution)."""
+    for t in trajectories:
+        if "steps" in now and t.steps != int(now["steps"]):
+            return _describe_setting("steps", t.steps), _describe_setting("steps", now["steps"])
+        if "guidance" in now and t.guidance != float(now["guidance"]):
+            return _describe_setting("guidance", t.guidance), _describe_setting("guidance", float(now["guidance"]))
+        if "resolution" in now and "resolution" not in unknown and t.resolution != tuple(now["resolution"]):
+            return _describe_setting("resolution", t.resolution), _describe_setting("resolution", now["resolution"])
+    return None
+
+
+def check_resume(path, file_attrs: dict, trajectories: list, now: dict, *, unknown=()) -> None:
+    """Refuse, in one line naming the setting, to resume the trace ``path`` with settings ``now`` that differ from
+    the ones its generations were traced with (:data:`RESUME_FIELDS`)."""
+    stored = stored_settings(file_attrs)
+    if stored is not None:
+        diff = settings_difference(stored, now, unknown=unknown)
+    elif trajectories:
+        diff = _legacy_difference(trajectories, now, unknown)
+    else:
+        diff = None
+    if diff is not None:
+        raise CalibError(
+            f"{path}: its generations were traced with {diff[0]}, this command asks for {diff[1]}; a resume must use "
+            "the same settings (pass --overwrite to start anew, or choose another --out)"
+        )
+
+
+def precheck_resume(path, now: dict, *, unknown=(), source: str | None = None) -> None:
+    """:func:`check_resume` on the file at ``path`` if there is one, before the model is loaded (no lock is taken;
+    :class:`TraceWriter` checks again under its lock). A file that cannot be read, or one without ``trace_settings``
+    (an older calib's: it may be of another model, which the writer reports first), or one traced from another
+    ``source`` than the command's ``--model`` (the writer reports the other model), is left to the writer."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    try:
+        info, trajectories, file_attrs = _read_file(path)
+    except CalibError:
+        return
+    if source is not None and info.get("source") != source:
+        return
+    if stored_settings(file_attrs) is not None:
+        check_resume(path, file_attrs, trajectories, now, unknown=unknown)
+
+
 def _plain_model_info(model_info: dict) -> dict:
     """``model_info`` as it reads back from the file (JSON types; a Path becomes its string)."""
     return json.loads(json.dumps(dict(model_info), sort_keys=True, default=str))
@@ -158,6 +310,7 @@ def _plain_model_info(model_info: dict) -> dict:
 
 def _write_attrs(f, model_info: dict, created: str, extra_attrs: dict | None) -> None:
     f.attrs["schema_version"] = SCHEMA_VERSION
+    f.attrs["schema_minor"] = SCHEMA_MINOR
     f.attrs["calib_version"] = __version__
     f.attrs["created"] = created
     f.attrs["updated"] = _now()
@@ -184,6 +337,11 @@ def _write_group(root, index: int, t: Trajectory) -> None:
     for name in SERIES:
         g.create_dataset(name, data=getattr(t, name))
     g.create_dataset("block_rel_l1", data=t.block_rel_l1)
+    if t.forecast_rel_l1 is not None:
+        d = g.create_dataset("forecast_rel_l1", data=t.forecast_rel_l1)
+        d.attrs.create("variables", np.asarray(FORECAST_VARIABLES, dtype=object), dtype=str_dt)
+        d.attrs["orders"] = np.asarray(FORECAST_ORDERS, dtype=np.int64)
+        d.attrs["horizons"] = np.arange(1, t.forecast_horizons + 1, dtype=np.int64)
     if t.extra:
         extra = g.create_group("extra")
         for name, values in t.extra.items():
@@ -381,6 +539,7 @@ def _read_file(path: Path, *, quick: int = 0) -> tuple[dict, list, dict]:
                         block_names=[_str_attr(b) for b in np.atleast_1d(g.attrs["block_names"])],
                         block_rel_l1=g["block_rel_l1"][()],
                         extra=extra,
+                        forecast_rel_l1=g["forecast_rel_l1"][()] if "forecast_rel_l1" in g else None,
                         **{s: g[s][()] for s in SERIES},
                     )
                 )
@@ -400,16 +559,22 @@ class TraceWriter:
     itself (:data:`RESERVED_FILE_ATTRS`) are refused. On resume, further attributes already in the file are kept
     unless ``attrs`` gives them anew.
 
+    ``settings``: what the generations are traced with (:meth:`calib.trace.TraceSettings.recorded`), stored as the
+    ``trace_settings`` attribute; resuming a file traced with other settings (:data:`RESUME_FIELDS`) is refused in
+    one line naming the setting (:func:`check_resume`). Without ``settings`` nothing is checked and a resumed file
+    keeps its own.
+
     ``background=True``: :meth:`append` hands the write to one writer thread and returns; at most one write is in
     flight (the next append, :meth:`flush` and :meth:`close` wait for it), so a generation is on disk before the next
     one has been traced, and close() -- also on Ctrl-C, via the context manager -- flushes the last one.
     """
 
     def __init__(self, path, model_info: dict, *, overwrite: bool = False, attrs: dict | None = None,
-                 background: bool = False):
+                 background: bool = False, settings: dict | None = None):
         self.path = Path(path)
         self.model_info = _plain_model_info(model_info)
         self.attrs = dict(attrs or {})
+        self.settings = None if settings is None else json.loads(json.dumps(settings, sort_keys=True))
         self.background = background
         self._executor = None
         self._pending = None
@@ -450,6 +615,17 @@ class TraceWriter:
                             f"{self.path}: holds traces of another model ({key} {info.get(key)!r}, now "
                             f"{self.model_info.get(key)!r}); pass --overwrite to start anew or choose another --out"
                         )
+                indicator = (info.get("indicator"), self.model_info.get("indicator"))
+                if self.settings is not None and all(indicator) and indicator[0] != indicator[1]:
+                    raise CalibError(
+                        f"{self.path}: its generations were traced with the indicator {indicator[0]!r}, this command "
+                        f"asks for {indicator[1]!r} (--modulation-module); a resume must use the same settings (pass "
+                        "--overwrite to start anew, or choose another --out)"
+                    )
+                if self.settings is not None:
+                    check_resume(self.path, file_attrs, trajectories, self.settings)
+                elif stored_settings(file_attrs) is not None:  # a writer without settings keeps the file's
+                    self.settings = stored_settings(file_attrs)
                 self._trajectories = trajectories
                 self._durable = len(trajectories)
                 self.created = str(file_attrs.get("created", self.created))
@@ -459,6 +635,8 @@ class TraceWriter:
                 # Not written yet: a run whose first generation fails leaves no empty trace behind (and an
                 # --overwrite that fails keeps the old file). close() writes an empty file when nothing failed.
                 self._unwritten = True
+            if self.settings is not None:
+                self.attrs["trace_settings"] = json.dumps(self.settings, sort_keys=True)
         except BaseException:
             self.close(failed=True)
             raise

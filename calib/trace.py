@@ -10,6 +10,7 @@ batched over the held calls, and each series is moved to the host once, when the
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from pathlib import Path
 from collections import defaultdict
@@ -30,6 +31,8 @@ from .hooking import ContextProbe, Handle, StepClock, wrap_forward, wrap_method
 BATCH_NUMEL = 1 << 22
 PENDING_NUMEL = 1 << 24
 REDUCE_NUMEL = 1 << 20  # held calls are reduced in chunks of about this many elements
+# Forecast errors of the stack residual (Trajectory.forecast_rel_l1): horizons 1..FORECAST_HORIZONS by default.
+FORECAST_HORIZONS = 4
 EXTRA_SERIES = (
     "block_input_rel_l1",
     "temb_rel_l1",
@@ -41,10 +44,72 @@ EXTRA_SERIES = (
 
 MAX_STEPS = 10_000  # denoising steps; schedulers use 1-1000, and the tracer sizes buffers by it
 
+# torch dtypes by the names --dtype takes (and the trace file records)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Pipeline arguments calib sets itself, with the option that sets them: --pipeline-arg may not give these.
+CALIB_ARGUMENTS = {
+    "prompt": "--prompts",
+    "num_inference_steps": "--steps",
+    "guidance_scale": "--guidance",
+    "generator": "--seeds",
+    "output_type": None,  # "latent" when tracing, "np" when evaluating
+    "return_dict": None,  # calib reads the pipeline's output object
+    "height": "--height",
+    "width": "--width",
+    "num_frames": "--num-frames",
+    "negative_prompt": "--negative-prompt",
+    "true_cfg_scale": "--true-cfg-scale",
+}
+_ARGUMENT_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def parse_pipeline_arg(text: str) -> tuple[str, object]:
+    """``KEY=VALUE`` of ``--pipeline-arg``: VALUE read as JSON (``64``, ``true``, ``{"scale": 0.5}``), else kept
+    as the string it is (``negative_prompt_2=blurry``)."""
+    import json
+
+    key, sep, raw = str(text).partition("=")
+    key = key.strip()
+    if not sep:
+        raise CalibError(f"--pipeline-arg {text!r}: expected KEY=VALUE, e.g. max_sequence_length=256")
+    if not _ARGUMENT_NAME.match(key):
+        raise CalibError(f"--pipeline-arg {text!r}: {key!r} is not an argument name (letters, digits and _, "
+                         "not starting with a digit)")
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        value = raw
+    return key, value
+
+
+def recordable(value):
+    """A pipeline argument as the trace and coefficient files record it: a JSON value as it is; anything else (the
+    Python API can pass an image) as ``{"python_object": "PIL.Image.Image"}``, its type only -- a file cannot hold
+    it, and a resume cannot tell two of them apart."""
+    import json
+
+    try:
+        return json.loads(json.dumps(value, allow_nan=False))
+    except (TypeError, ValueError):
+        kind = type(value)
+        return {"python_object": f"{kind.__module__}.{kind.__qualname__}"}
+
+
+def dtype_name(dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"``."""
+    return str(dtype).replace("torch.", "")
+
 
 @dataclass
 class TraceSettings:
-    """What a trace run generates: each prompt x seed is one generation."""
+    """What a trace run generates: each prompt x seed is one generation.
+
+    ``pipeline_kwargs``: further keyword arguments of the pipeline call (``--pipeline-arg``: JSON values; through
+    Python anything, recorded by :func:`recordable`); the ones with fields of their own move to those;
+    ``negative_prompt`` / ``true_cfg_scale`` are passed when given (true CFG of FLUX and Qwen-Image);
+    ``dtype``: the dtype the model is loaded in (``None``: as it loads; the trace records the one it ran in);
+    ``cpu_offload``: ``enable_model_cpu_offload()`` instead of moving the whole pipeline to the device.
+    """
 
     steps: int = 30
     guidance: float = 3.0
@@ -54,6 +119,10 @@ class TraceSettings:
     num_frames: int | None = None
     record_blocks: bool = True
     pipeline_kwargs: dict = field(default_factory=dict)
+    negative_prompt: str | None = None
+    true_cfg_scale: float | None = None
+    dtype: str | None = None
+    cpu_offload: bool = False
 
     def __post_init__(self):
         if not isinstance(self.steps, int) or self.steps < 2:
@@ -67,10 +136,69 @@ class TraceSettings:
             raise CalibError("--seeds needs at least one seed")
         if len(set(self.seeds)) != len(self.seeds):
             raise CalibError(f"--seeds has duplicates: {list(self.seeds)}")
+        kwargs = dict(self.pipeline_kwargs or {})
+        # Through Python, pipeline_kwargs may hold the arguments that have fields of their own: they move there
+        # (so they are recorded and matched as those settings), unless the field says otherwise.
+        for key in ("height", "width", "num_frames", "negative_prompt", "true_cfg_scale"):
+            if key in kwargs:
+                value = kwargs.pop(key)
+                if getattr(self, key) is not None and getattr(self, key) != value:
+                    raise CalibError(f"{key} is given twice, as {CALIB_ARGUMENTS[key]} {getattr(self, key)!r} and "
+                                     f"as a pipeline argument {value!r}")
+                setattr(self, key, value)
+        self._check_fields()
+        for key in kwargs:
+            if not isinstance(key, str) or not _ARGUMENT_NAME.match(key):
+                raise CalibError(f"--pipeline-arg {key!r}: not an argument name (letters, digits and _)")
+            if key in CALIB_ARGUMENTS:
+                how = CALIB_ARGUMENTS[key]
+                raise CalibError(f"--pipeline-arg {key}: calib sets {key} itself"
+                                 + (f"; use {how}" if how else ""))
+        self.pipeline_kwargs = kwargs
+
+    def _check_fields(self) -> None:
         for name in ("height", "width", "num_frames"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value <= 0):
                 raise CalibError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        if self.negative_prompt is not None and not isinstance(self.negative_prompt, str):
+            raise CalibError(f"--negative-prompt must be text, got {type(self.negative_prompt).__name__}")
+        if self.true_cfg_scale is not None:
+            if not (isinstance(self.true_cfg_scale, (int, float)) and math.isfinite(self.true_cfg_scale)
+                    and self.true_cfg_scale >= 0):
+                raise CalibError(f"--true-cfg-scale must be a finite number >= 0, got {self.true_cfg_scale!r}")
+            self.true_cfg_scale = float(self.true_cfg_scale)
+        if self.dtype is not None:
+            self.dtype = dtype_name(self.dtype)
+            if self.dtype not in DTYPES:
+                raise CalibError(f"--dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
+        self.cpu_offload = bool(self.cpu_offload)
+
+    def call_kwargs(self) -> dict:
+        """The keyword arguments of the pipeline call besides prompt, steps, guidance, generator and output type:
+        ``--pipeline-arg``s, size and the true-CFG arguments, each only when given."""
+        kwargs = dict(self.pipeline_kwargs)
+        for name in ("height", "width", "num_frames", "negative_prompt", "true_cfg_scale"):
+            if getattr(self, name) is not None:
+                kwargs[name] = getattr(self, name)
+        return kwargs
+
+    def recorded(self) -> dict:
+        """What the trace file stores (attribute ``trace_settings``) and a resume must match: every setting of
+        the generations except the prompts and seeds (more of those extend a trace)."""
+        return {
+            "steps": int(self.steps),
+            "guidance": float(self.guidance),
+            "height": self.height,
+            "width": self.width,
+            "num_frames": self.num_frames,
+            "negative_prompt": self.negative_prompt,
+            "true_cfg_scale": self.true_cfg_scale,
+            "pipeline_args": {k: recordable(v) for k, v in self.pipeline_kwargs.items()},
+            "dtype": self.dtype,
+            "cpu_offload": self.cpu_offload,
+            "record_blocks": bool(self.record_blocks),
+        }
 
 
 def pipeline_components(pipe) -> list[tuple[str, torch.nn.Module]]:
@@ -99,8 +227,11 @@ def describe_model(pipe, source: str, adapter: Adapter) -> dict:
 class _Recorder:
     """Hooks one transformer (a component) and collects its per-step series for the current generation."""
 
-    def __init__(self, component: str, transformer: torch.nn.Module, adapter: Adapter, clock: StepClock, record_blocks: bool):
+    def __init__(self, component: str, transformer: torch.nn.Module, adapter: Adapter, clock: StepClock, record_blocks: bool,
+                 *, scheduler=None, forecast_horizons: int = FORECAST_HORIZONS):
         self.component = component
+        self.scheduler = scheduler  # its sigmas weight the forecasts in σ (read once per generation)
+        self.forecast_horizons = int(forecast_horizons)
         self.transformer = transformer
         self.adapter = adapter
         self.clock = clock
@@ -112,6 +243,7 @@ class _Recorder:
         self.handle.add(self.probe.remove)
         self._call: dict | None = None
         self._pending: dict[tuple, _PendingGroup] = {}
+        self._forecast_tensors: dict[tuple, tuple] = {}  # (weights, slot index) per schedule position
         self.reset()
         head = self.blocks[0][1]
         tail = self.blocks[-1][1]
@@ -225,6 +357,9 @@ class _Recorder:
         self._cfg_changes: dict[int, float] | None = None  # step -> rel-L1 change of it, computed once (collect)
         self._cfg_step: int | None = None
         self._cfg_outputs: dict[str, torch.Tensor] = {}
+        self._residuals: dict[str, dict[int, torch.Tensor]] = defaultdict(dict)  # key -> step -> residual (held)
+        self._forecast_sigmas: list[float] | None = None
+        self._forecast_generation: int | None = None
 
     def _change(self, key: str, name: str, tensor: torch.Tensor) -> torch.Tensor:
         prev = self.previous.get((key, name))
@@ -297,6 +432,94 @@ class _Recorder:
         if delta is not None:  # its change is computed for all steps at once when the generation ends
             self.cfg_delta.append((self.clock.step, delta))
 
+    def _forecast_errors(self, key: str, residual: torch.Tensor | None, output: torch.Tensor,
+                         stack_input: torch.Tensor | None = None) -> torch.Tensor:
+        """(variables x orders x horizons, rows): the error, per batch row, of the order-k Newton forecast of this
+        step's stack residual from the residuals h, 2h, ..., (k+1)h steps before (what a cache computing every h-th
+        step extrapolates from), in the step index and in σ; NaN where those steps were not all recorded. The error
+        is ``mean|forecast - residual| / mean|stack output|``: relative to what the output head receives (the stack
+        output = its input + the residual), so it is in the units of the output's change (``output_rel_l1``) rather
+        than of the residual's own size, which can be small where the stack changes little.
+
+        The forecast is a weighted sum of past residuals (Lagrange weights, computed on the host from step indices
+        and σ), so every forecast of a call is one matrix product over the stacked past residuals, and the errors
+        one reduction, on the device. The residuals of the last (k+1) H steps of the stream are held (references;
+        the tracer copies nothing for them)."""
+        from .store import FORECAST_ORDERS, FORECAST_VARIABLES
+
+        H = self.forecast_horizons
+        slots = len(FORECAST_VARIABLES) * len(FORECAST_ORDERS) * H
+        step = self.clock.step
+        history = self._residuals[key]
+        if residual is None or any(r.shape != residual.shape for r in history.values()):
+            history.clear()
+        if residual is None:  # no residual (the stack changes the token count): nothing to forecast
+            return torch.full((slots, output.shape[0]), float("nan"), device=output.device)
+        rows = residual.shape[0]
+        span = (max(FORECAST_ORDERS) + 1) * H
+        for old in [s for s in history if s < step - span]:
+            del history[old]
+        sigmas = self._sigmas_now()
+        weights: dict[tuple, int] = {}  # rounded weight row -> prediction index
+        rows_w: list[dict[int, float]] = []
+        slot_of: list[int] = []  # per slot: prediction index, or -1 (NaN)
+        for v, variable in enumerate(FORECAST_VARIABLES):
+            for order in FORECAST_ORDERS:
+                for h in range(1, H + 1):
+                    nodes = [step - j * h for j in range(1, order + 2)]
+                    w = None
+                    if all(n in history for n in nodes):
+                        xs = [float(n) for n in nodes] if variable == "step" else _values_at(sigmas, nodes)
+                        target = float(step) if variable == "step" else _value_at(sigmas, step)
+                        if xs is not None and target is not None:
+                            w = _lagrange_weights(xs, target)
+                    if w is None:
+                        slot_of.append(-1)
+                        continue
+                    row = {n: c for n, c in zip(nodes, w)}
+                    sig = tuple(sorted((n, round(c, 9)) for n, c in row.items()))
+                    if sig not in weights:
+                        weights[sig] = len(rows_w)
+                        rows_w.append(row)
+                    slot_of.append(weights[sig])
+        history[step] = residual
+        if not rows_w:
+            return torch.full((slots, rows), float("nan"), device=residual.device)
+        used = tuple(sorted({n - step for row in rows_w for n in row}))  # offsets of the past steps used
+        # The weights and the slot index repeat from one generation to the next (same schedule): made once each.
+        cache_key = (residual.device, used, tuple(slot_of),
+                     tuple(tuple(round(row.get(step + o, 0.0), 12) for o in used) for row in rows_w))
+        cached = self._forecast_tensors.get(cache_key)
+        if cached is None:
+            W = torch.tensor([[row.get(step + o, 0.0) for o in used] for row in rows_w], dtype=torch.float32)
+            index = torch.tensor([len(rows_w) if i < 0 else i for i in slot_of])
+            cached = self._forecast_tensors[cache_key] = (W.to(residual.device), index.to(residual.device))
+        W, index = cached
+        target = residual.reshape(rows, -1)
+        target = target if target.dtype == torch.float32 else target.float()
+        past = torch.stack([history[step + o].reshape(rows, -1) for o in used])  # (nodes, rows, per_row)
+        past = past if past.dtype == torch.float32 else past.float()
+        stack_out = target if stack_input is None else target + stack_input.reshape(rows, -1)
+        scale = stack_out.abs().mean(dim=1)
+        errors = []
+        chunk = max(1, BATCH_NUMEL // max(1, target.numel()))  # predictions held at once
+        for start in range(0, len(rows_w), chunk):
+            pred = torch.tensordot(W[start : start + chunk], past, dims=1)  # (p, rows, per_row)
+            errors.append(pred.sub_(target).abs_().mean(dim=2) / scale)
+        errors.append(torch.full((1, rows), float("nan"), device=residual.device))
+        return torch.cat(errors).index_select(0, index)  # the NaN row fills the slots with nothing to forecast
+
+    def _sigmas_now(self) -> list[float] | None:
+        """The scheduler's σ of this generation as floats (one host read per generation), or None."""
+        if self._forecast_generation != self.clock.generation:
+            self._forecast_generation = self.clock.generation
+            sigmas = getattr(self.scheduler, "sigmas", None)
+            self._forecast_sigmas = (
+                [float(v) for v in sigmas.detach().float().cpu().reshape(-1).tolist()]
+                if isinstance(sigmas, torch.Tensor) else None
+            )
+        return self._forecast_sigmas
+
     def _finish_call(self, key: str) -> None:
         call = self._call
         if "input" not in call:
@@ -325,6 +548,10 @@ class _Recorder:
             named.append(("temb", call["temb"]))
         if self.record_blocks:
             named += [(f"block{i}", call["blocks"][i]) for i in range(len(self.blocks))]
+        if self.forecast_horizons > 0:
+            errors = self._forecast_errors(key, residual, call["output"], call["block_input"])
+            layout.extend((f"forecast{j}", len(parts), j) for j in range(errors.shape[0]))
+            parts.append(errors)
         self._changes(key, named, parts, layout)
         self.values[key].append((parts, tuple(layout)))
 
@@ -353,6 +580,13 @@ class _Recorder:
             blocks = [series.pop(f"block{i}") for i in range(len(self.blocks)) if f"block{i}" in series]
             if self.record_blocks and len(blocks) == len(self.blocks):
                 series["blocks"] = np.stack(blocks, axis=-1)
+            if "forecast0" in series:
+                from .store import FORECAST_ORDERS, FORECAST_VARIABLES
+
+                slots = [series.pop(f"forecast{j}") for j in range(len(FORECAST_VARIABLES) * len(FORECAST_ORDERS)
+                                                                   * self.forecast_horizons)]
+                series["forecast"] = np.stack(slots, axis=-1).reshape(
+                    len(calls), -1, len(FORECAST_VARIABLES), len(FORECAST_ORDERS), self.forecast_horizons)
             series["step_index"] = np.asarray(self.steps[key], dtype=np.int32)
             out[key] = series
         return out
@@ -438,6 +672,32 @@ def _hold(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.detach() if tensor.requires_grad else tensor
 
 
+def _lagrange_weights(xs: list[float], x: float) -> list[float] | None:
+    """Weights w_j with p(x) = sum_j w_j f(xs[j]) for the interpolation polynomial through the nodes (the Newton
+    forecast of calib.runtime, written as a weighted sum); None when two nodes coincide."""
+    out = []
+    for j, xj in enumerate(xs):
+        w = 1.0
+        for i, xi in enumerate(xs):
+            if i != j:
+                if xj == xi:
+                    return None
+                w *= (x - xi) / (xj - xi)
+        out.append(w)
+    return out
+
+
+def _value_at(values: list[float] | None, index: int) -> float | None:
+    if values is None or not 0 <= index < len(values) or not math.isfinite(values[index]):
+        return None
+    return values[index]
+
+
+def _values_at(values: list[float] | None, indices: list[int]) -> list[float] | None:
+    got = [_value_at(values, i) for i in indices]
+    return None if any(v is None for v in got) else got
+
+
 def _rel_l1_rows(current: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
     """:func:`calib.hooking.rel_l1_rows` without the conversions that are no-ops for detached float32 tensors."""
     cur = current if current.dtype == torch.float32 else current.float()
@@ -484,7 +744,7 @@ class Tracer:
         self.recorders: list[_Recorder] = []
         try:
             for name, transformer in components:
-                rec = _Recorder(name, transformer, self.adapter, self.clock, record_blocks)
+                rec = _Recorder(name, transformer, self.adapter, self.clock, record_blocks, scheduler=pipe.scheduler)
                 self.recorders.append(rec)
                 self.handle.add(rec.handle.remove)
             scheduler = pipe.scheduler
@@ -508,13 +768,10 @@ class Tracer:
 
         for rec in self.recorders:
             rec.reset()
-        kwargs = dict(settings.pipeline_kwargs)
-        for name in ("height", "width", "num_frames"):
-            if getattr(settings, name) is not None:
-                kwargs[name] = getattr(settings, name)
+        kwargs = settings.call_kwargs()
         generator = torch.Generator(device="cpu").manual_seed(seed)
         self.pipe(
-            prompt,
+            prompt=prompt,  # by name: an image-to-video pipeline's first parameter is its image
             num_inference_steps=settings.steps,
             guidance_scale=settings.guidance,
             generator=generator,
@@ -569,6 +826,7 @@ class Tracer:
                             block_rel_l1=blocks.astype(np.float32),
                             block_names=rec.block_names if "blocks" in series else [],
                             extra=extra,
+                            forecast_rel_l1=series["forecast"][:, r] if "forecast" in series else None,
                         )
                     )
         return trajectories
@@ -581,6 +839,58 @@ class Tracer:
         if res:
             return tuple(int(v) for v in res)
         return ()
+
+
+def _with_dtype(settings: TraceSettings, pipe) -> TraceSettings:
+    """``settings`` with the dtype the model runs in: ``--dtype`` when given (a pipeline passed in must be in it),
+    else the transformer's."""
+    import dataclasses
+
+    transformer = pipeline_components(pipe)[0][1]
+    first = next((p for p in transformer.parameters() if p.is_floating_point()), None)
+    dtype = getattr(transformer, "dtype", None) if isinstance(getattr(transformer, "dtype", None), torch.dtype) else None
+    running = dtype_name(dtype or (first.dtype if first is not None else "unknown"))
+    if settings.dtype is None:
+        return dataclasses.replace(settings, dtype=running if running in DTYPES else None)
+    if running != settings.dtype:
+        wanted = DTYPES[settings.dtype]
+        if any(p.is_floating_point() and p.dtype == wanted for p in transformer.parameters()):
+            return settings  # loaded in it; some modules kept in float32 (diffusers' _keep_in_fp32_modules)
+        raise CalibError(f"--dtype {settings.dtype}: the pipeline's transformer is {running}")
+    return settings
+
+
+def check_pipeline_arguments(pipeline, settings: TraceSettings, model: str, *, output_type: str = "latent") -> None:
+    """Every argument calib passes to the pipeline (the options, the --pipeline-args) is one its ``__call__``
+    takes; otherwise one line naming the option, before any work. ``pipeline`` is the pipeline or its class."""
+    check_call_arguments(pipeline, settings.steps, settings.guidance, settings.call_kwargs(), model,
+                         output_type=output_type)
+
+
+def check_call_arguments(pipeline, steps: int, guidance: float, kwargs: dict, model: str, *,
+                         output_type: str = "latent") -> None:
+    """:func:`check_pipeline_arguments` for a pipeline call of ``steps``, ``guidance`` and further ``kwargs``."""
+    import inspect
+
+    cls = pipeline if isinstance(pipeline, type) else type(pipeline)
+    try:
+        params = inspect.signature(cls.__call__).parameters
+    except (TypeError, ValueError):  # a C callable or another object without a signature: cannot tell
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return  # **kwargs: takes anything
+    names = [n for n, p in params.items() if n != "self" and p.kind is not inspect.Parameter.VAR_POSITIONAL]
+    passed = {"num_inference_steps": steps, "guidance_scale": guidance, "generator": None,
+              "output_type": output_type, **kwargs}
+    label = cls.__name__ if model in (None, "", cls.__name__) else f"{cls.__name__} ({model})"
+    for argument in passed:
+        if argument in names:
+            continue
+        option = CALIB_ARGUMENTS.get(argument, f"--pipeline-arg {argument}")
+        if option is None or argument == "generator":
+            raise CalibError(f"{label} does not take {argument!r}, which calib passes to every pipeline it traces; "
+                             f"its __call__ takes: {', '.join(names)}")
+        raise CalibError(f"{option}: {label} does not take {argument!r}; its __call__ takes: {', '.join(names)}")
 
 
 def default_trace_path(model: str) -> Path:
@@ -672,12 +982,29 @@ def run_trace(
     if out.suffix.lower() not in (".h5", ".hdf5"):
         raise CalibError(f"{out}: a trace file must end in .h5")
     device = pick_device(device, part.local_rank if part is not None and part.distributed else None)
+    path = out if part is None else sh.shard_path(out, part.index, part.count)
+    # Before minutes of loading: arguments the pipeline does not take, and a resume with other settings.
+    if pipe is None:
+        from .models.loading import pipeline_class
+
+        cls = pipeline_class(model)
+        if cls is not None:
+            check_pipeline_arguments(cls, settings, model)
+    if not overwrite:
+        from .store import precheck_resume
+
+        unknown = () if settings.dtype is not None else ("dtype",)
+        precheck_resume(path, settings.recorded(), unknown=unknown, source=model)
+        if part is not None:
+            sh.check_manifest_settings(out, settings.recorded(), unknown=unknown)
     leader = part is None or not part.distributed or part.index == 0  # prints, shows the bar
     say = echo if leader else (lambda *a, **k: None)
     owns_group = sh.init_process_group(part, device) if part is not None else False
     try:
         if pipe is None:
-            pipe = load_model(model, device=device)
+            pipe = load_model(model, device=device, dtype=settings.dtype, cpu_offload=settings.cpu_offload)
+        check_pipeline_arguments(pipe, settings, model)
+        settings = _with_dtype(settings, pipe)
         check = getattr(pipe, "validate_prompts", None)
         if callable(check):  # fail on an unreadable prompt before hours of tracing, not at prompt 57
             check(prompts)
@@ -687,25 +1014,25 @@ def run_trace(
             hint = f"--modulation-module {modulation_module}: " if modulation_module else ""
             raise CalibError(f"{hint}{exc.args[0] if exc.args else exc}") from None
         info = describe_model(pipe, model, tracer.adapter)
+        recorded = {**settings.recorded(), "resolution": list(tracer._resolution(settings))}
+        if part is not None and not overwrite:  # now with the dtype the model runs in
+            sh.check_manifest_settings(out, recorded)
         all_jobs = [(p, s) for p in prompts for s in settings.seeds]
         if part is None:
-            path, jobs, attrs = out, all_jobs, None
+            jobs, attrs = all_jobs, None
         else:
-            path = sh.shard_path(out, part.index, part.count)
             jobs = sh.split(all_jobs, part.index, part.count)
             attrs = {"shard_index": part.index, "shard_count": part.count}
 
         def manifest():
             return sh.write_manifest(out, model=model, model_info=info, settings=settings, prompts=prompts,
-                                     jobs=all_jobs, count=part.count, launcher=part.launcher)
+                                     jobs=all_jobs, count=part.count, launcher=part.launcher, recorded=recorded)
 
         done = 0
-        with tracer, TraceWriter(path, info, overwrite=overwrite, attrs=attrs, background=True) as writer:
-            finished = {
-                (t.prompt, t.seed)
-                for t in writer.trajectories
-                if t.steps == settings.steps and t.guidance == float(settings.guidance)
-            }
+        with tracer, TraceWriter(path, info, overwrite=overwrite, attrs=attrs, background=True,
+                                 settings=recorded) as writer:
+            # the writer refused a file traced with other settings, so every generation in it is one of this run's
+            finished = {(t.prompt, t.seed) for t in writer.trajectories}
             todo = [(p, s) for p, s in jobs if (p, s) not in finished]
             if part is not None and (leader or not part.distributed):
                 manifest()  # so the shards are listed even if the run stops early

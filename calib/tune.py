@@ -397,6 +397,35 @@ def wall_target_fraction(costs: dict, speedup: float) -> float:
     return min(max(fraction, f0), 1.0)
 
 
+def _show_pipeline(doc: dict, coeffs, echo) -> None:
+    """Say how the calibration's pipeline was called and loaded (``calibration.pipeline``)."""
+    from .method_docs import describe_pipeline
+
+    echo(f"{coeffs} was calibrated with {describe_pipeline((doc.get('calibration') or {}).get('pipeline'))}")
+
+
+def _check_traces_pipeline(doc: dict, trace_set, coeffs) -> None:
+    """Warn when the traces to replay were made with other pipeline settings than the calibration's: the replay
+    then predicts what the cache does on theirs."""
+    from types import SimpleNamespace
+
+    from .method_docs import pipeline_section
+    from .store import settings_difference
+
+    calibrated = (doc.get("calibration") or {}).get("pipeline")
+    if calibrated is None:
+        return
+    for path, attrs in zip(trace_set.files, trace_set.attrs):
+        traced = pipeline_section(SimpleNamespace(attrs=[attrs]))
+        diff = None if traced is None else settings_difference(calibrated, traced,
+                                                               unknown=("steps", "guidance", "record_blocks"))
+        if diff is not None:
+            import warnings
+
+            warnings.warn(f"{path} was traced with {diff[1]}, {coeffs} was calibrated with {diff[0]}; the replay "
+                          "predicts what the cache does on the traces' settings", stacklevel=2)
+
+
 def run_tune(traces, coeffs, target: TuneTarget, *, write: bool = False, costs=None, echo=print) -> dict:
     """``calib tune``: replay the coefficient file's rule on the traces, print the table, choose the threshold for
     ``target`` and, with ``write``, record table and choice in the file's ``thresholds`` section.
@@ -410,6 +439,16 @@ def run_tune(traces, coeffs, target: TuneTarget, *, write: bool = False, costs=N
     from .store import read_traces
 
     doc = load_document(coeffs)
+    _show_pipeline(doc, coeffs, echo)
+    if doc.get("method") == "schedule":  # static schedules per budget: pick the budget (calib.schedule)
+        from .schedule import run_tune as run_schedule_tune
+
+        return run_schedule_tune(coeffs, doc, target, write=write, costs=costs, echo=echo)
+    if not traces:
+        from .errors import CalibError
+
+        raise CalibError(f"calib tune replays {doc.get('method', 'teacache')}'s rule on traces: pass the trace files "
+                         "(calib tune TRACES... --coeffs ...)")
     if doc.get("method") == "block-cache":  # a per-block schedule: its own rule (calib.block_cache)
         from .block_cache import run_tune as run_block_cache_tune
         from .errors import CalibError
@@ -420,6 +459,7 @@ def run_tune(traces, coeffs, target: TuneTarget, *, write: bool = False, costs=N
         return run_block_cache_tune(traces, coeffs, doc, target, write=write, echo=echo)
     rescalers, indicator, normalization = rescalers_of(doc)
     trace_set = read_traces([Path(t) for t in traces])
+    _check_traces_pipeline(doc, trace_set, coeffs)
     if not any(t.component in rescalers for t in trace_set.trajectories):
         from .errors import CalibError
 

@@ -44,7 +44,7 @@ def is_factory_spec(spec: str) -> bool:
     return bool(FACTORY_SPEC.match(spec)) and not spec.startswith("builtin:") and not Path(spec).exists()
 
 
-def load_factory(spec: str, device: str = "cpu"):
+def load_factory(spec: str, device: str | None = "cpu"):
     """``module:function``: import the module (from the current folder or the installed packages) and call the
     function with no arguments; it returns the pipeline to trace (one built with quantisation, LoRAs fused, or a
     class diffusers cannot load from a folder). This runs the user's own code, named on the command line; a model
@@ -73,7 +73,7 @@ def load_factory(spec: str, device: str = "cpu"):
                          "(above: where your code failed)") from None
     if not callable(pipe) or not hasattr(pipe, "transformer"):
         raise CalibError(f"--model {spec}: {attr}() returned {type(pipe).__name__}, not a pipeline with a transformer")
-    if hasattr(pipe, "to"):
+    if hasattr(pipe, "to") and device is not None:
         pipe.to(device)
     return pipe
 
@@ -131,32 +131,187 @@ def model_from_file(source, file) -> str:
                      "(calib never runs code a file names); pass --model to say which pipeline to load")
 
 
+ACCELERATE_HINT = ("diffusers needs accelerate to load this pipeline; install it with `pip install 'accelerate>=1.0'` "
+                   "(a dependency of calib, missing from this environment)")
+
+
+def _accelerate_missing() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("accelerate") is None
+
+
 def _gist(exc: Exception) -> str:
-    """diffusers' error in one line; a missing .safetensors file says why calib wants one."""
+    """diffusers' error in one line; a missing .safetensors file says why calib wants one, a missing accelerate
+    what to install."""
     first = (str(exc).splitlines() or [type(exc).__name__])[0].rstrip(".")
     if "safetensors" in first and "no file named" in first:
         return (f"{first}. calib loads weights from .safetensors files only, never pickled .bin/.pt files; convert "
                 "them once where you trust them (save_pretrained(..., safe_serialization=True))")
+    # Without accelerate diffusers loads with low_cpu_mem_usage=False, which models that keep modules in float32
+    # (Wan, ...) refuse: "low_cpu_mem_usage cannot be False when keep_in_fp32_modules is True".
+    if ("low_cpu_mem_usage" in first or "accelerate" in first.lower()) and _accelerate_missing():
+        return f"{first}: {ACCELERATE_HINT}"
     return first
 
 
-def load_model(spec: str, device: str = "cpu", dtype=None):
-    """Load a diffusers pipeline. Never executes code shipped with a model folder (no trust_remote_code)."""
+def torch_dtype(dtype):
+    """``"bfloat16"`` / ``torch.bfloat16`` -> ``torch.bfloat16``; None stays None."""
+    if dtype is None:
+        return None
+    import torch
+
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    from ..trace import DTYPES
+
+    name = str(dtype).replace("torch.", "")
+    if name not in DTYPES:
+        raise CalibError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def _dtype_keyword() -> str:
+    """``from_pretrained``'s dtype argument: ``dtype`` where diffusers renamed ``torch_dtype`` (and warns on it)."""
+    try:
+        from diffusers.utils import _resolve_dtype  # noqa: F401 - present since the rename
+    except ImportError:
+        return "torch_dtype"
+    return "dtype"
+
+
+def has_accelerator() -> bool:
+    import torch
+
+    xpu = getattr(torch, "xpu", None)
+    mps = getattr(torch.backends, "mps", None)
+    return bool(torch.cuda.is_available() or (xpu is not None and xpu.is_available())
+                or (mps is not None and mps.is_available()))
+
+
+def check_cpu_offload(device: str) -> None:
+    """``--cpu-offload`` is possible here: an accelerator to run on, and accelerate to move the weights."""
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, TypeError):
+        kind = str(device)
+    if kind == "cpu" or kind == "meta":
+        why = ("this machine has no accelerator torch can use (no CUDA, XPU or MPS device); drop --cpu-offload"
+               if not has_accelerator() else
+               f"--device {device} is not one: name the GPU (e.g. --device cuda:0), or drop --cpu-offload")
+        raise CalibError("--cpu-offload keeps the weights in CPU memory and moves each model to the accelerator "
+                         f"while it runs, but {why}")
+    if _accelerate_missing():
+        raise CalibError("--cpu-offload needs accelerate: `pip install 'accelerate>=1.0'`")
+
+
+def _cast(pipe, dtype) -> None:
+    """``pipe.to(dtype)`` for a pipeline built in code (built-in, module:function), keeping the modules a model
+    lists in ``_keep_in_fp32_modules`` in float32 as ``from_pretrained(torch_dtype=...)`` would."""
+    import torch
+    from diffusers.utils import logging as diffusers_logging
+
+    models = [m for m in (getattr(pipe, "components", None) or {}).values() if isinstance(m, torch.nn.Module)]
+    floats = [p.dtype for m in models for p in m.parameters() if p.is_floating_point()]
+    if floats and all(d == dtype for d in floats):
+        return
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # its "cast with to()" warning: the float32 modules are restored below
+    try:
+        pipe.to(dtype=dtype)
+    finally:
+        diffusers_logging.set_verbosity(level)
+    if dtype == torch.float32:
+        return
+    for model in models:
+        keep = list(getattr(model, "_keep_in_fp32_modules", None) or [])
+        for name, module in model.named_modules():
+            if keep and any(k in name.split(".") for k in keep):
+                module.to(torch.float32)
+
+
+def _place(pipe, spec: str, device: str, dtype, cpu_offload: bool):
+    """Convert to ``dtype`` and move to ``device``, or enable model CPU offload onto it."""
+    if dtype is not None:
+        if not hasattr(pipe, "to"):
+            raise CalibError(f"--dtype: {type(pipe).__name__} from {spec} has no .to(); build it in that dtype")
+        _cast(pipe, dtype)
+    if cpu_offload:
+        offload = getattr(pipe, "enable_model_cpu_offload", None)
+        if not callable(offload):
+            raise CalibError(f"--cpu-offload: {type(pipe).__name__} from {spec} is not a diffusers pipeline (it has no "
+                             "enable_model_cpu_offload)")
+        offload(device=device)
+    elif hasattr(pipe, "to"):
+        pipe.to(device)
+    return pipe
+
+
+def pipeline_class(spec: str):
+    """The pipeline class ``spec`` loads, where that is known without loading it (a built-in model, a folder's
+    model_index.json naming a diffusers class); None otherwise (hub ids, module:function)."""
+    import json
+
     spec = (spec or DEFAULT_MODEL).strip()
+    name = spec[len("builtin:") :] if spec.startswith("builtin:") else spec
+    if spec.startswith("builtin:") or (name in BUILTIN and not Path(spec).exists()):
+        if name == "digits":
+            from .digits import DigitsPipeline
+
+            return DigitsPipeline
+        if name == "wan-digits":
+            from .wan_digits import WanDigitsPipeline
+
+            return WanDigitsPipeline
+        return None
+    index = Path(spec) / "model_index.json"
+    if not index.is_file():
+        return None
+    try:
+        class_name = json.loads(index.read_text(encoding="utf-8")).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(class_name, str):
+        return None
+    import diffusers
+
+    try:
+        cls = getattr(diffusers, class_name, None)
+    except Exception:  # diffusers' lazy import of a class whose backend is missing
+        return None
+    return cls if isinstance(cls, type) else None
+
+
+def load_model(spec: str, device: str = "cpu", dtype=None, cpu_offload: bool = False):
+    """Load a diffusers pipeline. Never executes code shipped with a model folder (no trust_remote_code).
+
+    ``dtype`` (a torch dtype or its name): load the weights in it; ``cpu_offload``: keep them in CPU memory and let
+    diffusers move each model to ``device`` while it runs (``enable_model_cpu_offload``) instead of moving the
+    whole pipeline there."""
+    spec = (spec or DEFAULT_MODEL).strip()
+    dtype = torch_dtype(dtype)
+    if cpu_offload:
+        check_cpu_offload(device)  # before minutes of loading
     name = spec[len("builtin:") :] if spec.startswith("builtin:") else spec
     if spec.startswith("builtin:") or (name in BUILTIN and not Path(spec).exists()):
         if name not in BUILTIN:
             raise CalibError(f"no built-in model {name!r}; built-in models: {', '.join(builtin_names())}")
-        return BUILTIN[name](device)
+        if dtype is None and not cpu_offload:
+            return BUILTIN[name](device)
+        return _place(BUILTIN[name]("cpu"), spec, device, dtype, cpu_offload)
     if is_factory_spec(spec):
-        return load_factory(spec, device)
+        if dtype is None and not cpu_offload:
+            return load_factory(spec, device)
+        return _place(load_factory(spec, None), spec, device, dtype, cpu_offload)
     from diffusers import DiffusionPipeline
 
     # No code shipped with the model runs, and nothing is unpickled: weights load from safetensors files only
     # (diffusers would otherwise fall back to torch.load on .bin/.pt files).
     kwargs = {"trust_remote_code": False, "use_safetensors": True}
     if dtype is not None:
-        kwargs["torch_dtype"] = dtype
+        kwargs[_dtype_keyword()] = dtype
     path = Path(spec)
     if path.exists():
         if not (path / "model_index.json").is_file():
@@ -178,5 +333,4 @@ def load_model(spec: str, device: str = "cpu", dtype=None):
                 f"{spec}: could not load from the hub ({_gist(exc)}); "
                 "on an offline machine download it elsewhere and pass the folder"
             ) from None
-    pipe.to(device)
-    return pipe
+    return _place(pipe, spec, device, None, cpu_offload)

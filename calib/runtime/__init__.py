@@ -7,13 +7,20 @@ only (diffusers is used when present).
     image = pipe("a handwritten 7").images[0]
     print(handle.stats())
     handle.remove()
+
+A skipped step adds the cached stack residual, or its forecast (``Forecast(order=1|2, variable=...)``, from the file
+or ``apply(..., forecast=...)``). A schedule file (``method: schedule``) or ``apply_schedule(pipe, {component:
+[steps]}, steps=N)`` fixes the computed steps instead of the gate.
 """
 
-from .api import CacheHandle, apply
+from .api import CacheHandle, apply, apply_schedule
 from .block_cache import BlockCacheConfig, BlockCacheHandle
 from .coefficients import CacheConfig, ComponentRescaler, document_for, load, parse
-from .errors import CoefficientFileError, ModelMismatchError, ThresholdError
+from .errors import (CoefficientFileError, ForecastError, ModelMismatchError, ScheduleError, StepCountError,
+                     ThresholdError)
+from .forecast import Forecast, ForecastHistory
 from .gate import Rescaler, TeaCacheGate, replay
+from .schedule import Schedule, ScheduleConfig, schedule_document_for
 
 __all__ = [
     "BlockCacheConfig",
@@ -22,13 +29,22 @@ __all__ = [
     "CacheHandle",
     "CoefficientFileError",
     "ComponentRescaler",
+    "Forecast",
+    "ForecastError",
+    "ForecastHistory",
     "ModelMismatchError",
     "Rescaler",
+    "Schedule",
+    "ScheduleConfig",
+    "ScheduleError",
+    "StepCountError",
     "TeaCacheGate",
     "ThresholdError",
     "apply",
+    "apply_schedule",
     "document_for",
     "load",
     "parse",
     "replay",
+    "schedule_document_for",
 ]

@@ -12,12 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import CoefficientFileError
+from .errors import CoefficientFileError, ForecastError
+from .forecast import Forecast
 from .gate import Rescaler
 
 SCHEMA_VERSION = 1
 FORMAT = "calib.coefficients"
-METHODS = ("teacache",)
+METHODS = ("teacache", "schedule")
 MAX_COEFFICIENTS = 21  # degree 20: the schema's limit (calib fit goes to 9)
 NORMALIZATIONS = ("none", "delta_sigma")  # indicator.normalization: see calib.runtime.api
 
@@ -26,6 +27,8 @@ NORMALIZATIONS = ("none", "delta_sigma")  # indicator.normalization: see calib.r
 class ComponentRescaler:
     coefficients: tuple[float, ...]
     domain: tuple[float, float] | None
+    # What a skipped step adds to the stack input: the last computed residual (order 0, TeaCache) or its forecast.
+    forecast: Forecast = Forecast()
 
     def __post_init__(self):
         if not self.coefficients or not all(_finite(c) for c in self.coefficients):
@@ -107,6 +110,10 @@ def parse(doc: Any, source: str = "<document>") -> CacheConfig:
         from .block_cache import parse as parse_block_cache
 
         return parse_block_cache(doc, source)
+    if method == "schedule":  # static per-step masks with a forecast in between (calib.runtime.schedule)
+        from .schedule import parse as parse_schedule
+
+        return parse_schedule(doc, source)
     if method not in METHODS:
         _fail(source, "method", f"{method!r} is not a method this runtime applies ({', '.join(METHODS)})")
     model = _model_section(doc, source)
@@ -139,7 +146,8 @@ def parse(doc: Any, source: str = "<document>") -> CacheConfig:
         elif (doc.get("provenance") or {}).get("source") == "measured":  # as calib.export validates it
             _fail(source, f"{where}.domain", "is null, but measured coefficients must state the input range they "
                                              "were fitted on (the runtime clamps to it)")
-        parsed[name] = ComponentRescaler(tuple(float(c) for c in coefs), domain)
+        parsed[name] = ComponentRescaler(tuple(float(c) for c in coefs), domain,
+                                         forecast_of(comp.get("forecast"), source, f"{where}.forecast"))
     indicator = doc.get("indicator")
     if isinstance(indicator, dict) and indicator.get("normalization", "none") not in NORMALIZATIONS:
         _fail(source, "indicator.normalization",
@@ -158,6 +166,14 @@ def parse(doc: Any, source: str = "<document>") -> CacheConfig:
         path=None,
         document=doc,
     )
+
+
+def forecast_of(entry, source: str, where: str) -> Forecast:
+    """A file's ``forecast`` entry as a :class:`Forecast` (absent: order 0, reuse); one-line error otherwise."""
+    try:
+        return Forecast.from_json(entry, where)
+    except ForecastError as exc:
+        raise CoefficientFileError(f"{source}: {exc}") from None
 
 
 def _check_with_jsonschema(doc: dict, source: str) -> None:
@@ -186,10 +202,12 @@ def document_for(
     domain=None,
     indicator: str = "modulated_input",
     recommended: float | None = None,
+    forecast: Forecast | None = None,
 ) -> dict:
     """A coefficient document for ``transformer``'s class and config, written in code rather than fitted: the same
     polynomial (highest degree first) for each of ``components``. ``[1, 0]``, the default, is TeaCache's rule
-    without rescaling. ``parse`` it (after changing what you need) to apply it."""
+    without rescaling. ``forecast``: what skipped steps add (absent: reuse, order 0). ``parse`` it (after changing
+    what you need) to apply it."""
     from datetime import datetime, timezone
 
     from .. import __version__
@@ -208,7 +226,8 @@ def document_for(
         "calibration": {},
         "components": {
             name: {"coefficients": coefficients, "order": "highest_first", "degree": len(coefficients) - 1,
-                   "domain": None if domain is None else list(domain)}
+                   "domain": None if domain is None else list(domain),
+                   **({} if forecast is None else {"forecast": forecast.as_json()})}
             for name in components
         },
     }

@@ -13,3 +13,15 @@ class ModelMismatchError(CalibError):
 
 class ThresholdError(CalibError):
     """A threshold that is negative or not a finite number."""
+
+
+class ForecastError(CalibError, ValueError):
+    """A forecast setting that is not one the runtime computes (kind, order, variable)."""
+
+
+class ScheduleError(CalibError):
+    """A static schedule that cannot be applied as asked (unknown budget, bad step list)."""
+
+
+class StepCountError(ScheduleError):
+    """A generation with another number of steps than the schedule was searched for."""

@@ -1,0 +1,153 @@
+"""Forecast the cached quantity on a skipped step instead of reusing it (torch and the standard library only).
+
+A :class:`Forecast` says how: Newton extrapolation of order ``k`` (0, 1 or 2) through the last ``k + 1`` computed
+values, in the step index, the scheduler's noise level σ or its timestep. Order 0 is TeaCache's reuse: the value of the
+last computed step, unchanged.
+
+A :class:`ForecastHistory` is one stream's state. It keeps the newest diagonal of the divided-difference table,
+``f[x_n]``, ``f[x_n, x_{n-1}]``, ``f[x_n, x_{n-1}, x_{n-2}]``: k + 1 tensors of the value's shape, the same memory as
+the last k + 1 values, and a prediction is then k multiply-adds:
+
+    p(x) = f[x_n] + f[x_n, x_{n-1}] (x - x_n) + f[x_n, x_{n-1}, x_{n-2}] (x - x_n)(x - x_{n-1})
+
+Until k + 1 values have been computed (the first steps of a generation) it extrapolates with the order the points
+allow, as TaylorSeer's warm-up does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import ForecastError
+
+KIND = "newton"
+ORDERS = (0, 1, 2)
+VARIABLES = ("step", "sigma", "timestep")
+
+
+@dataclass(frozen=True)
+class Forecast:
+    """How a skipped step's cached quantity is extrapolated: ``order`` 0 (reuse), 1 (linear) or 2 (quadratic), in
+    ``variable`` ``"step"`` (the step index), ``"sigma"`` (the scheduler's noise level) or ``"timestep"``."""
+
+    order: int = 0
+    variable: str = "step"
+
+    def __post_init__(self):
+        if isinstance(self.order, bool) or not isinstance(self.order, int) or self.order not in ORDERS:
+            raise ForecastError(f"forecast order must be one of {', '.join(map(str, ORDERS))}, got {self.order!r}")
+        if self.variable not in VARIABLES:
+            raise ForecastError(
+                f"forecast variable must be one of {', '.join(VARIABLES)}, got {self.variable!r}")
+
+    kind = KIND
+
+    @property
+    def tensors_per_stream(self) -> int:
+        """Tensors of the cached quantity's shape one stream holds: k + 1."""
+        return self.order + 1
+
+    def history(self) -> "ForecastHistory":
+        return ForecastHistory(self)
+
+    def as_json(self) -> dict:
+        """The coefficient file's ``forecast`` entry."""
+        return {"kind": KIND, "order": self.order, "variable": self.variable}
+
+    @classmethod
+    def from_json(cls, entry, where: str = "forecast") -> "Forecast":
+        """From a file's ``forecast`` entry (``None``: order 0); a ForecastError naming ``where`` otherwise."""
+        if entry is None:
+            return cls()
+        if not isinstance(entry, dict):
+            raise ForecastError(f"{where}: expected an object {{\"kind\", \"order\", \"variable\"}}")
+        if entry.get("kind") != KIND:
+            raise ForecastError(f"{where}.kind: {entry.get('kind')!r} is not a forecast this runtime computes ({KIND})")
+        if "order" not in entry:
+            raise ForecastError(f"{where}.order: missing (0, 1 or 2)")
+        try:
+            return cls(entry["order"], entry.get("variable", "step"))
+        except ForecastError as exc:
+            raise ForecastError(f"{where}: {exc}") from None
+
+
+class ForecastHistory:
+    """One stream's forecast state: the newest divided differences and the variable values they were taken at."""
+
+    def __init__(self, forecast: Forecast):
+        self.forecast = forecast
+        self._xs: list[float] = []  # newest first, at most order + 1
+        self._diffs: list[torch.Tensor] = []  # f[x_n], f[x_n, x_{n-1}], ... (newest diagonal)
+
+    def clear(self) -> None:
+        self._xs.clear()
+        self._diffs.clear()
+
+    def __len__(self) -> int:
+        """How many computed values the history holds (at most order + 1)."""
+        return len(self._diffs)
+
+    def matches(self, shape) -> bool:
+        """Whether a value of ``shape`` can be forecast (something is held, of that shape)."""
+        return bool(self._diffs) and self._diffs[0].shape == shape
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._diffs)
+
+    def push(self, x: float, value: torch.Tensor) -> None:
+        """Record a computed step's value at variable value ``x``; ``None`` forgets everything (nothing to cache)."""
+        if value is None:
+            self.clear()
+            return
+        x = float(x)
+        value = value.detach()
+        if self._diffs and (self._diffs[0].shape != value.shape or self._diffs[0].dtype != value.dtype):
+            self.clear()
+        if self.forecast.order == 0:
+            # Reuse: hold the tensor itself, exactly as the residual cache always did.
+            self._xs, self._diffs = [x], [value]
+            return
+        xs = [x]
+        diffs = [value]
+        for j, (old_x, old_diff) in enumerate(zip(self._xs, self._diffs)):
+            if j + 1 > self.forecast.order:
+                break
+            span = x - old_x
+            if not span:  # the same variable value twice (a repeated σ): no slope to take, start again from here
+                break
+            diffs.append(_divide(_sub(diffs[j], old_diff), span))
+            xs.append(old_x)
+        self._xs, self._diffs = xs, diffs
+
+    def predict(self, x: float) -> torch.Tensor:
+        """The Newton polynomial through the held values, at ``x``. Order 0 returns the held tensor itself."""
+        if not self._diffs:
+            raise RuntimeError("nothing computed yet to forecast from")
+        if len(self._diffs) == 1:
+            return self._diffs[0]
+        x = float(x)
+        out = self._diffs[0]
+        work = _work_dtype(out)
+        out = out.to(work)
+        product = 1.0
+        for j in range(1, len(self._diffs)):
+            product *= x - self._xs[j - 1]
+            out = out + self._diffs[j].to(work) * product
+        return out.to(self._diffs[0].dtype)
+
+
+def _work_dtype(t: torch.Tensor) -> torch.dtype:
+    """Half-precision values are combined in float32: differences of nearby bf16 values lose most of their bits."""
+    return torch.float32 if t.dtype in (torch.float16, torch.bfloat16) else t.dtype
+
+
+def _sub(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    work = _work_dtype(a)
+    return a.to(work) - b.to(work)
+
+
+def _divide(t: torch.Tensor, span: float) -> torch.Tensor:
+    return t / span
