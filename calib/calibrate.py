@@ -104,10 +104,18 @@ def run_fit(traces, *, out=None, degree="auto", streams=None, plot: bool = True,
             normalizations=list(NORMALIZATIONS) if normalization == "auto" else [normalization],
         )
         indicator, normalization = choice.indicator, choice.normalization
+    # TeaCache's fit first: whatever is wrong with the traces is reported as it always was.
+    fits = fit_all_components(trace_set, degree=degree, streams=streams, robust=robust, indicator=indicator,
+                              normalization=normalization, bootstrap=bootstrap)
     forecast_entry = _choose_forecast(trace_set, forecast, forecast_variable, degree=degree, streams=streams,
                                       robust=robust, indicator=indicator, normalization=normalization, echo=echo)
-    fits = fit_all_components(trace_set, degree=degree, streams=streams, robust=robust, indicator=indicator,
-                              normalization=normalization, bootstrap=bootstrap, forecast=forecast_entry)
+    if forecast_entry is not None:
+        if (forecast_entry.get("selection") or {}).get("rescaler_target") == "forecast_error":
+            fits = fit_all_components(trace_set, degree=degree, streams=streams, robust=robust, indicator=indicator,
+                                      normalization=normalization, bootstrap=bootstrap, forecast=forecast_entry)
+        else:  # the rescaler maps the output change: the fit above, with the forecast recorded beside it
+            for res in fits.values():
+                res.forecast = dict(forecast_entry)
     echo(format_diagnostics(fits))
     echo(format_fit_report(fits, choice))
     for name, res in fits.items():
@@ -160,7 +168,13 @@ def _choose_forecast(trace_set, forecast, variable: str, *, echo, **fit_options)
         return None
     candidates = [(k, v) for k, v in CANDIDATES
                   if (forecast == "auto" or k == int(forecast)) and (variable == "auto" or k == 0 or v == variable)]
-    choice = select_forecast(trace_set, candidates=candidates, **fit_options)
+    try:
+        choice = select_forecast(trace_set, candidates=candidates, **fit_options)
+    except CalibError as exc:
+        if forecast != "auto":
+            raise
+        echo(f"forecast: none could be scored, skipped steps reuse the cached residual ({exc})")
+        return None
     echo(format_choice(choice))
     return choice.entry()
 

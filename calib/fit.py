@@ -360,7 +360,9 @@ def collect_samples(trace_set, component: str = "transformer", streams=None, ind
         forced = forced_last_mask(traj, len(x) + max(warm_up - 1, 0))[max(warm_up - 1, 0):]
         keep = (~forced if exclude_forced else np.ones(len(x), dtype=bool))[1:]
         x, y, scale = x[1:], y[1:], scale[1:]
-        if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y)) and np.all(np.isfinite(scale))):
+        # With a forecast's error as y, a trajectory whose output changes are not finite is as damaged as before.
+        damaged_output = warm_up and not np.all(np.isfinite(np.asarray(traj.output_rel_l1, dtype=np.float64)[1:]))
+        if damaged_output or not (np.all(np.isfinite(x)) and np.all(np.isfinite(y)) and np.all(np.isfinite(scale))):
             n_skipped += 1
             continue
         n_excluded += int(np.count_nonzero(~keep))
