@@ -25,7 +25,7 @@ def _gate_runs(pipe, setup, coeffs_doc, forecast, fraction: float, trace_set, *,
     """(threshold, measured fraction, held-out error) of the gate + forecast nearest ``fraction`` from below."""
     import calib.runtime as cr
 
-    from .runtime.coefficients import parse
+    from .runtime.loading import parse
     from .schedule import Runner, _jobs
     from .tune import TuneTarget, find_threshold, rescalers_of
 
