@@ -76,8 +76,8 @@ def run_fit(traces, *, out=None, degree="auto", streams=None, plot: bool = True,
 
     from ._io import resolve_output, write_files
     from .export import build_document, document_bytes
-    from .fit import fit_all_components, format_diagnostics, format_fit_report, select_indicator
-    from .rescalers import INDICATORS, NORMALIZATIONS, WIDE_BAND
+    from .methods.teacache.fit import fit_all_components, format_diagnostics, format_fit_report, select_indicator
+    from .methods.teacache.rescalers import INDICATORS, NORMALIZATIONS, WIDE_BAND
     from .store import read_traces
     from .tune import RECOMMENDED_COMPUTE_FRACTION, recommend, threshold_table, thresholds_section
 

@@ -98,7 +98,7 @@ def select_forecast(trace_set, *, candidates=CANDIDATES, targets=TARGETS, degree
     TeaCache fits it, or the forecast's one-step error; order 0 only with the first) by held-out error (module
     docstring) and keep the lowest."""
     from .calibrate import _rescaler
-    from .fit import _generation_key, fit_traces
+    from .methods.teacache.fit import _generation_key, fit_traces
     from .tune import RECOMMENDED_COMPUTE_FRACTION, TuneTarget, find_threshold, replay_trajectories
 
     if not traced(trace_set):

@@ -1,0 +1,1 @@
+"""TeaCache: the rescaler estimators (rescalers), their fit on traces (fit), threshold tuning (tune)."""
