@@ -42,6 +42,7 @@ __all__ = [
     "Samples",
     "IndicatorChoice",
     "select_indicator",
+    "check_settings",
 ]
 
 MAX_CV_FOLDS = 5
@@ -647,3 +648,63 @@ def format_fit_report(results: dict[str, FitResult], choice: IndicatorChoice | N
                 f"[{c_lo:.4g}, {c_hi:.4g}] — {flag} (wide: > {WIDE_BAND:.0%})"
             )
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# which traces may be fitted together
+# ---------------------------------------------------------------------------------------------------------------
+SETTING_KEYS = (("steps", "steps"), ("guidance", "guidance"), ("resolution", "resolution"))
+
+
+def check_settings(trace_set, allow_mixed: bool = False) -> None:
+    """Refuse traces that mix step counts, guidance scales or resolutions (one line naming the files), unless
+    ``allow_mixed``: the per-step change depends on all three, and a rescaler fitted across them silently averages
+    them. (Files of different models are refused by :func:`calib.store.read_traces` itself.)"""
+    if allow_mixed:
+        return
+    trajectories = trace_set.trajectories
+    files = list(getattr(trace_set, "files", None) or [])
+    counts = list(getattr(trace_set, "counts", None) or [])
+    owner: list[str] = []
+    if files and counts and sum(counts) == len(trajectories):
+        for f, n in zip(files, counts):
+            owner.extend([f] * n)
+    elif len(files) == 1:
+        owner = files * len(trajectories)
+    for attr, label in SETTING_KEYS:
+        seen: dict = {}
+        for i, t in enumerate(trajectories):
+            value = getattr(t, attr, None)
+            value = tuple(value) if isinstance(value, (list, tuple)) else value
+            where = owner[i] if owner else "the traces"
+            seen.setdefault(value, [])
+            if where not in seen[value]:
+                seen[value].append(where)
+        if len(seen) > 1:
+            shown = " vs ".join(
+                f"{_show(v)} ({', '.join(w)})" for v, w in sorted(seen.items(), key=lambda kv: str(kv[0]))
+            )
+            raise CalibError(
+                f"the traces mix {label}: {shown}; the per-step change depends on it — fit each setting separately,"
+                " or pass --allow-mixed to fit one rescaler across them"
+            )
+    # The pipeline arguments and dtype each file was traced with (steps, guidance and size are compared above on
+    # every trajectory; per-block recording does not change the fit).
+    from calib.store import settings_difference, stored_settings  # h5py
+
+    known = [(f, s) for f, s in zip(files, (stored_settings(a) for a in getattr(trace_set, "attrs", None) or []))
+             if s is not None]
+    for f, s in known[1:]:
+        diff = settings_difference(known[0][1], s, unknown=("steps", "guidance", "height", "width", "num_frames",
+                                                             "record_blocks"))
+        if diff is not None:
+            raise CalibError(
+                f"the traces mix pipeline settings: {diff[0]} ({known[0][0]}) vs {diff[1]} ({f}); the per-step change "
+                "depends on them — fit each setting separately, or pass --allow-mixed to fit one rescaler across them"
+            )
+
+
+def _show(value) -> str:
+    if isinstance(value, tuple):
+        return "x".join(str(v) for v in value) or "unknown"
+    return f"{value:g}" if isinstance(value, float) else str(value)
