@@ -25,9 +25,10 @@ def _gate_runs(pipe, setup, coeffs_doc, forecast, fraction: float, trace_set, *,
     """(threshold, measured fraction, held-out error) of the gate + forecast nearest ``fraction`` from below."""
     import calib.runtime as cr
 
-    from .runtime.coefficients import parse
-    from .schedule import Runner, _jobs
-    from .tune import TuneTarget, find_threshold, rescalers_of
+    from .runtime.loading import parse
+    from .methods.base import TuneTarget
+    from .methods.schedule import Runner, _jobs
+    from .methods.teacache.tune import find_threshold, rescalers_of
 
     config = parse(coeffs_doc, "<auto: teacache>")
     rescalers, indicator, normalization = rescalers_of(coeffs_doc)
@@ -44,7 +45,7 @@ def _gate_runs(pipe, setup, coeffs_doc, forecast, fraction: float, trace_set, *,
             handle = cr.apply(pipe, config, threshold=t, forecast=forecast)
             try:
                 for job in runner.jobs:
-                    from .schedule import per_sample_rel_l1
+                    from .methods.schedule import per_sample_rel_l1
 
                     errors.extend(per_sample_rel_l1(runner.references[job], runner._generate(job)))
                 stats = handle.stats()
@@ -77,13 +78,15 @@ def run_auto(traces, *, out=None, fraction: float = DEFAULT_FRACTION, gap=None, 
              device=None, seeds=None, echo=print) -> Path:
     """``calib fit --method auto --compute-fraction F``: writes the better of gate + forecast and schedule +
     forecast for that budget to ``out`` and says why."""
-    from .calibrate import run_fit as run_teacache_fit
-    from .export import load_document, write_document
+    from .coeffs.io import load_document, write_document
+    from .jobs.fit import default_schedule_out as default_out
+    from .jobs.fit import run_teacache_fit
+    from .methods import registry
+    from .methods.base import TuneTarget
+    from .methods.schedule import DEFAULT_GAP, choose_budget, fit_schedule, parse_candidates, setup_from_traces
     from .models.loading import load_model
-    from .schedule import DEFAULT_GAP, choose_budget, default_out, fit_schedule, parse_candidates, setup_from_traces
     from .store import read_traces
     from .trace import pick_device
-    from .tune import TuneTarget
 
     if not (isinstance(fraction, (int, float)) and 0 < fraction < 1):
         raise CalibError(f"--compute-fraction must be in (0, 1) for --method auto, got {fraction!r}")
@@ -106,14 +109,14 @@ def run_auto(traces, *, out=None, fraction: float = DEFAULT_FRACTION, gap=None, 
     target = TuneTarget("compute_fraction", fraction)
     entry, reached = choose_budget(schedule_doc, target)
     schedule_doc["recommended"] = {"budget": entry["budget"]}
-    write_document(schedule_doc, schedule_path)
+    write_document(schedule_doc, schedule_path, validate=registry.validate)
     forecast_entry = schedule_doc["forecast"]
     from .runtime import Forecast
 
     forecast = Forecast(order=int(forecast_entry["order"]), variable=forecast_entry.get("variable", "step"))
     echo(f"\n== 3/3 compare on {len(setup.holdout_prompts)} held-out prompt(s) x seeds {setup.seeds} at <= "
          f"{fraction:.0%} of full forwards, forecast {forecast.as_json()}")
-    gate_doc = load_document(gate_path)
+    gate_doc = load_document(gate_path, validate=registry.validate)
     verdict = compare(pipe, setup, gate_doc, schedule_doc, entry, reached, forecast, fraction, trace_set, echo=echo)
     forecast = Forecast(order=verdict["gate"]["forecast"]["order"],
                         variable=verdict["gate"]["forecast"].get("variable", "step"))
@@ -128,7 +131,7 @@ def run_auto(traces, *, out=None, fraction: float = DEFAULT_FRACTION, gap=None, 
                 comp["forecast"] = forecast.as_json()
         doc.setdefault("thresholds", {})["recommended"] = float(threshold)
     doc.setdefault("calibration", {})["auto"] = verdict
-    write_document(doc, out)
+    write_document(doc, out, validate=registry.validate)
     echo(why)
     echo(f"wrote {out} (the {'schedule' if pick_schedule else 'coefficient'} file; both candidates kept beside it)")
     return out

@@ -15,7 +15,8 @@ or ``apply(..., forecast=...)``). A schedule file (``method: schedule``) or ``ap
 
 from .api import CacheHandle, apply, apply_schedule
 from .block_cache import BlockCacheConfig, BlockCacheHandle
-from .coefficients import CacheConfig, ComponentRescaler, document_for, load, parse
+from .coefficients import CacheConfig, ComponentRescaler, document_for
+from .loading import load, parse
 from .errors import (CoefficientFileError, ForecastError, ModelMismatchError, ScheduleError, StepCountError,
                      ThresholdError)
 from .forecast import Forecast, ForecastHistory

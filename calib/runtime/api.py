@@ -27,6 +27,8 @@ import torch
 from ..adapters import get_adapter
 from ..adapters.base import Adapter
 from ..hooking import ContextProbe, StepClock, rel_l1, timestep_value, wrap_forward
+from .block_cache import BlockCacheHandle
+from .block_cache import apply as apply_block_cache
 from .coefficients import CacheConfig
 from .errors import ModelMismatchError
 from .errors import ScheduleError, StepCountError, ThresholdError
@@ -341,22 +343,38 @@ def apply(
     scheduler gives it (``scheduler.sigmas``, read once per generation); on a bare transformer pass ``sigmas=`` (the
     scheduler's noise levels, one per step and the final one) or a ValueError says so.
     """
-    method = getattr(config, "method", "teacache")
-    if method == "block-cache":
-        from .block_cache import apply as apply_block_cache
+    apply_method = _APPLY.get(getattr(config, "method", "teacache"), _apply_gate)
+    return apply_method(target, config, threshold, num_steps=num_steps, allow_model_mismatch=allow_model_mismatch,
+                        modulation_module=modulation_module, sigmas=sigmas, forecast=forecast, budget=budget)
 
-        return apply_block_cache(target, config, threshold, num_steps=num_steps,
-                                 allow_model_mismatch=allow_model_mismatch, modulation_module=modulation_module)
+
+def _check_forecast(forecast) -> None:
     if forecast is not None and not isinstance(forecast, Forecast):
         raise TypeError(f"forecast must be a calib.runtime.Forecast, got {type(forecast).__name__}")
-    if method == "schedule":
-        if threshold is not None:
-            raise ScheduleError("a schedule file takes budget=..., not threshold=...: it fixes the computed steps")
-        schedule = config.schedule(budget)
-        return _install(target, config, None, num_steps, allow_model_mismatch, modulation_module, sigmas,
-                        forecasts={name: forecast or config.forecast for name in config.components},
-                        masks={name: frozenset(steps) for name, steps in schedule.components.items()},
-                        budget=schedule.budget)
+
+
+def _apply_block_cache(target, config, threshold, *, num_steps, allow_model_mismatch, modulation_module, sigmas,
+                       forecast, budget) -> BlockCacheHandle:
+    # A per-block schedule has no forecast, budget or noise levels: it ignores them, as it always has.
+    return apply_block_cache(target, config, threshold, num_steps=num_steps,
+                             allow_model_mismatch=allow_model_mismatch, modulation_module=modulation_module)
+
+
+def _apply_schedule(target, config, threshold, *, num_steps, allow_model_mismatch, modulation_module, sigmas,
+                    forecast, budget) -> CacheHandle:
+    _check_forecast(forecast)
+    if threshold is not None:
+        raise ScheduleError("a schedule file takes budget=..., not threshold=...: it fixes the computed steps")
+    schedule = config.schedule(budget)
+    return _install(target, config, None, num_steps, allow_model_mismatch, modulation_module, sigmas,
+                    forecasts={name: forecast or config.forecast for name in config.components},
+                    masks={name: frozenset(steps) for name, steps in schedule.components.items()},
+                    budget=schedule.budget)
+
+
+def _apply_gate(target, config, threshold, *, num_steps, allow_model_mismatch, modulation_module, sigmas,
+                forecast, budget) -> CacheHandle:
+    _check_forecast(forecast)
     if budget is not None:
         raise ThresholdError("budget= is for schedule files; coefficient files take threshold=...")
     threshold = choose_threshold(threshold, config, "coefficient")
@@ -365,13 +383,18 @@ def apply(
                     forecasts=forecasts, masks=None)
 
 
+# The document's method -> how it is applied (the keys are those of calib.runtime.loading.PARSERS; a config
+# without a method is a teacache one).
+_APPLY = {"teacache": _apply_gate, "block-cache": _apply_block_cache, "schedule": _apply_schedule}
+
+
 def apply_schedule(target, schedule: dict, *, steps: int, forecast: Forecast | None = None,
                    num_steps: int | None = None, allow_model_mismatch: bool = False, sigmas=None) -> CacheHandle:
     """Compute exactly the listed steps, ``schedule = {component: [step indices]}``, for generations of ``steps``
     steps, forecasting the others with ``forecast`` (default: reuse). The quick way to run a candidate mask; the same
     as ``apply(target, parse(schedule_document_for(target, steps=..., schedules={budget: schedule})))`` with the
     budget the listed steps summed over components."""
-    from .coefficients import parse
+    from .loading import parse
     from .schedule import schedule_document_for
 
     budget = sum(len(v) for v in schedule.values())

@@ -30,7 +30,7 @@ import torch
 
 from ..adapters import get_adapter
 from ..hooking import ContextProbe, StepClock, timestep_value, wrap_forward
-from .coefficients import _check_with_jsonschema, _fail, _finite, _model_section, _recommended_threshold
+from .document import _check_with_jsonschema, _fail, _finite, _model_section, _recommended_threshold
 from .errors import ModelMismatchError
 from .handle import RuntimeHandle, check_model, check_not_applied, choose_threshold, components_of, steps_with
 from .stats import totals

@@ -1,4 +1,5 @@
-"""Load a coefficient JSON into a validated :class:`CacheConfig` (standard library only).
+"""The teacache document: its parser (``parse_teacache``, one row of ``loading.PARSERS``), :class:`CacheConfig`
+and ``document_for`` (standard library only).
 
 The rules here are those of the packaged JSON Schema (``calib/schemas/coefficients.v1.schema.json``); when
 ``jsonschema`` is installed the file is also checked against that schema, so both stay in step.
@@ -6,21 +7,15 @@ The rules here are those of the packaged JSON Schema (``calib/schemas/coefficien
 
 from __future__ import annotations
 
-import json
-import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from .errors import CoefficientFileError, ForecastError
+from .document import (FORMAT, NORMALIZATIONS, SCHEMA_VERSION, _check_with_jsonschema, _fail, _finite,  # noqa: F401
+                       _model_section, _recommended_threshold, forecast_of)
 from .forecast import Forecast
 from .gate import Rescaler
 
-SCHEMA_VERSION = 1
-FORMAT = "calib.coefficients"
-METHODS = ("teacache", "schedule")
 MAX_COEFFICIENTS = 21  # degree 20: the schema's limit (calib fit goes to 9)
-NORMALIZATIONS = ("none", "delta_sigma")  # indicator.normalization: see calib.runtime.api
 
 
 @dataclass(frozen=True)
@@ -64,58 +59,9 @@ class CacheConfig:
             raise ValueError("recommended threshold must be a finite number >= 0")
 
 
-def _finite(value: Any) -> bool:
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        return False
-    try:
-        return math.isfinite(value)
-    except OverflowError:  # an int beyond float's range is no finite float
-        return False
-
-
-def _fail(source: str, where: str, what: str):
-    raise CoefficientFileError(f"{source}: {where}: {what}")
-
-
-def _model_section(doc: dict, source: str) -> dict:
-    """The document's ``model`` object; it must name the model class (every method's file does)."""
-    model = doc.get("model")
-    if not isinstance(model, dict) or not isinstance(model.get("class"), str) or not model["class"]:
-        _fail(source, "model.class", "missing: the file must name the model class it was calibrated on")
-    return model
-
-
-def _recommended_threshold(doc: dict, source: str) -> float | None:
-    """``thresholds.recommended`` as a float, None when absent; a finite number >= 0 otherwise refused."""
-    thresholds = doc.get("thresholds")
-    if not isinstance(thresholds, dict) or thresholds.get("recommended") is None:
-        return None
-    recommended = thresholds["recommended"]
-    if not _finite(recommended) or recommended < 0:
-        _fail(source, "thresholds.recommended", "must be a finite number >= 0")
-    return float(recommended)
-
-
-def parse(doc: Any, source: str = "<document>") -> CacheConfig:
-    """Validate a decoded coefficient document and build the config; one-line CoefficientFileError otherwise."""
-    if not isinstance(doc, dict):
-        _fail(source, "(top level)", "expected a JSON object")
-    if doc.get("format") != FORMAT:
-        _fail(source, "format", f"expected {FORMAT!r}, got {doc.get('format')!r}; is this a calib coefficient file?")
-    version = doc.get("schema_version")
-    if version != SCHEMA_VERSION:
-        _fail(source, "schema_version", f"this file is version {version!r}; this calib reads version {SCHEMA_VERSION}")
-    method = doc.get("method")
-    if method == "block-cache":  # per-block schedule: its own config and policy (calib.runtime.block_cache)
-        from .block_cache import parse as parse_block_cache
-
-        return parse_block_cache(doc, source)
-    if method == "schedule":  # static per-step masks with a forecast in between (calib.runtime.schedule)
-        from .schedule import parse as parse_schedule
-
-        return parse_schedule(doc, source)
-    if method not in METHODS:
-        _fail(source, "method", f"{method!r} is not a method this runtime applies ({', '.join(METHODS)})")
+def parse_teacache(doc: Any, source: str = "<document>") -> CacheConfig:
+    """Validate a decoded teacache document (format and version already checked by ``loading.parse``) and build
+    the config; one-line CoefficientFileError otherwise."""
     model = _model_section(doc, source)
     components = doc.get("components")
     if not isinstance(components, dict) or not components:
@@ -168,32 +114,6 @@ def parse(doc: Any, source: str = "<document>") -> CacheConfig:
     )
 
 
-def forecast_of(entry, source: str, where: str) -> Forecast:
-    """A file's ``forecast`` entry as a :class:`Forecast` (absent: order 0, reuse); one-line error otherwise."""
-    try:
-        return Forecast.from_json(entry, where)
-    except ForecastError as exc:
-        raise CoefficientFileError(f"{source}: {exc}") from None
-
-
-def _check_with_jsonschema(doc: dict, source: str) -> None:
-    try:
-        import jsonschema
-    except ImportError:  # optional at run time: the checks above cover what the runtime relies on
-        return
-    from importlib import resources
-
-    try:
-        schema_text = resources.files("calib").joinpath("schemas/coefficients.v1.schema.json").read_text("utf-8")
-    except FileNotFoundError:
-        return
-    validator = jsonschema.Draft202012Validator(json.loads(schema_text))
-    error = jsonschema.exceptions.best_match(validator.iter_errors(doc))
-    if error is not None:
-        where = ".".join(str(p) for p in error.absolute_path) or "(top level)"
-        _fail(source, where, error.message)
-
-
 def document_for(
     transformer,
     coefficients=(1.0, 0.0),
@@ -234,39 +154,3 @@ def document_for(
     if recommended is not None:
         doc["thresholds"] = {"recommended": recommended}
     return doc
-
-
-def load(path: str | Path) -> CacheConfig:
-    """Read and validate a coefficient JSON. Every problem is one line naming the file."""
-    path = Path(path)
-    source = str(path)
-    if not path.exists():
-        raise CoefficientFileError(f"{source}: no such file")
-    if path.is_dir():
-        raise CoefficientFileError(f"{source}: is a directory, expected a coefficient JSON file")
-    from .._io import MAX_JSON_BYTES, parse_json, read_input
-    from ..errors import CalibError
-
-    try:
-        raw = read_input(path, what="a coefficient JSON file", limit=MAX_JSON_BYTES)  # regular, not too large
-    except CalibError as exc:  # unreadable (permissions), a FIFO or device, too large
-        raise CoefficientFileError(str(exc)) from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise CoefficientFileError(f"{source}: not UTF-8 text; expected a coefficient JSON file") from None
-    try:
-        # Non-finite literals (NaN, Infinity) are not JSON; refuse them instead of letting them into a gate.
-        # calib's limits (nesting depth, integer size) keep a hostile file from RecursionError / huge ints.
-        doc = parse_json(text, parse_constant=_reject_constant)
-    except json.JSONDecodeError as exc:
-        raise CoefficientFileError(f"{source}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
-    except ValueError as exc:
-        raise CoefficientFileError(f"{source}: {exc}") from None
-    config = parse(doc, source)
-    object.__setattr__(config, "path", source)
-    return config
-
-
-def _reject_constant(name: str):
-    raise ValueError(f"contains {name}, which is not a finite number")

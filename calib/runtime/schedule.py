@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .coefficients import FORMAT, SCHEMA_VERSION, _check_with_jsonschema, _fail, _model_section, forecast_of
+from .document import FORMAT, SCHEMA_VERSION, _check_with_jsonschema, _fail, _model_section, forecast_of
 from .errors import ScheduleError
 from .forecast import Forecast
 

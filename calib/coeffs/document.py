@@ -1,0 +1,133 @@
+"""The parts of a coefficient document that every method shares: the header (format, version, method, created),
+the model and calibration sections, and the ``calibration.pipeline`` settings calib eval regenerates with."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+
+import numpy as np
+
+from calib import __version__
+from calib.errors import CalibError
+from calib.runtime.document import FORMAT, SCHEMA_VERSION
+
+def model_section(trace_set) -> dict:
+    info = dict(getattr(trace_set, "model_info", None) or {})
+    if not info.get("class"):
+        raise CalibError("the traces do not record the model class; trace again with this version of calib")
+    model = {"class": str(info["class"])}
+    for key in ("source", "config_hash", "adapter"):
+        if info.get(key) is not None:
+            model[key] = str(info[key])
+    return model
+
+
+# The calibration.pipeline section: how the traced pipeline was called and loaded (calib trace's trace_settings,
+# less what the section lists elsewhere). calib eval regenerates with exactly these.
+PIPELINE_FIELDS = ("height", "width", "num_frames", "negative_prompt", "true_cfg_scale", "pipeline_args", "dtype",
+                   "cpu_offload")
+
+
+def pipeline_section(trace_set) -> dict | None:
+    """``calibration.pipeline`` of the traces: their ``trace_settings`` pipeline fields when every file records
+    them and they agree (``cpu_offload``, which does not change what is computed, is true if any file used it);
+    None for traces of an older calib, or files traced with different pipeline settings (``--allow-mixed``)."""
+    from calib.store import settings_difference, stored_settings  # h5py behind it: only when traces are read
+
+    found = [stored_settings(a) for a in (getattr(trace_set, "attrs", None) or [])]
+    if not found or any(s is None for s in found):
+        return None
+    first = found[0]
+    for other in found[1:]:
+        if settings_difference(first, other, unknown=("steps", "guidance", "record_blocks")) is not None:
+            return None
+    section = {k: first.get(k) for k in PIPELINE_FIELDS}
+    section["pipeline_args"] = dict(section["pipeline_args"] or {})
+    section["cpu_offload"] = any(bool(s.get("cpu_offload")) for s in found)
+    return section
+
+
+def pipeline_call_kwargs(section: dict | None) -> dict:
+    """The keyword arguments a ``calibration.pipeline`` section says the pipeline was called with (besides
+    prompt, steps, guidance, generator and output type): its pipeline_args, then size and true-CFG arguments."""
+    section = section or {}
+    kwargs = dict(section.get("pipeline_args") or {})
+    for name in ("height", "width", "num_frames", "negative_prompt", "true_cfg_scale"):
+        if section.get(name) is not None:
+            kwargs[name] = section[name]
+    return kwargs
+
+
+def describe_pipeline(section: dict | None) -> str:
+    """``calibration.pipeline`` in one line, as the options that give it."""
+    if not section:
+        return "pipeline settings not recorded (traced by an older calib, or of several settings)"
+    return describe_call(pipeline_call_kwargs(section), section.get("dtype"), bool(section.get("cpu_offload")))
+
+
+_NAMED_OPTIONS = {"height": "--height", "width": "--width", "num_frames": "--num-frames",
+                  "negative_prompt": "--negative-prompt", "true_cfg_scale": "--true-cfg-scale"}
+
+
+def describe_call(kwargs: dict, dtype: str | None = None, cpu_offload: bool = False) -> str:
+    """Pipeline call arguments (besides prompt, steps, guidance, generator), dtype and offload as the options of
+    calib trace that give them: ``--negative-prompt 'bad' --true-cfg-scale 4 --dtype bfloat16``."""
+    parts = []
+    for name, option in _NAMED_OPTIONS.items():
+        value = kwargs.get(name)
+        if value is None:
+            continue
+        if name == "negative_prompt":
+            parts.append(f"{option} {value!r}")
+        elif isinstance(value, float):
+            parts.append(f"{option} {value:g}")
+        else:
+            parts.append(f"{option} {value}")
+    for key, value in kwargs.items():
+        if key not in _NAMED_OPTIONS:
+            parts.append(f"--pipeline-arg {key}={json.dumps(value, ensure_ascii=False)}")
+    if dtype:
+        parts.append(f"--dtype {dtype}")
+    if cpu_offload:
+        parts.append("--cpu-offload")
+    return " ".join(parts) if parts else "the pipeline's defaults"
+
+
+def calibration_section(trace_set) -> dict:
+    info = dict(getattr(trace_set, "model_info", None) or {})
+    settings = trace_set.settings()
+    out = {"steps": [int(s) for s in settings.get("steps", [])]}
+    if info.get("scheduler") is not None:
+        out["scheduler"] = str(info["scheduler"])
+    out["guidance"] = [None if g is None else float(g) for g in settings.get("guidance", [])]
+    # A trace of a pipeline that does not say its resolution (no --height/--width) records an empty one: not listed.
+    out["resolution"] = [[int(v) for v in np.atleast_1d(r)] for r in settings.get("resolution", []) if np.size(r)]
+    out["num_prompts"] = int(settings.get("prompts", 0))
+    out["num_seeds"] = int(settings.get("seeds", 0))
+    out["num_trajectories"] = len(trace_set.trajectories)
+    out["streams"] = [str(s) for s in settings.get("streams", [])]
+    out["trace_files"] = [str(f) for f in (getattr(trace_set, "files", None) or [])]
+    pipeline = pipeline_section(trace_set)
+    if pipeline is not None:
+        out["pipeline"] = pipeline
+    return out
+
+
+def utc_now() -> str:
+    """The document's ``created`` time: now, in UTC, to the second (RFC 3339)."""
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def header(method: str, trace_set, created: str | None = None) -> dict:
+    """The fields every method's document starts with: format, version, method, calib version, created, model,
+    calibration."""
+    return {
+        "format": FORMAT,
+        "schema_version": SCHEMA_VERSION,
+        "method": method,
+        "calib_version": __version__,
+        "created": created or utc_now(),
+        "model": model_section(trace_set),
+        "calibration": calibration_section(trace_set),
+    }

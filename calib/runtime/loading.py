@@ -1,0 +1,65 @@
+"""parse / load: format and version, then the method's own parser from one table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from . import block_cache, schedule
+from .coefficients import CacheConfig, parse_teacache
+from .document import FORMAT, SCHEMA_VERSION, _fail
+from .errors import CoefficientFileError
+
+PARSERS = {"teacache": parse_teacache, "block-cache": block_cache.parse, "schedule": schedule.parse}
+
+
+def parse(doc: Any, source: str = "<document>") -> CacheConfig:
+    """Validate a decoded coefficient document and build the config; one-line CoefficientFileError otherwise."""
+    if not isinstance(doc, dict):
+        _fail(source, "(top level)", "expected a JSON object")
+    if doc.get("format") != FORMAT:
+        _fail(source, "format", f"expected {FORMAT!r}, got {doc.get('format')!r}; is this a calib coefficient file?")
+    version = doc.get("schema_version")
+    if version != SCHEMA_VERSION:
+        _fail(source, "schema_version", f"this file is version {version!r}; this calib reads version {SCHEMA_VERSION}")
+    method = doc.get("method")
+    if method not in PARSERS:
+        _fail(source, "method", f"{method!r} is not a method this runtime applies ({', '.join(PARSERS)})")
+    return PARSERS[method](doc, source)
+
+
+def load(path: str | Path) -> CacheConfig:
+    """Read and validate a coefficient JSON. Every problem is one line naming the file."""
+    path = Path(path)
+    source = str(path)
+    if not path.exists():
+        raise CoefficientFileError(f"{source}: no such file")
+    if path.is_dir():
+        raise CoefficientFileError(f"{source}: is a directory, expected a coefficient JSON file")
+    from .._io import MAX_JSON_BYTES, parse_json, read_input
+    from ..errors import CalibError
+
+    try:
+        raw = read_input(path, what="a coefficient JSON file", limit=MAX_JSON_BYTES)  # regular, not too large
+    except CalibError as exc:  # unreadable (permissions), a FIFO or device, too large
+        raise CoefficientFileError(str(exc)) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise CoefficientFileError(f"{source}: not UTF-8 text; expected a coefficient JSON file") from None
+    try:
+        # Non-finite literals (NaN, Infinity) are not JSON; refuse them instead of letting them into a gate.
+        # calib's limits (nesting depth, integer size) keep a hostile file from RecursionError / huge ints.
+        doc = parse_json(text, parse_constant=_reject_constant)
+    except json.JSONDecodeError as exc:
+        raise CoefficientFileError(f"{source}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+    except ValueError as exc:
+        raise CoefficientFileError(f"{source}: {exc}") from None
+    config = parse(doc, source)
+    object.__setattr__(config, "path", source)
+    return config
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"contains {name}, which is not a finite number")
