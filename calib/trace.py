@@ -23,6 +23,8 @@ from .adapters import Adapter, first_tensor, get_adapter, model_identity, transf
 from .adapters.base import get_submodule
 from .errors import CalibError
 from .hooking import ContextProbe, Handle, StepClock, wrap_forward, wrap_method
+from .models import loading as model_loading  # load_model is looked up at call time (tests replace it)
+from .models.loading import BUILTIN, DTYPE_NAMES, builtin_names, is_factory_spec, pipeline_class
 
 # Per call, same-shaped series are copied into one stack per group and reduced later, many calls at once, while a
 # call's stack holds at most BATCH_NUMEL elements (_Recorder._changes); beyond it (large models) each is reduced on
@@ -45,7 +47,7 @@ EXTRA_SERIES = (
 MAX_STEPS = 10_000  # denoising steps; schedulers use 1-1000, and the tracer sizes buffers by it
 
 # torch dtypes by the names --dtype takes (and the trace file records)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 # Pipeline arguments calib sets itself, with the option that sets them: --pipeline-arg may not give these.
 CALIB_ARGUMENTS = {
     "prompt": "--prompts",
@@ -894,8 +896,6 @@ def check_call_arguments(pipeline, steps: int, guidance: float, kwargs: dict, mo
 
 
 def default_trace_path(model: str) -> Path:
-    from .models.loading import is_factory_spec
-
     if model.startswith("builtin:") or is_factory_spec(model):  # builtin:NAME, module:NAME
         name = model.split(":", 1)[1]
     else:
@@ -964,7 +964,6 @@ def run_trace(
 
     from . import shards as sh
     from .errors import InterruptedRun
-    from .models.loading import load_model
     from .prompts import bundled_prompts_path, read_prompts
     from .store import TraceWriter
 
@@ -972,8 +971,6 @@ def run_trace(
     if prompts_file is None:
         if not model.startswith("builtin:"):
             raise CalibError("--prompts is required for models that are not built in")
-        from .models.loading import BUILTIN, builtin_names
-
         if model.split(":", 1)[1] not in BUILTIN:  # before looking for its bundled prompts
             raise CalibError(f"no built-in model {model.split(':', 1)[1]!r}; built-in models: {', '.join(builtin_names())}")
         prompts_file = bundled_prompts_path(model.split(":", 1)[1])
@@ -985,8 +982,6 @@ def run_trace(
     path = out if part is None else sh.shard_path(out, part.index, part.count)
     # Before minutes of loading: arguments the pipeline does not take, and a resume with other settings.
     if pipe is None:
-        from .models.loading import pipeline_class
-
         cls = pipeline_class(model)
         if cls is not None:
             check_pipeline_arguments(cls, settings, model)
@@ -1002,7 +997,7 @@ def run_trace(
     owns_group = sh.init_process_group(part, device) if part is not None else False
     try:
         if pipe is None:
-            pipe = load_model(model, device=device, dtype=settings.dtype, cpu_offload=settings.cpu_offload)
+            pipe = model_loading.load_model(model, device=device, dtype=settings.dtype, cpu_offload=settings.cpu_offload)
         check_pipeline_arguments(pipe, settings, model)
         settings = _with_dtype(settings, pipe)
         check = getattr(pipe, "validate_prompts", None)
