@@ -464,8 +464,8 @@ def test_eval_never_opens_the_files_a_coefficient_file_lists(tmp_path, monkeypat
     (work / "c.json").write_text(json.dumps(doc))
     (work / "p.txt").write_text("a handwritten 7\n")
     opened = []
-    real_read = calib.store._read_file
-    monkeypatch.setattr(calib.store, "_read_file", lambda path, **k: (opened.append(str(path)), real_read(path, **k))[1])
+    real_read = calib.store.traces._read_file
+    monkeypatch.setattr(calib.store.traces, "_read_file", lambda path, **k: (opened.append(str(path)), real_read(path, **k))[1])
     monkeypatch.setattr(calib.evaluation, "_measure", stop)
     monkeypatch.setattr(calib.evaluation, "digit_reader", lambda builtin: None)  # its classifier takes seconds
     code, _, err = run_cli(["eval", "--coeffs", "c.json", "--prompts", "p.txt", "--seeds", "100", "--steps", "4",
