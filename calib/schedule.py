@@ -450,7 +450,7 @@ def search_schedules(n: int, costs: dict, budgets) -> dict[int, dict[str, list[i
 
 
 def choose(pipe, setup: Setup, errors: dict, candidates, *, batch: int = 16, echo=print,
-           progress: bool = True) -> dict:
+           progress: bool = True, budgets=None) -> dict:
     """Run every searched schedule on the held-out prompts; keep, per budget, the better search, and the forecast
     with the lower error summed over the budgets. Returns the document's ``schedules`` and what was compared."""
     n = setup.steps
@@ -458,7 +458,11 @@ def choose(pipe, setup: Setup, errors: dict, candidates, *, batch: int = 16, ech
     runner = Runner(pipe, jobs, steps=n, guidance=setup.guidance, pipeline_kwargs=setup.pipeline_kwargs)
     per_candidate = {}
     try:
-        plans = {c.key: search_schedules(n, _costs(errors[c.key]), range(2, n + 1)) for c in candidates}
+        wanted = range(2, n + 1) if budgets is None else sorted({int(b) for b in budgets})
+        plans = {c.key: search_schedules(n, _costs(errors[c.key]), wanted) for c in candidates}
+        if not any(plans.values()):
+            raise CalibError(f"no schedule of {list(wanted)} computed steps fits gaps up to the measured ones; "
+                             "raise --gap")
         runs = sum(len({tuple(p) for p in found.values()}) for plan in plans.values() for found in plan.values())
         echo(f"comparing the searched schedules on {len(setup.holdout_prompts)} held-out prompt(s) x seeds "
              f"{setup.seeds}: {runs} schedules, {runs * len(jobs)} batched generations")
@@ -565,8 +569,9 @@ def parse_candidates(orders: str | None, variable: str | None) -> list[Candidate
 
 def fit_schedule(pipe, trace_set, *, out: Path, gap: int = DEFAULT_GAP, candidates=None, shard=None,
                  overwrite: bool = False, seeds=None, prompts=None, batch: int = 16, echo=print,
-                 progress: bool = True) -> dict | None:
-    """Measure, search, compare, and return the schedule document (None for a ``shard`` run, which only measures)."""
+                 progress: bool = True, budgets=None) -> dict | None:
+    """Measure, search, compare, and return the schedule document (None for a ``shard`` run, which only measures).
+    ``budgets``: only these (default: every budget the gaps allow)."""
     if not isinstance(gap, int) or gap < 2:
         raise CalibError(f"--gap must be an integer >= 2, got {gap!r}")
     candidates = list(candidates or parse_candidates(None, None))
@@ -584,7 +589,7 @@ def fit_schedule(pipe, trace_set, *, out: Path, gap: int = DEFAULT_GAP, candidat
                if _segment_key(*s) not in errors.get(c.key, {})]
     if missing:  # pragma: no cover - measure_segments measures everything without a shard
         raise CalibError(f"{len(missing)} segments are not measured yet")
-    chosen = choose(pipe, setup, errors, candidates, batch=batch, echo=echo, progress=progress)
+    chosen = choose(pipe, setup, errors, candidates, batch=batch, echo=echo, progress=progress, budgets=budgets)
     return build_document(pipe, setup, chosen, gap=gap, trace_files=getattr(trace_set, "files", []) or [])
 
 
