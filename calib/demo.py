@@ -9,81 +9,18 @@ the error against the uncached output, and whether a digit classifier still read
 from __future__ import annotations
 
 import math
-import statistics
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .errors import CalibError
+from .evaluate.harness import compare_cached
+from .evaluate.metrics import psnr
+from .models.digit_reader import classify, digit_classifier  # noqa: F401  (benchmarks/transfer.py imports them here)
+from .models.digits import latents_to_images
 
 HELD_OUT_SEED = 1000
-
-
-def digit_classifier():
-    """A logistic regression on sklearn's digits (97 % held-out accuracy): an objective 'is it legible' check."""
-    from sklearn.datasets import load_digits
-    from sklearn.linear_model import LogisticRegression
-
-    data = load_digits()
-    return LogisticRegression(max_iter=2000).fit(data.data, data.target)
-
-
-def classify(classifier, images) -> np.ndarray:
-    flat = np.stack([np.asarray(img, dtype=np.float64).reshape(-1) for img in images]) / 255.0 * 16.0
-    return classifier.predict(flat)
-
-
-def psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return float("inf") if mse == 0 else 10.0 * np.log10(255.0**2 / mse)
-
-
-def compare_cached(pipe, config, threshold, prompts, *, steps, guidance, seed=HELD_OUT_SEED, repeats=3, forecast=None,
-                   budget=None):
-    """Uncached and cached generations of the same prompts and seed, timed interleaved; returns the measurements."""
-    import calib.runtime as cr
-
-    def generate():
-        g = torch.Generator().manual_seed(seed)
-        return pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=g, output_type="latent").images
-
-    def timed(fn):
-        start = time.perf_counter()
-        out = fn()
-        return time.perf_counter() - start, out
-
-    generate()  # warm-up: first calls pay for allocations
-    plain_times, cached_times = [], []
-    handle = None
-    try:
-        for _ in range(repeats):
-            t, base = timed(generate)
-            plain_times.append(t)
-            if budget is not None:  # a schedule file
-                handle = cr.apply(pipe, config, budget=budget)
-            else:
-                handle = cr.apply(pipe, config, threshold=threshold, forecast=forecast)
-            t, cached = timed(generate)
-            cached_times.append(t)
-            stats = handle.stats()
-            handle.remove()
-            handle = None
-    finally:
-        if handle is not None:
-            handle.remove()
-    base = torch.stack(base)
-    cached = torch.stack(cached)
-    return {
-        "speedup": statistics.median(plain_times) / statistics.median(cached_times),
-        "plain_seconds": statistics.median(plain_times),
-        "cached_seconds": statistics.median(cached_times),
-        "latent_rel_l1": float((cached - base).abs().mean() / base.abs().mean()),
-        "stats": stats,
-        "base_latents": base,
-        "cached_latents": cached,
-    }
 
 
 DEMO_FRACTION = 0.5  # the budget the demo compares the gate and the schedule at: 2x fewer forwards
@@ -119,12 +56,6 @@ def _choose(pipe, trace_path, coeffs_path, coeffs_dir, echo):
     return verdict, schedule_path
 
 
-def latents_to_images(latents: torch.Tensor) -> list[np.ndarray]:
-    from .models.digits import unpack
-
-    return list(((unpack(latents.float()).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy())
-
-
 def run_demo(*, prompts_file=None, steps=30, seeds=(0, 1), guidance=3.0, threshold=None, traces_dir=Path("traces"),
              coeffs_dir=Path("coeffs"), overwrite=False, echo=print) -> dict:
     import calib.runtime as cr
@@ -142,7 +73,7 @@ def run_demo(*, prompts_file=None, steps=30, seeds=(0, 1), guidance=3.0, thresho
         raise CalibError(f"--threshold must be a finite number >= 0, got {threshold}")
     settings = TraceSettings(steps=steps, guidance=guidance, seeds=tuple(seeds))
     if prompts_file is not None:
-        from .prompts import read_prompts
+        from .trace.prompts import read_prompts
 
         read_prompts(prompts_file)
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -176,8 +107,8 @@ def run_demo(*, prompts_file=None, steps=30, seeds=(0, 1), guidance=3.0, thresho
 
     echo("\n== 4/4 cached vs uncached generation on held-out seeds")
     prompts = [f"a handwritten {d}" for d in range(10)]
-    result = compare_cached(pipe, run_config, chosen, prompts, steps=steps, guidance=guidance, forecast=forecast,
-                            budget=budget)
+    result = compare_cached(pipe, run_config, chosen, prompts, steps=steps, guidance=guidance, seed=HELD_OUT_SEED,
+                            forecast=forecast, budget=budget)
     base_imgs = latents_to_images(result["base_latents"])
     cached_imgs = latents_to_images(result["cached_latents"])
     classifier = digit_classifier()

@@ -21,261 +21,24 @@ Everything per generation, per prompt (over seeds) and aggregated with std / min
 
 from __future__ import annotations
 
-import contextlib
 import math
 import statistics
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .errors import CalibError
+from .evaluate.cost import COST_JOBS, COST_MODEL, _extreme_configs, _measure, cost_model, predicted_wall_speedup  # noqa: F401
+from .evaluate.harness import Generator, Output, compare_outputs  # noqa: F401
+from .evaluate.metrics import PSNR_CAP, latent_rel_l1, psnr, spread, ssim, to_planes  # noqa: F401
+from .models.digit_reader import builtin_name as _builtin_name, digit_reader  # noqa: F401
+from .models.digit_prompts import parse_digit_prompt
+from .trace import MAX_STEPS, check_call_arguments, pick_device, recordable
 
 FORMAT = "calib.eval"
 VERSION = 1
-PSNR_CAP = 100.0  # dB; identical outputs (infinite PSNR) are reported at the cap
 DEFAULT_SEEDS = (100, 101, 102, 103)
-COST_JOBS = 4  # generations (the first jobs) on which the cost model's two extreme settings are timed
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# metrics
-# ---------------------------------------------------------------------------------------------------------------
-def psnr(reference: np.ndarray, test: np.ndarray, data_range: float = 255.0) -> float:
-    """Peak signal-to-noise ratio in dB, capped at :data:`PSNR_CAP` (identical inputs)."""
-    ref = np.asarray(reference, dtype=np.float64)
-    out = np.asarray(test, dtype=np.float64)
-    if ref.shape != out.shape:
-        raise ValueError(f"shapes differ: {ref.shape} vs {out.shape}")
-    mse = float(np.mean((ref - out) ** 2))
-    if mse <= 0.0:
-        return PSNR_CAP
-    return float(min(PSNR_CAP, 10.0 * math.log10(data_range**2 / mse)))
-
-
-def _ssim_plane(x: np.ndarray, y: np.ndarray, data_range: float, win_size: int, k1: float, k2: float) -> float:
-    from scipy.ndimage import uniform_filter
-
-    ndim = x.ndim
-    n = win_size**ndim
-    cov_norm = n / (n - 1.0)  # sample covariance, as Wang et al. and scikit-image's default
-    ux = uniform_filter(x, size=win_size)
-    uy = uniform_filter(y, size=win_size)
-    uxx = uniform_filter(x * x, size=win_size)
-    uyy = uniform_filter(y * y, size=win_size)
-    uxy = uniform_filter(x * y, size=win_size)
-    vx = cov_norm * (uxx - ux * ux)
-    vy = cov_norm * (uyy - uy * uy)
-    vxy = cov_norm * (uxy - ux * uy)
-    c1 = (k1 * data_range) ** 2
-    c2 = (k2 * data_range) ** 2
-    s = ((2 * ux * uy + c1) * (2 * vxy + c2)) / ((ux * ux + uy * uy + c1) * (vx + vy + c2))
-    pad = (win_size - 1) // 2
-    inner = tuple(slice(pad, dim - pad) for dim in s.shape)  # only windows that lie wholly inside the image
-    return float(s[inner].mean())
-
-
-def ssim(reference: np.ndarray, test: np.ndarray, data_range: float = 255.0, *, win_size: int = 7,
-         k1: float = 0.01, k2: float = 0.03) -> float:
-    """Mean structural similarity (Wang et al. 2004) of two 2-D images, or the mean over the 2-D planes of
-    ``(..., H, W)`` arrays (frames, channels first). A ``win_size`` x ``win_size`` uniform window, sample
-    covariance, K1 = 0.01, K2 = 0.03, averaged over the windows that lie wholly inside the image — the definition
-    of ``skimage.metrics.structural_similarity`` with its defaults (equal to it to 1e-12 on the tests' images).
-    Images smaller than the window use the largest odd window that fits (at least 3)."""
-    ref = np.asarray(reference, dtype=np.float64)
-    out = np.asarray(test, dtype=np.float64)
-    if ref.shape != out.shape:
-        raise ValueError(f"shapes differ: {ref.shape} vs {out.shape}")
-    if ref.ndim < 2:
-        raise ValueError("SSIM needs images of at least 2 dimensions (H, W)")
-    h, w = ref.shape[-2:]
-    win = min(win_size, h if h % 2 else h - 1, w if w % 2 else w - 1)
-    if win < 3:
-        raise ValueError(f"images of {h}x{w} are too small for SSIM (a 3x3 window at least)")
-    planes_ref = ref.reshape(-1, h, w)
-    planes_out = out.reshape(-1, h, w)
-    return float(np.mean([_ssim_plane(a, b, data_range, win, k1, k2) for a, b in zip(planes_ref, planes_out)]))
-
-
-def latent_rel_l1(reference: torch.Tensor, test: torch.Tensor) -> float:
-    ref = reference.detach().double()
-    out = test.detach().double()
-    denom = float(ref.abs().mean())
-    return float((out - ref).abs().mean()) / denom if denom > 0 else float((out - ref).abs().mean())
-
-
-def to_planes(image) -> np.ndarray:
-    """A pipeline's decoded output (PIL image, uint8 array, float array in [0, 1], a list of frames) as float64
-    planes ``(N, H, W)`` on the 0-255 scale: channels-last images are split into their channels."""
-    if isinstance(image, (list, tuple)):
-        return np.concatenate([to_planes(frame) for frame in image], axis=0)
-    arr = np.asarray(image)
-    if arr.dtype == np.uint8:
-        arr = arr.astype(np.float64)
-    else:
-        arr = np.clip(arr.astype(np.float64), 0.0, 1.0) * 255.0
-    if arr.ndim == 2:
-        return arr[None]
-    if arr.ndim >= 3 and arr.shape[-1] in (1, 3, 4) and arr.shape[-3] > 4:  # (..., H, W, C)
-        arr = np.moveaxis(arr, -1, -3)
-    return arr.reshape(-1, arr.shape[-2], arr.shape[-1])
-
-
-def spread(values) -> dict:
-    vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
-    if not vals:
-        return {"mean": None, "std": None, "min": None, "max": None, "n": 0}
-    return {"mean": float(np.mean(vals)), "std": float(np.std(vals)), "min": float(min(vals)),
-            "max": float(max(vals)), "n": len(vals)}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# digits: the built-in models' objective check
-# ---------------------------------------------------------------------------------------------------------------
-def _builtin_name(model: str | None, pipe) -> str | None:
-    if model and model.startswith("builtin:"):
-        return model.split(":", 1)[1]
-    cls = type(pipe).__name__
-    return {"DigitsPipeline": "digits", "WanDigitsPipeline": "wan-digits"}.get(cls)
-
-
-def digit_reader(builtin: str | None):
-    """``read(planes) -> digit`` for the built-in digits models (None for other models): a logistic regression on
-    scikit-learn's digits (:func:`calib.demo.digit_classifier`); for the 12x12 video frames, each frame's 8x8 window
-    with the most ink is read and the video's digit is the frames' majority."""
-    if builtin not in ("digits", "wan-digits"):
-        return None
-    from .demo import classify, digit_classifier
-
-    clf = digit_classifier()
-
-    def crop(frame):
-        if frame.shape == (8, 8):
-            return frame
-        best, where = -1.0, (0, 0)
-        for i in range(frame.shape[0] - 7):
-            for j in range(frame.shape[1] - 7):
-                ink = float(frame[i:i + 8, j:j + 8].sum())
-                if ink > best:
-                    best, where = ink, (i, j)
-        return frame[where[0]:where[0] + 8, where[1]:where[1] + 8]
-
-    def read(planes: np.ndarray) -> int:
-        labels = classify(clf, [crop(p) for p in planes])
-        return int(np.bincount(labels, minlength=10).argmax())
-
-    return read
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# generations
-# ---------------------------------------------------------------------------------------------------------------
-@dataclass
-class Output:
-    latents: torch.Tensor  # the final latents (the last scheduler.step's sample)
-    planes: np.ndarray  # decoded output, (N, H, W) on the 0-255 scale
-    seconds: float
-
-
-class Generator:
-    """Runs one prompt x seed through a pipeline and keeps the final latents (read from ``scheduler.step``, so any
-    pipeline works) and the decoded output (``output_type="np"``)."""
-
-    def __init__(self, pipe, *, steps: int, guidance: float, pipeline_kwargs: dict | None = None):
-        from .hooking import wrap_method
-
-        self.pipe = pipe
-        self.steps = steps
-        self.guidance = guidance
-        self.kwargs = dict(pipeline_kwargs or {})
-        self._last = None
-        scheduler = getattr(pipe, "scheduler", None)
-        if scheduler is None or not hasattr(scheduler, "step"):
-            raise CalibError(f"{type(pipe).__name__} has no scheduler with a step(); calib eval needs a pipeline")
-
-        def keep(result, *args, **kwargs):
-            sample = result[0] if isinstance(result, (tuple, list)) else getattr(result, "prev_sample", result)
-            self._last = sample
-
-        self._undo = wrap_method(scheduler, "step", after=keep)
-
-    def close(self) -> None:
-        if self._undo is not None:
-            self._undo()
-            self._undo = None
-
-    def __call__(self, prompt: str, seed: int, context=None) -> Output:
-        generator = torch.Generator(device="cpu").manual_seed(int(seed))
-        self._last = None
-        sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-        sync()
-        start = time.perf_counter()
-        with context if context is not None else contextlib.nullcontext():
-            # prompt by name: an image-to-video pipeline's first parameter is its image
-            out = self.pipe(prompt=prompt, num_inference_steps=self.steps, guidance_scale=self.guidance,
-                            generator=generator, output_type="np", **self.kwargs)
-        sync()
-        seconds = time.perf_counter() - start
-        images = getattr(out, "frames", None)
-        if images is None:
-            images = out.images if hasattr(out, "images") else out[0]
-        if self._last is None:
-            raise CalibError(f"{type(self.pipe).__name__} never called scheduler.step; cannot read its final latents")
-        self.images = images  # every output of the call (a list of prompts generates a batch)
-        return Output(self._last.detach().float().cpu().clone(), to_planes(images[0]), seconds)
-
-
-def compare_outputs(reference: Output, test: Output, reader=None) -> dict:
-    out = {
-        "psnr": psnr(reference.planes, test.planes),
-        "ssim": ssim(reference.planes, test.planes),
-        "latent_rel_l1": latent_rel_l1(reference.latents, test.latents),
-    }
-    if reader is not None:
-        out["digit"] = reader(test.planes)
-    return out
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# the cost model: what a computed and a skipped step cost in wall-clock time, measured
-# ---------------------------------------------------------------------------------------------------------------
-COST_MODEL = (
-    "cached / uncached wall-clock time, linear in the fraction of full forwards F between two measured settings of "
-    "the same runtime: every step computed (the gate and indicator still run) and the fewest steps computed (only "
-    "the forced first and last steps); predicted wall-clock speed-up = 1 / ratio(F) at the replayed F"
-)
-
-
-def _extreme_configs(config):
-    """The same runtime with constant rescalers: ``(every step computes, only the forced steps compute)`` at
-    threshold 1 — the indicator and the decision run as in a real cached generation."""
-    from .frontier import _with_polynomial
-
-    return _with_polynomial(config, (1e30,)), _with_polynomial(config, (0.0,))
-
-
-def cost_model(timings: dict) -> dict:
-    """The cost model (:data:`COST_MODEL`) from ``timings``: per probe job, the median seconds of the uncached
-    generation (``base``), with every step computed (``full``) and with the fewest computed (``fewest``), and the
-    fewest setting's fraction of full forwards (``fewest_fraction``)."""
-    base = sum(timings["base"])
-    full = sum(timings["full"]) / base
-    fewest = sum(timings["fewest"]) / base
-    return {"description": COST_MODEL, "jobs": len(timings["base"]), "ratio_all_computed": full,
-            "ratio_fewest_computed": fewest, "fewest_fraction": float(timings["fewest_fraction"]),
-            "seconds_uncached": base / len(timings["base"])}
-
-
-def predicted_wall_speedup(model: dict, fraction: float) -> float:
-    """Wall-clock speed-up the cost model predicts at ``fraction`` full forwards."""
-    f0, r0, r1 = model["fewest_fraction"], model["ratio_fewest_computed"], model["ratio_all_computed"]
-    if f0 >= 1.0:
-        ratio = r1
-    else:
-        ratio = r0 + (r1 - r0) * (max(fraction, f0) - f0) / (1.0 - f0)
-    return 1.0 / ratio if ratio > 0 else float("inf")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -289,8 +52,6 @@ def _settings_from(doc: dict, steps, guidance) -> tuple[int, float]:
     if guidance is None:
         traced = [g for g in cal.get("guidance") or [] if isinstance(g, (int, float))]
         guidance = float(traced[0]) if traced else 3.0
-    from .trace import MAX_STEPS
-
     if not isinstance(steps, int) or steps < 2:
         raise CalibError(f"--steps must be an integer >= 2, got {steps!r}")
     if steps > MAX_STEPS:
@@ -329,7 +90,7 @@ def _find_traces(traces):
 
 
 def _prompts(model: str, prompts_file, pipe) -> list[str]:
-    from .prompts import bundled_prompts_path, read_prompts
+    from .trace.prompts import bundled_prompts_path, read_prompts
 
     if prompts_file is None:
         if not model.startswith("builtin:"):
@@ -352,8 +113,6 @@ def run_eval(coeffs, *, model=None, prompts_file=None, seeds=DEFAULT_SEEDS, thre
 
     from .export import load_document
     from .method_docs import describe_call, pipeline_call_kwargs
-    from .trace import check_call_arguments, pick_device, recordable
-
     from ._io import resolve_output
 
     coeffs = Path(coeffs)
@@ -419,8 +178,6 @@ def run_eval(coeffs, *, model=None, prompts_file=None, seeds=DEFAULT_SEEDS, thre
     reader = digit_reader(_builtin_name(model, pipe))
     truth = None
     if reader is not None:
-        from .models.digits import parse_digit_prompt
-
         truth = {p: parse_digit_prompt(p) for p in prompts}
     jobs = [(p, s) for p in prompts for s in seeds]
     echo(f"calib eval: {model}, {len(prompts)} prompts x {len(seeds)} seeds (held out), {steps} steps, guidance "
@@ -491,64 +248,6 @@ def _version() -> str:
     from . import __version__
 
     return __version__
-
-
-def _measure(generate: Generator, config, thresholds, jobs, repeats, reader, echo) -> dict:
-    """Uncached and cached generations of every job, interleaved, ``repeats`` times; quality from the first. The
-    first :data:`COST_JOBS` jobs also run the cost model's two extreme settings (:func:`cost_model`)."""
-    import calib.runtime as cr
-
-    every, fewest = _extreme_configs(config)
-
-    def cached(job, t, cfg=config):
-        handle = cr.apply(generate.pipe, cfg, threshold=t)
-        try:
-            out = generate(*job)
-            stats = handle.stats()
-        finally:
-            handle.remove()
-        return out, stats
-
-    # warm-up: the first calls pay for allocations and lazy initialisation
-    generate(*jobs[0])
-    for t in thresholds:
-        cached(jobs[0], t)
-    cached(jobs[0], 1.0, every)
-    cached(jobs[0], 1.0, fewest)
-    base = {}
-    runs = {t: {} for t in thresholds}
-    probe_jobs = jobs[:COST_JOBS]
-    probes = {job: {"full": [], "fewest": [], "fewest_stats": None} for job in probe_jobs}
-    for r in range(repeats):
-        for job in jobs:
-            ref = generate(*job)
-            entry = base.setdefault(job, {"seconds": []})
-            entry["seconds"].append(ref.seconds)
-            if job in probes:
-                probes[job]["full"].append(cached(job, 1.0, every)[0].seconds)
-                out, stats = cached(job, 1.0, fewest)
-                probes[job]["fewest"].append(out.seconds)
-                probes[job]["fewest_stats"] = stats
-            if r == 0:
-                entry["output"] = ref
-                if reader is not None:
-                    entry["digit"] = reader(ref.planes)
-            for t in thresholds:
-                out, stats = cached(job, t)
-                rec = runs[t].setdefault(job, {"seconds": []})
-                rec["seconds"].append(out.seconds)
-                if r == 0:
-                    rec["stats"] = stats
-                    rec["quality"] = compare_outputs(entry["output"], out, reader)
-        echo(f"  repeat {r + 1}/{repeats} done")
-    costs = {
-        "base": [statistics.median(base[j]["seconds"]) for j in probe_jobs],
-        "full": [statistics.median(probes[j]["full"]) for j in probe_jobs],
-        "fewest": [statistics.median(probes[j]["fewest"]) for j in probe_jobs],
-        "fewest_fraction": (sum(probes[j]["fewest_stats"]["computed"] for j in probe_jobs)
-                            / sum(probes[j]["fewest_stats"]["steps"] for j in probe_jobs)),
-    }
-    return {"base": base, "runs": runs, "costs": costs}
 
 
 def _summarize(t, measured, jobs, prompts, truth, prediction) -> dict:

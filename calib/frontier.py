@@ -56,37 +56,21 @@ import dataclasses
 import math
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 
+from .adapters import get_adapter
 from .errors import CalibError
+from .evaluate.harness import Generator, runtime_install, with_polynomial
+from .evaluate.metrics import latent_rel_l1, psnr, ssim, to_planes
 
 TARGETS = (0.5, 1.0 / 3.0, 0.25)
 REACHED = 0.05  # a setting further than this from a target does not count as reaching it
 TOLERANCE = 0.01  # stop bisecting when the measured fraction is this close to the target
 MAX_PROBES = 6
 CURVE_FRACTIONS = (0.8, 0.65, 0.25)
-# cache-dit last: its disable_cache leaves the FLUX transformer's blocks patched (diffusers' own caches fail after it)
-METHODS = ("calib", "calib-forecast", "calib-schedule", "raw", "uniform", "fbcache", "magcache", "taylorseer", "pab",
-           "block-cache", "fastercache", "cache-dit", "cache-dit-taylorseer")
-CALIB_METHODS = ("calib", "calib-forecast", "calib-schedule", "block-cache")  # calibrated by calib: not peers
-LABELS = {
-    "calib": "calib (calibrated rescaler, the file's forecast)",
-    "calib-forecast": "calib gate + the schedule fit's forecast",
-    "calib-schedule": "calib schedule + forecast (measured, searched)",
-    "raw": "TeaCache rule, no rescaling [1, 0]",
-    "uniform": "uniform, every k-th step",
-    "fbcache": "diffusers FirstBlockCache",
-    "magcache": "diffusers MagCache (ratios from traces)",
-    "taylorseer": "diffusers TaylorSeer (best of orders 1-2, lite/full, interval, warm-up)",
-    "pab": "diffusers PyramidAttentionBroadcast",
-    "block-cache": "calib Block Caching (per-block schedule)",
-    "fastercache": "diffusers FasterCache (fields from traces)",
-    "cache-dit": "cache-dit DBCache F1B0",
-    "cache-dit-taylorseer": "cache-dit DBCache F1B0 + TaylorSeer order 2",
-}
-PARTIAL = {"pab", "block-cache", "fastercache"}  # never skip a whole forward: matched on compute share
 FASTERCACHE_TOLERANCES = (0.5, 1.0, 2.0, 4.0, 8.0)  # x the median traced cond - uncond change
 CACHE_DIT_WARMUP = 2  # cache-dit's default (8) computes 27 % of 30 steps before caching: the 25 % target needs less
 
@@ -153,9 +137,6 @@ class _Harness:
     """Runs every job with a method installed and measures it against the uncached references."""
 
     def __init__(self, pipe, jobs, *, steps, guidance, pipeline_kwargs, echo):
-        from .adapters import get_adapter
-        from .evaluation import Generator
-
         self.pipe = pipe
         self.jobs = jobs
         self.steps = steps
@@ -175,8 +156,6 @@ class _Harness:
             self.calls_per_step = len(calls) / steps  # 2 where CFG runs as two calls
 
     def _generate(self, batch, context=None):
-        from .evaluation import to_planes
-
         prompts, seed = batch
         out = self.generate(list(prompts), seed, context=context)
         return out.latents, [to_planes(image) for image in self.generate.images]
@@ -186,8 +165,6 @@ class _Harness:
         self.generate.close()
 
     def run(self, method: str, install, setting: dict) -> Point:
-        from .evaluation import latent_rel_l1, psnr, ssim
-
         undo = install()
         errs, psnrs, ssims, calls = [], [], [], []
         try:
@@ -221,23 +198,6 @@ def _setting_text(setting: dict) -> str:
 # ---------------------------------------------------------------------------------------------------------------
 # the methods
 # ---------------------------------------------------------------------------------------------------------------
-def _with_polynomial(config, coefficients):
-    from .runtime.coefficients import ComponentRescaler
-
-    comps = {name: ComponentRescaler(tuple(float(c) for c in coefficients), None) for name in config.components}
-    return dataclasses.replace(config, components=comps, recommended_threshold=None)
-
-
-def _runtime_install(pipe, config, threshold, forecast=None):
-    def install():
-        import calib.runtime as cr
-
-        handle = cr.apply(pipe, config, threshold=threshold, forecast=forecast)
-        return handle.remove
-
-    return install
-
-
 def _diffusers_install(transformer, make_config):
     def install():
         transformer.enable_cache(make_config())
@@ -313,11 +273,11 @@ def _teacache_method(harness, config, trace_set, name, targets, echo, forecast=N
     else:
         from .runtime.gate import Rescaler
 
-        cfg = _with_polynomial(config, (1.0, 0.0))
+        cfg = with_polynomial(config, (1.0, 0.0))
         raw = {name: Rescaler([1.0, 0.0], None) for name in config.components}
         guess_of = lambda f: _replay_guess(trace_set, raw, f)  # noqa: E731
     probes: dict = {}
-    make = lambda t: _runtime_install(harness.pipe, cfg, t, forecast)  # noqa: E731
+    make = lambda t: runtime_install(harness.pipe, cfg, t, forecast)  # noqa: E731
     for f in CURVE_FRACTIONS:
         t = float(f"{guess_of(f):.6g}")
         if t not in probes:
@@ -328,10 +288,10 @@ def _teacache_method(harness, config, trace_set, name, targets, echo, forecast=N
 
 
 def _uniform_method(harness, config, targets):
-    cfg = _with_polynomial(config, (1.0,))
+    cfg = with_polynomial(config, (1.0,))
     points = []
     for k in (2, 3, 4, 5):
-        points.append(harness.run("uniform", _runtime_install(harness.pipe, cfg, float(k)), {"every": k}))
+        points.append(harness.run("uniform", runtime_install(harness.pipe, cfg, float(k)), {"every": k}))
     return points
 
 
@@ -626,6 +586,90 @@ def _schedule_method(harness, schedule_config, targets):
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# the rows: calib's own settings and the peers it is compared with
+# ---------------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class _Row:
+    """What every row's ``run`` gets: the harness and the inputs of one frontier run."""
+
+    harness: _Harness
+    config: object
+    trace_set: object
+    targets: tuple
+    echo: object
+    forecast: object = None
+    schedule_config: object = None
+
+
+def _calib_forecast_row(row: _Row) -> list[Point]:
+    if row.forecast is None or row.config is None:
+        raise CalibError("needs coefficients and a forecast (pass forecast= or a schedule file)")
+    return _teacache_method(row.harness, row.config, row.trace_set, "calib-forecast", row.targets, row.echo,
+                            forecast=row.forecast)
+
+
+def _calib_schedule_row(row: _Row) -> list[Point]:
+    if row.schedule_config is None:
+        raise CalibError("no schedule file given (calib fit --method schedule)")
+    return _schedule_method(row.harness, row.schedule_config, row.targets)
+
+
+def _cache_dit_row(calibrator: bool, name: str):
+    def run(row: _Row) -> list[Point]:
+        points = _cache_dit_method(row.harness, row.targets, calibrator=calibrator)
+        broken = _restored(row.harness)
+        if broken is not None:
+            row.echo(f"  {name}: warning — {broken}; the rows after it are not trustworthy")
+        return points
+
+    return run
+
+
+@dataclasses.dataclass(frozen=True)
+class FrontierEntry:
+    """One row of the frontier: how it is labelled, how its points are made, and how it is matched to a target."""
+
+    label: str
+    run: Callable[[_Row], list[Point]]
+    partial: bool = False  # never skips a whole forward: matched on compute share, not on the fraction of forwards
+    calibrated: bool = False  # calibrated by calib (not a peer)
+
+
+# In the order they run. cache-dit last: its disable_cache leaves the FLUX transformer's blocks patched (diffusers'
+# own caches fail after it).
+FRONTIER_ENTRIES: dict[str, FrontierEntry] = {
+    "calib": FrontierEntry(
+        "calib (calibrated rescaler, the file's forecast)",
+        lambda r: _teacache_method(r.harness, r.config, r.trace_set, "calib", r.targets, r.echo), calibrated=True),
+    "calib-forecast": FrontierEntry("calib gate + the schedule fit's forecast", _calib_forecast_row, calibrated=True),
+    "calib-schedule": FrontierEntry("calib schedule + forecast (measured, searched)", _calib_schedule_row,
+                                    calibrated=True),
+    "raw": FrontierEntry(
+        "TeaCache rule, no rescaling [1, 0]",
+        lambda r: _teacache_method(r.harness, r.config, r.trace_set, "raw", r.targets, r.echo)),
+    "uniform": FrontierEntry("uniform, every k-th step", lambda r: _uniform_method(r.harness, r.config, r.targets)),
+    "fbcache": FrontierEntry("diffusers FirstBlockCache", lambda r: _fbcache_method(r.harness, r.trace_set, r.targets)),
+    "magcache": FrontierEntry("diffusers MagCache (ratios from traces)",
+                              lambda r: _magcache_method(r.harness, r.trace_set, r.targets, r.echo)),
+    "taylorseer": FrontierEntry("diffusers TaylorSeer (best of orders 1-2, lite/full, interval, warm-up)",
+                                lambda r: _taylorseer_method(r.harness, r.targets)),
+    "pab": FrontierEntry("diffusers PyramidAttentionBroadcast", lambda r: _pab_method(r.harness), partial=True),
+    "block-cache": FrontierEntry("calib Block Caching (per-block schedule)",
+                                 lambda r: _block_cache_method(r.harness, r.trace_set, r.targets), partial=True,
+                                 calibrated=True),
+    "fastercache": FrontierEntry("diffusers FasterCache (fields from traces)",
+                                 lambda r: _fastercache_method(r.harness, r.trace_set), partial=True),
+    "cache-dit": FrontierEntry("cache-dit DBCache F1B0", _cache_dit_row(False, "cache-dit")),
+    "cache-dit-taylorseer": FrontierEntry("cache-dit DBCache F1B0 + TaylorSeer order 2",
+                                          _cache_dit_row(True, "cache-dit-taylorseer")),
+}
+METHODS = tuple(FRONTIER_ENTRIES)
+CALIB_METHODS = tuple(m for m, e in FRONTIER_ENTRIES.items() if e.calibrated)  # calibrated by calib: not peers
+LABELS = {m: e.label for m, e in FRONTIER_ENTRIES.items()}
+PARTIAL = {m for m, e in FRONTIER_ENTRIES.items() if e.partial}  # never skip a whole forward: matched on compute share
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # run, table, plot
 # ---------------------------------------------------------------------------------------------------------------
 def run_frontier(pipe, config, trace_set, prompts, seeds, *, steps, guidance, pipeline_kwargs=None,
@@ -643,6 +687,7 @@ def run_frontier(pipe, config, trace_set, prompts, seeds, *, steps, guidance, pi
     echo(f"frontier: {len(methods)} methods on {len(jobs)} held-out generations ({steps} steps); "
          f"targets {', '.join(f'{t:.0%}' for t in targets)} of full forwards and of compute")
     harness = _Harness(pipe, jobs, steps=steps, guidance=guidance, pipeline_kwargs=pipeline_kwargs, echo=echo)
+    row = _Row(harness, config, trace_set, targets, echo, forecast, schedule_config)
     points: dict[str, list[Point]] = {}
     skipped: dict[str, str] = {}
     seconds: dict[str, float] = {}
@@ -650,35 +695,7 @@ def run_frontier(pipe, config, trace_set, prompts, seeds, *, steps, guidance, pi
         for m in methods:
             began = time.perf_counter()
             try:
-                if m in ("calib", "raw"):
-                    points[m] = _teacache_method(harness, config, trace_set, m, targets, echo)
-                elif m == "calib-forecast":
-                    if forecast is None or config is None:
-                        raise CalibError("needs coefficients and a forecast (pass forecast= or a schedule file)")
-                    points[m] = _teacache_method(harness, config, trace_set, m, targets, echo, forecast=forecast)
-                elif m == "calib-schedule":
-                    if schedule_config is None:
-                        raise CalibError("no schedule file given (calib fit --method schedule)")
-                    points[m] = _schedule_method(harness, schedule_config, targets)
-                elif m == "uniform":
-                    points[m] = _uniform_method(harness, config, targets)
-                elif m == "fbcache":
-                    points[m] = _fbcache_method(harness, trace_set, targets)
-                elif m == "magcache":
-                    points[m] = _magcache_method(harness, trace_set, targets, echo)
-                elif m == "taylorseer":
-                    points[m] = _taylorseer_method(harness, targets)
-                elif m == "pab":
-                    points[m] = _pab_method(harness)
-                elif m == "block-cache":
-                    points[m] = _block_cache_method(harness, trace_set, targets)
-                elif m == "fastercache":
-                    points[m] = _fastercache_method(harness, trace_set)
-                elif m in ("cache-dit", "cache-dit-taylorseer"):
-                    points[m] = _cache_dit_method(harness, targets, calibrator=m == "cache-dit-taylorseer")
-                    broken = _restored(harness)
-                    if broken is not None:
-                        echo(f"  {m}: warning — {broken}; the rows after it are not trustworthy")
+                points[m] = FRONTIER_ENTRIES[m].run(row)
             except Exception as exc:  # noqa: BLE001 - a cache that does not apply to this model is reported, not fatal
                 if getattr(harness.transformer, "is_cache_enabled", False):
                     harness.transformer.disable_cache()

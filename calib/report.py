@@ -310,8 +310,8 @@ def _threshold_rows(table: list[dict], recommended, limit: int = 24):
 def build_html(trace_set, docs: list[dict], eval_data=None, eval_name: str | None = None) -> tuple[str, list[str]]:
     """(the page, the section ids in it)."""
     from . import block_cache
-    from .runtime.gate import Rescaler, replay
-    from .fit import forced_last_mask
+    from .runtime.gate import Rescaler
+    from .tune import replay_trajectories
 
     by_method = {}
     for d in docs:
@@ -346,15 +346,11 @@ def build_html(trace_set, docs: list[dict], eval_data=None, eval_name: str | Non
     else:
         rescalers = {c: Rescaler([float(v) for v in coef], tuple(dom) if dom else None) for c, (coef, dom) in polys.items()}
         table = []
-        for t in [0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.6, 0.8, 1.0]:
+        for t in [0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.6, 0.8, 1.0] if indicator == "modulated_input" else []:
             comp = tot = 0
-            for traj in trace_set.trajectories:
-                if traj.component in rescalers and indicator == "modulated_input":
-                    x = np.asarray(traj.input_rel_l1, float)
-                    d = replay(x.tolist(), rescalers[traj.component], t,
-                               last_forced=bool(forced_last_mask(traj, len(x))[-1]))
-                    comp += sum(d)
-                    tot += len(d)
+            for _traj, d in replay_trajectories(trace_set, rescalers, t):  # calib tune's replay of the runtime's gate
+                comp += sum(d)
+                tot += len(d)
             if tot:
                 table.append({"threshold": t, "compute_fraction": comp / tot, "predicted_speedup": tot / comp})
         rows, chosen = _threshold_rows(table, None)

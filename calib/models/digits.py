@@ -205,6 +205,11 @@ def load_pipeline(weights: Path | None = None, device: str | torch.device = "cpu
     return DigitsPipeline.from_parts(transformer, encoder, build_scheduler(), device)
 
 
+def latents_to_images(latents: torch.Tensor) -> list[np.ndarray]:
+    """Packed latents (B, 16, 4) -> 8x8 uint8 images, as the pipeline decodes them."""
+    return list(((unpack(latents.float()).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy())
+
+
 def image_grid(images: list, scale: int = 8) -> "np.ndarray":
     """Tile 8x8 uint8 images side by side, scaled up for viewing."""
     arrays = [np.asarray(img, dtype=np.uint8) for img in images]
