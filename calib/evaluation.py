@@ -226,7 +226,7 @@ def run_eval(coeffs, *, model=None, prompts_file=None, seeds=DEFAULT_SEEDS, thre
     }
     _print_report(report, echo)
     if compare:
-        from .frontier import run_frontier
+        from .evaluate.frontier import run_frontier
 
         if trace_set is None:
             raise CalibError("--compare needs traces (for the uncalibrated baselines and MagCache's ratios): "
