@@ -51,208 +51,44 @@ setting whose measured fraction is closest to each target; the achieved fraction
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import math
 import time
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
-import torch
-
 from .._io import write_bytes
-from ..adapters import get_adapter
 from ..errors import CalibError
-from .harness import Generator, runtime_install, with_polynomial
-from .metrics import latent_rel_l1, psnr, ssim, to_planes
-
-TARGETS = (0.5, 1.0 / 3.0, 0.25)
-REACHED = 0.05  # a setting further than this from a target does not count as reaching it
-TOLERANCE = 0.01  # stop bisecting when the measured fraction is this close to the target
-MAX_PROBES = 6
-CURVE_FRACTIONS = (0.8, 0.65, 0.25)
-FASTERCACHE_TOLERANCES = (0.5, 1.0, 2.0, 4.0, 8.0)  # x the median traced cond - uncond change
-CACHE_DIT_WARMUP = 2  # cache-dit's default (8) computes 27 % of 30 steps before caching: the 25 % target needs less
-
-
-class ComputeMeter:
-    """Counts, per transformer call, which Linear layers of the block stack ran and their multiply-accumulates."""
-
-    def __init__(self, transformer: torch.nn.Module, blocks):
-        self.transformer = transformer
-        self.linears = [m for _, b in blocks for m in b.modules() if isinstance(m, torch.nn.Linear)]
-        self.calls: list[float] = []
-        self._macs = 0.0
-        self._handles = [transformer.register_forward_pre_hook(self._start)]
-        self._handles.append(transformer.register_forward_hook(self._end))
-        for m in self.linears:
-            self._handles.append(m.register_forward_hook(self._count))
-        self.reference: float | None = None  # MACs of one uncached call
-
-    def _start(self, module, args):
-        self._macs = 0.0
-
-    def _count(self, module, args, output):
-        x = args[0] if args else None
-        rows = x.numel() // module.in_features if isinstance(x, torch.Tensor) else 0
-        self._macs += float(rows) * module.in_features * module.out_features
-
-    def _end(self, module, args, output):
-        self.calls.append(self._macs)
-
-    def take(self) -> list[float]:
-        calls, self.calls = self.calls, []
-        return calls
-
-    def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-
-    def summarize(self, calls: list[float]) -> tuple[float, float]:
-        """(fraction of full forwards, compute share) of these calls against :attr:`reference`."""
-        ref = self.reference
-        if not calls or not ref:
-            return float("nan"), float("nan")
-        full = sum(1 for c in calls if c >= ref * (1 - 1e-6))
-        return full / len(calls), sum(calls) / (ref * len(calls))
-
-
-@dataclasses.dataclass
-class Point:
-    method: str
-    setting: dict
-    fraction: float
-    compute: float
-    latent_rel_l1: float
-    psnr: float
-    ssim: float
-    latent_rel_l1_std: float = 0.0
-
-    def as_dict(self) -> dict:
-        return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in dataclasses.asdict(self).items()}
-
-
-class _Harness:
-    """Runs every job with a method installed and measures it against the uncached references."""
-
-    def __init__(self, pipe, jobs, *, steps, guidance, pipeline_kwargs, echo):
-        self.pipe = pipe
-        self.jobs = jobs
-        self.steps = steps
-        self.echo = echo
-        self.transformer = pipe.transformer
-        self.blocks = get_adapter(self.transformer).blocks(self.transformer)
-        self.generate = Generator(pipe, steps=steps, guidance=guidance, pipeline_kwargs=pipeline_kwargs)
-        self.meter = ComputeMeter(self.transformer, self.blocks)
-        # The held-out prompts of one seed run as one batch (one pipeline call): the same work per method, a
-        # fraction of the calls. Each row is compared with the same row of the uncached batch.
-        self.batches = [(tuple(p for p, s in jobs if s == seed), seed) for seed in dict.fromkeys(s for _, s in jobs)]
-        self.references = {}
-        for batch in self.batches:
-            self.references[batch] = self._generate(batch)
-            calls = self.meter.take()
-            self.meter.reference = max([self.meter.reference or 0.0, *calls])
-            self.calls_per_step = len(calls) / steps  # 2 where CFG runs as two calls
-
-    def _generate(self, batch, context=None):
-        prompts, seed = batch
-        out = self.generate(list(prompts), seed, context=context)
-        return out.latents, [to_planes(image) for image in self.generate.images]
-
-    def close(self):
-        self.meter.remove()
-        self.generate.close()
-
-    def run(self, method: str, install, setting: dict) -> Point:
-        undo = install()
-        errs, psnrs, ssims, calls = [], [], [], []
-        try:
-            for batch in self.batches:
-                diffusers_cache = getattr(self.transformer, "is_cache_enabled", False)
-                if diffusers_cache:
-                    self.transformer._reset_stateful_cache()
-                ctx = self.transformer.cache_context("inference") if diffusers_cache else contextlib.nullcontext()
-                latents, planes = self._generate(batch, context=ctx)
-                calls.extend(self.meter.take())
-                ref_latents, ref_planes = self.references[batch]
-                for row in range(len(batch[0])):
-                    errs.append(latent_rel_l1(ref_latents[row], latents[row]))
-                    psnrs.append(psnr(ref_planes[row], planes[row]))
-                    ssims.append(ssim(ref_planes[row], planes[row]))
-        finally:
-            undo()
-            self.meter.take()
-        fraction, compute = self.meter.summarize(calls)
-        point = Point(method, setting, fraction, compute, float(np.mean(errs)), float(np.mean(psnrs)),
-                      float(np.mean(ssims)), float(np.std(errs)))
-        self.echo(f"  {method:<11} {_setting_text(setting):<34} full forwards {fraction:6.1%}  compute {compute:6.1%}  "
-                  f"latent rel-L1 {point.latent_rel_l1:.4f}  PSNR {point.psnr:5.1f} dB")
-        return point
-
-
-def _setting_text(setting: dict) -> str:
-    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in setting.items())
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# the methods
-# ---------------------------------------------------------------------------------------------------------------
-def _diffusers_install(transformer, make_config):
-    def install():
-        transformer.enable_cache(make_config())
-        return transformer.disable_cache
-
-    return install
-
-
-def _search(harness: _Harness, method: str, make_install, target: float, guess: float, key: str = "fraction",
-            probes: dict | None = None) -> list[Point]:
-    """Bisection over real runs for the threshold whose measured ``key`` is closest to ``target`` (the
-    measured fraction falls as the threshold grows)."""
-    probes = {} if probes is None else probes
-
-    def measure(t):
-        t = float(f"{t:.6g}")
-        if t not in probes:
-            probes[t] = harness.run(method, make_install(t), {"threshold": t})
-        return getattr(probes[t], key)
-
-    def best():
-        return min(probes.values(), key=lambda p: (abs(getattr(p, key) - target), getattr(p, key)))
-
-    lo, hi = 0.0, max(guess, 1e-4)
-    first = measure(hi)
-    n = 1
-    if first > target:
-        lo = hi
-        while n < MAX_PROBES and measure(hi * 2) > target:
-            lo, hi = hi * 2, hi * 2
-            n += 1
-        hi = hi * 2
-    else:
-        while n < MAX_PROBES and hi > 1e-6 and measure(hi / 2) <= target:
-            hi = hi / 2
-            n += 1
-        lo = hi / 2
-    while n < MAX_PROBES and abs(getattr(best(), key) - target) > TOLERANCE:
-        mid = 0.5 * (lo + hi)
-        if measure(mid) > target:
-            lo = mid
-        else:
-            hi = mid
-        n += 1
-    return list(probes.values())
-
-
-def _closest(points: list[Point], target: float, key: str = "fraction") -> Point | None:
-    points = [p for p in points if math.isfinite(getattr(p, key))]
-    if not points:
-        return None
-    gap = min(abs(getattr(p, key) - target) for p in points)
-    near = [p for p in points if abs(getattr(p, key) - target) <= gap + 1e-9]
-    return min(near, key=lambda p: (getattr(p, key), p.latent_rel_l1))
+from .baselines import (  # noqa: F401  (the peers' settings are part of the frontier's API)
+    CACHE_DIT_WARMUP,
+    FASTERCACHE_TOLERANCES,
+    TAYLORSEER_INTERVALS,
+    TAYLORSEER_VARIANTS,
+    _cache_dit_method,
+    _diffusers_install,
+    _fastercache_method,
+    _pab_method,
+    _restored,
+    _taylorseer_method,
+    _taylorseer_schedule,
+    _uniform_method,
+    cache_dit_adapter,
+    taylorseer_settings,
+)
+from .harness import (  # noqa: F401
+    CURVE_FRACTIONS,
+    MAX_PROBES,
+    REACHED,
+    TARGETS,
+    TOLERANCE,
+    ComputeMeter,
+    Point,
+    _closest,
+    Harness,
+    _search,
+    _setting_text,
+    runtime_install,
+    with_polynomial,
+)
 
 
 def _replay_guess(trace_set, rescalers, fraction: float, indicator="modulated_input", normalization="none"):
@@ -286,14 +122,6 @@ def _teacache_method(harness, config, trace_set, name, targets, echo, forecast=N
     for target in targets:
         _search(harness, name, make, target, guess_of(target), probes=probes)
     return list(probes.values())
-
-
-def _uniform_method(harness, config, targets):
-    cfg = with_polynomial(config, (1.0,))
-    points = []
-    for k in (2, 3, 4, 5):
-        points.append(harness.run("uniform", runtime_install(harness.pipe, cfg, float(k)), {"every": k}))
-    return points
 
 
 def _fbcache_method(harness, trace_set, targets):
@@ -361,69 +189,6 @@ def _magcache_method(harness, trace_set, targets, echo):
     return points
 
 
-def _taylorseer_schedule(interval: int, before: int, n: int) -> float:
-    return sum(1 for s in range(n) if s < before or (s - before - 1) % interval == 0) / n
-
-
-TAYLORSEER_INTERVALS = (2, 3, 4, 5, 6)
-TAYLORSEER_VARIANTS = ((1, True), (2, True), (1, False), (2, False))  # (max_order, use_lite_mode)
-
-
-def taylorseer_settings(n: int, targets) -> list[tuple[int, int]]:
-    """Every (cache_interval, disable_cache_before_step) whose fraction of full forwards is the one nearest each
-    target that any setting reaches (one per interval where it exists): TaylorSeer's best at that target is among
-    them."""
-    settings = set()
-    for target in targets:
-        table = {(i, b): _taylorseer_schedule(i, b, n) for i in TAYLORSEER_INTERVALS for b in range(1, n)}
-        nearest = min(abs(f - target) for f in table.values())
-        if nearest > REACHED:
-            continue
-        for interval in TAYLORSEER_INTERVALS:
-            fits = [b for (i, b), f in table.items() if i == interval and abs(abs(f - target) - nearest) < 1e-9]
-            if fits:
-                settings.add((interval, min(fits)))
-    return sorted(settings)
-
-
-def _taylorseer_method(harness, targets):
-    """diffusers' TaylorSeer given its best: orders 1 and 2, lite mode (whole blocks skipped, the output projection
-    extrapolated) and full mode (every attention module extrapolated, the rest computed), and every interval with
-    the warm-up that reaches each target (the full mode's compute share is higher: it still runs the MLPs)."""
-    from diffusers import TaylorSeerCacheConfig
-
-    n = harness.steps
-    points = []
-    for interval, before in taylorseer_settings(n, targets):
-        for order, lite in TAYLORSEER_VARIANTS:
-            cfg = lambda i=interval, b=before, o=order, m=lite: TaylorSeerCacheConfig(  # noqa: E731
-                cache_interval=i, disable_cache_before_step=b, max_order=o, taylor_factors_dtype=torch.float32,
-                use_lite_mode=m)
-            points.append(harness.run("taylorseer", _diffusers_install(harness.transformer, cfg),
-                                      {"cache_interval": interval, "disable_cache_before_step": before,
-                                       "max_order": order, "mode": "lite" if lite else "full"}))
-    return points
-
-
-def _pab_method(harness):
-    from diffusers import PyramidAttentionBroadcastConfig
-
-    scheduler = harness.pipe.scheduler
-
-    def current_timestep():
-        index = getattr(scheduler, "step_index", None) or 0
-        return float(scheduler.timesteps[min(index, len(scheduler.timesteps) - 1)])
-
-    points = []
-    for skip in (2, 3, 4):
-        cfg = lambda s=skip: PyramidAttentionBroadcastConfig(  # noqa: E731
-            spatial_attention_block_skip_range=s, spatial_attention_timestep_skip_range=(0, 1000),
-            current_timestep_callback=current_timestep)
-        points.append(harness.run("pab", _diffusers_install(harness.transformer, cfg),
-                                  {"spatial_attention_block_skip_range": skip}))
-    return points
-
-
 def _block_cache_method(harness, trace_set, targets):
     """calib's Block Caching schedule, thresholds bisected over real runs on the compute share."""
     import calib.runtime as cr
@@ -455,117 +220,6 @@ def _block_cache_method(harness, trace_set, targets):
     return list(probes.values())
 
 
-def _fastercache_method(harness, trace_set):
-    """diffusers' FasterCache with the fields calib derives from the traces (``calib export --format
-    diffusers-fastercache``), one point per CFG tolerance."""
-    from diffusers import FasterCacheConfig
-
-    from ..diffusers_export import fastercache_config, fastercache_warnings
-    from ..fastercache import build_document, cfg_series
-
-    c, _, _ = cfg_series(trace_set)
-    finite = c[1:][np.isfinite(c[1:])]
-    if finite.size == 0:
-        raise CalibError("the traces hold no cond - uncond changes (CFG off or traced without it)")
-    scheduler = harness.pipe.scheduler
-
-    def current_timestep():
-        index = getattr(scheduler, "step_index", None) or 0
-        return float(scheduler.timesteps[min(index, len(scheduler.timesteps) - 1)])
-
-    points, seen = [], set()
-    median = float(np.median(finite))
-    for factor in FASTERCACHE_TOLERANCES:
-        kwargs, info = fastercache_config(build_document(trace_set, cfg_tolerance=factor * median))
-        warnings = fastercache_warnings(info)
-        if warnings:
-            raise CalibError(warnings[0])
-        key = (kwargs["unconditional_batch_skip_range"], tuple(kwargs["unconditional_batch_timestep_skip_range"]),
-               kwargs["spatial_attention_block_skip_range"], tuple(kwargs["spatial_attention_timestep_skip_range"]))
-        if key in seen:
-            continue
-        seen.add(key)
-        make = lambda kw=kwargs: FasterCacheConfig(**kw, current_timestep_callback=current_timestep)  # noqa: E731
-        points.append(harness.run("fastercache", _diffusers_install(harness.transformer, make),
-                                  {"cfg_tolerance": factor * median,
-                                   "unconditional_batch_skip_range": kwargs["unconditional_batch_skip_range"]}))
-    return points
-
-
-def _quiet_cache_dit():
-    import logging
-    import os
-
-    os.environ.setdefault("CACHE_DIT_LOG_LEVEL", "error")
-    try:
-        import cache_dit
-    except ImportError:
-        raise CalibError("cache-dit is not installed (pip install 'calib[bench]' or pip install cache-dit)") from None
-    for name in list(logging.root.manager.loggerDict):
-        if name.startswith("cache_dit"):
-            logging.getLogger(name).setLevel(logging.ERROR)
-    return cache_dit
-
-
-def cache_dit_adapter(pipe):
-    """cache-dit's own BlockAdapter for the pipeline's transformer class (its registry keys on pipeline class
-    names, which the built-in pipelines do not share)."""
-    cache_dit = _quiet_cache_dit()
-    from cache_dit.caching.block_adapters import adapters
-
-    name = type(pipe.transformer).__name__
-    for prefix, make in (("Flux", adapters.flux_adapter), ("Wan", adapters.wan_adapter)):
-        if name.startswith(prefix):
-            return make(pipe)
-    try:
-        return cache_dit.get_adapter(pipe)
-    except Exception as exc:  # noqa: BLE001 - cache-dit has no adapter for this pipeline
-        raise CalibError(f"cache-dit has no block adapter for {type(pipe).__name__} / {name}: "
-                         f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
-
-
-def _cache_dit_method(harness, targets, *, calibrator: bool):
-    """cache-dit's DBCache (first block always computed, no back blocks), with or without its TaylorSeer calibrator
-    (order 2), the residual threshold bisected over real runs on both axes: it always pays its first block, so its
-    compute share is above its fraction of full forwards."""
-    cache_dit = _quiet_cache_dit()
-    from cache_dit import DBCacheConfig, TaylorSeerCalibratorConfig
-
-    adapter = cache_dit_adapter(harness.pipe)
-    separate = harness.calls_per_step > 1  # CFG branches as separate transformer calls
-
-    def make(t):
-        def install():
-            cache_dit.enable_cache(
-                adapter,
-                cache_config=DBCacheConfig(Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=t,
-                                           max_warmup_steps=CACHE_DIT_WARMUP, num_inference_steps=harness.steps,
-                                           enable_separate_cfg=separate),
-                calibrator_config=TaylorSeerCalibratorConfig(taylorseer_order=2) if calibrator else None)
-            return lambda: cache_dit.disable_cache(adapter)
-
-        return install
-
-    name = "cache-dit-taylorseer" if calibrator else "cache-dit"
-    probes: dict = {}
-    for target in targets:
-        _search(harness, name, make, target, 0.1, probes=probes)
-        _search(harness, name, make, target, 0.1, key="compute", probes=probes)
-    return list(probes.values())
-
-
-def _restored(harness) -> str | None:
-    """None when an uncached run reproduces the reference again (the method's hooks are all gone), else why not."""
-    batch = harness.batches[0]
-    try:
-        latents, _ = harness._generate(batch)
-    except Exception as exc:  # noqa: BLE001
-        return f"the model fails after it was removed ({type(exc).__name__})"
-    finally:
-        harness.meter.take()
-    return None if torch.equal(latents, harness.references[batch][0]) else "the model's output changed after it was removed"
-
-
 def _schedule_method(harness, schedule_config, targets):
     """calib's searched schedules (``calib fit --method schedule``): the budgets nearest each target and the
     curve's fractions, each applied by ``calib.runtime.apply(pipe, config, budget=B)``."""
@@ -593,7 +247,7 @@ def _schedule_method(harness, schedule_config, targets):
 class _Row:
     """What every row's ``run`` gets: the harness and the inputs of one frontier run."""
 
-    harness: _Harness
+    harness: Harness
     config: object
     trace_set: object
     targets: tuple
@@ -687,7 +341,7 @@ def run_frontier(pipe, config, trace_set, prompts, seeds, *, steps, guidance, pi
     jobs = [(p, s) for p in prompts for s in seeds]
     echo(f"frontier: {len(methods)} methods on {len(jobs)} held-out generations ({steps} steps); "
          f"targets {', '.join(f'{t:.0%}' for t in targets)} of full forwards and of compute")
-    harness = _Harness(pipe, jobs, steps=steps, guidance=guidance, pipeline_kwargs=pipeline_kwargs, echo=echo)
+    harness = Harness(pipe, jobs, steps=steps, guidance=guidance, pipeline_kwargs=pipeline_kwargs, echo=echo)
     row = _Row(harness, config, trace_set, targets, echo, forecast, schedule_config)
     points: dict[str, list[Point]] = {}
     skipped: dict[str, str] = {}
