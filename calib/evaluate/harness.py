@@ -1,5 +1,5 @@
 """The one generation harness: :class:`Generator` runs a prompt (or a batch of prompts) x seed through a pipeline,
-timed, and keeps the final latents and the decoded output. ``calib eval`` (:mod:`calib.evaluation`), ``calib demo``
+timed, and keeps the final latents and the decoded output. ``calib eval`` (:mod:`calib.jobs.eval`), ``calib demo``
 (:func:`compare_cached`) and the frontier (:class:`Harness`, :mod:`calib.evaluate.frontier`) all generate through it.
 :class:`Harness` adds what the frontier's rows share: the uncached references, the :class:`ComputeMeter`, and the
 bisection over real runs (:func:`_search`)."""
