@@ -10,9 +10,40 @@
 from __future__ import annotations
 
 import functools
+import inspect
+import weakref
 from typing import Any, Callable
 
 import torch
+
+
+# function -> its parameter names; bound methods apart (their signature drops ``self``)
+_PARAMETERS = {True: weakref.WeakKeyDictionary(), False: weakref.WeakKeyDictionary()}
+
+
+def parameter_names(forward) -> list[str]:
+    """``list(inspect.signature(forward).parameters)``, cached per function: the hooks ask on every block call, and
+    on a small model ``inspect.signature`` costs a few percent of a forward."""
+    func = getattr(forward, "__func__", None)
+    bound = func is not None
+    func = func if bound else forward
+    try:
+        names = _PARAMETERS[bound].get(func)
+    except TypeError:  # not weak-referenceable: no cache
+        return list(inspect.signature(forward).parameters)
+    if names is None:
+        names = _PARAMETERS[bound][func] = list(inspect.signature(forward).parameters)
+    return names
+
+
+def call_argument(block: torch.nn.Module, name: str, args: tuple, kwargs: dict) -> Any:
+    """The value of ``block.forward``'s parameter ``name`` in one call, passed by keyword or by position (or None)."""
+    if name in kwargs:
+        return kwargs[name]
+    params = parameter_names(block.forward)
+    if name in params and params.index(name) < len(args):
+        return args[params.index(name)]
+    return None
 
 
 class Handle:
@@ -192,8 +223,6 @@ def timestep_value(args: tuple, kwargs: dict, forward: Callable, name: str = "ti
     """The first element of the transformer's timestep argument as a float (a host read: bare-transformer mode)."""
     value = kwargs.get(name)
     if value is None:
-        from .adapters.base import parameter_names
-
         try:
             params = parameter_names(forward)
         except (TypeError, ValueError):

@@ -650,7 +650,7 @@ def test_traced_changes_are_the_rel_l1_of_what_the_model_computed(name, monkeypa
     """The tracer's batched, deferred reductions give each block's and the output's rel-L1 change per batch row,
     against an independent computation from the same run's tensors; reducing after every call (the held stacks'
     memory cap), in chunks of any size, or tensor by tensor (large models) gives the same values bit for bit."""
-    import calib.trace as trace_module
+    import calib.trace.recorder as trace_module
     from calib.hooking import rel_l1_rows
 
     pipe = stand_in(name)

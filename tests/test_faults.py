@@ -450,7 +450,7 @@ def test_no_file_makes_calib_run_code(tmp_path):
 def test_eval_never_opens_the_files_a_coefficient_file_lists(tmp_path, monkeypatch):
     """`calib eval` without --traces: the file's calibration.trace_files (a trace, /etc/passwd) are not opened; the
     run is stopped where generation would start, by which point the traces for the predictions are chosen."""
-    import calib.evaluation
+    import calib.jobs.eval
     import calib.store
     from calib.errors import CalibError
 
@@ -464,10 +464,10 @@ def test_eval_never_opens_the_files_a_coefficient_file_lists(tmp_path, monkeypat
     (work / "c.json").write_text(json.dumps(doc))
     (work / "p.txt").write_text("a handwritten 7\n")
     opened = []
-    real_read = calib.store._read_file
-    monkeypatch.setattr(calib.store, "_read_file", lambda path, **k: (opened.append(str(path)), real_read(path, **k))[1])
-    monkeypatch.setattr(calib.evaluation, "_measure", stop)
-    monkeypatch.setattr(calib.evaluation, "digit_reader", lambda builtin: None)  # its classifier takes seconds
+    real_read = calib.store.traces._read_file
+    monkeypatch.setattr(calib.store.traces, "_read_file", lambda path, **k: (opened.append(str(path)), real_read(path, **k))[1])
+    monkeypatch.setattr(calib.jobs.eval, "_measure", stop)
+    monkeypatch.setattr(calib.jobs.eval, "digit_reader", lambda builtin: None)  # its classifier takes seconds
     code, _, err = run_cli(["eval", "--coeffs", "c.json", "--prompts", "p.txt", "--seeds", "100", "--steps", "4",
                             "--repeats", "1", "--out", "res.json"], work)
     assert code == 2 and one_error_line(err) == "calib: error: stopped before generating", err

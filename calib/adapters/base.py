@@ -7,12 +7,13 @@ calibrated is what is gated. Imports: torch and the standard library only (diffu
 
 from __future__ import annotations
 
-import inspect
-import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
+
+# Shared with the runtime's hooks; re-exported here because the family adapters call them.
+from ..hooking import call_argument, parameter_names  # noqa: F401
 
 # The ModuleList names diffusers uses for block stacks, in the order they run.
 DEFAULT_BLOCK_STACKS = (
@@ -21,35 +22,6 @@ DEFAULT_BLOCK_STACKS = (
     "blocks",
     "layers",
 )
-
-
-# function -> its parameter names; bound methods apart (their signature drops ``self``)
-_PARAMETERS = {True: weakref.WeakKeyDictionary(), False: weakref.WeakKeyDictionary()}
-
-
-def parameter_names(forward) -> list[str]:
-    """``list(inspect.signature(forward).parameters)``, cached per function: the hooks ask on every block call, and
-    on a small model ``inspect.signature`` costs a few percent of a forward."""
-    func = getattr(forward, "__func__", None)
-    bound = func is not None
-    func = func if bound else forward
-    try:
-        names = _PARAMETERS[bound].get(func)
-    except TypeError:  # not weak-referenceable: no cache
-        return list(inspect.signature(forward).parameters)
-    if names is None:
-        names = _PARAMETERS[bound][func] = list(inspect.signature(forward).parameters)
-    return names
-
-
-def call_argument(block: torch.nn.Module, name: str, args: tuple, kwargs: dict) -> Any:
-    """The value of ``block.forward``'s parameter ``name`` in one call, passed by keyword or by position (or None)."""
-    if name in kwargs:
-        return kwargs[name]
-    params = parameter_names(block.forward)
-    if name in params and params.index(name) < len(args):
-        return args[params.index(name)]
-    return None
 
 
 @dataclass(frozen=True)

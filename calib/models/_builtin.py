@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..errors import CalibError
+from .digit_prompts import parse_digit_prompt  # both built-in models take digit prompts
 
 CFG_MODES = ("batched", "sequential")
 OUTPUT_TYPES = ("pil", "np", "latent")
@@ -90,8 +91,6 @@ class BuiltinPipeline(_pipeline_base()):
 
     def validate_prompts(self, prompts: list[str]) -> None:
         """Raise CalibError for the first prompt this model cannot map to a digit."""
-        from .digits import parse_digit_prompt  # both built-in models take digit prompts
-
         for prompt in prompts:
             parse_digit_prompt(prompt)
 

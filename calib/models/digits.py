@@ -12,7 +12,6 @@ embedding per class (:class:`DigitPromptEncoder`), and prompts are mapped to a c
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,14 +19,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import CalibError
 from . import _builtin
+from .digit_prompts import NULL_CLASS, NUM_CLASSES, parse_digit_prompt  # noqa: F401  (re-exported)
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 WEIGHTS_FILE = WEIGHTS_DIR / "digits_flux.safetensors"
 
-NUM_CLASSES = 10
-NULL_CLASS = NUM_CLASSES  # index of the "no prompt" class used for the unconditional CFG branch
 IMAGE_SIZE = 8
 PATCH = 2
 TOKENS = (IMAGE_SIZE // PATCH) ** 2  # 16
@@ -48,32 +45,6 @@ TRANSFORMER_CONFIG = dict(
     guidance_embeds=False,
     axes_dims_rope=(4, 6, 6),
 )
-
-_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
-_DIGIT_RE = re.compile(r"(?<![\w.])(\d+)(?![\w.])|\b(" + "|".join(_WORDS) + r")\b", re.IGNORECASE)
-
-
-def parse_digit_prompt(prompt: str) -> int:
-    """Map a prompt to a class index: the one digit it names (``"a handwritten 7"``, ``"seven"``), or the null class
-    for an empty prompt. Anything else is a :class:`CalibError` naming the prompt."""
-    if not isinstance(prompt, str):
-        raise CalibError(f"prompt must be a string, got {type(prompt).__name__}")
-    if prompt.strip() == "":
-        return NULL_CLASS
-    found = set()
-    for number, word in _DIGIT_RE.findall(prompt):
-        if number:
-            found.add(int(number))
-        else:
-            found.add(_WORDS.index(word.lower()))
-    if len(found) != 1 or next(iter(found)) > 9:
-        why = "names no digit" if not found else f"names {sorted(found)}"
-        raise CalibError(
-            f"the built-in digits model cannot map prompt {prompt!r} to one digit ({why}); "
-            "write prompts like 'a handwritten 7' or 'the digit seven'"
-        )
-    return found.pop()
-
 
 class DigitPromptEncoder(nn.Module):
     """Stands in for a text encoder: one learned token sequence and pooled vector per class (10 digits + null)."""
@@ -232,6 +203,11 @@ def load_pipeline(weights: Path | None = None, device: str | torch.device = "cpu
     transformer, encoder = build_transformer(), DigitPromptEncoder()
     load_weights(transformer, encoder, weights or WEIGHTS_FILE)
     return DigitsPipeline.from_parts(transformer, encoder, build_scheduler(), device)
+
+
+def latents_to_images(latents: torch.Tensor) -> list[np.ndarray]:
+    """Packed latents (B, 16, 4) -> 8x8 uint8 images, as the pipeline decodes them."""
+    return list(((unpack(latents.float()).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy())
 
 
 def image_grid(images: list, scale: int = 8) -> "np.ndarray":

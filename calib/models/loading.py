@@ -12,6 +12,10 @@ from ..errors import CalibError
 
 DEFAULT_MODEL = "builtin:digits"
 
+# The --dtype names (torch dtype attribute names). The tracer maps them with torch; this module imports torch only
+# when a dtype is resolved, so resolving --model stays light.
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
 
 def _digits(device):
     from . import digits
@@ -163,12 +167,10 @@ def torch_dtype(dtype):
 
     if isinstance(dtype, torch.dtype):
         return dtype
-    from ..trace import DTYPES
-
     name = str(dtype).replace("torch.", "")
-    if name not in DTYPES:
-        raise CalibError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
-    return DTYPES[name]
+    if name not in DTYPE_NAMES:
+        raise CalibError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPE_NAMES)}")
+    return getattr(torch, name)
 
 
 def _dtype_keyword() -> str:

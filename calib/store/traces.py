@@ -13,15 +13,18 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
-from . import __version__
-from .errors import CalibError
+from .. import __version__
+from .._io import (MAX_TRACE_BYTES, Target, check_input, new_file_mode, parse_json, remove_stale_temporaries,
+                   resolve_output, write_bytes)
+from ..errors import CalibError
+from ._attrs import (RESUME_FIELDS, _describe_setting, _now, _str_attr, settings_difference,  # noqa: F401  (re-exported)
+                     stored_settings)
+from .shards import check_shard, expand_manifests
 
 SCHEMA_VERSION = 1
 # Minor version: additions an older version-1 reader ignores and a newer one reads when present. 1: the optional
@@ -41,21 +44,6 @@ MODEL_ATTRS = {
 # file attributes calib writes itself; TraceWriter(attrs=...) may not use these names
 RESERVED_FILE_ATTRS = frozenset({"schema_version", "schema_minor", "calib_version", "created", "updated", "model_info",
                                  "trace_settings", *MODEL_ATTRS.values()})
-# The settings a resumed trace must share with the file (attribute ``trace_settings``, written by calib trace), and
-# the option that sets each. Prompts and seeds are not among them: more of those extend a trace. ``cpu_offload`` is
-# recorded but not matched: it changes where the weights wait between calls, not what is computed.
-RESUME_FIELDS = {
-    "steps": "--steps",
-    "guidance": "--guidance",
-    "height": "--height",
-    "width": "--width",
-    "num_frames": "--num-frames",
-    "negative_prompt": "--negative-prompt",
-    "true_cfg_scale": "--true-cfg-scale",
-    "pipeline_args": "--pipeline-arg",
-    "dtype": "--dtype",
-    "record_blocks": "--no-blocks",
-}
 SERIES = ("step_index", "timesteps", "sigmas", "input_rel_l1", "output_rel_l1", "residual_rel_l1")
 REL_L1_SERIES = ("input_rel_l1", "output_rel_l1", "residual_rel_l1")
 
@@ -180,80 +168,9 @@ class TraceSet:
         }
 
 
-def _now() -> str:
-    return datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
-
-
-def _str_attr(value) -> str:
-    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
-
-
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
-
-
-def stored_settings(attrs: dict) -> dict | None:
-    """The ``trace_settings`` attribute of a trace file (what ``calib trace`` generated with), or None for a file
-    that has none (written by an older calib, by :class:`TraceWriter` without settings, or not valid JSON)."""
-    raw = attrs.get("trace_settings")
-    if raw is None:
-        return None
-    try:
-        value = json.loads(_str_attr(raw))
-    except (TypeError, ValueError):
-        return None
-    return value if isinstance(value, dict) else None
-
-
-_ABSENT = object()  # a --pipeline-arg one side does not give
-
-
-def _describe_setting(name: str, value, key: str | None = None) -> str:
-    """One stored setting as the option that gives it: ``--steps 30``, ``no --height (the pipeline's default)``."""
-    option = RESUME_FIELDS.get(name, name)
-    if name == "pipeline_args":
-        if value is _ABSENT:
-            return f"no --pipeline-arg {key}"
-        return f"--pipeline-arg {key}={json.dumps(value, ensure_ascii=False)}"
-    if name == "record_blocks":
-        return "per-block changes (no --no-blocks)" if value else "--no-blocks"
-    if name == "resolution":
-        return f"resolution {'x'.join(str(v) for v in value) or 'unknown'}"
-    if value is None:
-        return f"no {option}" + (" (the pipeline's default)" if name in ("height", "width", "num_frames") else "")
-    if isinstance(value, float):
-        return f"{option} {value:g}"
-    if isinstance(value, str) and name == "negative_prompt":
-        return f"{option} {value!r}"
-    return f"{option} {value}"
-
-
-
-def settings_difference(stored: dict, now: dict, *, unknown=()) -> tuple[str, str] | None:
-    """``(stored, now)`` in words for the first resume setting (:data:`RESUME_FIELDS`) on which a trace's stored
-    settings and a command's differ; None when they agree. Names in ``unknown`` are not compared (the command does
-    not know them yet, e.g. the dtype before the model is loaded when --dtype was not given)."""
-    for name in RESUME_FIELDS:
-        if name in unknown or name not in now:
-            continue
-        old, new = stored.get(name), now.get(name)
-        if name == "pipeline_args":
-            old, new = dict(old or {}), dict(new or {})
-            for key in list(old) + [k for k in new if k not in old]:
-                a, b = old.get(key, _ABSENT), new.get(key, _ABSENT)
-                if a is _ABSENT or b is _ABSENT or json.dumps(a, sort_keys=True) != json.dumps(b, sort_keys=True):
-                    return _describe_setting(name, a, key), _describe_setting(name, b, key)
-            continue
-        if name in ("guidance", "true_cfg_scale") and old is not None and new is not None:
-            same = float(old) == float(new)
-        elif name == "record_blocks":
-            same = bool(True if old is None else old) == bool(new)
-        else:
-            same = old == new
-        if not same:
-            return _describe_setting(name, old), _describe_setting(name, new)
-    return None
 
 
 def _legacy_difference(trajectories: list, now: dict, unknown=()) -> tuple[str, str] | None:
@@ -351,8 +268,6 @@ def _write_group(root, index: int, t: Trajectory) -> None:
 def final_file_mode(path: Path) -> int:
     """The mode a file written by temp file + rename should end with: the replaced file's, else what a plain
     ``open()`` would give a new one (0o666 minus the umask)."""
-    from ._io import new_file_mode
-
     try:
         return path.stat().st_mode & 0o7777
     except OSError:
@@ -443,8 +358,6 @@ def _write_file(path: Path, model_info: dict, trajectories: list, created: str, 
     ``on_disk``: how many of ``trajectories`` (a prefix) the current ``path`` already holds; then the file's bytes
     are taken and only the rest is added, so an append costs a copy plus the new groups instead of re-encoding every
     trajectory (h5py creates ~4k datasets/s). Either way the final name is only ever replaced by a verified file."""
-    from ._io import Target, write_bytes
-
     base = None
     if on_disk:
         try:
@@ -474,8 +387,6 @@ def _read_file(path: Path, *, quick: int = 0) -> tuple[dict, list, dict]:
     """(model_info, trajectories, file attrs) of one trace file; CalibError with one line naming it otherwise.
     ``quick``: skip (do not read) the first ``quick`` groups -- the writer's check of what it appended."""
     import h5py
-
-    from ._io import MAX_TRACE_BYTES, check_input
 
     if not path.exists():
         raise CalibError(f"{path}: trace file not found")
@@ -511,8 +422,6 @@ def _read_file(path: Path, *, quick: int = 0) -> tuple[dict, list, dict]:
                 f"this calib reads version {SCHEMA_VERSION}{hint}"
             )
         if "model_info" in attrs:
-            from ._io import parse_json
-
             try:
                 model_info = parse_json(attrs["model_info"])
             except (ValueError, TypeError):  # json.JSONDecodeError and calib's limits are ValueErrors
@@ -585,8 +494,6 @@ class TraceWriter:
             raise ValueError(f"attrs may not set {clash}: calib writes these itself")
         if self.path.suffix.lower() not in (".h5", ".hdf5"):
             raise CalibError(f"{self.path}: a trace file must end in .h5")
-        from ._io import resolve_output
-
         target = resolve_output(self.path)  # a directory, a name too long: one line
         if target.stream:
             raise CalibError(f"{self.path}: is not a regular file (a device or FIFO); a trace file must be one")
@@ -691,8 +598,6 @@ class TraceWriter:
 
     def _remove_stale_temporaries(self) -> None:
         """Temporary files of a writer killed mid-append (we hold the lock, so none of them is in use)."""
-        from ._io import remove_stale_temporaries
-
         remove_stale_temporaries(self._real, all_of_them=True)
 
     def flush(self) -> None:
@@ -805,8 +710,6 @@ def read_traces(paths, *, allow_mixed: bool = False) -> TraceSet:
     paths = unique
     if not paths:
         raise CalibError("no trace files given")
-    from .shards import check_shard, expand_manifests
-
     paths, from_manifest = expand_manifests(paths)
     model_info = None
     trajectories, files, attrs, counts = [], [], [], []

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import CalibError
+from ..errors import CalibError
 
 INDICATOR_SERIES = {"modulated_input": "input_rel_l1", "block_input": "block_input_rel_l1", "temb": "temb_rel_l1"}
 QUALITY_KEYS = ("psnr", "ssim", "lpips", "rel_l1", "error", "mse", "fid", "clip", "accuracy")
@@ -59,7 +59,7 @@ def _series(traj, name: str) -> np.ndarray | None:
 def _xy(traj, indicator: str, normalization: str):
     """(x, y, forced) of a trajectory's steps 1..n-1; ``forced`` marks the generation's last step, which the runtime
     always computes and ``calib fit`` leaves out (:func:`calib.fit.forced_last_mask`)."""
-    from .fit import forced_last_mask
+    from ..fit import forced_last_mask
 
     x = _series(traj, INDICATOR_SERIES.get(indicator, "input_rel_l1"))
     y = _series(traj, "output_rel_l1")
@@ -309,9 +309,9 @@ def _threshold_rows(table: list[dict], recommended, limit: int = 24):
 
 def build_html(trace_set, docs: list[dict], eval_data=None, eval_name: str | None = None) -> tuple[str, list[str]]:
     """(the page, the section ids in it)."""
-    from . import block_cache
-    from .runtime.gate import Rescaler, replay
-    from .fit import forced_last_mask
+    from .. import block_cache
+    from ..runtime.gate import Rescaler
+    from ..tune import replay_trajectories
 
     by_method = {}
     for d in docs:
@@ -346,15 +346,11 @@ def build_html(trace_set, docs: list[dict], eval_data=None, eval_name: str | Non
     else:
         rescalers = {c: Rescaler([float(v) for v in coef], tuple(dom) if dom else None) for c, (coef, dom) in polys.items()}
         table = []
-        for t in [0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.6, 0.8, 1.0]:
+        for t in [0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.6, 0.8, 1.0] if indicator == "modulated_input" else []:
             comp = tot = 0
-            for traj in trace_set.trajectories:
-                if traj.component in rescalers and indicator == "modulated_input":
-                    x = np.asarray(traj.input_rel_l1, float)
-                    d = replay(x.tolist(), rescalers[traj.component], t,
-                               last_forced=bool(forced_last_mask(traj, len(x))[-1]))
-                    comp += sum(d)
-                    tot += len(d)
+            for _traj, d in replay_trajectories(trace_set, rescalers, t):  # calib tune's replay of the runtime's gate
+                comp += sum(d)
+                tot += len(d)
             if tot:
                 table.append({"threshold": t, "compute_fraction": comp / tot, "predicted_speedup": tot / comp})
         rows, chosen = _threshold_rows(table, None)
@@ -395,7 +391,7 @@ def build_html(trace_set, docs: list[dict], eval_data=None, eval_name: str | Non
     fc_doc = by_method.get("fastercache-cfg")
     try:
         if fc_doc is None:
-            from .fastercache import build_document as fc_build
+            from ..fastercache import build_document as fc_build
 
             fc_doc = fc_build(trace_set)
         body = ""
@@ -417,7 +413,7 @@ def build_html(trace_set, docs: list[dict], eval_data=None, eval_name: str | Non
         body = f"<p class='muted'>From {html.escape(eval_name or 'the evaluation results')}.</p>"
         compare = eval_data.get("frontier") if isinstance(eval_data, dict) else None
         if isinstance(compare, dict) and compare.get("methods"):  # calib eval --compare: every method's points
-            from .frontier import format_frontier, frontier_png
+            from ..evaluate.frontier import format_frontier, frontier_png
 
             try:
                 body += _img(frontier_png(compare), "frontier: error vs fraction of full forwards, every method")
@@ -458,9 +454,9 @@ def build_html(trace_set, docs: list[dict], eval_data=None, eval_name: str | Non
 
 
 def run_report(traces, *, coeffs=(), eval_path=None, out, echo=print) -> Path:
-    from ._io import load_json_file, resolve_output, write_text
-    from .export import load_document
-    from .store import read_traces
+    from .._io import load_json_file, resolve_output, write_text
+    from ..export import load_document
+    from ..store import read_traces
 
     out = Path(out)
     if out.suffix.lower() not in (".html", ".htm"):

@@ -10,19 +10,18 @@ batched over the held calls, and each series is moved to the host once, when the
 from __future__ import annotations
 
 import math
-import re
 import warnings
-from pathlib import Path
 from collections import defaultdict
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from .adapters import Adapter, first_tensor, get_adapter, model_identity, transformer_output
-from .adapters.base import get_submodule
-from .errors import CalibError
-from .hooking import ContextProbe, Handle, StepClock, wrap_forward, wrap_method
+from ..adapters import Adapter, first_tensor, get_adapter, model_identity, transformer_output
+from ..adapters.base import get_submodule
+from ..errors import CalibError
+from ..hooking import ContextProbe, Handle, StepClock, wrap_forward, wrap_method
+from ..store import FORECAST_ORDERS, FORECAST_VARIABLES, Trajectory
+from .settings import TraceSettings
 
 # Per call, same-shaped series are copied into one stack per group and reduced later, many calls at once, while a
 # call's stack holds at most BATCH_NUMEL elements (_Recorder._changes); beyond it (large models) each is reduced on
@@ -40,165 +39,6 @@ EXTRA_SERIES = (
     "residual_norm_ratio",  # mean over tokens of |residual_t| / |residual_t-1| (MagCache's mag_ratios)
     "head_residual_rel_l1",  # change of the first block's residual (First Block Cache's indicator)
 )
-
-
-MAX_STEPS = 10_000  # denoising steps; schedulers use 1-1000, and the tracer sizes buffers by it
-
-# torch dtypes by the names --dtype takes (and the trace file records)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-# Pipeline arguments calib sets itself, with the option that sets them: --pipeline-arg may not give these.
-CALIB_ARGUMENTS = {
-    "prompt": "--prompts",
-    "num_inference_steps": "--steps",
-    "guidance_scale": "--guidance",
-    "generator": "--seeds",
-    "output_type": None,  # "latent" when tracing, "np" when evaluating
-    "return_dict": None,  # calib reads the pipeline's output object
-    "height": "--height",
-    "width": "--width",
-    "num_frames": "--num-frames",
-    "negative_prompt": "--negative-prompt",
-    "true_cfg_scale": "--true-cfg-scale",
-}
-_ARGUMENT_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-
-
-def parse_pipeline_arg(text: str) -> tuple[str, object]:
-    """``KEY=VALUE`` of ``--pipeline-arg``: VALUE read as JSON (``64``, ``true``, ``{"scale": 0.5}``), else kept
-    as the string it is (``negative_prompt_2=blurry``)."""
-    import json
-
-    key, sep, raw = str(text).partition("=")
-    key = key.strip()
-    if not sep:
-        raise CalibError(f"--pipeline-arg {text!r}: expected KEY=VALUE, e.g. max_sequence_length=256")
-    if not _ARGUMENT_NAME.match(key):
-        raise CalibError(f"--pipeline-arg {text!r}: {key!r} is not an argument name (letters, digits and _, "
-                         "not starting with a digit)")
-    try:
-        value = json.loads(raw)
-    except ValueError:
-        value = raw
-    return key, value
-
-
-def recordable(value):
-    """A pipeline argument as the trace and coefficient files record it: a JSON value as it is; anything else (the
-    Python API can pass an image) as ``{"python_object": "PIL.Image.Image"}``, its type only -- a file cannot hold
-    it, and a resume cannot tell two of them apart."""
-    import json
-
-    try:
-        return json.loads(json.dumps(value, allow_nan=False))
-    except (TypeError, ValueError):
-        kind = type(value)
-        return {"python_object": f"{kind.__module__}.{kind.__qualname__}"}
-
-
-def dtype_name(dtype) -> str:
-    """``torch.bfloat16`` -> ``"bfloat16"``."""
-    return str(dtype).replace("torch.", "")
-
-
-@dataclass
-class TraceSettings:
-    """What a trace run generates: each prompt x seed is one generation.
-
-    ``pipeline_kwargs``: further keyword arguments of the pipeline call (``--pipeline-arg``: JSON values; through
-    Python anything, recorded by :func:`recordable`); the ones with fields of their own move to those;
-    ``negative_prompt`` / ``true_cfg_scale`` are passed when given (true CFG of FLUX and Qwen-Image);
-    ``dtype``: the dtype the model is loaded in (``None``: as it loads; the trace records the one it ran in);
-    ``cpu_offload``: ``enable_model_cpu_offload()`` instead of moving the whole pipeline to the device.
-    """
-
-    steps: int = 30
-    guidance: float = 3.0
-    seeds: tuple[int, ...] = (0, 1)
-    height: int | None = None
-    width: int | None = None
-    num_frames: int | None = None
-    record_blocks: bool = True
-    pipeline_kwargs: dict = field(default_factory=dict)
-    negative_prompt: str | None = None
-    true_cfg_scale: float | None = None
-    dtype: str | None = None
-    cpu_offload: bool = False
-
-    def __post_init__(self):
-        if not isinstance(self.steps, int) or self.steps < 2:
-            raise CalibError(f"--steps must be an integer >= 2, got {self.steps!r}")
-        if self.steps > MAX_STEPS:  # before any buffer is sized by it
-            raise CalibError(f"--steps {self.steps}: at most {MAX_STEPS} denoising steps")
-        if not (isinstance(self.guidance, (int, float)) and math.isfinite(self.guidance) and self.guidance >= 0):
-            raise CalibError(f"--guidance must be a finite number >= 0, got {self.guidance!r}")
-        self.seeds = tuple(int(s) for s in self.seeds)
-        if not self.seeds:
-            raise CalibError("--seeds needs at least one seed")
-        if len(set(self.seeds)) != len(self.seeds):
-            raise CalibError(f"--seeds has duplicates: {list(self.seeds)}")
-        kwargs = dict(self.pipeline_kwargs or {})
-        # Through Python, pipeline_kwargs may hold the arguments that have fields of their own: they move there
-        # (so they are recorded and matched as those settings), unless the field says otherwise.
-        for key in ("height", "width", "num_frames", "negative_prompt", "true_cfg_scale"):
-            if key in kwargs:
-                value = kwargs.pop(key)
-                if getattr(self, key) is not None and getattr(self, key) != value:
-                    raise CalibError(f"{key} is given twice, as {CALIB_ARGUMENTS[key]} {getattr(self, key)!r} and "
-                                     f"as a pipeline argument {value!r}")
-                setattr(self, key, value)
-        self._check_fields()
-        for key in kwargs:
-            if not isinstance(key, str) or not _ARGUMENT_NAME.match(key):
-                raise CalibError(f"--pipeline-arg {key!r}: not an argument name (letters, digits and _)")
-            if key in CALIB_ARGUMENTS:
-                how = CALIB_ARGUMENTS[key]
-                raise CalibError(f"--pipeline-arg {key}: calib sets {key} itself"
-                                 + (f"; use {how}" if how else ""))
-        self.pipeline_kwargs = kwargs
-
-    def _check_fields(self) -> None:
-        for name in ("height", "width", "num_frames"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value <= 0):
-                raise CalibError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
-        if self.negative_prompt is not None and not isinstance(self.negative_prompt, str):
-            raise CalibError(f"--negative-prompt must be text, got {type(self.negative_prompt).__name__}")
-        if self.true_cfg_scale is not None:
-            if not (isinstance(self.true_cfg_scale, (int, float)) and math.isfinite(self.true_cfg_scale)
-                    and self.true_cfg_scale >= 0):
-                raise CalibError(f"--true-cfg-scale must be a finite number >= 0, got {self.true_cfg_scale!r}")
-            self.true_cfg_scale = float(self.true_cfg_scale)
-        if self.dtype is not None:
-            self.dtype = dtype_name(self.dtype)
-            if self.dtype not in DTYPES:
-                raise CalibError(f"--dtype {self.dtype!r}: choose one of {', '.join(DTYPES)}")
-        self.cpu_offload = bool(self.cpu_offload)
-
-    def call_kwargs(self) -> dict:
-        """The keyword arguments of the pipeline call besides prompt, steps, guidance, generator and output type:
-        ``--pipeline-arg``s, size and the true-CFG arguments, each only when given."""
-        kwargs = dict(self.pipeline_kwargs)
-        for name in ("height", "width", "num_frames", "negative_prompt", "true_cfg_scale"):
-            if getattr(self, name) is not None:
-                kwargs[name] = getattr(self, name)
-        return kwargs
-
-    def recorded(self) -> dict:
-        """What the trace file stores (attribute ``trace_settings``) and a resume must match: every setting of
-        the generations except the prompts and seeds (more of those extend a trace)."""
-        return {
-            "steps": int(self.steps),
-            "guidance": float(self.guidance),
-            "height": self.height,
-            "width": self.width,
-            "num_frames": self.num_frames,
-            "negative_prompt": self.negative_prompt,
-            "true_cfg_scale": self.true_cfg_scale,
-            "pipeline_args": {k: recordable(v) for k, v in self.pipeline_kwargs.items()},
-            "dtype": self.dtype,
-            "cpu_offload": self.cpu_offload,
-            "record_blocks": bool(self.record_blocks),
-        }
 
 
 def pipeline_components(pipe) -> list[tuple[str, torch.nn.Module]]:
@@ -445,8 +285,6 @@ class _Recorder:
         and σ), so every forecast of a call is one matrix product over the stacked past residuals, and the errors
         one reduction, on the device. The residuals of the last (k+1) H steps of the stream are held (references;
         the tracer copies nothing for them)."""
-        from .store import FORECAST_ORDERS, FORECAST_VARIABLES
-
         H = self.forecast_horizons
         slots = len(FORECAST_VARIABLES) * len(FORECAST_ORDERS) * H
         step = self.clock.step
@@ -581,8 +419,6 @@ class _Recorder:
             if self.record_blocks and len(blocks) == len(self.blocks):
                 series["blocks"] = np.stack(blocks, axis=-1)
             if "forecast0" in series:
-                from .store import FORECAST_ORDERS, FORECAST_VARIABLES
-
                 slots = [series.pop(f"forecast{j}") for j in range(len(FORECAST_VARIABLES) * len(FORECAST_ORDERS)
                                                                    * self.forecast_horizons)]
                 series["forecast"] = np.stack(slots, axis=-1).reshape(
@@ -764,8 +600,6 @@ class Tracer:
         self.remove()
 
     def trace(self, prompt: str, seed: int, settings: TraceSettings):
-        from .store import Trajectory
-
         for rec in self.recorders:
             rec.reset()
         kwargs = settings.call_kwargs()
@@ -839,243 +673,3 @@ class Tracer:
         if res:
             return tuple(int(v) for v in res)
         return ()
-
-
-def _with_dtype(settings: TraceSettings, pipe) -> TraceSettings:
-    """``settings`` with the dtype the model runs in: ``--dtype`` when given (a pipeline passed in must be in it),
-    else the transformer's."""
-    import dataclasses
-
-    transformer = pipeline_components(pipe)[0][1]
-    first = next((p for p in transformer.parameters() if p.is_floating_point()), None)
-    dtype = getattr(transformer, "dtype", None) if isinstance(getattr(transformer, "dtype", None), torch.dtype) else None
-    running = dtype_name(dtype or (first.dtype if first is not None else "unknown"))
-    if settings.dtype is None:
-        return dataclasses.replace(settings, dtype=running if running in DTYPES else None)
-    if running != settings.dtype:
-        wanted = DTYPES[settings.dtype]
-        if any(p.is_floating_point() and p.dtype == wanted for p in transformer.parameters()):
-            return settings  # loaded in it; some modules kept in float32 (diffusers' _keep_in_fp32_modules)
-        raise CalibError(f"--dtype {settings.dtype}: the pipeline's transformer is {running}")
-    return settings
-
-
-def check_pipeline_arguments(pipeline, settings: TraceSettings, model: str, *, output_type: str = "latent") -> None:
-    """Every argument calib passes to the pipeline (the options, the --pipeline-args) is one its ``__call__``
-    takes; otherwise one line naming the option, before any work. ``pipeline`` is the pipeline or its class."""
-    check_call_arguments(pipeline, settings.steps, settings.guidance, settings.call_kwargs(), model,
-                         output_type=output_type)
-
-
-def check_call_arguments(pipeline, steps: int, guidance: float, kwargs: dict, model: str, *,
-                         output_type: str = "latent") -> None:
-    """:func:`check_pipeline_arguments` for a pipeline call of ``steps``, ``guidance`` and further ``kwargs``."""
-    import inspect
-
-    cls = pipeline if isinstance(pipeline, type) else type(pipeline)
-    try:
-        params = inspect.signature(cls.__call__).parameters
-    except (TypeError, ValueError):  # a C callable or another object without a signature: cannot tell
-        return
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return  # **kwargs: takes anything
-    names = [n for n, p in params.items() if n != "self" and p.kind is not inspect.Parameter.VAR_POSITIONAL]
-    passed = {"num_inference_steps": steps, "guidance_scale": guidance, "generator": None,
-              "output_type": output_type, **kwargs}
-    label = cls.__name__ if model in (None, "", cls.__name__) else f"{cls.__name__} ({model})"
-    for argument in passed:
-        if argument in names:
-            continue
-        option = CALIB_ARGUMENTS.get(argument, f"--pipeline-arg {argument}")
-        if option is None or argument == "generator":
-            raise CalibError(f"{label} does not take {argument!r}, which calib passes to every pipeline it traces; "
-                             f"its __call__ takes: {', '.join(names)}")
-        raise CalibError(f"{option}: {label} does not take {argument!r}; its __call__ takes: {', '.join(names)}")
-
-
-def default_trace_path(model: str) -> Path:
-    from .models.loading import is_factory_spec
-
-    if model.startswith("builtin:") or is_factory_spec(model):  # builtin:NAME, module:NAME
-        name = model.split(":", 1)[1]
-    else:
-        name = Path(model.rstrip("/")).name
-    return Path("traces") / f"{name or 'model'}.h5"
-
-
-def check_device(device: str) -> str:
-    """``--device`` as torch spells it, if this machine has it; one line otherwise (before the model is loaded)."""
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, TypeError, ValueError):
-        raise CalibError(f"--device {device!r}: not a torch device; use cpu, cuda or cuda:N") from None
-    kind = parsed.type
-    if kind == "meta":
-        raise CalibError("--device meta holds no data and cannot generate; use cpu or cuda")
-    if kind == "cuda":
-        if not torch.cuda.is_available():
-            raise CalibError(f"--device {device}: this torch has no CUDA device (torch {torch.__version__}, "
-                             f"CUDA build: {torch.version.cuda or 'none'}); use --device cpu")
-        count = torch.cuda.device_count()
-        if parsed.index is not None and parsed.index >= count:
-            raise CalibError(f"--device {device}: this machine has {count} CUDA device(s) (cuda:0 to cuda:{count - 1})")
-    elif kind == "mps":
-        mps = getattr(torch.backends, "mps", None)
-        if mps is None or not mps.is_available():
-            raise CalibError(f"--device {device}: MPS is not available here; use --device cpu")
-    elif kind != "cpu":
-        module = getattr(torch, kind, None)
-        available = getattr(module, "is_available", None)
-        if not callable(available) or not available():
-            raise CalibError(f"--device {device}: no {kind} device is available to this torch; use cpu or cuda")
-    return device
-
-
-def pick_device(device: str | None, local_rank: int | None = None) -> str:
-    """``--device``, else cuda if available, else cpu; under a distributed launcher ``cuda`` means cuda:LOCAL_RANK."""
-    if device:
-        check_device(device)
-    if device and not (device == "cuda" and local_rank is not None):
-        return device
-    if device == "cuda" or torch.cuda.is_available():
-        return f"cuda:{local_rank}" if local_rank is not None else "cuda"
-    return "cpu"
-
-
-def run_trace(
-    model: str,
-    prompts_file,
-    settings: TraceSettings,
-    *,
-    out=None,
-    device: str | None = None,
-    modulation_module: str | None = None,
-    overwrite: bool = False,
-    echo=print,
-    pipe=None,
-    shard: str | None = None,
-) -> Path:
-    """Trace every prompt x seed into ``out``. Resumes what is there; Ctrl-C keeps what finished.
-
-    Under torchrun / ``accelerate launch`` (WORLD_SIZE > 1), or with ``shard="i/n"``, this process traces only its
-    share into ``NAME.rank{i}-of-{n}.h5`` and the manifest ``NAME.manifest.json`` lists the shards
-    (:mod:`calib.shards`, docs/cluster.md). Returns the file this process wrote."""
-    from tqdm.auto import tqdm
-
-    from . import shards as sh
-    from .errors import InterruptedRun
-    from .models.loading import load_model
-    from .prompts import bundled_prompts_path, read_prompts
-    from .store import TraceWriter
-
-    part = sh.resolve_shard(shard)
-    if prompts_file is None:
-        if not model.startswith("builtin:"):
-            raise CalibError("--prompts is required for models that are not built in")
-        from .models.loading import BUILTIN, builtin_names
-
-        if model.split(":", 1)[1] not in BUILTIN:  # before looking for its bundled prompts
-            raise CalibError(f"no built-in model {model.split(':', 1)[1]!r}; built-in models: {', '.join(builtin_names())}")
-        prompts_file = bundled_prompts_path(model.split(":", 1)[1])
-    prompts = read_prompts(prompts_file)
-    out = Path(out) if out is not None else default_trace_path(model)
-    if out.suffix.lower() not in (".h5", ".hdf5"):
-        raise CalibError(f"{out}: a trace file must end in .h5")
-    device = pick_device(device, part.local_rank if part is not None and part.distributed else None)
-    path = out if part is None else sh.shard_path(out, part.index, part.count)
-    # Before minutes of loading: arguments the pipeline does not take, and a resume with other settings.
-    if pipe is None:
-        from .models.loading import pipeline_class
-
-        cls = pipeline_class(model)
-        if cls is not None:
-            check_pipeline_arguments(cls, settings, model)
-    if not overwrite:
-        from .store import precheck_resume
-
-        unknown = () if settings.dtype is not None else ("dtype",)
-        precheck_resume(path, settings.recorded(), unknown=unknown, source=model)
-        if part is not None:
-            sh.check_manifest_settings(out, settings.recorded(), unknown=unknown)
-    leader = part is None or not part.distributed or part.index == 0  # prints, shows the bar
-    say = echo if leader else (lambda *a, **k: None)
-    owns_group = sh.init_process_group(part, device) if part is not None else False
-    try:
-        if pipe is None:
-            pipe = load_model(model, device=device, dtype=settings.dtype, cpu_offload=settings.cpu_offload)
-        check_pipeline_arguments(pipe, settings, model)
-        settings = _with_dtype(settings, pipe)
-        check = getattr(pipe, "validate_prompts", None)
-        if callable(check):  # fail on an unreadable prompt before hours of tracing, not at prompt 57
-            check(prompts)
-        try:
-            tracer = Tracer(pipe, modulation_module=modulation_module, record_blocks=settings.record_blocks)
-        except LookupError as exc:  # a --modulation-module or block stack the model does not have
-            hint = f"--modulation-module {modulation_module}: " if modulation_module else ""
-            raise CalibError(f"{hint}{exc.args[0] if exc.args else exc}") from None
-        info = describe_model(pipe, model, tracer.adapter)
-        recorded = {**settings.recorded(), "resolution": list(tracer._resolution(settings))}
-        if part is not None and not overwrite:  # now with the dtype the model runs in
-            sh.check_manifest_settings(out, recorded)
-        all_jobs = [(p, s) for p in prompts for s in settings.seeds]
-        if part is None:
-            jobs, attrs = all_jobs, None
-        else:
-            jobs = sh.split(all_jobs, part.index, part.count)
-            attrs = {"shard_index": part.index, "shard_count": part.count}
-
-        def manifest():
-            return sh.write_manifest(out, model=model, model_info=info, settings=settings, prompts=prompts,
-                                     jobs=all_jobs, count=part.count, launcher=part.launcher, recorded=recorded)
-
-        done = 0
-        with tracer, TraceWriter(path, info, overwrite=overwrite, attrs=attrs, background=True,
-                                 settings=recorded) as writer:
-            # the writer refused a file traced with other settings, so every generation in it is one of this run's
-            finished = {(t.prompt, t.seed) for t in writer.trajectories}
-            todo = [(p, s) for p, s in jobs if (p, s) not in finished]
-            if part is not None and (leader or not part.distributed):
-                manifest()  # so the shards are listed even if the run stops early
-            if len(todo) < len(jobs):
-                say(f"resuming {path}: {len(jobs) - len(todo)} of {len(jobs)} generations already traced")
-            desc = "trace" if part is None else f"trace {part.label}"
-            bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), unit="gen", desc=desc, dynamic_ncols=True,
-                       disable=not leader)
-            try:
-                for prompt, seed in todo:
-                    bar.set_postfix_str(f"{prompt[:32]!r} seed {seed}")
-                    writer.append(tracer.trace(prompt, seed, settings))
-                    done += 1
-                    bar.update(1)
-                writer.flush()  # the last generation is on disk before anyone is told it is
-            except KeyboardInterrupt:
-                bar.close()
-                writer.close()  # flush the generation in flight
-                kept = len(jobs) - len(todo) + done
-                raise InterruptedRun(
-                    f"interrupted: {kept} of {len(jobs)} generations are saved in {path}; "
-                    "rerun the same command to resume"
-                ) from None
-            finally:
-                bar.close()  # before any message, so it starts on a line of its own
-            total = len(writer.trajectories)
-        if part is None:
-            say(f"traced {len(jobs)} generations ({len(prompts)} prompts x {len(settings.seeds)} seeds, "
-                f"{settings.steps} steps) -> {out} ({total} trajectories)")
-            return out
-        if part.distributed:
-            sh.barrier()  # every rank's shard is complete before rank 0 describes them
-            if leader:
-                doc = manifest()
-                say(f"traced {doc['assigned']} generations ({len(prompts)} prompts x {len(settings.seeds)} seeds, "
-                    f"{settings.steps} steps) on {part.count} ranks -> {sh.manifest_path(out)} "
-                    f"({doc['finished']} of {doc['assigned']} in {part.count} shard files)")
-            return path
-        doc = manifest()
-        say(f"{part.label}: traced {len(jobs)} generations ({settings.steps} steps) -> {path} ({total} trajectories); "
-            f"{sh.manifest_path(out)}: {doc['finished']} of {doc['assigned']} generations of all {part.count} "
-            "shards finished")
-        return path
-    finally:
-        if owns_group:
-            sh.destroy_process_group()

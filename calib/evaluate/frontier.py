@@ -1,0 +1,506 @@
+"""The quality / compute frontier: calib's calibrated caches against other caches at equal full forwards and compute.
+
+Every method runs the same held-out prompts x seeds through the real pipeline; the error is measured against the
+uncached generation of the same prompt and seed (relative L1 of the final latents, PSNR / SSIM of the decoded
+output). What each generation computed is counted the same way for every method, by :class:`ComputeMeter`:
+
+* ``fraction`` — fraction of full forwards: transformer calls in which every Linear layer of the block stack ran
+  (the measure the targets 50 % and 33 % refer to);
+* ``compute`` — the share of the block stack's Linear multiply-accumulates that ran, against an uncached call.
+  It shows what a method pays besides its full forwards (First Block Cache's first block, TeaCache's modulation
+  layer) and is the axis for methods that never skip a whole forward (Pyramid Attention Broadcast).
+
+Methods (``METHODS``):
+
+* ``calib`` — TeaCache with the calibrated rescaler (``calib.runtime.apply``), skipped steps as the file says (the
+  residual reused, or the forecast ``calib fit --forecast`` chose);
+* ``calib-forecast`` — the same gate, the residual forecast on skipped steps (``forecast=``, by default the one the
+  schedule fit chose);
+* ``calib-schedule`` — the searched static schedules of ``calib fit --method schedule`` (``schedule_config=``), the
+  budget nearest each target;
+* ``raw`` — the same rule on the raw indicator change, coefficients ``[1, 0]`` (no rescaling);
+* ``uniform`` — compute every k-th step, reuse the residual otherwise: the runtime's own gate with the constant
+  polynomial ``p(x) = 1`` and threshold ``k`` (the accumulator counts steps), so no hook code is duplicated;
+* ``fbcache`` — diffusers' ``FirstBlockCacheConfig`` via ``transformer.enable_cache``;
+* ``magcache`` — diffusers' ``MagCacheConfig`` with ``mag_ratios`` computed from the same traces (the mean over
+  traced trajectories of the stack residual's norm ratio, ``calib.diffusers_export.mag_ratios`` — what MagCache's
+  own ``calibrate=True`` mode logs, averaged over trajectories instead of one run); ``max_skip_steps`` is raised
+  from the default 3 only where the default cannot reach the target;
+* ``taylorseer`` — diffusers' ``TaylorSeerCacheConfig`` given its best: orders 1 and 2, lite mode (whole blocks
+  skipped, the output projection extrapolated) and full mode (attention extrapolated, the rest computed), float32
+  factors, every interval 2-6 with the warm-up that reaches each target (:func:`taylorseer_settings`);
+* ``pab`` — diffusers' ``PyramidAttentionBroadcastConfig`` (attention reuse only; compared on ``compute``);
+* ``block-cache`` — Block Caching (arXiv 2312.03209): calib's per-block schedule derived from the same traces
+  (``calib fit --method block-cache``), applied by ``calib.runtime``; blocks are skipped one by one, so it is
+  compared on ``compute`` (its thresholds bisected over real runs on that axis);
+* ``fastercache`` — diffusers' ``FasterCacheConfig`` with the fields of ``calib export --format
+  diffusers-fastercache`` (the CFG cache calibrated from the traced cond - uncond change), one point per CFG
+  tolerance; it skips the unconditional half of the batch, never a whole forward, so it is compared on ``compute``.
+  diffusers' FasterCache needs an image-shaped output (BCHW / BCFHW): on packed-token models (FLUX, the built-in
+  image model) it is reported as not applicable.
+* ``cache-dit`` / ``cache-dit-taylorseer`` — cache-dit's DBCache (F1B0: the first block always computes) without and
+  with its TaylorSeer calibrator (order 2), through cache-dit's own block adapters; an optional dependency
+  (``pip install 'calib[bench]'``), imported only here; its residual threshold is bisected on both axes.
+
+Every target (50 %, 33 %, 25 %) is matched twice: on the fraction of full forwards and on the compute share, and
+:func:`compare_with_peers` puts calib's best calibrated row against the best other row at each.
+
+Threshold methods are bisected over real runs (starting from the replayed threshold where a replay exists) to the
+setting whose measured fraction is closest to each target; the achieved fraction is reported beside every number.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Callable
+
+from .._io import write_bytes
+from ..errors import CalibError
+from .baselines import (  # noqa: F401  (the peers' settings are part of the frontier's API)
+    CACHE_DIT_WARMUP,
+    FASTERCACHE_TOLERANCES,
+    TAYLORSEER_INTERVALS,
+    TAYLORSEER_VARIANTS,
+    _cache_dit_method,
+    _diffusers_install,
+    _fastercache_method,
+    _pab_method,
+    _restored,
+    _taylorseer_method,
+    _taylorseer_schedule,
+    _uniform_method,
+    cache_dit_adapter,
+    taylorseer_settings,
+)
+from .harness import (  # noqa: F401
+    CURVE_FRACTIONS,
+    MAX_PROBES,
+    REACHED,
+    TARGETS,
+    TOLERANCE,
+    ComputeMeter,
+    Point,
+    _closest,
+    Harness,
+    _search,
+    _setting_text,
+    runtime_install,
+    with_polynomial,
+)
+
+
+def _replay_guess(trace_set, rescalers, fraction: float, indicator="modulated_input", normalization="none"):
+    """The threshold the replay (calib tune) predicts for ``fraction``: where the bisection over real runs starts."""
+    from ..tune import TuneTarget, find_threshold
+
+    row, _ = find_threshold(trace_set, rescalers, TuneTarget("compute_fraction", fraction), indicator=indicator,
+                            normalization=normalization)
+    return row.threshold
+
+
+def _teacache_method(harness, config, trace_set, name, targets, echo, forecast=None):
+    from ..tune import rescalers_of
+
+    if name in ("calib", "calib-forecast"):
+        cfg = config
+        rescalers, indicator, normalization = rescalers_of(config.document)
+        guess_of = lambda f: _replay_guess(trace_set, rescalers, f, indicator, normalization)  # noqa: E731
+    else:
+        from ..runtime.gate import Rescaler
+
+        cfg = with_polynomial(config, (1.0, 0.0))
+        raw = {name: Rescaler([1.0, 0.0], None) for name in config.components}
+        guess_of = lambda f: _replay_guess(trace_set, raw, f)  # noqa: E731
+    probes: dict = {}
+    make = lambda t: runtime_install(harness.pipe, cfg, t, forecast)  # noqa: E731
+    for f in CURVE_FRACTIONS:
+        t = float(f"{guess_of(f):.6g}")
+        if t not in probes:
+            probes[t] = harness.run(name, make(t), {"threshold": t})
+    for target in targets:
+        _search(harness, name, make, target, guess_of(target), probes=probes)
+    return list(probes.values())
+
+
+def _fbcache_method(harness, trace_set, targets):
+    from diffusers import FirstBlockCacheConfig
+
+    def guess(f):
+        try:
+            from ..diffusers_export import fbcache_config
+
+            return fbcache_config(trace_set, target_speedup=1.0 / f)[0]["threshold"] or 0.05
+        except Exception:  # noqa: BLE001 - traces without the series it needs: start from diffusers' default
+            return 0.05
+
+    probes: dict = {}
+    make = lambda t: _diffusers_install(harness.transformer, lambda: FirstBlockCacheConfig(threshold=t))  # noqa: E731
+    for f in CURVE_FRACTIONS:
+        t = float(f"{guess(f):.6g}")
+        if t not in probes:
+            probes[t] = harness.run("fbcache", make(t), {"threshold": t})
+    for target in targets:
+        _search(harness, "fbcache", make, target, guess(target), probes=probes)
+    return list(probes.values())
+
+
+def _magcache_method(harness, trace_set, targets, echo):
+    from diffusers import MagCacheConfig
+
+    from ..diffusers_export import MAGCACHE_RETENTION_RATIO, mag_ratios, magcache_replay
+
+    ratios = mag_ratios(trace_set)
+    n = harness.steps
+
+    def replayed(t, k):
+        return sum(magcache_replay(ratios, t, num_steps=n, max_skip_steps=k)) / n
+
+    def guess(f, k):
+        lo, hi = 0.0, 1.0
+        while replayed(hi, k) > f and hi < 1e6:
+            hi *= 2
+        for _ in range(40):
+            mid = 0.5 * (lo + hi)
+            lo, hi = (mid, hi) if replayed(mid, k) > f else (lo, mid)
+        return hi
+
+    points = []
+    for target in (*targets, *CURVE_FRACTIONS):
+        k = 3
+        while replayed(1e9, k) > target + TOLERANCE and k < n:
+            k += 1
+        probes: dict = {}
+
+        def make(t, k=k):
+            return _diffusers_install(harness.transformer, lambda: MagCacheConfig(
+                threshold=t, max_skip_steps=k, retention_ratio=MAGCACHE_RETENTION_RATIO, num_inference_steps=n,
+                mag_ratios=list(ratios)))
+
+        if target in targets:
+            found = _search(harness, "magcache", make, target, guess(target, k), probes=probes)
+        else:
+            t = float(f"{guess(target, k):.6g}")
+            found = [harness.run("magcache", make(t), {"threshold": t})]
+        for p in found:
+            p.setting = {**p.setting, "max_skip_steps": k}
+        points.extend(found)
+    return points
+
+
+def _block_cache_method(harness, trace_set, targets):
+    """calib's Block Caching schedule, thresholds bisected over real runs on the compute share."""
+    import calib.runtime as cr
+
+    from ..block_cache import block_changes, build_document, components_of, tune
+    from ..runtime.block_cache import parse
+
+    doc, _ = build_document(trace_set)
+    config = parse(doc, "<frontier block-cache>")
+    changes = {name: block_changes(trace_set, name)[1] for name in components_of(trace_set)}
+
+    def guess(f):
+        return tune(changes, f)[0].threshold
+
+    def make(t):
+        def install():
+            handle = cr.apply(harness.pipe, config, threshold=t)
+            return handle.remove
+
+        return install
+
+    probes: dict = {}
+    for f in CURVE_FRACTIONS:
+        t = float(f"{guess(f):.6g}")
+        if t not in probes:
+            probes[t] = harness.run("block-cache", make(t), {"threshold": t})
+    for target in targets:
+        _search(harness, "block-cache", make, target, guess(target), key="compute", probes=probes)
+    return list(probes.values())
+
+
+def _schedule_method(harness, schedule_config, targets):
+    """calib's searched schedules (``calib fit --method schedule``): the budgets nearest each target and the
+    curve's fractions, each applied by ``calib.runtime.apply(pipe, config, budget=B)``."""
+    import calib.runtime as cr
+
+    n = schedule_config.steps
+    budgets = sorted({min(schedule_config.budgets, key=lambda b: (abs(b / n - f), b))
+                      for f in (*targets, *CURVE_FRACTIONS)})
+
+    def make(b):
+        def install():
+            handle = cr.apply(harness.pipe, schedule_config, budget=b)
+            return handle.remove
+
+        return install
+
+    return [harness.run("calib-schedule", make(b), {"budget": b, "forecast": schedule_config.forecast.as_json()})
+            for b in budgets]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the rows: calib's own settings and the peers it is compared with
+# ---------------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class _Row:
+    """What every row's ``run`` gets: the harness and the inputs of one frontier run."""
+
+    harness: Harness
+    config: object
+    trace_set: object
+    targets: tuple
+    echo: object
+    forecast: object = None
+    schedule_config: object = None
+
+
+def _calib_forecast_row(row: _Row) -> list[Point]:
+    if row.forecast is None or row.config is None:
+        raise CalibError("needs coefficients and a forecast (pass forecast= or a schedule file)")
+    return _teacache_method(row.harness, row.config, row.trace_set, "calib-forecast", row.targets, row.echo,
+                            forecast=row.forecast)
+
+
+def _calib_schedule_row(row: _Row) -> list[Point]:
+    if row.schedule_config is None:
+        raise CalibError("no schedule file given (calib fit --method schedule)")
+    return _schedule_method(row.harness, row.schedule_config, row.targets)
+
+
+def _cache_dit_row(calibrator: bool, name: str):
+    def run(row: _Row) -> list[Point]:
+        points = _cache_dit_method(row.harness, row.targets, calibrator=calibrator)
+        broken = _restored(row.harness)
+        if broken is not None:
+            row.echo(f"  {name}: warning — {broken}; the rows after it are not trustworthy")
+        return points
+
+    return run
+
+
+@dataclasses.dataclass(frozen=True)
+class FrontierEntry:
+    """One row of the frontier: how it is labelled, how its points are made, and how it is matched to a target."""
+
+    label: str
+    run: Callable[[_Row], list[Point]]
+    partial: bool = False  # never skips a whole forward: matched on compute share, not on the fraction of forwards
+    calibrated: bool = False  # calibrated by calib (not a peer)
+
+
+# In the order they run. cache-dit last: its disable_cache leaves the FLUX transformer's blocks patched (diffusers'
+# own caches fail after it).
+FRONTIER_ENTRIES: dict[str, FrontierEntry] = {
+    "calib": FrontierEntry(
+        "calib (calibrated rescaler, the file's forecast)",
+        lambda r: _teacache_method(r.harness, r.config, r.trace_set, "calib", r.targets, r.echo), calibrated=True),
+    "calib-forecast": FrontierEntry("calib gate + the schedule fit's forecast", _calib_forecast_row, calibrated=True),
+    "calib-schedule": FrontierEntry("calib schedule + forecast (measured, searched)", _calib_schedule_row,
+                                    calibrated=True),
+    "raw": FrontierEntry(
+        "TeaCache rule, no rescaling [1, 0]",
+        lambda r: _teacache_method(r.harness, r.config, r.trace_set, "raw", r.targets, r.echo)),
+    "uniform": FrontierEntry("uniform, every k-th step", lambda r: _uniform_method(r.harness, r.config, r.targets)),
+    "fbcache": FrontierEntry("diffusers FirstBlockCache", lambda r: _fbcache_method(r.harness, r.trace_set, r.targets)),
+    "magcache": FrontierEntry("diffusers MagCache (ratios from traces)",
+                              lambda r: _magcache_method(r.harness, r.trace_set, r.targets, r.echo)),
+    "taylorseer": FrontierEntry("diffusers TaylorSeer (best of orders 1-2, lite/full, interval, warm-up)",
+                                lambda r: _taylorseer_method(r.harness, r.targets)),
+    "pab": FrontierEntry("diffusers PyramidAttentionBroadcast", lambda r: _pab_method(r.harness), partial=True),
+    "block-cache": FrontierEntry("calib Block Caching (per-block schedule)",
+                                 lambda r: _block_cache_method(r.harness, r.trace_set, r.targets), partial=True,
+                                 calibrated=True),
+    "fastercache": FrontierEntry("diffusers FasterCache (fields from traces)",
+                                 lambda r: _fastercache_method(r.harness, r.trace_set), partial=True),
+    "cache-dit": FrontierEntry("cache-dit DBCache F1B0", _cache_dit_row(False, "cache-dit")),
+    "cache-dit-taylorseer": FrontierEntry("cache-dit DBCache F1B0 + TaylorSeer order 2",
+                                          _cache_dit_row(True, "cache-dit-taylorseer")),
+}
+METHODS = tuple(FRONTIER_ENTRIES)
+CALIB_METHODS = tuple(m for m, e in FRONTIER_ENTRIES.items() if e.calibrated)  # calibrated by calib: not peers
+LABELS = {m: e.label for m, e in FRONTIER_ENTRIES.items()}
+PARTIAL = {m for m, e in FRONTIER_ENTRIES.items() if e.partial}  # never skip a whole forward: matched on compute share
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# run, table, plot
+# ---------------------------------------------------------------------------------------------------------------
+def run_frontier(pipe, config, trace_set, prompts, seeds, *, steps, guidance, pipeline_kwargs=None,
+                 methods=METHODS, targets=TARGETS, plot=None, echo=print, schedule_config=None, forecast=None) -> dict:
+    """Every method in ``methods`` on ``prompts`` x ``seeds`` (held out from the calibration), against the uncached
+    generations. ``schedule_config``: a schedule file (``calib fit --method schedule``) for the ``calib-schedule``
+    row; ``forecast``: what ``calib-forecast`` adds on skipped steps (default: the schedule file's forecast)."""
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise CalibError(f"unknown frontier methods {unknown}; choose from {', '.join(METHODS)}")
+    if forecast is None and schedule_config is not None:
+        forecast = schedule_config.forecast
+    methods = sorted(dict.fromkeys(methods), key=METHODS.index)  # cache-dit last (see METHODS)
+    jobs = [(p, s) for p in prompts for s in seeds]
+    echo(f"frontier: {len(methods)} methods on {len(jobs)} held-out generations ({steps} steps); "
+         f"targets {', '.join(f'{t:.0%}' for t in targets)} of full forwards and of compute")
+    harness = Harness(pipe, jobs, steps=steps, guidance=guidance, pipeline_kwargs=pipeline_kwargs, echo=echo)
+    row = _Row(harness, config, trace_set, targets, echo, forecast, schedule_config)
+    points: dict[str, list[Point]] = {}
+    skipped: dict[str, str] = {}
+    seconds: dict[str, float] = {}
+    try:
+        for m in methods:
+            began = time.perf_counter()
+            try:
+                points[m] = FRONTIER_ENTRIES[m].run(row)
+            except Exception as exc:  # noqa: BLE001 - a cache that does not apply to this model is reported, not fatal
+                if getattr(harness.transformer, "is_cache_enabled", False):
+                    harness.transformer.disable_cache()
+                skipped[m] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+                echo(f"  {m}: not applicable here — {skipped[m]}")
+            seconds[m] = round(time.perf_counter() - began, 1)
+    finally:
+        harness.close()
+
+    def pick(pts, key):
+        return {f"{t:.4f}": (_closest(pts, t, key).as_dict() if _closest(pts, t, key) else None) for t in targets}
+
+    result = {
+        "targets": list(targets),
+        "jobs": [{"prompt": p, "seed": s} for p, s in jobs],
+        "steps": steps,
+        "guidance": guidance,
+        "methods": {m: {"label": LABELS[m], "matched_on": "compute" if m in PARTIAL else "fraction",
+                        "points": [p.as_dict() for p in sorted(pts, key=lambda p: -p.fraction)],
+                        "seconds": seconds.get(m)}
+                    for m, pts in points.items()},
+        "at_target": {m: pick(pts, "compute" if m in PARTIAL else "fraction") for m, pts in points.items()},
+        "at_compute": {m: pick(pts, "compute") for m, pts in points.items()},
+        "not_applicable": skipped,
+    }
+    result["comparison"] = compare_with_peers(result)
+    result["table"] = format_frontier(result)
+    echo("")
+    echo(result["table"])
+    if plot is not None:
+        result["plot"] = str(plot_frontier(result, plot))
+        echo(f"wrote {plot}")
+    return result
+
+
+def _reached(point: dict | None, target: float, key: str) -> bool:
+    return point is not None and abs(point[key] - target) <= REACHED
+
+
+def compare_with_peers(result: dict) -> dict:
+    """Per axis and target: calib's best calibrated row against the best peer (every method calib does not
+    calibrate), and the relative difference in latent rel-L1 (negative: calib lower)."""
+    out = {}
+    for axis, table in (("fraction", result["at_target"]), ("compute", result["at_compute"])):
+        out[axis] = {}
+        for t in result["targets"]:
+            key = f"{t:.4f}"
+            rows = {m: table[m][key] for m in table
+                    if (axis == "compute" or m not in PARTIAL) and _reached(table[m][key], t, axis)}
+            ours = {m: p for m, p in rows.items() if m in CALIB_METHODS}
+            peers = {m: p for m, p in rows.items() if m not in CALIB_METHODS}  # incl. the raw rule and uniform
+            entry = {}
+            if ours:
+                m = min(ours, key=lambda k: ours[k]["latent_rel_l1"])
+                entry["calib"] = {"method": m, "latent_rel_l1": ours[m]["latent_rel_l1"]}
+            if peers:
+                m = min(peers, key=lambda k: peers[k]["latent_rel_l1"])
+                entry["peer"] = {"method": m, "latent_rel_l1": peers[m]["latent_rel_l1"]}
+            if "calib" in entry and "peer" in entry and entry["peer"]["latent_rel_l1"] > 0:
+                entry["relative"] = entry["calib"]["latent_rel_l1"] / entry["peer"]["latent_rel_l1"] - 1.0
+            out[axis][key] = entry
+    return out
+
+
+def _table(result: dict, axis: str) -> list[str]:
+    targets = result["targets"]
+    table = result["at_target"] if axis == "fraction" else result["at_compute"]
+    what = "full forwards" if axis == "fraction" else "compute"
+    head = "| method | " + " | ".join(f"{t:.0%} {what}: full fwd (compute) | latent rel-L1 | PSNR dB"
+                                      for t in targets) + " |"
+    lines = [head, "|" + "---|" * (1 + 3 * len(targets))]
+    for m, entry in result["methods"].items():
+        if axis == "fraction" and m in PARTIAL:
+            continue
+        cells = [LABELS[m]]
+        for t in targets:
+            p = table[m][f"{t:.4f}"]
+            if p is None:
+                cells += ["-", "-", "-"]
+            elif not _reached(p, t, axis):
+                cells += [f"not reached (closest {p['fraction']:.1%} ({p['compute']:.1%}))", "-", "-"]
+            else:
+                cells += [f"{p['fraction']:.1%} ({p['compute']:.1%})", f"{p['latent_rel_l1']:.4f}", f"{p['psnr']:.1f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    for m, why in result.get("not_applicable", {}).items():
+        lines.append(f"| {LABELS[m]} | not applicable: {why} |")
+    comparison = (result.get("comparison") or {}).get(axis) or {}
+    verdicts = []
+    for t in targets:
+        c = comparison.get(f"{t:.4f}") or {}
+        if "relative" in c:
+            verdicts.append(f"{t:.0%}: calib's best ({LABELS[c['calib']['method']]}) {c['calib']['latent_rel_l1']:.4f} "
+                            f"vs best peer ({LABELS[c['peer']['method']]}) {c['peer']['latent_rel_l1']:.4f}: "
+                            f"{c['relative']:+.0%}")
+    if verdicts:
+        lines.append("")
+        lines += [f"* {v}" for v in verdicts]
+    return lines
+
+
+def format_frontier(result: dict) -> str:
+    """Two tables: methods matched on the fraction of full forwards (methods that never skip a whole forward are
+    left out of it), and every method matched on the compute share."""
+    lines = ["matched on the fraction of full forwards:", ""] + _table(result, "fraction")
+    if "at_compute" in result:
+        lines += ["", "matched on the compute share (Linear MACs of the block stack):", ""] + _table(result, "compute")
+    return "\n".join(lines)
+
+
+def plot_frontier(result: dict, path) -> Path:
+    """Write :func:`frontier_png` of ``result`` to ``path``."""
+    return write_bytes(path, frontier_png(result))
+
+
+def frontier_png(result: dict) -> bytes:
+    """The frontier's PNG: latent rel-L1 and PSNR against the fraction of full forwards (compute for the methods
+    matched on it), every probed setting as a dot, each method's best setting per fraction as its line."""
+    from io import BytesIO
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4.5))
+    FigureCanvasAgg(fig)
+    ax_err, ax_psnr = fig.subplots(1, 2)
+    for m, entry in result["methods"].items():
+        key = entry["matched_on"]
+        pts = sorted(entry["points"], key=lambda p: p[key])
+        best: dict = {}  # the best setting at each measured fraction: the method's frontier
+        for p in pts:
+            x = round(p[key], 4)
+            if x not in best or p["latent_rel_l1"] < best[x]["latent_rel_l1"]:
+                best[x] = p
+        line = [best[x] for x in sorted(best)]
+        label = LABELS[m] + (" (x: compute)" if key == "compute" else "")
+        style = dict(lw=2.0, zorder=3) if m == "calib" else dict(lw=1.0, ls="--")
+        for ax, value in ((ax_err, lambda p: max(p["latent_rel_l1"], 1e-6)), (ax_psnr, lambda p: p["psnr"])):
+            (drawn,) = ax.plot([p[key] for p in line], [value(p) for p in line], label=label, **style)
+            ax.scatter([p[key] for p in pts], [value(p) for p in pts], s=9, color=drawn.get_color(), zorder=2)
+    for ax in (ax_err, ax_psnr):
+        for t in result["targets"]:
+            ax.axvline(t, color="0.8", lw=0.8, zorder=0)
+        ax.set_xlabel("fraction of full forwards")
+        ax.grid(alpha=0.3)
+    ax_err.set_yscale("log")
+    ax_err.set_ylabel("latent rel-L1 vs uncached (lower is better)")
+    ax_psnr.set_ylabel("PSNR vs uncached, dB (higher is better)")
+    ax_psnr.legend(fontsize=7, loc="lower right")
+    fig.suptitle(f"error vs compute, {len(result['jobs'])} held-out generations, {result['steps']} steps")
+    fig.tight_layout()
+    buffer = BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    return buffer.getvalue()

@@ -1,0 +1,328 @@
+"""The one generation harness: :class:`Generator` runs a prompt (or a batch of prompts) x seed through a pipeline,
+timed, and keeps the final latents and the decoded output. ``calib eval`` (:mod:`calib.jobs.eval`), ``calib demo``
+(:func:`compare_cached`) and the frontier (:class:`Harness`, :mod:`calib.evaluate.frontier`) all generate through it.
+:class:`Harness` adds what the frontier's rows share: the uncached references, the :class:`ComputeMeter`, and the
+bisection over real runs (:func:`_search`)."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import statistics
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..adapters import get_adapter
+from ..errors import CalibError
+from ..hooking import wrap_method
+from .metrics import latent_rel_l1, psnr, ssim, to_planes
+
+
+@dataclass
+class Output:
+    latents: torch.Tensor  # the final latents (the last scheduler.step's sample)
+    planes: np.ndarray | None  # decoded output, (N, H, W) on the 0-255 scale (None for output_type="latent")
+    seconds: float
+
+
+class Generator:
+    """Runs one prompt x seed through a pipeline and keeps the final latents (read from ``scheduler.step``, so any
+    pipeline works) and the decoded output (``output_type="np"``; ``"latent"`` skips the decoding)."""
+
+    def __init__(self, pipe, *, steps: int, guidance: float, pipeline_kwargs: dict | None = None,
+                 output_type: str = "np"):
+        self.pipe = pipe
+        self.steps = steps
+        self.guidance = guidance
+        self.kwargs = dict(pipeline_kwargs or {})
+        self.output_type = output_type
+        self._last = None
+        scheduler = getattr(pipe, "scheduler", None)
+        if scheduler is None or not hasattr(scheduler, "step"):
+            raise CalibError(f"{type(pipe).__name__} has no scheduler with a step(); calib eval needs a pipeline")
+
+        def keep(result, *args, **kwargs):
+            sample = result[0] if isinstance(result, (tuple, list)) else getattr(result, "prev_sample", result)
+            self._last = sample
+
+        self._undo = wrap_method(scheduler, "step", after=keep)
+
+    def close(self) -> None:
+        if self._undo is not None:
+            self._undo()
+            self._undo = None
+
+    def __call__(self, prompt, seed: int, context=None) -> Output:
+        generator = torch.Generator(device="cpu").manual_seed(int(seed))
+        self._last = None
+        sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+        sync()
+        start = time.perf_counter()
+        with context if context is not None else contextlib.nullcontext():
+            # prompt by name: an image-to-video pipeline's first parameter is its image
+            out = self.pipe(prompt=prompt, num_inference_steps=self.steps, guidance_scale=self.guidance,
+                            generator=generator, output_type=self.output_type, **self.kwargs)
+        sync()
+        seconds = time.perf_counter() - start
+        images = getattr(out, "frames", None)
+        if images is None:
+            images = out.images if hasattr(out, "images") else out[0]
+        if self._last is None:
+            raise CalibError(f"{type(self.pipe).__name__} never called scheduler.step; cannot read its final latents")
+        self.images = images  # every output of the call (a list of prompts generates a batch)
+        planes = None if self.output_type == "latent" else to_planes(images[0])
+        return Output(self._last.detach().float().cpu().clone(), planes, seconds)
+
+
+def compare_outputs(reference: Output, test: Output, reader=None) -> dict:
+    out = {
+        "psnr": psnr(reference.planes, test.planes),
+        "ssim": ssim(reference.planes, test.planes),
+        "latent_rel_l1": latent_rel_l1(reference.latents, test.latents),
+    }
+    if reader is not None:
+        out["digit"] = reader(test.planes)
+    return out
+
+
+def with_polynomial(config, coefficients):
+    """A runtime config with every component's rescaler replaced by the constant-or-polynomial ``coefficients``
+    (and no recommended threshold): the cost model's extreme settings and the uncalibrated frontier baselines."""
+    from ..runtime.coefficients import ComponentRescaler
+
+    comps = {name: ComponentRescaler(tuple(float(c) for c in coefficients), None) for name in config.components}
+    return dataclasses.replace(config, components=comps, recommended_threshold=None)
+
+
+def runtime_install(pipe, config, threshold=None, forecast=None, budget=None):
+    """``install() -> undo``: calib's runtime on ``pipe`` (a gate at ``threshold`` or a schedule at ``budget``)."""
+    def install():
+        import calib.runtime as cr
+
+        if budget is not None:  # a schedule file
+            handle = cr.apply(pipe, config, budget=budget)
+        else:
+            handle = cr.apply(pipe, config, threshold=threshold, forecast=forecast)
+        return handle.remove
+
+    return install
+
+
+def compare_cached(pipe, config, threshold, prompts, *, steps, guidance, seed, repeats=3, forecast=None,
+                   budget=None):
+    """Uncached and cached generations of the same prompts (one batch) and seed, timed interleaved ``repeats``
+    times after a warm-up; returns the median times, the latent error and the cached run's ``handle.stats()``."""
+    import calib.runtime as cr
+
+    generate = Generator(pipe, steps=steps, guidance=guidance, output_type="latent")
+    plain_times, cached_times = [], []
+    handle = None
+    try:
+        generate(prompts, seed)  # warm-up: first calls pay for allocations
+        for _ in range(repeats):
+            base = generate(prompts, seed)
+            plain_times.append(base.seconds)
+            if budget is not None:  # a schedule file
+                handle = cr.apply(pipe, config, budget=budget)
+            else:
+                handle = cr.apply(pipe, config, threshold=threshold, forecast=forecast)
+            cached = generate(prompts, seed)
+            cached_times.append(cached.seconds)
+            stats = handle.stats()
+            handle.remove()
+            handle = None
+    finally:
+        if handle is not None:
+            handle.remove()
+        generate.close()
+    return {
+        "speedup": statistics.median(plain_times) / statistics.median(cached_times),
+        "plain_seconds": statistics.median(plain_times),
+        "cached_seconds": statistics.median(cached_times),
+        "latent_rel_l1": float((cached.latents - base.latents).abs().mean() / base.latents.abs().mean()),
+        "stats": stats,
+        "base_latents": base.latents,
+        "cached_latents": cached.latents,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# measured runs against the uncached references (the frontier's rows)
+# ---------------------------------------------------------------------------------------------------------------
+TARGETS = (0.5, 1.0 / 3.0, 0.25)
+REACHED = 0.05  # a setting further than this from a target does not count as reaching it
+TOLERANCE = 0.01  # stop bisecting when the measured fraction is this close to the target
+MAX_PROBES = 6
+CURVE_FRACTIONS = (0.8, 0.65, 0.25)
+
+
+class ComputeMeter:
+    """Counts, per transformer call, which Linear layers of the block stack ran and their multiply-accumulates."""
+
+    def __init__(self, transformer: torch.nn.Module, blocks):
+        self.transformer = transformer
+        self.linears = [m for _, b in blocks for m in b.modules() if isinstance(m, torch.nn.Linear)]
+        self.calls: list[float] = []
+        self._macs = 0.0
+        self._handles = [transformer.register_forward_pre_hook(self._start)]
+        self._handles.append(transformer.register_forward_hook(self._end))
+        for m in self.linears:
+            self._handles.append(m.register_forward_hook(self._count))
+        self.reference: float | None = None  # MACs of one uncached call
+
+    def _start(self, module, args):
+        self._macs = 0.0
+
+    def _count(self, module, args, output):
+        x = args[0] if args else None
+        rows = x.numel() // module.in_features if isinstance(x, torch.Tensor) else 0
+        self._macs += float(rows) * module.in_features * module.out_features
+
+    def _end(self, module, args, output):
+        self.calls.append(self._macs)
+
+    def take(self) -> list[float]:
+        calls, self.calls = self.calls, []
+        return calls
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def summarize(self, calls: list[float]) -> tuple[float, float]:
+        """(fraction of full forwards, compute share) of these calls against :attr:`reference`."""
+        ref = self.reference
+        if not calls or not ref:
+            return float("nan"), float("nan")
+        full = sum(1 for c in calls if c >= ref * (1 - 1e-6))
+        return full / len(calls), sum(calls) / (ref * len(calls))
+
+
+@dataclasses.dataclass
+class Point:
+    method: str
+    setting: dict
+    fraction: float
+    compute: float
+    latent_rel_l1: float
+    psnr: float
+    ssim: float
+    latent_rel_l1_std: float = 0.0
+
+    def as_dict(self) -> dict:
+        return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in dataclasses.asdict(self).items()}
+
+
+class Harness:
+    """Runs every job with a method installed and measures it against the uncached references."""
+
+    def __init__(self, pipe, jobs, *, steps, guidance, pipeline_kwargs, echo):
+        self.pipe = pipe
+        self.jobs = jobs
+        self.steps = steps
+        self.echo = echo
+        self.transformer = pipe.transformer
+        self.blocks = get_adapter(self.transformer).blocks(self.transformer)
+        self.generate = Generator(pipe, steps=steps, guidance=guidance, pipeline_kwargs=pipeline_kwargs)
+        self.meter = ComputeMeter(self.transformer, self.blocks)
+        # The held-out prompts of one seed run as one batch (one pipeline call): the same work per method, a
+        # fraction of the calls. Each row is compared with the same row of the uncached batch.
+        self.batches = [(tuple(p for p, s in jobs if s == seed), seed) for seed in dict.fromkeys(s for _, s in jobs)]
+        self.references = {}
+        for batch in self.batches:
+            self.references[batch] = self._generate(batch)
+            calls = self.meter.take()
+            self.meter.reference = max([self.meter.reference or 0.0, *calls])
+            self.calls_per_step = len(calls) / steps  # 2 where CFG runs as two calls
+
+    def _generate(self, batch, context=None):
+        prompts, seed = batch
+        out = self.generate(list(prompts), seed, context=context)
+        return out.latents, [to_planes(image) for image in self.generate.images]
+
+    def close(self):
+        self.meter.remove()
+        self.generate.close()
+
+    def run(self, method: str, install, setting: dict) -> Point:
+        undo = install()
+        errs, psnrs, ssims, calls = [], [], [], []
+        try:
+            for batch in self.batches:
+                diffusers_cache = getattr(self.transformer, "is_cache_enabled", False)
+                if diffusers_cache:
+                    self.transformer._reset_stateful_cache()
+                ctx = self.transformer.cache_context("inference") if diffusers_cache else contextlib.nullcontext()
+                latents, planes = self._generate(batch, context=ctx)
+                calls.extend(self.meter.take())
+                ref_latents, ref_planes = self.references[batch]
+                for row in range(len(batch[0])):
+                    errs.append(latent_rel_l1(ref_latents[row], latents[row]))
+                    psnrs.append(psnr(ref_planes[row], planes[row]))
+                    ssims.append(ssim(ref_planes[row], planes[row]))
+        finally:
+            undo()
+            self.meter.take()
+        fraction, compute = self.meter.summarize(calls)
+        point = Point(method, setting, fraction, compute, float(np.mean(errs)), float(np.mean(psnrs)),
+                      float(np.mean(ssims)), float(np.std(errs)))
+        self.echo(f"  {method:<11} {_setting_text(setting):<34} full forwards {fraction:6.1%}  compute {compute:6.1%}  "
+                  f"latent rel-L1 {point.latent_rel_l1:.4f}  PSNR {point.psnr:5.1f} dB")
+        return point
+
+
+def _setting_text(setting: dict) -> str:
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in setting.items())
+
+
+def _search(harness: Harness, method: str, make_install, target: float, guess: float, key: str = "fraction",
+            probes: dict | None = None) -> list[Point]:
+    """Bisection over real runs for the threshold whose measured ``key`` is closest to ``target`` (the
+    measured fraction falls as the threshold grows)."""
+    probes = {} if probes is None else probes
+
+    def measure(t):
+        t = float(f"{t:.6g}")
+        if t not in probes:
+            probes[t] = harness.run(method, make_install(t), {"threshold": t})
+        return getattr(probes[t], key)
+
+    def best():
+        return min(probes.values(), key=lambda p: (abs(getattr(p, key) - target), getattr(p, key)))
+
+    lo, hi = 0.0, max(guess, 1e-4)
+    first = measure(hi)
+    n = 1
+    if first > target:
+        lo = hi
+        while n < MAX_PROBES and measure(hi * 2) > target:
+            lo, hi = hi * 2, hi * 2
+            n += 1
+        hi = hi * 2
+    else:
+        while n < MAX_PROBES and hi > 1e-6 and measure(hi / 2) <= target:
+            hi = hi / 2
+            n += 1
+        lo = hi / 2
+    while n < MAX_PROBES and abs(getattr(best(), key) - target) > TOLERANCE:
+        mid = 0.5 * (lo + hi)
+        if measure(mid) > target:
+            lo = mid
+        else:
+            hi = mid
+        n += 1
+    return list(probes.values())
+
+
+def _closest(points: list[Point], target: float, key: str = "fraction") -> Point | None:
+    points = [p for p in points if math.isfinite(getattr(p, key))]
+    if not points:
+        return None
+    gap = min(abs(getattr(p, key) - target) for p in points)
+    near = [p for p in points if abs(getattr(p, key) - target) <= gap + 1e-9]
+    return min(near, key=lambda p: (getattr(p, key), p.latent_rel_l1))

@@ -1,0 +1,160 @@
+"""``calib demo``: the whole loop on the built-in digits model, with the numbers a user needs to trust it.
+
+trace (bundled prompts x seeds) -> fit (coefficient JSON + PNG) -> search a schedule and compare it with the gate, both
+with the schedule fit's forecast, at 50 % of full forwards on held-out prompts (``calib fit --method auto`` in small)
+-> generate held-out prompts and seeds with and without the better one, interleaved, and report the measured speed-up,
+the error against the uncached output, and whether a digit classifier still reads the cached digits.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import CalibError
+from ..evaluate.harness import compare_cached
+from ..evaluate.metrics import psnr
+from ..models.digit_reader import classify, digit_classifier  # noqa: F401  (benchmarks/transfer.py imports them here)
+from ..models.digits import latents_to_images
+
+HELD_OUT_SEED = 1000
+
+
+DEMO_FRACTION = 0.5  # the budget the demo compares the gate and the schedule at: 2x fewer forwards
+DEMO_GAP = 3  # half the steps need gaps of ~2: up to 3 is enough, and 2 segments per step are measured
+DEMO_ORDERS = "1"  # what the full search (orders 1 and 2) chose on both built-in models (docs/evaluation.md)
+
+
+def _choose(pipe, trace_path, coeffs_path, coeffs_dir, echo):
+    """``calib fit --method auto`` in small: a schedule for half the steps searched on the traced prompts (one seed,
+    forecast order 1, gaps up to 3: ~60 batched generations), then gate + forecast against it at 50 % of full
+    forwards on the held-out prompts. Returns the verdict and the schedule file's path."""
+    from ..auto import compare
+    from ..export import load_document, write_document
+    from ..schedule import choose_budget, fit_schedule, parse_candidates, setup_from_traces
+    from ..store import read_traces
+    from ..tune import TuneTarget
+
+    trace_set = read_traces([trace_path])
+    seeds = sorted({t.seed for t in trace_set.trajectories})[:1]
+    schedule_path = coeffs_dir / "digits.schedule.json"
+    steps = trace_set.trajectories[0].steps
+    doc = fit_schedule(pipe, trace_set, out=schedule_path, gap=DEMO_GAP, candidates=parse_candidates(DEMO_ORDERS, None),
+                       seeds=seeds, echo=echo, progress=False, budgets=[max(2, int(DEMO_FRACTION * steps + 1e-9))])
+    entry, reached = choose_budget(doc, TuneTarget("compute_fraction", DEMO_FRACTION))
+    doc["recommended"] = {"budget": entry["budget"]}
+    write_document(doc, schedule_path)
+    from ..runtime import Forecast
+
+    forecast = Forecast(order=doc["forecast"]["order"], variable=doc["forecast"].get("variable", "step"))
+    verdict = compare(pipe, setup_from_traces(trace_set, seeds=seeds), load_document(coeffs_path), doc, entry, reached,
+                      forecast, DEMO_FRACTION, trace_set, echo=echo)
+    echo(verdict["why"])
+    return verdict, schedule_path
+
+
+def run_demo(*, prompts_file=None, steps=30, seeds=(0, 1), guidance=3.0, threshold=None, traces_dir=Path("traces"),
+             coeffs_dir=Path("coeffs"), overwrite=False, echo=print) -> dict:
+    import calib.runtime as cr
+
+    from ..calibrate import run_fit
+    from .._io import write_bytes as write_atomic_bytes
+    from ..models import digits
+    from ..trace import TraceSettings, run_trace
+
+    from .._io import resolve_output
+
+    # every setting is checked before the first file is written: a refused demo leaves nothing behind
+    if threshold is not None and not (isinstance(threshold, (int, float)) and math.isfinite(threshold)
+                                      and threshold >= 0):
+        raise CalibError(f"--threshold must be a finite number >= 0, got {threshold}")
+    settings = TraceSettings(steps=steps, guidance=guidance, seeds=tuple(seeds))
+    if prompts_file is not None:
+        from ..trace.prompts import read_prompts
+
+        read_prompts(prompts_file)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    trace_path = Path(traces_dir) / "digits.h5"
+    coeffs_path = Path(coeffs_dir) / "digits.json"
+    for path in (trace_path, coeffs_path, coeffs_path.with_suffix(".png"), Path(coeffs_dir) / "digits.demo.png"):
+        resolve_output(path)
+    echo("== 1/4 trace: builtin:digits on the bundled prompts")
+    pipe = digits.load_pipeline()
+    run_trace("builtin:digits", prompts_file, settings, out=trace_path, overwrite=overwrite, echo=echo, pipe=pipe)
+
+    echo("\n== 2/4 fit: polynomial rescaler with diagnostics")
+    run_fit([trace_path], out=coeffs_path, echo=echo)
+
+    echo("\n== 3/4 what is best here: gate + forecast or a searched schedule + forecast, on held-out prompts")
+    config = cr.load(coeffs_path)
+    chosen = threshold if threshold is not None else config.recommended_threshold
+    forecast, budget, run_config = None, None, config
+    if threshold is None:
+        verdict, schedule_path = _choose(pipe, trace_path, coeffs_path, Path(coeffs_dir), echo)
+        kept = verdict[verdict["kept"]]["forecast"]
+        forecast = cr.Forecast(order=kept["order"], variable=kept.get("variable", "step"))
+        if verdict["kept"] == "schedule":
+            run_config, budget = cr.load(schedule_path), verdict["schedule"]["budget"]
+            echo(f"using {schedule_path}: budget {budget}, forecast {forecast.as_json()}")
+        else:
+            chosen = verdict["gate"]["threshold"]
+            echo(f"using {coeffs_path}: threshold {chosen:g} with forecast {forecast.as_json()}")
+    else:
+        echo(f"loaded {coeffs_path}: {config.model_class}, threshold {chosen:g} (given: no comparison)")
+
+    echo("\n== 4/4 cached vs uncached generation on held-out seeds")
+    prompts = [f"a handwritten {d}" for d in range(10)]
+    result = compare_cached(pipe, run_config, chosen, prompts, steps=steps, guidance=guidance, seed=HELD_OUT_SEED,
+                            forecast=forecast, budget=budget)
+    base_imgs = latents_to_images(result["base_latents"])
+    cached_imgs = latents_to_images(result["cached_latents"])
+    classifier = digit_classifier()
+    truth = np.arange(10)
+    base_ok = int((classify(classifier, base_imgs) == truth).sum())
+    cached_ok = int((classify(classifier, cached_imgs) == truth).sum())
+    image_psnr = psnr(np.stack(base_imgs), np.stack(cached_imgs))
+    stats = result["stats"]
+
+    from io import BytesIO
+
+    from PIL import Image
+
+    grid = np.concatenate([digits.image_grid(base_imgs), digits.image_grid(cached_imgs)], axis=0)
+    buffer = BytesIO()
+    Image.fromarray(grid).save(buffer, format="PNG")
+    comparison = write_atomic_bytes(Path(coeffs_dir) / "digits.demo.png", buffer.getvalue())
+
+    echo(f"  steps computed      {stats['computed']} of {stats['steps']} ({stats['skipped']} skipped, "
+         f"{stats['skipped'] / stats['steps']:.0%})")
+    echo(f"  measured speed-up   {result['speedup']:.2f}x  (median of 3 interleaved runs, "
+         f"{result['plain_seconds'] * 1000:.0f} ms -> {result['cached_seconds'] * 1000:.0f} ms)")
+    echo(f"  error vs uncached   latent rel-L1 {result['latent_rel_l1']:.4f}, image PSNR {image_psnr:.1f} dB")
+    echo(f"  legibility          classifier reads {cached_ok}/10 cached digits correctly (uncached: {base_ok}/10)")
+    echo(f"\nfiles: trace {trace_path}, coefficients {coeffs_path} (+ {coeffs_path.with_suffix('.png')}), "
+         f"comparison {comparison} (top: uncached, bottom: cached)")
+    if budget is not None:
+        how = f"    handle = cr.apply(pipe, cr.load({str(schedule_path)!r}), budget={budget})\n"
+    elif forecast is not None:
+        how = (f"    handle = cr.apply(pipe, cr.load({str(coeffs_path)!r}), threshold={chosen:g},\n"
+               f"                      forecast=cr.Forecast({forecast.order}, {forecast.variable!r}))\n")
+    else:
+        how = f"    handle = cr.apply(pipe, cr.load({str(coeffs_path)!r}))   # threshold defaults to the recommended one\n"
+    echo("\nuse it in your code:\n"
+         "    import calib.runtime as cr\n"
+         + how +
+         "    images = pipe(prompt).images\n"
+         "    print(handle.stats()); handle.remove()\n"
+         f"or paste into a TeaCache-style script:  calib export {coeffs_path} --format poly1d")
+    return {
+        "speedup": result["speedup"],
+        "latent_rel_l1": result["latent_rel_l1"],
+        "psnr": image_psnr,
+        "cached_correct": cached_ok,
+        "base_correct": base_ok,
+        "stats": stats,
+        "threshold": chosen,
+        "budget": budget,
+    }
