@@ -14,6 +14,7 @@ import click
 
 from . import __version__
 from .errors import CalibError
+from .targets import FORMATS
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
@@ -222,8 +223,7 @@ def fit(traces, out, degree, robust, indicator, normalization, bootstrap, allow_
 @cli.command()
 @click.argument("coeffs", type=click.Path(path_type=Path))
 @click.option("--format", "fmt", default="poly1d", show_default=True,
-              type=click.Choice(["json", "poly1d", "diffusers-magcache", "diffusers-fbcache", "diffusers-fastercache",
-                                 "sglang", "vllm-omni", "tensorrt-llm", "cache-dit"]),
+              type=click.Choice(list(FORMATS)),
               help="json: a validated copy; poly1d: the coefficient list and threshold for TeaCache-style scripts; "
                    "diffusers-*: kwargs of diffusers' MagCacheConfig / FirstBlockCacheConfig (from a trace .h5) or "
                    "FasterCacheConfig (from a fastercache-cfg file or a trace); sglang, vllm-omni, tensorrt-llm: "
@@ -238,44 +238,12 @@ def fit(traces, out, degree, robust, indicator, normalization, bootstrap, allow_
               help="cache-dit: which schedule of the file (full forwards) [default: the recommended one].")
 def export(coeffs, fmt, out, threshold, target_speedup, component, budget):
     """Validate a coefficient JSON and export it for the place it will be used."""
-    from .export import load_document, write_document
+    from .jobs.export import run_export
 
     if threshold is not None and not (math.isfinite(threshold) and threshold >= 0):
         raise CalibError(f"--threshold must be a finite number >= 0, got {threshold}")
-    if fmt not in ("json", "poly1d"):
-        from .export_targets import run_export
-
-        run_export(coeffs, fmt, out=out, threshold=threshold, target_speedup=target_speedup, component=component,
-                   echo=click.echo, info=lambda message: click.echo(message, err=True), budget=budget)
-        return
-    doc = load_document(coeffs)
-    if fmt == "poly1d" and doc["method"] != "teacache":
-        raise CalibError(f"{coeffs}: --format poly1d exports TeaCache coefficients; this file is {doc['method']} "
-                         "(use --format json, or diffusers-fastercache for a fastercache-cfg file)")
-    if fmt == "json":
-        if out is None:
-            import json
-
-            click.echo(json.dumps(doc, indent=2))
-        else:
-            write_document(doc, out, inputs=[coeffs])
-            click.echo(f"wrote {out}")
-        return
-    for name, comp in doc["components"].items():
-        chosen = threshold if threshold is not None else (doc.get("thresholds") or {}).get("recommended")
-        label = "" if len(doc["components"]) == 1 else f"  # {name}"
-        click.echo(f"coefficients = {[float(c) for c in comp['coefficients']]!r}{label}")
-        click.echo("rescale_func = np.poly1d(coefficients)")
-        if comp.get("domain"):
-            lo, hi = comp["domain"]
-            click.echo(f"# fitted on inputs in [{lo:.6g}, {hi:.6g}]; clamp to it: rescale_func(np.clip(x, {lo:.6g}, {hi:.6g}))")
-        indicator = doc.get("indicator") or {}
-        if indicator.get("name") in ("block_input", "temb"):
-            click.echo(f"# x is the rel-L1 change of the first block's {indicator['name']} argument, not its modulated input")
-        if indicator.get("normalization") == "delta_sigma":
-            click.echo("# delta_sigma: with ds = sigma[i-1] - sigma[i], accumulate ds * rescale_func(rel / ds)")
-        if chosen is not None:
-            click.echo(f"rel_l1_thresh = {chosen!r}")
+    run_export(coeffs, fmt, out=out, threshold=threshold, target_speedup=target_speedup, component=component,
+               echo=click.echo, info=lambda message: click.echo(message, err=True), budget=budget)
 
 
 @cli.command()
