@@ -78,3 +78,41 @@ def _target_config(tmp_path) -> Path:
 def test_target_import_contracts(monkeypatch, capfd, tmp_path):
     """[tool.calib.importlinter-target]: the stage layers, no cycle anywhere, no new code on an old-path shim."""
     assert _lint(monkeypatch, _target_config(tmp_path)) == 0, capfd.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# calib fit: one table says which method reads which option
+# ---------------------------------------------------------------------------------------------------------------
+def test_every_fit_option_belongs_to_a_method():
+    from calib.cli import cli
+    from calib.cli.fit import METHOD_OPTIONS, SHARED_OPTIONS
+
+    params = {p.name for p in cli.commands["fit"].params}
+    listed = set(SHARED_OPTIONS).union(*METHOD_OPTIONS.values())
+    assert params == listed, (params - listed, listed - params)
+    method = next(p for p in cli.commands["fit"].params if p.name == "method")
+    assert set(method.type.choices) == set(METHOD_OPTIONS)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--method", "block-cache", "--degree", "3"], "--degree applies to --method teacache"),
+    (["--method", "fastercache-cfg", "--stream", "cond"], "--stream applies to --method teacache or block-cache"),
+    (["--gap", "3"], "--gap applies to --method schedule or auto"),
+    (["--method", "schedule", "--no-plot"], "--no-plot applies to --method teacache or block-cache"),
+    (["--method", "teacache", "--degree", "auto", "--seeds", "1"], "--seeds applies to --method schedule or auto"),
+])
+def test_fit_refuses_another_methods_option_in_one_line(tmp_path, capsys, argv, message):
+    from calib.cli import main
+
+    assert main(["fit", str(tmp_path / "t.h5"), *argv]) == 2  # refused before the traces are opened
+    assert capsys.readouterr().err == f"calib: error: {message}\n"
+
+
+def test_fit_accepts_a_methods_own_options_at_their_defaults(tmp_path, capsys):
+    from calib.cli import main
+
+    # given explicitly but the method's own (or shared): the check passes and the job reports the missing file
+    assert main(["fit", str(tmp_path / "t.h5"), "--method", "block-cache", "--stream", "cond", "--no-plot",
+                 "--target-fraction", "0.6", "--out", str(tmp_path / "b.json")]) == 2
+    err = capsys.readouterr().err
+    assert "applies to" not in err and "t.h5: trace file not found" in err, err

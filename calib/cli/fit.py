@@ -9,9 +9,35 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+from click.core import ParameterSource
 
 from ..errors import CalibError
-from ._group import cli, _seeds
+from ._group import _seeds, cli
+
+# Which method reads which option of `calib fit` (click parameter names). TRACES, --out and --method are every
+# method's. Another method's option given explicitly is refused with one line ("--degree applies to --method
+# teacache"): they used to be silently ignored (issue 14). This is the one table of them; it becomes the methods'
+# option lists in calib.methods.registry once that lands.
+SHARED_OPTIONS = ("traces", "out", "method")
+METHOD_OPTIONS = {
+    "teacache": ("degree", "robust", "indicator", "normalization", "bootstrap", "allow_mixed", "streams", "no_plot",
+                 "forecast", "forecast_variable"),
+    "block-cache": ("target_fraction", "streams", "no_plot"),
+    "fastercache-cfg": ("cfg_tolerance",),
+    "schedule": ("gap", "forecast_order", "forecast_variable", "schedule_seeds", "shard", "overwrite", "device"),
+    "auto": ("compute_fraction", "gap", "forecast_order", "forecast_variable", "schedule_seeds", "device"),
+}
+NOT_GIVEN = (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)
+
+
+def check_method_options(ctx: click.Context, method: str) -> None:
+    """Refuse, in one line, the first option the user gave that ``method`` does not read."""
+    for param in ctx.command.params:
+        if param.name in SHARED_OPTIONS or param.name in METHOD_OPTIONS[method]:
+            continue
+        if ctx.get_parameter_source(param.name) not in NOT_GIVEN:
+            users = [m for m, names in METHOD_OPTIONS.items() if param.name in names]
+            raise CalibError(f"{param.opts[0]} applies to --method {' or '.join(users)}")
 
 
 @cli.command()
@@ -67,6 +93,7 @@ def fit(traces, out, degree, robust, indicator, normalization, bootstrap, allow_
     TRACES are trace files, shard files of a sharded trace, or its NAME.manifest.json; all are read as one trace.
     --method schedule reruns the traced model (about steps x gap generations per seed and forecast; it prints the
     cost first, resumes from OUT.segments.json and shards like calib trace)."""
+    check_method_options(click.get_current_context(), method)
     if method == "auto":
         from ..auto import run_auto
 
