@@ -116,3 +116,29 @@ def test_fit_accepts_a_methods_own_options_at_their_defaults(tmp_path, capsys):
                  "--target-fraction", "0.6", "--out", str(tmp_path / "b.json")]) == 2
     err = capsys.readouterr().err
     assert "applies to" not in err and "t.h5: trace file not found" in err, err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# calib export: each target states which document methods it takes, and refuses the others in one line
+# ---------------------------------------------------------------------------------------------------------------
+def test_export_targets_take_exactly_their_methods():
+    import json
+
+    from calib.cli import cli
+    from calib.errors import CalibError
+    from calib.targets import DOCUMENT, TARGETS, TRACE, TRACE_OR_DOCUMENT, ExportOptions
+
+    schema = json.loads((ROOT / "calib" / "schemas" / "coefficients.v1.schema.json").read_text())
+    documents = set(schema["properties"]["method"]["enum"])
+    fmt = next(p for p in cli.commands["export"].params if p.name == "fmt")
+    assert list(fmt.type.choices) == list(TARGETS)
+    assert set(TARGETS["json"].methods) == documents
+    options = ExportOptions(source=ROOT / "x.json")
+    for name, target in TARGETS.items():
+        assert target.input in (DOCUMENT, TRACE, TRACE_OR_DOCUMENT), name
+        if target.input == TRACE or name == "json":
+            continue
+        assert set(target.methods) <= documents, name
+        for method in sorted(documents - set(target.methods)):
+            with pytest.raises(CalibError, match=method):
+                target.render({"method": method}, options)
