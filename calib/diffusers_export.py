@@ -19,7 +19,9 @@ What each value is, read from diffusers' hooks (diffusers/hooks/mag_cache.py, fi
   steps (``extra/head_residual_rel_l1``); the change against an older step is approximated by the sum of the
   consecutive changes since it (exact when the residual drifts in one direction; otherwise an upper bound, so the
   prediction errs towards computing more). Threshold picked for the target on that replay.
-* FasterCache: from a ``fastercache-cfg`` file (:mod:`calib.fastercache`).
+* FasterCache: from a ``fastercache-cfg`` file (:mod:`calib.fastercache`); its kwargs, the load lines and the
+  rendering of all three moved to calib.targets.diffusers (issue 14), re-exported here for old imports. The MagCache
+  and First Block Cache fits stay here until calib.methods.magcache / fbcache take them.
 """
 
 from __future__ import annotations
@@ -29,26 +31,10 @@ import math
 import numpy as np
 
 from .errors import CalibError
+from .targets.diffusers import LOAD_LINES, fastercache_config, fastercache_warnings  # noqa: F401  (old imports)
 
 MAGCACHE_RETENTION_RATIO = 0.2  # MagCache's (and diffusers') default: the first 20 % of steps always compute
 MAGCACHE_MAX_SKIP_STEPS = 3  # K in the paper, diffusers' default
-
-LOAD_LINES = {
-    "diffusers-magcache": (
-        "from diffusers import MagCacheConfig\n"
-        "pipe.transformer.enable_cache(MagCacheConfig(**json.load(open({path!r}))))"
-    ),
-    "diffusers-fbcache": (
-        "from diffusers import FirstBlockCacheConfig\n"
-        "pipe.transformer.enable_cache(FirstBlockCacheConfig(**json.load(open({path!r}))))"
-    ),
-    "diffusers-fastercache": (
-        "from diffusers import FasterCacheConfig\n"
-        "pipe.transformer.enable_cache(FasterCacheConfig(**json.load(open({path!r})), "
-        "current_timestep_callback=lambda: pipe.current_timestep))"
-    ),
-}
-
 
 def _component_trajs(trace_set, component):
     trajs = [t for t in trace_set.trajectories if t.component == component]
@@ -206,48 +192,3 @@ def fbcache_config(trace_set, *, target_speedup: float, threshold: float | None 
         "table": rows,
     }
     return kwargs, info
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# FasterCache
-# ---------------------------------------------------------------------------------------------------------------
-def fastercache_config(doc: dict, component: str = "transformer") -> tuple[dict, dict]:
-    """FasterCacheConfig kwargs from a fastercache-cfg document (everything but the callables)."""
-    if doc.get("method") != "fastercache-cfg":
-        raise CalibError(
-            f"--format diffusers-fastercache needs a fastercache-cfg file (calib fit --method fastercache-cfg) or "
-            f"traces; this file's method is {doc.get('method')!r}"
-        )
-    comps = doc["fastercache_cfg"]["components"]
-    if component not in comps:
-        raise CalibError(f"no component {component!r} in the file (it has {sorted(comps)})")
-    c = comps[component]
-    kwargs = {
-        "spatial_attention_block_skip_range": c.get("spatial_attention_block_skip_range", 2),
-        "spatial_attention_timestep_skip_range": c.get("spatial_attention_timestep_skip_range", [0.0, 0.0]),
-        "unconditional_batch_skip_range": c["unconditional_batch_skip_range"],
-        "unconditional_batch_timestep_skip_range": c["unconditional_batch_timestep_skip_range"],
-        "tensor_format": c.get("tensor_format", "BCHW"),
-        "is_guidance_distilled": bool(c.get("is_guidance_distilled", False)),
-        "_unconditional_conditional_input_kwargs_identifiers": c.get(
-            "cond_uncond_kwargs", ["hidden_states", "encoder_hidden_states", "timestep", "attention_mask",
-                                   "encoder_attention_mask"]),
-    }
-    info = {
-        "uncond_skipped_steps": c.get("uncond_skipped_steps", []),
-        "attention_skipped_steps": c.get("attention_skipped_steps", []),
-        "steps": c["steps"],
-        "model_class": doc["model"]["class"],
-    }
-    return kwargs, info
-
-
-def fastercache_warnings(info: dict) -> list[str]:
-    out = []
-    if info.get("model_class") in ("FluxTransformer2DModel", "SD3Transformer2DModel"):
-        out.append(
-            f"{info['model_class']} returns packed tokens (batch, tokens, channels); diffusers' FasterCache splits the "
-            "denoiser output into frequency bands with an FFT over its last two dims, which needs an image-shaped "
-            "(BCHW/BCFHW) output — the CFG part runs only on models that return one"
-        )
-    return out

@@ -1,0 +1,82 @@
+"""The ``calib`` click group, ``main`` (the console script) and what several commands share (``_seeds``).
+
+Every user error ends in one line on stderr and exit status 2; Ctrl-C ends with a line saying what was kept (130).
+The commands are one module each in this package; calib.cli imports them, which adds them to the group.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import click
+
+from .. import __version__
+from ..errors import CalibError
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    click.echo(f"calib: warning: {message}", err=True)
+
+
+MAX_SEEDS = 100_000  # generations per prompt; more is a typo, and a range is checked before it is built
+SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
+
+
+def _seeds(value: str) -> tuple[int, ...]:
+    try:
+        if "-" in value and "," not in value and not value.startswith("-"):
+            lo, hi = (int(v) for v in value.split("-"))
+            if hi - lo + 1 > MAX_SEEDS:
+                raise CalibError(f"--seeds {value!r}: {hi - lo + 1:,} seeds; at most {MAX_SEEDS:,} per run")
+            seeds = tuple(range(lo, hi + 1))
+        else:
+            if len(value) > 20 * MAX_SEEDS:
+                raise CalibError(f"--seeds: a list of more than {MAX_SEEDS:,} seeds")
+            seeds = tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise CalibError(f"--seeds {value!r}: expected integers like '0,1,2' or a range like '0-7'") from None
+    if len(seeds) > MAX_SEEDS:
+        raise CalibError(f"--seeds: {len(seeds):,} seeds; at most {MAX_SEEDS:,} per run")
+    bad = [s for s in seeds if not SEED_RANGE[0] <= s <= SEED_RANGE[1]]
+    if bad:
+        raise CalibError(f"--seeds: {bad[0]} is outside the seeds torch takes (-2**63 to 2**64-1)")
+    return seeds
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="calib")
+def cli():
+    """Calibrate TeaCache-style caching for diffusion transformers, measured on your own model.
+
+    \b
+      calib trace --model builtin:digits --prompts prompts.txt   # record per-step changes into traces/*.h5
+      calib fit traces/digits.h5                                 # fit the rescaler -> coeffs/digits.json + .png
+      calib export coeffs/digits.json --format poly1d            # paste-ready list for TeaCache-style scripts
+      calib demo                                                 # all of it on the built-in model, then a cached run
+    """
+
+
+def main(argv=None) -> int:
+    warnings.showwarning = _show_warning
+    try:
+        code = cli.main(args=argv, prog_name="calib", standalone_mode=False)
+    except CalibError as exc:
+        click.echo(f"calib: error: {exc}", err=True)
+        return exc.exit_code
+    except click.exceptions.Abort:
+        click.echo("calib: interrupted", err=True)
+        return 130
+    except KeyboardInterrupt:
+        click.echo("calib: interrupted", err=True)
+        return 130
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except OSError as exc:  # the machine, not calib: a path the OS refuses (too long, no permission, I/O error)
+        where = f"{exc.filename}: " if exc.filename else ""
+        click.echo(f"calib: error: {where}{exc.strerror or exc}", err=True)
+        return 2
+    except click.exceptions.Exit as exc:
+        return exc.exit_code
+    return code if isinstance(code, int) else 0
+

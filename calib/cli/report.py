@@ -1,0 +1,26 @@
+"""``calib report``: one self-contained HTML page of fit, tuning, heat-map and eval frontier.
+
+Imports of the jobs stay inside the command bodies (the one deliberate exception to top-level imports): they pull
+in torch, h5py and matplotlib, and keeping them out of import time keeps ``calib --help`` fast.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ._group import cli
+
+
+@cli.command()
+@click.argument("traces", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--coeffs", "coeffs", multiple=True, type=click.Path(path_type=Path),
+              help="Coefficient files to show (teacache, block-cache, fastercache-cfg); repeatable.")
+@click.option("--eval", "eval_path", type=click.Path(path_type=Path), help="Results JSON of `calib eval` (the frontier).")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="The HTML file to write.")
+def report(traces, coeffs, eval_path, out):
+    """One self-contained HTML page: fit, per-step changes, tuning tables, block heat-map, eval frontier."""
+    from ..report import run_report
+
+    run_report(list(traces), coeffs=list(coeffs), eval_path=eval_path, out=out, echo=click.echo)

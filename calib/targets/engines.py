@@ -1,0 +1,187 @@
+"""``calib export --format sglang | vllm-omni | tensorrt-llm | cache-dit``: inference engines that accept
+user-supplied TeaCache coefficients or a per-step mask. Documented in docs/exports.md.
+
+Engine formats, as their public sources define them (read, not copied; see docs/exports.md for the links):
+
+* ``vllm-omni``: ``Omni(..., cache_backend="tea_cache", cache_config={"rel_l1_thresh": T, "coefficients": [5]})``,
+  or ``vllm serve ... --omni --cache-backend tea_cache --cache-config '<json>'``; ``TeaCacheConfig`` requires
+  exactly 5 coefficients (degree 4) and ``rel_l1_thresh > 0``.
+* ``tensorrt-llm``: VisualGen's ``VisualGenArgs.cache_config`` = ``TeaCacheConfig(cache_backend="teacache",
+  teacache_thresh=T > 0, use_ret_steps=False, coefficients=[...], coefficients_2=[...] (Wan 2.2 low-noise
+  expert))``, given as YAML with ``--visual_gen_args``; its extractor measures the timestep embedding.
+* ``sglang``: ``TeaCacheParams(teacache_thresh=T, coefficients=[5], start_skipping=..., end_skipping=...)`` in the
+  model's sampling params (``teacache_params``), enabled with ``--enable-teacache``; per-expert
+  ``expert_coefficients``/``expert_thresh`` for two-expert models come from sglang PR #36767.
+* ``cache-dit``: a schedule file (``calib fit --method schedule``) as the keyword arguments of cache-dit's
+  ``DBCacheConfig``: ``steps_computation_mask`` (1 = compute the step) with ``steps_computation_policy="static"``
+  (0 = use the cache, no threshold), plus ``TaylorSeerCalibratorConfig(taylorseer_order=k)`` for a forecast of
+  order k >= 1; cache-dit always computes its first ``Fn_compute_blocks`` (>= 1) blocks, even on masked steps.
+"""
+
+from __future__ import annotations
+
+import json
+
+from ..errors import CalibError
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# TeaCache coefficient documents -> engines
+# ---------------------------------------------------------------------------------------------------------------
+def _teacache_terms(doc: dict, threshold: float | None, fmt: str, *, need_degree: int | None, positive: bool):
+    if doc.get("method") != "teacache":
+        raise CalibError(f"--format {fmt} exports TeaCache coefficients; this file's method is {doc.get('method')!r}")
+    indicator = doc.get("indicator") or {}
+    normalization = indicator.get("normalization", "none")
+    if normalization not in (None, "none"):
+        raise CalibError(
+            f"these coefficients were fitted on changes normalized by {normalization!r}; {fmt} computes the plain "
+            "rel-L1 change — refit with --normalization none to export them"
+        )
+    chosen = threshold if threshold is not None else (doc.get("thresholds") or {}).get("recommended")
+    if chosen is None:
+        raise CalibError("the file recommends no threshold; pass --threshold")
+    if positive and not chosen > 0:
+        raise CalibError(f"{fmt} requires a threshold > 0 (0 would disable its cache); pass --threshold")
+    coeffs = {}
+    for name, comp in doc["components"].items():
+        c = [float(v) for v in comp["coefficients"]]
+        if need_degree is not None and len(c) != need_degree + 1:
+            raise CalibError(
+                f"components.{name}: {fmt} evaluates a degree-{need_degree} polynomial ({need_degree + 1} "
+                f"coefficients); this one has degree {len(c) - 1} — refit with --degree {need_degree}"
+            )
+        coeffs[name] = c
+    return coeffs, float(chosen), indicator
+
+
+def vllm_omni(doc, threshold=None, component=None) -> tuple[str, str, list[str]]:
+    """(file content: the cache_config JSON, how to use it, notes)."""
+    coeffs, thresh, indicator = _teacache_terms(doc, threshold, "vllm-omni", need_degree=4, positive=True)
+    if len(coeffs) > 1 and component is None:
+        raise CalibError(
+            f"the file has one polynomial per expert ({', '.join(coeffs)}); vLLM-Omni's TeaCacheConfig takes one "
+            "list — pick one with --component"
+        )
+    name = component or next(iter(coeffs))
+    if name not in coeffs:
+        raise CalibError(f"no component {name!r} in the file (it has {sorted(coeffs)})")
+    config = {"rel_l1_thresh": thresh, "coefficients": coeffs[name]}
+    text = json.dumps(config)
+    usage = (
+        "# Python: Omni(model=..., cache_backend=\"tea_cache\", cache_config=json.load(open(PATH)))\n"
+        f"# serve:  vllm serve MODEL --omni --cache-backend tea_cache --cache-config '{text}'"
+    )
+    notes = [f"vLLM-Omni's TeaCache hook watches the first block's modulated input; these coefficients were fitted "
+             f"on {indicator.get('name', '?')!r}"]
+    return text + "\n", usage, notes
+
+
+def tensorrt_llm(doc, threshold=None, component=None) -> tuple[str, str, list[str]]:
+    coeffs, thresh, indicator = _teacache_terms(doc, threshold, "tensorrt-llm", need_degree=None, positive=True)
+    names = list(coeffs)
+    if len(names) > 2:
+        raise CalibError(f"TensorRT-LLM takes at most two polynomials (coefficients, coefficients_2); the file has {names}")
+    lines = [
+        f"# calib {doc.get('calib_version', '')}: TeaCache for TensorRT-LLM VisualGen, measured on "
+        f"{doc['model']['class']} ({doc['model'].get('source', '?')})",
+        "cache_config:",
+        "  cache_backend: teacache",
+        f"  teacache_thresh: {thresh!r}",
+        "  use_ret_steps: false",
+        f"  coefficients: {json.dumps(coeffs[names[0]])}",
+    ]
+    if len(names) == 2:
+        lines.append(f"  coefficients_2: {json.dumps(coeffs[names[1]])}  # {names[1]} (Wan 2.2 low-noise expert)")
+    usage = ("# python examples/visual_gen/models/<model>.py --visual_gen_args PATH   (or trtllm-serve with the same "
+             "YAML); merge the cache_config block into an existing VisualGenArgs YAML")
+    notes = []
+    if indicator.get("name") not in ("temb", "timestep_embedding"):
+        notes.append(
+            "TensorRT-LLM's TeaCache extractor measures the timestep embedding (timestep_embed_fn), not "
+            f"{indicator.get('name', '?')!r}, which these coefficients were fitted on; for a faithful polynomial fit "
+            "with `calib fit --indicator temb`"
+        )
+    return "\n".join(lines) + "\n", usage, notes
+
+
+def sglang(doc, threshold=None, component=None) -> tuple[str, str, list[str]]:
+    coeffs, thresh, indicator = _teacache_terms(doc, threshold, "sglang", need_degree=4, positive=True)
+    names = list(coeffs)
+    args = [f"teacache_thresh={thresh!r}", "start_skipping=1", "end_skipping=-1"]
+    if len(names) == 1:
+        args.insert(1, f"coefficients={coeffs[names[0]]!r}")
+    elif len(names) == 2:
+        experts = {"high": coeffs[names[0]], "low": coeffs[names[1]]}
+        args.insert(1, f"coefficients={coeffs[names[0]]!r}")
+        args.insert(2, f"expert_coefficients={experts!r}")
+    else:
+        raise CalibError(f"sglang takes one polynomial or a high/low expert pair; the file has {names}")
+    snippet = ("from sglang.multimodal_gen.configs.sample.teacache import TeaCacheParams\n"
+               "teacache_params = TeaCacheParams(" + ", ".join(args) + ")\n")
+    usage = ("# set it as the `teacache_params` field of your model's SamplingParams "
+             "(python/sglang/multimodal_gen/configs/sample/<model>.py) and run with --enable-teacache")
+    notes = ["start_skipping=1, end_skipping=-1 force only the first and the last step, the rule the recommended "
+             "threshold was replayed with; sglang's default (5) forces more",
+             f"these coefficients map changes of {indicator.get('name', '?')!r}; sglang computes its indicator per "
+             "model in the model's TeaCache code — check it watches the same quantity"]
+    if len(names) == 2:
+        notes.append("expert_coefficients (transformer -> high, transformer_2 -> low) is added by sglang PR #36767; "
+                     "releases without it only read `coefficients`")
+    return snippet, usage, notes
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# schedule files -> engines that take a per-step mask
+# ---------------------------------------------------------------------------------------------------------------
+def cache_dit(doc, budget=None, component=None) -> tuple[str, str, list[str], str]:
+    """(file content: {"cache_config": DBCacheConfig kwargs, "calibrator_config": ... or null}, usage, notes,
+    summary) for one budget of a schedule file."""
+    if doc.get("method") != "schedule":
+        raise CalibError(f"--format cache-dit exports a step schedule (calib fit --method schedule); this file's method "
+                         f"is {doc.get('method')!r}")
+    entries = {e["budget"]: e for e in doc["schedules"]}
+    chosen = budget if budget is not None else (doc.get("recommended") or {}).get("budget")
+    if chosen is None:
+        chosen = max(entries)
+    if chosen not in entries:
+        raise CalibError(f"the file has no schedule for budget {chosen}; it has budgets "
+                         f"{', '.join(map(str, sorted(entries)))}")
+    entry = entries[chosen]
+    comps = entry["components"]
+    if len(comps) > 1 and component is None:
+        raise CalibError(f"the schedule has one mask per expert ({', '.join(comps)}); cache-dit's DBCacheConfig takes "
+                         "one steps_computation_mask — pick one with --component (and apply it to that expert)")
+    name = component or next(iter(comps))
+    if name not in comps:
+        raise CalibError(f"no component {name!r} in the schedule (it has {sorted(comps)})")
+    n = int(doc["steps"])
+    computed = set(comps[name])
+    mask = [1 if s in computed else 0 for s in range(n)]
+    warmup = next((i for i, m in enumerate(mask) if m == 0), n)  # the leading run of computed steps
+    cache_config = {"Fn_compute_blocks": 1, "Bn_compute_blocks": 0, "max_warmup_steps": warmup,
+                    "num_inference_steps": n, "steps_computation_mask": mask, "steps_computation_policy": "static"}
+    forecast = doc.get("forecast") or {"kind": "newton", "order": 0}
+    order = int(forecast.get("order", 0))
+    calibrator = {"taylorseer_order": order} if order >= 1 else None
+    text = json.dumps({"cache_config": cache_config, "calibrator_config": calibrator}, indent=2)
+    usage = ("import json, cache_dit\n"
+             "from cache_dit import DBCacheConfig, TaylorSeerCalibratorConfig\n"
+             "cfg = json.load(open(PATH))\n"
+             "cache_dit.enable_cache(pipe, cache_config=DBCacheConfig(**cfg[\"cache_config\"]),\n"
+             "                       calibrator_config=TaylorSeerCalibratorConfig(**cfg[\"calibrator_config\"])\n"
+             "                       if cfg[\"calibrator_config\"] else None)")
+    notes = ["cache-dit always computes the first Fn_compute_blocks (>= 1) blocks, also on the masked steps, so it "
+             "pays more than the schedule's full forwards and its output differs from calib's runtime",
+             "the mask is for exactly num_inference_steps steps; another step count needs another schedule"]
+    if order >= 1 and forecast.get("variable", "step") != "step":
+        notes.append(f"the schedule was searched with a forecast in {forecast['variable']!r}; cache-dit's TaylorSeer "
+                     "extrapolates in the step index — refit with --forecast-variable step for a faithful export")
+    elif order >= 1:
+        notes.append(f"forecast: cache-dit's TaylorSeer calibrator of order {order} (finite differences in the step "
+                     "index) stands in for calib's Newton extrapolation of the same order")
+    if len(comps) > 1:
+        notes.append(f"this is {name}'s mask only (global step indices)")
+    summary = (f"cache-dit: budget {chosen}, computes steps {sorted(computed)} of {n} "
+               f"({len(computed) / n:.0%} of full forwards, plus the first block on the others)")
+    return text + "\n", usage, notes, summary
