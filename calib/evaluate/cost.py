@@ -8,15 +8,10 @@ from __future__ import annotations
 
 import statistics
 
+from ..methods.cost_model import COST_MODEL, predicted_wall_speedup  # noqa: F401  (one definition; eval re-exports)
 from .harness import Generator, compare_outputs, with_polynomial
 
 COST_JOBS = 4  # generations (the first jobs) on which the cost model's two extreme settings are timed
-
-COST_MODEL = (
-    "cached / uncached wall-clock time, linear in the fraction of full forwards F between two measured settings of "
-    "the same runtime: every step computed (the gate and indicator still run) and the fewest steps computed (only "
-    "the forced first and last steps); predicted wall-clock speed-up = 1 / ratio(F) at the replayed F"
-)
 
 
 def _extreme_configs(config):
@@ -35,16 +30,6 @@ def cost_model(timings: dict) -> dict:
     return {"description": COST_MODEL, "jobs": len(timings["base"]), "ratio_all_computed": full,
             "ratio_fewest_computed": fewest, "fewest_fraction": float(timings["fewest_fraction"]),
             "seconds_uncached": base / len(timings["base"])}
-
-
-def predicted_wall_speedup(model: dict, fraction: float) -> float:
-    """Wall-clock speed-up the cost model predicts at ``fraction`` full forwards."""
-    f0, r0, r1 = model["fewest_fraction"], model["ratio_fewest_computed"], model["ratio_all_computed"]
-    if f0 >= 1.0:
-        ratio = r1
-    else:
-        ratio = r0 + (r1 - r0) * (max(fraction, f0) - f0) / (1.0 - f0)
-    return 1.0 / ratio if ratio > 0 else float("inf")
 
 
 def _measure(generate: Generator, config, thresholds, jobs, repeats, reader, echo) -> dict:
