@@ -98,7 +98,7 @@ def test_every_fit_option_belongs_to_a_method():
     (["--method", "block-cache", "--degree", "3"], "--degree applies to --method teacache"),
     (["--method", "fastercache-cfg", "--stream", "cond"], "--stream applies to --method teacache or block-cache"),
     (["--gap", "3"], "--gap applies to --method schedule or auto"),
-    (["--method", "schedule", "--no-plot"], "--no-plot applies to --method teacache or block-cache"),
+    (["--method", "schedule", "--no-plot"], "--no-plot applies to --method teacache or block-cache or fastercache-cfg"),
     (["--method", "teacache", "--degree", "auto", "--seeds", "1"], "--seeds applies to --method schedule or auto"),
 ])
 def test_fit_refuses_another_methods_option_in_one_line(tmp_path, capsys, argv, message):

@@ -385,6 +385,8 @@ def test_cpu_offload_is_enabled_on_the_device_and_recorded(tmp_path, monkeypatch
 
     offloaded = []
     monkeypatch.setattr(loading, "has_accelerator", lambda: True)
+    import calib.trace.job as trace_job  # --device cuda passes the device check on the simulated accelerator
+    monkeypatch.setattr(trace_job, "check_device", lambda device: device)
     monkeypatch.setattr(DigitsPipeline, "enable_model_cpu_offload",
                         lambda self, gpu_id=None, device=None: offloaded.append(device), raising=False)
     (tmp_path / "p.txt").write_text(PROMPT)

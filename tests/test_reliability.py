@@ -1040,7 +1040,8 @@ def test_one_writer_at_a_time_readers_welcome_overwrite_starts_anew(tmp_path):
     (work / "hold").touch()  # the first process stops before its second generation until the checks are done
     first = start(work, args, "first", wrap="hold")
     try:
-        assert wait_for(lambda: progress(work, "first") >= 1, first)
+        # a new trace file appears when its first generation is written (the background writer), not before
+        assert wait_for(lambda: progress(work, "first") >= 1 and (work / "Z.h5").exists(), first)
         code, _, err = run_cli(args, work)  # the second writer (this process)
         assert first.poll() is None, "the second writer waited for the first instead of failing at once"
         assert code == 2 and "Traceback" not in err

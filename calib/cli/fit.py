@@ -23,7 +23,7 @@ METHOD_OPTIONS = {
     "teacache": ("degree", "robust", "indicator", "normalization", "bootstrap", "allow_mixed", "streams", "no_plot",
                  "forecast", "forecast_variable"),
     "block-cache": ("target_fraction", "streams", "no_plot"),
-    "fastercache-cfg": ("cfg_tolerance",),
+    "fastercache-cfg": ("cfg_tolerance", "no_plot"),  # --no-plot: it writes no plot, and was always accepted
     "schedule": ("gap", "forecast_order", "forecast_variable", "schedule_seeds", "shard", "overwrite", "device"),
     "auto": ("compute_fraction", "gap", "forecast_order", "forecast_variable", "schedule_seeds", "device"),
 }
