@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+from pathlib import Path
+
 import torch
 
 from ..errors import CalibError
@@ -42,27 +46,21 @@ def get_adapter(transformer: torch.nn.Module | str, modulation_module: str | Non
 
 
 _loaded = False
+NOT_FAMILIES = ("base", "identity", "registry")  # the package's modules that hold no family
 
 
 def _load_builtin_adapters() -> None:
+    """Register every :class:`Adapter` a module of this package defines at its top level: a new family is one
+    file here, found without being listed. Imported on first look-up, not with the package (they are many)."""
     global _loaded
     if _loaded:
         return
     _loaded = True
-    from . import cogvideox, cosmos, flux, hunyuan_video, ltx_video, lumina2, mochi, pixart, qwenimage, sana, sd3, wan
-
-    for adapter in (
-        flux.FLUX,
-        wan.WAN,
-        hunyuan_video.HUNYUAN_VIDEO,
-        cogvideox.COGVIDEOX,
-        ltx_video.LTX_VIDEO,
-        mochi.MOCHI,
-        sd3.SD3,
-        qwenimage.QWENIMAGE,
-        lumina2.LUMINA2,
-        sana.SANA,
-        pixart.PIXART,
-        cosmos.COSMOS,
-    ):
-        register(adapter)
+    for info in sorted(pkgutil.iter_modules([str(Path(__file__).parent)]), key=lambda m: m.name):
+        if info.name in NOT_FAMILIES or info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"{__package__}.{info.name}")
+        for value in vars(module).values():
+            if isinstance(value, Adapter):
+                for cls in value.model_classes:
+                    _ADAPTERS.setdefault(cls, value)  # an adapter registered before the first look-up is kept
