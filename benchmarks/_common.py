@@ -71,8 +71,8 @@ def subset(trace_set, keep):
 def held_out_mae(res, trace_set, component: str = "transformer") -> float:
     """MAE of the output change predicted by a fitted rescaler (as the runtime evaluates it: clamped to the domain,
     floored at 0, times Δσ when normalised) on other trajectories."""
-    from calib.fit import collect_samples
-    from calib.rescalers import runtime_predict
+    from calib.methods.teacache.fit import collect_samples
+    from calib.methods.teacache.rescalers import runtime_predict
 
     s = collect_samples(trace_set, component, None, res.indicator, res.normalization)
     r = res.rescaler
@@ -88,6 +88,6 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
 
 def write_json(path, data) -> None:
     """Write a benchmark's results as JSON, atomically (a temporary file renamed into place)."""
-    from calib.export import write_atomic_bytes
+    from calib._io import write_bytes as write_atomic_bytes
 
     write_atomic_bytes(Path(path), (json.dumps(data, indent=1) + "\n").encode())

@@ -6,7 +6,7 @@
 For each model: split the bundled prompts into calibration prompts (every other line, from the first) and held-out
 prompts (the rest), trace the calibration prompts (calibration seeds), fit the rescaler and the searched schedule
 (``calib fit --method schedule``, on the calibration prompts only), then generate the held-out prompts on held-out
-seeds with every method and compare each with the uncached generation (calib.frontier). Prints the tables of error
+seeds with every method and compare each with the uncached generation (calib.evaluate.frontier). Prints the tables of error
 at 50 %, 33 % and 25 % of full forwards and of compute per method, writes ``OUT/<model>.json`` and
 ``OUT/<model>.png`` (error vs fraction of full forwards). Timing: docs/evaluation.md.
 """
@@ -35,11 +35,11 @@ def default_models() -> list[str]:
 
 def run_model(model: str, args) -> dict | None:
     import calib.runtime as cr
-    from calib.calibrate import run_fit
-    from calib.export import write_atomic_bytes
-    from calib.frontier import METHODS, run_frontier
+    from calib.jobs.fit import run_teacache_fit as run_fit
+    from calib._io import write_bytes as write_atomic_bytes
+    from calib.evaluate.frontier import METHODS, run_frontier
     from calib.models.loading import load_model
-    from calib.prompts import bundled_prompts_path, read_prompts
+    from calib.trace.prompts import bundled_prompts_path, read_prompts
     from calib.store import read_traces
     from calib.trace import TraceSettings, run_trace
 
@@ -69,8 +69,8 @@ def run_model(model: str, args) -> dict | None:
     methods = args.methods or METHODS
     schedule_config, schedule_seconds = None, None
     if "calib-schedule" in methods or "calib-forecast" in methods:
-        from calib.export import write_document
-        from calib.schedule import fit_schedule, format_schedules, parse_candidates
+        from calib.methods.registry import write_document
+        from calib.methods.schedule import fit_schedule, format_schedules, parse_candidates
 
         began = time.perf_counter()
         schedule_path = out / f"{name}.schedule.json"

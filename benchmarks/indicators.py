@@ -26,8 +26,8 @@ DEFAULT = [Path("traces/builtin/digits.h5"), Path("traces/builtin/wan-digits.h5"
 def main(argv=None) -> list:
     from scipy.stats import pearsonr, spearmanr
 
-    from calib.fit import collect_samples
-    from calib.rescalers import INDICATORS, AutoRescaler
+    from calib.methods.teacache.fit import collect_samples
+    from calib.methods.teacache.rescalers import INDICATORS, AutoRescaler
     from calib.store import read_traces
 
     paths = [Path(p) for p in (sys.argv[1:] if argv is None else argv)] or DEFAULT

@@ -36,9 +36,9 @@ PROCEDURES = {
 
 
 def main(argv=None) -> dict:
-    from calib.fit import fit_traces
-    from calib.prompts import bundled_prompts_path, read_prompts
-    from calib.rescalers import shape_check
+    from calib.methods.teacache.fit import fit_traces
+    from calib.trace.prompts import bundled_prompts_path, read_prompts
+    from calib.methods.teacache.rescalers import shape_check
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="builtin:digits")

@@ -35,9 +35,9 @@ HELD_OUT_SEED = 1000
 def _config(res_map, trace_set, pipe_source):
     """A runtime CacheConfig (via the real coefficient document) for {component: FitResult}."""
     import calib.runtime as cr
-    from calib.calibrate import _rescaler
-    from calib.export import build_document
-    from calib.tune import RECOMMENDED_COMPUTE_FRACTION, recommend, threshold_table, thresholds_section
+    from calib.methods.teacache.configs import runtime_rescaler as _rescaler
+    from calib.methods.teacache.document import build_document
+    from calib.methods.teacache.tune import RECOMMENDED_COMPUTE_FRACTION, recommend, threshold_table, thresholds_section
 
     first = next(iter(res_map.values()))
     rescalers = {name: _rescaler(res) for name, res in res_map.items()}
@@ -76,8 +76,8 @@ def _at_fraction(runs, fraction):
 
 
 def main(argv=None) -> dict:
-    from calib.fit import fit_all_components
-    from calib.prompts import bundled_prompts_path, read_prompts
+    from calib.methods.teacache.fit import fit_all_components
+    from calib.trace.prompts import bundled_prompts_path, read_prompts
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="builtin:digits")
@@ -128,7 +128,8 @@ def main(argv=None) -> dict:
     # -- 2. real runs ----------------------------------------------------------------------------------------------
     classify = None
     if name == "digits":
-        from calib.demo import classify as classify_images, digit_classifier, latents_to_images
+        from calib.models.digit_reader import classify as classify_images, digit_classifier
+        from calib.models.digits import latents_to_images
 
         clf = digit_classifier()
         truth = np.arange(10)

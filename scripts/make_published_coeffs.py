@@ -34,7 +34,7 @@ import sys
 from pathlib import Path
 
 from calib import __version__
-from calib.export import write_document
+from calib.methods.registry import write_document
 
 REPOSITORY = "ali-vilab/TeaCache"
 COMMIT = "7c10efc4702c6b619f47805f7abe4a7a08085aa0"

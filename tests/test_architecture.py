@@ -3,7 +3,6 @@
 ``lint_imports`` prints its report to the real stdout (not through sys.stdout's pytest capture), hence ``capfd``.
 """
 
-import importlib.util
 import sys
 import tomllib
 from pathlib import Path
@@ -13,71 +12,32 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _lint(monkeypatch, config=None) -> int:
+def _lint(monkeypatch) -> int:
     from importlinter.cli import lint_imports
 
     monkeypatch.chdir(ROOT)
     monkeypatch.setattr(sys, "path", list(sys.path))  # lint_imports inserts the cwd into sys.path
-    return lint_imports(config_filename=None if config is None else str(config), no_cache=True, no_logo=True)
+    return lint_imports(no_cache=True, no_logo=True)
 
 
 def test_import_contracts(monkeypatch, capfd):
-    """[tool.importlinter]: the contracts that hold today (runtime = torch + stdlib, no cycles where stated)."""
+    """[tool.importlinter]: the stage layers, no import cycle anywhere in calib, the runtime on torch + stdlib."""
     assert _lint(monkeypatch) == 0, capfd.readouterr().out
 
 
-def _exists(module: str) -> bool:
-    try:
-        return importlib.util.find_spec(module) is not None
-    except ModuleNotFoundError:
-        return False
+def test_contract_states_every_stage_package():
+    """Every package of calib is in the layers contract (a new one must be placed, not slip past it)."""
+    layers = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"][0]["layers"]
+    named = {m.strip() for layer in layers for m in layer.split("|")}
+    packages = {f"calib.{p.stem}" for p in (ROOT / "calib").iterdir()
+                if (p / "__init__.py").exists() or (p.suffix == ".py" and p.stem not in ("__init__", "__main__"))}
+    assert packages - {"calib.data", "calib.schemas"} <= named, sorted(packages - named)
 
 
-def _toml_value(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, str):
-        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(value)
-
-
-def _target_config(tmp_path) -> Path:
-    """[tool.calib.importlinter-target] as a config lint-imports reads. Layers and forbidden modules not written yet
-    are left out (so the report shows the import violations, not "module does not exist"), and an ignore that no
-    import matches only warns: both disappear by themselves as the packages land."""
-    target = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["calib"]["importlinter-target"]
-    lines = ["[tool.importlinter]"]
-    lines += [f"{k} = {_toml_value(v)}" for k, v in target.items() if k != "contracts"]
-    for contract in target["contracts"]:
-        contract = dict(contract)
-        if contract["type"] == "layers":
-            layers = []
-            for layer in contract["layers"]:
-                present = [m.strip() for m in layer.split("|") if _exists(m.strip())]
-                if present:
-                    layers.append(" | ".join(present))
-            contract["layers"] = layers
-        if contract["type"] == "forbidden":
-            contract["source_modules"] = [m for m in contract["source_modules"] if _exists(m)]
-            contract["forbidden_modules"] = [m for m in contract["forbidden_modules"] if _exists(m)]
-            contract["unmatched_ignore_imports_alerting"] = "warn"
-            if not contract["source_modules"] or not contract["forbidden_modules"]:
-                continue
-        lines.append("")
-        lines.append("[[tool.importlinter.contracts]]")
-        lines += [f"{k} = {_toml_value(v)}" for k, v in contract.items()]
-    path = tmp_path / "target-contracts.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-@pytest.mark.xfail(strict=False, reason="issue 14: the target layers hold once the redesign's packages have all "
-                                        "landed; the failure message lists what still breaks them")
-def test_target_import_contracts(monkeypatch, capfd, tmp_path):
-    """[tool.calib.importlinter-target]: the stage layers, no cycle anywhere, no new code on an old-path shim."""
-    assert _lint(monkeypatch, _target_config(tmp_path)) == 0, capfd.readouterr().out
+def test_no_old_path_module_is_left():
+    """The redesign moved every module into its stage package; nothing but the shared leaves sits at the top."""
+    top = sorted(p.name for p in (ROOT / "calib").glob("*.py"))
+    assert top == ["__init__.py", "__main__.py", "_io.py", "errors.py", "hooking.py"], top
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -85,13 +45,15 @@ def test_target_import_contracts(monkeypatch, capfd, tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 def test_every_fit_option_belongs_to_a_method():
     from calib.cli import cli
-    from calib.cli.fit import METHOD_OPTIONS, SHARED_OPTIONS
+    from calib.cli.fit import SHARED_OPTIONS, method_options
+    from calib.methods import registry
 
+    options = method_options(cli.commands["fit"])  # the registry entries' flags, as click parameter names
     params = {p.name for p in cli.commands["fit"].params}
-    listed = set(SHARED_OPTIONS).union(*METHOD_OPTIONS.values())
+    listed = set(SHARED_OPTIONS).union(*options.values())
     assert params == listed, (params - listed, listed - params)
     method = next(p for p in cli.commands["fit"].params if p.name == "method")
-    assert set(method.type.choices) == set(METHOD_OPTIONS)
+    assert tuple(method.type.choices) == tuple(options) == registry.names(fit_command=True)
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from calib.cli import main
-from calib.export import schema
+from calib.coeffs.schema import schema
 
 ROOT = Path(__file__).resolve().parents[1]
 

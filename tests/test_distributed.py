@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from calib.errors import CalibError, InterruptedRun
-from calib.merge import run_merge
-from calib.shards import load_manifest, resolve_shard, shard_path, split
+from calib.store.merge import run_merge
+from calib.store.shards import load_manifest, resolve_shard, shard_path, split
 from calib.store import read_traces
 from calib.trace import Tracer, TraceSettings, run_trace
 

@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 
 from calib.cli import main
-from calib.evaluation import PSNR_CAP, psnr, ssim, to_planes
-from calib.export import schema
+from calib.evaluate.metrics import PSNR_CAP, psnr, ssim, to_planes
+from calib.coeffs.schema import schema
 from calib.runtime.gate import Rescaler
 from calib.store import TraceSet, Trajectory
-from calib.tune import (ERROR_PROXY, TuneTarget, find_threshold, replay_row, trajectory_error)
+from calib.methods.teacache.tune import ERROR_PROXY, find_threshold, replay_row, trajectory_error
+from calib.methods.base import TuneTarget
 
 STEPS = 16
 
@@ -187,7 +188,7 @@ def test_measured_forwards_match_the_prediction(tuned):
 def test_predicted_wall_speedup_uses_the_measured_cost_model(tuned):
     """The wall-clock prediction is the replayed fraction put through the cost model eval measured: its extreme
     setting computes only the forced first and last step, and the prediction is that model at the replayed F."""
-    from calib.evaluation import predicted_wall_speedup
+    from calib.methods.cost_model import predicted_wall_speedup
 
     _, _, _, results, ev = tuned
     costs = results["cost_model"]
@@ -203,7 +204,7 @@ def test_tune_with_costs_targets_wall_clock(tuned, tmp_path):
     whose predicted wall-clock speed-up reaches the target, and the model is recorded with the table."""
     import shutil
 
-    from calib.evaluation import predicted_wall_speedup
+    from calib.methods.cost_model import predicted_wall_speedup
 
     work, _, _, results, _ = tuned
     coeffs = tmp_path / "c.json"
@@ -229,7 +230,7 @@ def test_tune_with_costs_targets_wall_clock(tuned, tmp_path):
 
 
 def test_cost_model_interpolates_between_its_two_measured_settings():
-    from calib.evaluation import predicted_wall_speedup
+    from calib.methods.cost_model import predicted_wall_speedup
 
     costs = {"fewest_fraction": 0.1, "ratio_fewest_computed": 0.3, "ratio_all_computed": 1.05}
     assert predicted_wall_speedup(costs, 1.0) == pytest.approx(1 / 1.05)  # gate costs: slower than uncached
@@ -266,7 +267,7 @@ def test_eval_output_has_the_documented_fields(tuned):
 
 
 def test_threshold_zero_is_exactly_uncached(tuned):
-    from calib.evaluation import run_eval
+    from calib.jobs.eval import run_eval
 
     work, _, _, _, _ = tuned
     report = run_eval(work / "coeffs/digits.json", prompts_file=None, model="builtin:digits", seeds=(7,),
@@ -279,7 +280,7 @@ def test_threshold_zero_is_exactly_uncached(tuned):
 
 def test_frontier_counts_forwards_the_same_way_for_every_method(tuned, tmp_path):
     import calib.runtime as cr
-    from calib.frontier import format_frontier, run_frontier
+    from calib.evaluate.frontier import format_frontier, run_frontier
     from calib.models.digits import load_pipeline
     from calib.store import read_traces
 

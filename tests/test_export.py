@@ -1,4 +1,4 @@
-"""Tests for calib.export: the version-1 coefficient file."""
+"""Tests for the version-1 coefficient file: calib.coeffs (schema, writer) and calib.methods.registry.validate."""
 
 from __future__ import annotations
 
@@ -14,16 +14,12 @@ import pytest
 
 import calib
 from calib.errors import CalibError
-from calib.export import (
-    SCHEMA_VERSION,
-    build_document,
-    load_document,
-    schema,
-    validate_document,
-    write_atomic_bytes,
-    write_document,
-)
-from calib.fit import fit_all_components
+from calib.runtime.document import SCHEMA_VERSION
+from calib.methods.teacache.document import build_document
+from calib.methods.registry import load_document, validate as validate_document, write_document
+from calib.coeffs.schema import schema
+from calib._io import write_bytes as write_atomic_bytes
+from calib.methods.teacache.fit import fit_all_components
 
 REPO = Path(__file__).resolve().parents[1]
 FLUX = [498.651651, -283.781631, 55.8554382, -3.82021401, 0.264230861]

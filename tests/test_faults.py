@@ -62,7 +62,7 @@ def _prepare(work: Path, out_dir: Path) -> None:
     copy_asset("real.h5", work, "t.h5")
     copy_asset("real.json", work, "c.json")
     (work / "p.txt").write_text("a handwritten 7\n")
-    from calib import shards
+    from calib.store import shards
     from calib.store import TraceWriter
     from calib.trace import TraceSettings
 
@@ -401,7 +401,7 @@ def test_a_failed_first_generation_leaves_no_trace(tmp_path, monkeypatch):
 def test_no_file_makes_calib_run_code(tmp_path):
     """A module planted in the working folder, named by the trace (model_source), the coefficient file fitted from
     it (model.source), the manifest and an eval results file: no command that reads them imports it."""
-    from calib import shards
+    from calib.store import shards
     from calib.store import TraceWriter
     from calib.trace import TraceSettings
 

@@ -1,4 +1,4 @@
-"""Tests for calib.fit (and calib.plots, which draws its results)."""
+"""Tests for calib.methods.teacache.fit (and calib.report.plots, which draws its results)."""
 
 from __future__ import annotations
 
@@ -9,14 +9,7 @@ import numpy as np
 import pytest
 
 from calib.errors import CalibError
-from calib.fit import (
-    FitResult,
-    PolynomialRescaler,
-    collect_points,
-    fit_all_components,
-    fit_traces,
-    format_diagnostics,
-)
+from calib.methods.teacache.fit import FitResult, PolynomialRescaler, collect_points, fit_all_components, fit_traces, format_diagnostics
 
 # TeaCache's published FLUX coefficients, highest degree first.
 FLUX = np.array([498.651651, -283.781631, 55.8554382, -3.82021401, 0.264230861])
@@ -213,7 +206,7 @@ def test_format_diagnostics_without_cv():
 
 
 def test_plot_fit_writes_png(tmp_path):
-    from calib.plots import plot_fit
+    from calib.report.plots import plot_fit
 
     ts = make_trace_set(n_traj=4, steps=12, components=("transformer", "transformer_2"))
     results = fit_all_components(ts)

@@ -14,11 +14,12 @@ import pytest
 import torch
 
 import calib.runtime as cr
-from calib.calibrate import check_settings, run_fit
+from calib.methods.teacache.fit import check_settings
+from calib.jobs.fit import run_teacache_fit as run_fit
 from calib.errors import CalibError
-from calib.export import load_document, validate_document
-from calib.fit import collect_samples, fit_traces, format_fit_report, select_indicator
-from calib.rescalers import CONSTRAINT, AutoRescaler, indicator_series, shape_check
+from calib.methods.registry import load_document, validate as validate_document
+from calib.methods.teacache.fit import collect_samples, fit_traces, format_fit_report, select_indicator
+from calib.methods.teacache.rescalers import CONSTRAINT, AutoRescaler, indicator_series, shape_check
 from calib.runtime.gate import Rescaler, TeaCacheGate, replay
 from calib.store import TraceSet, TraceWriter, Trajectory
 
@@ -78,7 +79,7 @@ def noisy_poly(coef, n_gen=10, per=30, noise=0.004, seed=0, lo=0.05, hi=0.35):
 def test_the_forced_last_step_is_left_out_of_the_fit(tmp_path):
     """The gate always computes a generation's last step, so its (x, y) pair never decides a skip; calib fit must
     not let it shape the rescaler. Here it is an extreme outlier: fitted on, it would set the top of the domain."""
-    from calib.fit import forced_last_mask
+    from calib.methods.teacache.fit import forced_last_mask
 
     rng = np.random.default_rng(5)
     steps, trajs = 20, []
@@ -116,7 +117,7 @@ def test_with_two_experts_only_the_generations_last_step_is_left_out():
     other, so its pair stays in that expert's fit."""
     import dataclasses
 
-    from calib.fit import forced_last_mask
+    from calib.methods.teacache.fit import forced_last_mask
     from calib.hooking import StepClock
 
     rng = np.random.default_rng(0)
@@ -148,7 +149,7 @@ def test_with_two_experts_only_the_generations_last_step_is_left_out():
     # calib tune replays the same rule: with a threshold no change reaches, the high-noise expert computes only its
     # first step (its last is gated), the low-noise expert its first and the generation's last
     from calib.runtime.gate import Rescaler
-    from calib.tune import replay_trajectories
+    from calib.methods.teacache.tune import replay_trajectories
 
     rescalers = {c: Rescaler([1.0, 0.0]) for c in ("transformer", "transformer_2")}
     decisions = {t.component: d for t, d in replay_trajectories(trace_set(trajs[:2]), rescalers, 1e9)}
@@ -296,8 +297,8 @@ def test_builtin_models_ship_measured_coefficients_for_their_weights(name):
     import inspect
 
     from calib.adapters import model_identity
-    from calib.demo import run_demo
-    from calib.prompts import bundled_prompts_path, read_prompts
+    from calib.jobs.demo import run_demo
+    from calib.trace.prompts import bundled_prompts_path, read_prompts
 
     source, steps, seeds, guidance = BUILTIN_COEFFS[name]
     path = REPO / "coeffs" / name
@@ -335,7 +336,7 @@ def test_builtin_models_ship_measured_coefficients_for_their_weights(name):
 def builtin(tmp_path_factory):
     """A small real trace of builtin:digits (bundled prompts x 2 seeds, 12 steps) fitted by run_fit's defaults."""
     from calib.models import digits
-    from calib.prompts import bundled_prompts_path, read_prompts
+    from calib.trace.prompts import bundled_prompts_path, read_prompts
     from calib.trace import Tracer, TraceSettings, describe_model
 
     threads = torch.get_num_threads()

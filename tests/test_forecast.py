@@ -11,7 +11,7 @@ import torch
 
 import calib.runtime as cr
 from calib.errors import CalibError
-from calib.export import validate_document
+from calib.methods.registry import validate as validate_document
 from calib.models import digits, wan_digits
 
 STEPS = 12

@@ -21,15 +21,11 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import io
 import json
-import os
 import re
 import shlex
 import shutil
 import sys
-import warnings
-from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -37,6 +33,8 @@ from typing import Callable
 import h5py
 import pytest
 import torch
+
+from cli_runner import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "bad-inputs.md"
@@ -58,21 +56,10 @@ def one_thread():
 
 def calib(work: Path, command: str | list[str]) -> tuple[int, str, str]:
     """``calib ...`` in-process in ``work``, as the console script runs it; (exit status, stdout, stderr)."""
-    from calib.cli import main
-
     argv = shlex.split(command) if isinstance(command, str) else [str(a) for a in command]
     if argv and argv[0] == "calib":
         argv = argv[1:]
-    out, err = io.StringIO(), io.StringIO()
-    cwd = os.getcwd()
-    os.chdir(work)
-    try:
-        with redirect_stdout(out), redirect_stderr(err), warnings.catch_warnings():
-            warnings.simplefilter("always")
-            code = main(argv)
-    finally:
-        os.chdir(cwd)
-    return code, out.getvalue(), err.getvalue()
+    return run_cli(argv, work, warnings_filter="always")
 
 
 def ok(work: Path, command: str) -> str:

@@ -12,9 +12,9 @@ import pytest
 
 import calib.runtime as cr
 from calib.cli import main
-from calib.compare import DEFAULT_DOMAIN, compare, plot_comparison
+from calib.report.compare import DEFAULT_DOMAIN, compare, plot_comparison
 from calib.errors import CalibError
-from calib.export import load_document, write_document
+from calib.methods.registry import load_document, write_document
 
 REPO = Path(__file__).resolve().parents[1]
 COEFFS = REPO / "coeffs"

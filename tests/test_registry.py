@@ -46,5 +46,14 @@ def test_every_method_has_a_fit_job():
     from calib.jobs.fit import FIT_JOBS
     from calib.jobs.tune import TUNE_JOBS
 
-    assert set(FIT_JOBS) == set(registry.names())
-    assert set(TUNE_JOBS) <= set(registry.names())
+    assert set(FIT_JOBS) == set(registry.names(fit_command=True))
+    assert set(TUNE_JOBS) <= set(registry.names(document=True))
+
+
+def test_every_export_target_names_registry_methods():
+    from calib.targets import TARGETS, TRACE
+
+    for fmt, target in TARGETS.items():
+        assert target.methods and all(m in registry.METHODS for m in target.methods), fmt
+        if target.input == TRACE:  # the export job runs that method's fit on the traces
+            assert registry.get(target.methods[0]).fit is not None, fmt

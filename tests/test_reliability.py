@@ -40,6 +40,8 @@ import h5py
 import numpy as np
 import pytest
 
+from cli_runner import run_cli
+
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "bad-inputs.md"
 START, END = "<!-- cases:start -->", "<!-- cases:end -->"
@@ -62,7 +64,7 @@ def assets() -> Path:
     """A folder with real artifacts made once: real.h5 (2 prompts x 2 seeds x 6 steps), tiny.h5 (1 generation of
     4 steps: 6 points), real.json (fit of real.h5)."""
     if "dir" not in _ASSETS:
-        from calib.calibrate import run_fit
+        from calib.jobs.fit import run_teacache_fit as run_fit
         from calib.trace import TraceSettings, run_trace
 
         folder = Path(tempfile.mkdtemp(prefix="calib-reliability-"))
@@ -326,7 +328,7 @@ def _factory(work: Path) -> None:
 
 def _manifest(work: Path, shard_file: str) -> None:
     """A one-shard trace s.rank0-of-1.h5 and its manifest s.manifest.json, listing ``shard_file`` as the shard."""
-    from calib import shards
+    from calib.store import shards
     from calib.store import TraceWriter
     from calib.trace import TraceSettings
 
@@ -351,8 +353,8 @@ def _with_coefficient(literal: str) -> str:
 
 
 def _block_cache_doc(path: Path) -> None:
-    from calib.block_cache import build_document
-    from calib.export import write_document
+    from calib.methods.block_cache import build_document
+    from calib.methods.registry import write_document
     from calib.store import read_traces
 
     doc, _ = build_document(read_traces([assets() / "real.h5"]))
@@ -750,22 +752,6 @@ class Outcome:
     stderr: str = ""
 
 
-def run_cli(argv: list[str], work: Path) -> tuple[int, str, str]:
-    """``calib <argv>`` in-process, in ``work``, as the console script runs it (``calib.cli.main``)."""
-    from calib.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    cwd = os.getcwd()
-    os.chdir(work)
-    try:
-        with redirect_stdout(out), redirect_stderr(err), warnings.catch_warnings():
-            warnings.simplefilter("default")
-            code = main(argv)
-    finally:
-        os.chdir(cwd)
-    return code, out.getvalue(), err.getvalue()
-
-
 def run_case(case: Case, work: Path, before=None, after=None) -> Outcome:
     """Set up ``work``, run the case there; ``before(work)`` / ``after(work)`` run around it, before any clean-up
     the setup asked for (e.g. releasing a lock it holds)."""
@@ -1130,15 +1116,14 @@ def test_ctrl_c_during_json_write_leaves_previous_file(fitted, monkeypatch):
 
 
 def test_crash_while_serializing_json_writes_nothing(fitted, monkeypatch):
-    import calib.export
-    from calib.calibrate import run_fit
+    from calib.jobs.fit import run_teacache_fit as run_fit
 
     work, prev_json, prev_png = fitted
 
     def boom(*a, **k):
         raise RuntimeError("serializer crashed")
 
-    monkeypatch.setattr(calib.export.json, "dumps", boom)
+    monkeypatch.setattr(json, "dumps", boom)  # the one serializer: calib.coeffs.io
     with pytest.raises(RuntimeError, match="serializer crashed"):
         run_fit([work / "t.h5"], out=work / "c.json", echo=lambda *a: None, **FAST_FIT_KW)
     monkeypatch.undo()
@@ -1149,8 +1134,8 @@ def test_crash_while_serializing_json_writes_nothing(fitted, monkeypatch):
 def test_crash_while_rendering_png_keeps_previous_png(fitted, monkeypatch):
     from matplotlib.figure import Figure
 
-    from calib.calibrate import run_fit
-    from calib.export import load_document
+    from calib.jobs.fit import run_teacache_fit as run_fit
+    from calib.methods.registry import load_document
 
     work, _, prev_png = fitted
 

@@ -9,7 +9,7 @@ import random
 
 import pytest
 
-from calib.schedule import feasible_budgets, minimax_path, min_sum_path, path_costs, segments, split_prompts
+from calib.methods.schedule import feasible_budgets, minimax_path, min_sum_path, path_costs, segments, split_prompts
 
 
 def _all_paths(n, costs, budget):
@@ -211,7 +211,9 @@ def test_tune_picks_the_budget_and_export_writes_the_mask(fitted, capsys):
 
 
 def test_taylorseer_is_given_every_interval_that_fits_a_target():
-    from calib.frontier import REACHED, TARGETS, _taylorseer_schedule, taylorseer_settings
+    from calib.evaluate.harness import REACHED
+    from calib.evaluate.frontier import TARGETS
+    from calib.evaluate.baselines import _taylorseer_schedule, taylorseer_settings
 
     settings = taylorseer_settings(30, TARGETS)
     for target in TARGETS:
@@ -226,7 +228,7 @@ def test_frontier_runs_the_schedule_and_cache_dit_rows(fitted):
     import torch
 
     import calib.runtime as cr
-    from calib.frontier import run_frontier
+    from calib.evaluate.frontier import run_frontier
     from calib.models.digits import load_pipeline
 
     pytest.importorskip("cache_dit")

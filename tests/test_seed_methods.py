@@ -17,10 +17,14 @@ import pytest
 import torch
 
 import calib.runtime as cr
-from calib import block_cache, diffusers_export, export_targets, fastercache
+from calib.methods import block_cache, fbcache, magcache
+from calib.methods import fastercache_cfg as fastercache
+from calib.targets import diffusers as diffusers_target
+from calib.targets import engines
 from calib.adapters import model_identity
 from calib.cli import main
-from calib.export import load_document, schema, validate_document, write_document
+from calib.methods.registry import load_document, validate as validate_document, write_document
+from calib.coeffs.schema import schema
 from calib.hooking import wrap_forward
 from calib.models import digits
 from calib.store import TraceSet, Trajectory, read_traces
@@ -267,7 +271,7 @@ def test_block_cache_and_fastercache_rows_join_the_frontier(pipe, traced, tmp_pa
     """Block Caching runs in the frontier with calib's schedule and is matched on the compute share (it skips
     blocks, rarely a whole forward); diffusers' FasterCache is reported as not applicable on the packed-token image
     model, with the reason, instead of a made-up row."""
-    from calib.frontier import PARTIAL, format_frontier, run_frontier
+    from calib.evaluate.frontier import PARTIAL, format_frontier, run_frontier
 
     _, _, ts = traced
     result = run_frontier(pipe, None, ts, ["a handwritten 3"], (5,), steps=STEPS, guidance=3.0,
@@ -365,7 +369,7 @@ def test_diffusers_magcache_export_changes_computed_steps_as_predicted(pipe, tra
     kwargs = json.loads(out.read_text())
     assert set(kwargs) == {"threshold", "max_skip_steps", "retention_ratio", "num_inference_steps", "mag_ratios"}
     assert kwargs["num_inference_steps"] == STEPS and kwargs["mag_ratios"][0] == 1.0
-    predicted = sum(diffusers_export.magcache_replay(kwargs["mag_ratios"], kwargs["threshold"], num_steps=STEPS))
+    predicted = sum(magcache.replay(kwargs["mag_ratios"], kwargs["threshold"], num_steps=STEPS))
     assert predicted <= STEPS / speedup + 1e-9
     for mode in ("batched", "sequential"):
         computed, _ = _run_diffusers(pipe, MagCacheConfig(**json.load(open(out))), mode)
@@ -401,7 +405,7 @@ def test_diffusers_fbcache_export_changes_computed_steps_as_predicted(pipe, trac
                  "--out", str(out)]) == 0
     kwargs = json.loads(out.read_text())
     assert set(kwargs) == {"threshold"} and kwargs["threshold"] > 0
-    _, info = diffusers_export.fbcache_config(ts, target_speedup=speedup)
+    _, info = fbcache.fit(ts, target_speedup=speedup)
     predicted = info["computed_steps_mean"]
     for mode in ("sequential", "batched"):
         computed, counter = _run_diffusers(pipe, FirstBlockCacheConfig(**json.load(open(out))), mode)
@@ -433,7 +437,7 @@ def test_fastercache_fields_come_from_the_data():
     assert entry["uncond_skipped_steps"] == [s for s in range(2, 18) if s % 5]
     lo, hi = entry["unconditional_batch_timestep_skip_range"]
     assert [i for i in range(n) if lo < t[i] < hi] == list(range(2, 18))
-    kwargs, info = diffusers_export.fastercache_config(doc)
+    kwargs, info = diffusers_target.fastercache_config(doc)
     assert kwargs["unconditional_batch_timestep_skip_range"] == [lo, hi]
     assert kwargs["unconditional_batch_skip_range"] == 5
     assert kwargs["_unconditional_conditional_input_kwargs_identifiers"][-1] == "pooled_projections"
@@ -516,24 +520,24 @@ def _teacache_doc(coefficients, components=("transformer",), indicator="modulate
 
 def test_engine_exports_have_the_engines_parameters():
     coef = [498.65, -283.78, 55.86, -3.82, 0.264]
-    text, usage, notes = export_targets.vllm_omni(_teacache_doc(coef))
+    text, usage, notes = engines.vllm_omni(_teacache_doc(coef))
     assert json.loads(text) == {"rel_l1_thresh": 0.3, "coefficients": coef}
     assert "tea_cache" in usage
-    text, usage, notes = export_targets.tensorrt_llm(_teacache_doc(coef, ("transformer", "transformer_2")))
+    text, usage, notes = engines.tensorrt_llm(_teacache_doc(coef, ("transformer", "transformer_2")))
     yaml = pytest.importorskip("yaml")
     cache = yaml.safe_load(text)["cache_config"]
     assert cache == {"cache_backend": "teacache", "teacache_thresh": 0.3, "use_ret_steps": False,
                      "coefficients": coef, "coefficients_2": coef}
     assert any("timestep embedding" in n for n in notes)  # fitted on modulated_input: warned
-    text, usage, notes = export_targets.sglang(_teacache_doc(coef))
+    text, usage, notes = engines.sglang(_teacache_doc(coef))
     call = ast.parse(text).body[-1].value
     assert call.func.id == "TeaCacheParams"
     kw = {k.arg: ast.literal_eval(k.value) for k in call.keywords}
     assert kw == {"teacache_thresh": 0.3, "coefficients": coef, "start_skipping": 1, "end_skipping": -1}
     with pytest.raises(Exception, match="degree-4"):
-        export_targets.vllm_omni(_teacache_doc(coef + [0.1]))
+        engines.vllm_omni(_teacache_doc(coef + [0.1]))
     with pytest.raises(Exception, match="> 0"):
-        export_targets.vllm_omni(_teacache_doc(coef), threshold=0.0)
+        engines.vllm_omni(_teacache_doc(coef), threshold=0.0)
 
 
 # ---------------------------------------------------------------------------------------------------------------

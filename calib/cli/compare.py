@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from ._group import cli
+from calib.cli._group import cli
 
 
 @cli.command()
@@ -19,7 +19,7 @@ from ._group import cli
 @click.option("--points", default=11, show_default=True, type=int, help="Inputs in the table, evenly spaced.")
 def compare(files, out, points):
     """Compare the rescalers of two coefficient files (e.g. a published one and yours) over their common range."""
-    from ..compare import compare as compare_files, plot_comparison
+    from calib.report.compare import compare as compare_files, plot_comparison
 
     if out is not None:
         from .._io import resolve_output

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from ._group import cli, _seeds
+from calib.cli._group import _seeds, cli
 
 
 @cli.command()
@@ -24,7 +24,7 @@ from ._group import cli, _seeds
 @click.option("--overwrite", is_flag=True, help="Trace anew instead of resuming an existing trace.")
 def demo(prompts_file, steps, seeds, guidance, threshold, traces_dir, coeffs_dir, overwrite):
     """The whole loop on the built-in model: trace, fit, export, then a cached vs uncached generation."""
-    from ..demo import run_demo
+    from calib.jobs.demo import run_demo
 
     run_demo(prompts_file=prompts_file, steps=steps, seeds=_seeds(seeds), guidance=guidance, threshold=threshold,
              traces_dir=traces_dir, coeffs_dir=coeffs_dir, overwrite=overwrite, echo=click.echo)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from ._group import cli, _seeds
+from calib.cli._group import _seeds, cli
 
 
 @cli.command(name="eval")
@@ -42,7 +42,7 @@ def eval_(coeffs, model, prompts_file, seeds, thresholds, steps, guidance, repea
 
     The pipeline is loaded and called as calib trace did (the file's calibration.pipeline: --height/--width,
     --negative-prompt, --true-cfg-scale, --pipeline-arg, --dtype)."""
-    from ..evaluation import run_eval
+    from calib.jobs.eval import run_eval
 
     run_eval(coeffs, model=model, prompts_file=prompts_file, seeds=_seeds(seeds), thresholds=list(thresholds) or None,
              steps=steps, guidance=guidance, repeats=repeats, traces=list(trace_files) or None, device=device, out=out,

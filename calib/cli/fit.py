@@ -1,4 +1,5 @@
-"""``calib fit``: fit a method on traces and write its document; each method's options are checked against it.
+"""``calib fit``: fit a method on traces and write its document; each method's options (its registry entry's) are
+checked against it, and its fit job (calib.jobs.fit.FIT_JOBS) is called with them.
 
 Imports of the jobs stay inside the command bodies (the one deliberate exception to top-level imports): they pull
 in torch, h5py and matplotlib, and keeping them out of import time keeps ``calib --help`` fast.
@@ -11,33 +12,61 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
-from ..errors import CalibError
-from ._group import _seeds, cli
+from calib.cli._group import _seeds, cli
+from calib.errors import CalibError
 
-# Which method reads which option of `calib fit` (click parameter names). TRACES, --out and --method are every
-# method's. Another method's option given explicitly is refused with one line ("--degree applies to --method
-# teacache"): they used to be silently ignored (issue 14). This is the one table of them; it becomes the methods'
-# option lists in calib.methods.registry once that lands.
-SHARED_OPTIONS = ("traces", "out", "method")
-METHOD_OPTIONS = {
-    "teacache": ("degree", "robust", "indicator", "normalization", "bootstrap", "allow_mixed", "streams", "no_plot",
-                 "forecast", "forecast_variable"),
-    "block-cache": ("target_fraction", "streams", "no_plot"),
-    "fastercache-cfg": ("cfg_tolerance", "no_plot"),  # --no-plot: it writes no plot, and was always accepted
-    "schedule": ("gap", "forecast_order", "forecast_variable", "schedule_seeds", "shard", "overwrite", "device"),
-    "auto": ("compute_fraction", "gap", "forecast_order", "forecast_variable", "schedule_seeds", "device"),
-}
+SHARED_OPTIONS = ("traces", "out", "method")  # every method's; the others are each method's own (the registry's)
 NOT_GIVEN = (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)
 
 
-def check_method_options(ctx: click.Context, method: str) -> None:
-    """Refuse, in one line, the first option the user gave that ``method`` does not read."""
+class FitMethod(click.Choice):
+    """``--method``: the registry's methods that ``calib fit`` runs. Read when an option is parsed or help is shown,
+    not at import: the registry imports torch, and ``calib --help`` stays fast without it."""
+
+    def __init__(self):
+        super().__init__((), case_sensitive=True)
+
+    @property
+    def choices(self):
+        from ..methods import registry
+
+        return registry.names(fit_command=True)
+
+    @choices.setter
+    def choices(self, _value):  # click.Choice.__init__ assigns it
+        pass
+
+
+def method_options(command: click.Command) -> dict[str, tuple[str, ...]]:
+    """{method: the click parameter names of its options}, from the flags its registry entry lists."""
+    from ..methods import registry
+
+    by_flag = {opt: param.name for param in command.params for opt in param.opts}
+    return {name: tuple(by_flag[o.flag] for o in registry.get(name).options)
+            for name in registry.names(fit_command=True)}
+
+
+def check_method_options(ctx: click.Context, method: str) -> dict[str, tuple[str, ...]]:
+    """Refuse, in one line, the first option the user gave that ``method`` does not read; return the table."""
+    table = method_options(ctx.command)
     for param in ctx.command.params:
-        if param.name in SHARED_OPTIONS or param.name in METHOD_OPTIONS[method]:
+        if param.name in SHARED_OPTIONS or param.name in table[method]:
             continue
         if ctx.get_parameter_source(param.name) not in NOT_GIVEN:
-            users = [m for m, names in METHOD_OPTIONS.items() if param.name in names]
+            users = [m for m, names in table.items() if param.name in names]
             raise CalibError(f"{param.opts[0]} applies to --method {' or '.join(users)}")
+    return table
+
+
+def _job_option(name: str, value):
+    """A click parameter as the fit job's keyword: the same for all but three."""
+    if name == "no_plot":
+        return "plot", not value
+    if name == "streams":
+        return "streams", list(value) or None
+    if name == "schedule_seeds":
+        return "seeds", None if value is None else _seeds(value)
+    return name, value
 
 
 @cli.command()
@@ -55,7 +84,7 @@ def check_method_options(ctx: click.Context, method: str) -> None:
 @click.option("--allow-mixed", is_flag=True, help="Fit traces of different steps/guidance/resolution together.")
 @click.option("--stream", "streams", multiple=True, help="Fit only these streams (e.g. --stream cond); default all.")
 @click.option("--no-plot", is_flag=True, help="Do not write the PNG beside the JSON.")
-@click.option("--method", type=click.Choice(["teacache", "block-cache", "fastercache-cfg", "schedule", "auto"]),
+@click.option("--method", type=FitMethod(),
               default="teacache", show_default=True,
               help="teacache: the rescaler; block-cache: a per-block schedule (Block Caching) + heat-map; "
                    "fastercache-cfg: where the unconditional pass can reuse the cond-uncond difference; schedule: "
@@ -85,49 +114,14 @@ def check_method_options(ctx: click.Context, method: str) -> None:
                    "without --shard to search and write.")
 @click.option("--overwrite", is_flag=True, help="schedule: measure every segment anew instead of resuming.")
 @click.option("--device", default=None, help="schedule: torch device [default: cuda if available, else cpu].")
-def fit(traces, out, degree, robust, indicator, normalization, bootstrap, allow_mixed, streams, no_plot, method,
-        compute_fraction, target_fraction, cfg_tolerance, forecast, forecast_variable, gap, forecast_order,
-        schedule_seeds, shard, overwrite, device):
+def fit(traces, out, method, **options):
     """Fit the polynomial rescaler (output change as a function of input change) and write the coefficient JSON.
 
     TRACES are trace files, shard files of a sharded trace, or its NAME.manifest.json; all are read as one trace.
     --method schedule reruns the traced model (about steps x gap generations per seed and forecast; it prints the
     cost first, resumes from OUT.segments.json and shards like calib trace)."""
-    check_method_options(click.get_current_context(), method)
-    if method == "auto":
-        from ..auto import run_auto
+    from ..jobs.fit import run_fit
 
-        run_auto(list(traces), out=out, fraction=compute_fraction, gap=gap, orders=forecast_order,
-                 variable=None if forecast_variable == "auto" else forecast_variable, device=device,
-                 seeds=None if schedule_seeds is None else _seeds(schedule_seeds), echo=click.echo)
-        return
-    if method == "schedule":
-        from ..schedule import DEFAULT_GAP, run_fit as run_schedule
-
-        run_schedule(list(traces), out=out, gap=DEFAULT_GAP if gap is None else gap, orders=forecast_order,
-                     variable=None if forecast_variable == "auto" else forecast_variable, shard=shard, overwrite=overwrite, device=device,
-                     seeds=None if schedule_seeds is None else _seeds(schedule_seeds), echo=click.echo)
-        return
-    if method == "block-cache":
-        from ..block_cache import run_fit as run_block_cache
-
-        run_block_cache(list(traces), out=out, target_fraction=target_fraction, streams=list(streams) or None,
-                        plot=not no_plot, echo=click.echo)
-        return
-    if method == "fastercache-cfg":
-        from ..fastercache import run_fit as run_fastercache
-
-        run_fastercache(list(traces), out=out, cfg_tolerance=cfg_tolerance, echo=click.echo)
-        return
-    from ..calibrate import run_fit
-
-    if forecast_variable == "timestep":
-        raise CalibError("--forecast-variable timestep is for --method schedule; the teacache fit picks step or sigma")
-    if degree != "auto":
-        try:
-            degree = int(degree)
-        except ValueError:
-            raise CalibError(f"--degree {degree!r}: expected auto or an integer from 1 to 9") from None
-    run_fit(list(traces), out=out, degree=degree, streams=list(streams) or None, plot=not no_plot, echo=click.echo,
-            robust=robust, indicator=indicator, normalization=normalization, bootstrap=bootstrap,
-            allow_mixed=allow_mixed, forecast=forecast, forecast_variable=forecast_variable)
+    ctx = click.get_current_context()
+    own = check_method_options(ctx, method)[method]
+    run_fit(method, list(traces), out=out, echo=click.echo, **dict(_job_option(n, ctx.params[n]) for n in own))

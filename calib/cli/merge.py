@@ -1,4 +1,4 @@
-"""``calib merge``: merge the shard files of a sharded trace (the job is calib.merge).
+"""``calib merge``: merge the shard files of a sharded trace (the job is calib.store.merge).
 
 Imports of the jobs stay inside the command bodies (the one deliberate exception to top-level imports): they pull
 in torch, h5py and matplotlib, and keeping them out of import time keeps ``calib --help`` fast.
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from ._group import cli
+from calib.cli._group import cli
 
 
 @cli.command()
@@ -20,6 +20,6 @@ from ._group import cli
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 def merge(inputs, out, overwrite):
     """Merge the shard files of a sharded trace (or the files a manifest lists) into one trace file."""
-    from ..merge import run_merge
+    from calib.store.merge import run_merge
 
     run_merge(list(inputs), out=out, overwrite=overwrite, echo=click.echo)

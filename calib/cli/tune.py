@@ -10,8 +10,8 @@ from pathlib import Path
 
 import click
 
-from ..errors import CalibError
-from ._group import cli
+from calib.cli._group import cli
+from calib.errors import CalibError
 
 
 @cli.command()
@@ -30,7 +30,8 @@ def tune(traces, coeffs, speedup, max_error, compute_fraction, write, costs):
 
     Prints threshold -> predicted fraction of full forwards -> predicted speed-up -> predicted error. On a schedule
     file (calib fit --method schedule) it picks the budget instead, from the file alone."""
-    from ..tune import TuneTarget, run_tune
+    from calib.methods.base import TuneTarget
+    from calib.jobs.tune import run_tune
 
     given = [(k, v) for k, v in (("speedup", speedup), ("max_error", max_error), ("compute_fraction", compute_fraction))
              if v is not None]

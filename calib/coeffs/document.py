@@ -23,31 +23,6 @@ def model_section(trace_set) -> dict:
     return model
 
 
-# The calibration.pipeline section: how the traced pipeline was called and loaded (calib trace's trace_settings,
-# less what the section lists elsewhere). calib eval regenerates with exactly these.
-PIPELINE_FIELDS = ("height", "width", "num_frames", "negative_prompt", "true_cfg_scale", "pipeline_args", "dtype",
-                   "cpu_offload")
-
-
-def pipeline_section(trace_set) -> dict | None:
-    """``calibration.pipeline`` of the traces: their ``trace_settings`` pipeline fields when every file records
-    them and they agree (``cpu_offload``, which does not change what is computed, is true if any file used it);
-    None for traces of an older calib, or files traced with different pipeline settings (``--allow-mixed``)."""
-    from calib.store import settings_difference, stored_settings  # h5py behind it: only when traces are read
-
-    found = [stored_settings(a) for a in (getattr(trace_set, "attrs", None) or [])]
-    if not found or any(s is None for s in found):
-        return None
-    first = found[0]
-    for other in found[1:]:
-        if settings_difference(first, other, unknown=("steps", "guidance", "record_blocks")) is not None:
-            return None
-    section = {k: first.get(k) for k in PIPELINE_FIELDS}
-    section["pipeline_args"] = dict(section["pipeline_args"] or {})
-    section["cpu_offload"] = any(bool(s.get("cpu_offload")) for s in found)
-    return section
-
-
 def pipeline_call_kwargs(section: dict | None) -> dict:
     """The keyword arguments a ``calibration.pipeline`` section says the pipeline was called with (besides
     prompt, steps, guidance, generator and output type): its pipeline_args, then size and true-CFG arguments."""
@@ -108,7 +83,8 @@ def calibration_section(trace_set) -> dict:
     out["num_trajectories"] = len(trace_set.trajectories)
     out["streams"] = [str(s) for s in settings.get("streams", [])]
     out["trace_files"] = [str(f) for f in (getattr(trace_set, "files", None) or [])]
-    pipeline = pipeline_section(trace_set)
+    # calibration.pipeline: how calib eval regenerates; a trace set built in memory may not record it
+    pipeline = trace_set.pipeline_settings() if hasattr(trace_set, "pipeline_settings") else None
     if pipeline is not None:
         out["pipeline"] = pipeline
     return out

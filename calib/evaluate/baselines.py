@@ -8,8 +8,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..errors import CalibError
-from .harness import REACHED, _search, runtime_install, with_polynomial
+from calib.errors import CalibError
+from calib.evaluate.harness import REACHED, _search, runtime_install, with_polynomial
+from calib.methods.fastercache_cfg import build_document, cfg_series
+from calib.targets.diffusers import fastercache_config, fastercache_warnings
 
 FASTERCACHE_TOLERANCES = (0.5, 1.0, 2.0, 4.0, 8.0)  # x the median traced cond - uncond change
 CACHE_DIT_WARMUP = 2  # cache-dit's default (8) computes 27 % of 30 steps before caching: the 25 % target needs less
@@ -98,9 +100,6 @@ def _fastercache_method(harness, trace_set):
     """diffusers' FasterCache with the fields calib derives from the traces (``calib export --format
     diffusers-fastercache``), one point per CFG tolerance."""
     from diffusers import FasterCacheConfig
-
-    from ..diffusers_export import fastercache_config, fastercache_warnings
-    from ..fastercache import build_document, cfg_series
 
     c, _, _ = cfg_series(trace_set)
     finite = c[1:][np.isfinite(c[1:])]

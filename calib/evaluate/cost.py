@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import statistics
 
-from ..methods.cost_model import COST_MODEL, predicted_wall_speedup  # noqa: F401  (one definition; eval re-exports)
-from .harness import Generator, compare_outputs, with_polynomial
+import calib.runtime as cr
+from calib.evaluate.harness import Generator, compare_outputs, with_polynomial
+from calib.methods.cost_model import COST_MODEL  # noqa: F401  (one definition; eval re-exports)
 
 COST_JOBS = 4  # generations (the first jobs) on which the cost model's two extreme settings are timed
 
@@ -35,8 +36,6 @@ def cost_model(timings: dict) -> dict:
 def _measure(generate: Generator, config, thresholds, jobs, repeats, reader, echo) -> dict:
     """Uncached and cached generations of every job, interleaved, ``repeats`` times; quality from the first. The
     first :data:`COST_JOBS` jobs also run the cost model's two extreme settings (:func:`cost_model`)."""
-    import calib.runtime as cr
-
     every, fewest = _extreme_configs(config)
 
     def cached(job, t, cfg=config):

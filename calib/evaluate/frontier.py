@@ -23,7 +23,7 @@ Methods (``METHODS``):
   polynomial ``p(x) = 1`` and threshold ``k`` (the accumulator counts steps), so no hook code is duplicated;
 * ``fbcache`` — diffusers' ``FirstBlockCacheConfig`` via ``transformer.enable_cache``;
 * ``magcache`` — diffusers' ``MagCacheConfig`` with ``mag_ratios`` computed from the same traces (the mean over
-  traced trajectories of the stack residual's norm ratio, ``calib.diffusers_export.mag_ratios`` — what MagCache's
+  traced trajectories of the stack residual's norm ratio, ``calib.methods.magcache.mag_ratios`` — what MagCache's
   own ``calibrate=True`` mode logs, averaged over trajectories instead of one run); ``max_skip_steps`` is raised
   from the default 3 only where the default cannot reach the target;
 * ``taylorseer`` — diffusers' ``TaylorSeerCacheConfig`` given its best: orders 1 and 2, lite mode (whole blocks
@@ -56,60 +56,34 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from .._io import write_bytes
-from ..errors import CalibError
-from .baselines import (  # noqa: F401  (the peers' settings are part of the frontier's API)
-    CACHE_DIT_WARMUP,
-    FASTERCACHE_TOLERANCES,
-    TAYLORSEER_INTERVALS,
-    TAYLORSEER_VARIANTS,
-    _cache_dit_method,
-    _diffusers_install,
-    _fastercache_method,
-    _pab_method,
-    _restored,
-    _taylorseer_method,
-    _taylorseer_schedule,
-    _uniform_method,
-    cache_dit_adapter,
-    taylorseer_settings,
-)
-from .harness import (  # noqa: F401
-    CURVE_FRACTIONS,
-    MAX_PROBES,
-    REACHED,
-    TARGETS,
-    TOLERANCE,
-    ComputeMeter,
-    Point,
-    _closest,
-    Harness,
-    _search,
-    _setting_text,
-    runtime_install,
-    with_polynomial,
-)
+import calib.runtime as cr
+from calib._io import write_bytes
+from calib.errors import CalibError
+from calib.evaluate.baselines import (_cache_dit_method, _diffusers_install, _fastercache_method, _pab_method, _restored,
+                                      _taylorseer_method, _uniform_method)
+from calib.evaluate.harness import (CURVE_FRACTIONS, REACHED, TARGETS, TOLERANCE, Harness, Point, _closest, _search,
+                                    runtime_install, with_polynomial)
+from calib.methods import block_cache, fbcache, magcache
+from calib.methods.base import TuneTarget
+from calib.methods.search import bisect, grow
+from calib.methods.teacache.tune import find_threshold, rescalers_of
+from calib.runtime import block_cache as runtime_block_cache
+from calib.runtime.gate import Rescaler
 
 
 def _replay_guess(trace_set, rescalers, fraction: float, indicator="modulated_input", normalization="none"):
     """The threshold the replay (calib tune) predicts for ``fraction``: where the bisection over real runs starts."""
-    from ..tune import TuneTarget, find_threshold
-
     row, _ = find_threshold(trace_set, rescalers, TuneTarget("compute_fraction", fraction), indicator=indicator,
                             normalization=normalization)
     return row.threshold
 
 
 def _teacache_method(harness, config, trace_set, name, targets, echo, forecast=None):
-    from ..tune import rescalers_of
-
     if name in ("calib", "calib-forecast"):
         cfg = config
         rescalers, indicator, normalization = rescalers_of(config.document)
         guess_of = lambda f: _replay_guess(trace_set, rescalers, f, indicator, normalization)  # noqa: E731
     else:
-        from ..runtime.gate import Rescaler
-
         cfg = with_polynomial(config, (1.0, 0.0))
         raw = {name: Rescaler([1.0, 0.0], None) for name in config.components}
         guess_of = lambda f: _replay_guess(trace_set, raw, f)  # noqa: E731
@@ -129,9 +103,7 @@ def _fbcache_method(harness, trace_set, targets):
 
     def guess(f):
         try:
-            from ..diffusers_export import fbcache_config
-
-            return fbcache_config(trace_set, target_speedup=1.0 / f)[0]["threshold"] or 0.05
+            return fbcache.fit(trace_set, target_speedup=1.0 / f)[0]["threshold"] or 0.05
         except Exception:  # noqa: BLE001 - traces without the series it needs: start from diffusers' default
             return 0.05
 
@@ -149,22 +121,15 @@ def _fbcache_method(harness, trace_set, targets):
 def _magcache_method(harness, trace_set, targets, echo):
     from diffusers import MagCacheConfig
 
-    from ..diffusers_export import MAGCACHE_RETENTION_RATIO, mag_ratios, magcache_replay
-
-    ratios = mag_ratios(trace_set)
+    ratios = magcache.mag_ratios(trace_set)
     n = harness.steps
 
     def replayed(t, k):
-        return sum(magcache_replay(ratios, t, num_steps=n, max_skip_steps=k)) / n
+        return sum(magcache.replay(ratios, t, num_steps=n, max_skip_steps=k)) / n
 
-    def guess(f, k):
-        lo, hi = 0.0, 1.0
-        while replayed(hi, k) > f and hi < 1e6:
-            hi *= 2
-        for _ in range(40):
-            mid = 0.5 * (lo + hi)
-            lo, hi = (mid, hi) if replayed(mid, k) > f else (lo, mid)
-        return hi
+    def guess(f, k):  # MagCache's rule depends on the ratios only: its replay is exact, so bisect it finely
+        lo, hi = grow(lambda t: replayed(t, k) > f, 1.0, 1e6)
+        return bisect(lambda t: replayed(t, k) <= f, lo, hi, 40)[1]
 
     points = []
     for target in (*targets, *CURVE_FRACTIONS):
@@ -175,7 +140,7 @@ def _magcache_method(harness, trace_set, targets, echo):
 
         def make(t, k=k):
             return _diffusers_install(harness.transformer, lambda: MagCacheConfig(
-                threshold=t, max_skip_steps=k, retention_ratio=MAGCACHE_RETENTION_RATIO, num_inference_steps=n,
+                threshold=t, max_skip_steps=k, retention_ratio=magcache.RETENTION_RATIO, num_inference_steps=n,
                 mag_ratios=list(ratios)))
 
         if target in targets:
@@ -191,17 +156,12 @@ def _magcache_method(harness, trace_set, targets, echo):
 
 def _block_cache_method(harness, trace_set, targets):
     """calib's Block Caching schedule, thresholds bisected over real runs on the compute share."""
-    import calib.runtime as cr
-
-    from ..block_cache import block_changes, build_document, components_of, tune
-    from ..runtime.block_cache import parse
-
-    doc, _ = build_document(trace_set)
-    config = parse(doc, "<frontier block-cache>")
-    changes = {name: block_changes(trace_set, name)[1] for name in components_of(trace_set)}
+    doc, _ = block_cache.build_document(trace_set)
+    config = runtime_block_cache.parse(doc, "<frontier block-cache>")
+    changes = {name: block_cache.block_changes(trace_set, name)[1] for name in block_cache.components_of(trace_set)}
 
     def guess(f):
-        return tune(changes, f)[0].threshold
+        return block_cache.tune(changes, f)[0].threshold
 
     def make(t):
         def install():
@@ -223,8 +183,6 @@ def _block_cache_method(harness, trace_set, targets):
 def _schedule_method(harness, schedule_config, targets):
     """calib's searched schedules (``calib fit --method schedule``): the budgets nearest each target and the
     curve's fractions, each applied by ``calib.runtime.apply(pipe, config, budget=B)``."""
-    import calib.runtime as cr
-
     n = schedule_config.steps
     budgets = sorted({min(schedule_config.budgets, key=lambda b: (abs(b / n - f), b))
                       for f in (*targets, *CURVE_FRACTIONS)})

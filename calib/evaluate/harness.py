@@ -16,10 +16,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..adapters import get_adapter
-from ..errors import CalibError
-from ..hooking import wrap_method
-from .metrics import latent_rel_l1, psnr, ssim, to_planes
+import calib.runtime as cr
+from calib.adapters import get_adapter
+from calib.errors import CalibError
+from calib.evaluate.metrics import latent_rel_l1, psnr, ssim, to_planes
+from calib.hooking import wrap_method
+from calib.methods.search import measured_search
+from calib.runtime.coefficients import ComponentRescaler
 
 
 @dataclass
@@ -92,8 +95,6 @@ def compare_outputs(reference: Output, test: Output, reader=None) -> dict:
 def with_polynomial(config, coefficients):
     """A runtime config with every component's rescaler replaced by the constant-or-polynomial ``coefficients``
     (and no recommended threshold): the cost model's extreme settings and the uncalibrated frontier baselines."""
-    from ..runtime.coefficients import ComponentRescaler
-
     comps = {name: ComponentRescaler(tuple(float(c) for c in coefficients), None) for name in config.components}
     return dataclasses.replace(config, components=comps, recommended_threshold=None)
 
@@ -101,8 +102,6 @@ def with_polynomial(config, coefficients):
 def runtime_install(pipe, config, threshold=None, forecast=None, budget=None):
     """``install() -> undo``: calib's runtime on ``pipe`` (a gate at ``threshold`` or a schedule at ``budget``)."""
     def install():
-        import calib.runtime as cr
-
         if budget is not None:  # a schedule file
             handle = cr.apply(pipe, config, budget=budget)
         else:
@@ -116,8 +115,6 @@ def compare_cached(pipe, config, threshold, prompts, *, steps, guidance, seed, r
                    budget=None):
     """Uncached and cached generations of the same prompts (one batch) and seed, timed interleaved ``repeats``
     times after a warm-up; returns the median times, the latent error and the cached run's ``handle.stats()``."""
-    import calib.runtime as cr
-
     generate = Generator(pipe, steps=steps, guidance=guidance, output_type="latent")
     plain_times, cached_times = [], []
     handle = None
@@ -292,30 +289,7 @@ def _search(harness: Harness, method: str, make_install, target: float, guess: f
             probes[t] = harness.run(method, make_install(t), {"threshold": t})
         return getattr(probes[t], key)
 
-    def best():
-        return min(probes.values(), key=lambda p: (abs(getattr(p, key) - target), getattr(p, key)))
-
-    lo, hi = 0.0, max(guess, 1e-4)
-    first = measure(hi)
-    n = 1
-    if first > target:
-        lo = hi
-        while n < MAX_PROBES and measure(hi * 2) > target:
-            lo, hi = hi * 2, hi * 2
-            n += 1
-        hi = hi * 2
-    else:
-        while n < MAX_PROBES and hi > 1e-6 and measure(hi / 2) <= target:
-            hi = hi / 2
-            n += 1
-        lo = hi / 2
-    while n < MAX_PROBES and abs(getattr(best(), key) - target) > TOLERANCE:
-        mid = 0.5 * (lo + hi)
-        if measure(mid) > target:
-            lo = mid
-        else:
-            hi = mid
-        n += 1
+    measured_search(measure, target, guess, max_probes=MAX_PROBES, tolerance=TOLERANCE)
     return list(probes.values())
 
 

@@ -14,11 +14,24 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import CalibError
-from ..evaluate.harness import compare_cached
-from ..evaluate.metrics import psnr
-from ..models.digit_reader import classify, digit_classifier  # noqa: F401  (benchmarks/transfer.py imports them here)
-from ..models.digits import latents_to_images
+import calib.runtime as cr
+from calib._io import resolve_output, write_bytes
+from calib.errors import CalibError
+from calib.evaluate.harness import compare_cached
+from calib.evaluate.metrics import psnr
+from calib.jobs.fit import run_teacache_fit
+from calib.methods.auto import compare
+from calib.methods.base import TuneTarget
+from calib.methods.registry import load_document, write_document
+from calib.methods.schedule import choose_budget, fit_schedule, parse_candidates, setup_from_traces
+from calib.models import digits
+from calib.models.digit_reader import (  # noqa: F401  (benchmarks/transfer.py imports them here)
+    classify, digit_classifier)
+from calib.models.digits import latents_to_images
+from calib.runtime import Forecast
+from calib.store import read_traces
+from calib.trace import TraceSettings, run_trace
+from calib.trace.prompts import read_prompts
 
 HELD_OUT_SEED = 1000
 
@@ -32,12 +45,6 @@ def _choose(pipe, trace_path, coeffs_path, coeffs_dir, echo):
     """``calib fit --method auto`` in small: a schedule for half the steps searched on the traced prompts (one seed,
     forecast order 1, gaps up to 3: ~60 batched generations), then gate + forecast against it at 50 % of full
     forwards on the held-out prompts. Returns the verdict and the schedule file's path."""
-    from ..auto import compare
-    from ..export import load_document, write_document
-    from ..schedule import choose_budget, fit_schedule, parse_candidates, setup_from_traces
-    from ..store import read_traces
-    from ..tune import TuneTarget
-
     trace_set = read_traces([trace_path])
     seeds = sorted({t.seed for t in trace_set.trajectories})[:1]
     schedule_path = coeffs_dir / "digits.schedule.json"
@@ -47,7 +54,6 @@ def _choose(pipe, trace_path, coeffs_path, coeffs_dir, echo):
     entry, reached = choose_budget(doc, TuneTarget("compute_fraction", DEMO_FRACTION))
     doc["recommended"] = {"budget": entry["budget"]}
     write_document(doc, schedule_path)
-    from ..runtime import Forecast
 
     forecast = Forecast(order=doc["forecast"]["order"], variable=doc["forecast"].get("variable", "step"))
     verdict = compare(pipe, setup_from_traces(trace_set, seeds=seeds), load_document(coeffs_path), doc, entry, reached,
@@ -58,23 +64,12 @@ def _choose(pipe, trace_path, coeffs_path, coeffs_dir, echo):
 
 def run_demo(*, prompts_file=None, steps=30, seeds=(0, 1), guidance=3.0, threshold=None, traces_dir=Path("traces"),
              coeffs_dir=Path("coeffs"), overwrite=False, echo=print) -> dict:
-    import calib.runtime as cr
-
-    from ..calibrate import run_fit
-    from .._io import write_bytes as write_atomic_bytes
-    from ..models import digits
-    from ..trace import TraceSettings, run_trace
-
-    from .._io import resolve_output
-
     # every setting is checked before the first file is written: a refused demo leaves nothing behind
     if threshold is not None and not (isinstance(threshold, (int, float)) and math.isfinite(threshold)
                                       and threshold >= 0):
         raise CalibError(f"--threshold must be a finite number >= 0, got {threshold}")
     settings = TraceSettings(steps=steps, guidance=guidance, seeds=tuple(seeds))
     if prompts_file is not None:
-        from ..trace.prompts import read_prompts
-
         read_prompts(prompts_file)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     trace_path = Path(traces_dir) / "digits.h5"
@@ -86,7 +81,7 @@ def run_demo(*, prompts_file=None, steps=30, seeds=(0, 1), guidance=3.0, thresho
     run_trace("builtin:digits", prompts_file, settings, out=trace_path, overwrite=overwrite, echo=echo, pipe=pipe)
 
     echo("\n== 2/4 fit: polynomial rescaler with diagnostics")
-    run_fit([trace_path], out=coeffs_path, echo=echo)
+    run_teacache_fit([trace_path], out=coeffs_path, echo=echo)
 
     echo("\n== 3/4 what is best here: gate + forecast or a searched schedule + forecast, on held-out prompts")
     config = cr.load(coeffs_path)
@@ -125,7 +120,7 @@ def run_demo(*, prompts_file=None, steps=30, seeds=(0, 1), guidance=3.0, thresho
     grid = np.concatenate([digits.image_grid(base_imgs), digits.image_grid(cached_imgs)], axis=0)
     buffer = BytesIO()
     Image.fromarray(grid).save(buffer, format="PNG")
-    comparison = write_atomic_bytes(Path(coeffs_dir) / "digits.demo.png", buffer.getvalue())
+    comparison = write_bytes(Path(coeffs_dir) / "digits.demo.png", buffer.getvalue())
 
     echo(f"  steps computed      {stats['computed']} of {stats['steps']} ({stats['skipped']} skipped, "
          f"{stats['skipped'] / stats['steps']:.0%})")

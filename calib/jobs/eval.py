@@ -28,13 +28,25 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import CalibError
-from ..evaluate.cost import COST_JOBS, COST_MODEL, _extreme_configs, _measure, cost_model, predicted_wall_speedup  # noqa: F401
-from ..evaluate.harness import Generator, Output, compare_outputs  # noqa: F401
-from ..evaluate.metrics import PSNR_CAP, latent_rel_l1, psnr, spread, ssim, to_planes  # noqa: F401
-from ..models.digit_reader import builtin_name as _builtin_name, digit_reader  # noqa: F401
-from ..models.digit_prompts import parse_digit_prompt
-from ..trace import MAX_STEPS, check_call_arguments, pick_device, recordable
+import calib.runtime as cr
+from calib import __version__
+from calib._io import resolve_output, write_bytes
+from calib.coeffs.document import describe_call, pipeline_call_kwargs
+from calib.errors import CalibError
+from calib.evaluate.cost import _measure, cost_model
+from calib.evaluate.frontier import run_frontier
+from calib.evaluate.harness import Generator
+from calib.evaluate.metrics import spread
+from calib.methods.cost_model import predicted_wall_speedup
+from calib.methods.registry import load_document
+from calib.methods.teacache.tune import replay_row, rescalers_of
+from calib.models import loading as model_loading  # load_model is looked up at call time (tests replace it)
+from calib.models.digit_prompts import parse_digit_prompt
+from calib.models.digit_reader import builtin_name as _builtin_name, digit_reader
+from calib.models.loading import model_from_file, pipeline_class
+from calib.store import read_traces
+from calib.trace import MAX_STEPS, check_call_arguments, pick_device, recordable
+from calib.trace.prompts import bundled_prompts_path, read_prompts
 
 FORMAT = "calib.eval"
 VERSION = 1
@@ -82,16 +94,12 @@ def _find_traces(traces):
     """The trace set for predictions: the ``--traces`` given, else None. A coefficient file's
     ``calibration.trace_files`` only records what it was fitted on; calib never opens paths a file names (a file
     from someone else could name any file on this machine), only what the command line names."""
-    from ..store import read_traces
-
     if traces:
         return read_traces([Path(t) for t in traces])
     return None
 
 
 def _prompts(model: str, prompts_file, pipe) -> list[str]:
-    from ..trace.prompts import bundled_prompts_path, read_prompts
-
     if prompts_file is None:
         if not model.startswith("builtin:"):
             raise CalibError("--prompts is required for models that are not built in")
@@ -109,12 +117,6 @@ def run_eval(coeffs, *, model=None, prompts_file=None, seeds=DEFAULT_SEEDS, thre
     """``calib eval``. The pipeline is called and loaded as the traces were (the file's ``calibration.pipeline``:
     size, negative prompt, true-CFG scale, further arguments, dtype, CPU offload); ``pipeline_kwargs`` adds to or
     replaces those arguments, ``cpu_offload`` turns offload on."""
-    import calib.runtime as cr
-
-    from ..export import load_document
-    from ..method_docs import describe_call, pipeline_call_kwargs
-    from .._io import resolve_output
-
     coeffs = Path(coeffs)
     if out is not None and Path(out).suffix.lower() != ".json":
         raise CalibError(f"--out {out}: the results file must end in .json")
@@ -142,8 +144,6 @@ def run_eval(coeffs, *, model=None, prompts_file=None, seeds=DEFAULT_SEEDS, thre
             raise CalibError(f"--threshold must be a finite number >= 0, got {t}")
     steps, guidance = _settings_from(doc, steps, guidance)
     if model is None:  # a file never names code to run: only what model_from_file accepts is taken from it
-        from ..models.loading import model_from_file
-
         source = (doc.get("model") or {}).get("source")
         model = "builtin:digits" if source is None else model_from_file(source, coeffs)
     calibrated = (doc.get("calibration") or {}).get("pipeline")
@@ -161,12 +161,10 @@ def run_eval(coeffs, *, model=None, prompts_file=None, seeds=DEFAULT_SEEDS, thre
     dtype = (calibrated or {}).get("dtype")
     offload = bool(cpu_offload or (calibrated or {}).get("cpu_offload"))
     if pipe is None:
-        from ..models.loading import load_model, pipeline_class
-
         cls = pipeline_class(model)
         if cls is not None:  # before loading
             check_call_arguments(cls, steps, guidance, call_kwargs, model, output_type="np")
-        pipe = load_model(model, device=pick_device(device), dtype=dtype, cpu_offload=offload)
+        pipe = model_loading.load_model(model, device=pick_device(device), dtype=dtype, cpu_offload=offload)
     # a calibration made before calibration.pipeline existed (or one not given --height/--width) still says its size
     call_kwargs = {**_calibrated_size(doc, pipe, call_kwargs), **call_kwargs}
     check_call_arguments(pipe, steps, guidance, call_kwargs, model, output_type="np")
@@ -194,8 +192,6 @@ def run_eval(coeffs, *, model=None, prompts_file=None, seeds=DEFAULT_SEEDS, thre
 
     predictions = {}
     if trace_set is not None:
-        from ..tune import replay_row, rescalers_of
-
         rescalers, indicator, normalization = rescalers_of(doc)
         for t in thresholds:
             row = replay_row(trace_set, rescalers, t, indicator=indicator, normalization=normalization)
@@ -226,8 +222,6 @@ def run_eval(coeffs, *, model=None, prompts_file=None, seeds=DEFAULT_SEEDS, thre
     }
     _print_report(report, echo)
     if compare:
-        from ..evaluate.frontier import run_frontier
-
         if trace_set is None:
             raise CalibError("--compare needs traces (for the uncalibrated baselines and MagCache's ratios): "
                              "pass --traces TRACE.h5")
@@ -236,17 +230,13 @@ def run_eval(coeffs, *, model=None, prompts_file=None, seeds=DEFAULT_SEEDS, thre
     if out is not None:
         import json
 
-        from .._io import write_bytes as write_atomic_bytes
-
-        write_atomic_bytes(out, (json.dumps(report, indent=2, allow_nan=False) + "\n").encode("utf-8"),
+        write_bytes(out, (json.dumps(report, indent=2, allow_nan=False) + "\n").encode("utf-8"),
                            inputs=[coeffs, *(traces or [])])
         echo(f"wrote {out}")
     return report
 
 
 def _version() -> str:
-    from .. import __version__
-
     return __version__
 
 

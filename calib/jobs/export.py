@@ -9,15 +9,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# The fits of the trace-input targets are reached at their current paths until issue 14's calib.methods
-# (magcache, fbcache, fastercache_cfg) and calib.coeffs land; then these become registry look-ups.
-from .._io import write_text
-from ..diffusers_export import fbcache_config, magcache_config
-from ..errors import CalibError
-from ..export import load_document, write_document
-from ..fastercache import build_document as fastercache_document
-from ..store import HDF5_SIGNATURE, read_traces
-from ..targets import TARGETS, TRACE, TRACE_OR_DOCUMENT, ExportOptions
+from calib._io import write_text
+from calib.errors import CalibError
+from calib.methods import registry
+from calib.store import HDF5_SIGNATURE, read_traces
+from calib.targets import TARGETS, TRACE, TRACE_OR_DOCUMENT, ExportOptions
 
 DEFAULT_TARGET_SPEEDUP = 1.6  # ~60 % of steps computed, the TeaCache fit's recommendation criterion
 
@@ -30,26 +26,15 @@ def _is_trace(path: Path) -> bool:
         return False
 
 
-# The fit a target measured on traces needs, by format.
-def _fit_magcache(trace_set, options: ExportOptions):
-    return magcache_config(trace_set, target_speedup=options.target_speedup, threshold=options.threshold,
-                           component=options.component or "transformer")
-
-
-def _fit_fbcache(trace_set, options: ExportOptions):
-    return fbcache_config(trace_set, target_speedup=options.target_speedup, threshold=options.threshold,
-                          component=options.component or "transformer")
-
-
-def _fit_fastercache(trace_set, options: ExportOptions):
-    return fastercache_document(trace_set)
-
-
-TRACE_FITS = {
-    "diffusers-magcache": _fit_magcache,
-    "diffusers-fbcache": _fit_fbcache,
-    "diffusers-fastercache": _fit_fastercache,
-}
+def fit_for_target(fmt: str, trace_set, options: ExportOptions):
+    """What a target measured on traces renders: its method's fit (the registry's) on ``trace_set``. A method with
+    a document (fastercache-cfg) fits it with its defaults; one without (magcache, fbcache) fits the config for
+    ``--target-speedup`` or the given ``--threshold``."""
+    method = registry.get(TARGETS[fmt].methods[0])
+    if method.document:
+        return registry.validate(method.fit(trace_set), "<built document>")
+    return method.fit(trace_set, target_speedup=options.target_speedup, threshold=options.threshold,
+                      component=options.component or "transformer")
 
 
 def run_export(path, fmt: str, *, out=None, threshold=None, target_speedup=None, component=None, echo=print,
@@ -63,9 +48,9 @@ def run_export(path, fmt: str, *, out=None, threshold=None, target_speedup=None,
     options = ExportOptions(source=path, out=out, threshold=threshold, component=component or None, budget=budget,
                             target_speedup=target_speedup or DEFAULT_TARGET_SPEEDUP)
     if target.listing:
-        rendered = target.render(load_document(path), options)
+        rendered = target.render(registry.load_document(path), options)
         if out is not None and rendered.document is not None:
-            write_document(rendered.document, out, inputs=[path])
+            registry.write_document(rendered.document, out, inputs=[path])
             echo(f"wrote {out}")
         elif rendered.text:
             echo(rendered.text.rstrip("\n"))
@@ -76,11 +61,11 @@ def run_export(path, fmt: str, *, out=None, threshold=None, target_speedup=None,
     if target.input == TRACE:
         if not _is_trace(path):
             raise CalibError(f"--format {fmt} is measured on traces: pass the trace file(s) (.h5), not {path}")
-        source = TRACE_FITS[fmt](read_traces([path]), options)
+        source = fit_for_target(fmt, read_traces([path]), options)
     elif target.input == TRACE_OR_DOCUMENT and _is_trace(path):
-        source = TRACE_FITS[fmt](read_traces([path]), options)
+        source = fit_for_target(fmt, read_traces([path]), options)
     else:
-        source = load_document(path)
+        source = registry.load_document(path)
     rendered = target.render(source, options)
 
     if rendered.summary:

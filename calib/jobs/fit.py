@@ -6,9 +6,9 @@ import warnings
 from pathlib import Path
 
 from calib._io import resolve_output, write_files
-from calib.coeffs.io import document_bytes, write_document
 from calib.errors import CalibError
-from calib.methods import block_cache, fastercache_cfg, registry, schedule
+from calib.methods import auto, block_cache, fastercache_cfg, registry, schedule
+from calib.methods.base import TuneTarget
 from calib.methods.teacache.configs import runtime_rescaler
 from calib.methods.teacache.document import build_document as build_teacache_document
 from calib.methods.teacache.fit import (check_settings, fit_all_components, format_diagnostics, format_fit_report,
@@ -16,6 +16,29 @@ from calib.methods.teacache.fit import (check_settings, fit_all_components, form
 from calib.methods.teacache.forecast import choose_forecast
 from calib.methods.teacache.rescalers import INDICATORS, NORMALIZATIONS, WIDE_BAND
 from calib.methods.teacache.tune import RECOMMENDED_COMPUTE_FRACTION, recommend, threshold_table, thresholds_section
+from calib.models import loading as model_loading  # load_model is looked up at call time (tests replace it)
+from calib.report.plots import plot_fit_png
+from calib.runtime import Forecast
+from calib.store import read_traces
+from calib.store.shards import parse_shard
+from calib.trace import pick_device
+
+
+def _json_out(out, traces, default, what: str = "coefficient file") -> Path:
+    """``--out`` (which must end in .json), else ``default(traces)``."""
+    if out is not None and Path(out).suffix.lower() != ".json":
+        raise CalibError(f"--out {out}: the {what} must end in .json")
+    return Path(out) if out is not None else default(traces)
+
+
+def _write(files: list, targets: list, echo, summary=()) -> None:
+    """Write a document and its figure, one product: both are replaced, or neither (calib._io.write_files); then
+    say what was fitted and written."""
+    write_files(files, targets=targets)
+    for line in summary:
+        echo(line)
+    for path, _ in files:
+        echo(f"wrote {path}")
 
 
 def default_coeffs_path(traces: list[Path]) -> Path:
@@ -27,17 +50,20 @@ def run_teacache_fit(traces, *, out=None, degree="auto", streams=None, plot: boo
                      robust: bool = False, indicator: str = "auto", normalization: str = "auto", bootstrap: int = 200,
                      allow_mixed: bool = False, forecast="auto", forecast_variable: str = "auto") -> Path:
     """``calib fit`` (TeaCache): traces in, validated coefficient JSON (with its threshold table) and PNG out."""
-    from calib.store import read_traces  # h5py
-
-    if out is not None and Path(out).suffix.lower() != ".json":
-        raise CalibError(f"--out {out}: the coefficient file must end in .json")
+    if forecast_variable == "timestep":
+        raise CalibError("--forecast-variable timestep is for --method schedule; the teacache fit picks step or sigma")
+    if isinstance(degree, str) and degree != "auto":
+        try:
+            degree = int(degree)
+        except ValueError:
+            raise CalibError(f"--degree {degree!r}: expected auto or an integer from 1 to 9") from None
+    out = _json_out(out, traces, default_coeffs_path)
     if indicator != "auto" and indicator not in INDICATORS:
         raise CalibError(f"--indicator {indicator!r}: choose auto or one of {', '.join(INDICATORS)}")
     if normalization != "auto" and normalization not in NORMALIZATIONS:
         raise CalibError(f"--normalization {normalization!r}: choose auto or one of {', '.join(NORMALIZATIONS)}")
     if bootstrap < 0:
         raise CalibError(f"--bootstrap must be >= 0, got {bootstrap}")
-    out = Path(out) if out is not None else default_coeffs_path(traces)
     # the outputs are checked before hours of fitting, and against the inputs (a manifest is a .json too)
     targets = [resolve_output(out, inputs=traces)]
     if plot:
@@ -83,17 +109,13 @@ def run_teacache_fit(traces, *, out=None, degree="auto", streams=None, plot: boo
     doc = build_teacache_document(fits, trace_set,
                                   thresholds=thresholds_section(table, chosen, RECOMMENDED_COMPUTE_FRACTION))
     registry.validate(doc, "<built document>")
-    files = [(out, document_bytes(doc, out, validate=registry.validate))]
+    files = [(out, registry.document_bytes(doc, out))]
     if plot:  # the JSON and its PNG are one product: both are replaced, or neither
-        from calib.plots import plot_fit_png  # matplotlib
-
         files.append((out.with_suffix(".png"),
                       plot_fit_png(fits, title=f"{trace_set.model_info.get('class')} rescaler fit")))
-    write_files(files, targets=targets)
-    echo(f"recommended threshold {chosen.threshold:g}: replayed on the traces it computes "
-         f"{chosen.compute_fraction:.0%} of steps (predicted {chosen.predicted_speedup:.2f}x fewer forwards)")
-    for path, _ in files:
-        echo(f"wrote {path}")
+    _write(files, targets, echo, [
+        f"recommended threshold {chosen.threshold:g}: replayed on the traces it computes "
+        f"{chosen.compute_fraction:.0%} of steps (predicted {chosen.predicted_speedup:.2f}x fewer forwards)"])
     return out
 
 
@@ -105,29 +127,23 @@ def default_block_cache_out(traces) -> Path:
 def run_block_cache_fit(traces, *, out=None, target_fraction: float = block_cache.DEFAULT_TARGET_FRACTION,
                         streams=None, plot: bool = True, echo=print) -> Path:
     """``calib fit --method block-cache``: traces in, block-cache JSON (+ heat-map PNG) out."""
-    from calib.store import read_traces  # h5py
-
-    if out is not None and Path(out).suffix.lower() != ".json":
-        raise CalibError(f"--out {out}: the coefficient file must end in .json")
-    out = Path(out) if out is not None else default_block_cache_out(traces)
+    out = _json_out(out, traces, default_block_cache_out)
     png = out.with_suffix(".png")
     targets = [resolve_output(p, inputs=traces) for p in ([out, png] if plot else [out])]
     trace_set = read_traces([Path(t) for t in traces])
     doc, plots = block_cache.build_document(trace_set, target_fraction=target_fraction, streams=streams)
     registry.validate(doc, "<built document>")
-    files = [(out, document_bytes(doc, out, validate=registry.validate))]
+    files = [(out, registry.document_bytes(doc, out))]
     if plot:  # the JSON and its heat-map: both replaced, or neither
         files.append((png, block_cache.heatmap_png(plots, title=f"{doc['model']['class']} block changes")))
-    write_files(files, targets=targets)
     row = next(r for r in doc["thresholds"]["table"] if r["threshold"] == doc["thresholds"]["recommended"])
-    for name, comp in doc["block_cache"]["components"].items():
-        per_block = ", ".join(f"{b}: {len(s)}" for b, s in comp["schedule"].items())
-        echo(f"{name}: {len(comp['blocks'])} blocks x {comp['steps']} steps; computations per block at the "
-             f"recommended threshold: {per_block}")
-    echo(f"recommended threshold {doc['thresholds']['recommended']:.6g}: computes {row['compute_fraction']:.1%} of "
-         f"block evaluations (target <= {target_fraction:.0%}, predicted {row['predicted_speedup']:.2f}x fewer)")
-    for path, _ in files:
-        echo(f"wrote {path}")
+    summary = [f"{name}: {len(comp['blocks'])} blocks x {comp['steps']} steps; computations per block at the "
+               f"recommended threshold: " + ", ".join(f"{b}: {len(s)}" for b, s in comp["schedule"].items())
+               for name, comp in doc["block_cache"]["components"].items()]
+    summary.append(f"recommended threshold {doc['thresholds']['recommended']:.6g}: computes "
+                   f"{row['compute_fraction']:.1%} of block evaluations (target <= {target_fraction:.0%}, predicted "
+                   f"{row['predicted_speedup']:.2f}x fewer)")
+    _write(files, targets, echo, summary)
     return out
 
 
@@ -136,18 +152,14 @@ def default_fastercache_out(traces) -> Path:
     return Path("coeffs") / f"{stem}.fastercache.json"
 
 
-def run_fastercache_fit(traces, *, out=None, cfg_tolerance=None, echo=print) -> Path:
-    """``calib fit --method fastercache-cfg``."""
-    from calib.store import read_traces  # h5py
-
-    if out is not None and Path(out).suffix.lower() != ".json":
-        raise CalibError(f"--out {out}: the coefficient file must end in .json")
-    out = Path(out) if out is not None else default_fastercache_out(traces)
+def run_fastercache_fit(traces, *, out=None, cfg_tolerance=None, plot: bool = True, echo=print) -> Path:
+    """``calib fit --method fastercache-cfg``; it draws nothing, so ``plot`` is accepted and changes nothing."""
+    out = _json_out(out, traces, default_fastercache_out)
     resolve_output(out, inputs=traces)  # before the work: a directory, one of the inputs
     trace_set = read_traces([Path(t) for t in traces])
     doc = registry.validate(fastercache_cfg.build_document(trace_set, cfg_tolerance=cfg_tolerance),
                            "<built document>")
-    write_document(doc, out, inputs=traces, validate=registry.validate)
+    registry.write_document(doc, out, inputs=traces)
     for name, comp in doc["fastercache_cfg"]["components"].items():
         lo, hi = comp["unconditional_batch_timestep_skip_range"]
         echo(f"{name}: unconditional pass skipped at steps {comp['uncond_skipped_steps']} "
@@ -167,27 +179,22 @@ def default_schedule_out(traces) -> Path:
     return Path("coeffs") / f"{name}.schedule.json"
 
 
-def run_schedule_fit(traces, *, out=None, gap: int = schedule.DEFAULT_GAP, orders=None, variable=None, shard=None,
-                     overwrite=False, device=None, seeds=None, echo=print) -> Path | None:
-    """``calib fit --method schedule``: traces in (they name the model and its settings), schedule JSON out."""
-    from calib.models.loading import load_model  # diffusers
-    from calib.shards import parse_shard
-    from calib.store import read_traces  # h5py
-    from calib.trace import pick_device
-
-    if out is not None and Path(out).suffix.lower() != ".json":
-        raise CalibError(f"--out {out}: the schedule file must end in .json")
-    out = Path(out) if out is not None else default_schedule_out(traces)
+def run_schedule_fit(traces, *, out=None, gap: int | None = None, forecast_order=None, forecast_variable=None,
+                     shard=None, overwrite=False, device=None, seeds=None, echo=print) -> Path | None:
+    """``calib fit --method schedule``: traces in (they name the model and its settings), schedule JSON out.
+    ``gap`` None: :data:`calib.methods.schedule.DEFAULT_GAP`; ``forecast_variable`` None or "auto": step."""
+    out = _json_out(out, traces, default_schedule_out, "schedule file")
     shard = parse_shard(shard) if isinstance(shard, str) else shard
-    candidates = schedule.parse_candidates(orders, variable)
+    gap = schedule.DEFAULT_GAP if gap is None else gap
+    candidates = schedule.parse_candidates(forecast_order, None if forecast_variable == "auto" else forecast_variable)
     trace_set = read_traces([Path(t) for t in traces])
     setup = schedule.setup_from_traces(trace_set, seeds=seeds)
-    pipe = load_model(setup.source, device=pick_device(device))
+    pipe = model_loading.load_model(setup.source, device=pick_device(device))
     doc = schedule.fit_schedule(pipe, trace_set, out=out, gap=gap, candidates=candidates, shard=shard,
                                 overwrite=overwrite, seeds=seeds, echo=echo)
     if doc is None:
         return None
-    write_document(doc, out, validate=registry.validate)
+    registry.write_document(doc, out)
     echo(schedule.format_schedules(doc))
     echo(f"forecast {doc['calibration']['forecast_choice']}; held-out error per candidate: "
          + ", ".join(f"{k} {v:.5f}" for k, v in doc["calibration"]["forecast_candidates"].items()))
@@ -196,9 +203,68 @@ def run_schedule_fit(traces, *, out=None, gap: int = schedule.DEFAULT_GAP, order
     return out
 
 
-# ``calib fit --method NAME``: each registry method's fit job, called with that method's options.
+def run_auto_fit(traces, *, out=None, compute_fraction: float = auto.DEFAULT_FRACTION, gap=None,
+                 forecast_order=None, forecast_variable=None, device=None, seeds=None, echo=print) -> Path:
+    """``calib fit --method auto --compute-fraction F``: writes the better of gate + forecast and schedule +
+    forecast for that budget to ``out`` and says why (:func:`calib.methods.auto.compare`)."""
+    fraction = compute_fraction
+    variable = None if forecast_variable == "auto" else forecast_variable
+    if not (isinstance(fraction, (int, float)) and 0 < fraction < 1):
+        raise CalibError(f"--compute-fraction must be in (0, 1) for --method auto, got {fraction!r}")
+    if out is None:  # the schedule fit's default name without ".schedule": the kept candidate's file
+        out = default_schedule_out(traces).with_name(default_schedule_out(traces).name.replace(".schedule.json", ".json"))
+    out = Path(out)
+    if out.suffix.lower() != ".json":
+        raise CalibError(f"--out {out}: the coefficient file must end in .json")
+    trace_set = read_traces([Path(t) for t in traces])
+    setup = schedule.setup_from_traces(trace_set, seeds=seeds)
+    pipe = model_loading.load_model(setup.source, device=pick_device(device))
+    stem = out.name[: -len(".json")]
+    gate_path = out.with_name(f"{stem}.gate.json")
+    schedule_path = out.with_name(f"{stem}.schedule.json")
+
+    echo(f"== 1/3 gate: TeaCache's rescaler -> {gate_path}")
+    run_teacache_fit([Path(t) for t in traces], out=gate_path, plot=False, echo=echo)
+    echo(f"\n== 2/3 schedule: measured segments, searched schedules -> {schedule_path}")
+    schedule_doc = schedule.fit_schedule(pipe, trace_set, out=schedule_path,
+                                         gap=schedule.DEFAULT_GAP if gap is None else gap,
+                                         candidates=schedule.parse_candidates(forecast_order, variable), seeds=seeds,
+                                         echo=echo)
+    target = TuneTarget("compute_fraction", fraction)
+    entry, reached = schedule.choose_budget(schedule_doc, target)
+    schedule_doc["recommended"] = {"budget": entry["budget"]}
+    registry.write_document(schedule_doc, schedule_path)
+    forecast_entry = schedule_doc["forecast"]
+    forecast = Forecast(order=int(forecast_entry["order"]), variable=forecast_entry.get("variable", "step"))
+    echo(f"\n== 3/3 compare on {len(setup.holdout_prompts)} held-out prompt(s) x seeds {setup.seeds} at <= "
+         f"{fraction:.0%} of full forwards, forecast {forecast.as_json()}")
+    gate_doc = registry.load_document(gate_path)
+    verdict = auto.compare(pipe, setup, gate_doc, schedule_doc, entry, reached, forecast, fraction, trace_set,
+                           echo=echo)
+    forecast = Forecast(order=verdict["gate"]["forecast"]["order"],
+                        variable=verdict["gate"]["forecast"].get("variable", "step"))
+    verdict["gate"]["file"], verdict["schedule"]["file"] = str(gate_path), str(schedule_path)
+    pick_schedule, threshold, why = verdict["kept"] == "schedule", verdict["gate"]["threshold"], verdict["why"]
+    if pick_schedule:
+        doc = schedule_doc
+    else:
+        doc = gate_doc
+        for comp in doc["components"].values():
+            if not (comp.get("forecast") or {}).get("order"):  # the gate ran with the schedule fit's forecast
+                comp["forecast"] = forecast.as_json()
+        doc.setdefault("thresholds", {})["recommended"] = float(threshold)
+    doc.setdefault("calibration", {})["auto"] = verdict
+    registry.write_document(doc, out)
+    echo(why)
+    echo(f"wrote {out} (the {'schedule' if pick_schedule else 'coefficient'} file; both candidates kept beside it)")
+    return out
+
+
+# ``calib fit --method NAME``: the fit job of each registry method ``calib fit`` runs, called with that method's
+# options (its registry entry's, as keywords: calib.cli.fit).
 FIT_JOBS = {"teacache": run_teacache_fit, block_cache.METHOD: run_block_cache_fit,
-            fastercache_cfg.METHOD: run_fastercache_fit, schedule.METHOD: run_schedule_fit}
+            fastercache_cfg.METHOD: run_fastercache_fit, schedule.METHOD: run_schedule_fit,
+            auto.ENTRY.name: run_auto_fit}
 
 
 def run_fit(method: str, traces, **options):

@@ -7,21 +7,19 @@ from pathlib import Path
 
 import numpy as np
 
-from calib.coeffs.document import describe_pipeline, pipeline_section
-from calib.coeffs.io import load_document, write_document
+from calib.coeffs.document import describe_pipeline
 from calib.errors import CalibError
 from calib.methods import block_cache, registry, schedule
 from calib.methods.base import TuneTarget
 from calib.methods.cost_model import predicted_wall_speedup, read_cost_model, wall_target_fraction
 from calib.methods.teacache.tune import find_threshold, format_table, rescalers_of, tune_table, tuned_thresholds_section
+from calib.store import pipeline_settings, read_traces, settings_difference
 
 
 def run_block_cache_tune(traces, coeffs, doc: dict, target, *, write: bool = False, echo=print) -> dict:
     """``calib tune`` on a block-cache file: the threshold whose schedule computes at most the target fraction of
     block evaluations. The schedule is fixed by the file's ``changes`` (what the runtime uses), so that is what is
     replayed; the traces are checked to be of the same model and block list."""
-    from calib.store import read_traces  # h5py
-
     if target.fraction is None:
         raise CalibError("a block-cache schedule is tuned for --speedup or --compute-fraction (block evaluations); "
                          "--max-error is defined for TeaCache's rule")
@@ -52,7 +50,7 @@ def run_block_cache_tune(traces, coeffs, doc: dict, target, *, write: bool = Fal
         for name, comp in section.items():
             sched = block_cache.schedule(changes[name], chosen.threshold)
             comp["schedule"] = {b: [int(s) for s in np.flatnonzero(sched[:, j])] for j, b in enumerate(comp["blocks"])}
-        write_document(doc, coeffs, validate=registry.validate)
+        registry.write_document(doc, coeffs)
         echo(f"wrote the table and threshold {chosen.threshold:.6g} (now the recommended one) to {coeffs}")
     return {"threshold": chosen.threshold, "row": chosen, "reached": reached, "table": rows}
 
@@ -81,7 +79,7 @@ def run_schedule_tune(coeffs, doc: dict, target, *, write: bool = False, costs=N
              "results.json` once and pass `--costs results.json`")
     if write:
         doc["recommended"] = {"budget": entry["budget"]}
-        write_document(doc, coeffs, validate=registry.validate)
+        registry.write_document(doc, coeffs)
         echo(f"wrote budget {entry['budget']} (now the recommended one) to {coeffs}")
     return {"budget": entry["budget"], "reached": reached, "entry": entry}
 
@@ -94,15 +92,11 @@ def _show_pipeline(doc: dict, coeffs, echo) -> None:
 def _check_traces_pipeline(doc: dict, trace_set, coeffs) -> None:
     """Warn when the traces to replay were made with other pipeline settings than the calibration's: the replay
     then predicts what the cache does on theirs."""
-    from types import SimpleNamespace
-
-    from calib.store import settings_difference  # h5py
-
     calibrated = (doc.get("calibration") or {}).get("pipeline")
     if calibrated is None:
         return
     for path, attrs in zip(trace_set.files, trace_set.attrs):
-        traced = pipeline_section(SimpleNamespace(attrs=[attrs]))
+        traced = pipeline_settings([attrs])
         diff = None if traced is None else settings_difference(calibrated, traced,
                                                                unknown=("steps", "guidance", "record_blocks"))
         if diff is not None:
@@ -114,7 +108,7 @@ def _check_traces_pipeline(doc: dict, trace_set, coeffs) -> None:
 
 def run_tune(traces, coeffs, target: TuneTarget, *, write: bool = False, costs=None, echo=print) -> dict:
     """``calib tune``: the method's tune of a coefficient file (:data:`TUNE_JOBS`, TeaCache's replay otherwise)."""
-    doc = load_document(coeffs, validate=registry.validate)
+    doc = registry.load_document(coeffs)
     _show_pipeline(doc, coeffs, echo)
     job = TUNE_JOBS.get(registry.get(doc.get("method", "teacache")).name, run_teacache_tune)
     return job(traces, coeffs, doc, target, write=write, costs=costs, echo=echo)
@@ -134,8 +128,6 @@ def run_teacache_tune(traces, coeffs, doc: dict, target: TuneTarget, *, write: b
     ``costs``: a ``calib eval`` results file; its measured cost model turns ``--speedup`` into a wall-clock target
     (a skipped step still pays the pipeline, the embeddings, the indicator and the output head, so 2x fewer forwards
     is less than 2x faster) and adds the predicted wall-clock speed-up to the table."""
-    from calib.store import read_traces  # h5py
-
     _need_traces(traces, doc)
     rescalers, indicator, normalization = rescalers_of(doc)
     trace_set = read_traces([Path(t) for t in traces])
@@ -184,7 +176,7 @@ def run_teacache_tune(traces, coeffs, doc: dict, target: TuneTarget, *, write: b
              "results.json` once and pass `--costs results.json`")
     if write:
         doc["thresholds"] = tuned_thresholds_section(table, chosen, target, reached, trace_set, cost_model)
-        write_document(doc, coeffs, validate=registry.validate)
+        registry.write_document(doc, coeffs)
         echo(f"wrote the table and threshold {chosen.threshold:g} (now the recommended one) to {coeffs}")
     return {"threshold": chosen.threshold, "row": chosen, "reached": reached, "table": table}
 

@@ -58,12 +58,13 @@ class Method:
     tune_targets: tuple[str, ...] = ()
     accepts_costs: bool = False
     check_section: SectionCheck | None = None
-    # ``calib export --format`` targets that take this method's document.
-    targets: tuple[str, ...] = ()
     # Its key in calib.runtime.loading.PARSERS, None when the runtime does not apply it (a diffusers config).
     runtime: str | None = None
     # Whether it writes a calib coefficient document (the schema's ``method`` enum).
     document: bool = True
+    # Whether ``calib fit --method NAME`` runs it (a fit job in calib.jobs.fit.FIT_JOBS); magcache and fbcache are
+    # fitted by ``calib export`` instead (their targets name them, calib.targets.TARGETS).
+    fit_command: bool = True
     extra: dict = field(default_factory=dict)
 
 

@@ -27,7 +27,7 @@ def predicted_wall_speedup(model: dict, fraction: float) -> float:
 
 
 def read_cost_model(path) -> dict:
-    """The ``cost_model`` of a ``calib eval --out`` results file (:func:`calib.evaluation.cost_model`)."""
+    """The ``cost_model`` of a ``calib eval --out`` results file (:func:`calib.evaluate.cost.cost_model`)."""
     if not Path(path).exists():
         raise CalibError(f"--costs {path}: no such file")
     try:

@@ -248,8 +248,8 @@ ENTRY = Method(
     section="fastercache_cfg",
     options=(
         OptionSpec("--cfg-tolerance", float, None, "largest staleness of the reused cond - uncond difference"),
+        OptionSpec("--no-plot", bool, False, "accepted (it always was); this fit writes no plot"),
     ),
     fit=build_document,
     check_section=with_fail(check_section),
-    targets=("diffusers-fastercache",),
 )

@@ -35,10 +35,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import calib.runtime as cr
 from calib._io import write_bytes
 from calib.errors import CalibError
+from calib.hooking import wrap_method
 from calib.methods.base import Method, OptionSpec
 from calib.methods.cost_model import wall_target_fraction
+from calib.runtime import Forecast
 from calib.runtime.schedule import parse as parse_schedule_document
 
 METHOD = "schedule"
@@ -174,8 +177,6 @@ class Candidate:
         return {"kind": "newton", "order": self.order, "variable": self.variable}
 
     def runtime(self):
-        from calib.runtime import Forecast
-
         return Forecast(order=self.order, variable=self.variable)
 
 
@@ -218,8 +219,6 @@ class Runner:
 
     def __init__(self, pipe, jobs: list[tuple[tuple, int]], *, steps: int, guidance: float,
                  pipeline_kwargs: dict | None = None):
-        from calib.hooking import wrap_method
-
         self.pipe = pipe
         self.jobs = jobs
         self.steps = steps
@@ -253,8 +252,6 @@ class Runner:
         return self._last.detach().float().cpu().clone()
 
     def error(self, computed: dict, candidate: Candidate) -> float:
-        import calib.runtime as cr
-
         errors = []
         handle = cr.apply_schedule(self.pipe, computed, steps=self.steps, forecast=candidate.runtime())
         try:
@@ -505,8 +502,6 @@ def choose(pipe, setup: Setup, errors: dict, candidates, *, batch: int = 16, ech
 
 def build_document(pipe, setup: Setup, chosen: dict, *, gap: int, trace_files) -> dict:
     """The schedule coefficient document (``method: schedule``), through the runtime's own builder."""
-    import calib.runtime as cr
-
     n = setup.steps
     rows = dict(sorted(chosen["rows"].items()))
     recommended = recommended_budget(n, list(rows))
@@ -641,6 +636,5 @@ ENTRY = Method(
     tune_targets=("speedup", "compute_fraction", "max_error"),
     accepts_costs=True,
     check_section=check_section,
-    targets=("cache-dit",),
     runtime="schedule",
 )

@@ -24,9 +24,9 @@ from typing import Sequence
 
 import numpy as np
 
-from .._io import write_bytes as write_atomic_bytes
-from ..errors import CalibError
-from ..export import load_document
+from calib._io import write_bytes as write_atomic_bytes
+from calib.errors import CalibError
+from calib.methods.registry import load_document
 
 __all__ = ["DEFAULT_DOMAIN", "ComponentComparison", "Comparison", "compare", "plot_comparison"]
 

@@ -16,14 +16,21 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 import math
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import CalibError
+from calib._io import load_json_file, resolve_output, write_text
+from calib.errors import CalibError
+from calib.evaluate.frontier import format_frontier, frontier_png
+from calib.methods import block_cache, fastercache_cfg
+from calib.methods.registry import load_document
+from calib.methods.teacache.fit import forced_last_mask
+from calib.methods.teacache.tune import replay_trajectories
+from calib.runtime.gate import Rescaler
+from calib.store import read_traces
 
 INDICATOR_SERIES = {"modulated_input": "input_rel_l1", "block_input": "block_input_rel_l1", "temb": "temb_rel_l1"}
 QUALITY_KEYS = ("psnr", "ssim", "lpips", "rel_l1", "error", "mse", "fid", "clip", "accuracy")
@@ -58,9 +65,7 @@ def _series(traj, name: str) -> np.ndarray | None:
 
 def _xy(traj, indicator: str, normalization: str):
     """(x, y, forced) of a trajectory's steps 1..n-1; ``forced`` marks the generation's last step, which the runtime
-    always computes and ``calib fit`` leaves out (:func:`calib.fit.forced_last_mask`)."""
-    from ..fit import forced_last_mask
-
+    always computes and ``calib fit`` leaves out (:func:`calib.methods.teacache.fit.forced_last_mask`)."""
     x = _series(traj, INDICATOR_SERIES.get(indicator, "input_rel_l1"))
     y = _series(traj, "output_rel_l1")
     if x is None or y is None:
@@ -309,10 +314,6 @@ def _threshold_rows(table: list[dict], recommended, limit: int = 24):
 
 def build_html(trace_set, docs: list[dict], eval_data=None, eval_name: str | None = None) -> tuple[str, list[str]]:
     """(the page, the section ids in it)."""
-    from .. import block_cache
-    from ..runtime.gate import Rescaler
-    from ..tune import replay_trajectories
-
     by_method = {}
     for d in docs:
         by_method.setdefault(d.get("method"), d)
@@ -391,9 +392,7 @@ def build_html(trace_set, docs: list[dict], eval_data=None, eval_name: str | Non
     fc_doc = by_method.get("fastercache-cfg")
     try:
         if fc_doc is None:
-            from ..fastercache import build_document as fc_build
-
-            fc_doc = fc_build(trace_set)
+            fc_doc = fastercache_cfg.build_document(trace_set)
         body = ""
         for name, entry in fc_doc["fastercache_cfg"]["components"].items():
             lo, hi = entry["unconditional_batch_timestep_skip_range"]
@@ -413,8 +412,6 @@ def build_html(trace_set, docs: list[dict], eval_data=None, eval_name: str | Non
         body = f"<p class='muted'>From {html.escape(eval_name or 'the evaluation results')}.</p>"
         compare = eval_data.get("frontier") if isinstance(eval_data, dict) else None
         if isinstance(compare, dict) and compare.get("methods"):  # calib eval --compare: every method's points
-            from ..evaluate.frontier import format_frontier, frontier_png
-
             try:
                 body += _img(frontier_png(compare), "frontier: error vs fraction of full forwards, every method")
                 body += f"<pre>{html.escape(compare.get('table') or format_frontier(compare))}</pre>"
@@ -454,10 +451,6 @@ def build_html(trace_set, docs: list[dict], eval_data=None, eval_name: str | Non
 
 
 def run_report(traces, *, coeffs=(), eval_path=None, out, echo=print) -> Path:
-    from .._io import load_json_file, resolve_output, write_text
-    from ..export import load_document
-    from ..store import read_traces
-
     out = Path(out)
     if out.suffix.lower() not in (".html", ".htm"):
         raise CalibError(f"--out {out}: the report is an HTML file (.html)")

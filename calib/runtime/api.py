@@ -24,18 +24,19 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..adapters import get_adapter
-from ..adapters.base import Adapter
-from ..hooking import ContextProbe, StepClock, rel_l1, timestep_value, wrap_forward
-from .block_cache import BlockCacheHandle
-from .block_cache import apply as apply_block_cache
-from .coefficients import CacheConfig
-from .errors import ModelMismatchError
-from .errors import ScheduleError, StepCountError, ThresholdError
-from .forecast import Forecast, ForecastHistory
-from .gate import TeaCacheGate
-from .handle import RuntimeHandle, check_model, check_not_applied, choose_threshold, components_of, steps_with
-from .stats import CacheStats
+from calib.adapters import get_adapter
+from calib.adapters.base import Adapter, first_tensor
+from calib.hooking import ContextProbe, StepClock, rel_l1, timestep_value, wrap_forward
+from calib.runtime.block_cache import BlockCacheHandle, apply as apply_block_cache
+from calib.runtime.coefficients import CacheConfig
+from calib.runtime.errors import ModelMismatchError, ScheduleError, StepCountError, ThresholdError
+from calib.runtime.forecast import Forecast, ForecastHistory
+from calib.runtime.gate import TeaCacheGate
+from calib.runtime.handle import (RuntimeHandle, check_model, check_not_applied, choose_threshold, components_of,
+                                  steps_with)
+from calib.runtime.loading import parse
+from calib.runtime.schedule import schedule_document_for
+from calib.runtime.stats import CacheStats
 
 class _SkipBlocks(Exception):
     """Raised from the modulation layer's hook to leave the first block early on a skipped step."""
@@ -223,12 +224,10 @@ class CacheHandle(RuntimeHandle):
         io_by_block = {id(b): adapter.block_io(b) for _, b in blocks}
 
         if layer is not None:
-
             def on_modulation(module, inputs, output):
                 state = comp.current
                 if state is None or state.decided is not None:
                     return None
-                from ..adapters.base import first_tensor
 
                 if not decide(first_tensor(output), state.stack_input):
                     raise _SkipBlocks()
@@ -394,9 +393,6 @@ def apply_schedule(target, schedule: dict, *, steps: int, forecast: Forecast | N
     steps, forecasting the others with ``forecast`` (default: reuse). The quick way to run a candidate mask; the same
     as ``apply(target, parse(schedule_document_for(target, steps=..., schedules={budget: schedule})))`` with the
     budget the listed steps summed over components."""
-    from .loading import parse
-    from .schedule import schedule_document_for
-
     budget = sum(len(v) for v in schedule.values())
     doc = schedule_document_for(target, steps=steps, schedules={budget: schedule}, forecast=forecast)
     return apply(target, parse(doc, "<apply_schedule>"), num_steps=num_steps,

@@ -14,7 +14,7 @@ same for the encoder/text stream when the block returns one). A skipped block re
 residual, in the block's own output layout (:class:`calib.adapters.BlockIO`). State is kept per component and per
 stream, as in the TeaCache runtime.
 
-The rule (also :func:`calib.block_cache.schedule`): for threshold ``T`` each block accumulates its calibrated mean
+The rule (also :func:`calib.methods.block_cache.schedule`): for threshold ``T`` each block accumulates its calibrated mean
 change per step; it computes at the first and last step, and whenever its accumulator exceeds ``T`` (which resets
 it). ``T = 0`` computes every block at every step, which reproduces the uncached output exactly. A run with a
 different number of steps than calibrated maps the changes by nearest step (with a warning).
@@ -28,12 +28,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..adapters import get_adapter
-from ..hooking import ContextProbe, StepClock, timestep_value, wrap_forward
-from .document import _check_with_jsonschema, _fail, _finite, _model_section, _recommended_threshold
-from .errors import ModelMismatchError
-from .handle import RuntimeHandle, check_model, check_not_applied, choose_threshold, components_of, steps_with
-from .stats import totals
+from calib.adapters import get_adapter
+from calib.hooking import ContextProbe, StepClock, timestep_value, wrap_forward
+from calib.runtime.document import _check_with_jsonschema, _fail, _finite, _model_section, _recommended_threshold
+from calib.runtime.errors import ModelMismatchError
+from calib.runtime.handle import (RuntimeHandle, check_model, check_not_applied, choose_threshold, components_of,
+                                  steps_with)
+from calib.runtime.stats import totals
 
 METHOD = "block-cache"
 

@@ -10,10 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from .document import (FORMAT, NORMALIZATIONS, SCHEMA_VERSION, _check_with_jsonschema, _fail, _finite,  # noqa: F401
-                       _model_section, _recommended_threshold, forecast_of)
-from .forecast import Forecast
-from .gate import Rescaler
+from calib import __version__
+from calib.adapters import model_identity
+from calib.runtime.document import (  # noqa: F401
+    FORMAT, NORMALIZATIONS, SCHEMA_VERSION, _check_with_jsonschema, _fail, _finite, _model_section,
+    _recommended_threshold, forecast_of)
+from calib.runtime.forecast import Forecast
+from calib.runtime.gate import Rescaler
 
 MAX_COEFFICIENTS = 21  # degree 20: the schema's limit (calib fit goes to 9)
 
@@ -89,7 +92,7 @@ def parse_teacache(doc: Any, source: str = "<document>") -> CacheConfig:
             if domain[0] > domain[1]:
                 _fail(source, f"{where}.domain", f"min {domain[0]} is larger than max {domain[1]}")
             domain = (float(domain[0]), float(domain[1]))
-        elif (doc.get("provenance") or {}).get("source") == "measured":  # as calib.export validates it
+        elif (doc.get("provenance") or {}).get("source") == "measured":  # as calib.methods.registry.validate checks it
             _fail(source, f"{where}.domain", "is null, but measured coefficients must state the input range they "
                                              "were fitted on (the runtime clamps to it)")
         parsed[name] = ComponentRescaler(tuple(float(c) for c in coefs), domain,
@@ -129,9 +132,6 @@ def document_for(
     without rescaling. ``forecast``: what skipped steps add (absent: reuse, order 0). ``parse`` it (after changing
     what you need) to apply it."""
     from datetime import datetime, timezone
-
-    from .. import __version__
-    from ..adapters import model_identity
 
     identity = model_identity(transformer)
     coefficients = [float(c) for c in coefficients]

@@ -6,10 +6,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-from . import block_cache, schedule
-from .coefficients import CacheConfig, parse_teacache
-from .document import FORMAT, SCHEMA_VERSION, _fail
-from .errors import CoefficientFileError
+from calib._io import MAX_JSON_BYTES, parse_json, read_input
+from calib.errors import CalibError
+from calib.runtime import block_cache, schedule
+from calib.runtime.coefficients import CacheConfig, parse_teacache
+from calib.runtime.document import FORMAT, SCHEMA_VERSION, _fail
+from calib.runtime.errors import CoefficientFileError
 
 PARSERS = {"teacache": parse_teacache, "block-cache": block_cache.parse, "schedule": schedule.parse}
 
@@ -37,8 +39,6 @@ def load(path: str | Path) -> CacheConfig:
         raise CoefficientFileError(f"{source}: no such file")
     if path.is_dir():
         raise CoefficientFileError(f"{source}: is a directory, expected a coefficient JSON file")
-    from .._io import MAX_JSON_BYTES, parse_json, read_input
-    from ..errors import CalibError
 
     try:
         raw = read_input(path, what="a coefficient JSON file", limit=MAX_JSON_BYTES)  # regular, not too large

@@ -14,9 +14,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .document import FORMAT, SCHEMA_VERSION, _check_with_jsonschema, _fail, _model_section, forecast_of
-from .errors import ScheduleError
-from .forecast import Forecast
+from calib import __version__
+from calib.adapters import model_identity
+from calib.runtime.document import FORMAT, SCHEMA_VERSION, _check_with_jsonschema, _fail, _model_section, forecast_of
+from calib.runtime.errors import ScheduleError
+from calib.runtime.forecast import Forecast
 
 METHOD = "schedule"
 SEARCHES = ("min_sum", "minimax")
@@ -166,9 +168,6 @@ def schedule_document_for(target, *, steps: int, schedules: dict, forecast: Fore
     from datetime import datetime, timezone
 
     import torch
-
-    from .. import __version__
-    from ..adapters import model_identity
 
     transformer = target
     if not isinstance(target, torch.nn.Module) or hasattr(target, "scheduler"):

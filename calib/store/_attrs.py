@@ -44,6 +44,29 @@ def stored_settings(attrs: dict) -> dict | None:
     return value if isinstance(value, dict) else None
 
 
+# The calibration.pipeline section of a coefficient document: how the traced pipeline was called and loaded (calib
+# trace's trace_settings, less what the document lists elsewhere). calib eval regenerates with exactly these.
+PIPELINE_FIELDS = ("height", "width", "num_frames", "negative_prompt", "true_cfg_scale", "pipeline_args", "dtype",
+                   "cpu_offload")
+
+
+def pipeline_settings(attrs_list) -> dict | None:
+    """The :data:`PIPELINE_FIELDS` of trace files (their attributes, one dict per file) when every file records
+    them and they agree (``cpu_offload``, which does not change what is computed, is true if any file used it);
+    None for traces of an older calib, or files traced with different pipeline settings (``--allow-mixed``)."""
+    found = [stored_settings(a) for a in (attrs_list or [])]
+    if not found or any(s is None for s in found):
+        return None
+    first = found[0]
+    for other in found[1:]:
+        if settings_difference(first, other, unknown=("steps", "guidance", "record_blocks")) is not None:
+            return None
+    section = {k: first.get(k) for k in PIPELINE_FIELDS}
+    section["pipeline_args"] = dict(section["pipeline_args"] or {})
+    section["cpu_offload"] = any(bool(s.get("cpu_offload")) for s in found)
+    return section
+
+
 _ABSENT = object()  # a --pipeline-arg one side does not give
 
 

@@ -18,13 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import __version__
-from .._io import (MAX_TRACE_BYTES, Target, check_input, new_file_mode, parse_json, remove_stale_temporaries,
-                   resolve_output, write_bytes)
-from ..errors import CalibError
-from ._attrs import (RESUME_FIELDS, _describe_setting, _now, _str_attr, settings_difference,  # noqa: F401  (re-exported)
-                     stored_settings)
-from .shards import check_shard, expand_manifests
+from calib import __version__
+from calib._io import (MAX_TRACE_BYTES, Target, check_input, new_file_mode, parse_json, remove_stale_temporaries,
+                       resolve_output, write_bytes)
+from calib.errors import CalibError
+from calib.store._attrs import _describe_setting, _now, _str_attr, pipeline_settings, settings_difference, stored_settings
+from calib.store.shards import check_shard, expand_manifests
 
 SCHEMA_VERSION = 1
 # Minor version: additions an older version-1 reader ignores and a newer one reads when present. 1: the optional
@@ -166,6 +165,10 @@ class TraceSet:
             "prompts": len({x.prompt for x in t}),
             "seeds": len({x.seed for x in t}),
         }
+
+    def pipeline_settings(self) -> dict | None:
+        """How the traced pipeline was called and loaded, where every file says so alike (:func:`pipeline_settings`)."""
+        return pipeline_settings(self.attrs)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -694,7 +697,7 @@ def read_traces(paths, *, allow_mixed: bool = False) -> TraceSet:
     """Read trace files as one set. Files of different models are refused unless ``allow_mixed``.
 
     Takes no lock: a file being written can be read (appends replace it atomically). A path given twice is read once.
-    A sharded trace's manifest (``NAME.manifest.json``, :mod:`calib.shards`) stands for its shard files: they must
+    A sharded trace's manifest (``NAME.manifest.json``, :mod:`calib.store.shards`) stands for its shard files: they must
     all exist and be of the manifest's model and settings; a shard holding fewer generations than assigned to it
     only warns.
     """

@@ -7,17 +7,17 @@ line loads it:
     pipe.transformer.enable_cache(FasterCacheConfig(**json.load(open("fastercache.json")),
                                                     current_timestep_callback=lambda: pipe.current_timestep))
 
-MagCache's and First Block Cache's values are fitted on traces (``calib.diffusers_export.magcache_config`` /
-``fbcache_config``; the job runs the fit, this module renders its result). FasterCache's come from a
-``fastercache-cfg`` document (:mod:`calib.fastercache`). What each value means: docs/exports.md.
+MagCache's and First Block Cache's values are fitted on traces (:mod:`calib.methods.magcache`, :mod:`calib.methods.fbcache`;
+the export job runs the fit, this module renders its result). FasterCache's come from a ``fastercache-cfg``
+document (:mod:`calib.methods.fastercache_cfg`). What each value means: docs/exports.md.
 """
 
 from __future__ import annotations
 
 import json
 
-from ..errors import CalibError
-from .base import Rendered
+from calib.errors import CalibError
+from calib.targets.base import Rendered
 
 LOAD_LINES = {
     "diffusers-magcache": (

@@ -130,7 +130,7 @@ def run_trace(
 
     Under torchrun / ``accelerate launch`` (WORLD_SIZE > 1), or with ``shard="i/n"``, this process traces only its
     share into ``NAME.rank{i}-of-{n}.h5`` and the manifest ``NAME.manifest.json`` lists the shards
-    (:mod:`calib.shards`, docs/cluster.md). Returns the file this process wrote."""
+    (:mod:`calib.store.shards`, docs/cluster.md). Returns the file this process wrote."""
     from tqdm.auto import tqdm
 
     part = sh.resolve_shard(shard)

@@ -24,9 +24,10 @@ import numpy as np
 
 from calib.errors import CalibError
 from calib.methods.teacache.rescalers import (DEGREE_TOLERANCE, INDICATORS, MAX_DEGREE, MIN_DEGREE, NORMALIZATIONS,
-                                             SELECTION_TOLERANCE, WIDE_BAND, AutoRescaler, _as_1d_float,
-                                             _check_degree, _check_degree_arg, _feasible, _fit_once,
-                                             indicator_series, runtime_predict, single_blas_thread)
+                                              SELECTION_TOLERANCE, WIDE_BAND, AutoRescaler, _as_1d_float, _check_degree,
+                                              _check_degree_arg, _feasible, _fit_once, indicator_series,
+                                              runtime_predict, single_blas_thread)
+from calib.store import settings_difference, stored_settings
 
 __all__ = [
     "MAX_DEGREE",
@@ -47,7 +48,6 @@ __all__ = [
 
 MAX_CV_FOLDS = 5
 _MIN_RANGE = 1e-12
-
 
 
 def _r2(y: np.ndarray, pred: np.ndarray) -> float:
@@ -692,7 +692,6 @@ def check_settings(trace_set, allow_mixed: bool = False) -> None:
             )
     # The pipeline arguments and dtype each file was traced with (steps, guidance and size are compared above on
     # every trajectory; per-block recording does not change the fit).
-    from calib.store import settings_difference, stored_settings  # h5py
 
     known = [(f, s) for f, s in zip(files, (stored_settings(a) for a in getattr(trace_set, "attrs", None) or []))
              if s is not None]

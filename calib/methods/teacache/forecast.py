@@ -29,6 +29,7 @@ from calib.methods.base import TuneTarget
 from calib.methods.teacache.configs import runtime_rescaler
 from calib.methods.teacache.fit import _generation_key, fit_traces
 from calib.methods.teacache.tune import RECOMMENDED_COMPUTE_FRACTION, _step_weights, find_threshold, replay_trajectories
+from calib.store import FORECAST_VARIABLES
 
 CANDIDATES = ((0, "step"), (1, "step"), (2, "step"), (1, "sigma"), (2, "sigma"))
 # What the gate's rescaler maps the indicator change to: the output change (TeaCache's y, what reuse loses) or the
@@ -70,8 +71,6 @@ def replay_error(traj, decisions, order: int, variable: str) -> tuple[float, int
     error proxy weights them; steps; skipped steps beyond the traced horizons) of one trajectory under
     ``decisions``. Where the order's points are not all there (the first steps of a generation) the runtime
     forecasts with the order it has, so the error is taken at the highest order traced there."""
-    from calib.store import FORECAST_VARIABLES  # h5py
-
     weights = _step_weights(traj)
     errors = traj.forecast_rel_l1
     H = errors.shape[3]
@@ -184,8 +183,6 @@ def select_forecast(trace_set, *, candidates=CANDIDATES, targets=TARGETS, degree
 
 
 def _has_sigma_errors(trace_set, order: int) -> bool:
-    from calib.store import FORECAST_VARIABLES  # h5py
-
     v = FORECAST_VARIABLES.index("sigma")
     return any(np.isfinite(t.forecast_rel_l1[:, v, order, :]).any() for t in trace_set.trajectories)
 

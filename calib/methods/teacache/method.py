@@ -26,6 +26,5 @@ ENTRY = Method(
     tune=find_threshold,  # the replay of the runtime's gate on the traces
     tune_targets=("speedup", "compute_fraction", "max_error"),
     accepts_costs=True,
-    targets=("poly1d", "sglang", "vllm-omni", "tensorrt-llm"),
     runtime="teacache",
 )

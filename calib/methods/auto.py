@@ -1,7 +1,7 @@
 """``calib fit --method auto``: fit the gate (TeaCache's rescaler) and the searched schedule, run both with the
 forecast the schedule fit chose on the same held-out prompts at the requested budget, and keep the better one.
 
-Both candidates are calibrated on the trace's prompts minus the held-out ones (:func:`calib.schedule.split_prompts`)
+Both candidates are calibrated on the trace's prompts minus the held-out ones (:func:`calib.methods.schedule.split_prompts`)
 and compared on those held-out prompts x the traced seeds, by the latent rel-L1 of the final output against the
 uncached one — the measure the frontier reports. The gate's threshold is the one whose *measured* fraction of full
 forwards on the held-out runs is closest to the budget without exceeding it (bisection over real runs, starting from
@@ -11,11 +11,17 @@ forwards on the held-out runs is closest to the budget without exceeding it (bis
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import numpy as np
 
-from .errors import CalibError
+import calib.runtime as cr
+from calib.errors import CalibError
+from calib.methods.base import Method, OptionSpec, TuneTarget
+from calib.methods.search import measured_search
+from calib.methods.schedule import DEFAULT_GAP, Runner, _jobs, per_sample_rel_l1
+from calib.methods.teacache.tune import find_threshold, rescalers_of
+from calib.runtime import Forecast
+from calib.runtime.loading import parse
 
 DEFAULT_FRACTION = 0.5
 GATE_PROBES = 6
@@ -23,13 +29,6 @@ GATE_PROBES = 6
 
 def _gate_runs(pipe, setup, coeffs_doc, forecast, fraction: float, trace_set, *, batch: int = 16, echo=print):
     """(threshold, measured fraction, held-out error) of the gate + forecast nearest ``fraction`` from below."""
-    import calib.runtime as cr
-
-    from .runtime.loading import parse
-    from .methods.base import TuneTarget
-    from .methods.schedule import Runner, _jobs
-    from .methods.teacache.tune import find_threshold, rescalers_of
-
     config = parse(coeffs_doc, "<auto: teacache>")
     rescalers, indicator, normalization = rescalers_of(coeffs_doc)
     guess = find_threshold(trace_set, rescalers, TuneTarget("compute_fraction", fraction), indicator=indicator,
@@ -45,8 +44,6 @@ def _gate_runs(pipe, setup, coeffs_doc, forecast, fraction: float, trace_set, *,
             handle = cr.apply(pipe, config, threshold=t, forecast=forecast)
             try:
                 for job in runner.jobs:
-                    from .methods.schedule import per_sample_rel_l1
-
                     errors.extend(per_sample_rel_l1(runner.references[job], runner._generate(job)))
                 stats = handle.stats()
             finally:
@@ -54,18 +51,8 @@ def _gate_runs(pipe, setup, coeffs_doc, forecast, fraction: float, trace_set, *,
             probes[t] = (stats["compute_fraction"], float(np.mean(errors)))
         return probes[t][0]
 
-    try:
-        lo, hi = 0.0, max(guess, 1e-4)
-        while measure(hi) > fraction + 1e-9 and len(probes) < GATE_PROBES:
-            lo, hi = hi, hi * 2
-        for _ in range(GATE_PROBES):
-            if len(probes) >= GATE_PROBES:
-                break
-            mid = 0.5 * (lo + hi)
-            if measure(mid) > fraction + 1e-9:
-                lo = mid
-            else:
-                hi = mid
+    try:  # the gate's measured fraction on the held-out runs, as near the budget as GATE_PROBES runs get it
+        measured_search(measure, fraction + 1e-9, guess, max_probes=GATE_PROBES)
     finally:
         runner.close()
     fitting = {t: v for t, v in probes.items() if v[0] <= fraction + 1e-9}
@@ -74,74 +61,9 @@ def _gate_runs(pipe, setup, coeffs_doc, forecast, fraction: float, trace_set, *,
     return t, pool[t][0], pool[t][1]
 
 
-def run_auto(traces, *, out=None, fraction: float = DEFAULT_FRACTION, gap=None, orders=None, variable=None,
-             device=None, seeds=None, echo=print) -> Path:
-    """``calib fit --method auto --compute-fraction F``: writes the better of gate + forecast and schedule +
-    forecast for that budget to ``out`` and says why."""
-    from .coeffs.io import load_document, write_document
-    from .jobs.fit import default_schedule_out as default_out
-    from .jobs.fit import run_teacache_fit
-    from .methods import registry
-    from .methods.base import TuneTarget
-    from .methods.schedule import DEFAULT_GAP, choose_budget, fit_schedule, parse_candidates, setup_from_traces
-    from .models.loading import load_model
-    from .store import read_traces
-    from .trace import pick_device
-
-    if not (isinstance(fraction, (int, float)) and 0 < fraction < 1):
-        raise CalibError(f"--compute-fraction must be in (0, 1) for --method auto, got {fraction!r}")
-    out = Path(out) if out is not None else default_out(traces).with_name(
-        default_out(traces).name.replace(".schedule.json", ".json"))
-    if out.suffix.lower() != ".json":
-        raise CalibError(f"--out {out}: the coefficient file must end in .json")
-    trace_set = read_traces([Path(t) for t in traces])
-    setup = setup_from_traces(trace_set, seeds=seeds)
-    pipe = load_model(setup.source, device=pick_device(device))
-    stem = out.name[: -len(".json")]
-    gate_path = out.with_name(f"{stem}.gate.json")
-    schedule_path = out.with_name(f"{stem}.schedule.json")
-
-    echo(f"== 1/3 gate: TeaCache's rescaler -> {gate_path}")
-    run_teacache_fit([Path(t) for t in traces], out=gate_path, plot=False, echo=echo)
-    echo(f"\n== 2/3 schedule: measured segments, searched schedules -> {schedule_path}")
-    schedule_doc = fit_schedule(pipe, trace_set, out=schedule_path, gap=DEFAULT_GAP if gap is None else gap,
-                                candidates=parse_candidates(orders, variable), seeds=seeds, echo=echo)
-    target = TuneTarget("compute_fraction", fraction)
-    entry, reached = choose_budget(schedule_doc, target)
-    schedule_doc["recommended"] = {"budget": entry["budget"]}
-    write_document(schedule_doc, schedule_path, validate=registry.validate)
-    forecast_entry = schedule_doc["forecast"]
-    from .runtime import Forecast
-
-    forecast = Forecast(order=int(forecast_entry["order"]), variable=forecast_entry.get("variable", "step"))
-    echo(f"\n== 3/3 compare on {len(setup.holdout_prompts)} held-out prompt(s) x seeds {setup.seeds} at <= "
-         f"{fraction:.0%} of full forwards, forecast {forecast.as_json()}")
-    gate_doc = load_document(gate_path, validate=registry.validate)
-    verdict = compare(pipe, setup, gate_doc, schedule_doc, entry, reached, forecast, fraction, trace_set, echo=echo)
-    forecast = Forecast(order=verdict["gate"]["forecast"]["order"],
-                        variable=verdict["gate"]["forecast"].get("variable", "step"))
-    verdict["gate"]["file"], verdict["schedule"]["file"] = str(gate_path), str(schedule_path)
-    pick_schedule, threshold, why = verdict["kept"] == "schedule", verdict["gate"]["threshold"], verdict["why"]
-    if pick_schedule:
-        doc = schedule_doc
-    else:
-        doc = gate_doc
-        for comp in doc["components"].values():
-            if not (comp.get("forecast") or {}).get("order"):  # the gate ran with the schedule fit's forecast
-                comp["forecast"] = forecast.as_json()
-        doc.setdefault("thresholds", {})["recommended"] = float(threshold)
-    doc.setdefault("calibration", {})["auto"] = verdict
-    write_document(doc, out, validate=registry.validate)
-    echo(why)
-    echo(f"wrote {out} (the {'schedule' if pick_schedule else 'coefficient'} file; both candidates kept beside it)")
-    return out
-
-
 def gate_forecast(gate_doc: dict, fallback):
     """The forecast the gate runs with: its own (``calib fit --forecast`` chose one of order >= 1 on the traced
     forecast errors), else ``fallback`` (the schedule fit's, chosen on held-out generations)."""
-    from .runtime import Forecast
-
     own = [c.get("forecast") for c in gate_doc["components"].values() if (c.get("forecast") or {}).get("order")]
     if own:
         return Forecast(order=int(own[0]["order"]), variable=own[0].get("variable", "step")), "the gate file's"
@@ -181,3 +103,18 @@ def compare(pipe, setup, gate_doc, schedule_doc, entry, reached, forecast, fract
         "kept": "schedule" if pick_schedule else "gate",
         "why": why,
     }
+
+
+ENTRY = Method(
+    name="auto",
+    summary="fits teacache and schedule, keeps the better at a budget on held-out prompts (writes that one's document)",
+    options=(
+        OptionSpec("--compute-fraction", float, DEFAULT_FRACTION, "the budget the two candidates are compared at"),
+        OptionSpec("--gap", int, DEFAULT_GAP, "schedule: longest run of forecast steps measured"),
+        OptionSpec("--forecast-order", str, None, "forecast orders to compare (K[,K])"),
+        OptionSpec("--forecast-variable", str, "auto", "step, sigma or timestep"),
+        OptionSpec("--seeds", str, None, "seeds to generate"),
+        OptionSpec("--device", str, None, "torch device"),
+    ),
+    document=False,  # it writes the kept candidate's document (teacache or schedule)
+)

@@ -1,3 +1,0 @@
-"""Moved to calib.trace.prompts (issue 14); kept for old imports."""
-
-from calib.trace.prompts import *  # noqa: F401,F403
