@@ -565,3 +565,26 @@ def test_cli_degree_option(tmp_path, builtin):
     assert doc["components"]["transformer"]["degree"] == 4
     assert doc["components"]["transformer"]["fit"]["degree_selection"]["mode"] == "fixed"
     assert main(["fit", str(trace), "--degree", "four"]) == 2
+
+
+def test_auto_rescaler_is_a_scikit_learn_estimator():
+    from sklearn.base import BaseEstimator, clone
+
+    params = {"degree": 3, "robust": True, "shape": "none", "bootstrap": 12, "random_state": 7}
+    est = AutoRescaler(**params)
+    assert isinstance(est, BaseEstimator)
+    assert est.get_params() == params  # exactly the constructor arguments
+    twin = clone(est)
+    assert twin is not est and type(twin) is AutoRescaler and twin.get_params() == params
+    assert repr(est) == "AutoRescaler(degree=3, robust=True, shape='none', bootstrap=12, random_state=7)"
+    assert est.set_params(degree=2, bootstrap=0) is est and est.degree == 2 and est.bootstrap == 0
+    assert twin.degree == 3  # the clone kept its own parameters
+    # unfitted: no fitted attributes (sklearn's convention: they end in "_" and appear only in fit)
+    assert not [k for k in vars(est) if k.endswith("_")]
+    AutoRescaler(degree="five", shape="bogus")  # __init__ does not validate; fit does
+    x, y, g = noisy_poly([2.0, 0.01])
+    assert est.fit(x, y, g) is est
+    fitted = [k for k in vars(est) if k.endswith("_")]
+    assert {"coef_", "degree_", "domain_", "cv_mae_", "band_"} <= set(fitted)
+    assert all(k.endswith("_") for k in vars(est) if k not in params)
+    assert not [k for k in vars(clone(est)) if k.endswith("_")]  # clone drops the fit

@@ -29,12 +29,14 @@ different normalisations are compared on equal terms.
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from sklearn.base import BaseEstimator
 
 from calib.errors import CalibError
 
@@ -456,7 +458,7 @@ def _check_degree_arg(degree) -> int | str:
     return int(degree)
 
 
-class AutoRescaler:
+class AutoRescaler(BaseEstimator):
     """Polynomial rescaler with degree selection, optional robust loss, shape constraints and a bootstrap band.
 
     Parameters
@@ -491,18 +493,14 @@ class AutoRescaler:
         self.bootstrap = bootstrap
         self.random_state = random_state
 
-    def get_params(self, deep: bool = True) -> dict:
-        return {k: getattr(self, k) for k in ("degree", "robust", "shape", "bootstrap", "random_state")}
-
-    def set_params(self, **params) -> "AutoRescaler":
-        for key, value in params.items():
-            if key not in self.get_params():
-                raise ValueError(f"invalid parameter {key!r} for AutoRescaler")
-            setattr(self, key, value)
-        return self
-
+    # get_params/set_params (and so sklearn.base.clone) come from BaseEstimator, read off __init__'s signature;
+    # __init__ only stores its arguments and fit validates them (the CalibErrors are raised by fit, as before).
+    # The repr stays the explicit one, so printed output is unchanged: every parameter, in __init__'s order
+    # (sklearn's repr prints only those changed from the defaults, and get_params sorts the names).
     def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
+        params = self.get_params(deep=False)
+        names = [n for n in inspect.signature(type(self).__init__).parameters if n != "self"]
+        args = ", ".join(f"{k}={params[k]!r}" for k in names)
         return f"AutoRescaler({args})"
 
     # -----------------------------------------------------------------------------------------------------------
