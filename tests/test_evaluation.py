@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from calib.cli import main
-from calib.evaluate.metrics import PSNR_CAP, psnr, ssim, to_planes
+from calib.evaluate.metrics import PSNR_CAP, psnr, ssim
+from calib.trace.generate import to_planes
 from calib.coeffs.schema import schema
 from calib.runtime.gate import Rescaler
 from calib.store import TraceSet, Trajectory

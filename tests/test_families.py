@@ -707,3 +707,28 @@ def test_held_calls_of_other_dtypes_are_reduced_in_float32(dtype):
     for i in (1, 2):
         expected = torch.stack([rel_l1_rows(c, p) for c, p in zip(calls[i], calls[i - 1])])
         assert torch.equal(parts[i], expected), (i, parts[i], expected)
+
+
+def test_every_family_module_is_found_without_being_listed(monkeypatch):
+    """The registry discovers the families: each module of calib/adapters (but the shared ones) defines an Adapter,
+    and every class those adapters claim is supported; a user's adapter registered before the first look-up stays."""
+    import importlib
+    import pkgutil
+
+    from calib.adapters import registry
+    from calib.adapters.base import Adapter
+
+    monkeypatch.setattr(registry, "_ADAPTERS", {})
+    monkeypatch.setattr(registry, "_loaded", False)
+    mine = registry.register(Adapter(name="mine", model_classes=("FluxTransformer2DModel",),
+                                      modulation_module="transformer_blocks.0.norm1"))
+    claimed = set()
+    for info in pkgutil.iter_modules(importlib.import_module("calib.adapters").__path__):
+        if info.name in registry.NOT_FAMILIES:
+            continue
+        module = importlib.import_module(f"calib.adapters.{info.name}")
+        adapters = [v for v in vars(module).values() if isinstance(v, Adapter) and v.model_classes]
+        assert adapters, f"calib/adapters/{info.name}.py defines no Adapter"
+        claimed.update(c for a in adapters for c in a.model_classes)
+    assert set(registry.supported_classes()) == claimed and len(claimed) >= 12
+    assert registry.get_adapter("FluxTransformer2DModel") is mine

@@ -2,15 +2,17 @@
 
 A skipped step is not free (the pipeline, the embeddings before the block stack, the indicator and the output head
 still run), so ``calib eval`` times the same runtime at its two extreme settings and interpolates between them
-(:data:`COST_MODEL`); :func:`_measure` runs those timings interleaved with the evaluated generations."""
+(:data:`~calib.methods.cost_model.COST_MODEL`); :func:`_measure` runs those timings interleaved with the evaluated
+generations."""
 
 from __future__ import annotations
 
 import statistics
 
 import calib.runtime as cr
-from calib.evaluate.harness import Generator, compare_outputs, with_polynomial
-from calib.methods.cost_model import COST_MODEL  # noqa: F401  (one definition; eval re-exports)
+from calib.evaluate.harness import compare_outputs, with_polynomial
+from calib.methods.cost_model import COST_MODEL
+from calib.trace.generate import Generator
 
 COST_JOBS = 4  # generations (the first jobs) on which the cost model's two extreme settings are timed
 
@@ -22,9 +24,9 @@ def _extreme_configs(config):
 
 
 def cost_model(timings: dict) -> dict:
-    """The cost model (:data:`COST_MODEL`) from ``timings``: per probe job, the median seconds of the uncached
-    generation (``base``), with every step computed (``full``) and with the fewest computed (``fewest``), and the
-    fewest setting's fraction of full forwards (``fewest_fraction``)."""
+    """The cost model (:data:`~calib.methods.cost_model.COST_MODEL`) from ``timings``: per probe job, the median
+    seconds of the uncached generation (``base``), with every step computed (``full``) and with the fewest computed
+    (``fewest``), and the fewest setting's fraction of full forwards (``fewest_fraction``)."""
     base = sum(timings["base"])
     full = sum(timings["full"]) / base
     fewest = sum(timings["fewest"]) / base

@@ -1,8 +1,9 @@
-"""The one generation harness: :class:`Generator` runs a prompt (or a batch of prompts) x seed through a pipeline,
-timed, and keeps the final latents and the decoded output. ``calib eval`` (:mod:`calib.jobs.eval`), ``calib demo``
-(:func:`compare_cached`) and the frontier (:class:`Harness`, :mod:`calib.evaluate.frontier`) all generate through it.
-:class:`Harness` adds what the frontier's rows share: the uncached references, the :class:`ComputeMeter`, and the
-bisection over real runs (:func:`_search`)."""
+"""The one generation harness: :class:`~calib.trace.generate.Generator` runs a prompt (or a batch of prompts) x seed
+through a pipeline, timed, and keeps the final latents and the decoded output. ``calib eval``
+(:mod:`calib.jobs.eval`), ``calib demo`` (:func:`compare_cached`), the frontier (:class:`Harness`,
+:mod:`calib.evaluate.frontier`) and the schedule fit's segment runs all generate through it. :class:`Harness` adds
+what the frontier's rows share: the uncached references, the :class:`ComputeMeter`, and the bisection over real
+runs (:func:`_search`, calib.methods.search.measured_search)."""
 
 from __future__ import annotations
 
@@ -10,75 +11,16 @@ import contextlib
 import dataclasses
 import math
 import statistics
-import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 import calib.runtime as cr
 from calib.adapters import get_adapter
-from calib.errors import CalibError
-from calib.evaluate.metrics import latent_rel_l1, psnr, ssim, to_planes
-from calib.hooking import wrap_method
+from calib.evaluate.metrics import latent_rel_l1, psnr, ssim
 from calib.methods.search import measured_search
 from calib.runtime.coefficients import ComponentRescaler
-
-
-@dataclass
-class Output:
-    latents: torch.Tensor  # the final latents (the last scheduler.step's sample)
-    planes: np.ndarray | None  # decoded output, (N, H, W) on the 0-255 scale (None for output_type="latent")
-    seconds: float
-
-
-class Generator:
-    """Runs one prompt x seed through a pipeline and keeps the final latents (read from ``scheduler.step``, so any
-    pipeline works) and the decoded output (``output_type="np"``; ``"latent"`` skips the decoding)."""
-
-    def __init__(self, pipe, *, steps: int, guidance: float, pipeline_kwargs: dict | None = None,
-                 output_type: str = "np"):
-        self.pipe = pipe
-        self.steps = steps
-        self.guidance = guidance
-        self.kwargs = dict(pipeline_kwargs or {})
-        self.output_type = output_type
-        self._last = None
-        scheduler = getattr(pipe, "scheduler", None)
-        if scheduler is None or not hasattr(scheduler, "step"):
-            raise CalibError(f"{type(pipe).__name__} has no scheduler with a step(); calib eval needs a pipeline")
-
-        def keep(result, *args, **kwargs):
-            sample = result[0] if isinstance(result, (tuple, list)) else getattr(result, "prev_sample", result)
-            self._last = sample
-
-        self._undo = wrap_method(scheduler, "step", after=keep)
-
-    def close(self) -> None:
-        if self._undo is not None:
-            self._undo()
-            self._undo = None
-
-    def __call__(self, prompt, seed: int, context=None) -> Output:
-        generator = torch.Generator(device="cpu").manual_seed(int(seed))
-        self._last = None
-        sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-        sync()
-        start = time.perf_counter()
-        with context if context is not None else contextlib.nullcontext():
-            # prompt by name: an image-to-video pipeline's first parameter is its image
-            out = self.pipe(prompt=prompt, num_inference_steps=self.steps, guidance_scale=self.guidance,
-                            generator=generator, output_type=self.output_type, **self.kwargs)
-        sync()
-        seconds = time.perf_counter() - start
-        images = getattr(out, "frames", None)
-        if images is None:
-            images = out.images if hasattr(out, "images") else out[0]
-        if self._last is None:
-            raise CalibError(f"{type(self.pipe).__name__} never called scheduler.step; cannot read its final latents")
-        self.images = images  # every output of the call (a list of prompts generates a batch)
-        planes = None if self.output_type == "latent" else to_planes(images[0])
-        return Output(self._last.detach().float().cpu().clone(), planes, seconds)
+from calib.trace.generate import Generator, Output, to_planes
 
 
 def compare_outputs(reference: Output, test: Output, reader=None) -> dict:

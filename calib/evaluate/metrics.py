@@ -58,23 +58,6 @@ def latent_rel_l1(reference: torch.Tensor, test: torch.Tensor) -> float:
     return float((out - ref).abs().mean()) / denom if denom > 0 else float((out - ref).abs().mean())
 
 
-def to_planes(image) -> np.ndarray:
-    """A pipeline's decoded output (PIL image, uint8 array, float array in [0, 1], a list of frames) as float64
-    planes ``(N, H, W)`` on the 0-255 scale: channels-last images are split into their channels."""
-    if isinstance(image, (list, tuple)):
-        return np.concatenate([to_planes(frame) for frame in image], axis=0)
-    arr = np.asarray(image)
-    if arr.dtype == np.uint8:
-        arr = arr.astype(np.float64)
-    else:
-        arr = np.clip(arr.astype(np.float64), 0.0, 1.0) * 255.0
-    if arr.ndim == 2:
-        return arr[None]
-    if arr.ndim >= 3 and arr.shape[-1] in (1, 3, 4) and arr.shape[-3] > 4:  # (..., H, W, C)
-        arr = np.moveaxis(arr, -1, -3)
-    return arr.reshape(-1, arr.shape[-2], arr.shape[-1])
-
-
 def spread(values) -> dict:
     vals = [float(v) for v in values if v is not None and math.isfinite(float(v))]
     if not vals:

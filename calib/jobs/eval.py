@@ -35,7 +35,6 @@ from calib.coeffs.document import describe_call, pipeline_call_kwargs
 from calib.errors import CalibError
 from calib.evaluate.cost import _measure, cost_model
 from calib.evaluate.frontier import run_frontier
-from calib.evaluate.harness import Generator
 from calib.evaluate.metrics import spread
 from calib.methods.cost_model import predicted_wall_speedup
 from calib.methods.registry import load_document
@@ -46,6 +45,7 @@ from calib.models.digit_reader import builtin_name as _builtin_name, digit_reade
 from calib.models.loading import model_from_file, pipeline_class
 from calib.store import read_traces
 from calib.trace import MAX_STEPS, check_call_arguments, pick_device, recordable
+from calib.trace.generate import Generator
 from calib.trace.prompts import bundled_prompts_path, read_prompts
 
 FORMAT = "calib.eval"

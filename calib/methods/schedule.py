@@ -38,11 +38,11 @@ import torch
 import calib.runtime as cr
 from calib._io import write_bytes
 from calib.errors import CalibError
-from calib.hooking import wrap_method
 from calib.methods.base import Method, OptionSpec
 from calib.methods.cost_model import wall_target_fraction
 from calib.runtime import Forecast
 from calib.runtime.schedule import parse as parse_schedule_document
+from calib.trace.generate import Generator
 
 METHOD = "schedule"
 DEFAULT_GAP = 6
@@ -224,32 +224,18 @@ class Runner:
         self.steps = steps
         self.guidance = guidance
         self.kwargs = dict(pipeline_kwargs or {})
-        self._last = None
-        scheduler = getattr(pipe, "scheduler", None)
-        if scheduler is None or not hasattr(scheduler, "step"):
-            raise CalibError(f"{type(pipe).__name__} has no scheduler with a step(); a schedule fit needs a pipeline")
-
-        def keep(result, *args, **kwargs):
-            self._last = result[0] if isinstance(result, (tuple, list)) else getattr(result, "prev_sample", result)
-
-        self._undo = wrap_method(scheduler, "step", after=keep)
+        self._generator = Generator(pipe, steps=steps, guidance=guidance, pipeline_kwargs=pipeline_kwargs,
+                                    output_type="latent", purpose="a schedule fit")
         self.references = {job: self._generate(job) for job in jobs}
         self.generations = 0
 
     def close(self) -> None:
-        if self._undo is not None:
-            self._undo()
-            self._undo = None
+        self._generator.close()
 
     def _generate(self, job) -> torch.Tensor:
+        """The batch's final latents (rows: the job's prompts)."""
         prompts, seed = job
-        self._last = None
-        generator = torch.Generator(device="cpu").manual_seed(int(seed))
-        self.pipe(list(prompts), num_inference_steps=self.steps, guidance_scale=self.guidance, generator=generator,
-                  output_type="latent", **self.kwargs)
-        if self._last is None:
-            raise CalibError(f"{type(self.pipe).__name__} never called scheduler.step; cannot read its final latents")
-        return self._last.detach().float().cpu().clone()
+        return self._generator(list(prompts), seed).latents
 
     def error(self, computed: dict, candidate: Candidate) -> float:
         errors = []

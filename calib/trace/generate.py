@@ -1,0 +1,89 @@
+"""Running a pipeline for one prompt (or a batch of prompts) x seed and keeping what it made: the final latents
+(read from ``scheduler.step``, so any pipeline works), the decoded output and the time it took. Every generation
+calib measures goes through :class:`Generator`: calib eval, the demo and the frontier (calib.evaluate.harness) and
+the schedule fit's segment runs (calib.methods.schedule)."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from calib.errors import CalibError
+from calib.hooking import wrap_method
+
+
+def to_planes(image) -> np.ndarray:
+    """A pipeline's decoded output (PIL image, uint8 array, float array in [0, 1], a list of frames) as float64
+    planes ``(N, H, W)`` on the 0-255 scale: channels-last images are split into their channels."""
+    if isinstance(image, (list, tuple)):
+        return np.concatenate([to_planes(frame) for frame in image], axis=0)
+    arr = np.asarray(image)
+    if arr.dtype == np.uint8:
+        arr = arr.astype(np.float64)
+    else:
+        arr = np.clip(arr.astype(np.float64), 0.0, 1.0) * 255.0
+    if arr.ndim == 2:
+        return arr[None]
+    if arr.ndim >= 3 and arr.shape[-1] in (1, 3, 4) and arr.shape[-3] > 4:  # (..., H, W, C)
+        arr = np.moveaxis(arr, -1, -3)
+    return arr.reshape(-1, arr.shape[-2], arr.shape[-1])
+
+
+@dataclass
+class Output:
+    latents: torch.Tensor  # the final latents (the last scheduler.step's sample)
+    planes: np.ndarray | None  # decoded output, (N, H, W) on the 0-255 scale (None for output_type="latent")
+    seconds: float
+
+
+class Generator:
+    """Runs one prompt x seed through a pipeline and keeps the final latents (read from ``scheduler.step``, so any
+    pipeline works) and the decoded output (``output_type="np"``; ``"latent"`` skips the decoding)."""
+
+    def __init__(self, pipe, *, steps: int, guidance: float, pipeline_kwargs: dict | None = None,
+                 output_type: str = "np", purpose: str = "calib eval"):
+        self.pipe = pipe
+        self.steps = steps
+        self.guidance = guidance
+        self.kwargs = dict(pipeline_kwargs or {})
+        self.output_type = output_type
+        self._last = None
+        scheduler = getattr(pipe, "scheduler", None)
+        if scheduler is None or not hasattr(scheduler, "step"):
+            raise CalibError(f"{type(pipe).__name__} has no scheduler with a step(); {purpose} needs a pipeline")
+
+        def keep(result, *args, **kwargs):
+            sample = result[0] if isinstance(result, (tuple, list)) else getattr(result, "prev_sample", result)
+            self._last = sample
+
+        self._undo = wrap_method(scheduler, "step", after=keep)
+
+    def close(self) -> None:
+        if self._undo is not None:
+            self._undo()
+            self._undo = None
+
+    def __call__(self, prompt, seed: int, context=None) -> Output:
+        generator = torch.Generator(device="cpu").manual_seed(int(seed))
+        self._last = None
+        sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+        sync()
+        start = time.perf_counter()
+        with context if context is not None else contextlib.nullcontext():
+            # prompt by name: an image-to-video pipeline's first parameter is its image
+            out = self.pipe(prompt=prompt, num_inference_steps=self.steps, guidance_scale=self.guidance,
+                            generator=generator, output_type=self.output_type, **self.kwargs)
+        sync()
+        seconds = time.perf_counter() - start
+        images = getattr(out, "frames", None)
+        if images is None:
+            images = out.images if hasattr(out, "images") else out[0]
+        if self._last is None:
+            raise CalibError(f"{type(self.pipe).__name__} never called scheduler.step; cannot read its final latents")
+        self.images = images  # every output of the call (a list of prompts generates a batch)
+        planes = None if self.output_type == "latent" else to_planes(images[0])
+        return Output(self._last.detach().float().cpu().clone(), planes, seconds)
