@@ -55,7 +55,7 @@ def _choose(pipe, trace_path, coeffs_path, coeffs_dir, echo):
     doc["recommended"] = {"budget": entry["budget"]}
     write_document(doc, schedule_path)
 
-    forecast = Forecast(order=doc["forecast"]["order"], variable=doc["forecast"].get("variable", "step"))
+    forecast = Forecast.from_json(doc["forecast"])
     verdict = compare(pipe, setup_from_traces(trace_set, seeds=seeds), load_document(coeffs_path), doc, entry, reached,
                       forecast, DEMO_FRACTION, trace_set, echo=echo)
     echo(verdict["why"])
@@ -89,8 +89,7 @@ def run_demo(*, prompts_file=None, steps=30, seeds=(0, 1), guidance=3.0, thresho
     forecast, budget, run_config = None, None, config
     if threshold is None:
         verdict, schedule_path = _choose(pipe, trace_path, coeffs_path, Path(coeffs_dir), echo)
-        kept = verdict[verdict["kept"]]["forecast"]
-        forecast = cr.Forecast(order=kept["order"], variable=kept.get("variable", "step"))
+        forecast = cr.Forecast.from_json(verdict[verdict["kept"]]["forecast"])
         if verdict["kept"] == "schedule":
             run_config, budget = cr.load(schedule_path), verdict["schedule"]["budget"]
             echo(f"using {schedule_path}: budget {budget}, forecast {forecast.as_json()}")

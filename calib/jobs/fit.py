@@ -185,8 +185,7 @@ def run_schedule_fit(traces, *, out=None, gap: int | None = None, forecast_order
     ``gap`` None: :data:`calib.methods.schedule.DEFAULT_GAP`; ``forecast_variable`` None or "auto": step."""
     out = _json_out(out, traces, default_schedule_out, "schedule file")
     shard = parse_shard(shard) if isinstance(shard, str) else shard
-    gap = schedule.DEFAULT_GAP if gap is None else gap
-    candidates = schedule.parse_candidates(forecast_order, None if forecast_variable == "auto" else forecast_variable)
+    candidates = schedule.parse_candidates(forecast_order, forecast_variable)
     trace_set = read_traces([Path(t) for t in traces])
     setup = schedule.setup_from_traces(trace_set, seeds=seeds)
     pipe = model_loading.load_model(setup.source, device=pick_device(device))
@@ -203,19 +202,20 @@ def run_schedule_fit(traces, *, out=None, gap: int | None = None, forecast_order
     return out
 
 
+def default_auto_out(traces) -> Path:
+    """The schedule fit's default name without ".schedule": the kept candidate's file."""
+    out = default_schedule_out(traces)
+    return out.with_name(out.name.replace(".schedule.json", ".json"))
+
+
 def run_auto_fit(traces, *, out=None, compute_fraction: float = auto.DEFAULT_FRACTION, gap=None,
                  forecast_order=None, forecast_variable=None, device=None, seeds=None, echo=print) -> Path:
     """``calib fit --method auto --compute-fraction F``: writes the better of gate + forecast and schedule +
     forecast for that budget to ``out`` and says why (:func:`calib.methods.auto.compare`)."""
     fraction = compute_fraction
-    variable = None if forecast_variable == "auto" else forecast_variable
     if not (isinstance(fraction, (int, float)) and 0 < fraction < 1):
         raise CalibError(f"--compute-fraction must be in (0, 1) for --method auto, got {fraction!r}")
-    if out is None:  # the schedule fit's default name without ".schedule": the kept candidate's file
-        out = default_schedule_out(traces).with_name(default_schedule_out(traces).name.replace(".schedule.json", ".json"))
-    out = Path(out)
-    if out.suffix.lower() != ".json":
-        raise CalibError(f"--out {out}: the coefficient file must end in .json")
+    out = _json_out(out, traces, default_auto_out)
     trace_set = read_traces([Path(t) for t in traces])
     setup = schedule.setup_from_traces(trace_set, seeds=seeds)
     pipe = model_loading.load_model(setup.source, device=pick_device(device))
@@ -226,23 +226,20 @@ def run_auto_fit(traces, *, out=None, compute_fraction: float = auto.DEFAULT_FRA
     echo(f"== 1/3 gate: TeaCache's rescaler -> {gate_path}")
     run_teacache_fit([Path(t) for t in traces], out=gate_path, plot=False, echo=echo)
     echo(f"\n== 2/3 schedule: measured segments, searched schedules -> {schedule_path}")
-    schedule_doc = schedule.fit_schedule(pipe, trace_set, out=schedule_path,
-                                         gap=schedule.DEFAULT_GAP if gap is None else gap,
-                                         candidates=schedule.parse_candidates(forecast_order, variable), seeds=seeds,
-                                         echo=echo)
+    schedule_doc = schedule.fit_schedule(pipe, trace_set, out=schedule_path, gap=gap,
+                                         candidates=schedule.parse_candidates(forecast_order, forecast_variable),
+                                         seeds=seeds, echo=echo)
     target = TuneTarget("compute_fraction", fraction)
     entry, reached = schedule.choose_budget(schedule_doc, target)
     schedule_doc["recommended"] = {"budget": entry["budget"]}
     registry.write_document(schedule_doc, schedule_path)
-    forecast_entry = schedule_doc["forecast"]
-    forecast = Forecast(order=int(forecast_entry["order"]), variable=forecast_entry.get("variable", "step"))
+    forecast = Forecast.from_json(schedule_doc["forecast"])
     echo(f"\n== 3/3 compare on {len(setup.holdout_prompts)} held-out prompt(s) x seeds {setup.seeds} at <= "
          f"{fraction:.0%} of full forwards, forecast {forecast.as_json()}")
     gate_doc = registry.load_document(gate_path)
     verdict = auto.compare(pipe, setup, gate_doc, schedule_doc, entry, reached, forecast, fraction, trace_set,
                            echo=echo)
-    forecast = Forecast(order=verdict["gate"]["forecast"]["order"],
-                        variable=verdict["gate"]["forecast"].get("variable", "step"))
+    forecast = Forecast.from_json(verdict["gate"]["forecast"])
     verdict["gate"]["file"], verdict["schedule"]["file"] = str(gate_path), str(schedule_path)
     pick_schedule, threshold, why = verdict["kept"] == "schedule", verdict["gate"]["threshold"], verdict["why"]
     if pick_schedule:

@@ -66,7 +66,7 @@ def gate_forecast(gate_doc: dict, fallback):
     forecast errors), else ``fallback`` (the schedule fit's, chosen on held-out generations)."""
     own = [c.get("forecast") for c in gate_doc["components"].values() if (c.get("forecast") or {}).get("order")]
     if own:
-        return Forecast(order=int(own[0]["order"]), variable=own[0].get("variable", "step")), "the gate file's"
+        return Forecast.from_json(own[0]), "the gate file's"
     return fallback, "the schedule fit's"
 
 

@@ -222,8 +222,6 @@ class Runner:
         self.pipe = pipe
         self.jobs = jobs
         self.steps = steps
-        self.guidance = guidance
-        self.kwargs = dict(pipeline_kwargs or {})
         self._generator = Generator(pipe, steps=steps, guidance=guidance, pipeline_kwargs=pipeline_kwargs,
                                     output_type="latent", purpose="a schedule fit")
         self.references = {job: self._generate(job) for job in jobs}
@@ -535,17 +533,18 @@ def parse_candidates(orders: str | None, variable: str | None) -> list[Candidate
         raise CalibError(f"--forecast-order {text!r}: expected orders 0, 1 or 2, comma-separated") from None
     if not values or any(v not in (0, 1, 2) for v in values):
         raise CalibError(f"--forecast-order {text!r}: expected orders 0, 1 or 2, comma-separated")
-    variable = variable or DEFAULT_VARIABLE
+    variable = DEFAULT_VARIABLE if variable in (None, "auto") else variable  # "auto": calib fit's default
     if variable not in VARIABLES:
         raise CalibError(f"--forecast-variable {variable!r}: choose from {', '.join(VARIABLES)}")
     return [Candidate(o, variable) for o in dict.fromkeys(values)]
 
 
-def fit_schedule(pipe, trace_set, *, out: Path, gap: int = DEFAULT_GAP, candidates=None, shard=None,
+def fit_schedule(pipe, trace_set, *, out: Path, gap: int | None = DEFAULT_GAP, candidates=None, shard=None,
                  overwrite: bool = False, seeds=None, prompts=None, batch: int = 16, echo=print,
                  progress: bool = True, budgets=None) -> dict | None:
     """Measure, search, compare, and return the schedule document (None for a ``shard`` run, which only measures).
-    ``budgets``: only these (default: every budget the gaps allow)."""
+    ``budgets``: only these (default: every budget the gaps allow); ``gap`` None: :data:`DEFAULT_GAP`."""
+    gap = DEFAULT_GAP if gap is None else gap
     if not isinstance(gap, int) or gap < 2:
         raise CalibError(f"--gap must be an integer >= 2, got {gap!r}")
     candidates = list(candidates or parse_candidates(None, None))
