@@ -88,15 +88,15 @@ def test_export_targets_take_exactly_their_methods():
 
     from calib.cli import cli
     from calib.errors import CalibError
-    from calib.targets import DOCUMENT, TARGETS, TRACE, TRACE_OR_DOCUMENT, ExportOptions
+    from calib.exports import DOCUMENT, EXPORTERS, TRACE, TRACE_OR_DOCUMENT, ExportOptions
 
     schema = json.loads((ROOT / "calib" / "schemas" / "coefficients.v1.schema.json").read_text())
     documents = set(schema["properties"]["method"]["enum"])
     fmt = next(p for p in cli.commands["export"].params if p.name == "fmt")
-    assert list(fmt.type.choices) == list(TARGETS)
-    assert set(TARGETS["json"].methods) == documents
+    assert list(fmt.type.choices) == list(EXPORTERS)
+    assert set(EXPORTERS["json"].methods) == documents
     options = ExportOptions(source=ROOT / "x.json")
-    for name, target in TARGETS.items():
+    for name, target in EXPORTERS.items():
         assert target.input in (DOCUMENT, TRACE, TRACE_OR_DOCUMENT), name
         if target.input == TRACE or name == "json":
             continue

@@ -51,9 +51,9 @@ def test_every_method_has_a_fit_job():
 
 
 def test_every_export_target_names_registry_methods():
-    from calib.targets import TARGETS, TRACE
+    from calib.exports import EXPORTERS, TRACE
 
-    for fmt, target in TARGETS.items():
+    for fmt, target in EXPORTERS.items():
         assert target.methods and all(m in registry.METHODS for m in target.methods), fmt
         if target.input == TRACE:  # the export job runs that method's fit on the traces
             assert registry.get(target.methods[0]).fit is not None, fmt

@@ -19,8 +19,8 @@ import torch
 import calib.runtime as cr
 from calib.methods import block_cache, fbcache, magcache
 from calib.methods import fastercache_cfg as fastercache
-from calib.targets import diffusers as diffusers_target
-from calib.targets import engines
+from calib.exports import diffusers as diffusers_target
+from calib.exports import engines
 from calib.adapters import model_identity
 from calib.cli import main
 from calib.methods.registry import load_document, validate as validate_document, write_document

@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from ..errors import CalibError
-from ..targets import FORMATS
+from ..exports import FORMATS
 from ._group import cli
 
 

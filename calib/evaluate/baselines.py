@@ -11,7 +11,7 @@ import torch
 from calib.errors import CalibError
 from calib.evaluate.harness import REACHED, _search, runtime_install, with_polynomial
 from calib.methods.fastercache_cfg import build_document, cfg_series
-from calib.targets.diffusers import fastercache_config, fastercache_warnings
+from calib.exports.diffusers import fastercache_config, fastercache_warnings
 
 FASTERCACHE_TOLERANCES = (0.5, 1.0, 2.0, 4.0, 8.0)  # x the median traced cond - uncond change
 CACHE_DIT_WARMUP = 2  # cache-dit's default (8) computes 27 % of 30 steps before caching: the 25 % target needs less

@@ -1,5 +1,5 @@
 """``calib export``: read the input (a coefficient document, or traces for the formats measured on them), run the
-fit a trace-input target needs, render with the target (calib.targets.TARGETS) and write or print the artifact.
+fit a trace-input target needs, render with the target (calib.exports.EXPORTERS) and write or print the artifact.
 
 The artifact goes to ``--out`` or stdout; the summary, how to load it and notes go to ``info`` (stderr by default) so
 that stdout stays a valid JSON / YAML / Python file."""
@@ -13,7 +13,7 @@ from calib._io import write_text
 from calib.errors import CalibError
 from calib.methods import registry
 from calib.store import HDF5_SIGNATURE, read_traces
-from calib.targets import TARGETS, TRACE, TRACE_OR_DOCUMENT, ExportOptions
+from calib.exports import EXPORTERS, TRACE, TRACE_OR_DOCUMENT, ExportOptions
 
 DEFAULT_TARGET_SPEEDUP = 1.6  # ~60 % of steps computed, the TeaCache fit's recommendation criterion
 
@@ -30,7 +30,7 @@ def fit_for_target(fmt: str, trace_set, options: ExportOptions):
     """What a target measured on traces renders: its method's fit (the registry's) on ``trace_set``. A method with
     a document (fastercache-cfg) fits it with its defaults; one without (magcache, fbcache) fits the config for
     ``--target-speedup`` or the given ``--threshold``."""
-    method = registry.get(TARGETS[fmt].methods[0])
+    method = registry.get(EXPORTERS[fmt].methods[0])
     if method.document:
         return registry.validate(method.fit(trace_set), "<built document>")
     return method.fit(trace_set, target_speedup=options.target_speedup, threshold=options.threshold,
@@ -42,7 +42,7 @@ def run_export(path, fmt: str, *, out=None, threshold=None, target_speedup=None,
     """Write (``out``) or print the artifact on stdout; the summary, how to load it and notes go to ``info``."""
     info = info or (lambda message: print(message, file=sys.stderr))
     path = Path(path)
-    target = TARGETS.get(fmt)
+    target = EXPORTERS.get(fmt)
     if target is None:
         raise CalibError(f"unknown format {fmt!r}")
     options = ExportOptions(source=path, out=out, threshold=threshold, component=component or None, budget=budget,

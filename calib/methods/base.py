@@ -63,7 +63,7 @@ class Method:
     # Whether it writes a calib coefficient document (the schema's ``method`` enum).
     document: bool = True
     # Whether ``calib fit --method NAME`` runs it (a fit job in calib.jobs.fit.FIT_JOBS); magcache and fbcache are
-    # fitted by ``calib export`` instead (their targets name them, calib.targets.TARGETS).
+    # fitted by ``calib export`` instead (their targets name them, calib.exports.EXPORTERS).
     fit_command: bool = True
     extra: dict = field(default_factory=dict)
 

@@ -5,7 +5,7 @@ step exceeds ``threshold``. The tracer records that residual's change between co
 (``extra/head_residual_rel_l1``); the change against an older step is approximated by the sum of the consecutive
 changes since it (exact when the residual drifts in one direction; otherwise an upper bound, so the prediction errs
 towards computing more). The threshold is picked for the target on that replay. ``calib export --format
-diffusers-fbcache`` renders the result (calib.targets.diffusers); there is no calib document.
+diffusers-fbcache`` renders the result (calib.exports.diffusers); there is no calib document.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ normed over the channel dim, and 1.0 for step 0. The tracer records exactly that
 (``extra/residual_norm_ratio``); the fit averages it over trajectories and streams. diffusers' skip decision depends
 on the ratios only, not on the live input, so the steps it computes are known exactly: the fit replays diffusers'
 rule and picks the smallest threshold that reaches the target. ``calib export --format diffusers-magcache`` renders
-the result (calib.targets.diffusers); there is no calib document.
+the result (calib.exports.diffusers); there is no calib document.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 
 from calib.errors import CalibError
-from calib.targets.base import Rendered
+from calib.exports.base import Rendered
 
 LOAD_LINES = {
     "diffusers-magcache": (

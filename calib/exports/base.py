@@ -35,7 +35,7 @@ class Rendered:
 
 
 @dataclass(frozen=True)
-class Target:
+class Exporter:
     input: str  # TRACE, DOCUMENT or TRACE_OR_DOCUMENT
     methods: tuple[str, ...]  # the document methods it exports (for TRACE: the method the job fits)
     render: Callable[[Any, ExportOptions], Rendered]

@@ -1,0 +1,43 @@
+"""``calib export --format FORMAT``: one row of EXPORTERS per format. An exporter renders a document (or the result of a
+fit the export job ran on traces) for the place it will be used; it does no file I/O (calib.jobs.export does).
+
+A new export format is a module here with its render function plus one EXPORTERS row (docs/architecture.md)."""
+
+from __future__ import annotations
+
+from . import diffusers, engines, poly1d
+from .base import DOCUMENT, TRACE, TRACE_OR_DOCUMENT, ExportOptions, Rendered, Exporter
+
+
+def _engine(function):
+    def render(doc, options: ExportOptions) -> Rendered:
+        return Rendered(*function(doc, options.threshold, options.component))
+
+    return render
+
+
+def _cache_dit(doc, options: ExportOptions) -> Rendered:
+    text, usage, notes, summary = engines.cache_dit(doc, options.budget, options.component)
+    return Rendered(text, usage, notes, summary)
+
+
+EXPORTERS: dict[str, Exporter] = {
+    "json": Exporter(DOCUMENT, ("teacache", "block-cache", "fastercache-cfg", "schedule"), poly1d.document_copy,
+                   listing=True, summary="a validated copy of the document"),
+    "poly1d": Exporter(DOCUMENT, ("teacache",), poly1d.poly1d, listing=True,
+                     summary="the coefficient list and threshold for TeaCache-style scripts"),
+    "diffusers-magcache": Exporter(TRACE, ("magcache",), diffusers.magcache, summary="diffusers' MagCacheConfig"),
+    "diffusers-fbcache": Exporter(TRACE, ("fbcache",), diffusers.fbcache, summary="diffusers' FirstBlockCacheConfig"),
+    "diffusers-fastercache": Exporter(TRACE_OR_DOCUMENT, ("fastercache-cfg",), diffusers.fastercache,
+                                    summary="diffusers' FasterCacheConfig"),
+    "sglang": Exporter(DOCUMENT, ("teacache",), _engine(engines.sglang), summary="sglang's TeaCacheParams"),
+    "vllm-omni": Exporter(DOCUMENT, ("teacache",), _engine(engines.vllm_omni), summary="vLLM-Omni's TeaCache cache_config"),
+    "tensorrt-llm": Exporter(DOCUMENT, ("teacache",), _engine(engines.tensorrt_llm),
+                           summary="TensorRT-LLM VisualGen's TeaCache cache_config"),
+    "cache-dit": Exporter(DOCUMENT, ("schedule",), _cache_dit, summary="cache-dit's DBCacheConfig step mask"),
+}
+
+FORMATS = tuple(EXPORTERS)
+DIFFUSERS_FORMATS = tuple(f for f in FORMATS if f.startswith("diffusers-"))
+ENGINE_FORMATS = ("sglang", "vllm-omni", "tensorrt-llm")
+MASK_FORMATS = ("cache-dit",)
