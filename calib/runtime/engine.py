@@ -541,16 +541,14 @@ class Component:
         can_reuse = cached is not None and cached[0].shape == hidden_in.shape and (
             cached[1] is None or (encoder_in is not None and cached[1].shape == encoder_in.shape))
         decision = self.block_policy.decide(call.state.policy, call.step, index, can_reuse)
-        record = functools.partial(self.engine.stats.record_block, call.generation, self.name, call.stream,
-                                   call.step.index, self.block_names[index], decision)
         if not decision.compute:
             if not can_reuse:
                 raise RuntimeError(f"{type(self.block_policy).__name__} skipped a block with nothing cached")
-            record()
+            self._record_block(call, index, decision)
             res_h, res_e = cached
             return io.pack(hidden_in + res_h, encoder_in + res_e if res_e is not None else encoder_in)
         output = original(*args, **kwargs)
-        record()
+        self._record_block(call, index, decision)
         hidden_out = io.hidden_states_out(output)
         if hidden_out.shape != hidden_in.shape:  # a block that changes the token count cannot replay a residual
             call.state.blocks.pop(index, None)
@@ -564,6 +562,10 @@ class Component:
             res_e = (encoder_out - encoder_in).detach()
         call.state.blocks[index] = ((hidden_out - hidden_in).detach(), res_e)
         return output
+
+    def _record_block(self, call: Call, index: int, decision: Decision) -> None:
+        self.engine.stats.record_block(call.generation, self.name, call.stream, call.step.index,
+                                       self.block_names[index], decision)
 
 
 def _hidden_states_argument(forward, args: tuple, kwargs: dict) -> torch.Tensor | None:

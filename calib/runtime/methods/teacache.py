@@ -18,8 +18,8 @@ from calib.adapters import get_adapter, model_identity
 from ..document import (FORMAT, NORMALIZATIONS, SCHEMA_VERSION, check_with_jsonschema, fail, finite, forecast_of,
                         model_section, recommended_threshold)
 from ..engine import BLOCK_INPUT, INDICATORS, MODULATED_INPUT, TEMB, Engine, steps_with
-from ..forecast import Forecast, ForecastSpec
 from ..errors import OptionValueError
+from ..forecast import Forecast, ForecastSpec
 from ..gate import Rescaler
 from ..handle import CacheHandle, check_model, choose_threshold, components_of
 from ..options import CommonOptions, as_sigmas, check_forecast, check_threshold
