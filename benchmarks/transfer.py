@@ -33,7 +33,7 @@ HELD_OUT_SEED = 1000
 
 
 def _config(res_map, trace_set, pipe_source):
-    """A runtime CacheConfig (via the real coefficient document) for {component: FitResult}."""
+    """A runtime TeaCacheConfig (via the real coefficient document) for {component: FitResult}."""
     import calib.runtime as cr
     from calib.methods.teacache.configs import runtime_rescaler as _rescaler
     from calib.methods.teacache.document import build_document

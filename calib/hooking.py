@@ -38,9 +38,14 @@ def parameter_names(forward) -> list[str]:
 
 def call_argument(block: torch.nn.Module, name: str, args: tuple, kwargs: dict) -> Any:
     """The value of ``block.forward``'s parameter ``name`` in one call, passed by keyword or by position (or None)."""
+    return forward_argument(block.forward, name, args, kwargs)
+
+
+def forward_argument(forward: Callable, name: str, args: tuple, kwargs: dict) -> Any:
+    """The value of ``forward``'s parameter ``name`` in one call, passed by keyword or by position (or None)."""
     if name in kwargs:
         return kwargs[name]
-    params = parameter_names(block.forward)
+    params = parameter_names(forward)
     if name in params and params.index(name) < len(args):
         return args[params.index(name)]
     return None

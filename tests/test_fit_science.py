@@ -437,13 +437,13 @@ def _what_the_gate_sees(pipe, config, steps, monkeypatch) -> list[tuple]:
     """(change, Δσ scale) the runtime's gate is given at each step of one generation (seed 7, no guidance), with a
     rescaler steep enough that every step computes."""
     seen = []
-    original = TeaCacheGate.should_compute
+    original = TeaCacheGate.decide
 
-    def spy(self, change, *, force=False, scale=None):
+    def spy(self, change, *, forced=None, scale=None):
         seen.append((change, scale))
-        return original(self, change, force=force, scale=scale)
+        return original(self, change, forced=forced, scale=scale)
 
-    monkeypatch.setattr(TeaCacheGate, "should_compute", spy)
+    monkeypatch.setattr(TeaCacheGate, "decide", spy)
     with cr.apply(pipe, config, threshold=1.0) as handle:
         pipe("a handwritten 4", num_inference_steps=steps, guidance_scale=1.0,
              generator=torch.Generator().manual_seed(7), output_type="latent")

@@ -57,29 +57,29 @@ def test_newton_history_is_exact_on_polynomials_of_its_order_at_uneven_points(or
     value = lambda x: sum(c * x ** j for j, c in enumerate(coefs))  # noqa: E731
     history = cr.Forecast(order).history()
     for i, x in enumerate(xs):
-        history.push(x, value(x))
+        history.push(i, x, value(x))
         assert len(history) == min(i + 1, order + 1)  # never more than k + 1 tensors
         if i >= order:
             for target in (x + 0.5, x + 2.0):
-                assert torch.allclose(history.predict(target), value(target), rtol=1e-9, atol=1e-9)
+                assert torch.allclose(history.predict(i + 1, target), value(target), rtol=1e-9, atol=1e-9)
     assert history.nbytes == (order + 1) * 15 * 8
 
 
 def test_history_extrapolates_with_the_points_it_has_and_restarts_on_another_shape():
     history = cr.Forecast(2).history()
-    history.push(0, torch.tensor([1.0]))
-    assert torch.equal(history.predict(5), torch.tensor([1.0]))  # one point: reuse
-    history.push(1, torch.tensor([2.0]))
-    assert torch.allclose(history.predict(3), torch.tensor([4.0]))  # two points: linear
-    history.push(2, torch.zeros(2))
+    history.push(0, 0, torch.tensor([1.0]))
+    assert torch.equal(history.predict(5, 5), torch.tensor([1.0]))  # one point: reuse
+    history.push(1, 1, torch.tensor([2.0]))
+    assert torch.allclose(history.predict(3, 3), torch.tensor([4.0]))  # two points: linear
+    history.push(2, 2, torch.zeros(2))
     assert len(history) == 1 and history.matches((2,))
 
 
 def test_order_zero_returns_the_cached_tensor_itself():
     history = cr.Forecast(0).history()
     value = torch.randn(4)
-    history.push(3, value)
-    held = history.predict(9)
+    history.push(3, 3, value)
+    held = history.predict(9, 9)
     assert held.data_ptr() == value.data_ptr() and torch.equal(held, value)  # no copy, no arithmetic
 
 
@@ -237,7 +237,7 @@ def test_schedule_errors_are_one_line(tmp_path, pipe):
     assert isinstance(info.value, CalibError)
     with pytest.raises(cr.ScheduleError, match="no schedule for budget 5; it has budgets 4, 7, 12"):
         cr.apply(pipe, config, budget=5)
-    with pytest.raises(cr.ScheduleError, match="budget=..., not threshold"):
+    with pytest.raises(cr.OptionError, match="a schedule config does not take threshold=; it takes"):
         cr.apply(pipe, config, threshold=0.1)
     with pytest.raises(cr.StepCountError, match="not num_steps=20"):
         cr.apply(pipe.transformer, config, num_steps=20)
@@ -326,8 +326,8 @@ def test_traced_forecast_errors_are_the_runtime_forecasts(pipe):
                         continue
                     history = cr.Forecast(order, variable).history()
                     for n in nodes:
-                        history.push(n if variable == "step" else sigmas[n], residuals[n])
-                    pred = history.predict(step if variable == "step" else sigmas[step])
+                        history.push(n, n if variable == "step" else sigmas[n], residuals[n])
+                    pred = history.predict(step, step if variable == "step" else sigmas[step])
                     want = ((pred - residuals[step]).abs().flatten(1).mean(1)
                             / (stack_in + residuals[step]).abs().flatten(1).mean(1))
                     assert torch.allclose(got, want, rtol=1e-4, atol=1e-6), (step, order, h, variable)

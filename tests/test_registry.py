@@ -28,9 +28,9 @@ def test_unknown_method_is_one_line_naming_the_known_ones():
 
 
 def test_validate_runs_the_section_check():
-    from calib.runtime.api import _APPLY
+    from calib.runtime.methods import RUNTIME_METHODS
 
-    assert set(_APPLY) == set(PARSERS)
+    assert set(RUNTIME_METHODS) == set(PARSERS)
     doc = {"format": "calib.coefficients", "schema_version": 1, "method": "block-cache", "calib_version": "0",
            "created": "2026-12-02T08:00:00Z", "model": {"class": "X"}, "calibration": {},
            "block_cache": {"rule": "r", "reuse": "residual", "statistic": "mean", "schedule_threshold": 0.0,

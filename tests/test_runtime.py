@@ -1,6 +1,7 @@
 """The runtime on the built-in digits model: exact parity at threshold 0, the paper's first/last rule, streams,
 model identity checks, removal, and bad thresholds."""
 
+import dataclasses
 import json
 import warnings
 
@@ -8,6 +9,8 @@ import pytest
 import torch
 
 import calib.runtime as cr
+from calib.adapters import get_adapter
+from calib.errors import CalibError
 from calib.models import digits
 from calib.runtime.gate import Rescaler, TeaCacheGate, replay
 
@@ -187,3 +190,114 @@ def test_runtime_imports_only_torch_and_stdlib():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# apply()'s arguments: each method takes its own, each checked before any hook is installed
+# ---------------------------------------------------------------------------------------------------------------
+def block_cache_config(pipe):
+    blocks = [n for n, _ in get_adapter(pipe.transformer).blocks(pipe.transformer)]
+    return cr.parse({
+        "format": "calib.coefficients", "schema_version": 1, "method": "block-cache", "calib_version": "0",
+        "created": "2026-12-02T08:00:00Z", "model": {"class": "FluxTransformer2DModel"}, "calibration": {},
+        "block_cache": {"rule": "accumulate", "components": {"transformer": {
+            "blocks": blocks, "steps": STEPS, "changes": [[None] * len(blocks)] + [[0.1] * len(blocks)] * (STEPS - 1)}}},
+        "thresholds": {"recommended": 0.1},
+    })
+
+
+def no_hooks_left(pipe):
+    return "forward" not in vars(pipe.transformer) and not hasattr(pipe.transformer, "_calib_cache_handle") and not {
+        "set_timesteps", "step"} & set(vars(pipe.scheduler))
+
+
+BAD_OPTIONS = [
+    ("teacache", {"num_steps": "4"}, cr.OptionError, "num_steps must be an integer >= 1, got '4'"),
+    ("teacache", {"num_steps": 0}, cr.OptionValueError, "num_steps must be an integer >= 1, got 0"),
+    ("teacache", {"num_steps": True}, cr.OptionError, "num_steps must be an integer"),
+    ("teacache", {"sigmas": "abc"}, cr.OptionError, "sigmas must be the scheduler's noise levels"),
+    ("teacache", {"sigmas": ["a"]}, cr.OptionError, "sigmas must be numbers, got 'a'"),
+    ("teacache", {"sigmas": [1.0, float("nan")]}, cr.OptionValueError, "sigmas must be finite numbers, got nan"),
+    ("teacache", {"sigmas": []}, cr.OptionValueError, "sigmas is empty"),
+    ("teacache", {"forecast": {"order": 1}}, cr.OptionError, "forecast must be a calib.runtime.Forecast"),
+    ("teacache", {"forecast": 1}, cr.OptionError, "forecast must be a calib.runtime.Forecast"),
+    ("teacache", {"threshold": float("nan")}, cr.ThresholdError, "threshold must be a finite number, got nan"),
+    ("teacache", {"threshold": -0.5}, cr.ThresholdError, "threshold must be >= 0, got -0.5"),
+    ("teacache", {"threshold": True}, cr.ThresholdError, "threshold must be a number, got True"),
+    ("teacache", {"allow_model_mismatch": "yes"}, cr.OptionError, "allow_model_mismatch must be True or False"),
+    ("teacache", {"modulation_module": 3}, cr.OptionError, "modulation_module must be a dotted module path"),
+    ("teacache", {"budget": 4}, cr.OptionError, "a teacache config does not take budget=; it takes"),
+    ("teacache", {"treshold": 0.1}, cr.OptionError, "does not take treshold="),
+    ("schedule", {"budget": "3"}, cr.OptionError, "budget must be an integer >= 1, got '3'"),
+    ("schedule", {"budget": 3.0}, cr.OptionError, "budget must be an integer >= 1, got 3.0"),
+    ("schedule", {"budget": 5}, cr.ScheduleError, "has no schedule for budget 5; it has budgets 3"),
+    ("schedule", {"threshold": 0.1}, cr.OptionError, "a schedule config does not take threshold="),
+    ("schedule", {"num_steps": STEPS + 1}, cr.StepCountError, f"searched for {STEPS} steps, not num_steps"),
+    ("block-cache", {"forecast": cr.Forecast(1)}, cr.OptionError,
+     "a block-cache config does not take forecast=; it takes num_steps=, allow_model_mismatch=, modulation_module=, "
+     "threshold="),
+    ("block-cache", {"budget": 3, "sigmas": [1.0, 0.0]}, cr.OptionError, "does not take budget=, sigmas="),
+    ("block-cache", {"threshold": "fast"}, cr.ThresholdError, "threshold must be a number, got 'fast'"),
+]
+
+
+@pytest.mark.parametrize("method,options,error,message", BAD_OPTIONS,
+                         ids=[f"{m}-{'-'.join(o)}-{i}" for i, (m, o, _, _) in enumerate(BAD_OPTIONS)])
+def test_apply_refuses_bad_options_in_one_line_before_hooking(pipe, method, options, error, message):
+    config = {"teacache": lambda: make_config(pipe, recommended=0.1), "block-cache": lambda: block_cache_config(pipe),
+              "schedule": lambda: cr.parse(cr.schedule_document_for(pipe, steps=STEPS,
+                                                                    schedules={3: {"transformer": [0, 5, 11]}}))}[method]()
+    with pytest.raises(error) as info:
+        cr.apply(pipe, config, **options)
+    assert message in str(info.value) and "\n" not in str(info.value)
+    assert isinstance(info.value, CalibError)
+    if error in (cr.OptionError, cr.OptionValueError):  # a wrong keyword or type is a TypeError, a range a ValueError
+        assert isinstance(info.value, TypeError)
+        assert isinstance(info.value, ValueError) == (error is cr.OptionValueError)
+    assert no_hooks_left(pipe)
+
+
+def test_an_option_given_as_none_is_not_given(pipe):
+    """Code that passes every keyword through (None when unset) works for every method."""
+    for config in (make_config(pipe, recommended=0.1), block_cache_config(pipe)):
+        cr.apply(pipe, config, forecast=None, budget=None, sigmas=None).remove()
+    assert no_hooks_left(pipe)
+
+
+def test_apply_takes_only_configs(pipe):
+    with pytest.raises(cr.OptionError, match="apply\\(\\) takes a config from calib.runtime.load or parse"):
+        cr.apply(pipe, make_config(pipe).document)
+
+
+def test_every_method_gets_one_handle_class(pipe):
+    handles = [cr.apply(pipe, make_config(pipe), threshold=0.1)]
+    handles[-1].remove()
+    handles.append(cr.apply(pipe, block_cache_config(pipe)))
+    handles[-1].remove()
+    handles.append(cr.apply_schedule(pipe, {"transformer": [0, STEPS - 1]}, steps=STEPS))
+    handles[-1].remove()
+    assert all(type(h) is cr.CacheHandle for h in handles)
+    assert [(h.method, h.threshold, h.budget) for h in handles] == [
+        ("teacache", 0.1, None), ("block-cache", 0.1, None), ("schedule", None, 2)]
+    assert set(cr.RUNTIME_METHODS) == {"teacache", "schedule", "block-cache"}
+    for method in cr.RUNTIME_METHODS.values():  # a config always knows its method
+        assert method.config.method == method.name
+
+
+def test_apply_schedule_checks_its_mask(pipe):
+    for mask, message in (({"transformer": [0, STEPS]}, f"step {STEPS} is outside 0..{STEPS - 1}"),
+                          ({"transformer": [0, 0]}, "lists a step twice"), ({}, "the schedule must be")):
+        with pytest.raises(CalibError, match=message):
+            cr.apply_schedule(pipe, mask, steps=STEPS)
+    with pytest.raises(cr.OptionError, match="steps must be an integer"):
+        cr.apply_schedule(pipe, {"transformer": [0]}, steps="12")
+    assert no_hooks_left(pipe)
+
+
+def test_load_records_the_path_and_parse_does_not(pipe, tmp_path):
+    doc = make_config(pipe).document
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(doc))
+    loaded = cr.load(path)
+    assert isinstance(loaded, cr.TeaCacheConfig) and loaded.path == str(path)
+    assert cr.parse(doc).path is None and loaded == dataclasses.replace(cr.parse(doc, str(path)), path=str(path))

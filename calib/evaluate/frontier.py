@@ -67,7 +67,7 @@ from calib.methods import block_cache, fbcache, magcache
 from calib.methods.base import TuneTarget
 from calib.methods.search import bisect, grow
 from calib.methods.teacache.tune import find_threshold, rescalers_of
-from calib.runtime import block_cache as runtime_block_cache
+from calib.runtime.methods import block_cache as runtime_block_cache
 from calib.runtime.gate import Rescaler
 
 

@@ -19,7 +19,7 @@ import calib.runtime as cr
 from calib.adapters import get_adapter
 from calib.evaluate.metrics import latent_rel_l1, psnr, ssim
 from calib.methods.search import measured_search
-from calib.runtime.coefficients import ComponentRescaler
+from calib.runtime import ComponentRescaler
 from calib.trace.generate import Generator, Output, to_planes
 
 

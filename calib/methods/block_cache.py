@@ -12,8 +12,8 @@ mean change of every block at every step over all trajectories and streams. The 
 
 ``T = 0`` computes everything. The schedule is static (the same for every prompt), so the fraction of block
 computations it keeps is known exactly before any run; :func:`tune` picks the smallest threshold whose fraction is
-at most a target. The same rule runs in the runtime (:mod:`calib.runtime.block_cache`), from the changes stored in
-the exported JSON, so a threshold other than the recommended one gives its own schedule there too.
+at most a target. The same rule runs in the runtime (:func:`calib.runtime.policies.block_schedule`), from the changes
+stored in the exported JSON, so a threshold other than the recommended one gives its own schedule there too.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from calib.coeffs.document import header
 from calib.errors import CalibError
 from calib.methods.base import Method, OptionSpec, with_fail
 from calib.methods.search import bisect, first_row
-from calib.runtime.block_cache import block_schedule
+from calib.runtime.policies import block_schedule
 
 METHOD = "block-cache"
 DEFAULT_TARGET_FRACTION = 0.6
@@ -43,7 +43,7 @@ RULE = (
 # ---------------------------------------------------------------------------------------------------------------
 def schedule(changes, threshold: float) -> np.ndarray:
     """Boolean (n_steps, n_blocks): True where the block computes. ``changes[0]`` (no previous step) is ignored.
-    The runtime's own rule (:func:`calib.runtime.block_cache.block_schedule`), so what is tuned is what runs."""
+    The runtime's own rule (:func:`calib.runtime.policies.block_schedule`), so what is tuned is what runs."""
     c = np.asarray(changes, dtype=np.float64)
     if c.ndim != 2:
         raise ValueError(f"changes must be (n_steps, n_blocks), got shape {c.shape}")

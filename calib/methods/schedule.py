@@ -41,7 +41,7 @@ from calib.errors import CalibError
 from calib.methods.base import Method, OptionSpec
 from calib.methods.cost_model import wall_target_fraction
 from calib.runtime import Forecast
-from calib.runtime.schedule import parse as parse_schedule_document
+from calib.runtime.methods.schedule import parse as parse_schedule_document
 from calib.trace.generate import Generator
 
 METHOD = "schedule"

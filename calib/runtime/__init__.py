@@ -8,38 +8,53 @@ only (diffusers is used when present).
     print(handle.stats())
     handle.remove()
 
-A skipped step adds the cached stack residual, or its forecast (``Forecast(order=1|2, variable=...)``, from the file
-or ``apply(..., forecast=...)``). A schedule file (``method: schedule``) or ``apply_schedule(pipe, {component:
-[steps]}, steps=N)`` fixes the computed steps instead of the gate.
+Every method (:data:`RUNTIME_METHODS`: ``teacache``, ``schedule``, ``block-cache``) runs on one hook engine
+(:mod:`calib.runtime.engine`) as a policy that decides per step (or per block) and stream. A skipped step gets the
+forecast of what its target caches (``Forecast(order, variable, target)``, from the file or ``apply(...,
+forecast=...)``). A schedule file (``method: schedule``) or ``apply_schedule(pipe, {component: [steps]}, steps=N)``
+fixes the computed steps instead of the gate.
 """
 
-from .api import CacheHandle, apply, apply_schedule
-from .block_cache import BlockCacheConfig, BlockCacheHandle
-from .coefficients import CacheConfig, ComponentRescaler, document_for
-from .loading import load, parse
-from .errors import (CoefficientFileError, ForecastError, ModelMismatchError, ScheduleError, StepCountError,
-                     ThresholdError)
-from .forecast import Forecast, ForecastHistory
+from .api import apply, apply_schedule
+from .decision import Decision
+from .errors import (CoefficientFileError, ForecastError, ModelMismatchError, OptionError, OptionValueError,
+                     ScheduleError, StepCountError, ThresholdError)
+from .forecast import Forecast, ForecastHistory, ForecastSpec
 from .gate import Rescaler, TeaCacheGate, replay
-from .schedule import Schedule, ScheduleConfig, schedule_document_for
+from .handle import CacheHandle
+from .loading import load, parse
+from .methods import RUNTIME_METHODS, RuntimeMethod
+from .methods.block_cache import BlockCacheConfig, BlockCacheOptions
+from .methods.schedule import Schedule, ScheduleConfig, ScheduleOptions, schedule_document_for
+from .methods.teacache import ComponentRescaler, TeaCacheConfig, TeaCacheOptions, document_for
+from .targets import TARGETS
 
 __all__ = [
     "BlockCacheConfig",
-    "BlockCacheHandle",
-    "CacheConfig",
+    "BlockCacheOptions",
     "CacheHandle",
     "CoefficientFileError",
     "ComponentRescaler",
+    "Decision",
     "Forecast",
     "ForecastError",
     "ForecastHistory",
+    "ForecastSpec",
     "ModelMismatchError",
+    "OptionError",
+    "OptionValueError",
+    "RUNTIME_METHODS",
     "Rescaler",
+    "RuntimeMethod",
     "Schedule",
     "ScheduleConfig",
     "ScheduleError",
+    "ScheduleOptions",
     "StepCountError",
+    "TARGETS",
+    "TeaCacheConfig",
     "TeaCacheGate",
+    "TeaCacheOptions",
     "ThresholdError",
     "apply",
     "apply_schedule",

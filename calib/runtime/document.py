@@ -7,14 +7,14 @@ import math
 from typing import Any
 
 from .errors import CoefficientFileError, ForecastError
-from .forecast import Forecast
+from .forecast import ForecastSpec
 
 SCHEMA_VERSION = 1
 FORMAT = "calib.coefficients"
-NORMALIZATIONS = ("none", "delta_sigma")  # indicator.normalization: see calib.runtime.api
+NORMALIZATIONS = ("none", "delta_sigma")  # indicator.normalization: see calib.runtime.methods.teacache
 
 
-def _finite(value: Any) -> bool:
+def finite(value: Any) -> bool:
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         return False
     try:
@@ -23,38 +23,38 @@ def _finite(value: Any) -> bool:
         return False
 
 
-def _fail(source: str, where: str, what: str):
+def fail(source: str, where: str, what: str):
     raise CoefficientFileError(f"{source}: {where}: {what}")
 
 
-def _model_section(doc: dict, source: str) -> dict:
+def model_section(doc: dict, source: str) -> dict:
     """The document's ``model`` object; it must name the model class (every method's file does)."""
     model = doc.get("model")
     if not isinstance(model, dict) or not isinstance(model.get("class"), str) or not model["class"]:
-        _fail(source, "model.class", "missing: the file must name the model class it was calibrated on")
+        fail(source, "model.class", "missing: the file must name the model class it was calibrated on")
     return model
 
 
-def _recommended_threshold(doc: dict, source: str) -> float | None:
+def recommended_threshold(doc: dict, source: str) -> float | None:
     """``thresholds.recommended`` as a float, None when absent; a finite number >= 0 otherwise refused."""
     thresholds = doc.get("thresholds")
     if not isinstance(thresholds, dict) or thresholds.get("recommended") is None:
         return None
     recommended = thresholds["recommended"]
-    if not _finite(recommended) or recommended < 0:
-        _fail(source, "thresholds.recommended", "must be a finite number >= 0")
+    if not finite(recommended) or recommended < 0:
+        fail(source, "thresholds.recommended", "must be a finite number >= 0")
     return float(recommended)
 
 
-def forecast_of(entry, source: str, where: str) -> Forecast:
-    """A file's ``forecast`` entry as a :class:`Forecast` (absent: order 0, reuse); one-line error otherwise."""
+def forecast_of(entry, source: str, where: str) -> ForecastSpec:
+    """A file's ``forecast`` entry as a forecast setting (absent: Newton order 0, reuse); one-line error otherwise."""
     try:
-        return Forecast.from_json(entry, where)
+        return ForecastSpec.from_json(entry, where)
     except ForecastError as exc:
         raise CoefficientFileError(f"{source}: {exc}") from None
 
 
-def _check_with_jsonschema(doc: dict, source: str) -> None:
+def check_with_jsonschema(doc: dict, source: str) -> None:
     try:
         import jsonschema
     except ImportError:  # optional at run time: the checks above cover what the runtime relies on
@@ -69,4 +69,4 @@ def _check_with_jsonschema(doc: dict, source: str) -> None:
     error = jsonschema.exceptions.best_match(validator.iter_errors(doc))
     if error is not None:
         where = ".".join(str(p) for p in error.absolute_path) or "(top level)"
-        _fail(source, where, error.message)
+        fail(source, where, error.message)

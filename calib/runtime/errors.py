@@ -1,4 +1,5 @@
-"""Runtime errors: each is a CalibError, so the CLI prints one line and production code can catch one type."""
+"""Runtime errors: each is a CalibError, so the CLI prints one line and production code can catch one type; those
+about an argument are also the ValueError or TypeError Python code would expect."""
 
 from ..errors import CalibError
 
@@ -11,17 +12,25 @@ class ModelMismatchError(CalibError):
     """Coefficients calibrated for another model class than the one they are applied to."""
 
 
-class ThresholdError(CalibError):
+class ThresholdError(CalibError, ValueError):
     """A threshold that is negative or not a finite number."""
 
 
 class ForecastError(CalibError, ValueError):
-    """A forecast setting that is not one the runtime computes (kind, order, variable)."""
+    """A forecast setting that is not one the runtime computes (kind, order, variable, target)."""
 
 
-class ScheduleError(CalibError):
+class ScheduleError(CalibError, ValueError):
     """A static schedule that cannot be applied as asked (unknown budget, bad step list)."""
 
 
 class StepCountError(ScheduleError):
     """A generation with another number of steps than the schedule was searched for."""
+
+
+class OptionError(CalibError, TypeError):
+    """An ``apply()`` keyword its method does not take, or a value of the wrong type (``num_steps="4"``)."""
+
+
+class OptionValueError(OptionError, ValueError):
+    """An ``apply()`` keyword of the right type and a value it cannot take (``num_steps=0``, a NaN in ``sigmas``)."""

@@ -1,10 +1,21 @@
-"""Forecast the cached quantity on a skipped step instead of reusing it (torch and the standard library only).
+"""Forecast the cached value on a skipped step instead of reusing it (torch and the standard library only).
 
-A :class:`Forecast` says how: Newton extrapolation of order ``k`` (0, 1 or 2) through the last ``k + 1`` computed
-values, in the step index, the scheduler's noise level σ or its timestep. Order 0 is TeaCache's reuse: the value of the
-last computed step, unchanged.
+A forecast setting (a :class:`ForecastSpec`) is a *basis* (how a value is extrapolated from the computed steps, with
+its per-stream history) and the *target* it extrapolates (:mod:`calib.runtime.targets`: the stack residual, the final
+block's hidden states or the transformer's output). The hook engine asks a setting for nothing else than this
+protocol, so a new basis is a new subclass here (or in a module of its own), registered by its ``kind``:
 
-A :class:`ForecastHistory` is one stream's state. It keeps the newest diagonal of the divided-difference table,
+* ``spec.kind`` (the file's ``forecast.kind``), ``spec.target``, ``spec.variable`` (``step``, ``sigma`` or
+  ``timestep``: what the engine passes as ``x``), ``spec.tensors_per_stream`` (None when unbounded),
+  ``spec.as_json()`` (the file's entry) and ``spec.history()``: one stream's state, with
+  ``push(step_index, x, tensor)`` after a computed step, ``predict(step_index, x) -> tensor`` on a skipped one (it
+  may return a tensor it holds: the caller never modifies it), ``clear()``, ``len()`` (tensors held) and ``nbytes``.
+
+:class:`Forecast` is the Newton basis: extrapolation of order ``k`` (0, 1 or 2) through the last ``k + 1`` computed
+values, in the step index, the scheduler's noise level σ or its timestep. Order 0 is TeaCache's reuse: the value of
+the last computed step, unchanged.
+
+A :class:`ForecastHistory` is one stream's Newton state. It keeps the newest diagonal of the divided-difference table,
 ``f[x_n]``, ``f[x_n, x_{n-1}]``, ``f[x_n, x_{n-1}, x_{n-2}]``: k + 1 tensors of the value's shape, the same memory as
 the last k + 1 values, and a prediction is then k multiply-adds:
 
@@ -17,23 +28,85 @@ allow, as TaylorSeer's warm-up does.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
 from .errors import ForecastError
+from .targets import RESIDUAL, TARGETS
 
 KIND = "newton"
 ORDERS = (0, 1, 2)
 VARIABLES = ("step", "sigma", "timestep")
 
+# kind -> its ForecastSpec subclass (filled by __init_subclass__): what a file's forecast entry may name.
+FORECAST_KINDS: dict[str, type] = {}
+
+
+class ForecastSpec:
+    """The protocol every forecast setting follows (see the module); subclasses are frozen dataclasses with a
+    ``kind`` class attribute, a ``target`` and a ``variable`` field, and ``from_entry(entry, where)``."""
+
+    kind: ClassVar[str]
+    target: str
+    variable: str
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        FORECAST_KINDS[cls.kind] = cls
+
+    @property
+    def tensors_per_stream(self) -> int | None:
+        raise NotImplementedError
+
+    def history(self):
+        raise NotImplementedError
+
+    def as_json(self) -> dict:
+        raise NotImplementedError
+
+    @classmethod
+    def from_entry(cls, entry: dict, where: str) -> "ForecastSpec":
+        raise NotImplementedError
+
+    @staticmethod
+    def from_json(entry, where: str = "forecast") -> "ForecastSpec":
+        """From a file's ``forecast`` entry (``None``: Newton order 0, reuse), by its ``kind``; a ForecastError naming
+        ``where`` otherwise."""
+        if entry is None:
+            return Forecast()
+        if not isinstance(entry, dict):
+            raise ForecastError(f"{where}: expected an object {{\"kind\", \"order\", \"variable\"}}")
+        kind = entry.get("kind")
+        if kind not in FORECAST_KINDS:
+            raise ForecastError(f"{where}.kind: {kind!r} is not a forecast this runtime computes "
+                                f"({', '.join(FORECAST_KINDS)})")
+        try:
+            return FORECAST_KINDS[kind].from_entry(entry, where)
+        except ForecastError as exc:
+            message = str(exc)
+            named = message.startswith((f"{where}.", f"{where}:"))
+            raise ForecastError(message if named else f"{where}: {message}") from None
+
+
+def check_target(target) -> str:
+    """A forecast's target name, or a ForecastError listing the targets."""
+    if not isinstance(target, str) or target not in TARGETS:
+        raise ForecastError(f"forecast target must be one of {', '.join(TARGETS)}, got {target!r}")
+    return target
+
 
 @dataclass(frozen=True)
-class Forecast:
-    """How a skipped step's cached quantity is extrapolated: ``order`` 0 (reuse), 1 (linear) or 2 (quadratic), in
-    ``variable`` ``"step"`` (the step index), ``"sigma"`` (the scheduler's noise level) or ``"timestep"``."""
+class Forecast(ForecastSpec):
+    """Newton extrapolation of the skipped step's ``target`` (default the stack residual): ``order`` 0 (reuse),
+    1 (linear) or 2 (quadratic), in ``variable`` ``"step"`` (the step index), ``"sigma"`` (the scheduler's noise
+    level) or ``"timestep"``."""
 
     order: int = 0
     variable: str = "step"
+    target: str = RESIDUAL
+
+    kind: ClassVar[str] = KIND
 
     def __post_init__(self):
         if isinstance(self.order, bool) or not isinstance(self.order, int) or self.order not in ORDERS:
@@ -41,36 +114,28 @@ class Forecast:
         if self.variable not in VARIABLES:
             raise ForecastError(
                 f"forecast variable must be one of {', '.join(VARIABLES)}, got {self.variable!r}")
-
-    kind = KIND
+        check_target(self.target)
 
     @property
     def tensors_per_stream(self) -> int:
-        """Tensors of the cached quantity's shape one stream holds: k + 1."""
+        """Tensors of the cached value's shape one stream holds: k + 1."""
         return self.order + 1
 
     def history(self) -> "ForecastHistory":
         return ForecastHistory(self)
 
     def as_json(self) -> dict:
-        """The coefficient file's ``forecast`` entry."""
-        return {"kind": KIND, "order": self.order, "variable": self.variable}
+        """The coefficient file's ``forecast`` entry (``target`` written when it is not the residual)."""
+        entry = {"kind": KIND, "order": self.order, "variable": self.variable}
+        if self.target != RESIDUAL:
+            entry["target"] = self.target
+        return entry
 
     @classmethod
-    def from_json(cls, entry, where: str = "forecast") -> "Forecast":
-        """From a file's ``forecast`` entry (``None``: order 0); a ForecastError naming ``where`` otherwise."""
-        if entry is None:
-            return cls()
-        if not isinstance(entry, dict):
-            raise ForecastError(f"{where}: expected an object {{\"kind\", \"order\", \"variable\"}}")
-        if entry.get("kind") != KIND:
-            raise ForecastError(f"{where}.kind: {entry.get('kind')!r} is not a forecast this runtime computes ({KIND})")
+    def from_entry(cls, entry: dict, where: str) -> "Forecast":
         if "order" not in entry:
             raise ForecastError(f"{where}.order: missing (0, 1 or 2)")
-        try:
-            return cls(entry["order"], entry.get("variable", "step"))
-        except ForecastError as exc:
-            raise ForecastError(f"{where}: {exc}") from None
+        return cls(entry["order"], entry.get("variable", "step"), entry.get("target", RESIDUAL))
 
 
 class ForecastHistory:
@@ -97,8 +162,9 @@ class ForecastHistory:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self._diffs)
 
-    def push(self, x: float, value: torch.Tensor) -> None:
-        """Record a computed step's value at variable value ``x``; ``None`` forgets everything (nothing to cache)."""
+    def push(self, step: int, x: float, value: torch.Tensor | None) -> None:
+        """Record computed step ``step``'s value at variable value ``x``; ``None`` forgets everything (nothing to
+        cache). Newton extrapolation needs only ``x``."""
         if value is None:
             self.clear()
             return
@@ -122,7 +188,7 @@ class ForecastHistory:
             xs.append(old_x)
         self._xs, self._diffs = xs, diffs
 
-    def predict(self, x: float) -> torch.Tensor:
+    def predict(self, step: int, x: float) -> torch.Tensor:
         """The Newton polynomial through the held values, at ``x``. Order 0 returns the held tensor itself."""
         if not self._diffs:
             raise RuntimeError("nothing computed yet to forecast from")

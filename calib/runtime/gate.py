@@ -11,6 +11,9 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
+from .decision import (CHANGE_NOT_FINITE, FORCED, NO_NOISE_CHANGE, NO_PREVIOUS_INDICATOR, OVER_THRESHOLD,
+                       THRESHOLD_ZERO, UNDER_THRESHOLD, Decision)
+
 
 @dataclass
 class Rescaler:
@@ -47,20 +50,46 @@ class TeaCacheGate:
         ``scale``: for coefficients fitted on a normalised indicator (``delta_sigma``), the step's change in noise
         level Δσ; the accumulator then grows by ``Δσ * p(change / Δσ)``. A scale that is not a positive finite
         number makes the step compute."""
-        if force or change is None or self.threshold <= 0.0 or not math.isfinite(change):
+        return self._advance(change, FORCED if force else None, scale)[0]
+
+    def decide(self, change: float | None, *, forced: str | None = None, scale: float | None = None) -> Decision:
+        """:meth:`should_compute` with its reason: ``forced`` names why the step must compute whatever the
+        accumulator says (the first or last step, nothing cached), None when the rule decides."""
+        compute, reason, added = self._advance(change, forced, scale)
+        if reason is forced or reason in _FORCED_BY_RULE:
+            return Decision.force(reason)
+        return Decision(compute, reason, change=added, accumulated=self.accumulated if added is not None else None)
+
+    def _advance(self, change, forced, scale) -> tuple[bool, str, float | None]:
+        """(compute, reason, what was added to the accumulator): the rule, as tuples (the replay runs it for every
+        step of every trajectory at every threshold it tries)."""
+        if forced is not None:
             self.accumulated = 0.0
-            return True
+            return True, forced, None
+        if self.threshold <= 0.0:
+            self.accumulated = 0.0
+            return True, THRESHOLD_ZERO, None
+        if change is None:
+            self.accumulated = 0.0
+            return True, NO_PREVIOUS_INDICATOR, None
+        if not math.isfinite(change):
+            self.accumulated = 0.0
+            return True, CHANGE_NOT_FINITE, None
         if scale is None:
-            self.accumulated += self.rescaler(change)
+            added = self.rescaler(change)
         elif math.isfinite(scale) and scale > 0.0:
-            self.accumulated += scale * self.rescaler(change / scale)
+            added = scale * self.rescaler(change / scale)
         else:
             self.accumulated = 0.0
-            return True
+            return True, NO_NOISE_CHANGE, None
+        self.accumulated += added
         if self.accumulated < self.threshold:
-            return False
+            return False, UNDER_THRESHOLD, added
         self.accumulated = 0.0
-        return True
+        return True, OVER_THRESHOLD, added
+
+
+_FORCED_BY_RULE = frozenset((NO_PREVIOUS_INDICATOR, CHANGE_NOT_FINITE, NO_NOISE_CHANGE))
 
 
 def replay(changes: Sequence[float], rescaler: Rescaler, threshold: float,

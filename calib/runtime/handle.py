@@ -1,88 +1,114 @@
-"""The life cycle every runtime handle shares (TeaCache and Block Caching): stats, reset, remove, context manager.
-
-A handle owns the hooks it put on one or more transformers (``_handle``), per-component state (``_components``:
-objects with ``transformer``, ``states`` and ``current``) and a statistics recorder (``_stats`` with ``report()``).
-"""
+""":class:`CacheHandle`, what ``apply()`` returns for every method, and what each method's ``install`` shares: the
+components of a pipeline or bare transformer, the model check, one cache per transformer."""
 
 from __future__ import annotations
 
-import math
+import contextlib
 import warnings
 
 import torch
 
-from ..adapters import model_identity
-from ..hooking import Handle, StepClock, wrap_method
-from .errors import ModelMismatchError, ThresholdError
+from ..adapters import Adapter, model_identity
+from .engine import BlockPolicy, Engine, Observer, StepPolicy
+from .errors import ModelMismatchError, OptionError, ThresholdError
+from .options import check_threshold
+
+# What a transformer carries while a calib cache is applied to it (one cache per transformer).
+APPLIED = "_calib_cache_handle"
 
 
-class RuntimeHandle:
-    def __init__(self, config, threshold: float, clock: StepClock, pipeline_mode: bool, stats):
+class CacheHandle:
+    """The hooks one ``apply()`` put on a pipeline or transformer, whatever the method: ``stats()``, ``schedule()``,
+    ``reset()``, ``remove()``; also a context manager (``with cr.apply(pipe, config) as handle: ...``).
+
+    ``method``: the config's method; ``threshold`` (teacache, block-cache) and ``budget`` (schedule): what runs,
+    None for the methods that take none."""
+
+    def __init__(self, config, engine: Engine, *, threshold: float | None = None, budget: int | None = None):
         self.config = config
+        self.method: str = config.method
         self.threshold = threshold
-        self._clock = clock
-        self._pipeline_mode = pipeline_mode
-        self._handle = Handle()
-        self._components: list = []
-        self._stats = stats
+        self.budget = budget
+        self.engine = engine
+        self._marked: list[torch.nn.Module] = []
         self._removed = False
 
+    def attach(self, name: str, transformer: torch.nn.Module, adapter: Adapter, *,
+               policy: StepPolicy | BlockPolicy, forecast=None, observer: Observer | None = None) -> None:
+        """Put ``policy`` (and ``forecast``) on one component; refused while another calib cache is on it."""
+        if getattr(transformer, APPLIED, None) is not None:
+            raise ModelMismatchError(
+                f"{type(transformer).__name__} already has a calib cache applied; call handle.remove() first")
+        setattr(transformer, APPLIED, self)
+        self._marked.append(transformer)
+        try:
+            self.engine.attach(name, transformer, adapter, policy=policy, forecast=forecast, observer=observer)
+        except LookupError as exc:  # a modulation layer or block stack this model does not have
+            raise ModelMismatchError(f"{name}: {exc.args[0] if exc.args else exc}") from None
+
+    @contextlib.contextmanager
+    def installing(self):
+        """Undo everything attached so far when installing fails: a refused apply leaves no hook behind."""
+        try:
+            yield self
+        except BaseException:
+            self.remove()
+            raise
+
     def stats(self) -> dict:
-        """What was computed and skipped, per trajectory, and totals (see the handle's class for the unit)."""
-        return self._stats.report()
+        """The decisions per trajectory (generation x component x stream) and their totals: ``steps`` (or ``blocks``
+        for block caching) ``computed``, split into ``forced`` (first or last step, nothing cached to forecast
+        from, ...) and those the rule chose (``gated`` for a gate, ``listed`` for a mask), ``skipped``,
+        ``compute_fraction``; per trajectory also ``skipped_steps``, ``forced_steps`` and ``reasons``. With a
+        forecast: ``forecast`` (per component its setting, the streams, tensors and bytes its histories hold now)
+        and ``forecast_bytes``; a schedule adds ``budget``."""
+        report = self.engine.report()
+        forecasts = self.engine.forecast_report()
+        if forecasts:
+            report["forecast"] = forecasts
+            report["forecast_bytes"] = sum(f["bytes"] for f in forecasts.values())
+        if self.budget is not None:
+            report["budget"] = self.budget
+        return report
+
+    def schedule(self, component: str = "transformer", num_steps: int | None = None) -> dict[str, list[int]]:
+        """The steps fixed in advance: ``{block name: [steps]}`` for block caching, ``{component: [steps]}`` for a
+        schedule. A gate decides as the generation goes: NotImplementedError."""
+        for c in self.engine.components:
+            if c.name == component:
+                computed = c.policy.schedule(num_steps)
+                return computed if isinstance(c.policy, BlockPolicy) else {component: computed}
+        raise KeyError(f"no component {component!r}; this handle has {[c.name for c in self.engine.components]}")
 
     def reset(self) -> None:
-        """Forget cached residuals and accumulators (done automatically when a new generation starts)."""
-        for comp in self._components:
-            comp.states.clear()
-            comp.current = None
+        """Forget cached values and accumulators (done automatically when a new generation starts)."""
+        self.engine.reset()
 
     def remove(self) -> None:
         """Take every hook off; the model is exactly as before ``apply``."""
         if self._removed:
             return
-        self._handle.remove()
-        for comp in self._components:
-            comp.states.clear()
-            if getattr(comp.transformer, "_calib_cache_handle", None) is self:
-                del comp.transformer._calib_cache_handle
+        self.engine.remove()
+        for transformer in self._marked:
+            if getattr(transformer, APPLIED, None) is self:
+                delattr(transformer, APPLIED)
         self._removed = True
 
     def __enter__(self):
         return self
 
-    def _follow(self, scheduler, new_generation) -> None:
-        """Pipeline mode: a generation starts when the pipeline calls ``scheduler.set_timesteps`` (then
-        ``new_generation()`` runs) and a step ends at ``scheduler.step``."""
-        self._handle.add(wrap_method(scheduler, "set_timesteps", after=lambda *_a, **_k: new_generation()))
-        self._handle.add(wrap_method(scheduler, "step", after=lambda *_a, **_k: self._clock.end_step()))
-
     def __exit__(self, *exc):
         self.remove()
 
 
-def steps_with(scheduler) -> bool:
-    """Whether the target's scheduler tells generations and steps apart (``set_timesteps`` and ``step``): then the
-    handle follows it (pipeline mode); otherwise it reads timesteps from the transformer's calls."""
-    return scheduler is not None and hasattr(scheduler, "set_timesteps") and hasattr(scheduler, "step")
-
-
-def check_threshold(threshold) -> float:
-    """A threshold as a float, or a ThresholdError saying why not (not a number, not finite, negative)."""
-    if isinstance(threshold, bool):
-        raise ThresholdError(f"threshold must be a number, got {threshold!r}")
-    try:
-        value = float(threshold)
-    except OverflowError:  # an int too large for a float (10**400)
-        raise ThresholdError(f"threshold must be a finite number, got an integer of {len(str(abs(threshold)))} "
-                             "digits") from None
-    except (TypeError, ValueError):
-        raise ThresholdError(f"threshold must be a number, got {threshold!r}") from None
-    if not math.isfinite(value):
-        raise ThresholdError(f"threshold must be a finite number, got {threshold!r}")
-    if value < 0:
-        raise ThresholdError(f"threshold must be >= 0, got {value}")
-    return value
+def transformer_of(pipe) -> torch.nn.Module:
+    """The transformer of a pipeline (its ``transformer``), or ``pipe`` itself when it is one."""
+    if isinstance(pipe, torch.nn.Module) and not hasattr(pipe, "scheduler"):
+        return pipe
+    transformer = getattr(pipe, "transformer", None)
+    if not isinstance(transformer, torch.nn.Module):
+        raise OptionError(f"{type(pipe).__name__} is neither a transformer nor a pipeline with one")
+    return transformer
 
 
 def choose_threshold(threshold, config, what: str) -> float:
@@ -94,34 +120,26 @@ def choose_threshold(threshold, config, what: str) -> float:
     return check_threshold(threshold)
 
 
-def components_of(target, config, per_expert: str) -> tuple[list[tuple[str, torch.nn.Module]], object]:
+def components_of(pipe, config, per_expert: str) -> tuple[list[tuple[str, torch.nn.Module]], object]:
     """(component name, transformer) pairs and the scheduler, for a pipeline or a bare transformer.
 
     A bare transformer takes a file with one component; ``per_expert`` says what a file with several holds."""
-    if isinstance(target, torch.nn.Module) and not hasattr(target, "scheduler"):
+    if isinstance(pipe, torch.nn.Module) and not hasattr(pipe, "scheduler"):
         if len(config.components) == 1:
-            return [(next(iter(config.components)), target)], None
+            return [(next(iter(config.components)), pipe)], None
         raise ModelMismatchError(
             f"this file has {per_expert} ({', '.join(config.components)}); apply it to the pipeline so each expert"
             " gets its own"
         )
-    found = [(name, getattr(target, name)) for name in config.components
-             if isinstance(getattr(target, name, None), torch.nn.Module)]
+    found = [(name, getattr(pipe, name)) for name in config.components
+             if isinstance(getattr(pipe, name, None), torch.nn.Module)]
     if not found:
-        have = [n for n in ("transformer", "transformer_2") if isinstance(getattr(target, n, None), torch.nn.Module)]
+        have = [n for n in ("transformer", "transformer_2") if isinstance(getattr(pipe, n, None), torch.nn.Module)]
         raise ModelMismatchError(
-            f"{type(target).__name__} has none of the components {list(config.components)} named in "
+            f"{type(pipe).__name__} has none of the components {list(config.components)} named in "
             f"{config.path or 'the file'} (it has {', '.join(have) or 'no transformer'})"
         )
-    return found, getattr(target, "scheduler", None)
-
-
-def check_not_applied(transformer: torch.nn.Module) -> None:
-    """One calib cache per transformer: a second apply() is refused until the first handle is removed."""
-    if getattr(transformer, "_calib_cache_handle", None) is not None:
-        raise ModelMismatchError(
-            f"{type(transformer).__name__} already has a calib cache applied; call handle.remove() first"
-        )
+    return found, getattr(pipe, "scheduler", None)
 
 
 def check_model(name: str, transformer: torch.nn.Module, config, allow_model_mismatch: bool, what: str) -> None:
@@ -134,10 +152,10 @@ def check_model(name: str, transformer: torch.nn.Module, config, allow_model_mis
         if not allow_model_mismatch:
             raise ModelMismatchError(
                 message + f"; pass allow_model_mismatch=True to use {'them' if plural else 'it'} anyway")
-        warnings.warn(message, stacklevel=3)
+        warnings.warn(message, stacklevel=4)
     elif config.config_hash and identity["config_hash"] != config.config_hash:
         warnings.warn(
             f"{name}: config differs from the calibrated one ({config.source or config.model_class}); "
             f"the {what} may not fit this model — calibrate it with `calib trace`",
-            stacklevel=3,
+            stacklevel=4,
         )

@@ -1,38 +1,42 @@
-"""parse / load: format and version, then the method's own parser from one table."""
+"""parse / load: format and version, then the method's own parser (:data:`calib.runtime.methods.RUNTIME_METHODS`)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
 
 from calib._io import MAX_JSON_BYTES, parse_json, read_input
 from calib.errors import CalibError
-from calib.runtime import block_cache, schedule
-from calib.runtime.coefficients import CacheConfig, parse_teacache
-from calib.runtime.document import FORMAT, SCHEMA_VERSION, _fail
-from calib.runtime.errors import CoefficientFileError
 
-PARSERS = {"teacache": parse_teacache, "block-cache": block_cache.parse, "schedule": schedule.parse}
+from .document import FORMAT, SCHEMA_VERSION, fail
+from .errors import CoefficientFileError
+from .methods import RUNTIME_METHODS
+
+# The document's method -> its parser.
+PARSERS = {name: method.parse for name, method in RUNTIME_METHODS.items()}
 
 
-def parse(doc: Any, source: str = "<document>") -> CacheConfig:
-    """Validate a decoded coefficient document and build the config; one-line CoefficientFileError otherwise."""
+def parse(doc: Any, source: str = "<document>"):
+    """Validate a decoded coefficient document and build its method's config (``TeaCacheConfig``,
+    ``ScheduleConfig``, ``BlockCacheConfig``); one-line CoefficientFileError otherwise."""
     if not isinstance(doc, dict):
-        _fail(source, "(top level)", "expected a JSON object")
+        fail(source, "(top level)", "expected a JSON object")
     if doc.get("format") != FORMAT:
-        _fail(source, "format", f"expected {FORMAT!r}, got {doc.get('format')!r}; is this a calib coefficient file?")
+        fail(source, "format", f"expected {FORMAT!r}, got {doc.get('format')!r}; is this a calib coefficient file?")
     version = doc.get("schema_version")
     if version != SCHEMA_VERSION:
-        _fail(source, "schema_version", f"this file is version {version!r}; this calib reads version {SCHEMA_VERSION}")
+        fail(source, "schema_version", f"this file is version {version!r}; this calib reads version {SCHEMA_VERSION}")
     method = doc.get("method")
     if method not in PARSERS:
-        _fail(source, "method", f"{method!r} is not a method this runtime applies ({', '.join(PARSERS)})")
+        fail(source, "method", f"{method!r} is not a method this runtime applies ({', '.join(PARSERS)})")
     return PARSERS[method](doc, source)
 
 
-def load(path: str | Path) -> CacheConfig:
-    """Read and validate a coefficient JSON. Every problem is one line naming the file."""
+def load(path: str | Path):
+    """Read and validate a coefficient JSON; the config records its ``path``. Every problem is one line naming the
+    file."""
     path = Path(path)
     source = str(path)
     if not path.exists():
@@ -56,9 +60,7 @@ def load(path: str | Path) -> CacheConfig:
         raise CoefficientFileError(f"{source}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
     except ValueError as exc:
         raise CoefficientFileError(f"{source}: {exc}") from None
-    config = parse(doc, source)
-    object.__setattr__(config, "path", source)
-    return config
+    return dataclasses.replace(parse(doc, source), path=source)
 
 
 def _reject_constant(name: str):

@@ -1,67 +1,89 @@
-"""What the cache did: steps, computed and skipped, per trajectory (generation x component x stream)."""
+"""What the cache did, per trajectory (generation x component x stream): the decisions the policies returned, counted
+as forced computes, computes the policy's rule chose, and skips."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections import Counter
+
+from .decision import Decision
 
 
-@dataclass
-class TrajectoryStats:
-    generation: int
-    component: str
-    stream: str
-    decisions: list[bool] = field(default_factory=list)  # True = computed
+class DecisionStats:
+    """Every decision of one handle, per trajectory; per step (a step policy) or per block and step (a block
+    policy). ``label`` names the computes the rule chose: ``gated`` (a gate), ``listed`` (a mask)."""
 
-    @property
-    def steps(self) -> int:
-        return len(self.decisions)
-
-    @property
-    def computed(self) -> int:
-        return sum(self.decisions)
-
-    @property
-    def skipped(self) -> int:
-        return self.steps - self.computed
-
-    def as_dict(self) -> dict:
-        return {
-            "generation": self.generation,
-            "component": self.component,
-            "stream": self.stream,
-            "steps": self.steps,
-            "computed": self.computed,
-            "skipped": self.skipped,
-            "skipped_steps": [i for i, c in enumerate(self.decisions) if not c],
-        }
-
-
-class CacheStats:
     def __init__(self):
-        self._by_key: dict[tuple, TrajectoryStats] = {}
+        self._steps: dict[tuple, list[tuple[int, Decision]]] = {}
+        self._blocks: dict[tuple, dict[str, list[tuple[int, Decision]]]] = {}
 
-    def record(self, generation: int, component: str, stream: str, computed: bool) -> None:
-        key = (generation, component, stream)
-        if key not in self._by_key:
-            self._by_key[key] = TrajectoryStats(generation, component, stream)
-        self._by_key[key].decisions.append(bool(computed))
+    def record_step(self, generation: int, component: str, stream: str, step: int, decision: Decision) -> None:
+        self._steps.setdefault((generation, component, stream), []).append((step, decision))
+
+    def record_block(self, generation: int, component: str, stream: str, step: int, block: str,
+                     decision: Decision) -> None:
+        per_block = self._blocks.setdefault((generation, component, stream), {})
+        per_block.setdefault(block, []).append((step, decision))
 
     def clear(self) -> None:
-        self._by_key.clear()
+        self._steps.clear()
+        self._blocks.clear()
 
-    def report(self) -> dict:
-        return totals([t.as_dict() for t in self._by_key.values()], "steps")
+    def report(self, label: str) -> dict:
+        """``{"trajectories": [...], "steps" or "blocks", "computed", "forced", label, "skipped",
+        "compute_fraction"}``: per step when any step was decided, else per block."""
+        if self._blocks and not self._steps:
+            return totals([_block_trajectory(key, per_block, label) for key, per_block in self._blocks.items()],
+                          "blocks", label)
+        return totals([_step_trajectory(key, decisions, label) for key, decisions in self._steps.items()],
+                      "steps", label)
 
 
-def totals(trajectories: list[dict], unit: str) -> dict:
+def _counts(decisions: list[Decision], label: str) -> dict:
+    computed = sum(d.compute for d in decisions)
+    forced = sum(d.forced for d in decisions)
+    return {"computed": computed, "forced": forced, label: computed - forced, "skipped": len(decisions) - computed,
+            "reasons": dict(Counter(d.reason for d in decisions))}
+
+
+def _step_trajectory(key: tuple, decisions: list[tuple[int, Decision]], label: str) -> dict:
+    generation, component, stream = key
+    return {
+        "generation": generation,
+        "component": component,
+        "stream": stream,
+        "steps": len(decisions),
+        **_counts([d for _, d in decisions], label),
+        "skipped_steps": [i for i, (_, d) in enumerate(decisions) if not d.compute],
+        "forced_steps": [i for i, (_, d) in enumerate(decisions) if d.forced],
+    }
+
+
+def _block_trajectory(key: tuple, per_block: dict[str, list[tuple[int, Decision]]], label: str) -> dict:
+    generation, component, stream = key
+    every = [d for decisions in per_block.values() for _, d in decisions]
+    return {
+        "generation": generation,
+        "component": component,
+        "stream": stream,
+        "steps": len({s for decisions in per_block.values() for s, _ in decisions}),
+        "blocks": len(every),
+        **_counts(every, label),
+        "computed_per_block": {b: sum(d.compute for _, d in decisions) for b, decisions in per_block.items()},
+    }
+
+
+def totals(trajectories: list[dict], unit: str, label: str) -> dict:
     """The report of a handle: its trajectories and the sums over them of ``unit`` (what was evaluated: "steps",
-    or "blocks" for block caching), computed and skipped, and the computed fraction."""
+    or "blocks" for block caching), computed (forced and ``label``) and skipped, and the computed fraction."""
     evaluated = sum(t[unit] for t in trajectories)
     computed = sum(t["computed"] for t in trajectories)
+    forced = sum(t["forced"] for t in trajectories)
     return {
         "trajectories": trajectories,
         unit: evaluated,
         "computed": computed,
+        "forced": forced,
+        label: computed - forced,
         "skipped": evaluated - computed,
         "compute_fraction": (computed / evaluated) if evaluated else None,
     }

@@ -10,16 +10,15 @@ batched over the held calls, and each series is moved to the host once, when the
 from __future__ import annotations
 
 import math
-import warnings
 from collections import defaultdict
 
 import numpy as np
 import torch
 
-from ..adapters import Adapter, first_tensor, get_adapter, model_identity, transformer_output
-from ..adapters.base import get_submodule
+from ..adapters import Adapter, get_adapter, model_identity, transformer_output
 from ..errors import CalibError
-from ..hooking import ContextProbe, Handle, StepClock, wrap_forward, wrap_method
+from ..hooking import StepClock
+from ..runtime.engine import INDICATORS, MODULATED_INPUT, TEMB, Engine, Observer
 from ..store import FORECAST_ORDERS, FORECAST_VARIABLES, Trajectory
 from .settings import TraceSettings
 
@@ -64,8 +63,11 @@ def describe_model(pipe, source: str, adapter: Adapter) -> dict:
     }
 
 
-class _Recorder:
-    """Hooks one transformer (a component) and collects its per-step series for the current generation."""
+class _Recorder(Observer):
+    """Observes one transformer (a component) on the hook engine and collects its per-step series for the current
+    generation."""
+
+    watches = frozenset(INDICATORS)
 
     def __init__(self, component: str, transformer: torch.nn.Module, adapter: Adapter, clock: StepClock, record_blocks: bool,
                  *, scheduler=None, forecast_horizons: int = FORECAST_HORIZONS):
@@ -78,107 +80,39 @@ class _Recorder:
         self.record_blocks = record_blocks
         self.blocks = adapter.blocks(transformer)
         self.block_names = [n for n, _ in self.blocks]
-        self.handle = Handle()
-        self.probe = ContextProbe(transformer)
-        self.handle.add(self.probe.remove)
-        self._call: dict | None = None
+        self.hooks = None  # the engine's component, once attached
         self._pending: dict[tuple, _PendingGroup] = {}
         self._forecast_tensors: dict[tuple, tuple] = {}  # (weights, slot index) per schedule position
         self.reset()
-        head = self.blocks[0][1]
-        tail = self.blocks[-1][1]
-        io = {id(b): adapter.block_io(b) for _, b in self.blocks}
-        layer = adapter.modulation_layer(transformer)
 
-        if layer is not None:
+    @property
+    def _consumer_ok(self) -> bool | None:
+        """Whether the modulated input is taken from the layer the first block feeds it to (the engine checks it
+        once against the recomputation)."""
+        return self.hooks.consumer_ok
 
-            def on_modulation(module, inputs, output):
-                if self._call is not None and "input" not in self._call:
-                    self._call["input"] = _hold(first_tensor(output))
+    # -- the engine's events (Observer) ------------------------------------------------------------------------
+    def call_started(self, call) -> None:
+        call.notes["blocks"] = {}
 
-            self.handle.add(layer.register_forward_hook(on_modulation).remove)
+    def block_finished(self, call, index: int, hidden_out: torch.Tensor) -> None:
+        notes = call.notes
+        if index == 0:
+            stack_input = notes["block_input"] = _hold(call.stack_input)
+            if hidden_out.shape == stack_input.shape:
+                notes["head_residual"] = _hold(hidden_out - stack_input)
+        if self.record_blocks:
+            notes["blocks"][index] = _hold(hidden_out)
+        if index == len(self.blocks) - 1:
+            notes["residual"] = self.adapter.residual(hidden_out, notes["block_input"])
 
-        # Where the first block hands its modulated input to a layer of its own, take it there rather than
-        # recomputing it (on a small Wan model the recomputation is ~2 % of a forward). None: not yet checked
-        # against the recomputation (the first call does both); True: take it; False: recompute every call.
-        self._consumer_ok: bool | None = False
-        if adapter.modulated_input is not None and adapter.modulated_input_consumer is not None:
-            try:
-                consumer = get_submodule(head, adapter.modulated_input_consumer)
-            except LookupError:
-                consumer = None
-            if consumer is not None:
-                self._consumer_ok = None
-
-                def on_consumer(module, args, kwargs):
-                    call = self._call
-                    if call is not None and "input" not in call and self._consumer_ok is not False:
-                        value = kwargs.get("hidden_states", args[0] if args else None)
-                        if isinstance(value, torch.Tensor):
-                            call["input"] = _hold(value)
-
-                self.handle.add(consumer.register_forward_pre_hook(on_consumer, with_kwargs=True).remove)
-
-        def block_forward(block, index, original, *args, **kwargs):
-            call = self._call
-            if call is None:
-                return original(*args, **kwargs)
-            block_io = io[id(block)]
-            if block is head:
-                hidden = block_io.hidden_states_in(block, args, kwargs)
-                call["block_input"] = _hold(hidden)
-                temb = block_io.argument(block, adapter.temb_argument, args, kwargs)
-                if isinstance(temb, torch.Tensor):
-                    call["temb"] = _hold(temb)
-                if adapter.modulated_input is not None and self._consumer_ok is not True:
-                    recomputed = _hold(adapter.modulated_input(block, args, kwargs))
-                    call["input_check" if self._consumer_ok is None else "input"] = recomputed
-            output = original(*args, **kwargs)
-            if "input_check" in call:
-                self._check_consumer(call)
-            hidden_out = block_io.hidden_states_out(output)
-            if block is head and hidden_out.shape == call["block_input"].shape:
-                call["head_residual"] = _hold(hidden_out - call["block_input"])
-            if self.record_blocks:
-                call["blocks"][index] = _hold(hidden_out)
-            if block is tail:
-                call["residual"] = adapter.residual(hidden_out, call["block_input"])
-            return output
-
-        for index, (_, block) in enumerate(self.blocks):
-            self.handle.add(
-                wrap_forward(block, lambda original, *a, _b=block, _i=index, **k: block_forward(_b, _i, original, *a, **k))
-            )
-
-        def transformer_forward(original, *args, **kwargs):
-            key = self.clock.next_call(self.probe.name())
-            self._call = {"blocks": {}}
-            try:
-                output = original(*args, **kwargs)
-                self._call["output"] = _hold(transformer_output(output))
-                self._finish_call(key)
-                return output
-            finally:
-                self._call = None
-
-        self.handle.add(wrap_forward(transformer, transformer_forward))
-
-    def _check_consumer(self, call: dict) -> None:
-        """First call: is the consumer layer's input the recomputed modulated input, value for value? If not (a
-        custom attention processor, another diffusers version), recompute it from then on and say so once."""
-        recomputed = call.pop("input_check")
-        captured = call.get("input")
-        self._consumer_ok = (
-            captured is not None and captured.shape == recomputed.shape and bool(torch.equal(captured, recomputed))
-        )
-        if not self._consumer_ok:
-            call["input"] = recomputed
-            warnings.warn(
-                f"calib: the input of {self.adapter.modulated_input_consumer!r} in the first block of "
-                f"{type(self.transformer).__name__} is not the modulated input {self.adapter.name!r} computes; the "
-                "tracer recomputes it every step instead (same values, a little slower)",
-                stacklevel=2,
-            )
+    def call_finished(self, call, output) -> None:
+        notes = call.notes
+        for name, key in ((MODULATED_INPUT, "input"), (TEMB, "temb")):
+            if name in call.indicators:
+                notes[key] = _hold(call.indicators[name])
+        notes["output"] = _hold(transformer_output(output))
+        self._finish_call(call.stream, notes)
 
     def reset(self) -> None:
         self.previous: dict[tuple, torch.Tensor] = {}
@@ -358,8 +292,7 @@ class _Recorder:
             )
         return self._forecast_sigmas
 
-    def _finish_call(self, key: str) -> None:
-        call = self._call
+    def _finish_call(self, key: str, call: dict) -> None:
         if "input" not in call:
             raise CalibError(
                 f"the modulation layer {self.adapter.indicator_name!r} did not run during the forward of "
@@ -575,23 +508,21 @@ class Tracer:
         self.pipe = pipe
         components = pipeline_components(pipe)
         self.adapter = adapter or get_adapter(components[0][1], modulation_module)
-        self.clock = StepClock()
-        self.handle = Handle()
+        # the runtime's hook engine, read-only: no policy, one recorder per component
+        self.engine = Engine(pipe.scheduler)
+        self.clock = self.engine.clock
         self.recorders: list[_Recorder] = []
         try:
             for name, transformer in components:
                 rec = _Recorder(name, transformer, self.adapter, self.clock, record_blocks, scheduler=pipe.scheduler)
+                rec.hooks = self.engine.attach(name, transformer, self.adapter, observer=rec)
                 self.recorders.append(rec)
-                self.handle.add(rec.handle.remove)
-            scheduler = pipe.scheduler
-            self.handle.add(wrap_method(scheduler, "set_timesteps", after=lambda *a, **k: self.clock.new_generation(len(scheduler.timesteps))))
-            self.handle.add(wrap_method(scheduler, "step", after=lambda *a, **k: self.clock.end_step()))
         except BaseException:
-            self.handle.remove()
+            self.engine.remove()
             raise
 
     def remove(self) -> None:
-        self.handle.remove()
+        self.engine.remove()
 
     def __enter__(self):
         return self
