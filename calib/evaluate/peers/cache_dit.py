@@ -136,12 +136,12 @@ def dbcache_points(inputs, name: str) -> list:
     adapter = cache_dit_adapter(harness.pipe)
     points = []
 
-    def search(calibrator, fn, bn, warmup, for_targets):
+    def search(calibrator, fn, bn, warmup, for_targets, max_probes=5):
         setting = {**calibrator, "Fn": fn, "Bn": bn, "warmup": warmup}
         make = lambda t: dbcache_install(harness, adapter, calibrator, threshold=t, fn=fn, bn=bn,  # noqa: E731
                                          warmup=warmup)
         return threshold_points(harness, name, make, setting, for_targets, axes=("fraction", "compute"),
-                                guess=CACHE_DIT_THRESHOLD, max_probes=5)
+                                guess=CACHE_DIT_THRESHOLD, max_probes=max_probes)
 
     for calibrator in CALIBRATORS[name]:
         first = {w: search(calibrator, 1, 0, w, targets) for w in CACHE_DIT_WARMUPS}
@@ -151,7 +151,7 @@ def dbcache_points(inputs, name: str) -> list:
             scored = {w: min(p.latent_rel_l1 for p in found) for w, found in near.items() if found}
             warmup = min(scored, key=scored.get) if scored else 2
             for fn, bn in CACHE_DIT_STRUCTURES:
-                points += search(calibrator, fn, bn, warmup, [target])
+                points += search(calibrator, fn, bn, warmup, [target], max_probes=4)
         for label, mask in _masks(harness.steps, targets):
             install = dbcache_install(harness, adapter, calibrator, threshold=0.0, mask=mask)
             points.append(harness.run(name, install, {**calibrator, "Fn": 1, "Bn": 0, "mask": label}))
