@@ -161,8 +161,9 @@ def dbcache_points(inputs, name: str) -> list:
 ROWS = {
     "cache-dit": PeerRow("cache-dit DBCache (best of Fn/Bn, warm-up, static masks)",
                          checked("cache-dit", lambda r: dbcache_points(r, "cache-dit"))),
-    "cache-dit-taylorseer": PeerRow("cache-dit DBCache + TaylorSeer (orders 1-2; Fn/Bn, warm-up, masks)",
-                                    checked("cache-dit-taylorseer", lambda r: dbcache_points(r, "cache-dit-taylorseer"))),
+    "cache-dit-taylorseer": PeerRow(
+        "cache-dit DBCache + TaylorSeer (orders 1-2; Fn/Bn, warm-up, masks)",
+        checked("cache-dit-taylorseer", lambda r: dbcache_points(r, "cache-dit-taylorseer"))),
     "cache-dit-dmd": PeerRow("cache-dit DBCache + DMD (Fn/Bn, warm-up, masks)",
                              checked("cache-dit-dmd", lambda r: dbcache_points(r, "cache-dit-dmd"))),
     "cache-dit-foca": PeerRow("cache-dit DBCache + FoCa (Fn/Bn, warm-up, masks)",

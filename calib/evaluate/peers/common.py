@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-import math
 from typing import Any, Callable
 
 import torch
@@ -95,7 +94,9 @@ def unrestored(harness) -> str | None:
         return f"the model fails after it was removed ({type(exc).__name__})"
     finally:
         harness.meter.take()
-    return None if torch.equal(latents, harness.references[batch][0]) else "the model's output changed after it was removed"
+    if torch.equal(latents, harness.references[batch][0]):
+        return None
+    return "the model's output changed after it was removed"
 
 
 def checked(name: str, points_of: Callable[[Any], list[Point]]) -> Callable[[Any], list[Point]]:
@@ -221,8 +222,3 @@ def same_output_kind(output, tensor: torch.Tensor):
             sample=tensor)
     return (tensor, *tuple(output)[1:])
 
-
-def finite_or_raise(value: float, what: str) -> float:
-    if not math.isfinite(value):
-        raise CalibError(f"{what} is not finite ({value})")
-    return value
