@@ -42,17 +42,12 @@ def diffusers_install(transformer, make_config):
     return install
 
 
-def setting_text(setting: dict) -> str:
-    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in setting.items())
-
-
 def threshold_points(harness, name: str, make_install: Callable[[float], Callable], setting: dict, targets, *,
                      axes=("fraction",), guess: float = 0.1, max_probes: int = MAX_PROBES) -> list[Point]:
     """One setting's threshold bisected over real runs to each target on each axis (``fraction``: of full forwards,
     ``compute``: the block stack's MAC share); the measured fraction falls as the threshold grows. The setting is
     first run at :data:`LARGE_THRESHOLD` (as far as it can skip): a target at or below what it computes there is not
-    searched (that probe is its nearest).
-    Every probe is a point whose setting is ``setting`` plus its threshold."""
+    searched (that probe is its nearest). Every probe is a point whose setting is ``setting`` plus its threshold."""
     probes: dict[float, Point] = {}
 
     def run(t: float) -> Point:
