@@ -59,8 +59,7 @@ from typing import Callable
 import calib.runtime as cr
 from calib._io import write_bytes
 from calib.errors import CalibError
-from calib.evaluate.baselines import (_cache_dit_method, _diffusers_install, _fastercache_method, _pab_method, _restored,
-                                      _taylorseer_method, _uniform_method)
+from calib.evaluate.peers import PEER_ROWS, diffusers_install as _diffusers_install
 from calib.evaluate.harness import (CURVE_FRACTIONS, REACHED, TARGETS, TOLERANCE, Harness, Point, _closest, _search,
                                     runtime_install, with_polynomial)
 from calib.methods import block_cache, fbcache, magcache
@@ -227,17 +226,6 @@ def _calib_schedule_row(row: _Row) -> list[Point]:
     return _schedule_method(row.harness, row.schedule_config, row.targets)
 
 
-def _cache_dit_row(calibrator: bool, name: str):
-    def run(row: _Row) -> list[Point]:
-        points = _cache_dit_method(row.harness, row.targets, calibrator=calibrator)
-        broken = _restored(row.harness)
-        if broken is not None:
-            row.echo(f"  {name}: warning — {broken}; the rows after it are not trustworthy")
-        return points
-
-    return run
-
-
 @dataclasses.dataclass(frozen=True)
 class FrontierEntry:
     """One row of the frontier: how it is labelled, how its points are made, and how it is matched to a target."""
@@ -260,21 +248,13 @@ FRONTIER_ENTRIES: dict[str, FrontierEntry] = {
     "raw": FrontierEntry(
         "TeaCache rule, no rescaling [1, 0]",
         lambda r: _teacache_method(r.harness, r.config, r.trace_set, "raw", r.targets, r.echo)),
-    "uniform": FrontierEntry("uniform, every k-th step", lambda r: _uniform_method(r.harness, r.config, r.targets)),
     "fbcache": FrontierEntry("diffusers FirstBlockCache", lambda r: _fbcache_method(r.harness, r.trace_set, r.targets)),
     "magcache": FrontierEntry("diffusers MagCache (ratios from traces)",
                               lambda r: _magcache_method(r.harness, r.trace_set, r.targets, r.echo)),
-    "taylorseer": FrontierEntry("diffusers TaylorSeer (best of orders 1-2, lite/full, interval, warm-up)",
-                                lambda r: _taylorseer_method(r.harness, r.targets)),
-    "pab": FrontierEntry("diffusers PyramidAttentionBroadcast", lambda r: _pab_method(r.harness), partial=True),
     "block-cache": FrontierEntry("calib Block Caching (per-block schedule)",
                                  lambda r: _block_cache_method(r.harness, r.trace_set, r.targets), partial=True,
                                  calibrated=True),
-    "fastercache": FrontierEntry("diffusers FasterCache (fields from traces)",
-                                 lambda r: _fastercache_method(r.harness, r.trace_set), partial=True),
-    "cache-dit": FrontierEntry("cache-dit DBCache F1B0", _cache_dit_row(False, "cache-dit")),
-    "cache-dit-taylorseer": FrontierEntry("cache-dit DBCache F1B0 + TaylorSeer order 2",
-                                          _cache_dit_row(True, "cache-dit-taylorseer")),
+    **PEER_ROWS,  # calib.evaluate.peers: TaylorSeer, SeaCache, Spectrum, EasyCache, PAB, FasterCache, cache-dit (last)
 }
 METHODS = tuple(FRONTIER_ENTRIES)
 CALIB_METHODS = tuple(m for m, e in FRONTIER_ENTRIES.items() if e.calibrated)  # calibrated by calib: not peers
