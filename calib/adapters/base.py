@@ -109,6 +109,9 @@ class Adapter:
     # calls without a cache_context, the call order within a step.
     cfg_batch_order: tuple[str, ...] = ("uncond", "cond")
     cfg_call_order: tuple[str, ...] = ("cond", "uncond")
+    # Transformer arguments whose first dimension is not the batch, though it may equal it (a cond-only step runs
+    # the call on half the batch rows of every other tensor argument).
+    unbatched_arguments: tuple[str, ...] = ()
     # The first block's argument holding the timestep embedding (traced as the alternative indicator temb_rel_l1).
     temb_argument: str = "temb"
     notes: str = ""

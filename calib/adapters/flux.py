@@ -7,5 +7,6 @@ FLUX = Adapter(
     model_classes=("FluxTransformer2DModel",),
     modulation_module="transformer_blocks.0.norm1",
     block_stacks=("transformer_blocks", "single_transformer_blocks"),
+    unbatched_arguments=("img_ids", "txt_ids"),  # (tokens, 3): one set of position ids for every batch row
     notes="norm1(hidden_states, emb=temb)[0], as in TeaCache4FLUX",
 )

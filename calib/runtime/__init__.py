@@ -16,6 +16,7 @@ fixes the computed steps instead of the gate.
 """
 
 from .api import apply, apply_schedule
+from .bases import ChebyshevForecast, LinearForecast, LinearRow
 from .decision import Decision
 from .errors import (CoefficientFileError, ForecastError, ModelMismatchError, OptionError, OptionValueError,
                      ScheduleError, StepCountError, ThresholdError)
@@ -33,6 +34,7 @@ __all__ = [
     "BlockCacheConfig",
     "BlockCacheOptions",
     "CacheHandle",
+    "ChebyshevForecast",
     "CoefficientFileError",
     "ComponentRescaler",
     "Decision",
@@ -40,6 +42,8 @@ __all__ = [
     "ForecastError",
     "ForecastHistory",
     "ForecastSpec",
+    "LinearForecast",
+    "LinearRow",
     "ModelMismatchError",
     "OptionError",
     "OptionValueError",

@@ -25,6 +25,7 @@ THRESHOLD_ZERO = "threshold 0"
 OVER_THRESHOLD = "accumulated change reached the threshold"
 UNDER_THRESHOLD = "accumulated change under the threshold"
 LISTED = "listed in the mask"
+LISTED_COND_ONLY = "listed as cond-only: the conditional branch computes, the unconditional one is forecast"
 NOT_LISTED = "not listed in the mask"
 
 
@@ -40,6 +41,7 @@ class Decision:
     forced: bool = False
     change: float | None = None
     accumulated: float | None = None
+    part: str | None = None  # a computed step that runs only this part of the call (``cond``: its CFG branch)
 
     @classmethod
     def force(cls, reason: str) -> "Decision":

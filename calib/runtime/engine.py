@@ -37,7 +37,8 @@ from typing import Any, ClassVar, Sequence
 import torch
 
 from calib.adapters.base import Adapter, first_tensor, get_submodule
-from calib.hooking import ContextProbe, Handle, StepClock, forward_argument, timestep_value, wrap_forward, wrap_method
+from calib.hooking import (ContextProbe, Handle, StepClock, forward_argument, parameter_names, timestep_value,
+                            wrap_forward, wrap_method)
 
 from .decision import Decision
 from .stats import DecisionStats
@@ -389,12 +390,29 @@ class Component:
             self._decide(call, None)
             if call.skipping:
                 return self._forecast(call, call.reference)
+            if call.decision.part is not None:
+                return self._forward_part(call, original, args, kwargs)
         try:
             output = original(*args, **kwargs)
         except _SkipStep:
             return self._forecast(call, call.reference)
         self._capture(call, output, call.reference)
         return output
+
+    def _forward_part(self, call: Call, original, args, kwargs):
+        """A step that computes part of a batched call (a CFG forecast's conditional rows): the call runs on those
+        rows of every batched argument, and the forecast completes the rest."""
+        stream = call.state.forecast
+        reference = call.reference
+        rows = stream.history.part_rows(call.decision.part, reference.shape[0])
+        sliced_args, sliced_kwargs = slice_batch(original, args, kwargs, rows, reference.shape[0],
+                                                 self.adapter.unbatched_arguments)
+        produced = original(*sliced_args, **sliced_kwargs)
+        value = self.target.capture(produced, reference[rows])
+        if value is None:
+            raise RuntimeError(f"{type(self.transformer).__name__} returned no prediction a cond-only step can use")
+        full = stream.history.complete(call.step.index, self.engine.value(self.forecast.variable, call.step), value)
+        return self.target.replace(full, reference, stream.layout)
 
     # -- the blocks ------------------------------------------------------------------------------------------------
     def block_forward(self, index: int, original, *args, **kwargs):
@@ -522,6 +540,8 @@ class Component:
         if value is None:  # nothing can be cached: the stream computes until something can
             stream.clear()
             return
+        if stream.shape is None and len(stream.history) == 0:  # the stream's first value: can the forecast serve it?
+            self.forecast.check_reference(reference, f"{self.name} ({call.stream})")
         stream.history.push(call.step.index, self.engine.value(self.forecast.variable, call.step), value)
         stream.shape = reference.shape
         stream.layout = self.target.layout(produced)
@@ -574,6 +594,22 @@ def _hidden_states_argument(forward, args: tuple, kwargs: dict) -> torch.Tensor 
     if isinstance(value, torch.Tensor):
         return value
     return next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+
+
+def slice_batch(forward, args: tuple, kwargs: dict, rows: slice, batch: int, unbatched=()) -> tuple[tuple, dict]:
+    """The call's arguments restricted to batch ``rows``: every tensor argument whose first dimension is the call's
+    ``batch``, except the ``unbatched`` ones the adapter names (a tensor whose first dimension only happens to equal
+    the batch, such as FLUX's token ids)."""
+    names = parameter_names(forward)
+
+    def cut(name, value):
+        if (isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch
+                and name not in unbatched):
+            return value[rows]
+        return value
+
+    new_args = tuple(cut(names[i] if i < len(names) else None, a) for i, a in enumerate(args))
+    return new_args, {k: cut(k, v) for k, v in kwargs.items()}
 
 
 def steps_with(scheduler) -> bool:

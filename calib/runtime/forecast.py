@@ -69,6 +69,9 @@ class ForecastSpec:
     def from_entry(cls, entry: dict, where: str) -> "ForecastSpec":
         raise NotImplementedError
 
+    def check_reference(self, reference, where: str) -> None:
+        """A stream's first computed call: refuse (one line naming ``where``) a call this forecast cannot serve."""
+
     @staticmethod
     def from_json(entry, where: str = "forecast") -> "ForecastSpec":
         """From a file's ``forecast`` entry (``None``: Newton order 0, reuse), by its ``kind``; a ForecastError naming
@@ -203,6 +206,32 @@ class ForecastHistory:
             product *= x - self._xs[j - 1]
             out = out + self._diffs[j].to(work) * product
         return out.to(self._diffs[0].dtype)
+
+
+def newton_weights(xs: list[float], x: float) -> list[float]:
+    """Lagrange's weights: the interpolation polynomial through the values at ``xs``, evaluated at ``x``, as a
+    weighted sum of those values (Newton's forecast through them, written for a weight table)."""
+    out = []
+    for j, xj in enumerate(xs):
+        w = 1.0
+        for i, xi in enumerate(xs):
+            if i != j:
+                w *= (x - xi) / (xj - xi)
+        out.append(w)
+    return out
+
+
+def weighted_sum(values: list[torch.Tensor], weights) -> torch.Tensor:
+    """``sum(w * v)`` in float32 for half-precision values, returned in the values' dtype; a single weight of
+    exactly 1 returns the held tensor itself (reuse)."""
+    if len(values) == 1 and float(weights[0]) == 1.0:
+        return values[0]
+    work = _work_dtype(values[0])
+    out = None
+    for w, v in zip(weights, values):
+        term = v.to(work) * float(w)
+        out = term if out is None else out + term
+    return out.to(values[0].dtype)
 
 
 def _work_dtype(t: torch.Tensor) -> torch.dtype:

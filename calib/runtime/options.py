@@ -50,6 +50,24 @@ def check_count(name: str, value) -> None:
         raise OptionValueError(f"{name} must be an integer >= 1, got {value}")
 
 
+def is_budget(value) -> bool:
+    """A schedule's budget: full forwards per generation, a positive multiple of one half (a cond-only step of
+    batched guidance costs half a forward)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return value >= 0.5 and float(2 * value).is_integer()
+    except (OverflowError, ValueError):
+        return False
+
+
+def check_budget(value) -> None:
+    if value is not None and not is_budget(value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise OptionError(f"budget must be a number of full forwards (e.g. 15 or 7.5), got {value!r}")
+        raise OptionValueError(f"budget must be a positive multiple of 0.5 full forwards, got {value!r}")
+
+
 def check_forecast(forecast) -> None:
     if forecast is not None and not isinstance(forecast, ForecastSpec):
         raise OptionError(

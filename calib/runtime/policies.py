@@ -19,8 +19,8 @@ import torch
 
 from calib.hooking import rel_l1
 
-from .decision import (BEYOND_SCHEDULE, FIRST_STEP, LAST_STEP, LISTED, NO_NOISE_CHANGE, NOT_LISTED, NOTHING_CACHED,
-                       Decision)
+from .decision import (BEYOND_SCHEDULE, FIRST_STEP, LAST_STEP, LISTED, LISTED_COND_ONLY, NO_NOISE_CHANGE, NOT_LISTED,
+                       NOTHING_CACHED, Decision)
 from .engine import INDICATORS, MODULATED_INPUT, BlockPolicy, Step, StepPolicy
 from .errors import StepCountError
 from .gate import Rescaler, TeaCacheGate
@@ -76,8 +76,10 @@ class StepMask(StepPolicy):
 
     label = "listed"
 
-    def __init__(self, computed: Iterable[int], steps: int, source: str = "this schedule"):
+    def __init__(self, computed: Iterable[int], steps: int, source: str = "this schedule", *,
+                 cond_only: Iterable[int] = ()):
         self.computed = frozenset(computed)
+        self.cond_only = frozenset(cond_only) - self.computed
         self.steps = steps
         self.source = source
 
@@ -86,6 +88,8 @@ class StepMask(StepPolicy):
             return Decision(True, LISTED)
         if not can_forecast:
             return Decision.force(NOTHING_CACHED)
+        if step.index in self.cond_only:
+            return Decision(True, LISTED_COND_ONLY, part="cond")
         return Decision(False, NOT_LISTED)
 
     def start_generation(self, num_steps: int | None) -> None:

@@ -41,8 +41,9 @@ class DecisionStats:
 def _counts(decisions: list[Decision], label: str) -> dict:
     computed = sum(d.compute for d in decisions)
     forced = sum(d.forced for d in decisions)
-    return {"computed": computed, "forced": forced, label: computed - forced, "skipped": len(decisions) - computed,
-            "reasons": dict(Counter(d.reason for d in decisions))}
+    partial = sum(d.compute and d.part is not None for d in decisions)
+    return {"computed": computed, "forced": forced, label: computed - forced, "partial": partial,
+            "skipped": len(decisions) - computed, "reasons": dict(Counter(d.reason for d in decisions))}
 
 
 def _step_trajectory(key: tuple, decisions: list[tuple[int, Decision]], label: str) -> dict:
@@ -74,16 +75,19 @@ def _block_trajectory(key: tuple, per_block: dict[str, list[tuple[int, Decision]
 
 def totals(trajectories: list[dict], unit: str, label: str) -> dict:
     """The report of a handle: its trajectories and the sums over them of ``unit`` (what was evaluated: "steps",
-    or "blocks" for block caching), computed (forced and ``label``) and skipped, and the computed fraction."""
+    or "blocks" for block caching), computed (forced and ``label``; ``partial`` of them computed half the call: a
+    cond-only step of batched guidance) and skipped, and the computed fraction, where a partial step counts half."""
     evaluated = sum(t[unit] for t in trajectories)
     computed = sum(t["computed"] for t in trajectories)
     forced = sum(t["forced"] for t in trajectories)
+    partial = sum(t.get("partial", 0) for t in trajectories)
     return {
         "trajectories": trajectories,
         unit: evaluated,
         "computed": computed,
         "forced": forced,
         label: computed - forced,
+        "partial": partial,
         "skipped": evaluated - computed,
-        "compute_fraction": (computed / evaluated) if evaluated else None,
+        "compute_fraction": ((computed - 0.5 * partial) / evaluated) if evaluated else None,
     }

@@ -24,7 +24,8 @@ from ..engine import Engine, steps_with
 from ..errors import OptionError, OptionValueError, ScheduleError, StepCountError
 from ..forecast import Forecast, ForecastSpec
 from ..handle import CacheHandle, check_model, components_of, transformer_of
-from ..options import CommonOptions, as_sigmas, check_count, check_forecast, is_int
+from ..bases import CfgForecast
+from ..options import CommonOptions, as_sigmas, check_budget, check_count, check_forecast, is_budget, is_int
 from ..policies import StepMask
 from . import RuntimeMethod
 
@@ -34,12 +35,16 @@ SEARCHES = ("min_sum", "minimax")
 
 @dataclass(frozen=True)
 class Schedule:
-    """One budget's mask: per component, the step indices that compute."""
+    """One budget's mask: per component, the step indices that compute; ``forecast`` what its skipped steps get when
+    the search chose one for this budget (else the file's)."""
 
-    budget: int
+    budget: float
     components: dict[str, tuple[int, ...]]
     search: str | None = None
     error: dict = field(default_factory=dict)
+    forecast: ForecastSpec | None = None
+    # per component, steps where only the conditional CFG branch computes (batched guidance, a cfg forecast)
+    cond_only: dict[str, tuple[int, ...]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -48,9 +53,9 @@ class ScheduleConfig:
 
     model_class: str
     steps: int
-    schedules: dict[int, Schedule]  # by budget
+    schedules: dict[float, Schedule]  # by budget
     forecast: ForecastSpec = Forecast()
-    recommended_budget: int | None = None
+    recommended_budget: float | None = None
     config_hash: str | None = None
     source: str | None = None
     adapter: str | None = None
@@ -71,14 +76,14 @@ class ScheduleConfig:
         return None
 
     @property
-    def budgets(self) -> list[int]:
+    def budgets(self) -> list[float]:
         return sorted(self.schedules)
 
-    def schedule(self, budget: int | None = None) -> Schedule:
+    def schedule(self, budget: float | None = None) -> Schedule:
         """The schedule for ``budget`` (default: the recommended one, else the largest); ScheduleError otherwise."""
         if budget is None:
             budget = self.recommended_budget if self.recommended_budget is not None else max(self.schedules)
-        if isinstance(budget, bool) or not isinstance(budget, int) or budget not in self.schedules:
+        if not is_budget(budget) or budget not in self.schedules:
             raise ScheduleError(
                 f"{self.path or 'this schedule file'} has no schedule for budget {budget!r}; it has budgets "
                 f"{', '.join(map(str, self.budgets))} (full forwards per generation)")
@@ -117,8 +122,9 @@ def parse(doc: dict, source: str = "<document>") -> ScheduleConfig:
         if not isinstance(entry, dict):
             fail(source, where, "expected an object")
         budget = entry.get("budget")
-        if not is_int(budget) or budget < 1:
-            fail(source, f"{where}.budget", "expected the number of full forwards, an integer >= 1")
+        if not is_budget(budget):
+            fail(source, f"{where}.budget", "expected the number of full forwards, a positive multiple of 0.5")
+        budget = int(budget) if float(budget).is_integer() else float(budget)
         if budget in schedules:
             fail(source, f"{where}.budget", f"budget {budget} appears twice")
         comps = entry.get("components")
@@ -140,11 +146,25 @@ def parse(doc: dict, source: str = "<document>") -> ScheduleConfig:
         error = entry.get("error") or {}
         if not isinstance(error, dict):
             fail(source, f"{where}.error", "expected an object of metrics")
-        schedules[budget] = Schedule(budget, masks, search, dict(error))
+        own = forecast_of(entry["forecast"], source, f"{where}.forecast") if "forecast" in entry else None
+        cond_only = {}
+        listed = entry.get("cond_only") or {}
+        if not isinstance(listed, dict) or not set(listed) <= set(masks):
+            fail(source, f"{where}.cond_only", "expected {component: [steps]} for components the schedule lists")
+        for name, steps_list in listed.items():
+            def bad(what, _where=f"{where}.cond_only.{name}"):
+                fail(source, _where, what)
+
+            cond_only[name] = check_steps(steps_list, steps, bad) if steps_list else ()
+            if set(cond_only[name]) & set(masks[name]):
+                bad("lists a step the schedule computes in full")
+        if any(cond_only.values()) and not isinstance(own or forecast, CfgForecast):
+            fail(source, f"{where}.cond_only", "cond-only steps need a cfg forecast (kind cfg) for this budget")
+        schedules[budget] = Schedule(budget, masks, search, dict(error), own, cond_only)
     recommended = doc.get("recommended")
     recommended_budget = None
     if recommended is not None:
-        if not isinstance(recommended, dict) or not is_int(recommended.get("budget")):
+        if not isinstance(recommended, dict) or not is_budget(recommended.get("budget")):
             fail(source, "recommended", "expected {\"budget\": B} with B one of the schedules' budgets")
         recommended_budget = recommended["budget"]
         if recommended_budget not in schedules:
@@ -229,7 +249,7 @@ class ScheduleOptions(CommonOptions):
 
     def __post_init__(self):
         super().__post_init__()
-        check_count("budget", self.budget)
+        check_budget(self.budget)
         check_forecast(self.forecast)
         object.__setattr__(self, "sigmas", as_sigmas(self.sigmas))
 
@@ -241,7 +261,10 @@ def install(pipe, config: ScheduleConfig, options: ScheduleOptions) -> CacheHand
     source = config.path or "this schedule"
     if options.num_steps is not None and options.num_steps != config.steps:
         raise StepCountError(f"{source} was searched for {config.steps} steps, not num_steps={options.num_steps}")
-    forecast = options.forecast or config.forecast
+    forecast = options.forecast or schedule.forecast or config.forecast
+    if any(schedule.cond_only.values()) and not isinstance(forecast, CfgForecast):
+        raise OptionError(f"budget {schedule.budget} of {source} has cond-only steps: its forecast= must be a "
+                          "CfgForecast (the conditional output and the guidance difference)")
     components, scheduler = components_of(pipe, config, "one schedule per expert")
     if not steps_with(scheduler) and forecast.variable == "sigma" and options.sigmas is None:
         raise OptionValueError(
@@ -253,7 +276,8 @@ def install(pipe, config: ScheduleConfig, options: ScheduleOptions) -> CacheHand
         for name, transformer in components:
             check_model(name, transformer, config, options.allow_model_mismatch, "schedule")
             adapter = get_adapter(transformer, options.modulation_module)
-            mask = StepMask(schedule.components[name], config.steps, source)
+            mask = StepMask(schedule.components[name], config.steps, source,
+                            cond_only=schedule.cond_only.get(name, ()))
             handle.attach(name, transformer, adapter, policy=mask, forecast=forecast)
     return handle
 
