@@ -34,10 +34,12 @@ def apply(pipe, config, **options) -> CacheHandle:
     return method.install(pipe, config, method.take(options))
 
 
-def apply_schedule(pipe, schedule: dict, *, steps: int, forecast: ForecastSpec | None = None, **options) -> CacheHandle:
+def apply_schedule(pipe, schedule: dict, *, steps: int, forecast: ForecastSpec | None = None,
+                   cond_only: dict | None = None, **options) -> CacheHandle:
     """Compute exactly the listed steps, ``schedule = {component: [step indices]}``, for generations of ``steps``
-    steps, forecasting the others with ``forecast`` (default: reuse). The quick way to run a candidate mask: ``apply``
-    with a one-budget schedule config (the listed steps summed over components) built for ``pipe``'s model;
-    ``options`` as for a schedule file (``num_steps``, ``allow_model_mismatch``, ``sigmas``, ...)."""
-    config = schedule_method.config_for(pipe, schedule, steps=steps, forecast=forecast)
+    steps, forecasting the others with ``forecast`` (default: reuse); ``cond_only = {component: [steps]}``: steps
+    where only the conditional branch of batched guidance computes (``forecast`` a ``CfgForecast``). The quick way to
+    run a candidate mask: ``apply`` with a one-budget schedule config built for ``pipe``'s model; ``options`` as for a
+    schedule file (``num_steps``, ``allow_model_mismatch``, ``sigmas``, ...)."""
+    config = schedule_method.config_for(pipe, schedule, steps=steps, forecast=forecast, cond_only=cond_only)
     return apply(pipe, config, **options)

@@ -217,22 +217,38 @@ def schedule_document_for(pipe, *, steps: int, schedules: dict, forecast: Foreca
     return doc
 
 
-def config_for(pipe, schedule: dict, *, steps: int, forecast: ForecastSpec | None = None) -> ScheduleConfig:
-    """A :class:`ScheduleConfig` of one budget (the listed steps summed over components) for ``pipe``'s model, from
-    ``schedule = {component: [computed steps]}``: what ``apply_schedule`` applies, built without a document."""
+def config_for(pipe, schedule: dict, *, steps: int, forecast: ForecastSpec | None = None,
+               cond_only: dict | None = None) -> ScheduleConfig:
+    """A :class:`ScheduleConfig` of one budget for ``pipe``'s model, from ``schedule = {component: [computed steps]}``
+    and ``cond_only = {component: [steps]}`` (steps where only the conditional branch of batched guidance computes,
+    with a :class:`~calib.runtime.bases.CfgForecast`): what ``apply_schedule`` applies, built without a document. The
+    budget is the full forwards it spends, a cond-only step counting half."""
     check_count("steps", steps)
     check_forecast(forecast)
-    if not isinstance(schedule, dict) or not schedule or not all(isinstance(k, str) for k in schedule):
-        raise OptionError(f"the schedule must be {{component: [computed steps]}}, got {schedule!r}"[:200])
-    masks = {}
+    for what, table in (("schedule", schedule), ("cond_only", cond_only if cond_only is not None else {"": []})):
+        if not isinstance(table, dict) or not table or not all(isinstance(k, str) for k in table):
+            raise OptionError(f"the {what} must be {{component: [steps]}}, got {table!r}"[:200])
+    masks, partial = {}, {}
     for name, listed in schedule.items():
         def bad(what, _name=name):
             raise ScheduleError(f"apply_schedule: {_name}: {what}")
 
         masks[name] = check_steps(listed, steps, bad)
-    budget = sum(len(m) for m in masks.values())
+        extra = (cond_only or {}).get(name) or ()
+        if extra:
+            partial[name] = check_steps(list(extra), steps, bad)
+            if set(partial[name]) & set(masks[name]):
+                bad("a cond-only step is also computed in full")
+    if set(cond_only or {}) - set(masks):
+        raise OptionError(f"cond_only names components the schedule does not: {sorted(set(cond_only) - set(masks))}")
+    if partial and not isinstance(forecast, CfgForecast):
+        raise OptionError("cond-only steps need forecast=CfgForecast(...): the conditional output and the guidance "
+                          "difference")
+    budget = sum(len(m) for m in masks.values()) + 0.5 * sum(len(m) for m in partial.values())
+    budget = int(budget) if float(budget).is_integer() else budget
     identity = model_identity(transformer_of(pipe))
-    return ScheduleConfig(model_class=identity["class"], steps=steps, schedules={budget: Schedule(budget, masks)},
+    return ScheduleConfig(model_class=identity["class"], steps=steps,
+                          schedules={budget: Schedule(budget, masks, cond_only=partial)},
                           forecast=forecast or Forecast(), config_hash=identity["config_hash"])
 
 
