@@ -212,12 +212,12 @@ def test_tune_picks_the_budget_and_export_writes_the_mask(fitted, capsys):
 
 def test_taylorseer_is_given_every_interval_that_fits_a_target():
     from calib.evaluate.harness import REACHED
-    from calib.evaluate.frontier import TARGETS
-    from calib.evaluate.baselines import _taylorseer_schedule, taylorseer_settings
+    from calib.evaluate.frontier import COMPUTE_TARGETS
+    from calib.evaluate.baselines import taylorseer_fraction, taylorseer_settings
 
-    settings = taylorseer_settings(30, TARGETS)
-    for target in TARGETS:
-        fits = [(i, b) for i, b in settings if abs(_taylorseer_schedule(i, b, 30) - target) <= REACHED]
+    settings = taylorseer_settings(30, COMPUTE_TARGETS)
+    for target in COMPUTE_TARGETS:
+        fits = [(i, b) for i, b in settings if abs(taylorseer_fraction(i, b, 30) - target) <= REACHED]
         assert len({i for i, _ in fits}) >= 2, target  # several intervals per target, each with its warm-up
     assert all(2 <= i <= 6 and b >= 1 for i, b in settings)
 

@@ -1,7 +1,7 @@
 """The frontier's peers: uniform skipping, diffusers' TaylorSeer, Pyramid Attention Broadcast and FasterCache (with
 the fields ``calib export --format diffusers-fastercache`` derives from the traces), and cache-dit (an optional
 dependency, imported only here). Each function runs its settings through the :class:`~calib.evaluate.harness.Harness`
-and returns the measured points; :data:`calib.evaluate.frontier.FRONTIER_ENTRIES` lists them as rows."""
+and returns the measured points; :data:`calib.evaluate.frontier.ROWS` lists them."""
 
 from __future__ import annotations
 
@@ -9,15 +9,15 @@ import numpy as np
 import torch
 
 from calib.errors import CalibError
-from calib.evaluate.harness import REACHED, _search, runtime_install, with_polynomial
-from calib.methods.fastercache_cfg import build_document, cfg_series
+from calib.evaluate.harness import REACHED, search, runtime_install, with_polynomial
+from calib.methods.fastercache_cfg.method import build_document, cfg_series
 from calib.exports.diffusers import fastercache_config, fastercache_warnings
 
 FASTERCACHE_TOLERANCES = (0.5, 1.0, 2.0, 4.0, 8.0)  # x the median traced cond - uncond change
 CACHE_DIT_WARMUP = 2  # cache-dit's default (8) computes 27 % of 30 steps before caching: the 25 % target needs less
 
 
-def _diffusers_install(transformer, make_config):
+def diffusers_install(transformer, make_config):
     def install():
         transformer.enable_cache(make_config())
         return transformer.disable_cache
@@ -25,7 +25,7 @@ def _diffusers_install(transformer, make_config):
     return install
 
 
-def _uniform_method(harness, config, targets):
+def uniform_points(harness, config, targets):
     cfg = with_polynomial(config, (1.0,))
     points = []
     for k in (2, 3, 4, 5):
@@ -33,7 +33,7 @@ def _uniform_method(harness, config, targets):
     return points
 
 
-def _taylorseer_schedule(interval: int, before: int, n: int) -> float:
+def taylorseer_fraction(interval: int, before: int, n: int) -> float:
     return sum(1 for s in range(n) if s < before or (s - before - 1) % interval == 0) / n
 
 
@@ -47,7 +47,7 @@ def taylorseer_settings(n: int, targets) -> list[tuple[int, int]]:
     them."""
     settings = set()
     for target in targets:
-        table = {(i, b): _taylorseer_schedule(i, b, n) for i in TAYLORSEER_INTERVALS for b in range(1, n)}
+        table = {(i, b): taylorseer_fraction(i, b, n) for i in TAYLORSEER_INTERVALS for b in range(1, n)}
         nearest = min(abs(f - target) for f in table.values())
         if nearest > REACHED:
             continue
@@ -58,7 +58,7 @@ def taylorseer_settings(n: int, targets) -> list[tuple[int, int]]:
     return sorted(settings)
 
 
-def _taylorseer_method(harness, targets):
+def taylorseer_points(harness, targets):
     """diffusers' TaylorSeer given its best: orders 1 and 2, lite mode (whole blocks skipped, the output projection
     extrapolated) and full mode (every attention module extrapolated, the rest computed), and every interval with
     the warm-up that reaches each target (the full mode's compute share is higher: it still runs the MLPs)."""
@@ -71,13 +71,13 @@ def _taylorseer_method(harness, targets):
             cfg = lambda i=interval, b=before, o=order, m=lite: TaylorSeerCacheConfig(  # noqa: E731
                 cache_interval=i, disable_cache_before_step=b, max_order=o, taylor_factors_dtype=torch.float32,
                 use_lite_mode=m)
-            points.append(harness.run("taylorseer", _diffusers_install(harness.transformer, cfg),
+            points.append(harness.run("taylorseer", diffusers_install(harness.transformer, cfg),
                                       {"cache_interval": interval, "disable_cache_before_step": before,
                                        "max_order": order, "mode": "lite" if lite else "full"}))
     return points
 
 
-def _pab_method(harness):
+def pab_points(harness):
     from diffusers import PyramidAttentionBroadcastConfig
 
     scheduler = harness.pipe.scheduler
@@ -91,12 +91,12 @@ def _pab_method(harness):
         cfg = lambda s=skip: PyramidAttentionBroadcastConfig(  # noqa: E731
             spatial_attention_block_skip_range=s, spatial_attention_timestep_skip_range=(0, 1000),
             current_timestep_callback=current_timestep)
-        points.append(harness.run("pab", _diffusers_install(harness.transformer, cfg),
+        points.append(harness.run("pab", diffusers_install(harness.transformer, cfg),
                                   {"spatial_attention_block_skip_range": skip}))
     return points
 
 
-def _fastercache_method(harness, trace_set):
+def fastercache_points(harness, trace_set):
     """diffusers' FasterCache with the fields calib derives from the traces (``calib export --format
     diffusers-fastercache``), one point per CFG tolerance."""
     from diffusers import FasterCacheConfig
@@ -124,7 +124,7 @@ def _fastercache_method(harness, trace_set):
             continue
         seen.add(key)
         make = lambda kw=kwargs: FasterCacheConfig(**kw, current_timestep_callback=current_timestep)  # noqa: E731
-        points.append(harness.run("fastercache", _diffusers_install(harness.transformer, make),
+        points.append(harness.run("fastercache", diffusers_install(harness.transformer, make),
                                   {"cfg_tolerance": factor * median,
                                    "unconditional_batch_skip_range": kwargs["unconditional_batch_skip_range"]}))
     return points
@@ -162,7 +162,7 @@ def cache_dit_adapter(pipe):
                          f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
 
 
-def _cache_dit_method(harness, targets, *, calibrator: bool):
+def cache_dit_points(harness, targets, *, calibrator: bool):
     """cache-dit's DBCache (first block always computed, no back blocks), with or without its TaylorSeer calibrator
     (order 2), the residual threshold bisected over real runs on both axes: it always pays its first block, so its
     compute share is above its fraction of full forwards."""
@@ -187,16 +187,16 @@ def _cache_dit_method(harness, targets, *, calibrator: bool):
     name = "cache-dit-taylorseer" if calibrator else "cache-dit"
     probes: dict = {}
     for target in targets:
-        _search(harness, name, make, target, 0.1, probes=probes)
-        _search(harness, name, make, target, 0.1, key="compute", probes=probes)
+        search(harness, name, make, target, 0.1, probes=probes)
+        search(harness, name, make, target, 0.1, key="compute", probes=probes)
     return list(probes.values())
 
 
-def _restored(harness) -> str | None:
+def unrestored(harness) -> str | None:
     """None when an uncached run reproduces the reference again (the method's hooks are all gone), else why not."""
     batch = harness.batches[0]
     try:
-        latents, _ = harness._generate(batch)
+        latents, _ = harness.generate_batch(batch)
     except Exception as exc:  # noqa: BLE001
         return f"the model fails after it was removed ({type(exc).__name__})"
     finally:

@@ -19,26 +19,29 @@ from calib._io import resolve_output, write_bytes
 from calib.errors import CalibError
 from calib.evaluate.harness import compare_cached
 from calib.evaluate.metrics import psnr
-from calib.jobs.fit import run_teacache_fit
-from calib.methods.auto import compare
-from calib.methods.base import TuneTarget
+from calib.jobs.fit import run_fit
+from calib.methods.auto.method import compare
+from calib.methods.base import TuneGoal
 from calib.methods.registry import load_document, write_document
-from calib.methods.schedule import choose_budget, fit_schedule, parse_candidates, setup_from_traces
+from calib.methods.schedule.measure import setup_from_traces
+from calib.methods.schedule.method import choose_budget, fit_schedule
 from calib.models import digits
 from calib.models.digit_reader import (  # noqa: F401  (benchmarks/transfer.py imports them here)
     classify, digit_classifier)
 from calib.models.digits import latents_to_images
 from calib.runtime import Forecast
 from calib.store import read_traces
+from calib.store.segments import SegmentStore
 from calib.trace import TraceSettings, run_trace
 from calib.trace.prompts import read_prompts
 
 HELD_OUT_SEED = 1000
-
+MODEL = "builtin:digits"
 
 DEMO_FRACTION = 0.5  # the budget the demo compares the gate and the schedule at: 2x fewer forwards
 DEMO_GAP = 3  # half the steps need gaps of ~2: up to 3 is enough, and 2 segments per step are measured
-DEMO_ORDERS = "1"  # what the full search (orders 1 and 2) chose on both built-in models (docs/evaluation.md)
+DEMO_FORECASTS = (Forecast(1, "step"),)  # what the full search (orders 1 and 2) chose on both built-in models
+# (docs/evaluation.md)
 
 
 def _choose(pipe, trace_path, coeffs_path, coeffs_dir, echo):
@@ -49,15 +52,16 @@ def _choose(pipe, trace_path, coeffs_path, coeffs_dir, echo):
     seeds = sorted({t.seed for t in trace_set.trajectories})[:1]
     schedule_path = coeffs_dir / "digits.schedule.json"
     steps = trace_set.trajectories[0].steps
-    doc = fit_schedule(pipe, trace_set, out=schedule_path, gap=DEMO_GAP, candidates=parse_candidates(DEMO_ORDERS, None),
-                       seeds=seeds, echo=echo, progress=False, budgets=[max(2, int(DEMO_FRACTION * steps + 1e-9))])
-    entry, reached = choose_budget(doc, TuneTarget("compute_fraction", DEMO_FRACTION))
+    doc = fit_schedule(pipe, trace_set, source=MODEL, store=SegmentStore(schedule_path), gap=DEMO_GAP,
+                       forecasts=DEMO_FORECASTS, seeds=seeds, echo=echo, progress=False,
+                       budgets=[max(2, int(DEMO_FRACTION * steps + 1e-9))])
+    entry, reached = choose_budget(doc, TuneGoal("compute_fraction", DEMO_FRACTION))
     doc["recommended"] = {"budget": entry["budget"]}
     write_document(doc, schedule_path)
 
     forecast = Forecast.from_json(doc["forecast"])
-    verdict = compare(pipe, setup_from_traces(trace_set, seeds=seeds), load_document(coeffs_path), doc, entry, reached,
-                      forecast, DEMO_FRACTION, trace_set, echo=echo)
+    verdict = compare(pipe, setup_from_traces(trace_set, MODEL, seeds=seeds), load_document(coeffs_path), doc, entry,
+                      reached, forecast, DEMO_FRACTION, trace_set, echo=echo)
     echo(verdict["why"])
     return verdict, schedule_path
 
@@ -78,10 +82,10 @@ def run_demo(*, prompts_file=None, steps=30, seeds=(0, 1), guidance=3.0, thresho
         resolve_output(path)
     echo("== 1/4 trace: builtin:digits on the bundled prompts")
     pipe = digits.load_pipeline()
-    run_trace("builtin:digits", prompts_file, settings, out=trace_path, overwrite=overwrite, echo=echo, pipe=pipe)
+    run_trace(MODEL, prompts_file, settings, out=trace_path, overwrite=overwrite, echo=echo, pipe=pipe)
 
     echo("\n== 2/4 fit: polynomial rescaler with diagnostics")
-    run_teacache_fit([trace_path], out=coeffs_path, echo=echo)
+    run_fit("teacache", [trace_path], out=coeffs_path, echo=echo)
 
     echo("\n== 3/4 what is best here: gate + forecast or a searched schedule + forecast, on held-out prompts")
     config = cr.load(coeffs_path)
