@@ -68,7 +68,7 @@ class TeacacheOptions(MethodOptions):
     bootstrap: int = option(200, "resamples of the generations for the confidence band (0: none)",
                             parse=number(int, low=0))
     allow_mixed: bool = option(False, "fit traces of different steps/guidance/resolution together")
-    streams: tuple[str, ...] | None = option(None, "fit only these streams (e.g. --stream cond); default all",
+    streams: tuple[str, ...] | None = option(None, "use only these streams (e.g. --stream cond); default all",
                                              flag="--stream", kind="multiple", parse=names)
     plot: bool = option(True, "do not write the PNG beside the JSON", flag="--no-plot")
     forecast: int | None = option("auto", "what skipped steps add: 0 reuses the cached residual, 1/2 extrapolate it "
