@@ -310,7 +310,8 @@ class TuneContext:
                              "(calib tune TRACES... --coeffs ...)")
         return self.read_traces()
 
-    def costs(self) -> dict | None:
+    def cost_model(self) -> dict | None:
+        """The measured cost model of ``--costs`` (calib.methods.cost_model), None without it."""
         return None if self.read_costs is None else self.read_costs()
 
 

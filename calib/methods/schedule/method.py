@@ -96,7 +96,7 @@ def build_document(pipe, setup: Setup, chosen: dict, *, gap: int, trace_files) -
         "seeds": list(setup.seeds),
         "error_metric": ERROR_METRIC,
         "forecast_candidates": {k: round(math.exp(v), 6) for k, v in chosen["scores"].items()},
-        "forecast_choice": f"{chosen['forecast'].key}: lowest geometric-mean held-out error over the budgets "
+        "forecast_choice": f"{forecast_key(chosen['forecast'])}: lowest geometric-mean held-out error over the budgets "
                            f"below {n}",
     }
     return doc
@@ -159,7 +159,7 @@ def describe(doc: dict) -> list[str]:
 def tune(doc: dict, goal: TuneGoal, context: TuneContext) -> Tuned:
     """The budget for ``goal``, from the file alone (static schedules per budget: no traces needed)."""
     echo = context.echo
-    cost_model = context.costs()
+    cost_model = context.cost_model()
     entry, reached = choose_budget(doc, goal, cost_model)
     n = doc["steps"]
     shown = dict(doc, recommended={"budget": entry["budget"]})

@@ -91,7 +91,7 @@ def tune(doc: dict, goal: TuneGoal, context: TuneContext) -> Tuned:
     trace_set = context.traces("teacache")
     _check_traces(doc, trace_set, rescalers, source)
     kw = dict(indicator=indicator, normalization=normalization)
-    cost_model = context.costs()
+    cost_model = context.cost_model()
     search, wall_reachable = goal, True
     if cost_model is not None and goal.kind == "speedup":
         wall_reachable = predicted_wall_speedup(cost_model, 0.0) >= goal.value
