@@ -58,6 +58,17 @@ def test_every_fit_option_belongs_to_a_method():
     assert tuple(method.type.choices) == registry.names(fit_command=True)
 
 
+def test_a_shared_flag_is_one_option_whose_help_names_each_method():
+    from calib.cli import cli
+    from calib.cli.fit import flag_uses
+
+    shared = {flag: users for flag, users in flag_uses().items() if len(users) > 1}
+    assert shared  # --stream, --no-plot, --forecast-variable, --gap, ...
+    for flag, users in shared.items():
+        (param,) = [p for p in cli.commands["fit"].params if flag in p.opts]
+        assert all(f"{u.method}" in param.help for u in users), (flag, param.help)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--method", "block-cache", "--degree", "3"], "--degree applies to --method teacache"),
     (["--method", "fastercache-cfg", "--stream", "cond"], "--stream applies to --method teacache or block-cache"),

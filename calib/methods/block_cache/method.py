@@ -49,7 +49,7 @@ def block_changes(trace_set, component: str = "transformer", streams=None):
     lengths = sorted({len(t.step_index) for t in with_blocks})
     if len(lengths) != 1:
         raise CalibError(
-            f"component {component!r}: trajectories have different step counts {lengths}; a block-cache schedule "
+            f"component {component!r}: trajectories have different step counts {lengths}; a block mask "
             "is per step count — fit traces of one --steps at a time"
         )
     names = with_blocks[0].block_names
@@ -108,7 +108,7 @@ def build_document(trace_set, *, target_fraction: float = DEFAULT_TARGET_FRACTIO
         },
         "provenance": {
             "source": "measured",
-            "notes": f"block-cache schedule derived by calib from {len(trace_set.trajectories)} traced trajectories",
+            "notes": f"block-cache mask derived by calib from {len(trace_set.trajectories)} traced trajectories",
         },
     }
     return doc, plots

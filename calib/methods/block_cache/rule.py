@@ -77,7 +77,7 @@ def choose_threshold(changes_by_component: dict, target_fraction: float, grid=No
     """(chosen row, table): the smallest threshold whose fraction of block computations is <= ``target_fraction``.
 
     The fraction only falls as the threshold grows (each block's k-th recomputation can only move later), so the
-    first row of the sorted grid that meets the target is the least aggressive schedule that does; between grid
+    first row of the sorted grid that meets the target is the least aggressive mask that does; between grid
     points a bisection refines it."""
     if not 0 < target_fraction <= 1:
         raise CalibError(f"--target-fraction must be in (0, 1], got {target_fraction}")

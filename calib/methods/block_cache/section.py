@@ -7,7 +7,7 @@ from calib.coeffs.validate import document_error
 
 SECTION_SCHEMA = {
     "block_cache": {
-        "description": ("Block Caching (arXiv 2312.03209): per-block mean output changes and the schedule they "
+        "description": ("Block Caching (arXiv 2312.03209): per-block mean output changes and the block mask they "
                         "give (method block-cache)."),
         "type": "object",
         "required": ["rule", "components"],
@@ -20,7 +20,7 @@ SECTION_SCHEMA = {
             },
             "statistic": {"description": "How the per-trajectory changes were combined.", "type": "string"},
             "schedule_threshold": {
-                "description": "Threshold the stored schedules were derived with.",
+                "description": "Threshold the stored block masks (each component's schedule) were derived with.",
                 "type": "number",
                 "minimum": 0,
             },
@@ -59,7 +59,7 @@ DEFINITIONS = {
                 "items": {"$ref": "#/$defs/change_series"},
             },
             "schedule": {
-                "description": "Per block, the step indices it computes at schedule_threshold.",
+                "description": "The block mask: per block, the step indices it computes at schedule_threshold.",
                 "type": "object",
                 "additionalProperties": {"type": "array", "items": {"type": "integer", "minimum": 0}},
             },

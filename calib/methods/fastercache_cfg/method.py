@@ -1,7 +1,7 @@
 """FasterCache's CFG cache (Lv et al., arXiv 2410.19355) calibrated from traces.
 
 FasterCache observes that the difference between the conditional and the unconditional prediction changes little
-from one step to the next over part of the schedule, so there the unconditional pass can be dropped and replaced
+from one step to the next over part of the denoising, so there the unconditional pass can be dropped and replaced
 by the conditional output plus the difference reused from the last step that ran both. How far that reuse can go is
 model dependent; diffusers leaves it to the user (``unconditional_batch_skip_range``,
 ``unconditional_batch_timestep_skip_range``). Here it comes from the data: the tracer records, per generation, the
