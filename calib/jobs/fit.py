@@ -17,7 +17,7 @@ from calib.trace import pick_device
 
 
 def output_path(method: CacheMethod, out, traces) -> Path:
-    """``--out`` (which must end in .json), else the method's default beside ``coeffs/``."""
+    """``--out`` (which must end in .json), else the method's default in ``coeffs/``."""
     if out is not None and Path(out).suffix.lower() != ".json":
         raise CalibError(f"--out {out}: the coefficient file must end in .json")
     return Path(out) if out is not None else method.default_out(traces)
@@ -55,7 +55,8 @@ def run_fit(method: str, traces, *, out=None, echo=print, **options) -> Path | N
     traces = [Path(t) for t in traces]
     out = output_path(method, out, traces)
     # the outputs are checked before hours of fitting, and against the inputs (a manifest is a .json too)
-    planned = [out] + [beside(out, s) for s in (".png",) * chosen.figure + chosen.beside]
+    suffixes = ((".png",) if chosen.figure else ()) + chosen.beside
+    planned = [out] + [beside(out, suffix) for suffix in suffixes]
     checked = [resolve_output(p, inputs=traces) for p in planned]
     trace_set = read_traces(traces)
     context = FitContext(echo=echo, out=out)

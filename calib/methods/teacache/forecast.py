@@ -104,6 +104,26 @@ def replay_error(traj, decisions, forecast: Forecast) -> tuple[float, int, int]:
     return total, len(decisions), beyond
 
 
+def generation_folds(trace_set) -> tuple[list, str]:
+    """``([(train, held out)], how)``: two folds of whole generations (cond and uncond of one together), or the
+    trace set against itself when it holds one generation."""
+    keys = []
+    for i, t in enumerate(trace_set.trajectories):
+        key = generation_key(i, t)
+        if key not in keys:
+            keys.append(key)
+    if len(keys) < 2:
+        return [(trace_set, trace_set)], "one generation only: scored in sample"
+    fold_of = {key: n % 2 for n, key in enumerate(keys)}
+    folds = []
+    for held in (0, 1):
+        train = [t for i, t in enumerate(trace_set.trajectories) if fold_of[generation_key(i, t)] != held]
+        test = [t for i, t in enumerate(trace_set.trajectories) if fold_of[generation_key(i, t)] == held]
+        folds.append((dataclasses.replace(trace_set, trajectories=train, counts=[]),
+                      dataclasses.replace(trace_set, trajectories=test, counts=[])))
+    return folds, "two folds of generations"
+
+
 def select_forecast(trace_set, *, candidates=CANDIDATES, objectives=RESCALER_OBJECTIVES, degree="auto",
                     streams=None, robust: bool = False, indicator: str = "modulated_input", normalization: str = "none",
                     fraction: float | None = None) -> ForecastChoice:
@@ -116,23 +136,7 @@ def select_forecast(trace_set, *, candidates=CANDIDATES, objectives=RESCALER_OBJ
                          " this version of calib to calibrate a forecast, or pass --forecast 0")
     fraction = RECOMMENDED_COMPUTE_FRACTION if fraction is None else float(fraction)
     components = list(trace_set.settings()["components"])
-    keys = []
-    for i, t in enumerate(trace_set.trajectories):
-        key = generation_key(i, t)
-        if key not in keys:
-            keys.append(key)
-    fold_of = {key: n % 2 for n, key in enumerate(keys)}
-    folds = []
-    if len(keys) >= 2:
-        for held in (0, 1):
-            train = [t for i, t in enumerate(trace_set.trajectories) if fold_of[generation_key(i, t)] != held]
-            test = [t for i, t in enumerate(trace_set.trajectories) if fold_of[generation_key(i, t)] == held]
-            folds.append((dataclasses.replace(trace_set, trajectories=train, counts=[]),
-                          dataclasses.replace(trace_set, trajectories=test, counts=[])))
-        how = "two folds of generations"
-    else:
-        folds.append((trace_set, trace_set))
-        how = "one generation only: scored in sample"
+    folds, how = generation_folds(trace_set)
     replays: dict[tuple, list] = {}  # (fold, objective[, forecast]) -> [(trajectory, decisions)] held out
 
     def replayed(fold: int, objective: str, forecast: Forecast) -> list:
