@@ -35,9 +35,9 @@ def default_models() -> list[str]:
 
 def run_model(model: str, args) -> dict | None:
     import calib.runtime as cr
-    from calib.jobs.fit import run_teacache_fit as run_fit
     from calib._io import write_bytes as write_atomic_bytes
-    from calib.evaluate.frontier import METHODS, run_frontier
+    from calib.evaluate.frontier import ROWS, run_frontier
+    from calib.jobs.fit import run_fit
     from calib.models.loading import load_model
     from calib.trace.prompts import bundled_prompts_path, read_prompts
     from calib.store import read_traces
@@ -63,27 +63,29 @@ def run_model(model: str, args) -> dict | None:
     run_trace(model, prompts_file, TraceSettings(steps=args.steps, guidance=args.guidance, seeds=args.calib_seeds),
               out=trace_path, echo=print, pipe=pipe, overwrite=True)
     coeffs = out / f"{name}.coeffs.json"
-    run_fit([trace_path], out=coeffs, plot=False, echo=lambda *a, **k: None)
+    run_fit("teacache", [trace_path], out=coeffs, plot=False, echo=lambda *a, **k: None)
     config = cr.load(coeffs)
     trace_set = read_traces([trace_path])
-    methods = args.methods or METHODS
+    rows = args.methods or ROWS
     schedule_config, schedule_seconds = None, None
-    if "calib-schedule" in methods or "calib-forecast" in methods:
+    if "calib-schedule" in rows or "calib-forecast" in rows:
         from calib.methods.registry import write_document
-        from calib.methods.schedule import fit_schedule, format_schedules, parse_candidates
+        from calib.methods.schedule.method import fit_schedule, format_schedules
+        from calib.methods.schedule.options import ScheduleOptions
+        from calib.store.segments import SegmentStore
 
         began = time.perf_counter()
         schedule_path = out / f"{name}.schedule.json"
-        doc = fit_schedule(pipe, trace_set, out=schedule_path, gap=args.gap,
-                           candidates=parse_candidates(args.forecast_orders, None), seeds=args.calib_seeds[:1],
-                           overwrite=True, progress=False)
+        doc = fit_schedule(pipe, trace_set, source=model, store=SegmentStore(schedule_path), gap=args.gap,
+                           forecasts=ScheduleOptions(forecast_order=args.forecast_orders).forecasts,
+                           seeds=args.calib_seeds[:1], overwrite=True, progress=False)
         write_document(doc, schedule_path)
         print(format_schedules(doc))
         schedule_config = cr.load(schedule_path)
         schedule_seconds = round(time.perf_counter() - began, 1)
         print(f"schedule fit: {schedule_seconds:.0f} s, forecast {doc['calibration']['forecast_choice']}")
     result = run_frontier(pipe, config, trace_set, held_out, args.seeds, steps=args.steps,
-                          guidance=args.guidance, methods=methods, plot=out / f"{name}.png",
+                          guidance=args.guidance, rows=rows, plot=out / f"{name}.png",
                           echo=print, schedule_config=schedule_config)
     result["model"] = model
     result["coeffs"] = str(coeffs)

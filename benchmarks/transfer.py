@@ -35,12 +35,12 @@ HELD_OUT_SEED = 1000
 def _config(res_map, trace_set, pipe_source):
     """A runtime TeaCacheConfig (via the real coefficient document) for {component: FitResult}."""
     import calib.runtime as cr
-    from calib.methods.teacache.configs import runtime_rescaler as _rescaler
-    from calib.methods.teacache.document import build_document
+    from calib.methods.teacache.components import build_document
+    from calib.methods.teacache.fit import runtime_rescaler
     from calib.methods.teacache.tune import RECOMMENDED_COMPUTE_FRACTION, recommend, threshold_table, thresholds_section
 
     first = next(iter(res_map.values()))
-    rescalers = {name: _rescaler(res) for name, res in res_map.items()}
+    rescalers = {name: runtime_rescaler(res) for name, res in res_map.items()}
     table = threshold_table(trace_set, rescalers, indicator=first.indicator, normalization=first.normalization)
     chosen = recommend(table)
     doc = build_document(res_map, trace_set, thresholds=thresholds_section(table, chosen, RECOMMENDED_COMPUTE_FRACTION))

@@ -44,16 +44,29 @@ def test_no_old_path_module_is_left():
 # calib fit: one table says which method reads which option
 # ---------------------------------------------------------------------------------------------------------------
 def test_every_fit_option_belongs_to_a_method():
+    """calib fit's options are the registry methods' options: each flag once, shared flags one option."""
     from calib.cli import cli
-    from calib.cli.fit import SHARED_OPTIONS, method_options
+    from calib.cli.fit import SHARED_OPTIONS, flag_uses, param_name
     from calib.methods import registry
 
-    options = method_options(cli.commands["fit"])  # the registry entries' flags, as click parameter names
     params = {p.name for p in cli.commands["fit"].params}
-    listed = set(SHARED_OPTIONS).union(*options.values())
-    assert params == listed, (params - listed, listed - params)
+    uses = flag_uses()
+    assert params == set(SHARED_OPTIONS) | {param_name(flag) for flag in uses}
+    for flag, users in uses.items():
+        assert len({u.method for u in users}) == len(users), flag  # one field per method and flag
     method = next(p for p in cli.commands["fit"].params if p.name == "method")
-    assert tuple(method.type.choices) == tuple(options) == registry.names(fit_command=True)
+    assert tuple(method.type.choices) == registry.names(fit_command=True)
+
+
+def test_a_shared_flag_is_one_option_whose_help_names_each_method():
+    from calib.cli import cli
+    from calib.cli.fit import flag_uses
+
+    shared = {flag: users for flag, users in flag_uses().items() if len(users) > 1}
+    assert shared  # --stream, --no-plot, --forecast-variable, --gap, ...
+    for flag, users in shared.items():
+        (param,) = [p for p in cli.commands["fit"].params if flag in p.opts]
+        assert all(f"{u.method}" in param.help for u in users), (flag, param.help)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -81,26 +94,27 @@ def test_fit_accepts_a_methods_own_options_at_their_defaults(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# calib export: each target states which document methods it takes, and refuses the others in one line
+# calib export: each method states the formats that take it; a format refuses the others' documents in one line
 # ---------------------------------------------------------------------------------------------------------------
-def test_export_targets_take_exactly_their_methods():
-    import json
-
+def test_export_formats_take_exactly_the_methods_that_list_them():
     from calib.cli import cli
     from calib.errors import CalibError
     from calib.exports import DOCUMENT, EXPORTERS, TRACE, TRACE_OR_DOCUMENT, ExportOptions
+    from calib.methods import registry
 
-    schema = json.loads((ROOT / "calib" / "schemas" / "coefficients.v1.schema.json").read_text())
-    documents = set(schema["properties"]["method"]["enum"])
+    documents = set(registry.names(document=True))
     fmt = next(p for p in cli.commands["export"].params if p.name == "fmt")
     assert list(fmt.type.choices) == list(EXPORTERS)
-    assert set(EXPORTERS["json"].methods) == documents
     options = ExportOptions(source=ROOT / "x.json")
-    for name, target in EXPORTERS.items():
-        assert target.input in (DOCUMENT, TRACE, TRACE_OR_DOCUMENT), name
-        if target.input == TRACE or name == "json":
+    for name, exporter in EXPORTERS.items():
+        assert exporter.input in (DOCUMENT, TRACE, TRACE_OR_DOCUMENT), name
+        if exporter.input == TRACE:
             continue
-        assert set(target.methods) <= documents, name
-        for method in sorted(documents - set(target.methods)):
+        takes = {m.name for m in registry.METHODS if name in m.exports and m.document}
+        assert takes, name
+        if name == "json":  # a validated copy of any document
+            assert takes == documents
+            continue
+        for method in sorted(documents - takes):
             with pytest.raises(CalibError, match=method):
-                target.render({"method": method}, options)
+                exporter.render({"method": method}, options)

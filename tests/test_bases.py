@@ -160,3 +160,17 @@ def test_cfg_forecast_refuses_a_call_that_is_not_a_guidance_batch(pipe):
 def test_bad_forecast_entries_are_one_line(entry, message):
     with pytest.raises(cr.ForecastError, match=message):
         cr.ForecastSpec.from_json(entry)
+
+
+def test_schedule_file_with_cond_only_steps_round_trips(pipe):
+    doc = cr.schedule_document_for(pipe, steps=STEPS, schedules={5: {"transformer": [0, 3, 6, 9]}})
+    doc["schedules"][0]["budget"] = 5.5
+    doc["schedules"][0]["cond_only"] = {"transformer": [1, 4, 7]}
+    with pytest.raises(cr.CoefficientFileError, match="cond-only steps need a cfg forecast"):
+        cr.parse(doc)
+    doc["schedules"][0]["forecast"] = BASES["cfg"](()).as_json()
+    loaded = cr.parse(doc)
+    assert loaded.schedule(5.5).cond_only == {"transformer": (1, 4, 7)}
+    doc["schedules"][0]["cond_only"] = {"transformer": [3]}
+    with pytest.raises(cr.CoefficientFileError, match="computes in full"):
+        cr.parse(doc)

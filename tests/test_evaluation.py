@@ -16,7 +16,7 @@ from calib.coeffs.schema import schema
 from calib.runtime.gate import Rescaler
 from calib.store import TraceSet, Trajectory
 from calib.methods.teacache.tune import ERROR_PROXY, find_threshold, replay_row, trajectory_error
-from calib.methods.base import TuneTarget
+from calib.methods.base import TuneGoal
 
 STEPS = 16
 
@@ -101,7 +101,7 @@ def synthetic():
 @pytest.mark.parametrize("kind,value", [("speedup", 2.0), ("compute_fraction", 0.33), ("speedup", 1.25)])
 def test_tune_picks_the_smallest_threshold_that_reaches_the_target(synthetic, kind, value):
     rescalers = {"transformer": Rescaler([1.0, 0.0])}
-    target = TuneTarget(kind, value)
+    target = TuneGoal(kind, value)
     row, reached = find_threshold(synthetic, rescalers, target)
     assert reached
     assert row.compute_fraction <= target.fraction + 1e-12
@@ -112,13 +112,13 @@ def test_tune_picks_the_smallest_threshold_that_reaches_the_target(synthetic, ki
 
 def test_tune_max_error_takes_the_largest_threshold_within_budget(synthetic):
     rescalers = {"transformer": Rescaler([1.0, 0.0])}
-    row, reached = find_threshold(synthetic, rescalers, TuneTarget("max_error", 0.05))
+    row, reached = find_threshold(synthetic, rescalers, TuneGoal("max_error", 0.05))
     assert reached and 0 < row.predicted_error <= 0.05
     assert replay_row(synthetic, rescalers, row.threshold * 1.01).predicted_error > 0.05
 
 
 def test_tune_reports_an_unreachable_target(synthetic):
-    row, reached = find_threshold(synthetic, {"transformer": Rescaler([1.0, 0.0])}, TuneTarget("speedup", 50.0))
+    row, reached = find_threshold(synthetic, {"transformer": Rescaler([1.0, 0.0])}, TuneGoal("speedup", 50.0))
     assert not reached and row.compute_fraction == pytest.approx(2 / 20)  # only the first and last steps compute
 
 
@@ -135,7 +135,7 @@ def test_bad_targets_are_user_errors(kind, value):
     from calib.errors import CalibError
 
     with pytest.raises(CalibError):
-        TuneTarget(kind, value)
+        TuneGoal(kind, value)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -268,11 +268,12 @@ def test_eval_output_has_the_documented_fields(tuned):
 
 
 def test_threshold_zero_is_exactly_uncached(tuned):
-    from calib.jobs.eval import run_eval
+    from calib.jobs.eval import EvalRequest, run_eval
 
     work, _, _, _, _ = tuned
-    report = run_eval(work / "coeffs/digits.json", prompts_file=None, model="builtin:digits", seeds=(7,),
-                      thresholds=[0.0], repeats=1, traces=[work / "traces/digits.h5"], echo=lambda *a: None)
+    report = run_eval(EvalRequest(work / "coeffs/digits.json", prompts_file=None, model="builtin:digits", seeds=(7,),
+                                  thresholds=(0.0,), repeats=1, traces=(work / "traces/digits.h5",)),
+                      echo=lambda *a: None)
     (res,) = report["results"]
     assert res["measured"]["compute_fraction"] == 1.0
     assert res["quality"]["latent_rel_l1"]["max"] == 0.0 and res["quality"]["psnr"]["min"] == PSNR_CAP
@@ -288,7 +289,7 @@ def test_frontier_counts_forwards_the_same_way_for_every_method(tuned, tmp_path)
     work, _, _, _, _ = tuned
     pipe = load_pipeline()
     result = run_frontier(pipe, cr.load(work / "coeffs/digits.json"), read_traces([work / "traces/digits.h5"]),
-                          ["a handwritten 3"], (5,), steps=STEPS, guidance=3.0, methods=("uniform", "fbcache"),
+                          ["a handwritten 3"], (5,), steps=STEPS, guidance=3.0, rows=("uniform", "fbcache"),
                           plot=tmp_path / "f.png", echo=lambda *a: None)
     uniform = {p["setting"]["every"]: p for p in result["methods"]["uniform"]["points"]}
     # every 2nd step, plus the last one: the meter counts what handle.stats() would

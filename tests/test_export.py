@@ -15,7 +15,7 @@ import pytest
 import calib
 from calib.errors import CalibError
 from calib.runtime.document import SCHEMA_VERSION
-from calib.methods.teacache.document import build_document
+from calib.methods.teacache.components import build_document
 from calib.methods.registry import load_document, validate as validate_document, write_document
 from calib.coeffs.schema import schema
 from calib._io import write_bytes as write_atomic_bytes

@@ -466,7 +466,7 @@ def test_eval_never_opens_the_files_a_coefficient_file_lists(tmp_path, monkeypat
     opened = []
     real_read = calib.store.traces._read_file
     monkeypatch.setattr(calib.store.traces, "_read_file", lambda path, **k: (opened.append(str(path)), real_read(path, **k))[1])
-    monkeypatch.setattr(calib.jobs.eval, "_measure", stop)
+    monkeypatch.setattr(calib.jobs.eval, "measure_generations", stop)
     monkeypatch.setattr(calib.jobs.eval, "digit_reader", lambda builtin: None)  # its classifier takes seconds
     code, _, err = run_cli(["eval", "--coeffs", "c.json", "--prompts", "p.txt", "--seeds", "100", "--steps", "4",
                             "--repeats", "1", "--out", "res.json"], work)

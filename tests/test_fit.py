@@ -1,4 +1,5 @@
-"""Tests for calib.methods.teacache.fit (and calib.report.plots, which draws its results)."""
+"""Tests for calib.methods.teacache.fit: the rescaler estimator on plain points, the point sets and fits of a trace
+set, and the fit's figure (calib.methods.teacache.figure)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,13 @@ import numpy as np
 import pytest
 
 from calib.errors import CalibError
-from calib.methods.teacache.fit import FitResult, PolynomialRescaler, collect_points, fit_all_components, fit_traces, format_diagnostics
+from calib.methods.teacache.fit import FitResult, collect_points, fit_all_components, fit_traces, format_diagnostics
+from calib.methods.teacache.rescalers import AutoRescaler
+
+
+def plain_rescaler(degree=4) -> AutoRescaler:
+    """The estimator with a fixed degree and no shape constraint: the plain least-squares polynomial."""
+    return AutoRescaler(degree=degree, shape="none")
 
 # TeaCache's published FLUX coefficients, highest degree first.
 FLUX = np.array([498.651651, -283.781631, 55.8554382, -3.82021401, 0.264230861])
@@ -58,7 +65,7 @@ def _noisy(n=300, groups=10, seed=1, noise=0.005):
 
 def test_fit_recovers_known_polynomial_with_cv():
     x, y, g = _noisy()
-    r = PolynomialRescaler(degree=4).fit(x, y, g)
+    r = plain_rescaler(degree=4).fit(x, y, g)
     assert r.coef_.dtype == np.float64 and r.coef_.shape == (5,)
     # Coefficients of a degree-4 fit over [0.05, 0.35] are ill-determined individually; compare the curve
     # tightly and the coefficients loosely.
@@ -78,27 +85,32 @@ def test_fit_recovers_known_polynomial_with_cv():
 def test_exact_data_is_recovered_exactly():
     x = np.linspace(0.0, 1.0, 40)
     coef = np.array([2.0, -1.0, 0.5])
-    r = PolynomialRescaler(degree=2).fit(x, np.poly1d(coef)(x))
+    r = plain_rescaler(degree=2).fit(x, np.poly1d(coef)(x))
     np.testing.assert_allclose(r.coef_, coef, atol=1e-9)
     assert r.r2_ == pytest.approx(1.0)
 
 
-def test_predict_equals_poly1d_and_fit_returns_self():
+def test_predict_is_the_runtimes_and_fit_returns_self():
+    """predict evaluates poly1d(coef_) as the runtime does: inputs clamped to the fitted domain, floored at 0."""
     x, y, g = _noisy()
-    est = PolynomialRescaler()
+    est = plain_rescaler()
     assert est.fit(x, y, g) is est
     grid = np.linspace(-0.1, 0.5, 33)
-    np.testing.assert_array_equal(est.predict(grid), np.poly1d(est.coef_)(grid))
+    lo, hi = est.domain_
+    expected = np.maximum(np.poly1d(est.coef_)(np.clip(grid, lo, hi)), 0.0)
+    np.testing.assert_allclose(est.predict(grid), expected, rtol=1e-12)
+    inside = np.linspace(lo, hi, 9)
+    np.testing.assert_allclose(est.predict(inside), np.poly1d(est.coef_)(inside), rtol=1e-12)
     assert est.predict(0.2).shape == ()
-    assert est.get_params() == {"degree": 4}
+    assert est.get_params()["degree"] == 4 and est.get_params()["shape"] == "none"
 
 
 def test_cv_needs_two_groups():
     x, y, _ = _noisy()
-    r = PolynomialRescaler().fit(x, y)  # groups=None: one group
+    r = plain_rescaler().fit(x, y)  # groups=None: one group
     assert r.n_groups_ == 1 and r.cv_folds_ == 0
     assert math.isnan(r.cv_mae_) and math.isnan(r.cv_r2_)
-    r = PolynomialRescaler().fit(x, y, np.r_[np.zeros(150), np.ones(150)])
+    r = plain_rescaler().fit(x, y, np.r_[np.zeros(150), np.ones(150)])
     assert r.cv_folds_ == 2 and np.isfinite(r.cv_mae_)
 
 
@@ -106,7 +118,7 @@ def test_non_finite_pairs_are_dropped_and_counted():
     x, y, g = _noisy(n=100)
     x[3] = np.nan
     y[7] = np.inf
-    r = PolynomialRescaler().fit(x, y, g)
+    r = plain_rescaler().fit(x, y, g)
     assert r.n_dropped_ == 2 and r.n_points_ == 98
 
 
@@ -114,7 +126,7 @@ def test_too_few_points_message():
     x = np.array([0.1, 0.2, 0.3, 0.4, np.nan])
     y = np.array([0.1, 0.2, 0.3, 0.5, 0.6])
     with pytest.raises(CalibError) as exc:
-        PolynomialRescaler(degree=4).fit(x, y)
+        plain_rescaler(degree=4).fit(x, y)
     assert str(exc.value) == (
         "only 4 finite points; a degree-4 fit needs at least 6 — trace more prompts or lower --degree"
     )
@@ -122,27 +134,27 @@ def test_too_few_points_message():
 
 def test_constant_x_rejected():
     with pytest.raises(CalibError, match="input changes are equal"):
-        PolynomialRescaler(degree=2).fit(np.full(10, 0.2), np.linspace(0, 1, 10))
+        plain_rescaler(degree=2).fit(np.full(10, 0.2), np.linspace(0, 1, 10))
 
 
 @pytest.mark.parametrize("degree", [0, 10, 2.5, "4", True, None])
 def test_bad_degree_rejected(degree):
-    with pytest.raises(CalibError, match="degree must be an integer from 1 to 9"):
-        PolynomialRescaler(degree=degree).fit(np.linspace(0, 1, 20), np.linspace(0, 1, 20))
+    with pytest.raises(CalibError, match="degree must be 'auto' or an integer from 1 to 9"):
+        plain_rescaler(degree=degree).fit(np.linspace(0, 1, 20), np.linspace(0, 1, 20))
 
 
 def test_length_mismatch_rejected():
     with pytest.raises(CalibError, match=r"x and y differ in length \(20 vs 19\)"):
-        PolynomialRescaler().fit(np.linspace(0, 1, 20), np.linspace(0, 1, 19))
+        plain_rescaler().fit(np.linspace(0, 1, 20), np.linspace(0, 1, 19))
     with pytest.raises(CalibError, match="groups and x differ in length"):
-        PolynomialRescaler().fit(np.linspace(0, 1, 20), np.linspace(0, 1, 20), np.zeros(3))
+        plain_rescaler().fit(np.linspace(0, 1, 20), np.linspace(0, 1, 20), np.zeros(3))
 
 
 def test_predict_before_fit_raises():
     from sklearn.exceptions import NotFittedError
 
     with pytest.raises(NotFittedError):
-        PolynomialRescaler().predict([0.1])
+        plain_rescaler().predict([0.1])
 
 
 def test_collect_points_skips_nan_trajectory():
@@ -205,14 +217,11 @@ def test_format_diagnostics_without_cv():
     assert row[7] == "-" and row[8] == "-"  # CV MAE, CV R² unavailable
 
 
-def test_plot_fit_writes_png(tmp_path):
-    from calib.report.plots import plot_fit
+def test_the_fit_figure_is_a_png():
+    from calib.methods.teacache.figure import plot_fit_png
 
     ts = make_trace_set(n_traj=4, steps=12, components=("transformer", "transformer_2"))
-    results = fit_all_components(ts)
-    out = plot_fit(results, tmp_path / "sub" / "fit.png", title="test")
-    data = out.read_bytes()
+    data = plot_fit_png(fit_all_components(ts), title="test")
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
-    assert [p.name for p in out.parent.iterdir()] == ["fit.png"]  # no temp file left
     with pytest.raises(CalibError, match="nothing to plot"):
-        plot_fit({}, tmp_path / "empty.png")
+        plot_fit_png({})

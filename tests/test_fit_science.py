@@ -14,9 +14,9 @@ import pytest
 import torch
 
 import calib.runtime as cr
-from calib.methods.teacache.fit import check_settings
-from calib.jobs.fit import run_teacache_fit as run_fit
 from calib.errors import CalibError
+from calib.jobs.fit import run_fit as run_any_fit
+from calib.methods.teacache.fit import check_settings
 from calib.methods.registry import load_document, validate as validate_document
 from calib.methods.teacache.fit import collect_samples, fit_traces, format_fit_report, select_indicator
 from calib.methods.teacache.rescalers import CONSTRAINT, AutoRescaler, indicator_series, shape_check
@@ -25,6 +25,11 @@ from calib.store import TraceSet, TraceWriter, Trajectory
 from shipped import shipped
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def run_fit(traces, **options):
+    return run_any_fit("teacache", traces, **options)
+
 MODEL_INFO = {"class": "FluxTransformer2DModel", "source": "builtin:digits", "config_hash": "sha256:00",
               "scheduler": "FlowMatchEulerDiscreteScheduler", "adapter": "flux", "indicator": "transformer_blocks.0.norm1"}
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from calib.errors import CalibError
-from calib.models import _builtin, digits, train_digits, train_wan_digits, wan_digits
+from calib.models import builtin_pipeline, digits, train_digits, train_wan_digits, wan_digits
 
 
 @pytest.mark.parametrize("trainer, model", [(train_digits, digits), (train_wan_digits, wan_digits)],
@@ -13,7 +13,7 @@ def test_training_runs_and_weights_round_trip(tmp_path, trainer, model):
     transformer, encoder, info = trainer.train(steps=3, batch=4, log=lambda *a: None)
     assert info["steps"] == 3 and len(info["loss_history"]) >= 1
     path = tmp_path / "w.safetensors"
-    _builtin.save_weights(path, transformer, encoder, {"training": info, "config": model.TRANSFORMER_CONFIG})
+    builtin_pipeline.save_weights(path, transformer, encoder, {"training": info, "config": model.TRANSFORMER_CONFIG})
     assert path.exists() and not path.with_suffix(".tmp").exists()
 
     pipe = model.load_pipeline(weights=path)

@@ -64,7 +64,7 @@ def assets() -> Path:
     """A folder with real artifacts made once: real.h5 (2 prompts x 2 seeds x 6 steps), tiny.h5 (1 generation of
     4 steps: 6 points), real.json (fit of real.h5)."""
     if "dir" not in _ASSETS:
-        from calib.jobs.fit import run_teacache_fit as run_fit
+        from calib.jobs.fit import run_fit
         from calib.trace import TraceSettings, run_trace
 
         folder = Path(tempfile.mkdtemp(prefix="calib-reliability-"))
@@ -77,7 +77,7 @@ def assets() -> Path:
                       out=folder / "real.h5", pipe=pipe(), echo=quiet)
             run_trace("builtin:digits", folder / "p1.txt", TraceSettings(steps=4, seeds=(0,)),
                       out=folder / "tiny.h5", pipe=pipe(), echo=quiet)
-        run_fit([folder / "real.h5"], out=folder / "real.json", plot=False, bootstrap=0, echo=quiet)
+        run_fit("teacache", [folder / "real.h5"], out=folder / "real.json", plot=False, bootstrap=0, echo=quiet)
         _ASSETS["dir"] = folder
     return _ASSETS["dir"]
 
@@ -353,7 +353,7 @@ def _with_coefficient(literal: str) -> str:
 
 
 def _block_cache_doc(path: Path) -> None:
-    from calib.methods.block_cache import build_document
+    from calib.methods.block_cache.method import build_document
     from calib.methods.registry import write_document
     from calib.store import read_traces
 
@@ -1116,7 +1116,7 @@ def test_ctrl_c_during_json_write_leaves_previous_file(fitted, monkeypatch):
 
 
 def test_crash_while_serializing_json_writes_nothing(fitted, monkeypatch):
-    from calib.jobs.fit import run_teacache_fit as run_fit
+    from calib.jobs.fit import run_fit
 
     work, prev_json, prev_png = fitted
 
@@ -1125,7 +1125,7 @@ def test_crash_while_serializing_json_writes_nothing(fitted, monkeypatch):
 
     monkeypatch.setattr(json, "dumps", boom)  # the one serializer: calib.coeffs.io
     with pytest.raises(RuntimeError, match="serializer crashed"):
-        run_fit([work / "t.h5"], out=work / "c.json", echo=lambda *a: None, **FAST_FIT_KW)
+        run_fit("teacache", [work / "t.h5"], out=work / "c.json", echo=lambda *a: None, **FAST_FIT_KW)
     monkeypatch.undo()
     assert (work / "c.json").read_bytes() == prev_json and (work / "c.png").read_bytes() == prev_png
     _only_final_files(work)
@@ -1134,7 +1134,7 @@ def test_crash_while_serializing_json_writes_nothing(fitted, monkeypatch):
 def test_crash_while_rendering_png_keeps_previous_png(fitted, monkeypatch):
     from matplotlib.figure import Figure
 
-    from calib.jobs.fit import run_teacache_fit as run_fit
+    from calib.jobs.fit import run_fit
     from calib.methods.registry import load_document
 
     work, _, prev_png = fitted
@@ -1144,7 +1144,7 @@ def test_crash_while_rendering_png_keeps_previous_png(fitted, monkeypatch):
 
     monkeypatch.setattr(Figure, "savefig", boom)
     with pytest.raises(RuntimeError, match="renderer crashed"):
-        run_fit([work / "t.h5"], out=work / "c.json", echo=lambda *a: None, **FAST_FIT_KW)
+        run_fit("teacache", [work / "t.h5"], out=work / "c.json", echo=lambda *a: None, **FAST_FIT_KW)
     monkeypatch.undo()
     assert (work / "c.png").read_bytes() == prev_png
     load_document(work / "c.json")  # the JSON written before the plot is complete and valid

@@ -9,7 +9,8 @@ import random
 
 import pytest
 
-from calib.methods.schedule import feasible_budgets, minimax_path, min_sum_path, path_costs, segments, split_prompts
+from calib.methods.schedule.measure import split_prompts
+from calib.methods.schedule.paths import feasible_budgets, min_sum_path, minimax_path, path_costs, segments
 
 
 def _all_paths(n, costs, budget):
@@ -211,12 +212,11 @@ def test_tune_picks_the_budget_and_export_writes_the_mask(fitted, capsys):
 
 
 def test_taylorseer_is_given_every_interval_that_fits_a_target():
-    from calib.evaluate.harness import REACHED
-    from calib.evaluate.frontier import TARGETS
+    from calib.evaluate.harness import COMPUTE_TARGETS, REACHED
     from calib.evaluate.peers.taylorseer import taylorseer_fraction, taylorseer_settings
 
-    settings = taylorseer_settings(30, TARGETS)
-    for target in TARGETS:
+    settings = taylorseer_settings(30, COMPUTE_TARGETS)
+    for target in COMPUTE_TARGETS:
         fits = [(i, b) for i, b in settings if abs(taylorseer_fraction(i, b, 30) - target) <= REACHED]
         assert len({i for i, _ in fits}) >= 2, target  # several intervals per target, each with its warm-up
     assert all(2 <= i <= 6 and b >= 1 for i, b in settings)
@@ -237,7 +237,7 @@ def test_frontier_runs_the_schedule_and_cache_dit_rows(fitted):
     try:
         pipe = load_pipeline()
         result = run_frontier(pipe, None, None, ["a handwritten 3", "a handwritten 5"], (5,), steps=STEPS,
-                              guidance=3.0, methods=("cache-dit", "calib-schedule", "calib-forecast"),
+                              guidance=3.0, rows=("cache-dit", "calib-schedule", "calib-forecast"),
                               schedule_config=cr.load(fitted / "s.json"), echo=lambda *a: None)
     finally:
         torch.set_num_threads(threads)
@@ -276,3 +276,63 @@ def test_fit_auto_keeps_the_better_of_gate_and_schedule_and_says_why(fitted, cap
     assert verdict["gate"]["compute_fraction"] <= 0.5 + 1e-9 and verdict["schedule"]["compute_fraction"] <= 0.5
     assert verdict["why"] in out and "kept" in verdict["why"]
     assert (fitted / "auto.gate.json").exists() and (fitted / "auto.schedule.json").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the model a schedule or auto fit regenerates with: never code or a download named by the trace file
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("source, refused", [
+    ("os:abort", "calib never runs code a file names"),
+    ("evilsrc:pwn", "calib never runs code a file names"),
+    ("someone/some-model", "calib downloads nothing a file names"),
+])
+@pytest.mark.parametrize("method", ["schedule", "auto"])
+def test_fit_never_loads_code_or_a_download_the_trace_names(tmp_path, monkeypatch, capsys, source, refused, method):
+    import types
+
+    from calib.cli import main
+    from calib.jobs import fit as fit_job
+
+    loaded = []
+    monkeypatch.setattr(fit_job, "read_traces", lambda paths: types.SimpleNamespace(model_info={"source": source}))
+    monkeypatch.setattr(fit_job.model_loading, "load_model", lambda spec, **kw: loaded.append(spec))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "t.h5").write_bytes(b"")
+    assert main(["fit", "t.h5", "--method", method, "--out", "s.json"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and refused in err[0] and "pass --model" in err[0], err
+    assert loaded == [] and "evilsrc" not in __import__("sys").modules
+
+
+def test_the_model_comes_from_model_a_builtin_name_or_an_existing_folder(tmp_path):
+    import types
+
+    from calib.errors import CalibError
+    from calib.jobs.fit import model_to_load
+
+    def traced(source):
+        return types.SimpleNamespace(model_info={"source": source})
+
+    assert model_to_load("pkg.module:factory", traced("os:abort"), ["t.h5"]) == "pkg.module:factory"  # --model
+    assert model_to_load(None, traced("builtin:digits"), ["t.h5"]) == "builtin:digits"
+    assert model_to_load(None, traced(str(tmp_path)), ["t.h5"]) == str(tmp_path)
+    with pytest.raises(CalibError, match="pass --model"):
+        model_to_load(None, traced(None), ["t.h5"])
+
+
+def test_segment_shards_are_found_by_escaped_name_only(tmp_path):
+    """``--out '[ab].json'`` reads and clears its own shard files, never those of a.json or b.json."""
+    from calib.store.segments import SegmentStore
+
+    key = {"gap": 3}
+    mine, other = SegmentStore(tmp_path / "[ab].json", (0, 2)), SegmentStore(tmp_path / "a.json", (0, 2))
+    mine.write(key, {"newton-o1-step": {"0-2": 0.5}})
+    other.write(key, {"newton-o1-step": {"0-2": 0.25}})
+    (tmp_path / "a.segments.rank1-of-2.json.bak").write_text("{}")
+    unsharded = SegmentStore(tmp_path / "[ab].json")
+    assert unsharded.shard_files() == [mine.path]
+    assert unsharded.read(key) == {"newton-o1-step": {"0-2": 0.5}}
+    unsharded.clear()
+    assert not mine.path.exists() and other.path.exists()
+    with pytest.raises(Exception, match="other settings"):
+        other.read({"gap": 4})

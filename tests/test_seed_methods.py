@@ -17,8 +17,10 @@ import pytest
 import torch
 
 import calib.runtime as cr
-from calib.methods import block_cache, fbcache, magcache
-from calib.methods import fastercache_cfg as fastercache
+from calib.methods.block_cache import method as block_cache
+from calib.methods.fastercache_cfg import method as fastercache
+from calib.methods.fbcache import method as fbcache
+from calib.methods.magcache import method as magcache
 from calib.exports import diffusers as diffusers_target
 from calib.exports import engines
 from calib.adapters import model_identity
@@ -124,12 +126,12 @@ def test_block_schedule_rule_on_synthetic_changes():
     changes[1:, 0] = 0.1  # slow block: accumulates 0.1, 0.2, 0.3 -> recompute every third step at T = 0.25
     changes[1:, 1] = 0.3  # fast block: over the threshold every step
     changes[1:, 2] = 0.0  # static block: only the forced first and last steps
-    sched = block_cache.schedule(changes, 0.25)
+    sched = block_cache.block_mask(changes, 0.25)
     assert np.flatnonzero(sched[:, 0]).tolist() == [0, 3, 6, 9]
     assert sched[:, 1].all()
     assert np.flatnonzero(sched[:, 2]).tolist() == [0, n - 1]
-    assert block_cache.schedule(changes, 0.0).all()  # threshold 0 computes everything
-    huge = block_cache.schedule(changes, 1e9)
+    assert block_cache.block_mask(changes, 0.0).all()  # threshold 0 computes everything
+    huge = block_cache.block_mask(changes, 1e9)
     assert all(np.flatnonzero(huge[:, j]).tolist() == [0, n - 1] for j in range(3))
     # the fraction only falls as the threshold grows
     fractions = [block_cache.compute_fraction(changes, t) for t in np.linspace(0, 2, 40)]
@@ -146,7 +148,7 @@ def test_block_cache_tune_and_document_from_synthetic_traces(tmp_path):
     assert count == 6 and names == [f"transformer_blocks.{i}" for i in range(b)]
     np.testing.assert_allclose(mean[1:], np.mean([t.block_rel_l1[1:] for t in trajs], axis=0), rtol=1e-6)
     for target in (0.9, 0.6, 0.4):
-        chosen, rows = block_cache.tune({"transformer": mean}, target)
+        chosen, rows = block_cache.choose_threshold({"transformer": mean}, target)
         assert chosen.compute_fraction <= target
         smaller = [r for r in rows if r.threshold < chosen.threshold]
         assert all(r.compute_fraction > target for r in smaller)  # the least aggressive schedule meeting it
@@ -155,7 +157,7 @@ def test_block_cache_tune_and_document_from_synthetic_traces(tmp_path):
     jsonschema.Draft202012Validator(schema()).validate(doc)
     comp = doc["block_cache"]["components"]["transformer"]
     assert comp["changes"][0] == [None] * b and len(comp["changes"]) == n
-    sched = block_cache.schedule(mean, doc["thresholds"]["recommended"])
+    sched = block_cache.block_mask(mean, doc["thresholds"]["recommended"])
     assert comp["schedule"] == {nm: np.flatnonzero(sched[:, j]).tolist() for j, nm in enumerate(names)}
     write_document(doc, tmp_path / "x.blockcache.json")
     config = cr.load(tmp_path / "x.blockcache.json")
@@ -275,7 +277,7 @@ def test_block_cache_and_fastercache_rows_join_the_frontier(pipe, traced, tmp_pa
 
     _, _, ts = traced
     result = run_frontier(pipe, None, ts, ["a handwritten 3"], (5,), steps=STEPS, guidance=3.0,
-                          methods=("block-cache", "fastercache"), echo=lambda *a: None)
+                          rows=("block-cache", "fastercache"), echo=lambda *a: None)
     assert {"block-cache", "fastercache"} <= PARTIAL
     entry = result["methods"]["block-cache"]
     assert entry["matched_on"] == "compute"
@@ -307,7 +309,7 @@ def test_block_cache_and_fastercache_rows_join_the_frontier(pipe, traced, tmp_pa
         parser.feed(section)
         parsed[name] = parser.srcs
     assert len(parsed["compare"]) == len(parsed["plain"]) + 1
-    assert "calib Block Caching (per-block schedule)" in page_of["compare"]
+    assert "calib Block Caching (per-block mask)" in page_of["compare"]
     assert "calib Block Caching" not in page_of["plain"]
 
 
@@ -405,7 +407,7 @@ def test_diffusers_fbcache_export_changes_computed_steps_as_predicted(pipe, trac
                  "--out", str(out)]) == 0
     kwargs = json.loads(out.read_text())
     assert set(kwargs) == {"threshold"} and kwargs["threshold"] > 0
-    _, info = fbcache.fit(ts, target_speedup=speedup)
+    _, info = fbcache.fit_config(ts, target_speedup=speedup)
     predicted = info["computed_steps_mean"]
     for mode in ("sequential", "batched"):
         computed, counter = _run_diffusers(pipe, FirstBlockCacheConfig(**json.load(open(out))), mode)

@@ -1,4 +1,4 @@
-"""The ``calib`` click group, ``main`` (the console script) and what several commands share (``_seeds``).
+"""The ``calib`` click group and ``main`` (the console script).
 
 Every user error ends in one line on stderr and exit status 2; Ctrl-C ends with a line saying what was kept (130).
 The commands are one module each in this package; calib.cli imports them, which adds them to the group.
@@ -16,31 +16,6 @@ from ..errors import CalibError
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
     click.echo(f"calib: warning: {message}", err=True)
-
-
-MAX_SEEDS = 100_000  # generations per prompt; more is a typo, and a range is checked before it is built
-SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
-
-
-def _seeds(value: str) -> tuple[int, ...]:
-    try:
-        if "-" in value and "," not in value and not value.startswith("-"):
-            lo, hi = (int(v) for v in value.split("-"))
-            if hi - lo + 1 > MAX_SEEDS:
-                raise CalibError(f"--seeds {value!r}: {hi - lo + 1:,} seeds; at most {MAX_SEEDS:,} per run")
-            seeds = tuple(range(lo, hi + 1))
-        else:
-            if len(value) > 20 * MAX_SEEDS:
-                raise CalibError(f"--seeds: a list of more than {MAX_SEEDS:,} seeds")
-            seeds = tuple(int(v) for v in value.split(",") if v.strip())
-    except ValueError:
-        raise CalibError(f"--seeds {value!r}: expected integers like '0,1,2' or a range like '0-7'") from None
-    if len(seeds) > MAX_SEEDS:
-        raise CalibError(f"--seeds: {len(seeds):,} seeds; at most {MAX_SEEDS:,} per run")
-    bad = [s for s in seeds if not SEED_RANGE[0] <= s <= SEED_RANGE[1]]
-    if bad:
-        raise CalibError(f"--seeds: {bad[0]} is outside the seeds torch takes (-2**63 to 2**64-1)")
-    return seeds
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})

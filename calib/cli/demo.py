@@ -10,7 +10,8 @@ from pathlib import Path
 
 import click
 
-from calib.cli._group import _seeds, cli
+from calib.cli._group import cli
+from calib.methods.base import parse_seeds
 
 
 @cli.command()
@@ -26,5 +27,5 @@ def demo(prompts_file, steps, seeds, guidance, threshold, traces_dir, coeffs_dir
     """The whole loop on the built-in model: trace, fit, export, then a cached vs uncached generation."""
     from calib.jobs.demo import run_demo
 
-    run_demo(prompts_file=prompts_file, steps=steps, seeds=_seeds(seeds), guidance=guidance, threshold=threshold,
+    run_demo(prompts_file=prompts_file, steps=steps, seeds=parse_seeds(seeds), guidance=guidance, threshold=threshold,
              traces_dir=traces_dir, coeffs_dir=coeffs_dir, overwrite=overwrite, echo=click.echo)

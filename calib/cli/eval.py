@@ -10,7 +10,8 @@ from pathlib import Path
 
 import click
 
-from calib.cli._group import _seeds, cli
+from calib.cli._group import cli
+from calib.methods.base import parse_seeds
 
 
 @cli.command(name="eval")
@@ -42,8 +43,10 @@ def eval_(coeffs, model, prompts_file, seeds, thresholds, steps, guidance, repea
 
     The pipeline is loaded and called as calib trace did (the file's calibration.pipeline: --height/--width,
     --negative-prompt, --true-cfg-scale, --pipeline-arg, --dtype)."""
-    from calib.jobs.eval import run_eval
+    from calib.jobs.eval import EvalRequest, run_eval
 
-    run_eval(coeffs, model=model, prompts_file=prompts_file, seeds=_seeds(seeds), thresholds=list(thresholds) or None,
-             steps=steps, guidance=guidance, repeats=repeats, traces=list(trace_files) or None, device=device, out=out,
-             compare=compare, plot=plot, cpu_offload=cpu_offload, echo=click.echo)
+    request = EvalRequest(coeffs, model=model, prompts_file=prompts_file, seeds=parse_seeds(seeds),
+                          thresholds=tuple(thresholds) or None, steps=steps, guidance=guidance, repeats=repeats,
+                          traces=tuple(trace_files), device=device, out=out, compare=compare, plot=plot,
+                          cpu_offload=cpu_offload)
+    run_eval(request, echo=click.echo)

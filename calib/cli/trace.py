@@ -11,7 +11,8 @@ from pathlib import Path
 import click
 
 from ..errors import CalibError
-from ._group import cli, _seeds
+from ..methods.base import parse_seeds
+from ._group import cli
 
 
 @cli.command()
@@ -63,7 +64,7 @@ def trace(model, prompts_file, steps, seeds, guidance, height, width, num_frames
         if key in kwargs:
             raise CalibError(f"--pipeline-arg {key} is given twice")
         kwargs[key] = value
-    settings = TraceSettings(steps=steps, guidance=guidance, seeds=_seeds(seeds), height=height, width=width,
+    settings = TraceSettings(steps=steps, guidance=guidance, seeds=parse_seeds(seeds), height=height, width=width,
                              num_frames=num_frames, record_blocks=not no_blocks, pipeline_kwargs=kwargs,
                              negative_prompt=negative_prompt, true_cfg_scale=true_cfg_scale, dtype=dtype,
                              cpu_offload=cpu_offload)

@@ -30,11 +30,11 @@ def tune(traces, coeffs, speedup, max_error, compute_fraction, write, costs):
 
     Prints threshold -> predicted fraction of full forwards -> predicted speed-up -> predicted error. On a schedule
     file (calib fit --method schedule) it picks the budget instead, from the file alone."""
-    from calib.methods.base import TuneTarget
     from calib.jobs.tune import run_tune
+    from calib.methods.base import TuneGoal
 
     given = [(k, v) for k, v in (("speedup", speedup), ("max_error", max_error), ("compute_fraction", compute_fraction))
              if v is not None]
     if len(given) != 1:
         raise CalibError("give exactly one target: --speedup S, --max-error E or --compute-fraction F")
-    run_tune(list(traces), coeffs, TuneTarget(*given[0]), write=write, costs=costs, echo=click.echo)
+    run_tune(list(traces), coeffs, TuneGoal(*given[0]), write=write, costs=costs, echo=click.echo)

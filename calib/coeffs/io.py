@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Callable
 
 from calib._io import MAX_JSON_BYTES, parse_json, read_input, write_bytes
-from calib.coeffs.validate import _ROOT, _json_type, validate_document
+from calib.coeffs.validate import ROOT, json_type, validate_document
 from calib.errors import CalibError
 
 # validate(doc, source) -> doc: raises a one-line CalibError.
@@ -27,9 +27,9 @@ def document_bytes(doc: dict, path, *, validate: Validate = _validate_plain) -> 
     try:
         text = json.dumps(doc, indent=2, allow_nan=False, ensure_ascii=False)
     except ValueError as exc:  # a NaN that validation did not see (e.g. in an unknown section of a subclass)
-        raise CalibError(f"{path}: {_ROOT}: {exc}") from None
+        raise CalibError(f"{path}: {ROOT}: {exc}") from None
     except TypeError as exc:
-        raise CalibError(f"{path}: {_ROOT}: cannot be written as JSON ({exc})") from None
+        raise CalibError(f"{path}: {ROOT}: cannot be written as JSON ({exc})") from None
     try:
         return (text + "\n").encode("utf-8")
     except UnicodeEncodeError as exc:  # a lone surrogate (e.g. in provenance.notes) has no UTF-8 form
@@ -67,5 +67,5 @@ def load_document(path, *, validate: Validate = _validate_plain) -> dict:
     except ValueError as exc:  # calib's limits: nesting depth, integer size
         raise CalibError(f"{path}: not a coefficient file calib reads: {exc}") from None
     if not isinstance(doc, dict):
-        raise CalibError(f"{path}: {_ROOT}: expected a JSON object, got {_json_type(doc)}")
+        raise CalibError(f"{path}: {ROOT}: expected a JSON object, got {json_type(doc)}")
     return validate(doc, str(path))

@@ -1,6 +1,6 @@
-"""The one coefficient-document validator: format and version, the JSON Schema, then what the schema cannot say
-(degree, domain, no NaN/Infinity) and the method's own section check, handed in by the caller
-(:func:`calib.methods.registry.validate`: coeffs sits below the methods and does not know them).
+"""The one coefficient-document validator: format and version, the JSON Schema, the method's own section check
+(handed in by the caller, :func:`calib.methods.registry.validate`: coeffs sits below the methods and does not know
+them), then no NaN/Infinity anywhere.
 
 Every problem is one :class:`CalibError` line, ``"{source}: {where}: {what}"``, ``where`` the offending JSON path.
 Also the conversions of fitted values into JSON (numpy scalars, NaN to null) that every method's document uses.
@@ -15,24 +15,24 @@ from typing import Any, Callable
 import numpy as np
 
 from calib import __version__
-from calib.coeffs.schema import _validator
+from calib.coeffs.schema import validator
 from calib.errors import CalibError
 from calib.runtime.document import FORMAT, SCHEMA_VERSION
 
-_ROOT = "(root)"
+ROOT = "(root)"
 
 # section_check(doc, source): the method's code checks of its own section; raises CalibError.
 SectionCheck = Callable[[dict, str], None]
 
 
-def _to_jsonable(value: Any) -> Any:
+def to_jsonable(value: Any) -> Any:
     """numpy scalars/arrays and tuples -> plain JSON types (floats stay floats, NaN stays NaN)."""
     if isinstance(value, dict):
-        return {str(k): _to_jsonable(v) for k, v in value.items()}
+        return {str(k): to_jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_to_jsonable(v) for v in value]
+        return [to_jsonable(v) for v in value]
     if isinstance(value, np.ndarray):
-        return [_to_jsonable(v) for v in value.tolist()]
+        return [to_jsonable(v) for v in value.tolist()]
     if isinstance(value, (bool, np.bool_)):
         return bool(value)
     if isinstance(value, (int, np.integer)):
@@ -44,17 +44,17 @@ def _to_jsonable(value: Any) -> Any:
     return value
 
 
-def _nan_to_null(value: Any) -> Any:
+def nan_to_null(value: Any) -> Any:
     if isinstance(value, dict):
-        return {k: _nan_to_null(v) for k, v in value.items()}
+        return {k: nan_to_null(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_nan_to_null(v) for v in value]
+        return [nan_to_null(v) for v in value]
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
 
 
-def _metric(value: Any) -> float | None:
+def metric(value: Any) -> float | None:
     """A float metric for JSON: NaN/Inf (not computable) become null."""
     if value is None:
         return None
@@ -62,7 +62,7 @@ def _metric(value: Any) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def _json_type(value: Any) -> str:
+def json_type(value: Any) -> str:
     if value is None:
         return "null"
     if isinstance(value, bool):
@@ -89,17 +89,19 @@ def _short(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
-def _where(path) -> str:
+def json_path(path) -> str:
+    """A JSON path as the messages show it: ``components.transformer.coefficients[2]``."""
     out = ""
     for part in path:
         if isinstance(part, int):
             out += f"[{part}]"
         else:
             out += ("." if out else "") + str(part)
-    return out or _ROOT
+    return out or ROOT
 
 
-def _fail(source: str, where: str, what: str) -> CalibError:
+def document_error(source: str, where: str, what: str) -> CalibError:
+    """The one-line error of a document: ``"{source}: {where}: {what}"``."""
     what = " ".join(str(what).split())
     return CalibError(f"{source}: {where}: {what}")
 
@@ -113,27 +115,27 @@ def _describe_schema_error(error) -> tuple[str, str]:
     if kind == "required" and isinstance(inst, dict):
         missing = [p for p in value if p not in inst]
         name = missing[0] if missing else "?"
-        return _where(path + [name]), "required field is missing"
+        return json_path(path + [name]), "required field is missing"
     if kind == "type":
         types = value if isinstance(value, list) else [value]
-        return _where(path), f"expected {' or '.join(types)}, got {_json_type(inst)} {_short(inst, 40)}"
+        return json_path(path), f"expected {' or '.join(types)}, got {json_type(inst)} {_short(inst, 40)}"
     if kind == "const":
-        return _where(path), f"must be {_short(value)}, got {_short(inst)}"
+        return json_path(path), f"must be {_short(value)}, got {_short(inst)}"
     if kind == "enum":
         choices = ", ".join(_short(v) for v in value)
-        return _where(path), f"{_short(inst)} is not one of {choices}"
+        return json_path(path), f"{_short(inst)} is not one of {choices}"
     if kind == "pattern" and path and path[-1] == "created":
-        return _where(path), f"expected an RFC 3339 date-time such as 2026-11-23T08:00:00Z, got {_short(inst)}"
+        return json_path(path), f"expected an RFC 3339 date-time such as 2026-11-23T08:00:00Z, got {_short(inst)}"
     if kind == "minProperties" and value == 1:
-        return _where(path), "must not be empty"
+        return json_path(path), "must not be empty"
     if kind == "minItems":
-        return _where(path), f"needs at least {value} item(s), got {len(inst)}"
+        return json_path(path), f"needs at least {value} item(s), got {len(inst)}"
     if kind == "maxItems":
-        return _where(path), f"allows at most {value} item(s), got {len(inst)}"
+        return json_path(path), f"allows at most {value} item(s), got {len(inst)}"
     message = error.message
     if len(message) > 160:
         message = message[:159] + "…"
-    return _where(path), message
+    return json_path(path), message
 
 
 def _first_non_finite(value: Any, path: list) -> tuple[list, float] | None:
@@ -156,33 +158,32 @@ def validate_document(doc: Any, *, source: str = "<document>", section_check: Se
     """Check ``doc`` against version 1; return it unchanged or raise :class:`CalibError` with one line.
 
     Order: the top level is an object; ``format``; ``schema_version`` (dedicated message for other versions);
-    the JSON Schema (the best-matching error, with its JSON path); then what the schema cannot say: ``degree`` is
-    ``len(coefficients) - 1``, ``domain`` is ordered, and no number anywhere is NaN or infinite.
-    ``section_check(doc, source)``, when given, runs right after the schema (the method's own section).
+    the JSON Schema (the best-matching error, with its JSON path); ``section_check(doc, source)``, when given (what
+    the method's section schema cannot say); then no number anywhere may be NaN or infinite.
     """
     source = str(source)
     if not isinstance(doc, dict):
-        raise _fail(source, _ROOT, f"expected a JSON object, got {_json_type(doc)}")
+        raise document_error(source, ROOT, f"expected a JSON object, got {json_type(doc)}")
 
     fmt = doc.get("format")
     if fmt != FORMAT:
         got = "no \"format\" field" if "format" not in doc else f"\"format\" is {_short(fmt)}"
-        raise _fail(source, "format", f"not a calib coefficient file ({got}; expected \"{FORMAT}\")")
+        raise document_error(source, "format", f"not a calib coefficient file ({got}; expected \"{FORMAT}\")")
 
     if "schema_version" not in doc:
-        raise _fail(source, "schema_version", "required field is missing")
+        raise document_error(source, "schema_version", "required field is missing")
     version = doc["schema_version"]
     if isinstance(version, bool) or not isinstance(version, int):
-        raise _fail(source, "schema_version", f"expected an integer, got {_json_type(version)} {_short(version)}")
+        raise document_error(source, "schema_version", f"expected an integer, got {json_type(version)} {_short(version)}")
     if version > SCHEMA_VERSION:
-        raise _fail(
+        raise document_error(
             source,
             "schema_version",
             f"this file is version {version}; calib {__version__} reads version {SCHEMA_VERSION}"
             " — upgrade calib to read it",
         )
     if version != SCHEMA_VERSION:
-        raise _fail(
+        raise document_error(
             source,
             "schema_version",
             f"version {version} is not a known version; calib {__version__} reads version {SCHEMA_VERSION}",
@@ -190,41 +191,16 @@ def validate_document(doc: Any, *, source: str = "<document>", section_check: Se
 
     import jsonschema
 
-    error = jsonschema.exceptions.best_match(_validator().iter_errors(doc))
+    error = jsonschema.exceptions.best_match(validator().iter_errors(doc))
     if error is not None:
         where, what = _describe_schema_error(error)
-        raise _fail(source, where, what)
+        raise document_error(source, where, what)
 
-    if section_check is not None:  # block-cache, fastercache-cfg, schedule: their own section's code checks
+    if section_check is not None:  # the method's own section: what its schema cannot say
         section_check(doc, source)
-    for name, comp in doc.get("components", {}).items():
-        base = ["components", name]
-        coef = comp["coefficients"]
-        if comp["degree"] != len(coef) - 1:
-            raise _fail(
-                source,
-                _where(base + ["degree"]),
-                f"is {comp['degree']} but coefficients has {len(coef)} entries (degree {len(coef) - 1})",
-            )
-        for i, c in enumerate(coef):
-            if not math.isfinite(c):
-                raise _fail(source, _where(base + ["coefficients", i]), f"{c} is not a finite number")
-        domain = comp["domain"]
-        if domain is None and (doc.get("provenance") or {}).get("source") == "measured":
-            raise _fail(
-                source, _where(base + ["domain"]),
-                "is null, but measured coefficients must state the input range they were fitted on (the runtime"
-                " clamps to it)",
-            )
-        if domain is not None:
-            lo, hi = domain
-            if not (math.isfinite(lo) and math.isfinite(hi)):
-                raise _fail(source, _where(base + ["domain"]), f"[{lo}, {hi}] is not finite")
-            if lo > hi:
-                raise _fail(source, _where(base + ["domain"]), f"min {lo!r} is greater than max {hi!r}")
 
     found = _first_non_finite(doc, [])
     if found is not None:
         path, value = found
-        raise _fail(source, _where(path), f"{value} is not allowed (JSON has no NaN/Infinity; write null)")
+        raise document_error(source, json_path(path), f"{value} is not allowed (JSON has no NaN/Infinity; write null)")
     return doc

@@ -2,7 +2,7 @@
 
 A skipped step is not free (the pipeline, the embeddings before the block stack, the indicator and the output head
 still run), so ``calib eval`` times the same runtime at its two extreme settings and interpolates between them
-(:data:`~calib.methods.cost_model.COST_MODEL`); :func:`_measure` runs those timings interleaved with the evaluated
+(:data:`~calib.methods.cost_model.COST_MODEL`); :func:`measure_generations` runs those timings interleaved with the evaluated
 generations."""
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def cost_model(timings: dict) -> dict:
             "seconds_uncached": base / len(timings["base"])}
 
 
-def _measure(generate: Generator, config, thresholds, jobs, repeats, reader, echo) -> dict:
+def measure_generations(generate: Generator, config, thresholds, jobs, repeats, reader, echo) -> dict:
     """Uncached and cached generations of every job, interleaved, ``repeats`` times; quality from the first. The
     first :data:`COST_JOBS` jobs also run the cost model's two extreme settings (:func:`cost_model`)."""
     every, fewest = _extreme_configs(config)

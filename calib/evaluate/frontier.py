@@ -10,7 +10,7 @@ output). What each generation computed is counted the same way for every method,
   It shows what a method pays besides its full forwards (First Block Cache's first block, TeaCache's modulation
   layer) and is the axis for methods that never skip a whole forward (Pyramid Attention Broadcast).
 
-Methods (``METHODS``):
+Rows (``ROWS``: calib's own, each method's ``frontier`` module, then the peers, ``PEERS``):
 
 * ``calib`` — TeaCache with the calibrated rescaler (``calib.runtime.apply``), skipped steps as the file says (the
   residual reused, or the forecast ``calib fit --forecast`` chose);
@@ -19,28 +19,17 @@ Methods (``METHODS``):
 * ``calib-schedule`` — the searched static schedules of ``calib fit --method schedule`` (``schedule_config=``), the
   budget nearest each target;
 * ``raw`` — the same rule on the raw indicator change, coefficients ``[1, 0]`` (no rescaling);
-* ``uniform`` — compute every k-th step, reuse the residual otherwise: the runtime's own gate with the constant
-  polynomial ``p(x) = 1`` and threshold ``k`` (the accumulator counts steps), so no hook code is duplicated;
 * ``fbcache`` — diffusers' ``FirstBlockCacheConfig`` via ``transformer.enable_cache``;
 * ``magcache`` — diffusers' ``MagCacheConfig`` with ``mag_ratios`` computed from the same traces (the mean over
   traced trajectories of the stack residual's norm ratio, ``calib.methods.magcache.mag_ratios`` — what MagCache's
   own ``calibrate=True`` mode logs, averaged over trajectories instead of one run); ``max_skip_steps`` is raised
   from the default 3 only where the default cannot reach the target;
-* ``taylorseer`` — diffusers' ``TaylorSeerCacheConfig`` given its best: orders 1 and 2, lite mode (whole blocks
-  skipped, the output projection extrapolated) and full mode (attention extrapolated, the rest computed), float32
-  factors, every interval 2-6 with the warm-up that reaches each target (:func:`taylorseer_settings`);
-* ``pab`` — diffusers' ``PyramidAttentionBroadcastConfig`` (attention reuse only; compared on ``compute``);
-* ``block-cache`` — Block Caching (arXiv 2312.03209): calib's per-block schedule derived from the same traces
+* ``block-cache`` — Block Caching (arXiv 2312.03209): calib's per-block mask derived from the same traces
   (``calib fit --method block-cache``), applied by ``calib.runtime``; blocks are skipped one by one, so it is
   compared on ``compute`` (its thresholds bisected over real runs on that axis);
-* ``fastercache`` — diffusers' ``FasterCacheConfig`` with the fields of ``calib export --format
-  diffusers-fastercache`` (the CFG cache calibrated from the traced cond - uncond change), one point per CFG
-  tolerance; it skips the unconditional half of the batch, never a whole forward, so it is compared on ``compute``.
-  diffusers' FasterCache needs an image-shaped output (BCHW / BCFHW): on packed-token models (FLUX, the built-in
-  image model) it is reported as not applicable.
-* ``cache-dit`` / ``cache-dit-taylorseer`` — cache-dit's DBCache (F1B0: the first block always computes) without and
-  with its TaylorSeer calibrator (order 2), through cache-dit's own block adapters; an optional dependency
-  (``pip install 'calib[bench]'``), imported only here; its residual threshold is bisected on both axes.
+* the peers of :mod:`calib.evaluate.peers`, each given its best (its module says which settings its authors
+  recommend and which are swept): uniform every-k, diffusers' TaylorSeer, SeaCache, Pyramid Attention Broadcast and
+  FasterCache, Spectrum and EasyCache (implemented from their papers), cache-dit's DBCache with each calibrator.
 
 Every target (50 %, 33 %, 25 %) is matched twice: on the fraction of full forwards and on the compute share, and
 :func:`compare_with_peers` puts calib's best calibrated row against the best other row at each.
@@ -59,72 +48,46 @@ from typing import Callable
 import calib.runtime as cr
 from calib._io import write_bytes
 from calib.errors import CalibError
-from calib.evaluate.peers import PEER_ROWS, diffusers_install as _diffusers_install
-from calib.evaluate.harness import (CURVE_FRACTIONS, REACHED, TARGETS, TOLERANCE, Harness, Point, _closest, _search,
-                                    runtime_install, with_polynomial)
-from calib.methods import block_cache, fbcache, magcache
-from calib.methods.base import TuneTarget
+from calib.evaluate.harness import (COMPUTE_TARGETS, CURVE_FRACTIONS, REACHED, TOLERANCE, Harness, Point, closest,
+                                    runtime_install, search, with_polynomial)
+from calib.evaluate.peers import PEER_ROWS, diffusers_install
+from calib.methods import registry
+from calib.methods.base import FrontierRow
+from calib.methods.fbcache.method import fit_config as fbcache_config
+from calib.methods.magcache.method import RETENTION_RATIO, mag_ratios, replay as magcache_replay
 from calib.methods.search import bisect, grow
-from calib.methods.teacache.tune import find_threshold, rescalers_of
-from calib.runtime.methods import block_cache as runtime_block_cache
+from calib.methods.teacache.frontier import gate_points, replay_guess
 from calib.runtime.gate import Rescaler
 
 
-def _replay_guess(trace_set, rescalers, fraction: float, indicator="modulated_input", normalization="none"):
-    """The threshold the replay (calib tune) predicts for ``fraction``: where the bisection over real runs starts."""
-    row, _ = find_threshold(trace_set, rescalers, TuneTarget("compute_fraction", fraction), indicator=indicator,
-                            normalization=normalization)
-    return row.threshold
-
-
-def _teacache_method(harness, config, trace_set, name, targets, echo, forecast=None):
-    if name in ("calib", "calib-forecast"):
-        cfg = config
-        rescalers, indicator, normalization = rescalers_of(config.document)
-        guess_of = lambda f: _replay_guess(trace_set, rescalers, f, indicator, normalization)  # noqa: E731
-    else:
-        cfg = with_polynomial(config, (1.0, 0.0))
-        raw = {name: Rescaler([1.0, 0.0], None) for name in config.components}
-        guess_of = lambda f: _replay_guess(trace_set, raw, f)  # noqa: E731
-    probes: dict = {}
-    make = lambda t: runtime_install(harness.pipe, cfg, t, forecast)  # noqa: E731
-    for f in CURVE_FRACTIONS:
-        t = float(f"{guess_of(f):.6g}")
-        if t not in probes:
-            probes[t] = harness.run(name, make(t), {"threshold": t})
-    for target in targets:
-        _search(harness, name, make, target, guess_of(target), probes=probes)
-    return list(probes.values())
-
-
-def _fbcache_method(harness, trace_set, targets):
+def _fbcache_points(harness, trace_set, targets):
     from diffusers import FirstBlockCacheConfig
 
     def guess(f):
         try:
-            return fbcache.fit(trace_set, target_speedup=1.0 / f)[0]["threshold"] or 0.05
+            return fbcache_config(trace_set, target_speedup=1.0 / f)[0]["threshold"] or 0.05
         except Exception:  # noqa: BLE001 - traces without the series it needs: start from diffusers' default
             return 0.05
 
     probes: dict = {}
-    make = lambda t: _diffusers_install(harness.transformer, lambda: FirstBlockCacheConfig(threshold=t))  # noqa: E731
+    make = lambda t: diffusers_install(harness.transformer, lambda: FirstBlockCacheConfig(threshold=t))  # noqa: E731
     for f in CURVE_FRACTIONS:
         t = float(f"{guess(f):.6g}")
         if t not in probes:
             probes[t] = harness.run("fbcache", make(t), {"threshold": t})
     for target in targets:
-        _search(harness, "fbcache", make, target, guess(target), probes=probes)
+        search(harness, "fbcache", make, target, guess(target), probes=probes)
     return list(probes.values())
 
 
-def _magcache_method(harness, trace_set, targets, echo):
+def _magcache_points(harness, trace_set, targets):
     from diffusers import MagCacheConfig
 
-    ratios = magcache.mag_ratios(trace_set)
+    ratios = mag_ratios(trace_set)
     n = harness.steps
 
     def replayed(t, k):
-        return sum(magcache.replay(ratios, t, num_steps=n, max_skip_steps=k)) / n
+        return sum(magcache_replay(ratios, t, num_steps=n, max_skip_steps=k)) / n
 
     def guess(f, k):  # MagCache's rule depends on the ratios only: its replay is exact, so bisect it finely
         lo, hi = grow(lambda t: replayed(t, k) > f, 1.0, 1e6)
@@ -138,12 +101,12 @@ def _magcache_method(harness, trace_set, targets, echo):
         probes: dict = {}
 
         def make(t, k=k):
-            return _diffusers_install(harness.transformer, lambda: MagCacheConfig(
-                threshold=t, max_skip_steps=k, retention_ratio=magcache.RETENTION_RATIO, num_inference_steps=n,
+            return diffusers_install(harness.transformer, lambda: MagCacheConfig(
+                threshold=t, max_skip_steps=k, retention_ratio=RETENTION_RATIO, num_inference_steps=n,
                 mag_ratios=list(ratios)))
 
         if target in targets:
-            found = _search(harness, "magcache", make, target, guess(target, k), probes=probes)
+            found = search(harness, "magcache", make, target, guess(target, k), probes=probes)
         else:
             t = float(f"{guess(target, k):.6g}")
             found = [harness.run("magcache", make(t), {"threshold": t})]
@@ -153,142 +116,89 @@ def _magcache_method(harness, trace_set, targets, echo):
     return points
 
 
-def _block_cache_method(harness, trace_set, targets):
-    """calib's Block Caching schedule, thresholds bisected over real runs on the compute share."""
-    doc, _ = block_cache.build_document(trace_set)
-    config = runtime_block_cache.parse(doc, "<frontier block-cache>")
-    changes = {name: block_cache.block_changes(trace_set, name)[1] for name in block_cache.components_of(trace_set)}
-
-    def guess(f):
-        return block_cache.tune(changes, f)[0].threshold
-
-    def make(t):
-        def install():
-            handle = cr.apply(harness.pipe, config, threshold=t)
-            return handle.remove
-
-        return install
-
-    probes: dict = {}
-    for f in CURVE_FRACTIONS:
-        t = float(f"{guess(f):.6g}")
-        if t not in probes:
-            probes[t] = harness.run("block-cache", make(t), {"threshold": t})
-    for target in targets:
-        _search(harness, "block-cache", make, target, guess(target), key="compute", probes=probes)
-    return list(probes.values())
-
-
-def _schedule_method(harness, schedule_config, targets):
-    """calib's searched schedules (``calib fit --method schedule``): the budgets nearest each target and the
-    curve's fractions, each applied by ``calib.runtime.apply(pipe, config, budget=B)``."""
-    n = schedule_config.steps
-    budgets = sorted({min(schedule_config.budgets, key=lambda b: (abs(b / n - f), b))
-                      for f in (*targets, *CURVE_FRACTIONS)})
-
-    def make(b):
-        def install():
-            handle = cr.apply(harness.pipe, schedule_config, budget=b)
-            return handle.remove
-
-        return install
-
-    return [harness.run("calib-schedule", make(b), {"budget": b, "forecast": schedule_config.forecast.as_json()})
-            for b in budgets]
-
-
 # ---------------------------------------------------------------------------------------------------------------
-# the rows: calib's own settings and the peers it is compared with
+# the rows: calib's own (each method's, from the registry) and the peers it is compared with
 # ---------------------------------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
-class _Row:
-    """What every row's ``run`` gets: the harness and the inputs of one frontier run."""
+class FrontierRun:
+    """What every row's ``run`` gets: the inputs of one frontier run and the harness's measurements."""
 
     harness: Harness
-    config: object
+    config: object  # a teacache runtime config (calib.runtime.load), or None
     trace_set: object
     targets: tuple
     echo: object
     forecast: object = None
-    schedule_config: object = None
+    schedule_config: object = None  # a schedule file (calib.runtime.load), or None
+    curve_fractions: tuple = CURVE_FRACTIONS
+
+    def measure(self, name: str, install, setting: dict) -> Point:
+        """One setting of row ``name`` on every held-out job (:meth:`Harness.run`)."""
+        return self.harness.run(name, install, setting)
+
+    def search(self, name: str, make_install, target: float, guess: float, key: str = "fraction", probes=None):
+        """The bisection over real runs to ``target`` (:func:`calib.evaluate.harness.search`)."""
+        return search(self.harness, name, make_install, target, guess, key=key, probes=probes)
+
+    def install(self, config, *, threshold=None, forecast=None, budget=None):
+        """``install() -> undo``: calib's runtime with ``config`` on the pipeline."""
+        return runtime_install(self.harness.pipe, config, threshold, forecast, budget)
 
 
-def _calib_forecast_row(row: _Row) -> list[Point]:
-    if row.forecast is None or row.config is None:
-        raise CalibError("needs coefficients and a forecast (pass forecast= or a schedule file)")
-    return _teacache_method(row.harness, row.config, row.trace_set, "calib-forecast", row.targets, row.echo,
-                            forecast=row.forecast)
+def _raw_points(run: FrontierRun) -> list[Point]:
+    """TeaCache's rule on the raw indicator change: coefficients [1, 0], no rescaling."""
+    raw = {name: Rescaler([1.0, 0.0], None) for name in run.config.components}
+    return gate_points(run, "raw", with_polynomial(run.config, (1.0, 0.0)),
+                       lambda f: replay_guess(run.trace_set, raw, f))
 
 
-def _calib_schedule_row(row: _Row) -> list[Point]:
-    if row.schedule_config is None:
-        raise CalibError("no schedule file given (calib fit --method schedule)")
-    return _schedule_method(row.harness, row.schedule_config, row.targets)
-
-
-@dataclasses.dataclass(frozen=True)
-class FrontierEntry:
-    """One row of the frontier: how it is labelled, how its points are made, and how it is matched to a target."""
-
-    label: str
-    run: Callable[[_Row], list[Point]]
-    partial: bool = False  # never skips a whole forward: matched on compute share, not on the fraction of forwards
-    calibrated: bool = False  # calibrated by calib (not a peer)
-
-
-# In the order they run. cache-dit last: its disable_cache leaves the FLUX transformer's blocks patched (diffusers'
-# own caches fail after it).
-FRONTIER_ENTRIES: dict[str, FrontierEntry] = {
-    "calib": FrontierEntry(
-        "calib (calibrated rescaler, the file's forecast)",
-        lambda r: _teacache_method(r.harness, r.config, r.trace_set, "calib", r.targets, r.echo), calibrated=True),
-    "calib-forecast": FrontierEntry("calib gate + the schedule fit's forecast", _calib_forecast_row, calibrated=True),
-    "calib-schedule": FrontierEntry("calib schedule + forecast (measured, searched)", _calib_schedule_row,
-                                    calibrated=True),
-    "raw": FrontierEntry(
-        "TeaCache rule, no rescaling [1, 0]",
-        lambda r: _teacache_method(r.harness, r.config, r.trace_set, "raw", r.targets, r.echo)),
-    "fbcache": FrontierEntry("diffusers FirstBlockCache", lambda r: _fbcache_method(r.harness, r.trace_set, r.targets)),
-    "magcache": FrontierEntry("diffusers MagCache (ratios from traces)",
-                              lambda r: _magcache_method(r.harness, r.trace_set, r.targets, r.echo)),
-    "block-cache": FrontierEntry("calib Block Caching (per-block schedule)",
-                                 lambda r: _block_cache_method(r.harness, r.trace_set, r.targets), partial=True,
-                                 calibrated=True),
-    **PEER_ROWS,  # calib.evaluate.peers: TaylorSeer, SeaCache, Spectrum, EasyCache, PAB, FasterCache, cache-dit (last)
+PEERS: dict[str, FrontierRow] = {
+    "raw": FrontierRow("TeaCache rule, no rescaling [1, 0]", _raw_points, calibrated=False),
+    "fbcache": FrontierRow("diffusers FirstBlockCache", lambda r: _fbcache_points(r.harness, r.trace_set, r.targets),
+                           calibrated=False),
+    "magcache": FrontierRow("diffusers MagCache (ratios from traces)",
+                            lambda r: _magcache_points(r.harness, r.trace_set, r.targets), calibrated=False),
+    # calib.evaluate.peers: uniform, TaylorSeer, SeaCache, Spectrum, EasyCache, PAB, FasterCache, cache-dit (last:
+    # its disable_cache leaves the FLUX transformer's blocks patched, diffusers' own caches fail after it)
+    **PEER_ROWS,
 }
-METHODS = tuple(FRONTIER_ENTRIES)
-CALIB_METHODS = tuple(m for m, e in FRONTIER_ENTRIES.items() if e.calibrated)  # calibrated by calib: not peers
-LABELS = {m: e.label for m, e in FRONTIER_ENTRIES.items()}
-PARTIAL = {m for m, e in FRONTIER_ENTRIES.items() if e.partial}  # never skip a whole forward: matched on compute share
+# In the order they run: calib's rows (each method's, in registry order), then the peers.
+FRONTIER_ROWS: dict[str, FrontierRow] = {**{name: row for method in registry.METHODS
+                                            for name, row in method.frontier_rows.items()}, **PEERS}
+ROWS = tuple(FRONTIER_ROWS)
+CALIB_ROWS = tuple(m for m, e in FRONTIER_ROWS.items() if e.calibrated)  # calibrated by calib: not peers
+LABELS = {m: e.label for m, e in FRONTIER_ROWS.items()}
+PARTIAL = {m for m, e in FRONTIER_ROWS.items() if e.partial}  # never skip a whole forward: matched on compute share
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # run, table, plot
 # ---------------------------------------------------------------------------------------------------------------
 def run_frontier(pipe, config, trace_set, prompts, seeds, *, steps, guidance, pipeline_kwargs=None,
-                 methods=METHODS, targets=TARGETS, plot=None, echo=print, schedule_config=None, forecast=None) -> dict:
-    """Every method in ``methods`` on ``prompts`` x ``seeds`` (held out from the calibration), against the uncached
+                 rows=ROWS, targets=COMPUTE_TARGETS, plot=None, echo=print, schedule_config=None,
+                 forecast=None) -> dict:
+    """Every row in ``rows`` on ``prompts`` x ``seeds`` (held out from the calibration), against the uncached
     generations. ``schedule_config``: a schedule file (``calib fit --method schedule``) for the ``calib-schedule``
     row; ``forecast``: what ``calib-forecast`` adds on skipped steps (default: the schedule file's forecast)."""
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in rows if m not in ROWS]
     if unknown:
-        raise CalibError(f"unknown frontier methods {unknown}; choose from {', '.join(METHODS)}")
+        raise CalibError(f"unknown frontier rows {unknown}; choose from {', '.join(ROWS)}")
     if forecast is None and schedule_config is not None:
         forecast = schedule_config.forecast
-    methods = sorted(dict.fromkeys(methods), key=METHODS.index)  # cache-dit last (see METHODS)
+    rows = sorted(dict.fromkeys(rows), key=ROWS.index)  # cache-dit last (see PEERS)
     jobs = [(p, s) for p in prompts for s in seeds]
-    echo(f"frontier: {len(methods)} methods on {len(jobs)} held-out generations ({steps} steps); "
+    echo(f"frontier: {len(rows)} methods on {len(jobs)} held-out generations ({steps} steps); "
          f"targets {', '.join(f'{t:.0%}' for t in targets)} of full forwards and of compute")
     harness = Harness(pipe, jobs, steps=steps, guidance=guidance, pipeline_kwargs=pipeline_kwargs, echo=echo)
-    row = _Row(harness, config, trace_set, targets, echo, forecast, schedule_config)
+    run = FrontierRun(harness, config, trace_set, targets, echo, forecast, schedule_config)
     points: dict[str, list[Point]] = {}
     skipped: dict[str, str] = {}
     seconds: dict[str, float] = {}
     try:
-        for m in methods:
+        for m in rows:
             began = time.perf_counter()
             try:
-                points[m] = FRONTIER_ENTRIES[m].run(row)
+                points[m] = FRONTIER_ROWS[m].run(run)
             except Exception as exc:  # noqa: BLE001 - a cache that does not apply to this model is reported, not fatal
                 if getattr(harness.transformer, "is_cache_enabled", False):
                     harness.transformer.disable_cache()
@@ -299,7 +209,7 @@ def run_frontier(pipe, config, trace_set, prompts, seeds, *, steps, guidance, pi
         harness.close()
 
     def pick(pts, key):
-        return {f"{t:.4f}": (_closest(pts, t, key).as_dict() if _closest(pts, t, key) else None) for t in targets}
+        return {f"{t:.4f}": (closest(pts, t, key).as_dict() if closest(pts, t, key) else None) for t in targets}
 
     result = {
         "targets": list(targets),
@@ -338,8 +248,8 @@ def compare_with_peers(result: dict) -> dict:
             key = f"{t:.4f}"
             rows = {m: table[m][key] for m in table
                     if (axis == "compute" or m not in PARTIAL) and _reached(table[m][key], t, axis)}
-            ours = {m: p for m, p in rows.items() if m in CALIB_METHODS}
-            peers = {m: p for m, p in rows.items() if m not in CALIB_METHODS}  # incl. the raw rule and uniform
+            ours = {m: p for m, p in rows.items() if m in CALIB_ROWS}
+            peers = {m: p for m, p in rows.items() if m not in CALIB_ROWS}  # incl. the raw rule and uniform
             entry = {}
             if ours:
                 m = min(ours, key=lambda k: ours[k]["latent_rel_l1"])

@@ -3,7 +3,7 @@ through a pipeline, timed, and keeps the final latents and the decoded output. `
 (:mod:`calib.jobs.eval`), ``calib demo`` (:func:`compare_cached`), the frontier (:class:`Harness`,
 :mod:`calib.evaluate.frontier`) and the schedule fit's segment runs all generate through it. :class:`Harness` adds
 what the frontier's rows share: the uncached references, the :class:`ComputeMeter`, and the bisection over real
-runs (:func:`_search`, calib.methods.search.measured_search)."""
+runs (:func:`search`, calib.methods.search.measured_search)."""
 
 from __future__ import annotations
 
@@ -92,7 +92,7 @@ def compare_cached(pipe, config, threshold, prompts, *, steps, guidance, seed, r
 # ---------------------------------------------------------------------------------------------------------------
 # measured runs against the uncached references (the frontier's rows)
 # ---------------------------------------------------------------------------------------------------------------
-TARGETS = (0.5, 1.0 / 3.0, 0.25)
+COMPUTE_TARGETS = (0.5, 1.0 / 3.0, 0.25)  # the fractions of full forwards (and of compute) methods are matched at
 REACHED = 0.05  # a setting further than this from a target does not count as reaching it
 TOLERANCE = 0.01  # stop bisecting when the measured fraction is this close to the target
 MAX_PROBES = 6
@@ -174,12 +174,13 @@ class Harness:
         self.batches = [(tuple(p for p, s in jobs if s == seed), seed) for seed in dict.fromkeys(s for _, s in jobs)]
         self.references = {}
         for batch in self.batches:
-            self.references[batch] = self._generate(batch)
+            self.references[batch] = self.generate_batch(batch)
             calls = self.meter.take()
             self.meter.reference = max([self.meter.reference or 0.0, *calls])
             self.calls_per_step = len(calls) / steps  # 2 where CFG runs as two calls
 
-    def _generate(self, batch, context=None):
+    def generate_batch(self, batch, context=None):
+        """One batch ``(prompts, seed)``: its final latents and decoded planes."""
         prompts, seed = batch
         out = self.generate(list(prompts), seed, context=context)
         return out.latents, [to_planes(image) for image in self.generate.images]
@@ -197,7 +198,7 @@ class Harness:
                 if diffusers_cache:
                     self.transformer._reset_stateful_cache()
                 ctx = self.transformer.cache_context("inference") if diffusers_cache else contextlib.nullcontext()
-                latents, planes = self._generate(batch, context=ctx)
+                latents, planes = self.generate_batch(batch, context=ctx)
                 calls.extend(self.meter.take())
                 ref_latents, ref_planes = self.references[batch]
                 for row in range(len(batch[0])):
@@ -219,8 +220,8 @@ def _setting_text(setting: dict) -> str:
     return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in setting.items())
 
 
-def _search(harness: Harness, method: str, make_install, target: float, guess: float, key: str = "fraction",
-            probes: dict | None = None) -> list[Point]:
+def search(harness: Harness, method: str, make_install, target: float, guess: float, key: str = "fraction",
+           probes: dict | None = None) -> list[Point]:
     """Bisection over real runs for the threshold whose measured ``key`` is closest to ``target`` (the
     measured fraction falls as the threshold grows)."""
     probes = {} if probes is None else probes
@@ -235,7 +236,7 @@ def _search(harness: Harness, method: str, make_install, target: float, guess: f
     return list(probes.values())
 
 
-def _closest(points: list[Point], target: float, key: str = "fraction") -> Point | None:
+def closest(points: list[Point], target: float, key: str = "fraction") -> Point | None:
     points = [p for p in points if math.isfinite(getattr(p, key))]
     if not points:
         return None

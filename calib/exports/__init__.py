@@ -1,5 +1,6 @@
 """``calib export --format FORMAT``: one row of EXPORTERS per format. An exporter renders a document (or the result of a
 fit the export job ran on traces) for the place it will be used; it does no file I/O (calib.jobs.export does).
+Which methods a format takes is said by the methods (``CacheMethod.exports``), not here.
 
 A new export format is a module here with its render function plus one EXPORTERS row (docs/architecture.md)."""
 
@@ -22,19 +23,17 @@ def _cache_dit(doc, options: ExportOptions) -> Rendered:
 
 
 EXPORTERS: dict[str, Exporter] = {
-    "json": Exporter(DOCUMENT, ("teacache", "block-cache", "fastercache-cfg", "schedule"), poly1d.document_copy,
-                   listing=True, summary="a validated copy of the document"),
-    "poly1d": Exporter(DOCUMENT, ("teacache",), poly1d.poly1d, listing=True,
-                     summary="the coefficient list and threshold for TeaCache-style scripts"),
-    "diffusers-magcache": Exporter(TRACE, ("magcache",), diffusers.magcache, summary="diffusers' MagCacheConfig"),
-    "diffusers-fbcache": Exporter(TRACE, ("fbcache",), diffusers.fbcache, summary="diffusers' FirstBlockCacheConfig"),
-    "diffusers-fastercache": Exporter(TRACE_OR_DOCUMENT, ("fastercache-cfg",), diffusers.fastercache,
-                                    summary="diffusers' FasterCacheConfig"),
-    "sglang": Exporter(DOCUMENT, ("teacache",), _engine(engines.sglang), summary="sglang's TeaCacheParams"),
-    "vllm-omni": Exporter(DOCUMENT, ("teacache",), _engine(engines.vllm_omni), summary="vLLM-Omni's TeaCache cache_config"),
-    "tensorrt-llm": Exporter(DOCUMENT, ("teacache",), _engine(engines.tensorrt_llm),
-                           summary="TensorRT-LLM VisualGen's TeaCache cache_config"),
-    "cache-dit": Exporter(DOCUMENT, ("schedule",), _cache_dit, summary="cache-dit's DBCacheConfig step mask"),
+    "json": Exporter(DOCUMENT, poly1d.document_copy, listing=True, summary="a validated copy of the document"),
+    "poly1d": Exporter(DOCUMENT, poly1d.poly1d, listing=True,
+                       summary="the coefficient list and threshold for TeaCache-style scripts"),
+    "diffusers-magcache": Exporter(TRACE, diffusers.magcache, summary="diffusers' MagCacheConfig"),
+    "diffusers-fbcache": Exporter(TRACE, diffusers.fbcache, summary="diffusers' FirstBlockCacheConfig"),
+    "diffusers-fastercache": Exporter(TRACE_OR_DOCUMENT, diffusers.fastercache, summary="diffusers' FasterCacheConfig"),
+    "sglang": Exporter(DOCUMENT, _engine(engines.sglang), summary="sglang's TeaCacheParams"),
+    "vllm-omni": Exporter(DOCUMENT, _engine(engines.vllm_omni), summary="vLLM-Omni's TeaCache cache_config"),
+    "tensorrt-llm": Exporter(DOCUMENT, _engine(engines.tensorrt_llm),
+                             summary="TensorRT-LLM VisualGen's TeaCache cache_config"),
+    "cache-dit": Exporter(DOCUMENT, _cache_dit, summary="cache-dit's DBCacheConfig step mask"),
 }
 
 FORMATS = tuple(EXPORTERS)

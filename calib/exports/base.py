@@ -1,4 +1,5 @@
-"""What an export target is: which input it takes, which document methods, and how it renders the artifact."""
+"""What an export format is: which input it takes and how it renders the artifact (the methods it takes say so
+themselves: ``CacheMethod.exports``)."""
 
 from __future__ import annotations
 
@@ -6,14 +7,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-TRACE = "trace"  # measured on traces: the job runs a fit on them, the target renders the fit's result
+TRACE = "trace"  # measured on traces: the job runs a fit on them, the exporter renders the fit's result
 DOCUMENT = "document"  # a calib coefficient document
 TRACE_OR_DOCUMENT = "trace or document"  # a document, or traces the job fits one on first
 
 
 @dataclass(frozen=True)
 class ExportOptions:
-    """The ``calib export`` options a target may read; ``target_speedup`` is already defaulted by the job."""
+    """The ``calib export`` options an exporter may read; ``target_speedup`` is already defaulted by the job."""
 
     source: Path
     out: Path | None = None
@@ -36,8 +37,7 @@ class Rendered:
 
 @dataclass(frozen=True)
 class Exporter:
-    input: str  # TRACE, DOCUMENT or TRACE_OR_DOCUMENT
-    methods: tuple[str, ...]  # the document methods it exports (for TRACE: the method the job fits)
+    input: str  # TRACE, DOCUMENT or TRACE_OR_DOCUMENT (TRACE: the job runs the fit of the method that lists it)
     render: Callable[[Any, ExportOptions], Rendered]
     listing: bool = False  # calib's own stdout listing (json, poly1d): no summary, usage or notes on stderr
     summary: str = ""  # one line for docs and help

@@ -19,26 +19,29 @@ from calib._io import resolve_output, write_bytes
 from calib.errors import CalibError
 from calib.evaluate.harness import compare_cached
 from calib.evaluate.metrics import psnr
-from calib.jobs.fit import run_teacache_fit
-from calib.methods.auto import compare
-from calib.methods.base import TuneTarget
+from calib.jobs.fit import run_fit
+from calib.methods.auto.method import compare
+from calib.methods.base import TuneGoal
 from calib.methods.registry import load_document, write_document
-from calib.methods.schedule import choose_budget, fit_schedule, parse_candidates, setup_from_traces
+from calib.methods.schedule.measure import setup_from_traces
+from calib.methods.schedule.method import choose_budget, fit_schedule
 from calib.models import digits
 from calib.models.digit_reader import (  # noqa: F401  (benchmarks/transfer.py imports them here)
     classify, digit_classifier)
 from calib.models.digits import latents_to_images
 from calib.runtime import Forecast
 from calib.store import read_traces
+from calib.store.segments import SegmentStore
 from calib.trace import TraceSettings, run_trace
 from calib.trace.prompts import read_prompts
 
 HELD_OUT_SEED = 1000
-
+MODEL = "builtin:digits"
 
 DEMO_FRACTION = 0.5  # the budget the demo compares the gate and the schedule at: 2x fewer forwards
 DEMO_GAP = 3  # half the steps need gaps of ~2: up to 3 is enough, and 2 segments per step are measured
-DEMO_ORDERS = "1"  # what the full search (orders 1 and 2) chose on both built-in models (docs/evaluation.md)
+DEMO_FORECASTS = (Forecast(1, "step"),)  # what the full search (orders 1 and 2) chose on both built-in models
+# (docs/evaluation.md)
 
 
 def _choose(pipe, trace_path, coeffs_path, coeffs_dir, echo):
@@ -49,21 +52,23 @@ def _choose(pipe, trace_path, coeffs_path, coeffs_dir, echo):
     seeds = sorted({t.seed for t in trace_set.trajectories})[:1]
     schedule_path = coeffs_dir / "digits.schedule.json"
     steps = trace_set.trajectories[0].steps
-    doc = fit_schedule(pipe, trace_set, out=schedule_path, gap=DEMO_GAP, candidates=parse_candidates(DEMO_ORDERS, None),
-                       seeds=seeds, echo=echo, progress=False, budgets=[max(2, int(DEMO_FRACTION * steps + 1e-9))])
-    entry, reached = choose_budget(doc, TuneTarget("compute_fraction", DEMO_FRACTION))
+    doc = fit_schedule(pipe, trace_set, source=MODEL, store=SegmentStore(schedule_path), gap=DEMO_GAP,
+                       forecasts=DEMO_FORECASTS, seeds=seeds, echo=echo, progress=False,
+                       budgets=[max(2, int(DEMO_FRACTION * steps + 1e-9))])
+    entry, reached = choose_budget(doc, TuneGoal("compute_fraction", DEMO_FRACTION))
     doc["recommended"] = {"budget": entry["budget"]}
     write_document(doc, schedule_path)
 
     forecast = Forecast.from_json(doc["forecast"])
-    verdict = compare(pipe, setup_from_traces(trace_set, seeds=seeds), load_document(coeffs_path), doc, entry, reached,
-                      forecast, DEMO_FRACTION, trace_set, echo=echo)
+    verdict = compare(pipe, setup_from_traces(trace_set, MODEL, seeds=seeds), load_document(coeffs_path), doc, entry,
+                      reached, forecast, DEMO_FRACTION, trace_set, echo=echo)
     echo(verdict["why"])
     return verdict, schedule_path
 
 
 def run_demo(*, prompts_file=None, steps=30, seeds=(0, 1), guidance=3.0, threshold=None, traces_dir=Path("traces"),
              coeffs_dir=Path("coeffs"), overwrite=False, echo=print) -> dict:
+    """The stages: check every setting, trace and fit, choose what to run, run it cached against uncached, report."""
     # every setting is checked before the first file is written: a refused demo leaves nothing behind
     if threshold is not None and not (isinstance(threshold, (int, float)) and math.isfinite(threshold)
                                       and threshold >= 0):
@@ -72,67 +77,94 @@ def run_demo(*, prompts_file=None, steps=30, seeds=(0, 1), guidance=3.0, thresho
     if prompts_file is not None:
         read_prompts(prompts_file)
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    trace_path = Path(traces_dir) / "digits.h5"
-    coeffs_path = Path(coeffs_dir) / "digits.json"
-    for path in (trace_path, coeffs_path, coeffs_path.with_suffix(".png"), Path(coeffs_dir) / "digits.demo.png"):
+    coeffs_dir = Path(coeffs_dir)
+    trace_path, coeffs_path = Path(traces_dir) / "digits.h5", coeffs_dir / "digits.json"
+    for path in (trace_path, coeffs_path, coeffs_path.with_suffix(".png"), coeffs_dir / "digits.demo.png"):
         resolve_output(path)
     echo("== 1/4 trace: builtin:digits on the bundled prompts")
     pipe = digits.load_pipeline()
-    run_trace("builtin:digits", prompts_file, settings, out=trace_path, overwrite=overwrite, echo=echo, pipe=pipe)
-
+    run_trace(MODEL, prompts_file, settings, out=trace_path, overwrite=overwrite, echo=echo, pipe=pipe)
     echo("\n== 2/4 fit: polynomial rescaler with diagnostics")
-    run_teacache_fit([trace_path], out=coeffs_path, echo=echo)
-
+    run_fit("teacache", [trace_path], out=coeffs_path, echo=echo)
     echo("\n== 3/4 what is best here: gate + forecast or a searched schedule + forecast, on held-out prompts")
-    config = cr.load(coeffs_path)
-    chosen = threshold if threshold is not None else config.recommended_threshold
-    forecast, budget, run_config = None, None, config
-    if threshold is None:
-        verdict, schedule_path = _choose(pipe, trace_path, coeffs_path, Path(coeffs_dir), echo)
-        forecast = cr.Forecast.from_json(verdict[verdict["kept"]]["forecast"])
-        if verdict["kept"] == "schedule":
-            run_config, budget = cr.load(schedule_path), verdict["schedule"]["budget"]
-            echo(f"using {schedule_path}: budget {budget}, forecast {forecast.as_json()}")
-        else:
-            chosen = verdict["gate"]["threshold"]
-            echo(f"using {coeffs_path}: threshold {chosen:g} with forecast {forecast.as_json()}")
-    else:
-        echo(f"loaded {coeffs_path}: {config.model_class}, threshold {chosen:g} (given: no comparison)")
-
+    choice = _what_to_run(pipe, trace_path, coeffs_path, coeffs_dir, threshold, echo)
     echo("\n== 4/4 cached vs uncached generation on held-out seeds")
-    prompts = [f"a handwritten {d}" for d in range(10)]
-    result = compare_cached(pipe, run_config, chosen, prompts, steps=steps, guidance=guidance, seed=HELD_OUT_SEED,
-                            forecast=forecast, budget=budget)
-    base_imgs = latents_to_images(result["base_latents"])
-    cached_imgs = latents_to_images(result["cached_latents"])
-    classifier = digit_classifier()
-    truth = np.arange(10)
-    base_ok = int((classify(classifier, base_imgs) == truth).sum())
-    cached_ok = int((classify(classifier, cached_imgs) == truth).sum())
-    image_psnr = psnr(np.stack(base_imgs), np.stack(cached_imgs))
-    stats = result["stats"]
+    outcome = _cached_against_uncached(pipe, choice, steps, guidance, coeffs_dir)
+    _say_outcome(outcome, choice, trace_path, coeffs_path, echo)
+    stats = outcome["stats"]
+    return {
+        "speedup": outcome["speedup"],
+        "latent_rel_l1": outcome["latent_rel_l1"],
+        "psnr": outcome["psnr"],
+        "cached_correct": outcome["cached_correct"],
+        "base_correct": outcome["base_correct"],
+        "stats": stats,
+        "threshold": choice["threshold"],
+        "budget": choice["budget"],
+    }
 
+
+def _what_to_run(pipe, trace_path, coeffs_path, coeffs_dir, threshold, echo) -> dict:
+    """The config, threshold or budget and forecast the demo runs: the better of gate and schedule (a given
+    ``threshold``: the gate at it, no comparison)."""
+    config = cr.load(coeffs_path)
+    choice = {"config": config, "threshold": threshold if threshold is not None else config.recommended_threshold,
+              "forecast": None, "budget": None, "schedule_path": None}
+    if threshold is not None:
+        echo(f"loaded {coeffs_path}: {config.model_class}, threshold {threshold:g} (given: no comparison)")
+        return choice
+    verdict, schedule_path = _choose(pipe, trace_path, coeffs_path, coeffs_dir, echo)
+    forecast = cr.Forecast.from_json(verdict[verdict["kept"]]["forecast"])
+    choice.update(forecast=forecast, schedule_path=schedule_path)
+    if verdict["kept"] == "schedule":
+        choice.update(config=cr.load(schedule_path), budget=verdict["schedule"]["budget"])
+        echo(f"using {schedule_path}: budget {choice['budget']}, forecast {forecast.as_json()}")
+    else:
+        choice["threshold"] = verdict["gate"]["threshold"]
+        echo(f"using {coeffs_path}: threshold {choice['threshold']:g} with forecast {forecast.as_json()}")
+    return choice
+
+
+def _cached_against_uncached(pipe, choice: dict, steps, guidance, coeffs_dir: Path) -> dict:
+    """The held-out digits generated with and without the chosen cache: timings, error, legibility, and the
+    comparison image (top: uncached, bottom: cached)."""
     from io import BytesIO
 
     from PIL import Image
 
+    prompts = [f"a handwritten {d}" for d in range(10)]
+    result = compare_cached(pipe, choice["config"], choice["threshold"], prompts, steps=steps, guidance=guidance,
+                            seed=HELD_OUT_SEED, forecast=choice["forecast"], budget=choice["budget"])
+    base_imgs = latents_to_images(result["base_latents"])
+    cached_imgs = latents_to_images(result["cached_latents"])
+    classifier = digit_classifier()
+    truth = np.arange(10)
     grid = np.concatenate([digits.image_grid(base_imgs), digits.image_grid(cached_imgs)], axis=0)
     buffer = BytesIO()
     Image.fromarray(grid).save(buffer, format="PNG")
-    comparison = write_bytes(Path(coeffs_dir) / "digits.demo.png", buffer.getvalue())
+    return {**result,
+            "base_correct": int((classify(classifier, base_imgs) == truth).sum()),
+            "cached_correct": int((classify(classifier, cached_imgs) == truth).sum()),
+            "psnr": psnr(np.stack(base_imgs), np.stack(cached_imgs)),
+            "comparison": write_bytes(coeffs_dir / "digits.demo.png", buffer.getvalue())}
 
+
+def _say_outcome(outcome: dict, choice: dict, trace_path, coeffs_path, echo) -> None:
+    stats = outcome["stats"]
     echo(f"  steps computed      {stats['computed']} of {stats['steps']} ({stats['skipped']} skipped, "
          f"{stats['skipped'] / stats['steps']:.0%})")
-    echo(f"  measured speed-up   {result['speedup']:.2f}x  (median of 3 interleaved runs, "
-         f"{result['plain_seconds'] * 1000:.0f} ms -> {result['cached_seconds'] * 1000:.0f} ms)")
-    echo(f"  error vs uncached   latent rel-L1 {result['latent_rel_l1']:.4f}, image PSNR {image_psnr:.1f} dB")
-    echo(f"  legibility          classifier reads {cached_ok}/10 cached digits correctly (uncached: {base_ok}/10)")
+    echo(f"  measured speed-up   {outcome['speedup']:.2f}x  (median of 3 interleaved runs, "
+         f"{outcome['plain_seconds'] * 1000:.0f} ms -> {outcome['cached_seconds'] * 1000:.0f} ms)")
+    echo(f"  error vs uncached   latent rel-L1 {outcome['latent_rel_l1']:.4f}, image PSNR {outcome['psnr']:.1f} dB")
+    echo(f"  legibility          classifier reads {outcome['cached_correct']}/10 cached digits correctly (uncached: "
+         f"{outcome['base_correct']}/10)")
     echo(f"\nfiles: trace {trace_path}, coefficients {coeffs_path} (+ {coeffs_path.with_suffix('.png')}), "
-         f"comparison {comparison} (top: uncached, bottom: cached)")
-    if budget is not None:
-        how = f"    handle = cr.apply(pipe, cr.load({str(schedule_path)!r}), budget={budget})\n"
+         f"comparison {outcome['comparison']} (top: uncached, bottom: cached)")
+    forecast = choice["forecast"]
+    if choice["budget"] is not None:
+        how = f"    handle = cr.apply(pipe, cr.load({str(choice['schedule_path'])!r}), budget={choice['budget']})\n"
     elif forecast is not None:
-        how = (f"    handle = cr.apply(pipe, cr.load({str(coeffs_path)!r}), threshold={chosen:g},\n"
+        how = (f"    handle = cr.apply(pipe, cr.load({str(coeffs_path)!r}), threshold={choice['threshold']:g},\n"
                f"                      forecast=cr.Forecast({forecast.order}, {forecast.variable!r}))\n")
     else:
         how = f"    handle = cr.apply(pipe, cr.load({str(coeffs_path)!r}))   # threshold defaults to the recommended one\n"
@@ -142,13 +174,3 @@ def run_demo(*, prompts_file=None, steps=30, seeds=(0, 1), guidance=3.0, thresho
          "    images = pipe(prompt).images\n"
          "    print(handle.stats()); handle.remove()\n"
          f"or paste into a TeaCache-style script:  calib export {coeffs_path} --format poly1d")
-    return {
-        "speedup": result["speedup"],
-        "latent_rel_l1": result["latent_rel_l1"],
-        "psnr": image_psnr,
-        "cached_correct": cached_ok,
-        "base_correct": base_ok,
-        "stats": stats,
-        "threshold": chosen,
-        "budget": budget,
-    }

@@ -21,8 +21,11 @@ Everything per generation, per prompt (over seeds) and aggregated with std / min
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
+import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,9 +34,9 @@ import torch
 import calib.runtime as cr
 from calib import __version__
 from calib._io import resolve_output, write_bytes
-from calib.coeffs.document import describe_call, pipeline_call_kwargs
+from calib.coeffs.header import describe_call, pipeline_call_kwargs
 from calib.errors import CalibError
-from calib.evaluate.cost import _measure, cost_model
+from calib.evaluate.cost import cost_model, measure_generations
 from calib.evaluate.frontier import run_frontier
 from calib.evaluate.metrics import spread
 from calib.methods.cost_model import predicted_wall_speedup
@@ -41,7 +44,7 @@ from calib.methods.registry import load_document
 from calib.methods.teacache.tune import replay_row, rescalers_of
 from calib.models import loading as model_loading  # load_model is looked up at call time (tests replace it)
 from calib.models.digit_prompts import parse_digit_prompt
-from calib.models.digit_reader import builtin_name as _builtin_name, digit_reader
+from calib.models.digit_reader import builtin_name, digit_reader
 from calib.models.loading import model_from_file, pipeline_class
 from calib.store import read_traces
 from calib.trace import MAX_STEPS, check_call_arguments, pick_device, recordable
@@ -111,30 +114,130 @@ def _prompts(model: str, prompts_file, pipe) -> list[str]:
     return prompts
 
 
-def run_eval(coeffs, *, model=None, prompts_file=None, seeds=DEFAULT_SEEDS, thresholds=None, steps=None, guidance=None,
-             repeats: int = 3, traces=None, device=None, out=None, compare: bool = False, plot=None,
-             pipeline_kwargs: dict | None = None, cpu_offload: bool = False, pipe=None, echo=print) -> dict:
-    """``calib eval``. The pipeline is called and loaded as the traces were (the file's ``calibration.pipeline``:
-    size, negative prompt, true-CFG scale, further arguments, dtype, CPU offload); ``pipeline_kwargs`` adds to or
-    replaces those arguments, ``cpu_offload`` turns offload on."""
-    coeffs = Path(coeffs)
-    if out is not None and Path(out).suffix.lower() != ".json":
-        raise CalibError(f"--out {out}: the results file must end in .json")
-    if out is not None:  # before minutes of generation: a directory, the coefficient file itself
-        resolve_output(out, inputs=[coeffs, *(traces or [])])
-    if plot is not None and not compare:
-        raise CalibError("--plot draws the frontier; it needs --compare")
-    if not isinstance(repeats, int) or repeats < 1:
-        raise CalibError(f"--repeats must be an integer >= 1, got {repeats!r}")
-    seeds = tuple(int(s) for s in seeds)
-    if not seeds:
-        raise CalibError("--seeds needs at least one seed")
+@dataclass(frozen=True)
+class EvalRequest:
+    """What ``calib eval`` is asked: the coefficient file, the pipeline (``model``, ``device``, ``cpu_offload``,
+    ``pipeline_kwargs`` adding to or replacing the calibrated call's arguments), the held-out prompts and seeds, the
+    thresholds, steps and guidance (None: the calibrated ones), the timed ``repeats``, the ``traces`` for the
+    predictions, and the outputs (``out``; ``compare`` runs the frontier, ``plot`` draws it)."""
+
+    coeffs: Path
+    model: str | None = None
+    prompts_file: Path | None = None
+    seeds: tuple = DEFAULT_SEEDS
+    thresholds: tuple | None = None
+    steps: int | None = None
+    guidance: float | None = None
+    repeats: int = 3
+    traces: tuple = ()
+    device: str | None = None
+    out: Path | None = None
+    compare: bool = False
+    plot: Path | None = None
+    pipeline_kwargs: dict | None = None
+    cpu_offload: bool = False
+
+    def __post_init__(self):
+        """Everything that can be refused before the file is read or minutes of generation are spent."""
+        object.__setattr__(self, "coeffs", Path(self.coeffs))
+        object.__setattr__(self, "traces", tuple(self.traces or ()))
+        object.__setattr__(self, "seeds", tuple(int(s) for s in self.seeds))
+        if self.out is not None and Path(self.out).suffix.lower() != ".json":
+            raise CalibError(f"--out {self.out}: the results file must end in .json")
+        if self.plot is not None and not self.compare:
+            raise CalibError("--plot draws the frontier; it needs --compare")
+        if isinstance(self.repeats, bool) or not isinstance(self.repeats, int) or self.repeats < 1:
+            raise CalibError(f"--repeats must be an integer >= 1, got {self.repeats!r}")
+        if not self.seeds:
+            raise CalibError("--seeds needs at least one seed")
+
+    @property
+    def inputs(self) -> list:
+        return [self.coeffs, *self.traces]
+
+
+@dataclass
+class Calibration:
+    """The coefficient file as eval runs it: document, runtime config, thresholds, steps, guidance, model."""
+
+    doc: dict
+    config: object
+    thresholds: list
+    steps: int
+    guidance: float
+    model: str
+
+
+@dataclass
+class PipelineCall:
+    """How the pipeline is called and loaded: as the traces did, with what the request adds."""
+
+    kwargs: dict
+    dtype: str | None
+    offload: bool
+    as_calibrated: bool
+
+    def recorded(self) -> dict:
+        return {"arguments": {k: recordable(v) for k, v in self.kwargs.items()}, "dtype": self.dtype,
+                "cpu_offload": self.offload, "as_calibrated": self.as_calibrated}
+
+
+def run_eval(request: EvalRequest, *, pipe=None, echo=print) -> dict:
+    """``calib eval``: read the calibration, load the pipeline as the traces called it, measure cached against
+    uncached, predict with the traces, report (and with ``compare`` run the frontier), write."""
+    if request.out is not None:  # before minutes of generation: a directory, the coefficient file itself
+        resolve_output(request.out, inputs=request.inputs)
+    calibration = _read_calibration(request)
+    call = _pipeline_call(request, calibration)
+    pipe = _load_pipeline(request, calibration, call, pipe)
+    # a calibration made before calibration.pipeline existed (or one not given --height/--width) still says its size
+    call.kwargs = {**_calibrated_size(calibration.doc, pipe, call.kwargs), **call.kwargs}
+    check_call_arguments(pipe, calibration.steps, calibration.guidance, call.kwargs, calibration.model,
+                         output_type="np")
+    prompts = _prompts(calibration.model, request.prompts_file, pipe)
+    trace_set = _find_traces(request.traces)
+    jobs = [(p, s) for p in prompts for s in request.seeds]
+    echo(f"calib eval: {calibration.model}, {len(prompts)} prompts x {len(request.seeds)} seeds (held out), "
+         f"{calibration.steps} steps, guidance {calibration.guidance:g}, thresholds "
+         f"{', '.join(f'{t:g}' for t in calibration.thresholds)}, {request.repeats} timed repeats")
+    echo(f"pipeline {'as calibrated' if call.as_calibrated else 'called with'}: "
+         f"{describe_call(call.recorded()['arguments'], call.dtype, call.offload)}")
+    reader = digit_reader(builtin_name(calibration.model, pipe))
+    truth = None if reader is None else {p: parse_digit_prompt(p) for p in prompts}
+    generate = Generator(pipe, steps=calibration.steps, guidance=calibration.guidance, pipeline_kwargs=call.kwargs)
+    try:
+        measured = measure_generations(generate, calibration.config, calibration.thresholds, jobs, request.repeats,
+                                       reader, echo)
+    finally:
+        generate.close()
+    costs = cost_model(measured["costs"])
+    predictions = _predictions(calibration, trace_set, costs)
+    report = _report(request, calibration, call, pipe, prompts, jobs, trace_set, measured, costs, predictions, truth)
+    _print_report(report, echo)
+    if request.compare:
+        if trace_set is None:
+            raise CalibError("--compare needs traces (for the uncalibrated baselines and MagCache's ratios): "
+                             "pass --traces TRACE.h5")
+        report["frontier"] = run_frontier(pipe, calibration.config, trace_set, prompts, request.seeds,
+                                          steps=calibration.steps, guidance=calibration.guidance,
+                                          pipeline_kwargs=call.kwargs, plot=request.plot, echo=echo)
+    if request.out is not None:
+        write_bytes(request.out, (json.dumps(report, indent=2, allow_nan=False) + "\n").encode("utf-8"),
+                    inputs=request.inputs)
+        echo(f"wrote {request.out}")
+    return report
+
+
+def _read_calibration(request: EvalRequest) -> Calibration:
+    """The coefficient file (a teacache document), the thresholds to sweep, steps, guidance and the model."""
+    coeffs = request.coeffs
     doc = load_document(coeffs)
     if doc.get("method") == "schedule":
         raise CalibError(f"{coeffs}: calib eval sweeps TeaCache thresholds; a schedule file's budgets carry their "
                          "held-out errors (calib tune --coeffs shows them) and benchmarks/frontier.py runs it against "
                          "the other caches")
     config = cr.load(coeffs)
+    thresholds = list(request.thresholds) if request.thresholds else None
     if thresholds is None:
         if config.recommended_threshold is None:
             raise CalibError(f"{coeffs} recommends no threshold; pass --threshold T (or run calib tune --write)")
@@ -142,102 +245,81 @@ def run_eval(coeffs, *, model=None, prompts_file=None, seeds=DEFAULT_SEEDS, thre
     for t in thresholds:
         if not (math.isfinite(t) and t >= 0):
             raise CalibError(f"--threshold must be a finite number >= 0, got {t}")
-    steps, guidance = _settings_from(doc, steps, guidance)
+    steps, guidance = _settings_from(doc, request.steps, request.guidance)
+    model = request.model
     if model is None:  # a file never names code to run: only what model_from_file accepts is taken from it
         source = (doc.get("model") or {}).get("source")
         model = "builtin:digits" if source is None else model_from_file(source, coeffs)
-    calibrated = (doc.get("calibration") or {}).get("pipeline")
-    if calibrated is None and (doc.get("provenance") or {}).get("source") == "measured":
-        import warnings
+    return Calibration(doc, config, thresholds, steps, guidance, model)
 
-        warnings.warn(f"{coeffs} does not record how its traces called the pipeline (traced by an older calib, or "
-                      "fitted across several settings); generating with the pipeline's defaults", stacklevel=2)
-    call_kwargs = {**pipeline_call_kwargs(calibrated), **(pipeline_kwargs or {})}
-    for key, value in call_kwargs.items():
+
+def _pipeline_call(request: EvalRequest, calibration: Calibration) -> PipelineCall:
+    """The pipeline's call arguments, dtype and offload: the file's ``calibration.pipeline``, then the request's."""
+    calibrated = (calibration.doc.get("calibration") or {}).get("pipeline")
+    if calibrated is None and (calibration.doc.get("provenance") or {}).get("source") == "measured":
+        warnings.warn(f"{request.coeffs} does not record how its traces called the pipeline (traced by an older "
+                      "calib, or fitted across several settings); generating with the pipeline's defaults",
+                      stacklevel=3)
+    kwargs = {**pipeline_call_kwargs(calibrated), **(request.pipeline_kwargs or {})}
+    for key, value in kwargs.items():
         if isinstance(value, dict) and set(value) == {"python_object"}:  # calib.trace.recordable's placeholder
-            raise CalibError(f"{coeffs}: the traces were made with pipeline argument {key!r} = a "
+            raise CalibError(f"{request.coeffs}: the traces were made with pipeline argument {key!r} = a "
                              f"{value['python_object']}, which a file cannot hold; pass it to run_eval("
-                             f"pipeline_kwargs={{{key!r}: ...}})")
-    dtype = (calibrated or {}).get("dtype")
-    offload = bool(cpu_offload or (calibrated or {}).get("cpu_offload"))
-    if pipe is None:
-        cls = pipeline_class(model)
-        if cls is not None:  # before loading
-            check_call_arguments(cls, steps, guidance, call_kwargs, model, output_type="np")
-        pipe = model_loading.load_model(model, device=pick_device(device), dtype=dtype, cpu_offload=offload)
-    # a calibration made before calibration.pipeline existed (or one not given --height/--width) still says its size
-    call_kwargs = {**_calibrated_size(doc, pipe, call_kwargs), **call_kwargs}
-    check_call_arguments(pipe, steps, guidance, call_kwargs, model, output_type="np")
-    pipeline_used = {"arguments": {k: recordable(v) for k, v in call_kwargs.items()}, "dtype": dtype,
-                     "cpu_offload": offload,
-                     "as_calibrated": calibrated is not None and not pipeline_kwargs}
-    prompts = _prompts(model, prompts_file, pipe)
-    trace_set = _find_traces(traces)
-    reader = digit_reader(_builtin_name(model, pipe))
-    truth = None
-    if reader is not None:
-        truth = {p: parse_digit_prompt(p) for p in prompts}
-    jobs = [(p, s) for p in prompts for s in seeds]
-    echo(f"calib eval: {model}, {len(prompts)} prompts x {len(seeds)} seeds (held out), {steps} steps, guidance "
-         f"{guidance:g}, thresholds {', '.join(f'{t:g}' for t in thresholds)}, {repeats} timed repeats")
-    echo(f"pipeline {'as calibrated' if pipeline_used['as_calibrated'] else 'called with'}: "
-         f"{describe_call(pipeline_used['arguments'], dtype, offload)}")
+                             f"EvalRequest(pipeline_kwargs={{{key!r}: ...}}))")
+    return PipelineCall(kwargs, (calibrated or {}).get("dtype"),
+                        bool(request.cpu_offload or (calibrated or {}).get("cpu_offload")),
+                        calibrated is not None and not request.pipeline_kwargs)
 
-    generate = Generator(pipe, steps=steps, guidance=guidance, pipeline_kwargs=call_kwargs)
-    try:
-        measured = _measure(generate, config, thresholds, jobs, repeats, reader, echo)
-    finally:
-        generate.close()
-    costs = cost_model(measured["costs"])
 
-    predictions = {}
-    if trace_set is not None:
-        rescalers, indicator, normalization = rescalers_of(doc)
-        for t in thresholds:
-            row = replay_row(trace_set, rescalers, t, indicator=indicator, normalization=normalization)
-            predictions[t] = {"compute_fraction": row.compute_fraction,
-                              "speedup": None if row.compute_fraction <= 0 else 1.0 / row.compute_fraction,
-                              "wall_speedup": predicted_wall_speedup(costs, row.compute_fraction),
-                              "error_proxy": row.predicted_error}
+def _load_pipeline(request: EvalRequest, calibration: Calibration, call: PipelineCall, pipe):
+    """``pipe`` when given, else the model, its call arguments checked against its class before loading."""
+    if pipe is not None:
+        return pipe
+    cls = pipeline_class(calibration.model)
+    if cls is not None:  # before loading
+        check_call_arguments(cls, calibration.steps, calibration.guidance, call.kwargs, calibration.model,
+                             output_type="np")
+    return model_loading.load_model(calibration.model, device=pick_device(request.device), dtype=call.dtype,
+                                    cpu_offload=call.offload)
 
-    results = [_summarize(t, measured, jobs, prompts, truth, predictions.get(t)) for t in thresholds]
+
+def _predictions(calibration: Calibration, trace_set, costs: dict) -> dict:
+    """Per threshold, what the replay on the traces predicts (none without traces)."""
+    if trace_set is None:
+        return {}
+    rescalers, indicator, normalization = rescalers_of(calibration.doc)
+    out = {}
+    for t in calibration.thresholds:
+        row = replay_row(trace_set, rescalers, t, indicator=indicator, normalization=normalization)
+        out[t] = {"compute_fraction": row.compute_fraction,
+                  "speedup": None if row.compute_fraction <= 0 else 1.0 / row.compute_fraction,
+                  "wall_speedup": predicted_wall_speedup(costs, row.compute_fraction),
+                  "error_proxy": row.predicted_error}
+    return out
+
+
+def _report(request, calibration, call, pipe, prompts, jobs, trace_set, measured, costs, predictions, truth) -> dict:
+    """The results document (format ``calib.eval``)."""
+    results = [_summarize(t, measured, jobs, prompts, truth, predictions.get(t)) for t in calibration.thresholds]
     base_acc = None
     if truth is not None:
         base_acc = float(np.mean([measured["base"][j]["digit"] == truth[j[0]] for j in jobs]))
-    report = {
+    return {
         "format": FORMAT,
         "version": VERSION,
-        "calib_version": _version(),
-        "coeffs": str(coeffs),
-        "model": model,
-        "model_class": config.model_class,
-        "settings": {"steps": steps, "guidance": guidance, "seeds": list(seeds), "prompts": prompts,
-                     "repeats": repeats, "device": str(getattr(pipe, "device", "cpu")),
-                     "torch_threads": torch.get_num_threads(), "pipeline": pipeline_used},
+        "calib_version": __version__,
+        "coeffs": str(request.coeffs),
+        "model": calibration.model,
+        "model_class": calibration.config.model_class,
+        "settings": {"steps": calibration.steps, "guidance": calibration.guidance, "seeds": list(request.seeds),
+                     "prompts": prompts, "repeats": request.repeats, "device": str(getattr(pipe, "device", "cpu")),
+                     "torch_threads": torch.get_num_threads(), "pipeline": call.recorded()},
         "traces": None if trace_set is None else [str(f) for f in trace_set.files],
         "baseline": {"seconds": spread(statistics.median(measured["base"][j]["seconds"]) for j in jobs),
                      "digit_accuracy": base_acc},
         "cost_model": costs,
         "results": results,
     }
-    _print_report(report, echo)
-    if compare:
-        if trace_set is None:
-            raise CalibError("--compare needs traces (for the uncalibrated baselines and MagCache's ratios): "
-                             "pass --traces TRACE.h5")
-        report["frontier"] = run_frontier(pipe, config, trace_set, prompts, seeds, steps=steps, guidance=guidance,
-                                          pipeline_kwargs=call_kwargs, plot=plot, echo=echo)
-    if out is not None:
-        import json
-
-        write_bytes(out, (json.dumps(report, indent=2, allow_nan=False) + "\n").encode("utf-8"),
-                           inputs=[coeffs, *(traces or [])])
-        echo(f"wrote {out}")
-    return report
-
-
-def _version() -> str:
-    return __version__
 
 
 def _summarize(t, measured, jobs, prompts, truth, prediction) -> dict:

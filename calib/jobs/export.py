@@ -7,6 +7,7 @@ that stdout stays a valid JSON / YAML / Python file."""
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from calib._io import write_text
@@ -14,8 +15,6 @@ from calib.errors import CalibError
 from calib.methods import registry
 from calib.store import HDF5_SIGNATURE, read_traces
 from calib.exports import EXPORTERS, TRACE, TRACE_OR_DOCUMENT, ExportOptions
-
-DEFAULT_TARGET_SPEEDUP = 1.6  # ~60 % of steps computed, the TeaCache fit's recommendation criterion
 
 
 def _is_trace(path: Path) -> bool:
@@ -26,15 +25,22 @@ def _is_trace(path: Path) -> bool:
         return False
 
 
+def methods_taking(fmt: str) -> tuple:
+    """The registry methods a format takes (each method lists its formats)."""
+    return tuple(m for m in registry.METHODS if fmt in m.exports)
+
+
 def fit_for_target(fmt: str, trace_set, options: ExportOptions):
-    """What a target measured on traces renders: its method's fit (the registry's) on ``trace_set``. A method with
-    a document (fastercache-cfg) fits it with its defaults; one without (magcache, fbcache) fits the config for
-    ``--target-speedup`` or the given ``--threshold``."""
-    method = registry.get(EXPORTERS[fmt].methods[0])
+    """``(what the format renders, the options with the fit's defaults filled in)``: the fit of the method that
+    lists the format, on ``trace_set``. A method with a document (fastercache-cfg) fits it with its defaults; one
+    without (magcache, fbcache) fits the config for ``--target-speedup`` or the given ``--threshold``."""
+    (method,) = [m for m in methods_taking(fmt) if m.document == (EXPORTERS[fmt].input != TRACE)]
     if method.document:
-        return registry.validate(method.fit(trace_set), "<built document>")
-    return method.fit(trace_set, target_speedup=options.target_speedup, threshold=options.threshold,
-                      component=options.component or "transformer")
+        return registry.validate(method.fit(trace_set).document, "<built document>"), options
+    given = {"target_speedup": options.target_speedup, "threshold": options.threshold,
+             "component": options.component}
+    chosen = method.make_options(**{k: v for k, v in given.items() if v is not None})
+    return method.fit(trace_set, chosen).document, replace(options, target_speedup=chosen.target_speedup)
 
 
 def run_export(path, fmt: str, *, out=None, threshold=None, target_speedup=None, component=None, echo=print,
@@ -46,7 +52,7 @@ def run_export(path, fmt: str, *, out=None, threshold=None, target_speedup=None,
     if target is None:
         raise CalibError(f"unknown format {fmt!r}")
     options = ExportOptions(source=path, out=out, threshold=threshold, component=component or None, budget=budget,
-                            target_speedup=target_speedup or DEFAULT_TARGET_SPEEDUP)
+                            target_speedup=target_speedup)
     if target.listing:
         rendered = target.render(registry.load_document(path), options)
         if out is not None and rendered.document is not None:
@@ -56,14 +62,12 @@ def run_export(path, fmt: str, *, out=None, threshold=None, target_speedup=None,
             echo(rendered.text.rstrip("\n"))
         return
 
-    if target_speedup is not None and not target_speedup >= 1.0:
-        raise CalibError(f"--target-speedup must be >= 1, got {target_speedup}")
     if target.input == TRACE:
         if not _is_trace(path):
             raise CalibError(f"--format {fmt} is measured on traces: pass the trace file(s) (.h5), not {path}")
-        source = fit_for_target(fmt, read_traces([path]), options)
+        source, options = fit_for_target(fmt, read_traces([path]), options)
     elif target.input == TRACE_OR_DOCUMENT and _is_trace(path):
-        source = fit_for_target(fmt, read_traces([path]), options)
+        source, options = fit_for_target(fmt, read_traces([path]), options)
     else:
         source = registry.load_document(path)
     rendered = target.render(source, options)

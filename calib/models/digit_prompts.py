@@ -1,6 +1,6 @@
 """Digit prompts, shared by both built-in models: ``"a handwritten 7"`` or ``"the digit seven"`` -> class 7.
 
-A leaf module (no model code), so the pipeline base in :mod:`calib.models._builtin` can validate prompts without
+A leaf module (no model code), so the pipeline base in :mod:`calib.models.builtin_pipeline` can validate prompts without
 importing a model.
 """
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import _builtin
+from . import builtin_pipeline
 from .digit_prompts import NULL_CLASS, NUM_CLASSES, parse_digit_prompt  # noqa: F401  (re-exported)
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
@@ -119,7 +119,7 @@ def build_scheduler():
 
 
 def load_weights(transformer: nn.Module, prompt_encoder: nn.Module, path: Path = WEIGHTS_FILE) -> None:
-    _builtin.load_weights(transformer, prompt_encoder, path, trainer="calib.models.train_digits")
+    builtin_pipeline.load_weights(transformer, prompt_encoder, path, trainer="calib.models.train_digits")
 
 
 @dataclass
@@ -129,7 +129,7 @@ class DigitsOutput:
     images: list
 
 
-class DigitsPipeline(_builtin.BuiltinPipeline):
+class DigitsPipeline(builtin_pipeline.BuiltinPipeline):
     """Text-to-image pipeline for the built-in digits model.
 
     ``pipe("a handwritten 7", num_inference_steps=30, guidance_scale=3.0, generator=g).images[0]`` is an 8x8 PIL image.

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from . import digits
-from ._builtin import LossLog, optimizer_step, save_weights
+from .builtin_pipeline import LossLog, optimizer_step, save_weights
 
 
 def train(steps: int = 1500, batch: int = 128, lr: float = 1e-3, seed: int = 0, null_prob: float = 0.1, log=print):

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from . import wan_digits
-from ._builtin import LossLog, optimizer_step, save_weights
+from .builtin_pipeline import LossLog, optimizer_step, save_weights
 
 
 def lr_factor(step: int, steps: int, warmup: int, floor: float = 0.05) -> float:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import CalibError
-from . import _builtin
+from . import builtin_pipeline
 from .digits import (  # noqa: F401 - load_digits_dataset: the training script takes it from here
     IMAGE_SIZE, NULL_CLASS, NUM_CLASSES, build_scheduler, load_digits_dataset, parse_digit_prompt,
 )
@@ -102,7 +102,7 @@ def build_transformer():
 
 
 def load_weights(transformer: nn.Module, prompt_encoder: nn.Module, path: Path = WEIGHTS_FILE) -> None:
-    _builtin.load_weights(transformer, prompt_encoder, path, trainer="calib.models.train_wan_digits")
+    builtin_pipeline.load_weights(transformer, prompt_encoder, path, trainer="calib.models.train_wan_digits")
 
 
 def latents_to_frames(latents: torch.Tensor) -> np.ndarray:
@@ -123,7 +123,7 @@ class WanDigitsOutput:
         return self.frames
 
 
-class WanDigitsPipeline(_builtin.BuiltinPipeline):
+class WanDigitsPipeline(builtin_pipeline.BuiltinPipeline):
     """Text-to-video pipeline for the built-in Wan digits model.
 
     ``pipe("a handwritten 7", num_inference_steps=30, guidance_scale=3.0, generator=g).frames[0]`` is a list of 4

@@ -4,7 +4,7 @@ page (every plot embedded as a base64 PNG, no external file, script or font) wit
 * the rescaler fit: points (x, y) per stream and the polynomial of the given TeaCache file (else a degree-4 preview);
 * per-step change curves per stream: indicator, output, residual, cond-uncond (median and 10-90 % band);
 * the tuning tables: TeaCache thresholds (from the file, else replayed with the preview), block-cache thresholds;
-* the block heat-map (blocks x steps) with the block-cache schedule;
+* the block heat-map (blocks x steps) with the block-cache mask;
 * FasterCache's CFG-cache range when the traces hold the cond-uncond series;
 * the evaluation frontier from a ``calib eval`` results JSON, when given.
 
@@ -22,17 +22,21 @@ from pathlib import Path
 
 import numpy as np
 
+from calib import __version__
 from calib._io import load_json_file, resolve_output, write_text
 from calib.errors import CalibError
 from calib.evaluate.frontier import format_frontier, frontier_png
-from calib.methods import block_cache, fastercache_cfg
+from calib.methods.block_cache.method import block_changes, components_of, heatmap_png
+from calib.methods.block_cache.options import DEFAULT_TARGET_FRACTION
+from calib.methods.block_cache.rule import block_mask, choose_threshold
+from calib.methods.fastercache_cfg.method import build_document as fastercache_document
 from calib.methods.registry import load_document
 from calib.methods.teacache.fit import forced_last_mask
+from calib.methods.teacache.rescalers import INDICATOR_SERIES
 from calib.methods.teacache.tune import replay_trajectories
 from calib.runtime.gate import Rescaler
 from calib.store import read_traces
 
-INDICATOR_SERIES = {"modulated_input": "input_rel_l1", "block_input": "block_input_rel_l1", "temb": "temb_rel_l1"}
 QUALITY_KEYS = ("psnr", "ssim", "lpips", "rel_l1", "error", "mse", "fid", "clip", "accuracy")
 SPEED_KEYS = ("speedup", "measured_speedup", "predicted_speedup", "compute_fraction")
 
@@ -313,16 +317,29 @@ def _threshold_rows(table: list[dict], recommended, limit: int = 24):
 
 
 def build_html(trace_set, docs: list[dict], eval_data=None, eval_name: str | None = None) -> tuple[str, list[str]]:
-    """(the page, the section ids in it)."""
+    """(the page, the section ids in it): one section per stage, each built on its own."""
     by_method = {}
     for d in docs:
         by_method.setdefault(d.get("method"), d)
-    teacache = by_method.get("teacache")
-    sections: list[tuple[str, str, str]] = []  # (id, title, body)
-    info = trace_set.model_info or {}
-    settings = trace_set.settings()
+    fit_body, preview = _fit_section(trace_set, by_method.get("teacache"))
+    tuning_body, block_plots = _tuning_section(trace_set, by_method, preview)
+    sections: list[tuple[str, str, str]] = [  # (id, title, body)
+        ("fit", "Rescaler fit (TeaCache)", fit_body),
+        ("curves", "Per-step changes per stream",
+         "<p class='muted'>Median over trajectories (line) and 10–90 % band, by stream.</p>"
+         + _img(curves_figure(trace_set), "per-step change curves")),
+        ("tuning", "Tuning tables", tuning_body),
+        ("heatmap", "Per-block change heat-map", _heatmap_section(block_plots)),
+        ("fastercache", "FasterCache CFG cache", _fastercache_section(trace_set, by_method.get("fastercache-cfg"))),
+    ]
+    if eval_data is not None:
+        sections.append(("frontier", "Evaluation frontier", _frontier_section(eval_data, eval_name)))
+    return _page(trace_set, docs, sections), [s[0] for s in sections]
 
-    # 1. fit
+
+def _fit_section(trace_set, teacache: dict | None) -> tuple[str, tuple]:
+    """The fit figure and the file's fit metrics; also the polynomials drawn (the file's, else a preview) with
+    their indicator and normalisation, for the tuning table."""
     png, caption, polys, indicator, normalization = fit_figure(trace_set, teacache)
     body = f"<p class='muted'>{html.escape(caption)}</p>{_img(png, 'rescaler fit')}"
     if teacache:
@@ -331,100 +348,112 @@ def build_html(trace_set, docs: list[dict], eval_data=None, eval_name: str | Non
             m = comp.get("metrics", {})
             rows.append([name, comp["degree"], m.get("points"), m.get("r2"), m.get("cv_r2"), m.get("mae"), m.get("cv_mae")])
         body += _table(["component", "degree", "points", "R²", "CV R²", "MAE", "CV MAE"], rows, left=(0,))
-    sections.append(("fit", "Rescaler fit (TeaCache)", body))
+    return body, (polys, indicator)
 
-    # 2. per-step curves
-    sections.append(("curves", "Per-step changes per stream",
-                     "<p class='muted'>Median over trajectories (line) and 10–90 % band, by stream.</p>"
-                     + _img(curves_figure(trace_set), "per-step change curves")))
 
-    # 3. tuning
+def _tuning_section(trace_set, by_method: dict, preview: tuple) -> tuple[str, dict | None]:
+    """The TeaCache and block-cache threshold tables; also the block masks for the heat-map (None without
+    per-block data)."""
+    teacache = by_method.get("teacache")
     body = "<h3>TeaCache threshold</h3>"
     if teacache and (teacache.get("thresholds") or {}).get("table"):
         th = teacache["thresholds"]
         rows, chosen = _threshold_rows(th["table"], th.get("recommended"))
         body += f"<p class='muted'>From the coefficient file; {html.escape(th.get('criterion', ''))}.</p>"
     else:
-        rescalers = {c: Rescaler([float(v) for v in coef], tuple(dom) if dom else None) for c, (coef, dom) in polys.items()}
-        table = []
-        for t in [0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.6, 0.8, 1.0] if indicator == "modulated_input" else []:
-            comp = tot = 0
-            for _traj, d in replay_trajectories(trace_set, rescalers, t):  # calib tune's replay of the runtime's gate
-                comp += sum(d)
-                tot += len(d)
-            if tot:
-                table.append({"threshold": t, "compute_fraction": comp / tot, "predicted_speedup": tot / comp})
-        rows, chosen = _threshold_rows(table, None)
+        rows, chosen = _threshold_rows(_preview_table(trace_set, *preview), None)
         body += "<p class='muted'>Replayed with the preview polynomial (no coefficient file given).</p>"
     body += _table(["threshold", "compute fraction", "predicted speed-up"], rows, chosen)
-    block_doc = by_method.get("block-cache")
-    plots = None
+    body += "<h3>Block-cache threshold</h3>"
     try:
-        if block_doc:
-            bt = block_doc["thresholds"]
-            brow, bchosen = _threshold_rows(bt["table"], bt.get("recommended"))
-            plots = {}
-            for name, comp in block_doc["block_cache"]["components"].items():
-                mat = np.asarray([[np.nan if v is None else v for v in r] for r in comp["changes"]], float)
-                plots[name] = (comp["blocks"], mat, block_cache.schedule(mat, bt["recommended"]))
-        else:
-            changes = {n: block_cache.block_changes(trace_set, n) for n in block_cache.components_of(trace_set)}
-            chosen_row, table = block_cache.tune({n: c[1] for n, c in changes.items()})
-            brow, bchosen = _threshold_rows([r.as_dict() for r in table], chosen_row.as_dict()["threshold"])
-            plots = {n: (c[0], c[1], block_cache.schedule(c[1], chosen_row.threshold)) for n, c in changes.items()}
-        body += ("<h3>Block-cache threshold</h3><p class='muted'>Fraction of block evaluations computed (rows: the "
-                 "smallest threshold of each distinct fraction).</p>")
-        body += _table(["threshold", "compute fraction", "predicted speed-up"], brow, bchosen)
+        rows, chosen, plots = _block_table(trace_set, by_method.get("block-cache"))
     except CalibError as exc:
-        body += f"<h3>Block-cache threshold</h3><p class='muted'>Not available: {html.escape(str(exc))}</p>"
-    sections.append(("tuning", "Tuning tables", body))
+        return body + f"<p class='muted'>Not available: {html.escape(str(exc))}</p>", None
+    body += ("<p class='muted'>Fraction of block evaluations computed (rows: the smallest threshold of each distinct "
+             "fraction).</p>" + _table(["threshold", "compute fraction", "predicted speed-up"], rows, chosen))
+    return body, plots
 
-    # 4. heat-map
-    if plots:
-        sections.append(("heatmap", "Per-block change heat-map",
-                         "<p class='muted'>Mean rel-L1 change of each block's output per step; red squares: the "
-                         "block-cache schedule at the recommended threshold.</p>"
-                         + _img(block_cache.heatmap_png(plots), "block heat-map")))
-    else:
-        sections.append(("heatmap", "Per-block change heat-map", "<p class='muted'>No per-block data in the traces.</p>"))
 
-    # 5. FasterCache
-    fc_doc = by_method.get("fastercache-cfg")
+def _preview_table(trace_set, polys: dict, indicator: str) -> list[dict]:
+    """calib tune's replay of the runtime's gate with the preview polynomials, at a few thresholds."""
+    rescalers = {c: Rescaler([float(v) for v in coef], tuple(dom) if dom else None) for c, (coef, dom) in polys.items()}
+    table = []
+    for t in [0.02, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.6, 0.8, 1.0] if indicator == "modulated_input" else []:
+        comp = tot = 0
+        for _traj, d in replay_trajectories(trace_set, rescalers, t):
+            comp += sum(d)
+            tot += len(d)
+        if tot:
+            table.append({"threshold": t, "compute_fraction": comp / tot, "predicted_speedup": tot / comp})
+    return table
+
+
+def _block_table(trace_set, block_doc: dict | None):
+    """(rows, chosen row, {component: (blocks, changes, block mask)}): the file's table and masks, else the fit's
+    on the traces."""
+    if block_doc:
+        bt = block_doc["thresholds"]
+        rows, chosen = _threshold_rows(bt["table"], bt.get("recommended"))
+        plots = {}
+        for name, comp in block_doc["block_cache"]["components"].items():
+            mat = np.asarray([[np.nan if v is None else v for v in r] for r in comp["changes"]], float)
+            plots[name] = (comp["blocks"], mat, block_mask(mat, bt["recommended"]))
+        return rows, chosen, plots
+    changes = {n: block_changes(trace_set, n) for n in components_of(trace_set)}
+    chosen_row, table = choose_threshold({n: c[1] for n, c in changes.items()}, DEFAULT_TARGET_FRACTION)
+    rows, chosen = _threshold_rows([r.as_dict() for r in table], chosen_row.as_dict()["threshold"])
+    return rows, chosen, {n: (c[0], c[1], block_mask(c[1], chosen_row.threshold)) for n, c in changes.items()}
+
+
+def _heatmap_section(plots: dict | None) -> str:
+    if not plots:
+        return "<p class='muted'>No per-block data in the traces.</p>"
+    return ("<p class='muted'>Mean rel-L1 change of each block's output per step; red squares: the block-cache mask "
+            "at the recommended threshold.</p>" + _img(heatmap_png(plots), "block heat-map"))
+
+
+def _fastercache_section(trace_set, fc_doc: dict | None) -> str:
+    """The file's FasterCache ranges, else those derived from the traces (when they hold the cond-uncond series)."""
     try:
         if fc_doc is None:
-            fc_doc = fastercache_cfg.build_document(trace_set)
-        body = ""
-        for name, entry in fc_doc["fastercache_cfg"]["components"].items():
-            lo, hi = entry["unconditional_batch_timestep_skip_range"]
-            body += (f"<p>{html.escape(name)}: unconditional pass skipped at steps "
-                     f"<code>{entry['uncond_skipped_steps']}</code> (N = {entry['unconditional_batch_skip_range']}, "
-                     f"{lo:.4g} &lt; t &lt; {hi:.4g}), {entry['uncond_compute_fraction']:.0%} of unconditional passes "
-                     "computed.</p>" + _img(cfg_figure(entry), f"cfg change {name}"))
-        sections.append(("fastercache", "FasterCache CFG cache", body))
+            fc_doc = fastercache_document(trace_set)
     except CalibError as exc:
-        sections.append(("fastercache", "FasterCache CFG cache", f"<p class='muted'>{html.escape(str(exc))}</p>"))
+        return f"<p class='muted'>{html.escape(str(exc))}</p>"
+    body = ""
+    for name, entry in fc_doc["fastercache_cfg"]["components"].items():
+        lo, hi = entry["unconditional_batch_timestep_skip_range"]
+        body += (f"<p>{html.escape(name)}: unconditional pass skipped at steps "
+                 f"<code>{entry['uncond_skipped_steps']}</code> (N = {entry['unconditional_batch_skip_range']}, "
+                 f"{lo:.4g} &lt; t &lt; {hi:.4g}), {entry['uncond_compute_fraction']:.0%} of unconditional passes "
+                 "computed.</p>" + _img(cfg_figure(entry), f"cfg change {name}"))
+    return body
 
-    # 6. eval frontier
-    if eval_data is not None:
-        rows = eval_rows(eval_data)
-        x_key, y_key = _pick_key(rows, SPEED_KEYS), _pick_key(rows, QUALITY_KEYS)
-        group_key = next((k for k in ("method", "name", "config", "label") if any(k in r for r in rows)), None)
-        body = f"<p class='muted'>From {html.escape(eval_name or 'the evaluation results')}.</p>"
-        compare = eval_data.get("frontier") if isinstance(eval_data, dict) else None
-        if isinstance(compare, dict) and compare.get("methods"):  # calib eval --compare: every method's points
-            try:
-                body += _img(frontier_png(compare), "frontier: error vs fraction of full forwards, every method")
-                body += f"<pre>{html.escape(compare.get('table') or format_frontier(compare))}</pre>"
-            except (KeyError, TypeError, ValueError) as exc:
-                body += f"<p class='muted'>The frontier in the results could not be drawn ({html.escape(str(exc))}).</p>"
-        if rows and x_key and y_key:
-            body += _img(frontier_figure(rows, x_key, y_key, group_key), "evaluation frontier")
-        else:
-            body += "<p class='muted'>No numeric speed and quality columns found to plot.</p>"
-        keys = list(dict.fromkeys(k for r in rows for k in r))[:10]
-        body += _table(keys, [[r.get(k) for k in keys] for r in rows[:60]], left=(0,))
-        sections.append(("frontier", "Evaluation frontier", body))
 
+def _frontier_section(eval_data, eval_name: str | None) -> str:
+    """A results file's frontier (``calib eval --compare``) and its rows plotted as speed against quality."""
+    rows = eval_rows(eval_data)
+    x_key, y_key = _pick_key(rows, SPEED_KEYS), _pick_key(rows, QUALITY_KEYS)
+    group_key = next((k for k in ("method", "name", "config", "label") if any(k in r for r in rows)), None)
+    body = f"<p class='muted'>From {html.escape(eval_name or 'the evaluation results')}.</p>"
+    compare = eval_data.get("frontier") if isinstance(eval_data, dict) else None
+    if isinstance(compare, dict) and compare.get("methods"):  # calib eval --compare: every method's points
+        try:
+            body += _img(frontier_png(compare), "frontier: error vs fraction of full forwards, every method")
+            body += f"<pre>{html.escape(compare.get('table') or format_frontier(compare))}</pre>"
+        except (KeyError, TypeError, ValueError) as exc:
+            body += f"<p class='muted'>The frontier in the results could not be drawn ({html.escape(str(exc))}).</p>"
+    if rows and x_key and y_key:
+        body += _img(frontier_figure(rows, x_key, y_key, group_key), "evaluation frontier")
+    else:
+        body += "<p class='muted'>No numeric speed and quality columns found to plot.</p>"
+    keys = list(dict.fromkeys(k for r in rows for k in r))[:10]
+    return body + _table(keys, [[r.get(k) for k in keys] for r in rows[:60]], left=(0,))
+
+
+def _page(trace_set, docs: list[dict], sections: list[tuple[str, str, str]]) -> str:
+    """The page: title, the traces' summary, navigation, then the sections."""
+    info = trace_set.model_info or {}
+    settings = trace_set.settings()
     nav = "".join(f'<a href="#{sid}">{html.escape(title)}</a>' for sid, title, _ in sections)
     summary = _table(
         ["", ""],
@@ -437,17 +466,16 @@ def build_html(trace_set, docs: list[dict], eval_data=None, eval_name: str | Non
         left=(0, 1),
     )
     created = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    page = (
+    return (
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
         f"<title>calib report — {html.escape(str(info.get('class', 'model')))}</title><style>{CSS}</style></head><body><main>"
         f"<h1>calib report: {html.escape(str(info.get('class', 'model')))}</h1>"
         f"<p class='lead'>{html.escape(str(info.get('source', '')))} · generated {created} by calib "
-        f"{html.escape(__import__('calib').__version__)}</p><nav>{nav}</nav>"
+        f"{html.escape(__version__)}</p><nav>{nav}</nav>"
         f"<section id='summary'><h2>Traces</h2>{summary}</section>"
         + "".join(f"<section id='{sid}'><h2>{html.escape(title)}</h2>{body}</section>" for sid, title, body in sections)
         + "</main></body></html>\n"
     )
-    return page, [s[0] for s in sections]
 
 
 def run_report(traces, *, coeffs=(), eval_path=None, out, echo=print) -> Path:

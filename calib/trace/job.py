@@ -113,6 +113,29 @@ def pick_device(device: str | None, local_rank: int | None = None) -> str:
     return "cpu"
 
 
+@dataclasses.dataclass
+class TraceRun:
+    """Where one process of ``calib trace`` writes and what it prints: ``out`` the trace, ``path`` this process's
+    file (the trace itself, or its shard), ``part`` the shard (None for a single process), ``leader`` whether this
+    process prints and shows the progress bar."""
+
+    model: str
+    prompts: list
+    out: Path
+    path: Path
+    part: object
+    device: str
+    echo: object
+
+    @property
+    def leader(self) -> bool:
+        return self.part is None or not self.part.distributed or self.part.index == 0
+
+    def say(self, message: str) -> None:
+        if self.leader:
+            self.echo(message)
+
+
 def run_trace(
     model: str,
     prompts_file,
@@ -130,9 +153,32 @@ def run_trace(
 
     Under torchrun / ``accelerate launch`` (WORLD_SIZE > 1), or with ``shard="i/n"``, this process traces only its
     share into ``NAME.rank{i}-of-{n}.h5`` and the manifest ``NAME.manifest.json`` lists the shards
-    (:mod:`calib.store.shards`, docs/cluster.md). Returns the file this process wrote."""
-    from tqdm.auto import tqdm
+    (:mod:`calib.store.shards`, docs/cluster.md). Returns the file this process wrote.
 
+    The stages: plan (prompts, paths, shard, device, the checks before loading), load and prepare the model, trace
+    the generations this process owns, say what was written."""
+    run = _plan(model, prompts_file, settings, out=out, device=device, pipe=pipe, overwrite=overwrite, shard=shard,
+                echo=echo)
+    owns_group = sh.init_process_group(run.part, run.device) if run.part is not None else False
+    try:
+        pipe, settings, tracer, info, recorded = _prepare(run, settings, pipe, modulation_module, overwrite)
+        all_jobs = [(p, s) for p in run.prompts for s in settings.seeds]
+
+        def manifest():
+            return sh.write_manifest(run.out, model=model, model_info=info, settings=settings, prompts=run.prompts,
+                                     jobs=all_jobs, count=run.part.count, launcher=run.part.launcher,
+                                     recorded=recorded)
+
+        jobs, total = _trace_jobs(run, tracer, info, settings, recorded, all_jobs, overwrite, manifest)
+        return _finish(run, settings, jobs, total, manifest)
+    finally:
+        if owns_group:
+            sh.destroy_process_group()
+
+
+def _plan(model, prompts_file, settings: TraceSettings, *, out, device, pipe, overwrite, shard, echo) -> TraceRun:
+    """The prompts, the output paths, this process's shard and device, and everything that can be refused before
+    minutes of loading: arguments the pipeline does not take, a resume with other settings."""
     part = sh.resolve_shard(shard)
     if prompts_file is None:
         if not model.startswith("builtin:"):
@@ -146,7 +192,6 @@ def run_trace(
         raise CalibError(f"{out}: a trace file must end in .h5")
     device = pick_device(device, part.local_rank if part is not None and part.distributed else None)
     path = out if part is None else sh.shard_path(out, part.index, part.count)
-    # Before minutes of loading: arguments the pipeline does not take, and a resume with other settings.
     if pipe is None:
         cls = pipeline_class(model)
         if cls is not None:
@@ -156,85 +201,93 @@ def run_trace(
         precheck_resume(path, settings.recorded(), unknown=unknown, source=model)
         if part is not None:
             sh.check_manifest_settings(out, settings.recorded(), unknown=unknown)
-    leader = part is None or not part.distributed or part.index == 0  # prints, shows the bar
-    say = echo if leader else (lambda *a, **k: None)
-    owns_group = sh.init_process_group(part, device) if part is not None else False
+    return TraceRun(model, prompts, out, path, part, device, echo)
+
+
+def _prepare(run: TraceRun, settings: TraceSettings, pipe, modulation_module, overwrite):
+    """The loaded pipeline (its arguments and prompts checked), the settings with its dtype, the tracer, the model's
+    description and the settings as the file records them."""
+    if pipe is None:
+        pipe = model_loading.load_model(run.model, device=run.device, dtype=settings.dtype,
+                                        cpu_offload=settings.cpu_offload)
+    check_pipeline_arguments(pipe, settings, run.model)
+    settings = _with_dtype(settings, pipe)
+    check = getattr(pipe, "validate_prompts", None)
+    if callable(check):  # fail on an unreadable prompt before hours of tracing, not at prompt 57
+        check(run.prompts)
     try:
-        if pipe is None:
-            pipe = model_loading.load_model(model, device=device, dtype=settings.dtype, cpu_offload=settings.cpu_offload)
-        check_pipeline_arguments(pipe, settings, model)
-        settings = _with_dtype(settings, pipe)
-        check = getattr(pipe, "validate_prompts", None)
-        if callable(check):  # fail on an unreadable prompt before hours of tracing, not at prompt 57
-            check(prompts)
+        tracer = Tracer(pipe, modulation_module=modulation_module, record_blocks=settings.record_blocks)
+    except LookupError as exc:  # a --modulation-module or block stack the model does not have
+        hint = f"--modulation-module {modulation_module}: " if modulation_module else ""
+        raise CalibError(f"{hint}{exc.args[0] if exc.args else exc}") from None
+    info = describe_model(pipe, run.model, tracer.adapter)
+    recorded = {**settings.recorded(), "resolution": list(tracer._resolution(settings))}
+    if run.part is not None and not overwrite:  # now with the dtype the model runs in
+        sh.check_manifest_settings(run.out, recorded)
+    return pipe, settings, tracer, info, recorded
+
+
+def _trace_jobs(run: TraceRun, tracer, info, settings, recorded, all_jobs, overwrite, manifest) -> tuple[list, int]:
+    """Trace this process's generations not yet in its file; ``(its generations, trajectories in the file)``.
+    Ctrl-C flushes the generation in flight and says how many are kept."""
+    from tqdm.auto import tqdm
+
+    part = run.part
+    if part is None:
+        jobs, attrs = all_jobs, None
+    else:
+        jobs = sh.split(all_jobs, part.index, part.count)
+        attrs = {"shard_index": part.index, "shard_count": part.count}
+    done = 0
+    with tracer, TraceWriter(run.path, info, overwrite=overwrite, attrs=attrs, background=True,
+                             settings=recorded) as writer:
+        # the writer refused a file traced with other settings, so every generation in it is one of this run's
+        finished = {(t.prompt, t.seed) for t in writer.trajectories}
+        todo = [(p, s) for p, s in jobs if (p, s) not in finished]
+        if part is not None and (run.leader or not part.distributed):
+            manifest()  # so the shards are listed even if the run stops early
+        if len(todo) < len(jobs):
+            run.say(f"resuming {run.path}: {len(jobs) - len(todo)} of {len(jobs)} generations already traced")
+        desc = "trace" if part is None else f"trace {part.label}"
+        bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), unit="gen", desc=desc, dynamic_ncols=True,
+                   disable=not run.leader)
         try:
-            tracer = Tracer(pipe, modulation_module=modulation_module, record_blocks=settings.record_blocks)
-        except LookupError as exc:  # a --modulation-module or block stack the model does not have
-            hint = f"--modulation-module {modulation_module}: " if modulation_module else ""
-            raise CalibError(f"{hint}{exc.args[0] if exc.args else exc}") from None
-        info = describe_model(pipe, model, tracer.adapter)
-        recorded = {**settings.recorded(), "resolution": list(tracer._resolution(settings))}
-        if part is not None and not overwrite:  # now with the dtype the model runs in
-            sh.check_manifest_settings(out, recorded)
-        all_jobs = [(p, s) for p in prompts for s in settings.seeds]
-        if part is None:
-            jobs, attrs = all_jobs, None
-        else:
-            jobs = sh.split(all_jobs, part.index, part.count)
-            attrs = {"shard_index": part.index, "shard_count": part.count}
+            for prompt, seed in todo:
+                bar.set_postfix_str(f"{prompt[:32]!r} seed {seed}")
+                writer.append(tracer.trace(prompt, seed, settings))
+                done += 1
+                bar.update(1)
+            writer.flush()  # the last generation is on disk before anyone is told it is
+        except KeyboardInterrupt:
+            bar.close()
+            writer.close()  # flush the generation in flight
+            kept = len(jobs) - len(todo) + done
+            raise InterruptedRun(
+                f"interrupted: {kept} of {len(jobs)} generations are saved in {run.path}; "
+                "rerun the same command to resume"
+            ) from None
+        finally:
+            bar.close()  # before any message, so it starts on a line of its own
+        return jobs, len(writer.trajectories)
 
-        def manifest():
-            return sh.write_manifest(out, model=model, model_info=info, settings=settings, prompts=prompts,
-                                     jobs=all_jobs, count=part.count, launcher=part.launcher, recorded=recorded)
 
-        done = 0
-        with tracer, TraceWriter(path, info, overwrite=overwrite, attrs=attrs, background=True,
-                                 settings=recorded) as writer:
-            # the writer refused a file traced with other settings, so every generation in it is one of this run's
-            finished = {(t.prompt, t.seed) for t in writer.trajectories}
-            todo = [(p, s) for p, s in jobs if (p, s) not in finished]
-            if part is not None and (leader or not part.distributed):
-                manifest()  # so the shards are listed even if the run stops early
-            if len(todo) < len(jobs):
-                say(f"resuming {path}: {len(jobs) - len(todo)} of {len(jobs)} generations already traced")
-            desc = "trace" if part is None else f"trace {part.label}"
-            bar = tqdm(total=len(jobs), initial=len(jobs) - len(todo), unit="gen", desc=desc, dynamic_ncols=True,
-                       disable=not leader)
-            try:
-                for prompt, seed in todo:
-                    bar.set_postfix_str(f"{prompt[:32]!r} seed {seed}")
-                    writer.append(tracer.trace(prompt, seed, settings))
-                    done += 1
-                    bar.update(1)
-                writer.flush()  # the last generation is on disk before anyone is told it is
-            except KeyboardInterrupt:
-                bar.close()
-                writer.close()  # flush the generation in flight
-                kept = len(jobs) - len(todo) + done
-                raise InterruptedRun(
-                    f"interrupted: {kept} of {len(jobs)} generations are saved in {path}; "
-                    "rerun the same command to resume"
-                ) from None
-            finally:
-                bar.close()  # before any message, so it starts on a line of its own
-            total = len(writer.trajectories)
-        if part is None:
-            say(f"traced {len(jobs)} generations ({len(prompts)} prompts x {len(settings.seeds)} seeds, "
-                f"{settings.steps} steps) -> {out} ({total} trajectories)")
-            return out
-        if part.distributed:
-            sh.barrier()  # every rank's shard is complete before rank 0 describes them
-            if leader:
-                doc = manifest()
-                say(f"traced {doc['assigned']} generations ({len(prompts)} prompts x {len(settings.seeds)} seeds, "
-                    f"{settings.steps} steps) on {part.count} ranks -> {sh.manifest_path(out)} "
+def _finish(run: TraceRun, settings: TraceSettings, jobs: list, total: int, manifest) -> Path:
+    """Say what was traced (the manifest rewritten for a shard); return the file this process wrote."""
+    part, prompts = run.part, run.prompts
+    if part is None:
+        run.say(f"traced {len(jobs)} generations ({len(prompts)} prompts x {len(settings.seeds)} seeds, "
+                f"{settings.steps} steps) -> {run.out} ({total} trajectories)")
+        return run.out
+    if part.distributed:
+        sh.barrier()  # every rank's shard is complete before rank 0 describes them
+        if run.leader:
+            doc = manifest()
+            run.say(f"traced {doc['assigned']} generations ({len(prompts)} prompts x {len(settings.seeds)} seeds, "
+                    f"{settings.steps} steps) on {part.count} ranks -> {sh.manifest_path(run.out)} "
                     f"({doc['finished']} of {doc['assigned']} in {part.count} shard files)")
-            return path
-        doc = manifest()
-        say(f"{part.label}: traced {len(jobs)} generations ({settings.steps} steps) -> {path} ({total} trajectories); "
-            f"{sh.manifest_path(out)}: {doc['finished']} of {doc['assigned']} generations of all {part.count} "
-            "shards finished")
-        return path
-    finally:
-        if owns_group:
-            sh.destroy_process_group()
+        return run.path
+    doc = manifest()
+    run.say(f"{part.label}: traced {len(jobs)} generations ({settings.steps} steps) -> {run.path} ({total} "
+            f"trajectories); {sh.manifest_path(run.out)}: {doc['finished']} of {doc['assigned']} generations of all "
+            f"{part.count} shards finished")
+    return run.path

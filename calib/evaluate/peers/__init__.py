@@ -10,16 +10,17 @@ to each target where it has a threshold. Each module's docstring says what its a
 * :mod:`.diffusers_cfg` — diffusers' Pyramid Attention Broadcast and FasterCache (partial: compute share only);
 * :mod:`.cache_dit` — cache-dit's DBCache without and with each calibrator (TaylorSeer, DMD, FoCa).
 
-:data:`PEER_ROWS` maps each row's name to its :class:`~.common.PeerRow`, in the order the frontier runs them
+`PEER_ROWS` maps each row's name to its :class:`~calib.methods.base.FrontierRow`, in the order the frontier runs them
 (cache-dit last: its ``disable_cache`` leaves a FLUX transformer's blocks patched). A peer that cannot run on a model
 raises; the frontier reports why in its ``not_applicable``."""
 
 from __future__ import annotations
 
+from calib.methods.base import FrontierRow
 from calib.evaluate.peers import cache_dit, diffusers_cfg, easycache, seacache, spectrum, taylorseer, uniform
-from calib.evaluate.peers.common import PeerRow, diffusers_install, unrestored
+from calib.evaluate.peers.common import diffusers_install, unrestored
 
-PEER_ROWS: dict[str, PeerRow] = {
+PEER_ROWS: dict[str, FrontierRow] = {
     **uniform.ROWS,
     **taylorseer.ROWS,
     **seacache.ROWS,
@@ -29,4 +30,4 @@ PEER_ROWS: dict[str, PeerRow] = {
     **cache_dit.ROWS,
 }
 
-__all__ = ["PEER_ROWS", "PeerRow", "diffusers_install", "unrestored"]
+__all__ = ["PEER_ROWS", "diffusers_install", "unrestored"]

@@ -35,7 +35,7 @@ import logging
 import os
 
 from calib.errors import CalibError
-from calib.evaluate.peers.common import PeerRow, checked, nearest_settings, threshold_points
+from calib.evaluate.peers.common import peer_row, checked, nearest_settings, threshold_points
 from calib.evaluate.peers.taylorseer import TAYLORSEER_INTERVALS, taylorseer_fraction
 
 CACHE_DIT_WARMUPS = (0, 1, 2, 8)  # 8: cache-dit's default
@@ -159,13 +159,13 @@ def dbcache_points(inputs, name: str) -> list:
 
 
 ROWS = {
-    "cache-dit": PeerRow("cache-dit DBCache (best of Fn/Bn, warm-up, static masks)",
+    "cache-dit": peer_row("cache-dit DBCache (best of Fn/Bn, warm-up, static masks)",
                          checked("cache-dit", lambda r: dbcache_points(r, "cache-dit"))),
-    "cache-dit-taylorseer": PeerRow(
+    "cache-dit-taylorseer": peer_row(
         "cache-dit DBCache + TaylorSeer (orders 1-2; Fn/Bn, warm-up, masks)",
         checked("cache-dit-taylorseer", lambda r: dbcache_points(r, "cache-dit-taylorseer"))),
-    "cache-dit-dmd": PeerRow("cache-dit DBCache + DMD (Fn/Bn, warm-up, masks)",
+    "cache-dit-dmd": peer_row("cache-dit DBCache + DMD (Fn/Bn, warm-up, masks)",
                              checked("cache-dit-dmd", lambda r: dbcache_points(r, "cache-dit-dmd"))),
-    "cache-dit-foca": PeerRow("cache-dit DBCache + FoCa (Fn/Bn, warm-up, masks)",
+    "cache-dit-foca": peer_row("cache-dit DBCache + FoCa (Fn/Bn, warm-up, masks)",
                               checked("cache-dit-foca", lambda r: dbcache_points(r, "cache-dit-foca"))),
 }

@@ -16,21 +16,17 @@ import torch
 
 from calib.errors import CalibError
 from calib.evaluate.harness import MAX_PROBES, REACHED, TOLERANCE, Point
+from calib.methods.base import FrontierRow
 from calib.methods.search import measured_search
 
 LARGE_THRESHOLD = 1e3  # a threshold no relative change reaches: the setting skips as much as its other limits allow
 
 
-@dataclasses.dataclass(frozen=True)
-class PeerRow:
-    """One peer's row of the frontier (the fields of the frontier's own row record): its label, how its points are
-    made (``run(frontier_inputs) -> [Point]``; the inputs carry ``harness``, ``targets``, ``trace_set``, ``config``
-    and ``echo``), and whether it never skips a whole forward (then it is matched on the compute share)."""
-
-    label: str
-    run: Callable[[Any], list[Point]]
-    partial: bool = False
-    calibrated: bool = False  # a peer is never calibrated by calib
+def peer_row(label: str, run: Callable[[Any], list[Point]], *, partial: bool = False) -> FrontierRow:
+    """A peer's row of the frontier (:class:`calib.methods.base.FrontierRow`, never calibrated by calib): its
+    label, how its points are made (``run(frontier_run) -> [Point]``) and whether it never skips a whole forward
+    (then it is matched on the compute share)."""
+    return FrontierRow(label, run, partial=partial, calibrated=False)
 
 
 def diffusers_install(transformer, make_config):

@@ -14,9 +14,9 @@ from __future__ import annotations
 import numpy as np
 
 from calib.errors import CalibError
-from calib.evaluate.peers.common import PeerRow, diffusers_install
+from calib.evaluate.peers.common import peer_row, diffusers_install
 from calib.exports.diffusers import fastercache_config, fastercache_warnings
-from calib.methods.fastercache_cfg import build_document, cfg_series
+from calib.methods.fastercache_cfg.method import build_document, cfg_series
 
 PAB_SKIP_RANGES = (2, 3, 4)
 FASTERCACHE_TOLERANCES = (0.5, 1.0, 2.0, 4.0, 8.0)  # x the median traced cond - uncond change
@@ -77,6 +77,6 @@ def fastercache_points(inputs) -> list:
 
 
 ROWS = {
-    "pab": PeerRow("diffusers PyramidAttentionBroadcast", pab_points, partial=True),
-    "fastercache": PeerRow("diffusers FasterCache (fields from traces)", fastercache_points, partial=True),
+    "pab": peer_row("diffusers PyramidAttentionBroadcast", pab_points, partial=True),
+    "fastercache": peer_row("diffusers FasterCache (fields from traces)", fastercache_points, partial=True),
 }

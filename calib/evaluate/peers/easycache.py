@@ -29,7 +29,7 @@ import math
 import torch
 
 from calib.errors import CalibError
-from calib.evaluate.peers.common import (Hooks, PeerRow, StepCounter, call_argument, output_tensor, same_output_kind,
+from calib.evaluate.peers.common import (Hooks, peer_row, StepCounter, call_argument, output_tensor, same_output_kind,
                                          threshold_points, timestep_of)
 
 EASYCACHE_THRESHOLD = 0.05  # the paper's default: where the bisection starts
@@ -171,4 +171,4 @@ def easycache_points(inputs) -> list:
     return points
 
 
-ROWS = {"easycache": PeerRow("EasyCache (Delta = v - x reused, rate test; paper's rule)", easycache_points)}
+ROWS = {"easycache": peer_row("EasyCache (Delta = v - x reused, rate test; paper's rule)", easycache_points)}

@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 
 from calib.errors import CalibError
-from calib.evaluate.peers.common import (Hooks, PeerRow, StepCounter, call_argument, threshold_points,
+from calib.evaluate.peers.common import (Hooks, peer_row, StepCounter, call_argument, threshold_points,
                                          timestep_of)
 
 SEACACHE_THRESHOLD = 0.25  # the library's default: where the bisection starts
@@ -132,5 +132,5 @@ def seacache_points(inputs) -> list:
     return points
 
 
-ROWS = {"seacache": PeerRow("diffusers SeaCache (best of residual order, power, consecutive limit)",
+ROWS = {"seacache": peer_row("diffusers SeaCache (best of residual order, power, consecutive limit)",
                             seacache_points)}

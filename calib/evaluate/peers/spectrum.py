@@ -40,7 +40,7 @@ import torch
 
 from calib.adapters import get_adapter
 from calib.errors import CalibError
-from calib.evaluate.peers.common import Hooks, PeerRow, StepCounter, nearest_settings, timestep_of
+from calib.evaluate.peers.common import Hooks, peer_row, StepCounter, nearest_settings, timestep_of
 
 SPECTRUM_WARMUPS = (3, 2, 5)
 SPECTRUM_WINDOWS = (2, 1, 3)
@@ -239,5 +239,5 @@ def spectrum_points(inputs) -> list:
     return points
 
 
-ROWS = {"spectrum": PeerRow("Spectrum (Chebyshev ridge + Taylor on the final hidden state; paper's schedule)",
+ROWS = {"spectrum": peer_row("Spectrum (Chebyshev ridge + Taylor on the final hidden state; paper's schedule)",
                             spectrum_points)}

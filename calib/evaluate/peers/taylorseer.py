@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from calib.evaluate.harness import REACHED
-from calib.evaluate.peers.common import PeerRow, diffusers_install
+from calib.evaluate.peers.common import peer_row, diffusers_install
 
 TAYLORSEER_INTERVALS = (2, 3, 4, 5, 6)
 TAYLORSEER_ORDERS = (1, 2, 3)
@@ -59,5 +59,5 @@ def taylorseer_points(inputs) -> list:
     return points
 
 
-ROWS = {"taylorseer": PeerRow("diffusers TaylorSeer (best of orders 1-3, lite/full, interval, warm-up)",
+ROWS = {"taylorseer": peer_row("diffusers TaylorSeer (best of orders 1-3, lite/full, interval, warm-up)",
                               taylorseer_points)}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from calib.errors import CalibError
 from calib.evaluate.harness import runtime_install, with_polynomial
-from calib.evaluate.peers.common import PeerRow
+from calib.evaluate.peers.common import peer_row
 
 EVERY = (2, 3, 4, 5)
 
@@ -22,4 +22,4 @@ def uniform_points(inputs) -> list:
     return [harness.run("uniform", runtime_install(harness.pipe, cfg, float(k)), {"every": k}) for k in EVERY]
 
 
-ROWS = {"uniform": PeerRow("uniform, every k-th step", uniform_points)}
+ROWS = {"uniform": peer_row("uniform, every k-th step", uniform_points)}

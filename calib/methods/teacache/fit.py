@@ -4,10 +4,9 @@ TeaCache (arXiv 2411.19108) skips a transformer forward while the accumulated, *
 first block's modulated input stays under a threshold. The rescaler is a polynomial ``y = p(x)`` that maps the
 input change ``x`` (``input_rel_l1``) to the output change ``y`` (``output_rel_l1``) of the same denoising step.
 
-:class:`PolynomialRescaler` follows the scikit-learn estimator conventions (``fit`` returns ``self``, fitted
-attributes end in ``_``, inputs are checked at the boundary) but takes one-dimensional ``x`` and ``y``.
 :func:`fit_traces` / :func:`fit_all_components` build the point sets from a trace set (see ``calib.store``; only
-its attributes are used here, so anything shaped like it works) and fit one rescaler per component.
+its attributes are used here, so anything shaped like it works) and fit one rescaler per component with
+:class:`calib.methods.teacache.rescalers.AutoRescaler` (a scikit-learn estimator).
 
 The coefficients are stored the way TeaCache publishes them: plain power basis, highest degree first, so
 ``numpy.poly1d(coef_)`` evaluates the polynomial.
@@ -23,16 +22,14 @@ from typing import Iterable
 import numpy as np
 
 from calib.errors import CalibError
-from calib.methods.teacache.rescalers import (DEGREE_TOLERANCE, INDICATORS, MAX_DEGREE, MIN_DEGREE, NORMALIZATIONS,
-                                              SELECTION_TOLERANCE, WIDE_BAND, AutoRescaler, _as_1d_float, _check_degree,
-                                              _check_degree_arg, _feasible, _fit_once, indicator_series,
-                                              runtime_predict, single_blas_thread)
+from calib.methods.teacache.rescalers import (DEGREE_TOLERANCE, INDICATORS, NORMALIZATIONS, SELECTION_TOLERANCE,
+                                              WIDE_BAND, AutoRescaler, check_degree, check_degree_or_auto, feasible,
+                                              fit_once, indicator_series, runtime_predict, single_blas_thread)
+from calib.runtime import Forecast
+from calib.runtime.gate import Rescaler
 from calib.store import settings_difference, stored_settings
 
 __all__ = [
-    "MAX_DEGREE",
-    "MIN_DEGREE",
-    "PolynomialRescaler",
     "FitResult",
     "collect_points",
     "fit_traces",
@@ -44,166 +41,14 @@ __all__ = [
     "IndicatorChoice",
     "select_indicator",
     "check_settings",
+    "runtime_rescaler",
 ]
-
-MAX_CV_FOLDS = 5
-_MIN_RANGE = 1e-12
-
-
-def _r2(y: np.ndarray, pred: np.ndarray) -> float:
-    """Coefficient of determination; NaN when y is constant and the prediction is not exact (undefined)."""
-    ss_res = float(np.sum((y - pred) ** 2))
-    ss_tot = float(np.sum((y - np.mean(y)) ** 2))
-    if ss_tot == 0.0:
-        return 1.0 if ss_res == 0.0 else math.nan
-    return 1.0 - ss_res / ss_tot
-
-
-def _poly_fit(x: np.ndarray, y: np.ndarray, degree: int) -> np.ndarray:
-    """Least-squares fit on numpy's scaled window, returned in the plain power basis, highest degree first."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", np.exceptions.RankWarning)
-        poly = np.polynomial.Polynomial.fit(x, y, degree)
-    coef = poly.convert().coef  # lowest first; trailing exact zeros may be trimmed
-    full = np.zeros(degree + 1, dtype=np.float64)
-    full[: len(coef)] = coef
-    return full[::-1].copy()
-
-
-class PolynomialRescaler:
-    """Polynomial ``y = p(x)`` fitted by least squares, with leave-trajectories-out cross-validation.
-
-    Parameters
-    ----------
-    degree:
-        Polynomial degree, an integer from 1 to 9 (TeaCache uses 4).
-
-    Fitted attributes
-    -----------------
-    coef_ : float64 array, highest degree first (``numpy.poly1d(coef_)`` evaluates it)
-    degree_ : int
-    domain_ : (x_min, x_max) of the finite points used
-    n_points_, n_groups_, n_dropped_ : points used, distinct groups among them, non-finite pairs dropped
-    r2_, mae_, rmse_ : in-sample fit quality
-    cv_mae_, cv_r2_, cv_folds_ : ``GroupKFold(n_splits=min(5, n_groups_))`` over ``groups``; MAE and R² are computed
-        over the pooled held-out predictions. With fewer than 2 groups (or ``groups=None``, which treats all points
-        as one group: points of one trajectory are not independent) they are NaN and ``cv_folds_`` is 0.
-    """
-
-    def __init__(self, degree: int = 4):
-        self.degree = degree
-
-    # -- scikit-learn style parameter access -------------------------------------------------------------------
-    def get_params(self, deep: bool = True) -> dict:
-        return {"degree": self.degree}
-
-    def set_params(self, **params) -> "PolynomialRescaler":
-        for key, value in params.items():
-            if key != "degree":
-                raise ValueError(f"invalid parameter {key!r} for PolynomialRescaler")
-            self.degree = value
-        return self
-
-    def __repr__(self) -> str:
-        return f"PolynomialRescaler(degree={self.degree!r})"
-
-    # -- fitting ---------------------------------------------------------------------------------------------------
-    def fit(self, x, y, groups=None) -> "PolynomialRescaler":
-        degree = _check_degree(self.degree)
-        x = _as_1d_float(x, "x")
-        y = _as_1d_float(y, "y")
-        if x.shape != y.shape:
-            raise CalibError(f"x and y differ in length ({len(x)} vs {len(y)})")
-        if groups is None:
-            groups = np.zeros(len(x), dtype=np.int64)
-        else:
-            groups = np.asarray(groups)
-            if groups.ndim == 0:
-                groups = groups.reshape(1)
-            if groups.shape != x.shape:
-                raise CalibError(f"groups and x differ in length ({len(groups)} vs {len(x)})")
-
-        finite = np.isfinite(x) & np.isfinite(y)
-        n_dropped = int(np.count_nonzero(~finite))
-        x, y, groups = x[finite], y[finite], groups[finite]
-
-        needed = degree + 2
-        if len(x) < needed:
-            raise CalibError(
-                f"only {len(x)} finite points; a degree-{degree} fit needs at least {needed}"
-                " — trace more prompts or lower --degree"
-            )
-        x_min, x_max = float(np.min(x)), float(np.max(x))
-        if x_max - x_min < _MIN_RANGE:
-            raise CalibError(
-                f"all {len(x)} input changes are equal (x = {x_min:.6g}); a polynomial cannot be fitted"
-                " — check that the traces vary between steps"
-            )
-        n_distinct = len(np.unique(x))
-        if n_distinct < degree + 1:
-            raise CalibError(
-                f"only {n_distinct} distinct input changes; a degree-{degree} fit needs at least {degree + 1}"
-                " — trace more prompts or lower --degree"
-            )
-
-        coef = _poly_fit(x, y, degree)
-        pred = np.poly1d(coef)(x)
-        resid = y - pred
-
-        self.coef_ = coef
-        self.degree_ = degree
-        self.domain_ = (x_min, x_max)
-        self.n_points_ = int(len(x))
-        self.n_groups_ = int(len(np.unique(groups)))
-        self.n_dropped_ = n_dropped
-        self.r2_ = _r2(y, pred)
-        self.mae_ = float(np.mean(np.abs(resid)))
-        self.rmse_ = float(np.sqrt(np.mean(resid**2)))
-        self.cv_mae_, self.cv_r2_, self.cv_folds_ = self._cross_validate(x, y, groups, degree)
-        return self
-
-    def _cross_validate(self, x, y, groups, degree) -> tuple[float, float, int]:
-        n_groups = len(np.unique(groups))
-        if n_groups < 2:
-            return math.nan, math.nan, 0
-        from sklearn.model_selection import GroupKFold  # heavy import, only when cross-validating
-
-        splitter = GroupKFold(n_splits=min(MAX_CV_FOLDS, n_groups))
-        held_y: list[np.ndarray] = []
-        held_pred: list[np.ndarray] = []
-        folds = 0
-        for train, test in splitter.split(x, y, groups):
-            xt = x[train]
-            # A training split too small or too flat to determine the polynomial says nothing; leave it out.
-            if len(xt) < degree + 1 or np.ptp(xt) < _MIN_RANGE or len(np.unique(xt)) < degree + 1:
-                continue
-            coef = _poly_fit(xt, y[train], degree)
-            held_y.append(y[test])
-            held_pred.append(np.poly1d(coef)(x[test]))
-            folds += 1
-        if folds == 0:
-            return math.nan, math.nan, 0
-        yy = np.concatenate(held_y)
-        pp = np.concatenate(held_pred)
-        return float(np.mean(np.abs(yy - pp))), _r2(yy, pp), folds
-
-    def _check_fitted(self) -> None:
-        if not hasattr(self, "coef_"):
-            from sklearn.exceptions import NotFittedError
-
-            raise NotFittedError("this PolynomialRescaler is not fitted yet; call fit(x, y) first")
-
-    def predict(self, x) -> np.ndarray:
-        """Evaluate ``numpy.poly1d(coef_)`` at ``x`` (any shape; a scalar gives a 0-d array)."""
-        self._check_fitted()
-        return np.asarray(np.poly1d(self.coef_)(np.asarray(x, dtype=np.float64)), dtype=np.float64)
-
 
 @dataclass
 class FitResult:
     """One component's fitted rescaler and the points it was fitted on (for plots and reports)."""
 
-    rescaler: PolynomialRescaler
+    rescaler: AutoRescaler
     component: str
     x: np.ndarray
     y: np.ndarray
@@ -221,10 +66,10 @@ class FitResult:
     # The generation's forced last step left out of the points (collect_samples' exclude_forced) and how many.
     exclude_forced: bool = False
     n_excluded: int = 0
-    # The component's forecast entry ({"kind", "order", "variable", "selection"}) when calib fit chose one; with order
-    # >= 1 and selection.rescaler_target "forecast_error", y is that forecast's one-step error
-    # (calib.methods.teacache.rescalers.indicator_series), else the output change.
-    forecast: dict | None = None
+    # The component's forecast entry as the document records it ({"kind", "order", "variable"[, "selection"]}) when
+    # calib fit chose one. y is the output change, or with objective "forecast_error" that forecast's one-step error
+    # (calib.methods.teacache.rescalers.indicator_series).
+    forecast_entry: dict | None = None
 
     @property
     def n_trajectories(self) -> int:
@@ -299,7 +144,8 @@ class Samples:
     n_excluded: int = 0  # forced last-step points left out (see forced_last_mask)
 
 
-def _generation_key(index: int, traj) -> tuple:
+def generation_key(index: int, traj) -> tuple:
+    """What makes trajectories one generation (held out together): prompt, seed, steps, guidance, resolution."""
     prompt = getattr(traj, "prompt", None)
     if prompt is None:  # trace stand-ins without generation identity: every trajectory is its own generation
         return ("trajectory", index)
@@ -308,7 +154,8 @@ def _generation_key(index: int, traj) -> tuple:
 
 
 def collect_samples(trace_set, component: str = "transformer", streams=None, indicator: str = "modulated_input",
-                    normalization: str = "none", *, exclude_forced: bool = True, forecast=None) -> Samples | None:
+                    normalization: str = "none", *, exclude_forced: bool = True,
+                    forecast: Forecast | None = None) -> Samples | None:
     """The points of ``component`` for ``indicator`` and ``normalization``; None when no trajectory recorded the
     indicator. A trajectory with any non-finite value after entry 0 (also of its Δσ) is skipped and counted.
 
@@ -329,9 +176,9 @@ def collect_samples(trace_set, component: str = "transformer", streams=None, ind
             continue
         x, y, scale = series
         warm_up = 0
-        if forecast is not None and forecast[0] > 0:
+        if forecast is not None and forecast.order > 0:
             # the forecast has no points yet at the first order + 1 steps: left out like entry 0
-            warm_up = min(len(y), forecast[0] + 1)
+            warm_up = min(len(y), forecast.order + 1)
             x, y, scale = x[warm_up - 1:], y[warm_up - 1:], scale[warm_up - 1:]
         if x.shape != y.shape:
             raise CalibError(
@@ -348,7 +195,7 @@ def collect_samples(trace_set, component: str = "transformer", streams=None, ind
             continue
         n_excluded += int(np.count_nonzero(~keep))
         x, y, scale = x[keep], y[keep], scale[keep]
-        gen = generation_ids.setdefault(_generation_key(index, traj), len(generation_ids))
+        gen = generation_ids.setdefault(generation_key(index, traj), len(generation_ids))
         xs.append(x / scale)
         ys.append(y / scale)
         ss.append(scale)
@@ -368,8 +215,8 @@ def collect_samples(trace_set, component: str = "transformer", streams=None, ind
 
 def fit_traces(trace_set, degree=4, component: str = "transformer", streams=None, *, robust: bool = False,
                shape: str = "auto", indicator: str = "modulated_input", normalization: str = "none",
-               bootstrap: int = 0, exclude_forced: bool = True, forecast: dict | None = None,
-               target: str | None = None) -> FitResult:
+               bootstrap: int = 0, exclude_forced: bool = True, forecast: Forecast | None = None,
+               objective: str = "output_change", forecast_entry: dict | None = None) -> FitResult:
     """Fit one rescaler on the trajectories of ``component`` (optionally only ``streams``).
 
     ``degree`` is an integer (forced) or ``"auto"`` (chosen by held-out error); ``robust`` uses the Huber loss;
@@ -378,20 +225,12 @@ def fit_traces(trace_set, degree=4, component: str = "transformer", streams=None
     (see :class:`calib.methods.teacache.rescalers.AutoRescaler`); ``exclude_forced`` (default) leaves out the generation's last step,
     which the gate always computes (:func:`collect_samples`)."""
 
-    if degree != "auto":
-        degree = _check_degree(degree)
-    else:
-        degree = _check_degree_arg(degree)
+    degree = check_degree(degree) if degree != "auto" else check_degree_or_auto(degree)
     wanted = _stream_list(streams)
-    # What y is: the output change, or with target "forecast_error" (the default for a forecast entry that says so)
-    # the one-step error of the forecast of order >= 1.
-    if target is None:
-        target = ((forecast or {}).get("selection") or {}).get("rescaler_target", "output_change")
-    if target not in ("output_change", "forecast_error"):
-        raise ValueError(f"unknown rescaler target {target!r}")
-    y_forecast = None
-    if forecast is not None and target == "forecast_error" and int(forecast["order"]) > 0:
-        y_forecast = (int(forecast["order"]), str(forecast.get("variable", "step")))
+    # What y is: the output change, or with objective "forecast_error" the one-step error of ``forecast``.
+    if objective not in ("output_change", "forecast_error"):
+        raise ValueError(f"unknown rescaler objective {objective!r}")
+    y_forecast = forecast if objective == "forecast_error" and forecast is not None and forecast.order > 0 else None
     samples = collect_samples(trace_set, component, wanted, indicator, normalization, exclude_forced=exclude_forced,
                               forecast=y_forecast)
     if samples is None and y_forecast is not None:
@@ -436,7 +275,7 @@ def fit_traces(trace_set, degree=4, component: str = "transformer", streams=None
         steps=samples.steps,
         exclude_forced=bool(exclude_forced),
         n_excluded=samples.n_excluded,
-        forecast=None if forecast is None else dict(forecast),
+        forecast_entry=None if forecast_entry is None else dict(forecast_entry),
     )
 
 
@@ -465,9 +304,9 @@ def _transfer_error(samples: Samples, degree: int, robust: bool, shape: str) -> 
     errors, total = 0.0, 0
     for held in np.unique(samples.steps):
         train, test = samples.steps != held, samples.steps == held
-        if not _feasible(samples.x[train], degree):
+        if not feasible(samples.x[train], degree):
             return math.nan
-        f = _fit_once(samples.x[train], samples.y[train], degree, robust, shape)
+        f = fit_once(samples.x[train], samples.y[train], degree, robust, shape)
         pred = runtime_predict(f.coef, f.domain, samples.x[test], samples.scale[test])
         errors += float(np.sum(np.abs(samples.y[test] * samples.scale[test] - pred)))
         total += int(np.count_nonzero(test))
@@ -703,6 +542,12 @@ def check_settings(trace_set, allow_mixed: bool = False) -> None:
                 f"the traces mix pipeline settings: {diff[0]} ({known[0][0]}) vs {diff[1]} ({f}); the per-step change "
                 "depends on them — fit each setting separately, or pass --allow-mixed to fit one rescaler across them"
             )
+
+
+def runtime_rescaler(res: FitResult) -> Rescaler:
+    """The runtime's rescaler for a fit result (its coefficients, clamped to the fitted domain)."""
+    lo, hi = res.rescaler.domain_
+    return Rescaler([float(c) for c in res.rescaler.coef_], (float(lo), float(hi)))
 
 
 def _show(value) -> str:

@@ -3,7 +3,7 @@
 For each candidate forecast (order 0 = reuse, orders 1 and 2 in the step index or in σ) the rescaler is fitted to
 the output change (TeaCache's y) or to that forecast's one-step error
 (:func:`calib.methods.teacache.rescalers.indicator_series`; both are candidates, since which one picks the better
-steps is an empirical question), the threshold is set on the training generations to compute the target fraction of steps, and the runtime's gate is replayed on the held-out
+steps is an empirical question: the *rescaler objectives*), the threshold is set on the training generations to compute the target fraction of steps, and the runtime's gate is replayed on the held-out
 generations.
 Each skipped step then costs the traced error of the candidate's forecast at its distance from the last computed
 step (``Trajectory.forecast_rel_l1``), weighted by the sampler's dσ of that step (as ``calib tune``'s error proxy
@@ -20,21 +20,22 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from calib.errors import CalibError
-from calib.methods.base import TuneTarget
-from calib.methods.teacache.configs import runtime_rescaler
-from calib.methods.teacache.fit import _generation_key, fit_traces
-from calib.methods.teacache.tune import RECOMMENDED_COMPUTE_FRACTION, _step_weights, find_threshold, replay_trajectories
+from calib.methods.base import TuneGoal
+from calib.methods.teacache.fit import fit_traces, generation_key, runtime_rescaler
+from calib.methods.teacache.tune import RECOMMENDED_COMPUTE_FRACTION, find_threshold, replay_trajectories, step_weights
+from calib.runtime import Forecast
 from calib.store import FORECAST_VARIABLES
 
-CANDIDATES = ((0, "step"), (1, "step"), (2, "step"), (1, "sigma"), (2, "sigma"))
+REUSE = Forecast(0, "step")
+CANDIDATES = (REUSE, Forecast(1, "step"), Forecast(2, "step"), Forecast(1, "sigma"), Forecast(2, "sigma"))
 # What the gate's rescaler maps the indicator change to: the output change (TeaCache's y, what reuse loses) or the
-# forecast's one-step error of the stack residual.
-TARGETS = ("output_change", "forecast_error")
+# forecast's one-step error of the stack residual. (The document records it as selection.rescaler_target.)
+RESCALER_OBJECTIVES = ("output_change", "forecast_error")
 TIE = 1e-6  # relative: scores closer than this are equal
 CRITERION = (
     "held-out forecast error per step: rescaler fitted to each forecast's one-step error on one half of the "
@@ -46,17 +47,27 @@ CRITERION = (
 
 @dataclass
 class ForecastChoice:
-    order: int
-    variable: str
-    rescaler_target: str  # one of TARGETS
-    rows: list  # per candidate: order, variable, held_out_error, compute_fraction, beyond_horizon, note
-    criterion: str
-    reason: str
+    """The forecast the gate runs with and what its rescaler is fitted to (one of :data:`RESCALER_OBJECTIVES`);
+    ``rows``, ``criterion`` and ``reason`` say how it was chosen (empty for a forecast the user gave)."""
+
+    forecast: Forecast
+    objective: str = "output_change"
+    rows: list = field(default_factory=list)  # per candidate: order, variable, rescaler_target, held_out_error, ...
+    criterion: str = ""
+    reason: str = ""
+
+    @property
+    def refits(self) -> bool:
+        """Whether the rescaler is fitted to the forecast's error (the fit is then redone with it) rather than to
+        the output change, which the first fit already did."""
+        return self.objective == "forecast_error" and self.forecast.order > 0
 
     def entry(self) -> dict:
         """The coefficient file's ``forecast`` entry, with how it was chosen."""
-        return {"kind": "newton", "order": self.order, "variable": self.variable,
-                "selection": {"rescaler_target": self.rescaler_target, "criterion": self.criterion,
+        if not self.rows:
+            return self.forecast.as_json()
+        return {**self.forecast.as_json(),
+                "selection": {"rescaler_target": self.objective, "criterion": self.criterion,
                               "reason": self.reason, "candidates": self.rows}}
 
 
@@ -66,12 +77,12 @@ def traced(trace_set) -> bool:
         getattr(t, "forecast_rel_l1", None) is not None for t in trace_set.trajectories)
 
 
-def replay_error(traj, decisions, order: int, variable: str) -> tuple[float, int, int]:
+def replay_error(traj, decisions, forecast: Forecast) -> tuple[float, int, int]:
     """(forecast error summed over the skipped steps, each weighted by the sampler's dσ of its step, as calib tune's
     error proxy weights them; steps; skipped steps beyond the traced horizons) of one trajectory under
     ``decisions``. Where the order's points are not all there (the first steps of a generation) the runtime
     forecasts with the order it has, so the error is taken at the highest order traced there."""
-    weights = _step_weights(traj)
+    weights = step_weights(traj)
     errors = traj.forecast_rel_l1
     H = errors.shape[3]
     total, beyond, last = 0.0, 0, None
@@ -83,8 +94,8 @@ def replay_error(traj, decisions, order: int, variable: str) -> tuple[float, int
         if h > H:
             beyond += 1
         value = math.nan
-        for k in range(order, -1, -1):
-            v = FORECAST_VARIABLES.index(variable if k > 0 else "step")
+        for k in range(forecast.order, -1, -1):
+            v = FORECAST_VARIABLES.index(forecast.variable if k > 0 else "step")
             value = float(errors[i, v, k, min(h, H) - 1])
             if math.isfinite(value):
                 break
@@ -93,66 +104,69 @@ def replay_error(traj, decisions, order: int, variable: str) -> tuple[float, int
     return total, len(decisions), beyond
 
 
-def select_forecast(trace_set, *, candidates=CANDIDATES, targets=TARGETS, degree="auto", streams=None,
-                    robust: bool = False, indicator: str = "modulated_input", normalization: str = "none",
-                    target_fraction: float | None = None) -> ForecastChoice:
-    """Score every candidate ``(order, variable)`` with each rescaler target in ``targets`` (the output change, as
-    TeaCache fits it, or the forecast's one-step error; order 0 only with the first) by held-out error (module
-    docstring) and keep the lowest."""
+def generation_folds(trace_set) -> tuple[list, str]:
+    """``([(train, held out)], how)``: two folds of whole generations (cond and uncond of one together), or the
+    trace set against itself when it holds one generation."""
+    keys = []
+    for i, t in enumerate(trace_set.trajectories):
+        key = generation_key(i, t)
+        if key not in keys:
+            keys.append(key)
+    if len(keys) < 2:
+        return [(trace_set, trace_set)], "one generation only: scored in sample"
+    fold_of = {key: n % 2 for n, key in enumerate(keys)}
+    folds = []
+    for held in (0, 1):
+        train = [t for i, t in enumerate(trace_set.trajectories) if fold_of[generation_key(i, t)] != held]
+        test = [t for i, t in enumerate(trace_set.trajectories) if fold_of[generation_key(i, t)] == held]
+        folds.append((dataclasses.replace(trace_set, trajectories=train, counts=[]),
+                      dataclasses.replace(trace_set, trajectories=test, counts=[])))
+    return folds, "two folds of generations"
+
+
+def select_forecast(trace_set, *, candidates=CANDIDATES, objectives=RESCALER_OBJECTIVES, degree="auto",
+                    streams=None, robust: bool = False, indicator: str = "modulated_input", normalization: str = "none",
+                    fraction: float | None = None) -> ForecastChoice:
+    """Score every candidate :class:`~calib.runtime.Forecast` with each rescaler objective in ``objectives`` (the
+    output change, as TeaCache fits it, or the forecast's one-step error; order 0 only with the first) by held-out
+    error (module docstring) and keep the lowest."""
 
     if not traced(trace_set):
         raise CalibError("the traces hold no forecast errors (traced before calib recorded them); trace again with"
                          " this version of calib to calibrate a forecast, or pass --forecast 0")
-    fraction = RECOMMENDED_COMPUTE_FRACTION if target_fraction is None else float(target_fraction)
+    fraction = RECOMMENDED_COMPUTE_FRACTION if fraction is None else float(fraction)
     components = list(trace_set.settings()["components"])
-    keys = []
-    for i, t in enumerate(trace_set.trajectories):
-        key = _generation_key(i, t)
-        if key not in keys:
-            keys.append(key)
-    fold_of = {key: n % 2 for n, key in enumerate(keys)}
-    folds = []
-    if len(keys) >= 2:
-        for held in (0, 1):
-            train = [t for i, t in enumerate(trace_set.trajectories) if fold_of[_generation_key(i, t)] != held]
-            test = [t for i, t in enumerate(trace_set.trajectories) if fold_of[_generation_key(i, t)] == held]
-            folds.append((dataclasses.replace(trace_set, trajectories=train, counts=[]),
-                          dataclasses.replace(trace_set, trajectories=test, counts=[])))
-        how = "two folds of generations"
-    else:
-        folds.append((trace_set, trace_set))
-        how = "one generation only: scored in sample"
-    replays: dict[tuple, list] = {}  # (fold, rescaler target) -> [(trajectory, decisions)] on the held-out half
+    folds, how = generation_folds(trace_set)
+    replays: dict[tuple, list] = {}  # (fold, objective[, forecast]) -> [(trajectory, decisions)] held out
 
-    def replayed(fold: int, target: str, order: int, variable: str) -> list:
-        key = (fold, "output_change") if target == "output_change" else (fold, target, order, variable)
+    def replayed(fold: int, objective: str, forecast: Forecast) -> list:
+        key = (fold, objective) if objective == "output_change" else (fold, objective, forecast)
         if key not in replays:
             train_set, test_set = folds[fold]
-            spec = {"order": order, "variable": variable}
             rescalers = {c: runtime_rescaler(fit_traces(train_set, degree=degree, component=c, streams=streams,
                                                  robust=robust, indicator=indicator, normalization=normalization,
-                                                 forecast=spec, target=target))
+                                                 forecast=forecast, objective=objective))
                          for c in components}
-            chosen, _ = find_threshold(train_set, rescalers, TuneTarget("compute_fraction", fraction),
+            chosen, _ = find_threshold(train_set, rescalers, TuneGoal("compute_fraction", fraction),
                                        indicator=indicator, normalization=normalization)
             replays[key] = list(replay_trajectories(test_set, rescalers, chosen.threshold, indicator=indicator,
                                                     normalization=normalization))
         return replays[key]
 
     rows = []
-    for order, variable in candidates:
-        for target in (targets[:1] if order == 0 else targets):
-            row = {"order": order, "variable": variable, "rescaler_target": target, "held_out_error": None,
-                   "compute_fraction": None, "beyond_horizon": None, "note": ""}
+    for forecast in candidates:
+        for objective in (objectives[:1] if forecast.order == 0 else objectives):
+            row = {"order": forecast.order, "variable": forecast.variable, "rescaler_target": objective,
+                   "held_out_error": None, "compute_fraction": None, "beyond_horizon": None, "note": ""}
             rows.append(row)
-            if variable == "sigma" and not _has_sigma_errors(trace_set, order):
+            if forecast.variable == "sigma" and not _has_sigma_errors(trace_set, forecast.order):
                 row["note"] = "no sigmas traced"
                 continue
             errors, computed, steps, beyond, skipped = [], 0, 0, 0, 0
             try:
                 for fold in range(len(folds)):
-                    for traj, decisions in replayed(fold, target, order, variable):
-                        total, n, far = replay_error(traj, decisions, order, variable)
+                    for traj, decisions in replayed(fold, objective, forecast):
+                        total, n, far = replay_error(traj, decisions, forecast)
                         errors.append(total)
                         computed += sum(decisions)
                         steps += n
@@ -178,7 +192,7 @@ def select_forecast(trace_set, *, candidates=CANDIDATES, targets=TARGETS, degree
     reason = f"lowest held-out error ({how})"
     if reuse is not None and best is not reuse and reuse["held_out_error"] > 0:
         reason += f": {best['held_out_error']:.4g} vs {reuse['held_out_error']:.4g} reusing the residual"
-    return ForecastChoice(best["order"], best["variable"], best["rescaler_target"], rows,
+    return ForecastChoice(Forecast(best["order"], best["variable"]), best["rescaler_target"], rows,
                           CRITERION.format(fraction=fraction), reason)
 
 
@@ -192,42 +206,38 @@ def format_choice(choice: ForecastChoice) -> str:
     lines = ["forecast on skipped steps (held-out dσ-weighted forecast error at the same compute fraction):"]
     for r in choice.rows:
         mark = "*" if (r["order"], r["variable"], r["rescaler_target"]) == (
-            choice.order, choice.variable, choice.rescaler_target) else " "
+            choice.forecast.order, choice.forecast.variable, choice.objective) else " "
         name = f" {mark} order {r['order']} in {r['variable']:<5}  gate fitted to {r['rescaler_target']:<14}"
         if r["held_out_error"] is None:
             lines.append(f"{name}  —  {r['note']}")
         else:
             lines.append(f"{name}  error {r['held_out_error']:.4g}  computes {r['compute_fraction']:.0%}")
-    lines.append(f"kept order {choice.order} in {choice.variable}, gate fitted to {choice.rescaler_target}: "
-                 f"{choice.reason}")
+    lines.append(f"kept order {choice.forecast.order} in {choice.forecast.variable}, gate fitted to "
+                 f"{choice.objective}: {choice.reason}")
     return "\n".join(lines)
 
 
-def choose_forecast(trace_set, forecast, variable: str, *, echo, **fit_options) -> dict | None:
-    """The components' ``forecast`` entry: ``forecast`` ``auto`` (choose by held-out error,
-    :func:`select_forecast`) or an order 0-2, ``variable`` ``auto`` or ``step``/``sigma``. None (no entry: reuse,
-    as files always did) for ``auto`` on traces without forecast errors."""
-    if str(forecast) not in ("auto", "0", "1", "2"):
-        raise CalibError(f"--forecast {forecast!r}: choose auto, 0, 1 or 2")
-    if variable not in ("auto", "step", "sigma"):
-        raise CalibError(f"--forecast-variable {variable!r}: choose auto, step or sigma")
-    if str(forecast) == "0":
-        return {"kind": "newton", "order": 0, "variable": "step"}
+def choose_forecast(trace_set, order: int | None, variable: str | None, *, echo, **fit_options) -> ForecastChoice | None:
+    """What ``calib fit --forecast ORDER --forecast-variable VARIABLE`` gives the gate (``None`` for auto in either):
+    order 0 is reuse; otherwise the candidates that match are scored by held-out error (:func:`select_forecast`).
+    None (no entry: reuse, as files always did) for auto on traces without forecast errors."""
+    if order == 0:
+        return ForecastChoice(REUSE)
     if not traced(trace_set):
-        if str(forecast) != "auto":
+        if order is not None:
             raise CalibError("the traces hold no forecast errors (traced before calib recorded them); trace again"
                              " with this version of calib to calibrate a forecast, or pass --forecast 0")
         echo("forecast: the traces hold no forecast errors (traced by an older calib): skipped steps reuse the"
              " cached residual; trace again to calibrate a forecast")
         return None
-    candidates = [(k, v) for k, v in CANDIDATES
-                  if (forecast == "auto" or k == int(forecast)) and (variable == "auto" or k == 0 or v == variable)]
+    candidates = [c for c in CANDIDATES if (order is None or c.order == order)
+                  and (variable is None or c.order == 0 or c.variable == variable)]
     try:
         choice = select_forecast(trace_set, candidates=candidates, **fit_options)
     except CalibError as exc:
-        if forecast != "auto":
+        if order is not None:
             raise
         echo(f"forecast: none could be scored, skipped steps reuse the cached residual ({exc})")
         return None
     echo(format_choice(choice))
-    return choice.entry()
+    return choice

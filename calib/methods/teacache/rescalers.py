@@ -38,6 +38,7 @@ import numpy as np
 from sklearn.base import BaseEstimator
 
 from calib.errors import CalibError
+from calib.methods.teacache.options import INDICATORS, MAX_DEGREE, MIN_DEGREE, NORMALIZATIONS
 
 __all__ = [
     "AUTO_DEGREES",
@@ -55,11 +56,9 @@ __all__ = [
     "single_blas_thread",
 ]
 
-MIN_DEGREE = 1
-MAX_DEGREE = 9
 
 
-def _check_degree(degree: Any) -> int:
+def check_degree(degree: Any) -> int:
     # bool is an int subclass; "True" is never a meant degree.
     if isinstance(degree, (bool, np.bool_)) or not isinstance(degree, (int, np.integer)):
         raise CalibError(f"degree must be an integer from {MIN_DEGREE} to {MAX_DEGREE}, got {degree!r}")
@@ -92,12 +91,8 @@ MAX_CV_FOLDS = 5
 # Below this many generations the degree table is too noisy to choose from (each fold trains on one or two
 # generations): the paper's degree is kept. benchmarks/sample_efficiency.py measured it on the built-in model.
 MIN_GROUPS_FOR_SELECTION = 4
-INDICATORS = {
-    "modulated_input": "input_rel_l1",
-    "block_input": "block_input_rel_l1",
-    "temb": "temb_rel_l1",
-}
-NORMALIZATIONS = ("none", "delta_sigma")
+# The traced series each indicator is (calib.methods.teacache.options.INDICATORS names them).
+INDICATOR_SERIES = dict(zip(INDICATORS, ("input_rel_l1", "block_input_rel_l1", "temb_rel_l1")))
 CONSTRAINT = "nonnegative_nondecreasing"
 # A bootstrap band is "wide" when its half-width exceeds 25 % of the curve anywhere in the central domain.
 WIDE_BAND = 0.25
@@ -115,7 +110,7 @@ def indicator_series(traj, indicator: str = "modulated_input", normalization: st
     trajectory did not record ``indicator`` (or, with ``forecast``, the forecast errors).
 
     ``y`` is the transformer output's change (what reusing the cached residual loses, TeaCache's), or with
-    ``forecast = (order, variable)`` of order >= 1 the one-step-ahead error of that forecast of the stack residual
+    ``forecast`` (a :class:`calib.runtime.Forecast`) of order >= 1 the one-step-ahead error of that forecast of the stack residual
     (``Trajectory.forecast_error(order, variable, 1)``: NaN at the first ``order + 1`` entries, before the forecast
     has its points).
 
@@ -130,12 +125,12 @@ def indicator_series(traj, indicator: str = "modulated_input", normalization: st
     if indicator == "modulated_input":
         x = getattr(traj, "input_rel_l1", None)
     else:
-        x = (getattr(traj, "extra", None) or {}).get(INDICATORS[indicator])
+        x = (getattr(traj, "extra", None) or {}).get(INDICATOR_SERIES[indicator])
     if x is None:
         return None
     x = np.asarray(x, dtype=np.float64).reshape(-1)
-    if forecast is not None and forecast[0] > 0:
-        errors = traj.forecast_error(forecast[0], forecast[1], 1) if hasattr(traj, "forecast_error") else None
+    if forecast is not None and forecast.order > 0:
+        errors = traj.forecast_error(forecast.order, forecast.variable, 1) if hasattr(traj, "forecast_error") else None
         if errors is None:
             return None
         y = np.asarray(errors, dtype=np.float64).reshape(-1)
@@ -379,7 +374,7 @@ def _line_fallback(B, y, degree) -> np.ndarray:
     return out
 
 
-def _fit_once(x, y, degree: int, robust: bool, shape: str) -> _Fitted:
+def fit_once(x, y, degree: int, robust: bool, shape: str) -> _Fitted:
     lo, hi = float(np.min(x)), float(np.max(x))
     t = _to_t(x, lo, hi)
     B = _vander(t, degree)
@@ -403,7 +398,7 @@ def _fit_once(x, y, degree: int, robust: bool, shape: str) -> _Fitted:
     return _Fitted(coef, (lo, hi), method, CONSTRAINT, reason, plain, plain_coef)
 
 
-def _feasible(x, degree) -> bool:
+def feasible(x, degree) -> bool:
     return len(x) >= degree + 2 and np.ptp(x) >= _MIN_RANGE and len(np.unique(x)) >= degree + 1
 
 
@@ -428,9 +423,9 @@ def _held_out(x, y, scale, splits, degree, robust, shape):
     """(held-out y, held-out predictions in y units, folds used) for one procedure."""
     ys, ps, folds = [], [], 0
     for train, test in splits:
-        if not _feasible(x[train], degree):
+        if not feasible(x[train], degree):
             continue
-        f = _fit_once(x[train], y[train], degree, robust, shape)
+        f = fit_once(x[train], y[train], degree, robust, shape)
         ys.append(y[test] * scale[test])
         ps.append(runtime_predict(f.coef, f.domain, x[test], scale[test]))
         folds += 1
@@ -447,7 +442,7 @@ def single_blas_thread():
     return threadpool_limits(limits=1, user_api="blas")
 
 
-def _check_degree_arg(degree) -> int | str:
+def check_degree_or_auto(degree) -> int | str:
     if isinstance(degree, str) and degree == "auto":
         return "auto"
     if isinstance(degree, (bool, np.bool_)) or not isinstance(degree, (int, np.integer)):
@@ -472,9 +467,13 @@ class AutoRescaler(BaseEstimator):
     are held out together in cross-validation (calib passes one id per generation); ``scale`` is the per-point
     normalisation (``Δσ``), so that errors are reported in the units of the output change.
 
-    Fitted attributes: those of :class:`calib.methods.teacache.fit.PolynomialRescaler` (``coef_``, ``degree_``, ``domain_``,
-    ``n_points_``, ``n_groups_``, ``n_dropped_``, ``r2_``, ``mae_``, ``rmse_``, ``cv_mae_``, ``cv_r2_``,
-    ``cv_folds_``; in-sample and held-out errors use the runtime's evaluation: clamped, floored at 0), and
+    Fitted attributes (in-sample and held-out errors use the runtime's evaluation: clamped, floored at 0):
+
+    * ``coef_`` (float64, highest degree first: ``numpy.poly1d(coef_)`` evaluates it), ``degree_``, ``domain_``
+      (x range of the finite points used);
+    * ``n_points_``, ``n_groups_``, ``n_dropped_`` (points used, distinct groups, non-finite points dropped);
+    * ``r2_``, ``mae_``, ``rmse_`` (in sample); ``cv_mae_``, ``cv_r2_``, ``cv_folds_`` (``GroupKFold`` over
+      ``groups``, pooled held-out predictions; NaN and 0 folds with fewer than 2 groups);
 
     * ``method_`` (``least_squares``/``huber``), ``constraint_`` (``none`` or :data:`CONSTRAINT`), ``reason_``;
     * ``plain_shape_`` (:class:`ShapeCheck` of the unconstrained fit), ``plain_coef_``;
@@ -508,10 +507,25 @@ class AutoRescaler(BaseEstimator):
             return self._fit(x, y, groups, scale)
 
     def _fit(self, x, y, groups, scale) -> "AutoRescaler":
-        degree = _check_degree_arg(self.degree)
+        """The stages: checked points, the degree, the kept fit and its in-sample errors, the held-out errors,
+        the bootstrap band."""
+        degree = check_degree_or_auto(self.degree)
         if self.shape not in ("auto", "none"):
             raise CalibError(f"shape must be 'auto' or 'none', got {self.shape!r}")
         robust = bool(self.robust)
+        x, y, groups, scale = self._finite_points(x, y, groups, scale)
+        splits = _splits(groups)
+        self.n_groups_ = int(len(np.unique(groups)))
+        held = self._choose_degree(x, y, scale, splits, degree, robust)
+        self._fit_kept(x, y, scale, robust)
+        self._held_out_scores(x, y, scale, splits, held, robust)
+        self.band_ = None
+        if self.bootstrap and self.n_groups_ >= 2:
+            self.band_ = self._bootstrap(x, y, groups, int(self.bootstrap), robust)
+        return self
+
+    def _finite_points(self, x, y, groups, scale):
+        """The points as float arrays of one length, the non-finite ones dropped (counted in ``n_dropped_``)."""
         x = _as_1d_float(x, "x")
         y = _as_1d_float(y, "y")
         if x.shape != y.shape:
@@ -525,63 +539,63 @@ class AutoRescaler(BaseEstimator):
         finite = np.isfinite(x) & np.isfinite(y) & np.isfinite(scale) & (scale > 0)
         self.n_dropped_ = int(np.count_nonzero(~finite))
         x, y, groups, scale = x[finite], y[finite], groups[finite], scale[finite]
-
         if len(x) and np.ptp(x) < _MIN_RANGE:
             raise CalibError(
                 f"all {len(x)} input changes are equal (x = {float(x[0]):.6g}); a polynomial cannot be fitted"
                 " — check that the traces vary between steps"
             )
-        splits = _splits(groups)
-        self.n_groups_ = int(len(np.unique(groups)))
+        return x, y, groups, scale
 
-        # -- degree ---------------------------------------------------------------------------------------------
+    def _choose_degree(self, x, y, scale, splits, degree, robust) -> dict:
+        """Set ``degree_``, ``degree_scores_`` and ``degree_reason_``; return the held-out predictions per degree
+        tried (reused for the kept degree's held-out error)."""
         self.degree_scores_: dict[int, float] = {}
         held: dict[int, tuple] = {}
-        if degree == "auto":
-            candidates = [d for d in AUTO_DEGREES if _feasible(x, d)]
-            if not candidates:
-                raise CalibError(
-                    f"only {len(x)} finite points with {len(np.unique(x))} distinct inputs; even a degree-1 fit"
-                    " needs 3 — trace more prompts"
-                )
-            if splits and self.n_groups_ >= MIN_GROUPS_FOR_SELECTION:
-                for d in candidates:
-                    held[d] = _held_out(x, y, scale, splits, d, robust, self.shape)
-                    yy, pp, folds = held[d]
-                    if folds:
-                        self.degree_scores_[d] = float(np.mean(np.abs(yy - pp)))
-            if self.degree_scores_:
-                best = min(self.degree_scores_.values())
-                chosen = min(d for d, s in self.degree_scores_.items() if s <= best * (1.0 + DEGREE_TOLERANCE))
-                best_d = min(self.degree_scores_, key=self.degree_scores_.get)
-                self.degree_reason_ = (
-                    "lowest held-out error" if chosen == best_d
-                    else f"smallest degree within {DEGREE_TOLERANCE:.0%} of the best held-out error (degree {best_d})"
-                )
-            else:
-                chosen = max(d for d in candidates if d <= PAPER_DEGREE)
-                self.degree_reason_ = (
-                    f"fewer than {MIN_GROUPS_FOR_SELECTION} generations to hold out: kept the paper's degree 4"
-                    " (or the largest the points allow)"
-                )
-        else:
-            chosen = degree
-            needed = chosen + 2
+        if degree != "auto":
+            needed = degree + 2
             if len(x) < needed:
                 raise CalibError(
-                    f"only {len(x)} finite points; a degree-{chosen} fit needs at least {needed}"
+                    f"only {len(x)} finite points; a degree-{degree} fit needs at least {needed}"
                     " — trace more prompts or lower --degree"
                 )
-            if len(np.unique(x)) < chosen + 1:
+            if len(np.unique(x)) < degree + 1:
                 raise CalibError(
-                    f"only {len(np.unique(x))} distinct input changes; a degree-{chosen} fit needs at least"
-                    f" {chosen + 1} — trace more prompts or lower --degree"
+                    f"only {len(np.unique(x))} distinct input changes; a degree-{degree} fit needs at least"
+                    f" {degree + 1} — trace more prompts or lower --degree"
                 )
-            self.degree_reason_ = "given, not selected"
-        self.degree_ = int(chosen)
+            self.degree_, self.degree_reason_ = int(degree), "given, not selected"
+            return held
+        candidates = [d for d in AUTO_DEGREES if feasible(x, d)]
+        if not candidates:
+            raise CalibError(
+                f"only {len(x)} finite points with {len(np.unique(x))} distinct inputs; even a degree-1 fit"
+                " needs 3 — trace more prompts"
+            )
+        if splits and self.n_groups_ >= MIN_GROUPS_FOR_SELECTION:
+            for d in candidates:
+                held[d] = _held_out(x, y, scale, splits, d, robust, self.shape)
+                yy, pp, folds = held[d]
+                if folds:
+                    self.degree_scores_[d] = float(np.mean(np.abs(yy - pp)))
+        if not self.degree_scores_:
+            self.degree_ = max(d for d in candidates if d <= PAPER_DEGREE)
+            self.degree_reason_ = (
+                f"fewer than {MIN_GROUPS_FOR_SELECTION} generations to hold out: kept the paper's degree 4"
+                " (or the largest the points allow)"
+            )
+            return held
+        best = min(self.degree_scores_.values())
+        self.degree_ = min(d for d, s in self.degree_scores_.items() if s <= best * (1.0 + DEGREE_TOLERANCE))
+        best_d = min(self.degree_scores_, key=self.degree_scores_.get)
+        self.degree_reason_ = (
+            "lowest held-out error" if self.degree_ == best_d
+            else f"smallest degree within {DEGREE_TOLERANCE:.0%} of the best held-out error (degree {best_d})"
+        )
+        return held
 
-        # -- the kept fit -----------------------------------------------------------------------------------------
-        fitted = _fit_once(x, y, self.degree_, robust, self.shape)
+    def _fit_kept(self, x, y, scale, robust) -> None:
+        """The fit at ``degree_`` (refitted under the shape constraint where needed) and its in-sample errors."""
+        fitted = fit_once(x, y, self.degree_, robust, self.shape)
         self.coef_ = fitted.coef
         self.domain_ = fitted.domain
         self.method_ = fitted.method
@@ -590,7 +604,6 @@ class AutoRescaler(BaseEstimator):
         self.plain_shape_ = fitted.plain
         self.plain_coef_ = fitted.plain_coef
         self.kept_shape_ = shape_check(self.coef_, self.domain_)
-
         pred = runtime_predict(self.coef_, self.domain_, x, scale)
         truth = y * scale
         resid = truth - pred
@@ -599,31 +612,28 @@ class AutoRescaler(BaseEstimator):
         self.mae_ = float(np.mean(np.abs(resid)))
         self.rmse_ = float(np.sqrt(np.mean(resid**2)))
 
-        # -- held-out errors: the kept procedure, the other loss, the constraint switched off -----------------------
+    def _held_out_scores(self, x, y, scale, splits, held, robust) -> None:
+        """Held-out errors of the kept procedure, of the other loss and with the constraint switched off."""
         self.cv_mae_ = self.cv_r2_ = self.unconstrained_cv_mae_ = math.nan
         self.cv_folds_ = 0
         self.method_scores_: dict[str, float] = {}
-        if splits:
-            yy, pp, folds = held.get(self.degree_) or _held_out(x, y, scale, splits, self.degree_, robust, self.shape)
-            if folds:
-                self.cv_mae_ = float(np.mean(np.abs(yy - pp)))
-                self.cv_r2_ = _r2(yy, pp)
-                self.cv_folds_ = folds
-                self.method_scores_[self.method_] = self.cv_mae_
-                other = not robust
-                yo, po, fo = _held_out(x, y, scale, splits, self.degree_, other, self.shape)
-                if fo:
-                    self.method_scores_["huber" if other else "least_squares"] = float(np.mean(np.abs(yo - po)))
-                if self.constraint_ != "none":
-                    yu, pu, fu = _held_out(x, y, scale, splits, self.degree_, robust, "none")
-                    if fu:
-                        self.unconstrained_cv_mae_ = float(np.mean(np.abs(yu - pu)))
-
-        # -- bootstrap band ----------------------------------------------------------------------------------------
-        self.band_ = None
-        if self.bootstrap and self.n_groups_ >= 2:
-            self.band_ = self._bootstrap(x, y, groups, int(self.bootstrap), robust)
-        return self
+        if not splits:
+            return
+        yy, pp, folds = held.get(self.degree_) or _held_out(x, y, scale, splits, self.degree_, robust, self.shape)
+        if not folds:
+            return
+        self.cv_mae_ = float(np.mean(np.abs(yy - pp)))
+        self.cv_r2_ = _r2(yy, pp)
+        self.cv_folds_ = folds
+        self.method_scores_[self.method_] = self.cv_mae_
+        other = not robust
+        yo, po, fo = _held_out(x, y, scale, splits, self.degree_, other, self.shape)
+        if fo:
+            self.method_scores_["huber" if other else "least_squares"] = float(np.mean(np.abs(yo - po)))
+        if self.constraint_ != "none":
+            yu, pu, fu = _held_out(x, y, scale, splits, self.degree_, robust, "none")
+            if fu:
+                self.unconstrained_cv_mae_ = float(np.mean(np.abs(yu - pu)))
 
     def _bootstrap(self, x, y, groups, resamples, robust) -> dict | None:
         rng = np.random.default_rng(self.random_state)
@@ -635,9 +645,9 @@ class AutoRescaler(BaseEstimator):
         for _ in range(resamples):
             pick = rng.choice(ids, size=len(ids), replace=True)
             idx = np.concatenate([members[g] for g in pick])
-            if not _feasible(x[idx], self.degree_):
+            if not feasible(x[idx], self.degree_):
                 continue
-            f = _fit_once(x[idx], y[idx], self.degree_, robust, self.shape)
+            f = fit_once(x[idx], y[idx], self.degree_, robust, self.shape)
             curves.append(runtime_predict(f.coef, f.domain, grid))
         if len(curves) < 10:
             return None

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from calib.errors import CalibError
-from calib.methods.base import TARGET_KINDS, TuneTarget  # noqa: F401 (shared by every method's tune)
+from calib.methods.base import TuneGoal
 from calib.methods.cost_model import predicted_wall_speedup
 from calib.methods.search import bisect, first_row
 from calib.methods.teacache.fit import forced_last_mask
@@ -115,7 +115,7 @@ ERROR_PROXY = (
 _BISECTION_STEPS = 60
 
 
-def _step_weights(traj) -> np.ndarray:
+def step_weights(traj) -> np.ndarray:
     """dsigma_i = sigma_i - sigma_(i+1): how much of step i's model output enters the final latent (Euler/flow
     samplers); uniform 1/n where the sigmas are unknown or not decreasing."""
     n = len(traj.step_index)
@@ -152,7 +152,7 @@ def replay_row(trace_set, rescalers: dict[str, Rescaler], threshold: float, *, i
                                                normalization=normalization):
         computed += sum(decisions)
         total += len(decisions)
-        errors.append(trajectory_error(decisions, traj.output_rel_l1, _step_weights(traj)))
+        errors.append(trajectory_error(decisions, traj.output_rel_l1, step_weights(traj)))
     if total == 0:
         raise ValueError("no trajectories to replay")
     return ThresholdRow(float(threshold), computed / total, float(np.mean(errors)))
@@ -189,11 +189,11 @@ def _round_sig(value: float, up: bool, digits: int = 4) -> float:
     return (math.ceil(value * scale - 1e-9) if up else math.floor(value * scale + 1e-9)) / scale
 
 
-def find_threshold(trace_set, rescalers: dict[str, Rescaler], target: TuneTarget, *,
+def find_threshold(trace_set, rescalers: dict[str, Rescaler], goal: TuneGoal, *,
                    indicator: str = "modulated_input", normalization: str = "none") -> tuple[ThresholdRow, bool]:
-    """``(row, reached)``: the threshold for ``target`` by bisection over the replay. Fraction targets take the
-    smallest threshold whose replayed compute fraction is <= the target (the least skipping that reaches it);
-    ``max_error`` takes the largest threshold whose error proxy is <= the budget. When the target cannot be reached
+    """``(row, reached)``: the threshold for ``goal`` by bisection over the replay. Fraction goals take the
+    smallest threshold whose replayed compute fraction is <= the goal (the least skipping that reaches it);
+    ``max_error`` takes the largest threshold whose error proxy is <= the budget. When the goal cannot be reached
     the row is the closest the rule gets and ``reached`` is False."""
     kw = dict(indicator=indicator, normalization=normalization)
 
@@ -201,7 +201,7 @@ def find_threshold(trace_set, rescalers: dict[str, Rescaler], target: TuneTarget
         return replay_row(trace_set, rescalers, t, **kw)
 
     top = max_useful_threshold(trace_set, rescalers, **kw)
-    want = target.fraction
+    want = goal.fraction
     if want is not None:
         def ok(r):
             return r.compute_fraction <= want + 1e-12
@@ -213,7 +213,7 @@ def find_threshold(trace_set, rescalers: dict[str, Rescaler], target: TuneTarget
         lo, hi = bisect(lambda t: ok(row(t)), 0.0, top, _BISECTION_STEPS)
         chosen = row(_round_sig(hi, up=True))
         return (chosen, True) if ok(chosen) else (row(hi), True)
-    budget = target.value
+    budget = goal.value
     top_row = row(top)
     if top_row.predicted_error <= budget:
         return top_row, True
@@ -253,22 +253,22 @@ def rescalers_of(doc: dict) -> tuple[dict[str, Rescaler], str, str]:
     return rescalers, indicator, str(indicator_doc.get("normalization") or "none")
 
 
-def tuned_thresholds_section(table: list[ThresholdRow], chosen: ThresholdRow, target: TuneTarget, reached: bool,
+def tuned_thresholds_section(table: list[ThresholdRow], chosen: ThresholdRow, goal: TuneGoal, reached: bool,
                              trace_set, cost_model: dict | None = None) -> dict:
     """The coefficient file's ``thresholds`` section as ``calib tune --write`` records it."""
-    describe = target.describe()
+    describe = goal.describe()
     rows = [row.as_dict() for row in table]
     if cost_model is not None:
         for out, row in zip(rows, table):
             out["predicted_wall_speedup"] = round(predicted_wall_speedup(cost_model, row.compute_fraction), 4)
-        if target.kind == "speedup":
+        if goal.kind == "speedup":
             describe = (f"smallest threshold whose predicted wall-clock speed-up (cost model measured by calib eval) "
-                        f"is >= {target.value:g}x")
+                        f"is >= {goal.value:g}x")
     section = {
         "recommended": float(chosen.threshold),
-        "criterion": f"calib tune --{target.option} {target.value:g}: {describe}"
+        "criterion": f"calib tune --{goal.option} {goal.value:g}: {describe}"
                      + ("" if reached else " — not reachable; closest threshold"),
-        "target": {"kind": target.kind, "value": float(target.value), "reached": bool(reached)},
+        "target": {"kind": goal.kind, "value": float(goal.value), "reached": bool(reached)},
         "error_proxy": ERROR_PROXY,
         "trace_files": [str(f) for f in (getattr(trace_set, "files", None) or [])],
         "num_trajectories": len(trace_set.trajectories),

@@ -30,7 +30,7 @@ from ..policies import StepMask
 from . import RuntimeMethod
 
 METHOD = "schedule"
-SEARCHES = ("min_sum", "minimax")
+SEARCHES = ("measured", "min_sum", "minimax")
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,8 @@ import math
 import numpy as np
 
 from calib.errors import CalibError
-from calib.methods.base import Method
+from calib.methods.base import FitContext, Fitted
+from calib.methods.fbcache.options import FbcacheOptions
 from calib.methods.trace_series import component_trajectories, pick_threshold, stacked_extra
 
 
@@ -36,8 +37,8 @@ def replay(changes, threshold: float) -> list[bool]:
     return out
 
 
-def fit(trace_set, *, target_speedup: float, threshold: float | None = None,
-        component: str = "transformer") -> tuple[dict, dict]:
+def fit_config(trace_set, *, target_speedup: float, threshold: float | None = None,
+               component: str = "transformer") -> tuple[dict, dict]:
     """(FirstBlockCacheConfig kwargs, info with the predicted compute); ``threshold`` None: the smallest reaching
     ``target_speedup`` in full forwards."""
     stack = stacked_extra(component_trajectories(trace_set, component), "head_residual_rel_l1",
@@ -68,10 +69,7 @@ def fit(trace_set, *, target_speedup: float, threshold: float | None = None,
     return kwargs, info
 
 
-ENTRY = Method(
-    name="fbcache",
-    summary="diffusers' First Block Cache: the threshold for a speed-up, replayed on the traced head residual",
-    fit=fit,
-    document=False,  # exported as diffusers' config kwargs (calib export --format diffusers-fbcache)
-    fit_command=False,
-)
+def fit(traces, options: FbcacheOptions, context: FitContext) -> Fitted:
+    """The config kwargs and what the replay predicts (what ``calib export --format diffusers-fbcache`` renders)."""
+    return Fitted(fit_config(traces, target_speedup=options.target_speedup, threshold=options.threshold,
+                             component=options.component))

@@ -1,7 +1,8 @@
 """``calib fit --method auto``: fit the gate (TeaCache's rescaler) and the searched schedule, run both with the
 forecast the schedule fit chose on the same held-out prompts at the requested budget, and keep the better one.
 
-Both candidates are calibrated on the trace's prompts minus the held-out ones (:func:`calib.methods.schedule.split_prompts`)
+Both candidates are calibrated on the trace's prompts minus the held-out ones
+(:func:`calib.methods.schedule.measure.split_prompts`)
 and compared on those held-out prompts x the traced seeds, by the latent rel-L1 of the final output against the
 uncached one — the measure the frontier reports. The gate's threshold is the one whose *measured* fraction of full
 forwards on the held-out runs is closest to the budget without exceeding it (bisection over real runs, starting from
@@ -15,15 +16,21 @@ import math
 import numpy as np
 
 import calib.runtime as cr
+from calib.coeffs.validate import validate_document
 from calib.errors import CalibError
-from calib.methods.base import Method, OptionSpec, TuneTarget
+from calib.methods.auto.options import CANDIDATE_SUFFIXES, AutoOptions
+from calib.methods.base import FitContext, Fitted, TuneGoal
+from calib.methods.schedule.measure import Runner, batches, per_sample_rel_l1, setup_from_traces
+from calib.methods.schedule import METHOD as SCHEDULE
+from calib.methods.schedule.method import choose_budget, fit_schedule
 from calib.methods.search import measured_search
-from calib.methods.schedule import DEFAULT_GAP, Runner, _jobs, per_sample_rel_l1
+from calib.methods.teacache import METHOD as TEACACHE
+from calib.methods.teacache.method import fit as fit_gate
+from calib.methods.teacache.options import TeacacheOptions
 from calib.methods.teacache.tune import find_threshold, rescalers_of
 from calib.runtime import Forecast
 from calib.runtime.loading import parse
 
-DEFAULT_FRACTION = 0.5
 GATE_PROBES = 6
 
 
@@ -31,9 +38,9 @@ def _gate_runs(pipe, setup, coeffs_doc, forecast, fraction: float, trace_set, *,
     """(threshold, measured fraction, held-out error) of the gate + forecast nearest ``fraction`` from below."""
     config = parse(coeffs_doc, "<auto: teacache>")
     rescalers, indicator, normalization = rescalers_of(coeffs_doc)
-    guess = find_threshold(trace_set, rescalers, TuneTarget("compute_fraction", fraction), indicator=indicator,
+    guess = find_threshold(trace_set, rescalers, TuneGoal("compute_fraction", fraction), indicator=indicator,
                            normalization=normalization)[0].threshold
-    runner = Runner(pipe, _jobs(setup.holdout_prompts, setup.seeds, batch), steps=setup.steps,
+    runner = Runner(pipe, batches(setup.holdout_prompts, setup.seeds, batch), steps=setup.steps,
                     guidance=setup.guidance, pipeline_kwargs=setup.pipeline_kwargs)
     probes: dict[float, tuple[float, float]] = {}
 
@@ -44,7 +51,7 @@ def _gate_runs(pipe, setup, coeffs_doc, forecast, fraction: float, trace_set, *,
             handle = cr.apply(pipe, config, threshold=t, forecast=forecast)
             try:
                 for job in runner.jobs:
-                    errors.extend(per_sample_rel_l1(runner.references[job], runner._generate(job)))
+                    errors.extend(per_sample_rel_l1(runner.references[job], runner.generate(job)))
                 stats = handle.stats()
             finally:
                 handle.remove()
@@ -105,16 +112,48 @@ def compare(pipe, setup, gate_doc, schedule_doc, entry, reached, forecast, fract
     }
 
 
-ENTRY = Method(
-    name="auto",
-    summary="fits teacache and schedule, keeps the better at a budget on held-out prompts (writes that one's document)",
-    options=(
-        OptionSpec("--compute-fraction", float, DEFAULT_FRACTION, "the budget the two candidates are compared at"),
-        OptionSpec("--gap", int, DEFAULT_GAP, "schedule: longest run of forecast steps measured"),
-        OptionSpec("--forecast-order", str, None, "forecast orders to compare (K[,K])"),
-        OptionSpec("--forecast-variable", str, "auto", "step, sigma or timestep"),
-        OptionSpec("--seeds", str, None, "seeds to generate"),
-        OptionSpec("--device", str, None, "torch device"),
-    ),
-    document=False,  # it writes the kept candidate's document (teacache or schedule)
-)
+def beside_path(out, suffix: str):
+    """``OUT.json`` -> ``OUT<suffix>`` (the candidates' files)."""
+    return out.with_name(out.name[: -len(".json")] + suffix)
+
+
+def fit(traces, options: AutoOptions, context: FitContext) -> Fitted:
+    """Fit the gate and the schedule, compare them at ``--compute-fraction`` on held-out prompts, and return the
+    better one's document (with the verdict in ``calibration.auto``); both candidates are written beside it."""
+    echo, out, fraction = context.echo, context.out, options.compute_fraction
+    paths = {name: beside_path(out, suffix) for name, suffix in CANDIDATE_SUFFIXES.items()}
+    setup = setup_from_traces(traces, context.model, seeds=options.seeds)
+    echo(f"== 1/3 gate: TeaCache's rescaler -> {paths['gate']}")
+    gate_doc = validate_document(fit_gate(traces, TeacacheOptions(plot=False), context).document,
+                                 source="<auto: gate>", section_check=TEACACHE.check_section)
+    echo(f"\n== 2/3 schedule: measured segments, searched schedules -> {paths['schedule']}")
+    schedule_doc = fit_schedule(context.pipe, traces, source=context.model, store=context.segments, gap=options.gap,
+                                forecasts=options.forecasts, seeds=options.seeds, echo=echo,
+                                progress=context.progress)
+    entry, reached = choose_budget(schedule_doc, TuneGoal("compute_fraction", fraction))
+    schedule_doc["recommended"] = {"budget": entry["budget"]}
+    schedule_doc = validate_document(schedule_doc, source="<auto: schedule>", section_check=SCHEDULE.check_section)
+    forecast = Forecast.from_json(schedule_doc["forecast"])
+    echo(f"\n== 3/3 compare on {len(setup.holdout_prompts)} held-out prompt(s) x seeds {setup.seeds} at <= "
+         f"{fraction:.0%} of full forwards, forecast {forecast.as_json()}")
+    verdict = compare(context.pipe, setup, gate_doc, schedule_doc, entry, reached, forecast, fraction, traces,
+                      echo=echo)
+    verdict["gate"]["file"], verdict["schedule"]["file"] = str(paths["gate"]), str(paths["schedule"])
+    beside = {CANDIDATE_SUFFIXES["gate"]: gate_doc, CANDIDATE_SUFFIXES["schedule"]: schedule_doc}
+    if verdict["kept"] == "schedule":
+        doc = dict(schedule_doc)
+    else:
+        doc = dict(gate_doc, components={name: dict(comp) for name, comp in gate_doc["components"].items()})
+        gate_forecast_used = Forecast.from_json(verdict["gate"]["forecast"])
+        for comp in doc["components"].values():
+            if not (comp.get("forecast") or {}).get("order"):  # the gate ran with the schedule fit's forecast
+                comp["forecast"] = gate_forecast_used.as_json()
+        doc["thresholds"] = dict(doc.get("thresholds") or {}, recommended=float(verdict["gate"]["threshold"]))
+    doc["calibration"] = dict(doc.get("calibration") or {}, auto=verdict)
+    return Fitted(doc, beside=beside)
+
+
+def describe(doc: dict) -> list[str]:
+    verdict = doc["calibration"]["auto"]
+    what = "schedule" if verdict["kept"] == "schedule" else "coefficient"
+    return [verdict["why"], f"(the {what} file; both candidates are kept beside it)"]

@@ -9,8 +9,8 @@ from typing import Any
 import numpy as np
 
 from calib import __version__
-from calib.coeffs.document import calibration_section, model_section, utc_now
-from calib.coeffs.validate import _metric, _nan_to_null, _to_jsonable
+from calib.coeffs.header import calibration_section, model_section, utc_now
+from calib.coeffs.validate import metric, nan_to_null, to_jsonable
 from calib.errors import CalibError
 from calib.methods.teacache.fit import FORCED_LAST_REASON
 from calib.methods.teacache.rescalers import INDICATORS, WIDE_BAND
@@ -26,7 +26,7 @@ def _indicator(indicator: dict | None, model_info: dict) -> dict:
     if isinstance(value, str):
         return {"name": value}
     if isinstance(value, dict):
-        return _to_jsonable(value)
+        return to_jsonable(value)
     raise CalibError(f"indicator must be a name or an object, got {type(value).__name__}")
 
 
@@ -37,27 +37,24 @@ def _fit_section(res) -> dict:
     if getattr(res, "exclude_forced", False):
         fit["excluded_steps"] = {"rule": "forced_last", "points": int(getattr(res, "n_excluded", 0)),
                                  "reason": FORCED_LAST_REASON}
-    if not hasattr(r, "constraint_"):  # a plain PolynomialRescaler: no selection, no shape check
-        fit["streams"] = sorted({str(s) for s in np.asarray(res.streams).tolist()})
-        return fit
     fit["constraint"] = str(r.constraint_)
     fit["reason"] = str(r.reason_)
     fit["streams"] = sorted({str(s) for s in np.asarray(res.streams).tolist()})
     selection: dict[str, Any] = {"mode": "auto" if r.degree_scores_ else "fixed", "reason": str(r.degree_reason_)}
     if r.degree_scores_:
-        selection["cv_mae"] = {str(d): _metric(v) for d, v in sorted(r.degree_scores_.items())}
+        selection["cv_mae"] = {str(d): metric(v) for d, v in sorted(r.degree_scores_.items())}
     fit["degree_selection"] = selection
     if r.method_scores_:
-        fit["loss_comparison"] = {str(k): _metric(v) for k, v in r.method_scores_.items()}
+        fit["loss_comparison"] = {str(k): metric(v) for k, v in r.method_scores_.items()}
     if r.constraint_ != "none":
-        fit["unconstrained_cv_mae"] = _metric(r.unconstrained_cv_mae_)
+        fit["unconstrained_cv_mae"] = metric(r.unconstrained_cv_mae_)
     band = r.band_
     if band is not None:
         fit["bootstrap"] = {
             "resamples": int(band["resamples"]),
             "central_domain": [float(band["central"][0]), float(band["central"][1])],
-            "max_rel_halfwidth": _metric(band["max_rel_halfwidth"]),
-            "at": _metric(band["at"]),
+            "max_rel_halfwidth": metric(band["max_rel_halfwidth"]),
+            "at": metric(band["at"]),
             "wide": bool(band["max_rel_halfwidth"] > WIDE_BAND),
         }
     return fit
@@ -91,14 +88,14 @@ def _component_entry(res) -> dict:
             "trajectories": int(res.n_trajectories),
             "skipped_trajectories": int(res.n_skipped_trajectories),
             "dropped_points": int(r.n_dropped_),
-            "r2": _metric(r.r2_),
-            "mae": _metric(r.mae_),
-            "rmse": _metric(r.rmse_),
-            "cv_mae": _metric(r.cv_mae_),
-            "cv_r2": _metric(r.cv_r2_),
+            "r2": metric(r.r2_),
+            "mae": metric(r.mae_),
+            "rmse": metric(r.rmse_),
+            "cv_mae": metric(r.cv_mae_),
+            "cv_r2": metric(r.cv_r2_),
             "cv_folds": int(r.cv_folds_),
         },
-        **({"forecast": res.forecast} if getattr(res, "forecast", None) else {}),
+        **({"forecast": res.forecast_entry} if getattr(res, "forecast_entry", None) else {}),
     }
 
 
@@ -135,7 +132,7 @@ def build_document(
     }
     if thresholds is not None:
         # A speedup over a compute fraction of 0 is infinite; JSON has no Infinity, so such values become null.
-        doc["thresholds"] = _nan_to_null(_to_jsonable(copy.deepcopy(thresholds)))
+        doc["thresholds"] = nan_to_null(to_jsonable(copy.deepcopy(thresholds)))
     doc["provenance"] = {
         "source": "measured",
         "notes": f"fitted by calib {__version__} on {len(trace_set.trajectories)} traced trajectories",

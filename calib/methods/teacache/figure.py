@@ -1,4 +1,4 @@
-"""Plots of fitted rescalers.
+"""The teacache fit's figure: each component's points by stream, the fitted rescaler and its domain.
 
 Rendering uses :class:`matplotlib.figure.Figure` with an explicit Agg canvas, so nothing here touches pyplot's
 global state or the process-wide backend.
@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import io
 import math
-from pathlib import Path
 
 import numpy as np
 
-from .._io import write_bytes as write_atomic_bytes
-from ..errors import CalibError
+from calib.errors import CalibError
 
-__all__ = ["plot_fit", "plot_fit_png"]
+__all__ = ["plot_fit_png"]
 
 X_LABEL = "rel-L1 change of modulated input"
 Y_LABEL = "rel-L1 change of output"
@@ -113,13 +111,9 @@ def _draw_component(ax, name: str, res, colors: dict) -> None:
     ax.legend(loc="lower right", fontsize=7, framealpha=0.9)
 
 
-def plot_fit(results: dict, path, title: str | None = None) -> Path:
-    """Write a PNG with one panel per component: points by stream, the fit, its domain. Returns the path."""
-    return write_atomic_bytes(path, plot_fit_png(results, title))
-
-
 def plot_fit_png(results: dict, title: str | None = None) -> bytes:
-    """The PNG of :func:`plot_fit`, as bytes (to be written together with the coefficient file)."""
+    """A PNG with one panel per component of ``{component: FitResult}``: points by stream, the fit, its domain (the
+    fit job writes it together with the coefficient file)."""
     if not results:
         raise CalibError("nothing to plot: no fitted components")
     from matplotlib.backends.backend_agg import FigureCanvasAgg

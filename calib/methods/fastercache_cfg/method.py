@@ -1,7 +1,7 @@
 """FasterCache's CFG cache (Lv et al., arXiv 2410.19355) calibrated from traces.
 
 FasterCache observes that the difference between the conditional and the unconditional prediction changes little
-from one step to the next over part of the schedule, so there the unconditional pass can be dropped and replaced
+from one step to the next over part of the denoising, so there the unconditional pass can be dropped and replaced
 by the conditional output plus the difference reused from the last step that ran both. How far that reuse can go is
 model dependent; diffusers leaves it to the user (``unconditional_batch_skip_range``,
 ``unconditional_batch_timestep_skip_range``). Here it comes from the data: the tracer records, per generation, the
@@ -30,11 +30,11 @@ import math
 
 import numpy as np
 
-from calib.coeffs.document import header
+from calib.coeffs.header import header
 from calib.errors import CalibError
-from calib.methods.base import Method, OptionSpec, with_fail
+from calib.methods.base import FitContext, Fitted
+from calib.methods.fastercache_cfg.options import FastercacheCfgOptions
 
-METHOD = "fastercache-cfg"
 MAX_SKIP_RANGE = 10
 TOLERANCE_FACTOR = 2.0
 # diffusers' FasterCacheConfig._unconditional_conditional_input_kwargs_identifiers, and the classes whose forward
@@ -206,7 +206,7 @@ def derive(trace_set, component: str = "transformer", *, cfg_tolerance: float | 
 
 def build_document(trace_set, *, cfg_tolerance=None, attention_tolerance=None, created=None) -> dict:
     """The fastercache-cfg document (unvalidated: :func:`calib.methods.registry.validate` checks it)."""
-    head = header(METHOD, trace_set, created)
+    head = header("fastercache-cfg", trace_set, created)
     model_class = head["model"]["class"]
     components = sorted({t.component for t in trace_set.trajectories})
     section = {"rule": RULE, "components": {}}
@@ -231,25 +231,17 @@ def build_document(trace_set, *, cfg_tolerance=None, attention_tolerance=None, c
     return doc
 
 
-def check_section(doc: dict, fail) -> None:
+def fit(traces, options: FastercacheCfgOptions, context: FitContext) -> Fitted:
+    """The skip ranges per component (no figure: ``--no-plot`` is accepted and changes nothing)."""
+    return Fitted(build_document(traces, cfg_tolerance=options.cfg_tolerance))
+
+
+def describe(doc: dict) -> list[str]:
+    lines = []
     for name, comp in doc["fastercache_cfg"]["components"].items():
-        where = f"fastercache_cfg.components.{name}"
-        for key in ("timesteps", "cfg_delta_change"):
-            if len(comp[key]) != comp["steps"]:
-                fail(f"{where}.{key}", f"has {len(comp[key])} entries, steps is {comp['steps']}")
-        for key in ("unconditional_batch_timestep_skip_range", "spatial_attention_timestep_skip_range"):
-            if key in comp and comp[key][0] > comp[key][1]:
-                fail(f"{where}.{key}", f"low {comp[key][0]} is greater than high {comp[key][1]}")
-
-
-ENTRY = Method(
-    name=METHOD,
-    summary="FasterCache's CFG cache ranges from the traced cond - uncond changes",
-    section="fastercache_cfg",
-    options=(
-        OptionSpec("--cfg-tolerance", float, None, "largest staleness of the reused cond - uncond difference"),
-        OptionSpec("--no-plot", bool, False, "accepted (it always was); this fit writes no plot"),
-    ),
-    fit=build_document,
-    check_section=with_fail(check_section),
-)
+        lo, hi = comp["unconditional_batch_timestep_skip_range"]
+        lines.append(f"{name}: unconditional pass skipped at steps {comp['uncond_skipped_steps']} "
+                     f"(N = {comp['unconditional_batch_skip_range']}, {lo:.6g} < t < {hi:.6g}; reused difference at "
+                     f"most {comp['cfg_tolerance']:.3g} rel-L1 stale); {comp['uncond_compute_fraction']:.0%} of "
+                     "unconditional passes computed")
+    return lines

@@ -14,7 +14,8 @@ from __future__ import annotations
 import numpy as np
 
 from calib.errors import CalibError
-from calib.methods.base import Method
+from calib.methods.base import FitContext, Fitted
+from calib.methods.magcache.options import MagcacheOptions
 from calib.methods.trace_series import component_trajectories, pick_threshold, stacked_extra
 
 RETENTION_RATIO = 0.2  # MagCache's (and diffusers') default: the first 20 % of steps always compute
@@ -61,8 +62,8 @@ def replay(ratios, threshold: float, *, num_steps: int, retention_ratio: float =
     return out
 
 
-def fit(trace_set, *, target_speedup: float, threshold: float | None = None,
-        component: str = "transformer") -> tuple[dict, dict]:
+def fit_config(trace_set, *, target_speedup: float, threshold: float | None = None,
+               component: str = "transformer") -> tuple[dict, dict]:
     """(MagCacheConfig kwargs, info with the replayed schedule); ``threshold`` None: the smallest reaching
     ``target_speedup`` in full forwards."""
     ratios = mag_ratios(trace_set, component)
@@ -95,10 +96,7 @@ def fit(trace_set, *, target_speedup: float, threshold: float | None = None,
     return kwargs, info
 
 
-ENTRY = Method(
-    name="magcache",
-    summary="diffusers' MagCache: mag_ratios and the threshold for a speed-up, measured on the traces",
-    fit=fit,
-    document=False,  # exported as diffusers' config kwargs (calib export --format diffusers-magcache)
-    fit_command=False,
-)
+def fit(traces, options: MagcacheOptions, context: FitContext) -> Fitted:
+    """The config kwargs and what the replay predicts (what ``calib export --format diffusers-magcache`` renders)."""
+    return Fitted(fit_config(traces, target_speedup=options.target_speedup, threshold=options.threshold,
+                             component=options.component))
