@@ -227,13 +227,13 @@ def test_every_peer_module_says_what_is_recommended_and_what_is_swept():
 
 
 def test_peer_rows_join_the_frontier_after_calibs_own_with_cache_dit_last():
-    from calib.evaluate.frontier import CALIB_METHODS, METHODS
+    from calib.evaluate.frontier import CALIB_ROWS, ROWS
     from calib.evaluate.peers import PEER_ROWS
 
-    assert set(PEER_ROWS) <= set(METHODS) and not set(PEER_ROWS) & set(CALIB_METHODS)
+    assert set(PEER_ROWS) <= set(ROWS) and not set(PEER_ROWS) & set(CALIB_ROWS)
     assert not any(row.calibrated for row in PEER_ROWS.values())
-    cache_dit = [m for m in METHODS if m.startswith("cache-dit")]
-    assert METHODS[-len(cache_dit):] == tuple(cache_dit)
+    cache_dit = [m for m in ROWS if m.startswith("cache-dit")]
+    assert ROWS[-len(cache_dit):] == tuple(cache_dit)
     assert {"cache-dit-taylorseer", "cache-dit-dmd", "cache-dit-foca", "seacache", "spectrum", "easycache"} <= set(
         PEER_ROWS)
 
@@ -243,7 +243,7 @@ def test_a_peer_that_cannot_run_says_why_in_its_row():
     from calib.models.digits import load_pipeline
 
     result = run_frontier(load_pipeline(), None, None, ["a handwritten 3"], (5,), steps=4, guidance=3.0,
-                          methods=("uniform", "fastercache"), echo=lambda *a: None)
+                          rows=("uniform", "fastercache"), echo=lambda *a: None)
     assert "coefficient file" in result["not_applicable"]["uniform"]
     assert "traces" in result["not_applicable"]["fastercache"]
     assert "not applicable" in result["table"]
