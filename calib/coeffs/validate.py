@@ -15,6 +15,7 @@ from typing import Any, Callable
 import numpy as np
 
 from calib import __version__
+from calib._io import check_unique_items
 from calib.coeffs.schema import _validator
 from calib.errors import CalibError
 from calib.runtime.document import FORMAT, SCHEMA_VERSION
@@ -190,7 +191,9 @@ def validate_document(doc: Any, *, source: str = "<document>", section_check: Se
 
     import jsonschema
 
-    error = jsonschema.exceptions.best_match(_validator().iter_errors(doc))
+    validator = _validator()
+    check_unique_items(doc, validator.schema, source)  # in linear time: jsonschema's uniqueItems is quadratic
+    error = jsonschema.exceptions.best_match(validator.iter_errors(doc))
     if error is not None:
         where, what = _describe_schema_error(error)
         raise _fail(source, where, what)

@@ -45,6 +45,7 @@ from calib.models.digit_reader import builtin_name as _builtin_name, digit_reade
 from calib.models.loading import model_from_file, pipeline_class
 from calib.store import read_traces
 from calib.trace import MAX_STEPS, check_call_arguments, pick_device, recordable
+from calib.trace.settings import check_pipeline_section
 from calib.trace.generate import Generator
 from calib.trace.prompts import bundled_prompts_path, read_prompts
 
@@ -147,6 +148,7 @@ def run_eval(coeffs, *, model=None, prompts_file=None, seeds=DEFAULT_SEEDS, thre
         source = (doc.get("model") or {}).get("source")
         model = "builtin:digits" if source is None else model_from_file(source, coeffs)
     calibrated = (doc.get("calibration") or {}).get("pipeline")
+    check_pipeline_section(calibrated, coeffs)  # what the file asks the pipeline to be called with, as the options
     if calibrated is None and (doc.get("provenance") or {}).get("source") == "measured":
         import warnings
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import warnings
 from pathlib import Path
 
-from calib._io import resolve_output, write_files
+from calib._io import MAX_RESAMPLES, check_count, resolve_output, write_files
 from calib.errors import CalibError
 from calib.methods import auto, block_cache, fastercache_cfg, registry, schedule
 from calib.methods.base import TuneTarget
@@ -62,8 +62,7 @@ def run_teacache_fit(traces, *, out=None, degree="auto", streams=None, plot: boo
         raise CalibError(f"--indicator {indicator!r}: choose auto or one of {', '.join(INDICATORS)}")
     if normalization != "auto" and normalization not in NORMALIZATIONS:
         raise CalibError(f"--normalization {normalization!r}: choose auto or one of {', '.join(NORMALIZATIONS)}")
-    if bootstrap < 0:
-        raise CalibError(f"--bootstrap must be >= 0, got {bootstrap}")
+    check_count(bootstrap, what="--bootstrap", low=0, high=MAX_RESAMPLES)
     # the outputs are checked before hours of fitting, and against the inputs (a manifest is a .json too)
     targets = [resolve_output(out, inputs=traces)]
     if plot:
