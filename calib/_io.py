@@ -40,6 +40,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import operator
 import os
 import re
 import secrets
@@ -169,16 +170,12 @@ def read_input(path, *, what: str, limit: int) -> bytes:
 def check_count(value, *, what: str, low: int = 1, high: int) -> int:
     """``value`` as an int in ``low..high`` (a bool, a float such as 1e9, text or a number out of range is one
     line naming ``what``): every count that sizes work or memory is bounded before anything is sized by it."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        try:
-            import numpy as np
-
-            if isinstance(value, np.integer):
-                value = int(value)
-        except ImportError:  # pragma: no cover - numpy is a dependency
-            pass
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise CalibError(f"{what} must be an integer from {low:,} to {high:,}, got {value!r}")
+    try:
+        if isinstance(value, bool) or type(value).__name__ == "bool_":
+            raise TypeError
+        value = operator.index(value)  # an int or a numpy integer; a float, text or None is not one
+    except TypeError:
+        raise CalibError(f"{what} must be an integer from {low:,} to {high:,}, got {value!r}") from None
     if not low <= value <= high:
         raise CalibError(f"{what} must be an integer from {low:,} to {high:,}, got {value:,}")
     return value

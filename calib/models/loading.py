@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from .._io import load_json_file
 from ..errors import CalibError
 
 DEFAULT_MODEL = "builtin:digits"
@@ -249,8 +250,6 @@ def _place(pipe, spec: str, device: str, dtype, cpu_offload: bool):
 def pipeline_class(spec: str):
     """The pipeline class ``spec`` loads, where that is known without loading it (a built-in model, a folder's
     model_index.json naming a diffusers class); None otherwise (hub ids, module:function)."""
-    import json
-
     spec = (spec or DEFAULT_MODEL).strip()
     name = spec[len("builtin:") :] if spec.startswith("builtin:") else spec
     if spec.startswith("builtin:") or (name in BUILTIN and not Path(spec).exists()):
@@ -264,11 +263,11 @@ def pipeline_class(spec: str):
             return WanDigitsPipeline
         return None
     index = Path(spec) / "model_index.json"
-    if not index.is_file():
+    if not index.exists():
         return None
-    try:
-        class_name = json.loads(index.read_text(encoding="utf-8")).get("_class_name")
-    except (OSError, ValueError, AttributeError):
+    try:  # a regular file under the JSON size limit, calib's depth limits: a FIFO there is refused, never opened
+        class_name = load_json_file(index, what="a diffusers model_index.json").get("_class_name")
+    except AttributeError:
         return None
     if not isinstance(class_name, str):
         return None

@@ -93,8 +93,8 @@ def check_pipeline_args(kwargs: dict, *, where: str = "--pipeline-arg") -> dict:
         if key in CALIB_ARGUMENTS:
             how = CALIB_ARGUMENTS[key]
             raise CalibError(f"{label}: calib sets {key} itself" + (f"; use {how}" if how else ""))
-        if not _is_json(value):  # a tensor or an image from the Python API
-            continue
+        if not _is_json(value) or (isinstance(value, dict) and set(value) == {"python_object"}):
+            continue  # a tensor or an image from the Python API, or recordable()'s record of one
         if _non_finite(value):
             raise CalibError(f"{label}: {json.dumps(value, allow_nan=True, default=repr)[:60]} is not a finite "
                              "number")
@@ -106,7 +106,7 @@ def check_pipeline_args(kwargs: dict, *, where: str = "--pipeline-arg") -> dict:
                              f"batch), got {json.dumps(value)[:60]}")
         if _TENSOR_ARGUMENT.match(key):
             raise CalibError(f"{label}: the pipeline takes a tensor here, which the command line and files cannot "
-                             f"give ({json.dumps(value)[:40]} is JSON); pass it through the Python API "
+                             f"give (got {json.dumps(value)[:40]}); pass it through the Python API "
                              f"(pipeline_kwargs={{{key!r}: tensor}})")
     return kwargs
 
