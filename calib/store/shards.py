@@ -262,6 +262,11 @@ class Manifest:
         return self.doc["shards"][index]
 
 
+def _shown(value) -> str:
+    text = json.dumps(value, ensure_ascii=False, default=repr)
+    return text if len(text) <= 60 else text[:59] + "…"
+
+
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -277,14 +282,14 @@ def _check_manifest(doc: dict) -> None:
     not (a manifest is a file anyone may have edited: nothing in it is used unchecked)."""
     count = _field(doc, "shard_count")
     if not _is_int(count) or not 1 <= count <= MAX_SHARDS:
-        raise ValueError(f"shard_count {str(count)[:40]!r} is not an integer in 1..{MAX_SHARDS:,}")
+        raise ValueError(f"shard_count {_shown(count)} is not an integer in 1..{MAX_SHARDS:,}")
     settings = _field(doc, "settings")
     steps, guidance = _field(settings, "steps", "settings."), _field(settings, "guidance", "settings.")
     if not _is_int(steps) or not 1 <= steps <= MAX_STEPS:
-        raise ValueError(f"settings.steps {str(steps)[:40]!r} is not an integer in 1..{MAX_STEPS:,}")
+        raise ValueError(f"settings.steps {_shown(steps)} is not an integer in 1..{MAX_STEPS:,}")
     if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance) \
             or guidance < 0:
-        raise ValueError(f"settings.guidance {str(guidance)[:40]!r} is not a finite number >= 0")
+        raise ValueError(f"settings.guidance {_shown(guidance)} is not a finite number >= 0")
     seeds = settings.get("seeds", [])
     if not isinstance(seeds, list) or not all(_is_int(x) for x in seeds):
         raise ValueError("settings.seeds is not a list of integers")
@@ -305,7 +310,7 @@ def _check_manifest(doc: dict) -> None:
             raise ValueError(f"shard file {file!r} is not a file name beside the manifest")
         assigned, jobs = _field(entry, "assigned", where), _field(entry, "jobs", where)
         if not _is_int(assigned) or not 0 <= assigned <= MAX_JOBS:
-            raise ValueError(f"{where}assigned {str(assigned)[:40]!r} is not an integer in 0..{MAX_JOBS:,}")
+            raise ValueError(f"{where}assigned {_shown(assigned)} is not an integer in 0..{MAX_JOBS:,}")
         total += assigned
         if total > MAX_JOBS:
             raise ValueError(f"more than {MAX_JOBS:,} generations assigned")
@@ -313,7 +318,7 @@ def _check_manifest(doc: dict) -> None:
             raise ValueError(f"{where}jobs: expected a list of the {assigned} assigned [prompt, seed] pairs")
         for j, job in enumerate(jobs):
             if not (isinstance(job, list) and len(job) == 2 and isinstance(job[0], str) and _is_int(job[1])):
-                raise ValueError(f"{where}jobs[{j}]: expected [prompt, seed], got {json.dumps(job)[:60]}")
+                raise ValueError(f"{where}jobs[{j}]: expected [prompt, seed], got {_shown(job)}")
 
 
 def load_manifest(path) -> Manifest:
