@@ -738,3 +738,43 @@ def test_sigkill_at_every_rename_and_fsync_keeps_old_or_new(tmp_path, name):
     previous file or a complete new one."""
     _prepare(tmp_path, tmp_path / "disk")
     assert _kill_sweep(tmp_path, name, "replace,fsync") >= 2
+
+
+def test_a_pair_note_renames_only_its_own_writers_temporary_files(tmp_path):
+    """A note is followed only when this user owns it and its writer is gone, and it may only rename that writer's
+    temporary files over their targets in the same folder: a planted note naming another file, a note of another
+    user, or one of a live writer changes nothing."""
+    from calib._io import _HOST, PAIR_FORMAT, recover
+
+    work = tmp_path
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (work / "c.json").write_text("old json")
+    (work / "victim.txt").write_text("victim")
+    (work / "mine.tmp").write_text("attacker's bytes")
+    own = work / f".c.json.{dead.pid}-{_HOST}.00000000.tmp"
+    own.write_text("new json")
+
+    def note(renames, pid=dead.pid, uid=None):
+        path = work / f".c.json.{pid}-{_HOST}.11111111.pair"
+        path.write_text(json.dumps({"format": PAIR_FORMAT, "renames": [[str(a), str(b)] for a, b in renames]}))
+        if uid is not None:
+            os.chown(path, uid, -1)
+        return path
+
+    planted = note([(work / "mine.tmp", work / "victim.txt")])  # not a temporary file of the note's writer
+    recover(work / "c.json")
+    assert (work / "victim.txt").read_text() == "victim" and (work / "mine.tmp").exists() and not planted.exists()
+    live = note([(own, work / "c.json")], pid=os.getpid())  # its writer is this process: still writing
+    recover(work / "c.json")
+    assert (work / "c.json").read_text() == "old json" and live.exists()
+    live.unlink()
+    if os.geteuid() == 0:
+        foreign = note([(own, work / "c.json")], uid=12345)  # another user's note
+        recover(work / "c.json")
+        assert (work / "c.json").read_text() == "old json" and foreign.exists()
+        foreign.unlink()
+    note([(own, work / "c.json")])  # the real thing: a dead writer's note naming its own temporary file
+    recover(work / "c.json")
+    assert (work / "c.json").read_text() == "new json" and not own.exists()
+    assert not [p for p in work.iterdir() if p.name.endswith(".pair")]

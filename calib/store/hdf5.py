@@ -66,67 +66,84 @@ def _builtin_filters() -> frozenset:
                       "FILTER_SCALEOFFSET") if hasattr(h5py.h5z, name))
 
 
-def check_contents(f, path, *, file_size: int) -> None:
-    """Refuse, in one line naming the object, anything in the open file ``f`` that would make a read leave the file
-    or allocate more than it holds (see the module docstring). Reads no dataset."""
+def check_contents(group, path, *, file_size: int, declared: list | None = None) -> None:
+    """Refuse, in one line naming the object, anything under ``group`` (an open file, or one group of it) that
+    would make a read leave the file or allocate more than it holds (see the module docstring). Reads no dataset.
+    ``declared``: a one-item list carrying the bytes declared so far across calls on one file."""
     import h5py
 
     hard = h5py.h5l.TYPE_HARD
     filters = _builtin_filters()
     kinds = {h5py.h5l.TYPE_SOFT: "a soft link (to another path)",
              h5py.h5l.TYPE_EXTERNAL: "an external link (to another file)"}
+    base = group.name.rstrip("/")
     names: list[str] = []
     try:
-        f.visit_links(names.append)  # every link, not following soft or external ones
+        group.visit_links(names.append)  # every link, not following soft or external ones
     except Exception as exc:  # a damaged link table
         raise CalibError(f"{path}: damaged HDF5 file ({_first_line(exc)})") from None
-    declared = 0
+    declared = declared if declared is not None else [0]
     budget = MAX_DECLARED_RATIO * file_size + 2**20
     for name in names:
+        shown = f"{base}/{name}"
         parent, _, leaf = name.rpartition("/")
         try:
-            group = f[parent] if parent else f
-            kind = group.id.links.get_info(leaf.encode("utf-8")).type
+            owner = group[parent] if parent else group
+            kind = owner.id.links.get_info(leaf.encode("utf-8")).type
         except Exception as exc:
-            raise CalibError(f"{path}: damaged HDF5 file at /{name} ({_first_line(exc)})") from None
+            raise CalibError(f"{path}: damaged HDF5 file at {shown} ({_first_line(exc)})") from None
         if kind != hard:
             what = kinds.get(kind, "a user-defined link")
-            raise CalibError(f"{path}: /{name} is {what}; calib follows no links in an HDF5 file (a trace written "
+            raise CalibError(f"{path}: {shown} is {what}; calib follows no links in an HDF5 file (a trace written "
                              "by calib has none)")
         try:
-            obj = group[leaf]
+            obj = owner[leaf]
         except Exception as exc:
-            raise CalibError(f"{path}: damaged HDF5 file at /{name} ({_first_line(exc)})") from None
+            raise CalibError(f"{path}: damaged HDF5 file at {shown} ({_first_line(exc)})") from None
         if not isinstance(obj, h5py.Dataset):
             continue
         plist = obj.id.get_create_plist()
         if obj.is_virtual or plist.get_layout() == h5py.h5d.VIRTUAL:
-            raise CalibError(f"{path}: /{name} is a virtual dataset (its data is read from other files); calib reads "
+            raise CalibError(f"{path}: {shown} is a virtual dataset (its data is read from other files); calib reads "
                              "only what the file itself holds")
         if plist.get_external_count() > 0:
-            raise CalibError(f"{path}: /{name} keeps its data in an external file; calib reads only what the file "
+            raise CalibError(f"{path}: {shown} keeps its data in an external file; calib reads only what the file "
                              "itself holds")
         for i in range(plist.get_nfilters()):
             code = plist.get_filter(i)[0]
             if code not in filters:
-                raise CalibError(f"{path}: /{name} is stored with HDF5 filter {code}, which is not one of HDF5's own "
+                raise CalibError(f"{path}: {shown} is stored with HDF5 filter {code}, which is not one of HDF5's own "
                                  "(a plugin library would be loaded to read it); repack the file without it")
         dtype = obj.dtype
         if dtype.kind not in "fiub" or dtype.fields is not None or dtype.subdtype is not None:
-            raise CalibError(f"{path}: /{name} holds values of type {dtype}, not real numbers")
+            raise CalibError(f"{path}: {shown} holds values of type {dtype}, not real numbers")
         nbytes = int(obj.size) * int(dtype.itemsize)
         if nbytes > MAX_DATASET_BYTES:
-            raise CalibError(f"{path}: /{name} declares {int(obj.size):,} values ({nbytes:,} bytes), more than a "
+            raise CalibError(f"{path}: {shown} declares {int(obj.size):,} values ({nbytes:,} bytes), more than a "
                              f"trace dataset holds (at most {MAX_DATASET_BYTES:,} bytes); refused before reading it")
-        declared += nbytes
-        if declared > budget:
-            raise CalibError(f"{path}: its datasets declare {declared:,}+ bytes, more than {MAX_DECLARED_RATIO}x the "
-                             f"{file_size:,} bytes of the file; refused before reading them")
+        declared[0] += nbytes
+        if declared[0] > budget:
+            raise CalibError(f"{path}: its datasets declare {declared[0]:,}+ bytes, more than {MAX_DECLARED_RATIO}x "
+                             f"the {file_size:,} bytes of the file; refused before reading them")
 
 
-def open_hdf5(path, *, what: str = "an HDF5 trace file"):
-    """``h5py.File(path, "r")`` of a regular file (under the trace size limit) that is HDF5 and whose contents pass
-    :func:`check_contents`; a :class:`CalibError` line otherwise (the file is closed again)."""
+def check_link(group, name: str, path) -> None:
+    """``group[name]`` is a hard link (checked before it is followed); one line otherwise."""
+    import h5py
+
+    try:
+        kind = group.id.links.get_info(name.encode("utf-8")).type
+    except Exception as exc:
+        raise CalibError(f"{path}: damaged HDF5 file at {group.name.rstrip('/')}/{name} ({_first_line(exc)})") from None
+    if kind != h5py.h5l.TYPE_HARD:
+        raise CalibError(f"{path}: {group.name.rstrip('/')}/{name} is a link; calib follows no links in an HDF5 file "
+                         "(a trace written by calib has none)")
+
+
+def open_hdf5(path, *, what: str = "an HDF5 trace file", check: bool = True):
+    """``h5py.File(path, "r")`` of a regular file (under the trace size limit) that is HDF5 and (``check``) whose
+    contents pass :func:`check_contents`; a :class:`CalibError` line otherwise (the file is closed again). With
+    ``check=False`` the caller checks each part before it reads it (:func:`check_link`, :func:`check_contents`)."""
     import h5py
 
     path = Path(path)
@@ -144,7 +161,8 @@ def open_hdf5(path, *, what: str = "an HDF5 trace file"):
     except Exception as exc:  # h5py raises OSError for truncated/corrupt files; anything else here is the file too
         raise CalibError(f"{path}: HDF5 file is truncated or corrupt ({_first_line(exc)})") from None
     try:
-        check_contents(f, path, file_size=size)
+        if check:
+            check_contents(f, path, file_size=size)
     except BaseException:
         f.close()
         raise

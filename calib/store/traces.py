@@ -23,7 +23,7 @@ from calib._io import Target, new_file_mode, parse_json, remove_stale_temporarie
 from calib.errors import CalibError
 from calib.store._attrs import (MAX_STEPS, _describe_setting, _now, _str_attr, pipeline_settings, settings_difference,
                                stored_settings)
-from calib.store.hdf5 import HDF5_SIGNATURE, open_hdf5
+from calib.store.hdf5 import HDF5_SIGNATURE, check_contents, check_link, open_hdf5
 from calib.store.shards import check_shard, expand_manifests
 
 SCHEMA_VERSION = 1
@@ -435,8 +435,8 @@ def _read_trajectory(g, where: str) -> Trajectory:
     if series["step_index"].dtype.kind not in "iu" or series["step_index"].min() < 0 \
             or series["step_index"].max() > MAX_STEPS:
         raise _damaged(f"{where}/step_index", f"does not hold step numbers (integers in 0..{MAX_STEPS})")
-    if not np.all(np.isfinite(series["timesteps"])):
-        raise _damaged(f"{where}/timesteps", "holds NaN or infinite values")
+    if np.any(np.isinf(series["timesteps"])):
+        raise _damaged(f"{where}/timesteps", "holds infinite values")
     if np.any(np.isinf(series["sigmas"])):
         raise _damaged(f"{where}/sigmas", "holds infinite values (NaN marks an unknown sigma)")
     for name in REL_L1_SERIES:
@@ -475,7 +475,8 @@ def _read_file(path: Path, *, quick: int = 0) -> tuple[dict, list, dict]:
         raise CalibError(f"{path}: trace file not found")
     if path.is_dir():
         raise CalibError(f"{path}: is a directory; expected an HDF5 trace file (.h5)")
-    f = open_hdf5(path, what="an HDF5 trace file")
+    # The writer's check of an append (quick) reads the groups it added: those are checked, not the whole file.
+    f = open_hdf5(path, what="an HDF5 trace file", check=not quick)
     try:
         attrs = {k: (_str_attr(v) if isinstance(v, (str, bytes)) else v) for k, v in f.attrs.items()}
         version = attrs.get("schema_version")
@@ -501,9 +502,15 @@ def _read_file(path: Path, *, quick: int = 0) -> tuple[dict, list, dict]:
         else:  # rebuild from the single attributes
             model_info = {key: str(attrs[attr]) for key, attr in MODEL_ATTRS.items() if attr in attrs}
         trajectories = []
+        if quick and "trajectories" in f:
+            check_link(f, "trajectories", path)
         root = f.get("trajectories")
         if root is not None:
+            size, declared = path.stat().st_size, [0]
             for name in sorted(root, key=int)[quick:]:  # append order; int() also copes with > 6 digits
+                if quick:
+                    check_link(root, name, path)
+                    check_contents(root[name], path, file_size=size, declared=declared)
                 trajectories.append(_read_trajectory(root[name], f"trajectories/{name}"))
     except CalibError:
         raise
