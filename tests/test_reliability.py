@@ -548,6 +548,12 @@ def _manifest_edit(edit: Callable[[dict], object] | None = None, text: str | Non
     return setup
 
 
+def _manifest_readable(path: Path) -> None:
+    from calib.store.shards import load_manifest
+
+    assert load_manifest(path).count == 1
+
+
 def _schedule_doc(path: Path, edit: Callable[[str], str] = lambda text: text) -> None:
     """A schedule document made by the documented ``schedule_document_for`` (6 steps, budget 3), its JSON text
     passed through ``edit``."""
@@ -850,6 +856,12 @@ CASES: list[Case] = [
     Case("manifest-deep", "a manifest nested 100,000 deep", "calib fit s.manifest.json --out c.json",
          "calib: error: s.manifest.json: not a calib trace manifest (invalid JSON: nested more than 64 levels deep)",
          2, _manifest_edit(text="[" * 100_000 + "]" * 100_000)),
+    Case("manifest-deep-trace", "a manifest nested 100,000 deep where `calib trace --shard` keeps its run's (it is "
+         "rewritten from the shard files)", f"{TRACE} --prompts p.txt --out s.h5 --shard 0/1",
+         "shard 0/1: traced 1 generations (2 steps) -> s.rank0-of-1.h5 (2 trajectories); s.manifest.json: 1 of 1 "
+         "generations of all 1 shards finished", 0,
+         lambda work: (_p("a handwritten 7\n")(work), (work / "s.manifest.json").write_text("[" * 100_000 + "]" * 100_000)),
+         check=lambda work: _manifest_readable(work / "s.manifest.json")),
     Case("manifest-fifo", "a FIFO at the run's `NAME.manifest.json` (never opened: no hang)",
          f"{TRACE} --prompts p.txt --out s.h5 --shard 0/1",
          "calib: error: s.manifest.json: is a FIFO, device or socket, not a manifest file; move it away (calib writes "
