@@ -23,7 +23,7 @@ from calib._io import Target, new_file_mode, parse_json, remove_stale_temporarie
 from calib.errors import CalibError
 from calib.store._attrs import (MAX_STEPS, _describe_setting, _now, _str_attr, pipeline_settings, settings_difference,
                                stored_settings)
-from calib.store.hdf5 import HDF5_SIGNATURE, check_contents, check_link, open_hdf5
+from calib.store.hdf5 import check_contents, check_link, open_hdf5
 from calib.store.shards import check_shard, expand_manifests
 
 SCHEMA_VERSION = 1
