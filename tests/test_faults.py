@@ -10,7 +10,13 @@ make calib run code or open other files, and the runtime's error types.
   with exactly the file a clean run writes. Where strace is installed the same sweep runs on a real ``calib merge``
   process with ``strace -e inject=write:error=ENOSPC:when=N`` (and fsync/EIO), which also proves no exit 139.
 * Hostile files: a module planted in the working folder never runs through any command that reads a file, and the
-  paths a coefficient file lists are never opened.
+  paths a coefficient file lists are never opened. A trace whose data points out of the file (external storage in
+  a file nobody named, a FIFO or /dev/urandom; an external link; a virtual dataset) or declares 2**36 values is
+  refused by fit, merge, tune, report and export before anything is read (the named file's access time stays, the
+  FIFO is never opened, a separate process does not hang); a lock file never reaches another file.
+* SIGKILL between writes: fit killed at each of its renames leaves one product (both files previous, or both new
+  once the next command has finished the renames its note names); merge, tune, export, report and trace killed at
+  every rename and fsync leave each output previous or complete (slow). A planted pair note renames nothing.
 
 The one-line refusals (outputs that are directories or inputs, devices as inputs, deep JSON, ...) are cases of
 tests/test_reliability.py, which generates docs/bad-inputs.md.
