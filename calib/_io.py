@@ -11,7 +11,11 @@ Writing (:func:`write_bytes`, :func:`write_files`):
   previous file stays byte for byte, and :class:`CalibError` says ``cannot write NAME: <the OS error>``;
 * several files of one product (a coefficient JSON and its PNG) are written by :func:`write_files`: every temporary
   file is complete and verified before the first rename, and if a later rename fails the earlier targets get their
-  previous contents back (or are removed when they are new), so they are replaced together or not at all;
+  previous contents back (or are removed when they are new), so they are replaced together or not at all. Before
+  the first rename a note ``.NAME.<pid>-<host>.<random>.pair`` names the new files; if the writer is killed between
+  two renames (SIGKILL, power loss), the next calib command that reads or writes NAME finds the note of a dead
+  writer and finishes the renames (every new file was complete and verified before the note was written), so the
+  product is never left half old, half new past that point;
 * temporary files left by a writer that was killed (its pid is gone) are removed by the next write to that name.
 
 The HDF5 library is never given a file on disk to write: the trace store builds the file in memory and hands the
@@ -23,7 +27,12 @@ FIFO or socket (``--out /dev/stdout``) is written as a stream, never renamed ove
 that is one of the command's inputs is refused; a file name longer than the file system allows is one line.
 
 Reading (:func:`check_input`, :func:`read_input`, :func:`parse_json`): an input must be a regular file (a symlink
-to one is fine) under a size limit; JSON is parsed with a nesting-depth and an integer-size limit.
+to one is fine) under a size limit, checked before it is opened (a FIFO or a device is never opened: it could block
+or never end) and again on the open descriptor; JSON is parsed with a nesting-depth and an integer-size limit.
+
+Limits (:func:`check_count`, :func:`check_unique_items`): counts a user or a file gives (points, resamples, shards)
+are integers in a stated range before anything is sized by them; arrays a schema says hold unique items are checked
+in linear time before jsonschema, whose check is quadratic on items it cannot sort.
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import operator
 import os
 import re
 import secrets
@@ -50,6 +60,8 @@ MAX_TRACE_BYTES = 16 * 1024**3
 JSON_MAX_DEPTH = 64  # calib's own files nest at most ~8 deep
 JSON_MAX_INT_DIGITS = 30  # no count or index calib writes has more; coefficients are floats
 STALE_FOREIGN_SECONDS = 24 * 3600  # a temporary file of another host is removed only when this old
+MAX_POINTS = 100_000  # points a table or a plot evaluates (calib compare --points)
+MAX_RESAMPLES = 10_000  # bootstrap resamples of a fit (each refits the whole procedure)
 
 _HOST = hashlib.sha256(socket.gethostname().encode("utf-8", "replace")).hexdigest()[:6]
 _NAME_IN_TMP = 160  # bytes of the target's name kept in a temporary file's name (names may be up to 255)
@@ -115,17 +127,147 @@ def check_input(path, *, what: str, limit: int) -> int:
     return st.st_size
 
 
-def read_input(path, *, what: str, limit: int) -> bytes:
-    """The bytes of a regular input file under ``limit``; one line for anything else (permissions included)."""
+_READ_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
+def open_input(path, *, what: str, limit: int) -> int:
+    """A descriptor of the regular input file ``path`` (at most ``limit`` bytes), opened so that a FIFO or device
+    swapped in after :func:`check_input` cannot block the open (``O_NONBLOCK``) and is refused on the descriptor."""
     check_input(path, what=what, limit=limit)
     try:
-        with open(path, "rb") as fh:
+        fd = os.open(path, _READ_FLAGS)
+    except OSError as exc:
+        raise CalibError(f"{path}: cannot read it: {_strerror(exc)}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise CalibError(f"{path}: is {_kind_of(st.st_mode)}, not a regular file; expected {what}")
+        if getattr(os, "O_NONBLOCK", 0):
+            os.set_blocking(fd, True)
+    except BaseException as exc:
+        os.close(fd)
+        if isinstance(exc, OSError):
+            raise CalibError(f"{path}: cannot read it: {_strerror(exc)}") from None
+        raise
+    return fd
+
+
+def read_input(path, *, what: str, limit: int) -> bytes:
+    """The bytes of a regular input file under ``limit``; one line for anything else (permissions included).
+    A product of several files whose writer was killed between its renames is finished first (:func:`recover`)."""
+    recover(path)
+    fd = open_input(path, what=what, limit=limit)
+    try:
+        with os.fdopen(fd, "rb") as fh:
             data = fh.read(limit + 1)
     except OSError as exc:
         raise CalibError(f"{path}: cannot read it: {_strerror(exc)}") from None
     if len(data) > limit:  # grew since the stat
         raise CalibError(f"{path}: is more than the {limit:,} bytes {what} may have")
     return data
+
+
+def check_count(value, *, what: str, low: int = 1, high: int) -> int:
+    """``value`` as an int in ``low..high`` (a bool, a float such as 1e9, text or a number out of range is one
+    line naming ``what``): every count that sizes work or memory is bounded before anything is sized by it."""
+    try:
+        if isinstance(value, bool) or type(value).__name__ == "bool_":
+            raise TypeError
+        value = operator.index(value)  # an int or a numpy integer; a float, text or None is not one
+    except TypeError:
+        raise CalibError(f"{what} must be an integer from {low:,} to {high:,}, got {value!r}") from None
+    if not low <= value <= high:
+        raise CalibError(f"{what} must be an integer from {low:,} to {high:,}, got {value:,}")
+    return value
+
+
+def _json_kind(value) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "integer" if value.is_integer() else "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, dict):
+        return "object"
+    return type(value).__name__
+
+
+def _unique_key(value):
+    """A hashable key equal for JSON-equal values (1 == 1.0, true != 1, key order of objects ignored)."""
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return (type(value).__name__, value)
+    if isinstance(value, (int, float)):
+        return ("number", value)
+    return ("json", json.dumps(value, sort_keys=True, allow_nan=True, default=repr))
+
+
+def _where(path: list) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else ("." if out else "") + str(part)
+    return out or "(root)"
+
+
+def check_unique_items(doc, schema: dict, source: str) -> None:
+    """Every array of ``doc`` that ``schema`` (a JSON Schema whose ``$ref``s are local) marks ``uniqueItems`` holds
+    items of the type its ``items`` names, each once -- checked in linear time, before jsonschema, whose
+    ``uniqueItems`` compares every pair of items it cannot sort (200,000 integers and strings mixed never finish).
+    Raises :class:`CalibError` ``"{source}: {where}: {what}"``; anything else is left to the schema."""
+
+    def resolve(node):
+        seen = 0
+        while isinstance(node, dict) and isinstance(node.get("$ref"), str) and node["$ref"].startswith("#/"):
+            target = schema
+            for part in node["$ref"][2:].split("/"):
+                target = target.get(part, {}) if isinstance(target, dict) else {}
+            node, seen = target, seen + 1
+            if seen > 32:
+                return {}
+        return node if isinstance(node, dict) else {}
+
+    stack = [(doc, schema, [])]
+    while stack:
+        value, node, path = stack.pop()
+        node = resolve(node)
+        for key in ("allOf", "anyOf", "oneOf"):
+            for branch in node.get(key) or []:
+                stack.append((value, branch, path))
+        for key in ("then", "else"):
+            if isinstance(node.get(key), dict):
+                stack.append((value, node[key], path))
+        if isinstance(value, dict):
+            props = node.get("properties") or {}
+            extra = node.get("additionalProperties")
+            for k, v in value.items():
+                if k in props:
+                    stack.append((v, props[k], path + [k]))
+                elif isinstance(extra, dict):
+                    stack.append((v, extra, path + [k]))
+        elif isinstance(value, list):
+            items = node.get("items")
+            if node.get("uniqueItems") is True:
+                wanted = resolve(items).get("type") if isinstance(items, dict) else None
+                wanted = [wanted] if isinstance(wanted, str) else wanted
+                seen: set = set()
+                for i, item in enumerate(value):
+                    kind = _json_kind(item)
+                    if wanted and kind not in wanted and not (kind == "integer" and "number" in wanted):
+                        raise CalibError(f"{source}: {_where(path + [i])}: expected {' or '.join(wanted)}, got "
+                                         f"{kind} {json.dumps(item, default=repr)[:40]}")
+                    key = _unique_key(item)
+                    if key in seen:
+                        raise CalibError(f"{source}: {_where(path)}: holds {json.dumps(item, default=repr)[:40]} "
+                                         "more than once; its items must be unique")
+                    seen.add(key)
+            if isinstance(items, dict):
+                stack.extend((v, items, path + [i]) for i, v in enumerate(value))
 
 
 def _parse_int(text: str) -> int:
@@ -392,6 +534,10 @@ def write_files(items: Sequence[tuple], *, inputs: Iterable = (), verify: dict |
     files = [(t, bytes(data)) for t, (_, data) in zip(targets, items)]
     done_temps: list[tuple[Target, Path, int]] = []
     backups: list[tuple[Target, Path | None]] = []  # previous files of the targets renamed over so far
+    note: Path | None = None
+    for target in targets:
+        if not target.stream:
+            recover(target.real)
     try:
         for i, (target, data) in enumerate(files):
             if target.stream:
@@ -400,6 +546,8 @@ def write_files(items: Sequence[tuple], *, inputs: Iterable = (), verify: dict |
             remove_stale_temporaries(target.real)
             mode = modes[i] if modes is not None else _mode_for(target)
             done_temps.append((target, _write_temp(target, data, (verify or {}).get(i)), mode))
+        if len(done_temps) > 1:  # the note that lets the next command finish the renames if this one is killed
+            note = _write_pair_note([(tmp, target.real) for target, tmp, _ in done_temps], done_temps[0][0].given)
         for target, tmp, mode in done_temps:
             # with several files, keep the previous one to put back if a later rename fails
             backup = _backup(target) if len(done_temps) > 1 else None
@@ -415,7 +563,12 @@ def write_files(items: Sequence[tuple], *, inputs: Iterable = (), verify: dict |
             backups.append((target, backup))
         for folder in {t.real.parent for t, _, _ in done_temps}:
             _fsync_dir(folder)
+        if note is not None:
+            _unlink(note)
+            note = None
     except BaseException:
+        if note is not None:  # the renames that happened are undone below: the note must not redo them
+            _unlink(note)
         for target, tmp, _ in done_temps:
             _unlink(tmp)
         if len(done_temps) > 1:
@@ -436,6 +589,108 @@ def write_files(items: Sequence[tuple], *, inputs: Iterable = (), verify: dict |
         if target.stream:
             _stream(target, data)
     return [t.given for t in targets]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# several files of one product: the note of a write in progress
+# ---------------------------------------------------------------------------------------------------------------
+PAIR_FORMAT = "calib-pending-renames"
+_PAIR_NOTE = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)-(?P<host>[0-9a-f]{6})\.[0-9a-f]{8}\.pair$")
+_MAX_NOTE_BYTES = 64 * 1024
+
+
+def _write_pair_note(renames: list[tuple[Path, Path]], shown: Path) -> Path:
+    """Write (complete and fsynced, before the first rename) the note naming each ``(temporary file, target)`` of
+    one product, beside the first target: ``.NAME.<pid>-<host>.<random>.pair``."""
+    first = renames[0][1]
+    name = os.fsencode(first.name)[:_NAME_IN_TMP].decode("utf-8", "ignore")
+    note = first.with_name(f".{name}.{os.getpid()}-{_HOST}.{secrets.token_hex(4)}.pair")
+    text = json.dumps({"format": PAIR_FORMAT, "renames": [[str(tmp), str(target)] for tmp, target in renames]})
+    try:
+        fd = os.open(note, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
+        try:
+            _write_all(fd, text.encode("utf-8"))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        _unlink(note)
+        raise CalibError(f"cannot write {shown}: {_strerror(exc)}") from None
+    _fsync_dir(first.parent)
+    return note
+
+
+def _stale(pid: int, host: str, st: os.stat_result) -> bool:
+    if host == _HOST:
+        return pid != os.getpid() and not _alive(pid)
+    return time.time() - st.st_mtime > STALE_FOREIGN_SECONDS
+
+
+def _own_regular(st: os.stat_result) -> bool:
+    return stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid()
+
+
+def recover(path) -> None:
+    """Finish the renames of a product (:func:`write_files` of several files) whose writer was killed between them:
+    a note ``.NAME.<pid>-<host>.<random>.pair`` in the folder of ``path`` of a writer that is gone names the verified
+    temporary files still to be renamed over their targets. Only a note this user owns is followed, and only the
+    renames it may name: a temporary file of that writer (its name, pid and host) in the folder of its target,
+    owned by this user. A note that cannot be read names no rename that happened (it is written before the first
+    one) and is removed. Best effort: a read-only folder stays as it is."""
+    real = Path(os.path.realpath(path))
+    try:
+        entries = [e for e in os.scandir(real.parent) if e.name.endswith(".pair")]
+    except OSError:
+        return
+    for entry in entries:  # any product of a dead writer in this folder: the note may be named after another file
+        m = _PAIR_NOTE.match(entry.name)
+        if not m:
+            continue
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except OSError:
+            continue
+        if not _own_regular(st) or not _stale(int(m.group("pid")), m.group("host"), st):
+            continue
+        renames = _read_pair_note(Path(entry.path), st, m.group("pid"), m.group("host"))
+        for tmp, target in renames:
+            try:
+                if _own_regular(os.lstat(tmp)):
+                    os.replace(tmp, target)
+            except OSError:
+                continue
+        for folder in {target.parent for _, target in renames}:
+            _fsync_dir(folder)
+        _unlink(Path(entry.path))
+
+
+def _read_pair_note(note: Path, st: os.stat_result, pid: str, host: str) -> list[tuple[Path, Path]]:
+    """The renames a note may name (see :func:`recover`); [] for a note that is damaged or names anything else."""
+    if st.st_size > _MAX_NOTE_BYTES:
+        return []
+    try:
+        fd = os.open(note, _READ_FLAGS | getattr(os, "O_NOFOLLOW", 0))
+        try:
+            data = os.read(fd, _MAX_NOTE_BYTES + 1)
+        finally:
+            os.close(fd)
+        doc = parse_json(data.decode("utf-8"))
+    except (OSError, ValueError):
+        return []
+    if not isinstance(doc, dict) or doc.get("format") != PAIR_FORMAT or not isinstance(doc.get("renames"), list):
+        return []
+    out = []
+    for pair in doc["renames"]:
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(p, str) for p in pair)):
+            return []
+        tmp, target = Path(pair[0]), Path(pair[1])
+        if not (tmp.is_absolute() and target.is_absolute()) or tmp.parent != target.parent:
+            return []
+        stem = os.fsencode(target.name)[:_NAME_IN_TMP].decode("utf-8", "ignore")
+        if not re.fullmatch(rf"\.{re.escape(stem)}\.{pid}-{host}\.[0-9a-f]{{8}}\.tmp", tmp.name):
+            return []
+        out.append((tmp, target))
+    return out
 
 
 def _backup(target: Target) -> Path | None:

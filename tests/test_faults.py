@@ -10,7 +10,13 @@ make calib run code or open other files, and the runtime's error types.
   with exactly the file a clean run writes. Where strace is installed the same sweep runs on a real ``calib merge``
   process with ``strace -e inject=write:error=ENOSPC:when=N`` (and fsync/EIO), which also proves no exit 139.
 * Hostile files: a module planted in the working folder never runs through any command that reads a file, and the
-  paths a coefficient file lists are never opened.
+  paths a coefficient file lists are never opened. A trace whose data points out of the file (external storage in
+  a file nobody named, a FIFO or /dev/urandom; an external link; a virtual dataset) or declares 2**36 values is
+  refused by fit, merge, tune, report and export before anything is read (the named file's access time stays, the
+  FIFO is never opened, a separate process does not hang); a lock file never reaches another file.
+* SIGKILL between writes: fit killed at each of its renames leaves one product (both files previous, or both new
+  once the next command has finished the renames its note names); merge, tune, export, report and trace killed at
+  every rename and fsync leave each output previous or complete (slow). A planted pair note renames nothing.
 
 The one-line refusals (outputs that are directories or inputs, devices as inputs, deep JSON, ...) are cases of
 tests/test_reliability.py, which generates docs/bad-inputs.md.
@@ -24,6 +30,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -147,9 +154,12 @@ def test_full_disk_keeps_the_previous_file(small_disk, tmp_path, name):
 # injected errors: every OS call of calib's one writer, one at a time
 # ---------------------------------------------------------------------------------------------------------------
 class FaultyOS:
-    """``os`` for calib._io, whose ``fail_at``-th call of the functions ``calls`` raises ``error``."""
+    """``os`` for calib._io, whose ``fail_at``-th call of the functions ``calls`` raises ``error``. The calls of its
+    readers (opening an input, reading a pair note) are not the writer's and are not counted: an input that cannot
+    be read is a case of its own ("cannot read it")."""
 
     CALLS = ("open", "write", "fsync", "close", "replace", "link", "chmod")
+    READERS = ("open_input", "_read_pair_note")
 
     def __init__(self, fail_at: int, error: int, calls=CALLS):
         self.fail_at, self.error, self.calls, self.names = fail_at, error, 0, tuple(calls)
@@ -160,6 +170,8 @@ class FaultyOS:
             return real
 
         def call(*args, **kwargs):
+            if sys._getframe(1).f_code.co_name in self.READERS:
+                return real(*args, **kwargs)
             self.calls += 1
             if self.calls == self.fail_at:
                 if name == "close":  # the descriptor is closed all the same, as the kernel does
@@ -508,3 +520,272 @@ def test_runtime_raises_only_its_documented_errors(tmp_path):
     with pytest.raises(cr.ModelMismatchError):
         cr.apply(pipe().transformer, cr.parse(two))  # one bare transformer, two experts in the file
     assert not hasattr(pipe().transformer, "_calib_cache_handle")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# hostile HDF5: nothing outside the named files is read, nothing hangs
+# ---------------------------------------------------------------------------------------------------------------
+HOSTILE_KINDS = ["external", "fifo", "urandom", "external-link", "virtual", "huge"]
+READERS = {
+    "fit": ["fit", "t.h5", "--out", "c2.json", *FAST_FIT],
+    "merge": ["merge", "t.h5", "--out", "m.h5"],
+    "tune": ["tune", "t.h5", "--coeffs", "c.json", "--speedup", "1.5", "--write"],
+    "report": ["report", "t.h5", "--coeffs", "c.json", "--out", "r.html"],
+    "export": ["export", "t.h5", "--format", "diffusers-magcache", "--out", "mag.json"],
+}
+
+
+def _atime_is_recorded(folder: Path) -> bool:
+    """Whether reading a file here updates its access time (not on noatime mounts)."""
+    probe = folder / "probe.bin"
+    probe.write_bytes(b"probe")
+    os.utime(probe, ns=(10**9, os.stat(probe).st_mtime_ns))  # an access time older than the change: relatime updates
+    probe.read_bytes()
+    recorded = os.stat(probe).st_atime_ns != 10**9
+    probe.unlink()
+    return recorded
+
+
+@pytest.mark.parametrize("kind", HOSTILE_KINDS)
+def test_hostile_hdf5_is_refused_by_every_reader_before_reading(tmp_path, kind):
+    """A trace whose data points out of the file (external storage in a file nobody named, in a FIFO, in
+    /dev/urandom; an external link; a virtual dataset) or declares 2**36 values: fit, merge, tune, report and export
+    each end in one line and exit 2, the named file is neither read (its access time stays) nor changed, the FIFO is
+    never opened, and no output appears."""
+    from test_reliability import OPENED, SECRET, _hostile_trace
+
+    work = tmp_path
+    stop = _hostile_trace(kind)(work)
+    copy_asset("real.json", work, "c.json")
+    secret = work / "secret.bin"
+    atime = _atime_is_recorded(work)
+    before = files_of(work)  # (reads secret.bin itself: its access time is set back below)
+    try:
+        for name, argv in READERS.items():
+            os.utime(secret, ns=(10**9, os.stat(secret).st_mtime_ns))
+            code, out, err = run_cli(argv, work)
+            if atime:
+                assert os.stat(secret).st_atime_ns == 10**9, f"{name} read secret.bin"
+            assert code == 2, (name, out, err)
+            line = one_error_line(err)
+            assert line.startswith("calib: error: t.h5: /trajectories/000000/timesteps "), (name, line)
+            assert files_of(work) == before, f"{name} changed or wrote a file"
+            assert secret.read_bytes().startswith(SECRET)
+    finally:
+        if stop:
+            stop()
+    assert str(work / "fifo") not in OPENED, "a reader opened the FIFO"
+
+
+def test_hdf5_storage_in_a_fifo_does_not_hang_a_process(tmp_path):
+    """The same as a separate process with a time limit (a regression would block in open() for ever): `calib
+    merge` of a trace whose data lives in a FIFO nobody writes."""
+    from test_reliability import _hostile_trace
+
+    work = tmp_path
+    os.mkfifo(work / "fifo")
+    _hostile_trace("external")(work)  # secret.bin ...
+    import h5py
+
+    with h5py.File(work / "t.h5", "r+") as f:  # ... now pointing at the FIFO (no tripwire: nothing unblocks it)
+        g = f["trajectories/000000"]
+        n = g["step_index"].shape[0]
+        del g["timesteps"]
+        g.create_dataset("timesteps", shape=(n,), dtype="f8", external=[("fifo", 0, n * 8)])
+    done = subprocess.run([sys.executable, "-m", "calib", "merge", "t.h5", "--out", "m.h5"], cwd=work, env=ENV,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert one_error_line(done.stderr).endswith("keeps its data in an external file; calib reads only what the file "
+                                                "itself holds")
+    assert not (work / "m.h5").exists()
+
+
+def test_lock_file_never_reaches_another_file(tmp_path):
+    """`t.h5.lock -> precious.txt`, a hard link of it, or a file of the user's at that name: `calib trace --out t.h5`
+    refuses in one line and leaves precious.txt as it was; a stale lock file of calib's (a pid) is taken over."""
+    work = tmp_path
+    (work / "p.txt").write_text("a handwritten 7\n")
+    precious = work / "precious.txt"
+    argv = ["trace", "--prompts", "p.txt", "--steps", "2", "--seeds", "0", "--out", "t.h5"]
+    for make in (lambda lock: lock.symlink_to("precious.txt"), lambda lock: os.link(precious, lock),
+                 lambda lock: lock.write_text("my notes\n")):
+        precious.write_text("precious\n")
+        lock = work / "t.h5.lock"
+        make(lock)
+        code, _, err = run_cli(argv, work)
+        assert code == 2 and "not calib's lock file" in one_error_line(err)
+        assert precious.read_text() == "precious\n" and os.path.lexists(lock)
+        assert not (work / "t.h5").exists()
+        lock.unlink()
+    (work / "t.h5.lock").write_text("999999999")  # left by a killed writer
+    code, _, err = run_cli(argv, work)
+    assert code == 0, err
+    assert not (work / "t.h5.lock").exists() and precious.read_text() == "precious\n"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# SIGKILL between writes: every old file intact or every new file complete, never a mix
+# ---------------------------------------------------------------------------------------------------------------
+KILLER = """
+import os, signal, sys
+import calib._io as cio
+names, kill_at, argv = sys.argv[1].split(","), int(sys.argv[2]), sys.argv[3:]
+
+
+class Killing:
+    calls = 0
+
+    def __getattr__(self, name):
+        real = getattr(os, name)
+        if name not in names:
+            return real
+
+        def call(*args, **kwargs):
+            Killing.calls += 1
+            with open("calls.txt", "w") as fh:
+                fh.write(str(Killing.calls))
+            if Killing.calls == kill_at:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real(*args, **kwargs)
+
+        return call
+
+
+cio.os = Killing()
+from calib.cli import main
+sys.exit(main(argv))
+"""
+
+
+def _killed(work: Path, argv: list[str], calls: str, kill_at: int) -> int:
+    """Run ``calib argv`` in a process that kills itself (SIGKILL) at its ``kill_at``-th call of the writer's OS
+    functions ``calls`` (0: never); returns the exit status (-9 when killed)."""
+    done = subprocess.run([sys.executable, "-c", KILLER, calls, str(kill_at), *argv], cwd=work, env=ENV,
+                          capture_output=True, text=True, timeout=600)
+    return done.returncode
+
+
+def _png(data: bytes) -> bool:
+    return data.startswith(b"\x89PNG\r\n\x1a\n") and data.endswith(b"IEND\xaeB`\x82")
+
+
+def _complete(path: Path) -> bool:
+    """``path`` holds a complete new file of its kind."""
+    data = path.read_bytes()
+    if path.suffix == ".png":
+        return _png(data)
+    if path.suffix == ".h5":
+        return bool(_trajectories(path))
+    if path.suffix == ".html":
+        return data.rstrip().endswith(b"</html>")
+    return isinstance(json.loads(data), dict)
+
+
+def _old_or_new(work: Path, name: str, previous: dict) -> None:
+    """After a SIGKILL, and after the next command's :func:`calib._io.recover` (what any calib command reading or
+    writing the file does first), every output is its previous file or a complete new one, and the files of one
+    product (fit's JSON + PNG) are both previous or both new."""
+    from calib._io import recover
+
+    outputs = OUTPUTS[name]
+    for out in outputs:
+        recover(work / out)
+    old = [(work / out).read_bytes() == previous[out] for out in outputs]
+    for out, was in zip(outputs, old):
+        assert was or _complete(work / out), f"{out} is neither the previous file nor a complete new one"
+    assert len(set(old)) == 1, f"a mix of old and new files: {dict(zip(outputs, old))}"
+    assert not [p.name for p in (work / "disk").iterdir() if p.name.endswith(".pair")]
+
+
+def _kill_sweep(work: Path, name: str, calls: str) -> int:
+    argv = commands("disk")[name]
+    previous = {out: (work / out).read_bytes() for out in OUTPUTS[name]}
+    clean = work / "clean"
+    shutil.copytree(work, clean, symlinks=True)
+    assert _killed(clean, argv, calls, 0) == 0
+    total = int((clean / "calls.txt").read_text())
+    assert total >= 1, total
+    snapshot = work / "snapshot"
+    shutil.copytree(work, snapshot, symlinks=True)
+    for n in range(1, total + 1):
+        shutil.rmtree(work / "disk")
+        shutil.copytree(snapshot / "disk", work / "disk", symlinks=True)
+        code = _killed(work, argv, calls, n)
+        assert code == -signal.SIGKILL, (n, code)
+        _old_or_new(work, name, previous)
+    return total
+
+
+def test_sigkill_between_the_renames_of_fit_leaves_one_product(tmp_path):
+    """`calib fit` (JSON + PNG) killed at each of its renames: after the kill the next command that reads or
+    writes the files finishes the renames the writer's note names -- both files new -- or, killed before the
+    first, both files are the previous ones; never the new JSON beside the old PNG."""
+    _prepare(tmp_path, tmp_path / "disk")
+    assert _kill_sweep(tmp_path, "fit", "replace") == 2
+
+
+def test_pair_note_is_finished_by_the_next_reader(tmp_path):
+    """Killed after the JSON's rename, before the PNG's: the note remains; `calib export` of the JSON (a reader)
+    renames the verified PNG into place first, and the next fit leaves no temporary file behind."""
+    _prepare(tmp_path, tmp_path / "disk")
+    work = tmp_path
+    old_png = (work / "disk/fit.png").read_bytes()
+    assert _killed(work, commands("disk")["fit"], "replace", 2) == -signal.SIGKILL
+    notes = [p for p in (work / "disk").iterdir() if p.name.endswith(".pair")]
+    assert len(notes) == 1 and (work / "disk/fit.png").read_bytes() == old_png  # the mix, for the moment
+    code, _, err = run_cli(["export", "disk/fit.json", "--format", "json", "--out", "x.json"], work)
+    assert code == 0, err
+    assert _png((work / "disk/fit.png").read_bytes()) and (work / "disk/fit.png").read_bytes() != old_png
+    assert not notes[0].exists()
+    code, _, err = run_cli(commands("disk")["fit"], work)
+    assert code == 0, err
+    assert not temporaries(work / "disk")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["merge", "tune", "export", "report", "trace"])
+def test_sigkill_at_every_rename_and_fsync_keeps_old_or_new(tmp_path, name):
+    """Each writing command killed (SIGKILL) at each rename and each fsync of its writes: every output is the
+    previous file or a complete new one."""
+    _prepare(tmp_path, tmp_path / "disk")
+    assert _kill_sweep(tmp_path, name, "replace,fsync") >= 2
+
+
+def test_a_pair_note_renames_only_its_own_writers_temporary_files(tmp_path):
+    """A note is followed only when this user owns it and its writer is gone, and it may only rename that writer's
+    temporary files over their targets in the same folder: a planted note naming another file, a note of another
+    user, or one of a live writer changes nothing."""
+    from calib._io import _HOST, PAIR_FORMAT, recover
+
+    work = tmp_path
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (work / "c.json").write_text("old json")
+    (work / "victim.txt").write_text("victim")
+    (work / "mine.tmp").write_text("attacker's bytes")
+    own = work / f".c.json.{dead.pid}-{_HOST}.00000000.tmp"
+    own.write_text("new json")
+
+    def note(renames, pid=dead.pid, uid=None):
+        path = work / f".c.json.{pid}-{_HOST}.11111111.pair"
+        path.write_text(json.dumps({"format": PAIR_FORMAT, "renames": [[str(a), str(b)] for a, b in renames]}))
+        if uid is not None:
+            os.chown(path, uid, -1)
+        return path
+
+    planted = note([(work / "mine.tmp", work / "victim.txt")])  # not a temporary file of the note's writer
+    recover(work / "c.json")
+    assert (work / "victim.txt").read_text() == "victim" and (work / "mine.tmp").exists() and not planted.exists()
+    live = note([(own, work / "c.json")], pid=os.getpid())  # its writer is this process: still writing
+    recover(work / "c.json")
+    assert (work / "c.json").read_text() == "old json" and live.exists()
+    live.unlink()
+    if os.geteuid() == 0:
+        foreign = note([(own, work / "c.json")], uid=12345)  # another user's note
+        recover(work / "c.json")
+        assert (work / "c.json").read_text() == "old json" and foreign.exists()
+        foreign.unlink()
+    note([(own, work / "c.json")])  # the real thing: a dead writer's note naming its own temporary file
+    recover(work / "c.json")
+    assert (work / "c.json").read_text() == "new json" and not own.exists()
+    assert not [p for p in work.iterdir() if p.name.endswith(".pair")]

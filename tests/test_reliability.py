@@ -29,6 +29,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import warnings
 from contextlib import redirect_stderr, redirect_stdout
@@ -410,7 +411,170 @@ def _apply_twice(name: str):
         first.remove()
 
 
+# -- hostile files: HDF5 that points elsewhere, FIFOs, locks, manifests, schedules ---------------------------------
+
+OPENED: set = set()  # FIFOs a tripwire saw opened for reading
+
+
+def tripwire(path: Path):
+    """A FIFO at ``path`` that records whether anything opens it for reading and then lets that reader go (it reads
+    an empty file), so a case shows calib never opened it -- and a regression fails instead of hanging. Returns the
+    function that stops watching."""
+    os.mkfifo(path)
+    stop = threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)  # ENXIO while no one reads it
+            except OSError:
+                time.sleep(0.002)
+                continue
+            OPENED.add(str(path))
+            os.close(fd)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+
+    def stop_watching():
+        stop.set()
+        thread.join(5)
+
+    return stop_watching
+
+
+def _never_opened(name: str):
+    def check(work: Path) -> None:
+        assert str(work / name) not in OPENED, f"calib opened the FIFO {name}"
+
+    return check
+
+
+SECRET = b"nobody named this file\n"
+
+
+def _hostile_trace(kind: str):
+    """The real trace as t.h5 with the timesteps of its first trajectory replaced by ``kind``: data stored in an
+    external file (``secret.bin``, a FIFO, /dev/urandom), an external or a soft link, a virtual dataset, a dataset
+    declaring 2**36 values, or one stored with a filter plugin; and the files those name."""
+
+    def setup(work: Path):
+        stop = None
+        (work / "secret.bin").write_bytes(SECRET + bytes(64))
+        if kind == "fifo":
+            stop = tripwire(work / "fifo")
+        with h5py.File(work / "other.h5", "w") as f:
+            f["data"] = np.arange(6.0)
+        path = copy_asset("real.h5", work, "t.h5")
+        with h5py.File(path, "r+") as f:
+            g = f["trajectories/000000"]
+            n = g["timesteps"].shape[0]
+            del g["timesteps"]
+            if kind in ("external", "fifo", "urandom"):
+                name = {"external": "secret.bin", "fifo": "fifo", "urandom": "/dev/urandom"}[kind]
+                g.create_dataset("timesteps", shape=(n,), dtype="f8", external=[(name, 0, n * 8)])
+            elif kind == "external-link":
+                g["timesteps"] = h5py.ExternalLink("other.h5", "/data")
+            elif kind == "soft-link":
+                g["timesteps"] = h5py.SoftLink("/trajectories/000001/timesteps")
+            elif kind == "virtual":
+                layout = h5py.VirtualLayout(shape=(n,), dtype="f8")
+                layout[:] = h5py.VirtualSource("other.h5", "/data", shape=(n,))
+                g.create_virtual_dataset("timesteps", layout)
+            elif kind == "huge":
+                g.create_dataset("timesteps", shape=(2**36,), dtype="f4", chunks=(4096,))
+            elif kind == "plugin":
+                g.create_dataset("timesteps", data=np.linspace(1, 0, n), chunks=(n,), compression=32001,
+                                 allow_unknown_filter=True)
+        return stop
+
+    return setup
+
+
+def _trace_with(edit: Callable):
+    """The real trace as t.h5 with ``edit(group)`` applied to its first trajectory's group."""
+
+    def make(path: Path) -> None:
+        path.write_bytes((assets() / "real.h5").read_bytes())
+        with h5py.File(path, "r+") as f:
+            edit(f["trajectories/000000"])
+
+    return make
+
+
+def _replace_series(name: str, values):
+    def edit(g):
+        del g[name]
+        g.create_dataset(name, data=values(g.attrs["steps"]))
+
+    return edit
+
+
+def _with_coeffs(setup):
+    def both(work: Path):
+        copy_asset("real.json", work, "c.json")
+        return setup(work)
+
+    return both
+
+
+def _lock_to(kind: str):
+    """t.h5.lock as a symbolic link to, or a second hard link of, precious.txt."""
+
+    def setup(work: Path):
+        _p("a handwritten 7\n")(work)
+        (work / "precious.txt").write_text("precious\n")
+        if kind == "symlink":
+            (work / "t.h5.lock").symlink_to("precious.txt")
+        else:
+            os.link(work / "precious.txt", work / "t.h5.lock")
+
+    return setup
+
+
+def _manifest_edit(edit: Callable[[dict], object] | None = None, text: str | None = None):
+    """The one-shard run s.* of :func:`_manifest` with its manifest edited (``edit``) or replaced (``text``)."""
+
+    def setup(work: Path):
+        _manifest(work, "s.rank0-of-1.h5")
+        path = work / "s.manifest.json"
+        if text is not None:
+            path.write_text(text)
+        else:
+            doc = json.loads(path.read_text())
+            edit(doc)
+            path.write_text(json.dumps(doc))
+
+    return setup
+
+
+def _manifest_readable(path: Path) -> None:
+    from calib.store.shards import load_manifest
+
+    assert load_manifest(path).count == 1
+
+
+def _schedule_doc(path: Path, edit: Callable[[str], str] = lambda text: text) -> None:
+    """A schedule document made by the documented ``schedule_document_for`` (6 steps, budget 3), its JSON text
+    passed through ``edit``."""
+    from calib.runtime import schedule_document_for
+
+    doc = schedule_document_for(pipe(), steps=6, schedules={3: {"transformer": [0, 2, 5]}}, recommended=3)
+    path.write_text(edit(json.dumps(doc)))
+
+
+def _mixed_mask(text: str) -> str:
+    doc = json.loads(text)
+    doc["schedules"][0]["components"]["transformer"] = [i if i % 2 else str(i) for i in range(200_000)]
+    return json.dumps(doc)
+
+
+def _pipeline_args(args: dict):
+    return _json_edit(lambda d: d["calibration"]["pipeline"].update(pipeline_args=args))
+
+
 TRACE = "calib trace --steps 2 --seeds 0"
+HDF5_EXTERNAL = "keeps its data in an external file; calib reads only what the file itself holds"
 LONG_PROMPT = "a handwritten 7, " + "very " * 500
 
 CASES: list[Case] = [
@@ -601,13 +765,138 @@ CASES: list[Case] = [
     # -- hostile files: nothing a file says is run or opened ---------------------------------------------------------
     Case("file-names-code", "a coefficient file whose `model.source` names code (`module:function`)",
          "calib eval --coeffs c.json",
-         "calib: error: c.json: its model.source 'evil:pipeline' is not a built-in model, an existing folder or a hub "
-         "id (calib never runs code a file names); pass --model to say which pipeline to load", 2,
+         "calib: error: c.json: its model.source 'evil:pipeline' is not a built-in model or an existing folder (calib "
+         "never runs code or downloads a model a file names); pass --model to say which pipeline to load", 2,
          lambda work: (_plant_module(work), _json_edit(lambda d: _set(d, "model.source", "evil:pipeline"))(
              work / "c.json")), check=_module_never_ran),
     Case("manifest-outside", "a manifest naming a shard file outside its folder", "calib fit s.manifest.json",
          "calib: error: s.manifest.json: damaged manifest (shard file '../t.h5' is not a file name beside the "
          "manifest)", 2, lambda work: _manifest(work, "../t.h5")),
+    Case("file-names-abort", "a coefficient file whose `model.source` is `os:abort`", "calib eval --coeffs c.json",
+         "calib: error: c.json: its model.source 'os:abort' is not a built-in model or an existing folder (calib never "
+         "runs code or downloads a model a file names); pass --model to say which pipeline to load", 2,
+         _files(c__json=_json_edit(lambda d: _set(d, "model.source", "os:abort")))),
+    Case("file-names-download", "a coefficient file whose `model.source` is a hub id (nothing is downloaded)",
+         "calib eval --coeffs c.json",
+         "calib: error: c.json: its model.source 'some-org/some-model' is not a built-in model or an existing folder "
+         "(calib never runs code or downloads a model a file names); pass --model to say which pipeline to load", 2,
+         _files(c__json=_json_edit(lambda d: _set(d, "model.source", "some-org/some-model")))),
+    Case("hdf5-external-fit", "a trace whose data is stored in another file (HDF5 external storage)",
+         "calib fit t.h5 --out c.json",
+         f"calib: error: t.h5: /trajectories/000000/timesteps {HDF5_EXTERNAL}", 2, _hostile_trace("external")),
+    Case("hdf5-external-merge", "... given to `calib merge` (nothing of the other file is copied)",
+         "calib merge t.h5 --out m.h5",
+         f"calib: error: t.h5: /trajectories/000000/timesteps {HDF5_EXTERNAL}", 2, _hostile_trace("external")),
+    Case("hdf5-external-fifo", "a trace whose data is stored in a FIFO (never opened: no hang)",
+         "calib fit t.h5 --out c.json",
+         f"calib: error: t.h5: /trajectories/000000/timesteps {HDF5_EXTERNAL}", 2, _hostile_trace("fifo"),
+         check=_never_opened("fifo")),
+    Case("hdf5-external-urandom", "a trace whose data is stored in /dev/urandom, given to `calib tune`",
+         "calib tune t.h5 --coeffs c.json --speedup 1.5",
+         f"calib: error: t.h5: /trajectories/000000/timesteps {HDF5_EXTERNAL}", 2,
+         _with_coeffs(_hostile_trace("urandom"))),
+    Case("hdf5-external-link", "a trace with an external link to another file, given to `calib report`",
+         "calib report t.h5 --coeffs c.json --out r.html",
+         "calib: error: t.h5: /trajectories/000000/timesteps is an external link (to another file); calib follows no "
+         "links in an HDF5 file (a trace written by calib has none)", 2, _with_coeffs(_hostile_trace("external-link"))),
+    Case("hdf5-soft-link", "a trace with a soft link", "calib fit t.h5 --out c.json",
+         "calib: error: t.h5: /trajectories/000000/timesteps is a soft link (to another path); calib follows no links "
+         "in an HDF5 file (a trace written by calib has none)", 2, _hostile_trace("soft-link")),
+    Case("hdf5-virtual", "a trace with a virtual dataset (data mapped from another file), given to `calib merge`",
+         "calib merge t.h5 --out m.h5",
+         "calib: error: t.h5: /trajectories/000000/timesteps is a virtual dataset (its data is read from other "
+         "files); calib reads only what the file itself holds", 2, _hostile_trace("virtual")),
+    Case("hdf5-plugin-filter", "a trace stored with a filter plugin (no plugin library is loaded)",
+         "calib fit t.h5 --out c.json",
+         "calib: error: t.h5: /trajectories/000000/timesteps is stored with HDF5 filter 32001, which is not one of "
+         "HDF5's own (a plugin library would be loaded to read it); repack the file without it", 2,
+         _hostile_trace("plugin")),
+    Case("hdf5-huge", "a trace declaring 2**36 values it never stored (refused before allocating 256 GiB)",
+         "calib fit t.h5 --out c.json",
+         "calib: error: t.h5: /trajectories/000000/timesteps declares 68,719,476,736 values (274,877,906,944 bytes), "
+         "more than a trace dataset holds (at most 163,840,000 bytes); refused before reading it", 2,
+         _hostile_trace("huge")),
+    Case("trace-steps-negative", "a trace whose `steps` attribute is -5", "calib fit t.h5 --out c.json",
+         "calib: error: t.h5: damaged trace file (trajectories/000000: steps -5 is outside 1..10000)", 2,
+         _files(t__h5=_trace_with(lambda g: g.attrs.__setitem__("steps", -5)))),
+    Case("trace-seed-text", "a trace whose `seed` attribute is the text 'zero'", "calib fit t.h5 --out c.json",
+         "calib: error: t.h5: damaged trace file (trajectories/000000: seed 'zero' is not an integer)", 2,
+         _files(t__h5=_trace_with(lambda g: g.attrs.__setitem__("seed", "zero")))),
+    Case("trace-timesteps-inf", "a trace with an infinite timestep", "calib fit t.h5 --out c.json",
+         "calib: error: t.h5: damaged trace file (trajectories/000000/timesteps: holds infinite values)", 2,
+         _files(t__h5=_trace_with(_replace_series("timesteps", lambda n: np.r_[np.inf, np.zeros(n - 1)])))),
+    Case("trace-complex", "a trace whose series are complex numbers", "calib fit t.h5 --out c.json",
+         "calib: error: t.h5: /trajectories/000000/input_rel_l1 holds values of type complex64, not real numbers", 2,
+         _files(t__h5=_trace_with(_replace_series("input_rel_l1", lambda n: np.ones(n, np.complex64) * 1j)))),
+    Case("trace-negative-change", "a trace with a negative rel-L1 change", "calib fit t.h5 --out c.json",
+         "calib: error: t.h5: damaged trace file (trajectories/000000/output_rel_l1: holds negative values; a "
+         "relative L1 change is >= 0)", 2,
+         _files(t__h5=_trace_with(_replace_series("output_rel_l1", lambda n: np.r_[np.nan, -np.ones(n - 1)])))),
+    Case("lock-symlink", "`t.h5.lock` is a symbolic link to another file (it is left as it is)",
+         f"{TRACE} --prompts p.txt --out t.h5",
+         "calib: error: t.h5.lock: is a symbolic link, not calib's lock file; calib will not write through it -- "
+         "remove it if no calib process is running", 2, _lock_to("symlink")),
+    Case("lock-hardlink", "`t.h5.lock` is a second hard link of another file (it is left as it is)",
+         f"{TRACE} --prompts p.txt --out t.h5",
+         "calib: error: t.h5.lock: has 2 hard links (another file shares its data), so it is not calib's lock file; "
+         "calib will not change it -- move it away if no calib process is running", 2, _lock_to("hardlink")),
+    Case("manifest-job-one-element", "a manifest whose job lists a prompt without its seed",
+         "calib fit s.manifest.json --out c.json",
+         "calib: error: s.manifest.json: damaged manifest (shards[0].jobs[0]: expected [prompt, seed], got [\"a "
+         "handwritten 7\"])", 2, _manifest_edit(lambda d: d["shards"][0]["jobs"][0].pop())),
+    Case("manifest-seed-text", "a manifest whose seed is \"zero\"", "calib merge s.manifest.json --out m.h5",
+         "calib: error: s.manifest.json: damaged manifest (shards[0].jobs[0]: expected [prompt, seed], got [\"a "
+         "handwritten 7\", \"zero\"])", 2, _manifest_edit(lambda d: d["shards"][0]["jobs"][0].__setitem__(1, "zero"))),
+    Case("manifest-steps-text", "a manifest whose steps are \"six\"", "calib fit s.manifest.json --out c.json",
+         "calib: error: s.manifest.json: damaged manifest (settings.steps \"six\" is not an integer in 1..10,000)", 2,
+         _manifest_edit(lambda d: d["settings"].__setitem__("steps", "six"))),
+    Case("manifest-shard-count", "a manifest of 10**20 shards", "calib fit s.manifest.json --out c.json",
+         "calib: error: s.manifest.json: damaged manifest (shard_count 100000000000000000000 is not an integer in "
+         "1..10,000)", 2, _manifest_edit(lambda d: d.__setitem__("shard_count", 10**20))),
+    Case("manifest-deep", "a manifest nested 100,000 deep", "calib fit s.manifest.json --out c.json",
+         "calib: error: s.manifest.json: not a calib trace manifest (invalid JSON: nested more than 64 levels deep)",
+         2, _manifest_edit(text="[" * 100_000 + "]" * 100_000)),
+    Case("manifest-deep-trace", "a manifest nested 100,000 deep where `calib trace --shard` keeps its run's (it is "
+         "rewritten from the shard files)", f"{TRACE} --prompts p.txt --out s.h5 --shard 0/1",
+         "shard 0/1: traced 1 generations (2 steps) -> s.rank0-of-1.h5 (2 trajectories); s.manifest.json: 1 of 1 "
+         "generations of all 1 shards finished", 0,
+         lambda work: (_p("a handwritten 7\n")(work), (work / "s.manifest.json").write_text("[" * 100_000 + "]" * 100_000)),
+         check=lambda work: _manifest_readable(work / "s.manifest.json")),
+    Case("manifest-fifo", "a FIFO at the run's `NAME.manifest.json` (never opened: no hang)",
+         f"{TRACE} --prompts p.txt --out s.h5 --shard 0/1",
+         "calib: error: s.manifest.json: is a FIFO, device or socket, not a manifest file; move it away (calib writes "
+         "the run's manifest there)", 2, lambda work: (_p("a handwritten 7\n")(work), tripwire(work / "s.manifest.json"))[1],
+         check=_never_opened("s.manifest.json")),
+    Case("export-fifo-magcache", "a FIFO given to `calib export --format diffusers-magcache` (never opened)",
+         "calib export t.h5 --format diffusers-magcache",
+         "calib: error: t.h5: is a FIFO (named pipe), not a regular file; expected an HDF5 trace file or a JSON file",
+         2, lambda work: tripwire(work / "t.h5"), check=_never_opened("t.h5")),
+    Case("export-fifo-fastercache", "a FIFO given to `calib export --format diffusers-fastercache` (never opened)",
+         "calib export t.h5 --format diffusers-fastercache",
+         "calib: error: t.h5: is a FIFO (named pipe), not a regular file; expected an HDF5 trace file or a JSON file",
+         2, lambda work: tripwire(work / "t.h5"), check=_never_opened("t.h5")),
+    Case("schedule-steps-huge", "a schedule file of `\"steps\": 1e18` exported to cache-dit",
+         "calib export s.json --format cache-dit",
+         "calib: error: s.json: steps: 1e+18 is greater than the maximum of 10000", 2,
+         _files(s__json=lambda p: _schedule_doc(p, lambda t: t.replace('"steps": 6', '"steps": 1e18')))),
+    Case("schedule-mask-mixed", "a schedule mask of 200,000 integers and strings (checked in linear time)",
+         "calib export s.json --format cache-dit",
+         "calib: error: s.json: schedules[0].components.transformer[0]: expected integer, got string \"0\"", 2,
+         _files(s__json=lambda p: _schedule_doc(p, _mixed_mask))),
+    Case("eval-file-output-type", "a coefficient file whose pipeline arguments set `output_type` (calib's own)",
+         "calib eval --coeffs c.json",
+         "calib: error: c.json: calibration.pipeline.pipeline_args output_type: calib sets output_type itself", 2,
+         _files(c__json=_pipeline_args({"output_type": "pil"}))),
+    Case("eval-file-images-per-prompt", "a coefficient file whose pipeline arguments ask for 10**8 images per prompt",
+         "calib eval --coeffs c.json",
+         "calib: error: c.json: calibration.pipeline.pipeline_args num_images_per_prompt: must be an integer from 1 "
+         "to 64 (outputs per prompt in every batch), got 100000000", 2,
+         _files(c__json=_pipeline_args({"num_images_per_prompt": 10**8}))),
+    Case("eval-file-latents", "a coefficient file whose pipeline arguments give `latents` as text",
+         "calib eval --coeffs c.json",
+         "calib: error: c.json: calibration.pipeline.pipeline_args latents: the pipeline takes a tensor here, which "
+         "the command line and files cannot give (got \"abc\"); pass it through the Python API "
+         "(pipeline_kwargs={'latents': tensor})", 2, _files(c__json=_pipeline_args({"latents": "abc"}))),
     # -- outputs ------------------------------------------------------------------------------------------------
     Case("out-directory", "`--out` names a directory", "calib export c.json --format json --out out",
          "calib: error: cannot write out: it is a directory", 2,
@@ -694,6 +983,14 @@ CASES: list[Case] = [
          "calib: error: --seeds '0-99999999999': 100,000,000,000 seeds; at most 100,000 per run", 2),
     Case("steps-huge", "`--steps 10000000000`", "calib trace --steps 10000000000",
          "calib: error: --steps 10000000000: at most 10000 denoising steps", 2),
+    Case("shard-huge", "`--shard 0/99999999999999999999`", "calib trace --shard 0/99999999999999999999",
+         "calib: error: --shard 0/99999999999999999999: at most 10,000 shards (got 99,999,999,999,999,999,999)", 2),
+    Case("points-huge", "`calib compare --points 1000000000`", "calib compare a.json b.json --points 1000000000",
+         "calib: error: --points must be an integer from 2 to 100,000, got 1,000,000,000", 2,
+         lambda work: (copy_asset("real.json", work, "a.json"), copy_asset("real.json", work, "b.json"))),
+    Case("bootstrap-huge", "`calib fit --bootstrap 1000000000`", "calib fit t.h5 --out c.json --bootstrap 1000000000",
+         "calib: error: --bootstrap must be an integer from 0 to 10,000, got 1,000,000,000", 2,
+         lambda work: copy_asset("real.h5", work, "t.h5")),
     Case("device-cuda", "`--device cuda` without CUDA", "calib trace --device cuda --prompts p.txt",
          f"calib: error: --device cuda: this torch has no CUDA device (torch {_torch_version()}, CUDA build: none); "
          "use --device cpu", 2, _p("a handwritten 7\n"), skip=lambda: _cuda_present()),

@@ -425,6 +425,38 @@ def test_no_paths():
     assert "no trace files" in error_of(read_traces, [])
 
 
+# ---------------------------------------------------------------- files that point elsewhere
+
+
+def test_shard_count_ignores_a_shard_linking_out_of_its_file(tmp_path):
+    """The manifest writer counts what shard files hold from group attributes only: a shard whose group is an
+    external link (here to a FIFO nobody writes, which h5py would open and block on) counts as holding nothing, and
+    reading it is refused in one line; nothing outside the shard is opened."""
+    from calib.store.shards import finished_generations
+
+    os.mkfifo(tmp_path / "fifo.h5")
+    path = write(tmp_path / "s.h5", generation("a cat", 0))
+    assert finished_generations(path, 6, 3.5) == {("a cat", 0)}
+    with h5py.File(path, "r+") as f:
+        f["trajectories/000002"] = h5py.ExternalLink("fifo.h5", "/trajectories/000000")
+    assert finished_generations(path, 6, 3.5) == set()
+    assert "is an external link (to another file)" in error_of(read_traces, [path])
+
+
+def test_writer_checks_the_groups_it_appends(tmp_path):
+    """A resumed file is checked whole when it is read; each append's read-back checks the groups it added."""
+    path = write(tmp_path / "t.h5", generation("a cat", 0))
+    with TraceWriter(path, INFO) as w:
+        w.append(generation("a dog", 1))
+    assert [t.prompt for t in read_traces([path]).trajectories] == ["a cat", "a cat", "a dog", "a dog"]
+    with h5py.File(path, "r+") as f:
+        f["trajectories/000000/extra/temb_rel_l1"].attrs["x"] = 1  # still fine
+        del f["trajectories/000001/timesteps"]
+        f["trajectories/000001/timesteps"] = h5py.SoftLink("/trajectories/000000/timesteps")
+    assert "is a soft link" in error_of(TraceWriter, path, INFO)
+    assert not (tmp_path / "t.h5.lock").exists()
+
+
 # ---------------------------------------------------------------- crash safety
 
 STREAMS = ("cond", "uncond", "s2")

@@ -17,8 +17,8 @@ from calib.methods.base import parse_seeds
 @cli.command(name="eval")
 @click.option("--coeffs", required=True, type=click.Path(path_type=Path), help="Coefficient JSON to evaluate.")
 @click.option("--model", default=None,
-              help="Pipeline [default: the file's model.source when it is a built-in model, a folder or a hub id "
-                   "(a file never names code: module:function only here), else builtin:digits].")
+              help="Pipeline [default: the file's model.source when it is a built-in model or a folder (a file "
+                   "never names code or a download: module:function and hub ids only here), else builtin:digits].")
 @click.option("--prompts", "prompts_file", type=click.Path(path_type=Path),
               help="Held-out prompts, one a line [default: built-in models' bundled prompts].")
 @click.option("--seeds", default="100-103", show_default=True, help="Held-out seeds: '100,101' or '100-103'.")

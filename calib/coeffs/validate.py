@@ -15,6 +15,7 @@ from typing import Any, Callable
 import numpy as np
 
 from calib import __version__
+from calib._io import check_unique_items
 from calib.coeffs.schema import validator
 from calib.errors import CalibError
 from calib.runtime.document import FORMAT, SCHEMA_VERSION
@@ -191,7 +192,9 @@ def validate_document(doc: Any, *, source: str = "<document>", section_check: Se
 
     import jsonschema
 
-    error = jsonschema.exceptions.best_match(validator().iter_errors(doc))
+    checker = validator()
+    check_unique_items(doc, checker.schema, source)  # in linear time: jsonschema's uniqueItems is quadratic
+    error = jsonschema.exceptions.best_match(checker.iter_errors(doc))
     if error is not None:
         where, what = _describe_schema_error(error)
         raise document_error(source, where, what)

@@ -48,6 +48,7 @@ from calib.models.digit_reader import builtin_name, digit_reader
 from calib.models.loading import model_from_file, pipeline_class
 from calib.store import read_traces
 from calib.trace import MAX_STEPS, check_call_arguments, pick_device, recordable
+from calib.trace.settings import check_pipeline_section
 from calib.trace.generate import Generator
 from calib.trace.prompts import bundled_prompts_path, read_prompts
 
@@ -256,6 +257,7 @@ def _read_calibration(request: EvalRequest) -> Calibration:
 def _pipeline_call(request: EvalRequest, calibration: Calibration) -> PipelineCall:
     """The pipeline's call arguments, dtype and offload: the file's ``calibration.pipeline``, then the request's."""
     calibrated = (calibration.doc.get("calibration") or {}).get("pipeline")
+    check_pipeline_section(calibrated, request.coeffs)  # what the file asks the pipeline to be called with
     if calibrated is None and (calibration.doc.get("provenance") or {}).get("source") == "measured":
         warnings.warn(f"{request.coeffs} does not record how its traces called the pipeline (traced by an older "
                       "calib, or fitted across several settings); generating with the pipeline's defaults",

@@ -13,16 +13,12 @@ from pathlib import Path
 from calib._io import write_text
 from calib.errors import CalibError
 from calib.methods import registry
-from calib.store import HDF5_SIGNATURE, read_traces
+from calib.store import is_hdf5_file, read_traces
 from calib.exports import EXPORTERS, TRACE, TRACE_OR_DOCUMENT, ExportOptions
 
 
 def _is_trace(path: Path) -> bool:
-    try:
-        with open(path, "rb") as fh:
-            return fh.read(8) == HDF5_SIGNATURE
-    except OSError:
-        return False
+    return is_hdf5_file(path)  # a FIFO or a device is refused in one line, never opened
 
 
 def methods_taking(fmt: str) -> tuple:

@@ -24,6 +24,7 @@ from typing import Sequence
 
 import numpy as np
 
+from calib._io import MAX_POINTS, check_count
 from calib._io import write_bytes as write_atomic_bytes
 from calib.errors import CalibError
 from calib.methods.registry import load_document
@@ -169,7 +170,7 @@ def compare(paths: Sequence, *, points: int = 11) -> Comparison:
         raise CalibError(f"compare needs exactly two coefficient files, got {len(paths)}")
     if isinstance(points, bool) or not isinstance(points, (int, np.integer)) or points < 2:
         raise CalibError(f"--points must be an integer >= 2, got {points!r}")
-    points = int(points)
+    points = check_count(int(points), what="--points", low=2, high=MAX_POINTS)
     path_a, path_b = (Path(p) for p in paths)
     doc_a = load_document(path_a)
     doc_b = load_document(path_b)

@@ -6,6 +6,11 @@ from __future__ import annotations
 import json
 from datetime import datetime, timezone
 
+from calib._io import parse_json
+
+# Denoising steps a trace, a manifest or a generation may declare (calib trace --steps takes as many).
+MAX_STEPS = 10_000
+
 # The settings a resumed trace must share with the file (attribute ``trace_settings``, written by calib trace), and
 # the option that sets each. Prompts and seeds are not among them: more of those extend a trace. ``cpu_offload`` is
 # recorded but not matched: it changes where the weights wait between calls, not what is computed.
@@ -38,7 +43,7 @@ def stored_settings(attrs: dict) -> dict | None:
     if raw is None:
         return None
     try:
-        value = json.loads(_str_attr(raw))
+        value = parse_json(_str_attr(raw))  # calib's depth and integer limits: a file's attribute is input
     except (TypeError, ValueError):
         return None
     return value if isinstance(value, dict) else None

@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -26,9 +27,10 @@ from datetime import timedelta
 from pathlib import Path
 
 from .. import __version__
-from .._io import MAX_JSON_BYTES, parse_json, read_input, write_text
+from .._io import MAX_JSON_BYTES, check_count, parse_json, read_input, write_text
 from ..errors import CalibError
-from ._attrs import _now, _str_attr, settings_difference, stored_settings
+from ._attrs import MAX_STEPS, _now, _str_attr, settings_difference, stored_settings
+from .hdf5 import open_hdf5
 
 MANIFEST_FORMAT = "calib-trace-manifest"
 MANIFEST_VERSION = 1
@@ -36,6 +38,10 @@ SHARD_NAME = re.compile(r"^(?P<name>.+)\.rank(?P<index>\d+)-of-(?P<count>\d+)\.(
 # A rank that finishes early waits at the final barrier for the others; a resumed run can leave one rank with
 # hours of work and another with none, so the wait must not time out.
 BARRIER_TIMEOUT = timedelta(days=7)
+# Shards of one run: each is a file and a manifest entry, and the manifest is written by looping over them.
+MAX_SHARDS = 10_000
+# Generations of one run (prompts x seeds) a manifest may list: calib trace's 100,000 seeds of a few prompts.
+MAX_JOBS = 10_000_000
 
 
 @dataclass(frozen=True)
@@ -57,13 +63,15 @@ class Shard:
 
 
 def parse_shard(value: str | None) -> tuple[int, int] | None:
-    """``"i/n"`` -> (i, n) with 0 <= i < n."""
+    """``"i/n"`` -> (i, n) with 0 <= i < n <= :data:`MAX_SHARDS`."""
     if value is None:
         return None
-    m = re.fullmatch(r"\s*(\d+)\s*/\s*(\d+)\s*", str(value))
+    m = re.fullmatch(r"\s*(\d{1,30})\s*/\s*(\d{1,30})\s*", str(value))
     if not m:
-        raise CalibError(f"--shard {value!r}: expected INDEX/COUNT like 0/4 (indices start at 0)")
+        raise CalibError(f"--shard {str(value)[:60]!r}: expected INDEX/COUNT like 0/4 (indices start at 0)")
     index, count = int(m.group(1)), int(m.group(2))
+    if count > MAX_SHARDS:
+        raise CalibError(f"--shard {value}: at most {MAX_SHARDS:,} shards (got {count:,})")
     if count < 1 or index >= count:
         raise CalibError(f"--shard {value}: the index must be in 0..COUNT-1 (got {index} of {count})")
     return index, count
@@ -73,10 +81,9 @@ def _env_int(env, name: str) -> int | None:
     value = env.get(name)
     if value in (None, ""):
         return None
-    try:
-        return int(value)
-    except ValueError:
-        raise CalibError(f"environment variable {name}={value!r} is not an integer") from None
+    if not re.fullmatch(r"\s*-?\d{1,30}\s*", str(value)):
+        raise CalibError(f"environment variable {name}={str(value)[:60]!r} is not an integer")
+    return int(value)
 
 
 def resolve_shard(shard_option: str | None, env=None) -> Shard | None:
@@ -90,6 +97,8 @@ def resolve_shard(shard_option: str | None, env=None) -> Shard | None:
             raise CalibError(
                 f"--shard {shard_option} under a distributed launcher (WORLD_SIZE={world}): use one or the other"
             )
+        if world > MAX_SHARDS:
+            raise CalibError(f"WORLD_SIZE={world}: at most {MAX_SHARDS:,} ranks")
         rank = _env_int(env, "RANK")
         if rank is None or not 0 <= rank < world:
             raise CalibError(f"WORLD_SIZE={world} but RANK is {env.get('RANK')!r}; start calib with torchrun or accelerate launch")
@@ -124,35 +133,39 @@ def is_manifest(path) -> bool:
 def finished_generations(path: Path, steps: int, guidance: float) -> set[tuple[str, int]]:
     """(prompt, seed) of the generations a trace file holds with these settings; reads group attributes only.
     An absent or unreadable file holds none (it may be mid-creation by another job)."""
-    import h5py
-
     if not Path(path).is_file():
         return set()
     try:
-        with h5py.File(path, "r") as f:
-            root = f.get("trajectories")
-            if root is None:
-                return set()
-            found = set()
-            for name in root:
-                a = root[name].attrs
-                if int(a["steps"]) == steps and float(a["guidance"]) == float(guidance):
-                    found.add((_str_attr(a["prompt"]), int(a["seed"])))
-            return found
-    except (OSError, KeyError, ValueError):
+        f = open_hdf5(path)  # no link out of the file is followed, nothing but this file is opened
+    except CalibError:
+        return set()  # read_traces says what is wrong with it
+    try:
+        root = f.get("trajectories")
+        if root is None:
+            return set()
+        found = set()
+        for name in root:
+            a = root[name].attrs
+            if int(a["steps"]) == steps and float(a["guidance"]) == float(guidance):
+                found.add((_str_attr(a["prompt"]), int(a["seed"])))
+        return found
+    except (OSError, KeyError, ValueError, TypeError, AttributeError, OverflowError):
         return set()
+    finally:
+        f.close()
 
 
 def check_manifest_settings(out: Path, now: dict, *, unknown=()) -> None:
     """Refuse, in one line naming the setting, to trace a shard of ``out`` with other settings than the ones its
     manifest records (the other shards were, or are being, traced with those). No manifest yet: nothing to check."""
     path = manifest_path(out)
-    if not path.is_file():
+    check_manifest_path(path)
+    if not path.exists():
         return
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
+        doc = parse_json(read_input(path, what="a trace manifest", limit=MAX_JSON_BYTES).decode("utf-8"))
         stored = doc["settings"]
-    except (OSError, ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError):
         return  # unreadable: rewritten by this run, and read_traces reports a damaged one
     if not isinstance(stored, dict) or "pipeline_args" not in stored:
         stored = {k: stored.get(k) for k in ("steps", "guidance")} if isinstance(stored, dict) else {}
@@ -164,12 +177,31 @@ def check_manifest_settings(out: Path, now: dict, *, unknown=()) -> None:
         )
 
 
+def check_manifest_path(path: Path) -> None:
+    """A manifest is a regular file calib replaces: a FIFO, device or folder at its name is refused in one line
+    (it would be opened and block, or be written into)."""
+    import stat
+
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise CalibError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "a FIFO, device or socket"
+        raise CalibError(f"{path}: is {kind}, not a manifest file; move it away (calib writes the run's manifest "
+                         "there)")
+
+
 def write_manifest(out: Path, *, model: str, model_info: dict, settings, prompts: list[str], jobs: list,
                    count: int, launcher: str, recorded: dict | None = None) -> dict:
     """(Re)write ``NAME.manifest.json`` for the ``count`` shards of ``out``, counting what their files hold now;
     returns what it wrote. ``recorded``: the shard files' ``trace_settings`` (default: ``settings.recorded()``)."""
     out = Path(out)
     path = manifest_path(out)
+    check_manifest_path(path)
+    count = check_count(count, what="the shard count", high=MAX_SHARDS)
     shards, assigned_total, finished_total = [], 0, 0
     for index in range(count):
         mine = split(jobs, index, count)
@@ -230,6 +262,65 @@ class Manifest:
         return self.doc["shards"][index]
 
 
+def _shown(value) -> str:
+    text = json.dumps(value, ensure_ascii=False, default=repr)
+    return text if len(text) <= 60 else text[:59] + "…"
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _field(doc: dict, key: str, where: str = ""):
+    if not isinstance(doc, dict) or key not in doc:
+        raise ValueError(f"{where}{key}: missing")
+    return doc[key]
+
+
+def _check_manifest(doc: dict) -> None:
+    """Every field calib reads from a manifest, of its type and in its range; ValueError naming the first that is
+    not (a manifest is a file anyone may have edited: nothing in it is used unchecked)."""
+    count = _field(doc, "shard_count")
+    if not _is_int(count) or not 1 <= count <= MAX_SHARDS:
+        raise ValueError(f"shard_count {_shown(count)} is not an integer in 1..{MAX_SHARDS:,}")
+    settings = _field(doc, "settings")
+    steps, guidance = _field(settings, "steps", "settings."), _field(settings, "guidance", "settings.")
+    if not _is_int(steps) or not 1 <= steps <= MAX_STEPS:
+        raise ValueError(f"settings.steps {_shown(steps)} is not an integer in 1..{MAX_STEPS:,}")
+    if isinstance(guidance, bool) or not isinstance(guidance, (int, float)) or not math.isfinite(guidance) \
+            or guidance < 0:
+        raise ValueError(f"settings.guidance {_shown(guidance)} is not a finite number >= 0")
+    seeds = settings.get("seeds", [])
+    if not isinstance(seeds, list) or not all(_is_int(x) for x in seeds):
+        raise ValueError("settings.seeds is not a list of integers")
+    info = _field(doc, "model_info")
+    if not isinstance(_field(info, "class", "model_info."), str):
+        raise ValueError("model_info.class is not text")
+    shards = _field(doc, "shards")
+    if not isinstance(shards, list) or len(shards) != count:
+        raise ValueError(f"shards: expected a list of shard_count ({count}) entries")
+    total = 0
+    for i, entry in enumerate(shards):
+        where = f"shards[{i}]."
+        if _field(entry, "index", where) != i or not _is_int(entry["index"]):
+            raise ValueError(f"{where}index: expected {i}")
+        file = _field(entry, "file", where)
+        # a shard file is a name beside the manifest: a manifest never makes calib open a path elsewhere
+        if not isinstance(file, str) or file in ("", ".", "..") or "/" in file or "\\" in file or "\0" in file:
+            raise ValueError(f"shard file {file!r} is not a file name beside the manifest")
+        assigned, jobs = _field(entry, "assigned", where), _field(entry, "jobs", where)
+        if not _is_int(assigned) or not 0 <= assigned <= MAX_JOBS:
+            raise ValueError(f"{where}assigned {_shown(assigned)} is not an integer in 0..{MAX_JOBS:,}")
+        total += assigned
+        if total > MAX_JOBS:
+            raise ValueError(f"more than {MAX_JOBS:,} generations assigned")
+        if not isinstance(jobs, list) or len(jobs) != assigned:
+            raise ValueError(f"{where}jobs: expected a list of the {assigned} assigned [prompt, seed] pairs")
+        for j, job in enumerate(jobs):
+            if not (isinstance(job, list) and len(job) == 2 and isinstance(job[0], str) and _is_int(job[1])):
+                raise ValueError(f"{where}jobs[{j}]: expected [prompt, seed], got {_shown(job)}")
+
+
 def load_manifest(path) -> Manifest:
     """Read and check a manifest; every shard file it lists must exist."""
     path = Path(path)
@@ -244,19 +335,10 @@ def load_manifest(path) -> Manifest:
     if doc.get("version") != MANIFEST_VERSION:
         raise CalibError(f"{path}: manifest version {doc.get('version')!r}; this calib reads version {MANIFEST_VERSION}")
     try:
-        shards = doc["shards"]
-        count = int(doc["shard_count"])
-        doc["settings"]["steps"], doc["settings"]["guidance"], doc["model_info"]["class"]
-        if len(shards) != count or [int(s["index"]) for s in shards] != list(range(count)):
-            raise ValueError("shards do not match shard_count")
-        for s in shards:
-            s["file"], s["assigned"], s["jobs"]
-            # a shard file is a name beside the manifest: a manifest never makes calib open a path elsewhere
-            if not isinstance(s["file"], str) or s["file"] in ("", ".", "..") or "/" in s["file"] \
-                    or "\\" in s["file"] or "\0" in s["file"]:
-                raise ValueError(f"shard file {s['file']!r} is not a file name beside the manifest")
-    except (KeyError, TypeError, ValueError) as exc:
+        _check_manifest(doc)
+    except ValueError as exc:
         raise CalibError(f"{path}: damaged manifest ({exc})") from None
+    shards, count = doc["shards"], doc["shard_count"]
     manifest = Manifest(path, doc)
     missing = [(s["index"], f) for s, f in zip(shards, manifest.shard_files()) if not f.is_file() and s["assigned"]]
     if missing:

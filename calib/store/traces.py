@@ -19,10 +19,11 @@ from pathlib import Path
 import numpy as np
 
 from calib import __version__
-from calib._io import (MAX_TRACE_BYTES, Target, check_input, new_file_mode, parse_json, remove_stale_temporaries,
-                       resolve_output, write_bytes)
+from calib._io import Target, new_file_mode, parse_json, remove_stale_temporaries, resolve_output, write_bytes
 from calib.errors import CalibError
-from calib.store._attrs import _describe_setting, _now, _str_attr, pipeline_settings, settings_difference, stored_settings
+from calib.store._attrs import (MAX_STEPS, _describe_setting, _now, _str_attr, pipeline_settings, settings_difference,
+                               stored_settings)
+from calib.store.hdf5 import check_contents, check_link, open_hdf5
 from calib.store.shards import check_shard, expand_manifests
 
 SCHEMA_VERSION = 1
@@ -31,7 +32,6 @@ SCHEMA_VERSION = 1
 SCHEMA_MINOR = 1
 FORECAST_VARIABLES = ("step", "sigma")  # axes of Trajectory.forecast_rel_l1: (n, variables, orders, horizons)
 FORECAST_ORDERS = (0, 1, 2)
-HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 MODEL_ATTRS = {
     "class": "model_class",
     "source": "model_source",
@@ -372,43 +372,111 @@ def _write_file(path: Path, model_info: dict, trajectories: list, created: str, 
                 verify=_verifier(trajectories, on_disk if base is not None else 0))
 
 
-def _looks_like_hdf5(path: Path) -> bool:
-    with open(path, "rb") as fh:
-        head = fh.read(8)
-    if head == HDF5_SIGNATURE:
-        return True
-    # HDF5 also allows the signature after a user block (at 512, 1024, 2048, ... bytes); calib never writes one
-    import h5py
+# What one trajectory may declare: denoising steps (:data:`MAX_STEPS`, calib trace's bound), blocks, sizes.
+MAX_BLOCKS = 4_096
+MAX_RESOLUTION = 1_000_000  # a side of an image or a frame count
 
+
+def _damaged(where: str, what: str) -> ValueError:
+    return ValueError(f"{where}: {what}")
+
+
+def _series(g, name: str, where: str, *, shape=None) -> np.ndarray:
+    """A dataset of group ``g`` read as an array of real numbers of the expected ``shape`` (None: 1-D)."""
+    d = g[name]
+    if not hasattr(d, "shape") or not hasattr(d, "dtype"):
+        raise _damaged(f"{where}/{name}", "is not a dataset")
+    if d.ndim != (1 if shape is None else len(shape)):
+        raise _damaged(f"{where}/{name}", f"has shape {d.shape}, expected {shape or '(steps,)'}")
+    if shape is not None and any(want is not None and got != want for got, want in zip(d.shape, shape)):
+        raise _damaged(f"{where}/{name}", f"has shape {d.shape}, expected {tuple(w or '?' for w in shape)}")
+    return d[()]
+
+
+def _scalar_attr(attrs, name: str, where: str, kind: type):
+    """Group attribute ``name`` as a Python int or float: a number (a 1-element array is fine), not text."""
     try:
-        return bool(h5py.is_hdf5(str(path)))
-    except Exception:
-        return False
+        raw = attrs[name]
+    except KeyError:
+        raise _damaged(where, f"no {name} attribute") from None
+    arr = np.asarray(raw)
+    if arr.size != 1 or arr.dtype.kind not in ("iu" if kind is int else "iuf"):
+        raise _damaged(where, f"{name} {_shown(raw)} is not {'an integer' if kind is int else 'a number'}")
+    return kind(arr.reshape(-1)[0])
+
+
+def _shown(value) -> str:
+    text = repr(value.decode("utf-8", "replace") if isinstance(value, bytes) else value)
+    return text if len(text) <= 40 else text[:39] + "…"
+
+
+def _read_trajectory(g, where: str) -> Trajectory:
+    """One group of a trace file, checked as it is read: sizes within calib's limits before the series are read,
+    numbers where numbers belong, steps and guidance in range, finite timesteps, no negative change."""
+    steps = _scalar_attr(g.attrs, "steps", where, int)
+    if not 1 <= steps <= MAX_STEPS:
+        raise _damaged(where, f"steps {steps} is outside 1..{MAX_STEPS}")
+    guidance = _scalar_attr(g.attrs, "guidance", where, float)
+    if not (np.isfinite(guidance) and guidance >= 0):
+        raise _damaged(where, f"guidance {guidance} is not a finite number >= 0")
+    seed = _scalar_attr(g.attrs, "seed", where, int)
+    resolution = np.atleast_1d(np.asarray(g.attrs["resolution"]))
+    if resolution.size > 3 or (resolution.size and (resolution.dtype.kind not in "iu" or resolution.min() < 0
+                                                    or resolution.max() > MAX_RESOLUTION)):
+        raise _damaged(where, f"resolution {_shown(g.attrs['resolution'])} is not up to 3 sizes of at most "
+                              f"{MAX_RESOLUTION:,}")
+    n = g["step_index"].shape[0] if getattr(g["step_index"], "ndim", 0) == 1 else -1
+    if not 1 <= n <= MAX_STEPS:
+        raise _damaged(f"{where}/step_index", f"holds {n} steps, not 1..{MAX_STEPS}")
+    block_names = [_str_attr(b) for b in np.atleast_1d(g.attrs["block_names"])]
+    if len(block_names) > MAX_BLOCKS:
+        raise _damaged(where, f"names {len(block_names)} blocks, more than {MAX_BLOCKS}")
+    series = {s: _series(g, s, where, shape=(n,)) for s in SERIES}
+    if series["step_index"].dtype.kind not in "iu" or series["step_index"].min() < 0 \
+            or series["step_index"].max() > MAX_STEPS:
+        raise _damaged(f"{where}/step_index", f"does not hold step numbers (integers in 0..{MAX_STEPS})")
+    if np.any(np.isinf(series["timesteps"])):
+        raise _damaged(f"{where}/timesteps", "holds infinite values")
+    if np.any(np.isinf(series["sigmas"])):
+        raise _damaged(f"{where}/sigmas", "holds infinite values (NaN marks an unknown sigma)")
+    for name in REL_L1_SERIES:
+        if np.any(series[name] < 0):  # NaN compares False: entry 0 and poisoned steps are the fit's to skip
+            raise _damaged(f"{where}/{name}", "holds negative values; a relative L1 change is >= 0")
+    extra = {}
+    if "extra" in g:
+        for k in g["extra"]:
+            extra[k] = _series(g["extra"], k, f"{where}/extra", shape=(n,))
+    forecast = None
+    if "forecast_rel_l1" in g:
+        forecast = _series(g, "forecast_rel_l1", where,
+                           shape=(n, len(FORECAST_VARIABLES), len(FORECAST_ORDERS), None))
+    return Trajectory(
+        prompt=_str_attr(g.attrs["prompt"]),
+        seed=seed,
+        stream=_str_attr(g.attrs["stream"]),
+        component=_str_attr(g.attrs["component"]),
+        steps=steps,
+        guidance=guidance,
+        resolution=tuple(int(v) for v in resolution),
+        block_names=block_names,
+        block_rel_l1=_series(g, "block_rel_l1", where, shape=(n, len(block_names))),
+        extra=extra,
+        forecast_rel_l1=forecast,
+        **series,
+    )
 
 
 def _read_file(path: Path, *, quick: int = 0) -> tuple[dict, list, dict]:
     """(model_info, trajectories, file attrs) of one trace file; CalibError with one line naming it otherwise.
-    ``quick``: skip (do not read) the first ``quick`` groups -- the writer's check of what it appended."""
-    import h5py
-
+    ``quick``: skip (do not read) the first ``quick`` groups -- the writer's check of what it appended.
+    The file is opened by :func:`calib.store.hdf5.open_hdf5`: links out of it, external or virtual data and
+    datasets larger than a trace holds are refused before anything is read."""
     if not path.exists():
         raise CalibError(f"{path}: trace file not found")
     if path.is_dir():
         raise CalibError(f"{path}: is a directory; expected an HDF5 trace file (.h5)")
-    check_input(path, what="an HDF5 trace file", limit=MAX_TRACE_BYTES)
-    try:
-        size = path.stat().st_size
-        is_hdf5 = size > 0 and _looks_like_hdf5(path)
-    except OSError as exc:
-        raise CalibError(f"{path}: cannot read it ({exc.strerror or _first_line(exc)})") from None
-    if size == 0:
-        raise CalibError(f"{path}: is empty (0 bytes), not an HDF5 file; expected a trace written by `calib trace`")
-    if not is_hdf5:
-        raise CalibError(f"{path}: not an HDF5 file; expected a trace written by `calib trace`")
-    try:
-        f = h5py.File(path, "r")
-    except Exception as exc:  # h5py raises OSError for truncated/corrupt files; anything else here is the file too
-        raise CalibError(f"{path}: HDF5 file is truncated or corrupt ({_first_line(exc)})") from None
+    # The writer's check of an append (quick) reads the groups it added: those are checked, not the whole file.
+    f = open_hdf5(path, what="an HDF5 trace file", check=not quick)
     try:
         attrs = {k: (_str_attr(v) if isinstance(v, (str, bytes)) else v) for k, v in f.attrs.items()}
         version = attrs.get("schema_version")
@@ -416,7 +484,7 @@ def _read_file(path: Path, *, quick: int = 0) -> tuple[dict, list, dict]:
             raise CalibError(f"{path}: no schema_version attribute; not a calib trace file")
         try:
             version = int(np.asarray(version).reshape(-1)[0])
-        except (TypeError, ValueError, IndexError):
+        except (TypeError, ValueError, IndexError, OverflowError):
             raise CalibError(f"{path}: schema_version {version!r} is not a number; not a calib trace file") from None
         if version != SCHEMA_VERSION:
             hint = "; upgrade calib to read it" if version > SCHEMA_VERSION else ""
@@ -434,30 +502,20 @@ def _read_file(path: Path, *, quick: int = 0) -> tuple[dict, list, dict]:
         else:  # rebuild from the single attributes
             model_info = {key: str(attrs[attr]) for key, attr in MODEL_ATTRS.items() if attr in attrs}
         trajectories = []
+        if quick and "trajectories" in f:
+            check_link(f, "trajectories", path)
         root = f.get("trajectories")
         if root is not None:
+            size, declared = path.stat().st_size, [0]
             for name in sorted(root, key=int)[quick:]:  # append order; int() also copes with > 6 digits
-                g = root[name]
-                extra = {k: g["extra"][k][()] for k in g["extra"]} if "extra" in g else {}
-                trajectories.append(
-                    Trajectory(
-                        prompt=_str_attr(g.attrs["prompt"]),
-                        seed=int(g.attrs["seed"]),
-                        stream=_str_attr(g.attrs["stream"]),
-                        component=_str_attr(g.attrs["component"]),
-                        steps=int(g.attrs["steps"]),
-                        guidance=float(g.attrs["guidance"]),
-                        resolution=tuple(int(v) for v in np.atleast_1d(g.attrs["resolution"])),
-                        block_names=[_str_attr(b) for b in np.atleast_1d(g.attrs["block_names"])],
-                        block_rel_l1=g["block_rel_l1"][()],
-                        extra=extra,
-                        forecast_rel_l1=g["forecast_rel_l1"][()] if "forecast_rel_l1" in g else None,
-                        **{s: g[s][()] for s in SERIES},
-                    )
-                )
+                if quick:
+                    check_link(root, name, path)
+                    check_contents(root[name], path, file_size=size, declared=declared)
+                trajectories.append(_read_trajectory(root[name], f"trajectories/{name}"))
     except CalibError:
         raise
-    except (OSError, KeyError, ValueError, TypeError, RuntimeError, IndexError) as exc:
+    except (OSError, KeyError, ValueError, TypeError, RuntimeError, IndexError, OverflowError,
+            AttributeError) as exc:
         raise CalibError(f"{path}: damaged trace file ({_first_line(exc)})") from None
     finally:
         f.close()
@@ -555,20 +613,61 @@ class TraceWriter:
     def lock_path(self) -> Path:
         return Path(f"{self._real}.lock")
 
+    def _open_lock_file(self) -> int:
+        """The lock file, created or opened without following a symlink: ``<trace>.lock`` is calib's own file. A
+        symlink, a FIFO, a device, a file with another hard link or one holding anything but a pid (a file the user
+        put there) is refused in one line and left as it is -- the lock file is truncated and given the holder's
+        pid, which must never reach another file."""
+        import errno
+        import stat
+
+        lock_path = self.lock_path
+        given = Path(f"{self.path}.lock")
+        shown = given if os.path.abspath(given) == str(lock_path) else lock_path  # as the user spelled it
+        flags = os.O_RDWR | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
+        try:
+            try:
+                return os.open(lock_path, flags | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                fd = os.open(lock_path, flags | getattr(os, "O_NONBLOCK", 0))
+        except OSError as exc:
+            if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise CalibError(f"cannot write in {self.path.parent}: {(exc.strerror or '').lower() or exc} "
+                                 f"(for the lock file of {self.path.name})") from None
+            if exc.errno in (errno.ELOOP, errno.EMLINK):
+                raise CalibError(f"{shown}: is a symbolic link, not calib's lock file; calib will not write "
+                                 "through it -- remove it if no calib process is running") from None
+            if exc.errno == errno.ENOENT:  # removed by a holder between our two opens: try again
+                return -1
+            raise CalibError(f"{shown}: cannot create the lock file ({_first_line(exc)})") from None
+        try:
+            st = os.fstat(fd)
+            why = None
+            if not stat.S_ISREG(st.st_mode):
+                why = "is not a regular file"
+            elif st.st_nlink != 1:
+                why = f"has {st.st_nlink} hard links (another file shares its data)"
+            else:
+                held = os.pread(fd, 64, 0)
+                if len(held) > 20 or not (held.strip().isdigit() or not held.strip()):
+                    why = "holds something other than a calib process id"
+            if why is not None:
+                raise CalibError(f"{shown}: {why}, so it is not calib's lock file; calib will not change it -- "
+                                 "move it away if no calib process is running")
+            os.set_blocking(fd, True)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
     def _lock(self) -> None:
         import fcntl
 
         lock_path = self.lock_path
         for _ in range(100):
-            try:
-                fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-            except OSError as exc:
-                import errno
-
-                if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-                    raise CalibError(f"cannot write in {self.path.parent}: {(exc.strerror or '').lower() or exc} "
-                                     f"(for the lock file of {self.path.name})") from None
-                raise CalibError(f"{lock_path}: cannot create the lock file ({_first_line(exc)})") from None
+            fd = self._open_lock_file()
+            if fd < 0:
+                continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -584,7 +683,7 @@ class TraceWriter:
             # a holder unlinks the lock file before unlocking: if that happened between our open and our flock, we
             # hold a lock on a file no longer at lock_path while a third writer may lock a new one there; retry
             try:
-                same = os.path.samestat(os.fstat(fd), os.stat(lock_path))
+                same = os.path.samestat(os.fstat(fd), os.lstat(lock_path))
             except FileNotFoundError:
                 same = False
             if same:
@@ -631,7 +730,11 @@ class TraceWriter:
         if self._lock_fd is not None:
             import fcntl
 
-            self.lock_path.unlink(missing_ok=True)
+            try:  # only our own lock file: whatever else was put at its name since stays
+                if os.path.samestat(os.fstat(self._lock_fd), os.lstat(self.lock_path)):
+                    self.lock_path.unlink()
+            except OSError:
+                pass
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
             os.close(self._lock_fd)
             self._lock_fd = None

@@ -10,10 +10,21 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .._io import parse_json
 from ..errors import CalibError
 from ..models.loading import DTYPE_NAMES
+from ..store import MAX_STEPS as STORE_MAX_STEPS
 
-MAX_STEPS = 10_000  # denoising steps; schedulers use 1-1000, and the tracer sizes buffers by it
+MAX_STEPS = STORE_MAX_STEPS  # denoising steps; schedulers use 1-1000, and the tracer sizes buffers by it
+MAX_SIZE = 16_384  # --height / --width in pixels: a pipeline allocates latents by them
+MAX_FRAMES = 4_096  # --num-frames
+MAX_PER_PROMPT = 64  # num_images_per_prompt and the like: each is one more image in every batch
+MAX_TEXT = 10_000  # characters of a text argument (a negative prompt, a mode name)
+# Arguments that count outputs per prompt (num_images_per_prompt, num_videos_per_prompt, ...) or a batch.
+_COUNT_ARGUMENT = re.compile(r"^(num_\w+_per_prompt|batch_size)$")
+# Arguments a pipeline takes as tensors (latents, prompt_embeds, pooled_prompt_embeds, ..._attention_mask): the
+# command line and files give JSON, never a tensor; only the Python API can pass one.
+_TENSOR_ARGUMENT = re.compile(r"^(\w*latents|\w*_embeds|\w*_embeds_mask|\w*_attention_mask)$")
 
 # torch dtypes by the names --dtype takes (and the trace file records)
 DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
@@ -45,10 +56,90 @@ def parse_pipeline_arg(text: str) -> tuple[str, object]:
         raise CalibError(f"--pipeline-arg {text!r}: {key!r} is not an argument name (letters, digits and _, "
                          "not starting with a digit)")
     try:
-        value = json.loads(raw)
-    except ValueError:
+        value = parse_json(raw)  # calib's limits: no 100,000-deep list, no 5,000-digit integer
+    except json.JSONDecodeError:
         value = raw
+    except ValueError as exc:
+        raise CalibError(f"--pipeline-arg {key}: {exc}") from None
     return key, value
+
+
+def _non_finite(value, depth: int = 0) -> bool:
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, (list, tuple)):
+        return any(_non_finite(v) for v in value)
+    if isinstance(value, dict):
+        return any(_non_finite(v) for v in value.values())
+    return False
+
+
+def _is_json(value) -> bool:
+    return value is None or isinstance(value, (bool, int, float, str, list, tuple, dict))
+
+
+def check_pipeline_args(kwargs: dict, *, where: str = "--pipeline-arg") -> dict:
+    """Refuse, in one line before any model is loaded, pipeline arguments calib cannot pass safely, whether they
+    come from ``--pipeline-arg`` or from a file (a coefficient file's ``calibration.pipeline.pipeline_args``,
+    ``where`` names it): a name that is not an argument name or that calib sets itself (:data:`CALIB_ARGUMENTS`:
+    ``output_type``, ``num_inference_steps``, ...), a NaN or infinite number, text over :data:`MAX_TEXT`
+    characters, an output count (``num_images_per_prompt``, ``batch_size``) that is not an integer in
+    1..:data:`MAX_PER_PROMPT`, and JSON for an argument the pipeline takes as a tensor (``latents``,
+    ``prompt_embeds``, ...). Values the Python API passes (tensors, images) are the caller's. Returns ``kwargs``."""
+    for key, value in kwargs.items():
+        if not isinstance(key, str) or not _ARGUMENT_NAME.match(key):
+            raise CalibError(f"{where} {str(key)[:60]!r}: not an argument name (letters, digits and _)")
+        label = f"{where} {key}"
+        if key in CALIB_ARGUMENTS:
+            how = CALIB_ARGUMENTS[key]
+            raise CalibError(f"{label}: calib sets {key} itself" + (f"; use {how}" if how else ""))
+        if not _is_json(value) or (isinstance(value, dict) and set(value) == {"python_object"}):
+            continue  # a tensor or an image from the Python API, or recordable()'s record of one
+        if _non_finite(value):
+            raise CalibError(f"{label}: {json.dumps(value, allow_nan=True, default=repr)[:60]} is not a finite "
+                             "number")
+        if isinstance(value, str) and len(value) > MAX_TEXT:
+            raise CalibError(f"{label}: {len(value):,} characters of text; at most {MAX_TEXT:,}")
+        if _COUNT_ARGUMENT.match(key) and (isinstance(value, bool) or not isinstance(value, int)
+                                           or not 1 <= value <= MAX_PER_PROMPT):
+            raise CalibError(f"{label}: must be an integer from 1 to {MAX_PER_PROMPT} (outputs per prompt in every "
+                             f"batch), got {json.dumps(value)[:60]}")
+        if _TENSOR_ARGUMENT.match(key):
+            raise CalibError(f"{label}: the pipeline takes a tensor here, which the command line and files cannot "
+                             f"give (got {json.dumps(value)[:40]}); pass it through the Python API "
+                             f"(pipeline_kwargs={{{key!r}: tensor}})")
+    return kwargs
+
+
+# The fields of a calibration.pipeline section (calib.store.PIPELINE_FIELDS) besides pipeline_args, checked as the
+# options that set them: what a coefficient file asks calib eval to generate with.
+def check_pipeline_section(section: dict | None, source) -> None:
+    """A coefficient file's ``calibration.pipeline`` (how its traces called the pipeline, which ``calib eval``
+    calls it with again) checked like the command line's options: sizes, frames, negative prompt, true-CFG scale,
+    dtype and :func:`check_pipeline_args` on its ``pipeline_args``. One line naming the file and field."""
+    if section is None:
+        return
+    if not isinstance(section, dict):
+        raise CalibError(f"{source}: calibration.pipeline: expected an object")
+    where = f"{source}: calibration.pipeline"
+    for name, high in (("height", MAX_SIZE), ("width", MAX_SIZE), ("num_frames", MAX_FRAMES)):
+        value = section.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high):
+            raise CalibError(f"{where}.{name}: must be an integer from 1 to {high:,}, got {json.dumps(value)[:40]}")
+    negative = section.get("negative_prompt")
+    if negative is not None and (not isinstance(negative, str) or len(negative) > MAX_TEXT):
+        raise CalibError(f"{where}.negative_prompt: must be text of at most {MAX_TEXT:,} characters")
+    scale = section.get("true_cfg_scale")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))
+                              or not math.isfinite(scale) or scale < 0):
+        raise CalibError(f"{where}.true_cfg_scale: must be a finite number >= 0, got {json.dumps(scale)[:40]}")
+    dtype = section.get("dtype")
+    if dtype is not None and dtype not in DTYPES:
+        raise CalibError(f"{where}.dtype: {json.dumps(dtype)[:40]} is not one of {', '.join(DTYPES)}")
+    args = section.get("pipeline_args")
+    if args is not None and not isinstance(args, dict):
+        raise CalibError(f"{where}.pipeline_args: expected an object")
+    check_pipeline_args(dict(args or {}), where=f"{where}.pipeline_args")
 
 
 def recordable(value):
@@ -114,22 +205,19 @@ class TraceSettings:
                                      f"as a pipeline argument {value!r}")
                 setattr(self, key, value)
         self._check_fields()
-        for key in kwargs:
-            if not isinstance(key, str) or not _ARGUMENT_NAME.match(key):
-                raise CalibError(f"--pipeline-arg {key!r}: not an argument name (letters, digits and _)")
-            if key in CALIB_ARGUMENTS:
-                how = CALIB_ARGUMENTS[key]
-                raise CalibError(f"--pipeline-arg {key}: calib sets {key} itself"
-                                 + (f"; use {how}" if how else ""))
-        self.pipeline_kwargs = kwargs
+        self.pipeline_kwargs = check_pipeline_args(kwargs)
 
     def _check_fields(self) -> None:
-        for name in ("height", "width", "num_frames"):
+        for name, high in (("height", MAX_SIZE), ("width", MAX_SIZE), ("num_frames", MAX_FRAMES)):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value <= 0):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
                 raise CalibError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+            if value is not None and value > high:
+                raise CalibError(f"--{name.replace('_', '-')} {value}: at most {high:,}")
         if self.negative_prompt is not None and not isinstance(self.negative_prompt, str):
             raise CalibError(f"--negative-prompt must be text, got {type(self.negative_prompt).__name__}")
+        if self.negative_prompt is not None and len(self.negative_prompt) > MAX_TEXT:
+            raise CalibError(f"--negative-prompt: {len(self.negative_prompt):,} characters; at most {MAX_TEXT:,}")
         if self.true_cfg_scale is not None:
             if not (isinstance(self.true_cfg_scale, (int, float)) and math.isfinite(self.true_cfg_scale)
                     and self.true_cfg_scale >= 0):

@@ -3,6 +3,7 @@ calib.coeffs.schema assembles the packaged one) and what that schema cannot say.
 
 from __future__ import annotations
 
+from calib.store import MAX_STEPS  # the schema bounds what the tracer bounds
 from calib.coeffs.validate import document_error
 
 SECTION_SCHEMA = {
@@ -49,6 +50,7 @@ DEFINITIONS = {
                 "description": "Denoising steps the changes were measured at.",
                 "type": "integer",
                 "minimum": 1,
+                "maximum": MAX_STEPS,
             },
             "timesteps": {"type": "array", "items": {"type": "number"}},
             "trajectories": {"$ref": "#/$defs/count"},

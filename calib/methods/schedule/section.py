@@ -4,6 +4,7 @@ runtime's own parser."""
 
 from __future__ import annotations
 
+from calib.store import MAX_STEPS  # the schema bounds what the tracer bounds
 from calib.runtime.methods.schedule import parse as parse_schedule_document
 
 SECTION_SCHEMA = {
@@ -12,6 +13,7 @@ SECTION_SCHEMA = {
                         "refuses a generation with another."),
         "type": "integer",
         "minimum": 1,
+        "maximum": MAX_STEPS,
     },
     "forecast": {
         "description": "Method schedule: what the skipped steps add (one forecast for every component).",
@@ -41,6 +43,7 @@ DEFINITIONS = {
                                 "(a multiple of 0.5)."),
                 "type": "number",
                 "minimum": 0.5,
+                "maximum": MAX_STEPS,
                 "multipleOf": 0.5,
             },
             "components": {
@@ -51,16 +54,17 @@ DEFINITIONS = {
                 "additionalProperties": {
                     "type": "array",
                     "minItems": 1,
+                    "maxItems": MAX_STEPS,
                     "uniqueItems": True,
-                    "items": {"type": "integer", "minimum": 0},
+                    "items": {"type": "integer", "minimum": 0, "maximum": MAX_STEPS - 1},
                 },
             },
             "cond_only": {
                 "description": ("Per component, steps where only the conditional branch of batched guidance "
                                 "computes (with a cfg forecast); disjoint from the components' computed steps."),
                 "type": "object",
-                "additionalProperties": {"type": "array", "uniqueItems": True,
-                                         "items": {"type": "integer", "minimum": 0}},
+                "additionalProperties": {"type": "array", "maxItems": MAX_STEPS, "uniqueItems": True,
+                                         "items": {"type": "integer", "minimum": 0, "maximum": MAX_STEPS - 1}},
             },
             "forecast": {
                 "description": "What this budget's skipped steps get, replacing the document's forecast.",

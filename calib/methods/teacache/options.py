@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from calib._io import MAX_RESAMPLES
 from calib.methods.base import MethodOptions, OptionError, names, number, option
 
 MIN_DEGREE, MAX_DEGREE = 1, 9
@@ -66,7 +67,7 @@ class TeacacheOptions(MethodOptions):
     normalization: str = option("auto", "delta_sigma divides changes by the step's change in noise level (for "
                                 "several step counts)", choices=("auto", *NORMALIZATIONS))
     bootstrap: int = option(200, "resamples of the generations for the confidence band (0: none)",
-                            parse=number(int, low=0))
+                            parse=number(int, low=0, high=MAX_RESAMPLES))
     allow_mixed: bool = option(False, "fit traces of different steps/guidance/resolution together")
     streams: tuple[str, ...] | None = option(None, "use only these streams (e.g. --stream cond); default all",
                                              flag="--stream", kind="multiple", parse=names)
