@@ -37,6 +37,7 @@ import torch
 
 import calib.runtime as cr
 from calib._io import write_bytes
+from calib.coeffs.document import cfg_layout
 from calib.errors import CalibError
 from calib.methods.base import Method, OptionSpec
 from calib.methods.cost_model import wall_target_fraction
@@ -563,7 +564,11 @@ def fit_schedule(pipe, trace_set, *, out: Path, gap: int | None = DEFAULT_GAP, c
     if missing:  # pragma: no cover - measure_segments measures everything without a shard
         raise CalibError(f"{len(missing)} segments are not measured yet")
     chosen = choose(pipe, setup, errors, candidates, batch=batch, echo=echo, progress=progress, budgets=budgets)
-    return build_document(pipe, setup, chosen, gap=gap, trace_files=getattr(trace_set, "files", []) or [])
+    doc = build_document(pipe, setup, chosen, gap=gap, trace_files=getattr(trace_set, "files", []) or [])
+    layout = cfg_layout(trace_set.trajectories)  # cache-dit counts one call per branch as a step unless told
+    if layout is not None:
+        doc["calibration"]["cfg"] = layout
+    return doc
 
 
 def format_schedules(doc: dict) -> str:
