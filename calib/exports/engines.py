@@ -51,7 +51,24 @@ def refit_command(doc: dict, fmt: str) -> str:
     argv = ["calib", "fit", *traces, "--indicator", indicator, "--normalization", "none"]
     if degree is not None:
         argv += ["--degree", str(degree)]
-    return shlex.join(argv + ["--out", f"coeffs/{stem}.{fmt}.json"])
+    out = f"coeffs/{stem}.{indicator}" + ("" if degree is None else f".degree{degree}") + ".json"
+    return shlex.join(argv + ["--out", out])
+
+
+def teacache_formats(doc: dict) -> str:
+    """One line for ``calib fit``: which TeaCache-polynomial formats this document feeds as it is, and the one
+    command that makes a file for the others (their normalization or degree differs)."""
+    normalization = (doc.get("indicator") or {}).get("normalization")
+    degrees = {len(c["coefficients"]) - 1 for c in doc["components"].values()}
+    fed, commands = [], {}
+    for fmt, (_, degree) in ENGINE_NEEDS.items():
+        if normalization in (None, "none") and (degree is None or degrees == {degree}):
+            fed.append(fmt)
+        else:
+            commands.setdefault(refit_command(doc, fmt), []).append(fmt)
+    parts = ["calib's runtime" + "".join(f", --format {f}" for f in fed)]
+    parts += [f"for {', '.join(fmts)}: {command}" for command, fmts in commands.items()]
+    return "this file feeds " + "; ".join(parts)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from calib._io import resolve_output, write_files
 from calib.errors import CalibError
+from calib.exports.engines import teacache_formats
 from calib.methods import auto, block_cache, fastercache_cfg, registry, schedule
 from calib.methods.base import TuneTarget
 from calib.methods.teacache.configs import runtime_rescaler
@@ -116,6 +117,7 @@ def run_teacache_fit(traces, *, out=None, degree="auto", streams=None, plot: boo
     _write(files, targets, echo, [
         f"recommended threshold {chosen.threshold:g}: replayed on the traces it computes "
         f"{chosen.compute_fraction:.0%} of steps (predicted {chosen.predicted_speedup:.2f}x fewer forwards)"])
+    echo(teacache_formats(doc))  # docs/exports.md: the engines need the plain change, some degree 4
     return out
 
 
