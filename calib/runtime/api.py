@@ -18,6 +18,7 @@ State is kept per (component, stream): CFG branches that arrive as separate call
 
 from __future__ import annotations
 
+import os
 import types
 import warnings
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ from calib.runtime.forecast import Forecast, ForecastHistory
 from calib.runtime.gate import TeaCacheGate
 from calib.runtime.handle import (RuntimeHandle, check_model, check_not_applied, choose_threshold, components_of,
                                   steps_with)
-from calib.runtime.loading import parse
+from calib.runtime.loading import load, parse
 from calib.runtime.schedule import schedule_document_for
 from calib.runtime.stats import CacheStats
 
@@ -342,6 +343,8 @@ def apply(
     scheduler gives it (``scheduler.sigmas``, read once per generation); on a bare transformer pass ``sigmas=`` (the
     scheduler's noise levels, one per step and the final one) or a ValueError says so.
     """
+    if isinstance(config, (str, os.PathLike)):  # a file, a shipped name, a model folder or Hub repo: load() finds it
+        config = load(config)
     apply_method = _APPLY.get(getattr(config, "method", "teacache"), _apply_gate)
     return apply_method(target, config, threshold, num_steps=num_steps, allow_model_mismatch=allow_model_mismatch,
                         modulation_module=modulation_module, sigmas=sigmas, forecast=forecast, budget=budget)

@@ -9,6 +9,7 @@ from typing import Any
 from calib._io import MAX_JSON_BYTES, parse_json, read_input
 from calib.errors import CalibError
 from calib.runtime import block_cache, schedule
+from calib.runtime.artifacts import resolve
 from calib.runtime.coefficients import CacheConfig, parse_teacache
 from calib.runtime.document import FORMAT, SCHEMA_VERSION, _fail
 from calib.runtime.errors import CoefficientFileError
@@ -32,8 +33,9 @@ def parse(doc: Any, source: str = "<document>") -> CacheConfig:
 
 
 def load(path: str | Path) -> CacheConfig:
-    """Read and validate a coefficient JSON. Every problem is one line naming the file."""
-    path = Path(path)
+    """Read and validate a coefficient JSON. Every problem is one line naming the file. A string may also name a
+    file calib ships, a model folder's or Hub repo's ``calib/<name>.json`` (calib.runtime.artifacts)."""
+    path = resolve(path)
     source = str(path)
     if not path.exists():
         raise CoefficientFileError(f"{source}: no such file")
