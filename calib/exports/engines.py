@@ -20,6 +20,7 @@ Engine formats, as their public sources define them (read, not copied; see docs/
 
 from __future__ import annotations
 
+import ast
 import json
 import shlex
 from pathlib import PurePath
@@ -154,17 +155,20 @@ def tensorrt_llm(doc, threshold=None, component=None) -> tuple[str, str, list[st
 def sglang(doc, threshold=None, component=None) -> tuple[str, str, list[str]]:
     coeffs, thresh, indicator = _teacache_terms(doc, threshold, "sglang", need_degree=4, positive=True)
     names = list(coeffs)
-    args = [f"teacache_thresh={thresh!r}", "start_skipping=1", "end_skipping=-1"]
-    if len(names) == 1:
-        args.insert(1, f"coefficients={coeffs[names[0]]!r}")
-    elif len(names) == 2:
-        experts = {"high": coeffs[names[0]], "low": coeffs[names[1]]}
-        args.insert(1, f"coefficients={coeffs[names[0]]!r}")
-        args.insert(2, f"expert_coefficients={experts!r}")
-    else:
-        raise CalibError(f"sglang takes one polynomial or a high/low expert pair; the file has {names}")
-    snippet = ("from sglang.multimodal_gen.configs.sample.teacache import TeaCacheParams\n"
-               "teacache_params = TeaCacheParams(" + ", ".join(args) + ")\n")
+    if len(names) not in (1, 2):
+        raise CalibError(f"sglang takes one polynomial or a high/low expert pair; the file has {len(names)} components")
+    keywords = {"teacache_thresh": thresh, "coefficients": coeffs[names[0]]}
+    if len(names) == 2:
+        keywords["expert_coefficients"] = {"high": coeffs[names[0]], "low": coeffs[names[1]]}
+    keywords.update(start_skipping=1, end_skipping=-1)
+    # the Python is built as a syntax tree and printed by ast.unparse: numbers are the only values in it
+    call = ast.Call(func=ast.Name("TeaCacheParams", ast.Load()), args=[],
+                    keywords=[ast.keyword(k, ast.parse(repr(v), mode="eval").body) for k, v in keywords.items()])
+    module = ast.Module(body=[
+        ast.ImportFrom("sglang.multimodal_gen.configs.sample.teacache", [ast.alias("TeaCacheParams")], 0),
+        ast.Assign([ast.Name("teacache_params", ast.Store())], call, lineno=2),
+    ], type_ignores=[])
+    snippet = ast.unparse(ast.fix_missing_locations(module)) + "\n"
     usage = ("# set it as the `teacache_params` field of your model's SamplingParams "
              "(python/sglang/multimodal_gen/configs/sample/<model>.py) and run with --enable-teacache")
     notes = ["start_skipping=1, end_skipping=-1 force only the first and the last step, the rule the recommended "
