@@ -12,9 +12,10 @@ The folder convention: a calibration lives beside its model as ``<model folder>/
 --out MODEL/calib/NAME.json`` writes one; a Hub repo holds it at ``calib/NAME.json``). A folder or repo with one file
 there loads by the folder's name alone; with several, the error lists the paths to pass.
 
-A Hub repo is fetched with ``huggingface_hub`` (imported only then; only ``calib/*.json`` is downloaded, never the
-weights): from the local cache when it holds the repo, and not at all under ``HF_HUB_OFFLINE=1``. Only strings name
-Hub repos or shipped files; a ``Path`` is always a path. Imports torch and the standard library only.
+A Hub repo is fetched with ``huggingface_hub`` (imported only then): only ``calib/*.json`` is downloaded, never the
+weights, into its usual cache; under ``HF_HUB_OFFLINE=1`` the cache alone is read and nothing is requested. Only
+strings name Hub repos or shipped files; a ``Path`` is always a path, and an existing file or folder wins over a name.
+Imports torch and the standard library only.
 """
 
 from __future__ import annotations
