@@ -8,6 +8,7 @@ import os
 import random
 
 import pytest
+import yaml
 
 from calib.methods.schedule.measure import split_prompts
 from calib.methods.schedule.paths import feasible_budgets, min_sum_path, minimax_path, path_costs, segments
@@ -200,13 +201,14 @@ def test_tune_picks_the_budget_and_export_writes_the_mask(fitted, capsys):
     assert doc["recommended"]["budget"] == 4  # the largest budget with 6 / B >= 1.5
     capsys.readouterr()
     assert main(["export", str(path), "--format", "cache-dit"]) == 0
-    exported = json.loads(capsys.readouterr().out)
+    exported = yaml.safe_load(capsys.readouterr().out)  # cache-dit's own config file (cache_dit.load_configs)
     mask = exported["cache_config"]["steps_computation_mask"]
     entry = next(e for e in doc["schedules"] if e["budget"] == 4)
     assert mask == [1 if s in entry["components"]["transformer"] else 0 for s in range(STEPS)]
     assert exported["cache_config"]["steps_computation_policy"] == "static"
     order = doc["forecast"]["order"]
-    assert exported["calibrator_config"] == ({"taylorseer_order": order} if order else None)
+    assert exported["cache_config"].get("taylorseer_order") == (order or None)
+    assert exported["cache_config"].get("enable_taylorseer") == (True if order else None)
     assert main(["export", str(path), "--format", "cache-dit", "--budget", "99"]) == 2
     assert "no schedule for budget 99" in capsys.readouterr().err
 

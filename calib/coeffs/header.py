@@ -69,6 +69,24 @@ def describe_call(kwargs: dict, dtype: str | None = None, cpu_offload: bool = Fa
     return " ".join(parts) if parts else "the pipeline's defaults"
 
 
+def cfg_layout(trajectories) -> str | None:
+    """How the traced pipeline gave classifier-free guidance to its transformer: ``"separate"`` (one call per branch:
+    Wan, true-CFG FLUX / Qwen-Image), ``"batched"`` (one call on [uncond, cond] rows), ``"none"`` (no uncond
+    stream); None when the traces do not say (written before calib recorded ``call_rows``) or mix layouts. Caches
+    that count calls as steps or split a batch need it (calib.exports)."""
+    trajectories = list(trajectories)
+    branches = [t for t in trajectories if t.stream in ("cond", "uncond")]
+    if not any(t.stream == "uncond" for t in branches):
+        return "none" if trajectories else None
+    rows = set()
+    for t in branches:
+        values = (getattr(t, "extra", None) or {}).get("call_rows")
+        if values is None or not np.isfinite(values).any():
+            return None
+        rows.add(int(np.nanmax(values)))
+    return "separate" if rows == {1} else "batched" if min(rows) > 1 else None
+
+
 def calibration_section(trace_set) -> dict:
     info = dict(getattr(trace_set, "model_info", None) or {})
     settings = trace_set.settings()
@@ -82,6 +100,9 @@ def calibration_section(trace_set) -> dict:
     out["num_seeds"] = int(settings.get("seeds", 0))
     out["num_trajectories"] = len(trace_set.trajectories)
     out["streams"] = [str(s) for s in settings.get("streams", [])]
+    layout = cfg_layout(trace_set.trajectories)
+    if layout is not None:
+        out["cfg"] = layout
     out["trace_files"] = [str(f) for f in (getattr(trace_set, "files", None) or [])]
     # calibration.pipeline: how calib eval regenerates; a trace set built in memory may not record it
     pipeline = trace_set.pipeline_settings() if hasattr(trace_set, "pipeline_settings") else None

@@ -37,6 +37,12 @@ EXPORTERS: dict[str, Exporter] = {
 }
 
 FORMATS = tuple(EXPORTERS)
+
+
+def export_hints(doc: dict) -> list[str]:
+    """What ``calib fit`` says after writing ``doc``: which formats it feeds as it is and the command that makes a
+    file for the others (the TeaCache engines need the plain change, some degree 4)."""
+    return [engines.teacache_formats(doc)] if doc.get("method") == "teacache" else []
 DIFFUSERS_FORMATS = tuple(f for f in FORMATS if f.startswith("diffusers-"))
 ENGINE_FORMATS = ("sglang", "vllm-omni", "tensorrt-llm")
 MASK_FORMATS = ("cache-dit",)

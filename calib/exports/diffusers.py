@@ -54,10 +54,15 @@ def fbcache(fitted, options) -> Rendered:
     """``fitted``: (FirstBlockCacheConfig kwargs, info) from the First Block Cache fit."""
     kwargs, meta = fitted
     frac = meta["compute_fraction"]
+    lo, hi = meta.get("computed_steps_range", (None, None))
+    spread = f", {lo}-{hi} per generation and branch" if lo is not None and lo != hi else ""
     summary = (f"First Block Cache threshold {kwargs['threshold']:g}: predicted {meta['computed_steps_mean']:.1f} "
-               f"of {meta['steps']} steps run the remaining blocks ({frac:.0%}, {1 / frac:.2f}x fewer)")
-    return Rendered(json.dumps(kwargs, indent=2) + "\n", _usage("diffusers-fbcache", options.out),
-                    _unreached(meta, options), summary)
+               f"of {meta['steps']} steps run the remaining blocks ({frac:.0%}, {1 / frac:.2f}x fewer{spread})")
+    notes = _unreached(meta, options)
+    if meta.get("exact") is False:
+        notes.append("some replayed gaps between computed steps exceed the 8 the tracer compares with; for those the "
+                     "prediction uses an upper bound of the change, so diffusers may compute fewer steps")
+    return Rendered(json.dumps(kwargs, indent=2) + "\n", _usage("diffusers-fbcache", options.out), notes, summary)
 
 
 def _unreached(meta, options) -> list[str]:
@@ -69,6 +74,12 @@ def _unreached(meta, options) -> list[str]:
 def fastercache(doc, options) -> Rendered:
     """``doc``: a fastercache-cfg document (loaded, or fitted on traces by the job)."""
     kwargs, meta = fastercache_config(doc, options.component or "transformer")
+    if meta["cfg"] == "separate":
+        raise CalibError(
+            "diffusers' FasterCache skips the unconditional half of one batched [uncond, cond] call; this pipeline "
+            "calls the transformer once per CFG branch (calibration.cfg: separate, e.g. Wan, true-CFG FLUX), which "
+            "it cannot express (IndexError at the first skipped step) — export diffusers-magcache or diffusers-fbcache"
+        )
     lo, hi = kwargs["unconditional_batch_timestep_skip_range"]
     summary = (f"FasterCache: unconditional pass skipped at steps {meta['uncond_skipped_steps']} of {meta['steps']} "
                f"(both passes every {kwargs['unconditional_batch_skip_range']} iterations, {lo:.6g} < t < {hi:.6g})")
@@ -107,12 +118,17 @@ def fastercache_config(doc: dict, component: str = "transformer") -> tuple[dict,
         "attention_skipped_steps": c.get("attention_skipped_steps", []),
         "steps": c["steps"],
         "model_class": doc["model"]["class"],
+        "cfg": (doc.get("calibration") or {}).get("cfg"),
     }
     return kwargs, info
 
 
 def fastercache_warnings(info: dict) -> list[str]:
     out = []
+    if info.get("cfg") is None:
+        out.append("the file does not say how the pipeline gives CFG to the transformer (traced before calib recorded "
+                   "it): FasterCache works only where both branches go in one batched call, not one call per branch "
+                   "(Wan, true-CFG FLUX)")
     if info.get("model_class") in ("FluxTransformer2DModel", "SD3Transformer2DModel"):
         out.append(
             f"{info['model_class']} returns packed tokens (batch, tokens, channels); diffusers' FasterCache splits the "

@@ -20,9 +20,56 @@ Engine formats, as their public sources define them (read, not copied; see docs/
 
 from __future__ import annotations
 
+import ast
 import json
+import shlex
+from pathlib import PurePath
 
 from ..errors import CalibError
+
+# What each TeaCache-polynomial format applies the polynomial to (docs/exports.md#engines): the indicator its own code
+# measures (None: it depends on the model, so the file's own is kept) and the degree it evaluates (None: any).
+ENGINE_NEEDS = {
+    "poly1d": (None, None),
+    "vllm-omni": ("modulated_input", 4),
+    "tensorrt-llm": ("temb", None),
+    "sglang": (None, 4),
+}
+_CALIB_INDICATORS = {"modulated_input": "modulated_input", "block_input": "block_input", "temb": "temb",
+                     "timestep_embedding": "temb"}
+
+
+def refit_command(doc: dict, fmt: str) -> str:
+    """The one ``calib fit`` command that gives ``fmt`` what it needs, on the traces the file was fitted on (named,
+    never read; a name that would not paste as one shell word on one line is replaced by a placeholder)."""
+    indicator, degree = ENGINE_NEEDS[fmt]
+    if indicator is None:
+        indicator = _CALIB_INDICATORS.get((doc.get("indicator") or {}).get("name"), "modulated_input")
+    traces = [str(t) for t in (doc.get("calibration") or {}).get("trace_files") or []]
+    if not traces or any(not t.isprintable() for t in traces):
+        traces = ["TRACES.h5"]
+    stem = PurePath(traces[0]).stem or "traces"
+    argv = ["calib", "fit", *traces, "--indicator", indicator, "--normalization", "none"]
+    if degree is not None:
+        argv += ["--degree", str(degree)]
+    out = f"coeffs/{stem}.{indicator}" + ("" if degree is None else f".degree{degree}") + ".json"
+    return shlex.join(argv + ["--out", out])
+
+
+def teacache_formats(doc: dict) -> str:
+    """One line for ``calib fit``: which TeaCache-polynomial formats this document feeds as it is, and the one
+    command that makes a file for the others (their normalization or degree differs)."""
+    normalization = (doc.get("indicator") or {}).get("normalization")
+    degrees = {len(c["coefficients"]) - 1 for c in doc["components"].values()}
+    fed, commands = [], {}
+    for fmt, (_, degree) in ENGINE_NEEDS.items():
+        if normalization in (None, "none") and (degree is None or degrees == {degree}):
+            fed.append(fmt)
+        else:
+            commands.setdefault(refit_command(doc, fmt), []).append(fmt)
+    parts = ["calib's runtime" + "".join(f", --format {f}" for f in fed)]
+    parts += [f"for {', '.join(fmts)}: {command}" for command, fmts in commands.items()]
+    return "this file feeds " + "; ".join(parts)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -35,8 +82,9 @@ def _teacache_terms(doc: dict, threshold: float | None, fmt: str, *, need_degree
     normalization = indicator.get("normalization", "none")
     if normalization not in (None, "none"):
         raise CalibError(
-            f"these coefficients were fitted on changes normalized by {normalization!r}; {fmt} computes the plain "
-            "rel-L1 change — refit with --normalization none to export them"
+            f"these coefficients map changes normalized by {normalization!r} (calib's runtime reads them; the default "
+            f"fit may pick it); {fmt} applies the polynomial to the plain rel-L1 change — fit for it with: "
+            f"{refit_command(doc, fmt)}"
         )
     chosen = threshold if threshold is not None else (doc.get("thresholds") or {}).get("recommended")
     if chosen is None:
@@ -49,7 +97,7 @@ def _teacache_terms(doc: dict, threshold: float | None, fmt: str, *, need_degree
         if need_degree is not None and len(c) != need_degree + 1:
             raise CalibError(
                 f"components.{name}: {fmt} evaluates a degree-{need_degree} polynomial ({need_degree + 1} "
-                f"coefficients); this one has degree {len(c) - 1} — refit with --degree {need_degree}"
+                f"coefficients); this one has degree {len(c) - 1} — fit for it with: {refit_command(doc, fmt)}"
             )
         coeffs[name] = c
     return coeffs, float(chosen), indicator
@@ -78,47 +126,49 @@ def vllm_omni(doc, threshold=None, component=None) -> tuple[str, str, list[str]]
 
 
 def tensorrt_llm(doc, threshold=None, component=None) -> tuple[str, str, list[str]]:
+    import yaml  # PyYAML: every value goes through the emitter, so no string in the file can add a key
+
     coeffs, thresh, indicator = _teacache_terms(doc, threshold, "tensorrt-llm", need_degree=None, positive=True)
     names = list(coeffs)
     if len(names) > 2:
-        raise CalibError(f"TensorRT-LLM takes at most two polynomials (coefficients, coefficients_2); the file has {names}")
-    lines = [
-        f"# calib {doc.get('calib_version', '')}: TeaCache for TensorRT-LLM VisualGen, measured on "
-        f"{doc['model']['class']} ({doc['model'].get('source', '?')})",
-        "cache_config:",
-        "  cache_backend: teacache",
-        f"  teacache_thresh: {thresh!r}",
-        "  use_ret_steps: false",
-        f"  coefficients: {json.dumps(coeffs[names[0]])}",
-    ]
+        raise CalibError(f"TensorRT-LLM takes at most two polynomials (coefficients, coefficients_2); the file has "
+                         f"{len(names)} components")
+    cache = {"cache_backend": "teacache", "teacache_thresh": thresh, "use_ret_steps": False,
+             "coefficients": coeffs[names[0]]}
     if len(names) == 2:
-        lines.append(f"  coefficients_2: {json.dumps(coeffs[names[1]])}  # {names[1]} (Wan 2.2 low-noise expert)")
+        cache["coefficients_2"] = coeffs[names[1]]  # the second expert (Wan 2.2's low-noise transformer_2)
+    text = yaml.safe_dump({"cache_config": cache}, sort_keys=False, default_flow_style=None)
     usage = ("# python examples/visual_gen/models/<model>.py --visual_gen_args PATH   (or trtllm-serve with the same "
              "YAML); merge the cache_config block into an existing VisualGenArgs YAML")
     notes = []
+    if len(names) == 2:
+        notes.append(f"coefficients: {names[0]!r}; coefficients_2: {names[1]!r} (Wan 2.2's low-noise expert)")
     if indicator.get("name") not in ("temb", "timestep_embedding"):
         notes.append(
             "TensorRT-LLM's TeaCache extractor measures the timestep embedding (timestep_embed_fn), not "
-            f"{indicator.get('name', '?')!r}, which these coefficients were fitted on; for a faithful polynomial fit "
-            "with `calib fit --indicator temb`"
+            f"{indicator.get('name', '?')!r}, which these coefficients were fitted on; for a faithful polynomial: "
+            f"{refit_command(doc, 'tensorrt-llm')}"
         )
-    return "\n".join(lines) + "\n", usage, notes
+    return text, usage, notes
 
 
 def sglang(doc, threshold=None, component=None) -> tuple[str, str, list[str]]:
     coeffs, thresh, indicator = _teacache_terms(doc, threshold, "sglang", need_degree=4, positive=True)
     names = list(coeffs)
-    args = [f"teacache_thresh={thresh!r}", "start_skipping=1", "end_skipping=-1"]
-    if len(names) == 1:
-        args.insert(1, f"coefficients={coeffs[names[0]]!r}")
-    elif len(names) == 2:
-        experts = {"high": coeffs[names[0]], "low": coeffs[names[1]]}
-        args.insert(1, f"coefficients={coeffs[names[0]]!r}")
-        args.insert(2, f"expert_coefficients={experts!r}")
-    else:
-        raise CalibError(f"sglang takes one polynomial or a high/low expert pair; the file has {names}")
-    snippet = ("from sglang.multimodal_gen.configs.sample.teacache import TeaCacheParams\n"
-               "teacache_params = TeaCacheParams(" + ", ".join(args) + ")\n")
+    if len(names) not in (1, 2):
+        raise CalibError(f"sglang takes one polynomial or a high/low expert pair; the file has {len(names)} components")
+    keywords = {"teacache_thresh": thresh, "coefficients": coeffs[names[0]]}
+    if len(names) == 2:
+        keywords["expert_coefficients"] = {"high": coeffs[names[0]], "low": coeffs[names[1]]}
+    keywords.update(start_skipping=1, end_skipping=-1)
+    # the Python is built as a syntax tree and printed by ast.unparse: numbers are the only values in it
+    call = ast.Call(func=ast.Name("TeaCacheParams", ast.Load()), args=[],
+                    keywords=[ast.keyword(k, ast.parse(repr(v), mode="eval").body) for k, v in keywords.items()])
+    module = ast.Module(body=[
+        ast.ImportFrom("sglang.multimodal_gen.configs.sample.teacache", [ast.alias("TeaCacheParams")], 0),
+        ast.Assign([ast.Name("teacache_params", ast.Store())], call, lineno=2),
+    ], type_ignores=[])
+    snippet = ast.unparse(ast.fix_missing_locations(module)) + "\n"
     usage = ("# set it as the `teacache_params` field of your model's SamplingParams "
              "(python/sglang/multimodal_gen/configs/sample/<model>.py) and run with --enable-teacache")
     notes = ["start_skipping=1, end_skipping=-1 force only the first and the last step, the rule the recommended "
@@ -135,8 +185,10 @@ def sglang(doc, threshold=None, component=None) -> tuple[str, str, list[str]]:
 # schedule files -> engines that take a per-step mask
 # ---------------------------------------------------------------------------------------------------------------
 def cache_dit(doc, budget=None, component=None) -> tuple[str, str, list[str], str]:
-    """(file content: {"cache_config": DBCacheConfig kwargs, "calibrator_config": ... or null}, usage, notes,
+    """(file content: cache-dit's own config file (YAML, what ``cache_dit.load_configs`` reads), usage, notes,
     summary) for one budget of a schedule file."""
+    import yaml  # PyYAML, as cache-dit itself reads the file
+
     if doc.get("method") != "schedule":
         raise CalibError(f"--format cache-dit exports a step schedule (calib fit --method schedule); this file's method "
                          f"is {doc.get('method')!r}")
@@ -150,8 +202,9 @@ def cache_dit(doc, budget=None, component=None) -> tuple[str, str, list[str], st
     entry = entries[chosen]
     comps = entry["components"]
     if len(comps) > 1 and component is None:
-        raise CalibError(f"the schedule has one mask per expert ({', '.join(comps)}); cache-dit's DBCacheConfig takes "
-                         "one steps_computation_mask — pick one with --component (and apply it to that expert)")
+        raise CalibError(f"the schedule has one mask per expert ({', '.join(map(repr, comps))}); cache-dit's "
+                         "DBCacheConfig takes one steps_computation_mask — pick one with --component (and apply it to "
+                         "that expert)")
     name = component or next(iter(comps))
     if name not in comps:
         raise CalibError(f"no component {name!r} in the schedule (it has {sorted(comps)})")
@@ -161,19 +214,24 @@ def cache_dit(doc, budget=None, component=None) -> tuple[str, str, list[str], st
     warmup = next((i for i, m in enumerate(mask) if m == 0), n)  # the leading run of computed steps
     cache_config = {"Fn_compute_blocks": 1, "Bn_compute_blocks": 0, "max_warmup_steps": warmup,
                     "num_inference_steps": n, "steps_computation_mask": mask, "steps_computation_policy": "static"}
+    cfg = (doc.get("calibration") or {}).get("cfg")
+    if cfg is not None:
+        # cache-dit counts every transformer call as a step unless told that cond and uncond are separate calls
+        cache_config["enable_separate_cfg"] = cfg == "separate"
     forecast = doc.get("forecast") or {"kind": "newton", "order": 0}
     order = int(forecast.get("order", 0))
-    calibrator = {"taylorseer_order": order} if order >= 1 else None
-    text = json.dumps({"cache_config": cache_config, "calibrator_config": calibrator}, indent=2)
-    usage = ("import json, cache_dit\n"
-             "from cache_dit import DBCacheConfig, TaylorSeerCalibratorConfig\n"
-             "cfg = json.load(open(PATH))\n"
-             "cache_dit.enable_cache(pipe, cache_config=DBCacheConfig(**cfg[\"cache_config\"]),\n"
-             "                       calibrator_config=TaylorSeerCalibratorConfig(**cfg[\"calibrator_config\"])\n"
-             "                       if cfg[\"calibrator_config\"] else None)")
+    if order >= 1:  # the keys load_configs reads for TaylorSeerCalibratorConfig (inside cache_config)
+        cache_config.update(enable_taylorseer=True, taylorseer_order=order)
+    text = yaml.safe_dump({"cache_config": cache_config}, sort_keys=False, default_flow_style=None)
+    usage = ("import cache_dit\n"
+             "cache_dit.enable_cache(pipe, **cache_dit.load_configs(PATH))")
     notes = ["cache-dit always computes the first Fn_compute_blocks (>= 1) blocks, also on the masked steps, so it "
              "pays more than the schedule's full forwards and its output differs from calib's runtime",
              "the mask is for exactly num_inference_steps steps; another step count needs another schedule"]
+    if cfg is None:
+        notes.append("the file does not say how the pipeline gives CFG to the transformer (traced before calib "
+                     "recorded it): if it calls it once per branch (Wan, true-CFG FLUX / Qwen-Image), add "
+                     "enable_separate_cfg: true to cache_config, else cache-dit counts each call as a step")
     if order >= 1 and forecast.get("variable", "step") != "step":
         notes.append(f"the schedule was searched with a forecast in {forecast['variable']!r}; cache-dit's TaylorSeer "
                      "extrapolates in the step index — refit with --forecast-variable step for a faithful export")
@@ -181,7 +239,8 @@ def cache_dit(doc, budget=None, component=None) -> tuple[str, str, list[str], st
         notes.append(f"forecast: cache-dit's TaylorSeer calibrator of order {order} (finite differences in the step "
                      "index) stands in for calib's Newton extrapolation of the same order")
     if len(comps) > 1:
-        notes.append(f"this is {name}'s mask only (global step indices)")
+        notes.append(f"this is {name!r}'s mask only (global step indices)")
     summary = (f"cache-dit: budget {chosen}, computes steps {sorted(computed)} of {n} "
-               f"({len(computed) / n:.0%} of full forwards, plus the first block on the others)")
-    return text + "\n", usage, notes, summary
+               f"({len(computed) / n:.0%} of full forwards, plus the first block on the others"
+               + ("" if cfg is None else f"; CFG {'one call per branch' if cfg == 'separate' else cfg}") + ")")
+    return text, usage, notes, summary

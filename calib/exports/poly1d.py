@@ -7,16 +7,23 @@ import json
 
 from ..errors import CalibError
 from .base import Rendered
+from .engines import refit_command
 
 
 def poly1d_lines(doc: dict, threshold: float | None = None, source="the file") -> list[str]:
     if doc["method"] != "teacache":
         raise CalibError(f"{source}: --format poly1d exports TeaCache coefficients; this file is {doc['method']} "
                          "(use --format json, or diffusers-fastercache for a fastercache-cfg file)")
+    normalization = (doc.get("indicator") or {}).get("normalization")
+    if normalization not in (None, "none"):
+        raise CalibError(
+            f"{source}: these coefficients map changes normalized by {normalization!r}; a TeaCache-style script "
+            f"applies the polynomial to the plain rel-L1 change — fit for it with: {refit_command(doc, 'poly1d')}"
+        )
     lines = []
     for name, comp in doc["components"].items():
         chosen = threshold if threshold is not None else (doc.get("thresholds") or {}).get("recommended")
-        label = "" if len(doc["components"]) == 1 else f"  # {name}"
+        label = "" if len(doc["components"]) == 1 else f"  # {name!r}"
         lines.append(f"coefficients = {[float(c) for c in comp['coefficients']]!r}{label}")
         lines.append("rescale_func = np.poly1d(coefficients)")
         if comp.get("domain"):
@@ -25,8 +32,6 @@ def poly1d_lines(doc: dict, threshold: float | None = None, source="the file") -
         indicator = doc.get("indicator") or {}
         if indicator.get("name") in ("block_input", "temb"):
             lines.append(f"# x is the rel-L1 change of the first block's {indicator['name']} argument, not its modulated input")
-        if indicator.get("normalization") == "delta_sigma":
-            lines.append("# delta_sigma: with ds = sigma[i-1] - sigma[i], accumulate ds * rescale_func(rel / ds)")
         if chosen is not None:
             lines.append(f"rel_l1_thresh = {chosen!r}")
     return lines

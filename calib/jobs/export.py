@@ -54,6 +54,9 @@ def run_export(path, fmt: str, *, out=None, threshold=None, target_speedup=None,
         if out is not None and rendered.document is not None:
             registry.write_document(rendered.document, out, inputs=[path])
             echo(f"wrote {out}")
+        elif out is not None:
+            write_text(Path(out), rendered.text, inputs=[path])
+            echo(f"wrote {out}")
         elif rendered.text:
             echo(rendered.text.rstrip("\n"))
         return

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from calib._io import resolve_output, write_files
 from calib.errors import CalibError
+from calib.exports import export_hints
 from calib.methods import registry
 from calib.methods.base import CacheMethod, FitContext, MethodOptions
 from calib.models import loading as model_loading  # load_model is looked up at call time (tests replace it)
@@ -76,6 +77,8 @@ def run_fit(method: str, traces, *, out=None, echo=print, **options) -> Path | N
         echo(line)
     for path, _ in files:
         echo(f"wrote {path}")
+    for line in export_hints(fitted.document):
+        echo(line)
     if context.segments is not None:
         echo(f"segment errors kept in {segments_path(out)}")
     return out

@@ -10,8 +10,11 @@ share an accumulator or a cached value; a batched CFG call is one stream.
 
 from __future__ import annotations
 
+import os
+
 from .forecast import ForecastSpec
 from .handle import CacheHandle
+from .loading import load
 from .methods import method_of
 from .methods import schedule as schedule_method
 
@@ -29,7 +32,11 @@ def apply(pipe, config, **options) -> CacheHandle:
     * block-cache (:class:`~calib.runtime.methods.block_cache.BlockCacheOptions`): ``threshold``;
     * every method: ``num_steps`` (a bare transformer's steps per generation), ``allow_model_mismatch``,
       ``modulation_module``.
+    ``config`` may also be a path, a shipped calibration's name, or a model folder or Hub repo holding
+    ``calib/<name>.json`` (:func:`calib.runtime.load` finds it).
     """
+    if isinstance(config, (str, os.PathLike)):
+        config = load(config)
     method = method_of(config)
     return method.install(pipe, config, method.take(options))
 

@@ -10,6 +10,7 @@ from typing import Any
 from calib._io import MAX_JSON_BYTES, parse_json, read_input
 from calib.errors import CalibError
 
+from .artifacts import resolve
 from .document import FORMAT, SCHEMA_VERSION, fail
 from .errors import CoefficientFileError
 from .methods import RUNTIME_METHODS
@@ -36,8 +37,9 @@ def parse(doc: Any, source: str = "<document>"):
 
 def load(path: str | Path):
     """Read and validate a coefficient JSON; the config records its ``path``. Every problem is one line naming the
-    file."""
-    path = Path(path)
+    file. A string may also name a file calib ships, a model folder's or Hub repo's ``calib/<name>.json``
+    (calib.runtime.artifacts)."""
+    path = resolve(path)
     source = str(path)
     if not path.exists():
         raise CoefficientFileError(f"{source}: no such file")

@@ -31,12 +31,18 @@ PENDING_NUMEL = 1 << 24
 REDUCE_NUMEL = 1 << 20  # held calls are reduced in chunks of about this many elements
 # Forecast errors of the stack residual (Trajectory.forecast_rel_l1): horizons 1..FORECAST_HORIZONS by default.
 FORECAST_HORIZONS = 4
+HEAD_LAGS = 8  # First Block Cache's gaps replayed exactly (calib.methods.fbcache)
 EXTRA_SERIES = (
     "block_input_rel_l1",
     "temb_rel_l1",
     "cfg_delta_rel_l1",  # change of (cond - uncond) output between steps (FasterCache's CFG cache), both streams
     "residual_norm_ratio",  # mean over tokens of |residual_t| / |residual_t-1| (MagCache's mag_ratios)
     "head_residual_rel_l1",  # change of the first block's residual (First Block Cache's indicator)
+    "head_residual_absmean",  # mean |first block's residual|, per row (First Block Cache's denominator)
+    # mean |r_t - r_t-k| of the first block's residual against the k-th previous call of the stream, k = 1..HEAD_LAGS:
+    # First Block Cache compares with the last call that computed, however old (calib.methods.fbcache)
+    *(f"head_residual_diff{k}" for k in range(1, HEAD_LAGS + 1)),
+    "call_rows",  # batch rows of the transformer call: 2 for CFG batched in one call, 1 for one call per branch
 )
 
 
@@ -132,6 +138,7 @@ class _Recorder(Observer):
         self._cfg_step: int | None = None
         self._cfg_outputs: dict[str, torch.Tensor] = {}
         self._residuals: dict[str, dict[int, torch.Tensor]] = defaultdict(dict)  # key -> step -> residual (held)
+        self._head_history: dict[str, list[torch.Tensor]] = defaultdict(list)  # key -> last HEAD_LAGS head residuals
         self._forecast_sigmas: list[float] | None = None
         self._forecast_generation: int | None = None
 
@@ -171,6 +178,25 @@ class _Recorder(Observer):
             for name, tensor in members:  # one by one
                 layout.append((name, len(parts), None))
                 parts.append(self._change(key, name, tensor))
+
+    def _head_lags(self, key: str, residual: torch.Tensor, parts: list, layout: list) -> None:
+        """Per row, mean |r| of the first block's residual and mean |r - r'| against each of the stream's last
+        HEAD_LAGS calls (NaN where there is none): First Block Cache divides the second by the first of the last
+        call that computed, so its decisions replay exactly for gaps up to HEAD_LAGS. The residuals are held
+        (the subtraction made them; nothing else holds them)."""
+        history = self._head_history[key]
+        if any(h.shape != residual.shape for h in history):
+            history.clear()
+        r = (residual if residual.dtype == torch.float32 else residual.float()).flatten(1)
+        nan = torch.full((r.shape[0],), float("nan"), device=r.device)
+        layout.append(("head_residual_absmean", len(parts), None))
+        parts.append(r.abs().mean(dim=1))
+        for k in range(1, HEAD_LAGS + 1):
+            layout.append((f"head_residual_diff{k}", len(parts), None))
+            prev = history[-k] if k <= len(history) else None
+            parts.append(nan if prev is None else (r - prev.float().flatten(1)).abs_().mean(dim=1))
+        history.append(residual)
+        del history[:-HEAD_LAGS]
 
     def _reduce_pending(self) -> None:
         for pending in self._pending.values():
@@ -315,6 +341,9 @@ class _Recorder(Observer):
         self._record_cfg_delta(key, call["output"])
         if "head_residual" in call:
             named.append(("head_residual", call["head_residual"]))
+            self._head_lags(key, call["head_residual"], parts, layout)
+        layout.append(("call_rows", len(parts), None))
+        parts.append(torch.full((call["output"].shape[0],), float(call["output"].shape[0]), device=call["output"].device))
         if "temb" in call:
             named.append(("temb", call["temb"]))
         if self.record_blocks:
@@ -569,6 +598,9 @@ class Tracer:
                     extra["residual_norm_ratio"] = series["residual_norm_ratio"][:, r].astype(np.float32)
                     if "head_residual" in series:
                         extra["head_residual_rel_l1"] = series["head_residual"][:, r].astype(np.float32)
+                    for name in EXTRA_SERIES[EXTRA_SERIES.index("head_residual_absmean"):]:
+                        if name in series:
+                            extra[name] = series[name][:, r].astype(np.float32)
                     cfg_delta = rec.cfg_delta_at(idx)
                     if cfg_delta is not None and labels[(key, r)] in ("cond", "uncond"):
                         extra["cfg_delta_rel_l1"] = cfg_delta
