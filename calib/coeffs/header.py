@@ -107,3 +107,20 @@ def header(method: str, trace_set, created: str | None = None) -> dict:
         "model": model_section(trace_set),
         "calibration": calibration_section(trace_set),
     }
+
+
+def cfg_layout(trajectories) -> str | None:
+    """How the traced pipeline gave classifier-free guidance to its transformer: ``"separate"`` (one call per branch:
+    Wan, true-CFG FLUX / Qwen-Image), ``"batched"`` (one call on [uncond, cond] rows), ``"none"`` (no uncond
+    stream); None when the traces do not say (written before calib recorded ``call_rows``) or mix layouts."""
+    trajectories = list(trajectories)
+    branches = [t for t in trajectories if t.stream in ("cond", "uncond")]
+    if not any(t.stream == "uncond" for t in branches):
+        return "none" if trajectories else None
+    rows = set()
+    for t in branches:
+        values = (getattr(t, "extra", None) or {}).get("call_rows")
+        if values is None or not np.isfinite(values).any():
+            return None
+        rows.add(int(np.nanmax(values)))
+    return "separate" if rows == {1} else "batched" if min(rows) > 1 else None

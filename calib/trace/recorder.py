@@ -31,6 +31,13 @@ PENDING_NUMEL = 1 << 24
 REDUCE_NUMEL = 1 << 20  # held calls are reduced in chunks of about this many elements
 # Forecast errors of the stack residual (Trajectory.forecast_rel_l1): horizons 1..FORECAST_HORIZONS by default.
 FORECAST_HORIZONS = 4
+# Per stream and batch row, the Gram matrix of each forecast target's values across the steps of a generation
+# (Trajectory.gram): every linear forecast's error at any step from any computed steps is a quadratic form in it.
+# Values larger than GRAM_ELEMENTS per row are read at a fixed random subset of that many positions (an unbiased
+# estimate of every inner product); the products are summed in float64 (forecast errors are small differences of
+# large products).
+GRAM_TARGETS = ("output", "hidden", "residual")
+GRAM_ELEMENTS = 1 << 16
 EXTRA_SERIES = (
     "block_input_rel_l1",
     "temb_rel_l1",
@@ -70,7 +77,7 @@ class _Recorder(Observer):
     watches = frozenset(INDICATORS)
 
     def __init__(self, component: str, transformer: torch.nn.Module, adapter: Adapter, clock: StepClock, record_blocks: bool,
-                 *, scheduler=None, forecast_horizons: int = FORECAST_HORIZONS):
+                 *, scheduler=None, forecast_horizons: int = FORECAST_HORIZONS, record_gram: bool = True):
         self.component = component
         self.scheduler = scheduler  # its sigmas weight the forecasts in σ (read once per generation)
         self.forecast_horizons = int(forecast_horizons)
@@ -80,6 +87,8 @@ class _Recorder(Observer):
         self.record_blocks = record_blocks
         self.blocks = adapter.blocks(transformer)
         self.block_names = [n for n, _ in self.blocks]
+        self.record_gram = record_gram
+        self._gram_index: dict[tuple, torch.Tensor] = {}
         self.hooks = None  # the engine's component, once attached
         self._pending: dict[tuple, _PendingGroup] = {}
         self._forecast_tensors: dict[tuple, tuple] = {}  # (weights, slot index) per schedule position
@@ -105,6 +114,7 @@ class _Recorder(Observer):
             notes["blocks"][index] = _hold(hidden_out)
         if index == len(self.blocks) - 1:
             notes["residual"] = self.adapter.residual(hidden_out, notes["block_input"])
+            notes["hidden"] = _hold(hidden_out)
 
     def call_finished(self, call, output) -> None:
         notes = call.notes
@@ -134,6 +144,7 @@ class _Recorder(Observer):
         self._residuals: dict[str, dict[int, torch.Tensor]] = defaultdict(dict)  # key -> step -> residual (held)
         self._forecast_sigmas: list[float] | None = None
         self._forecast_generation: int | None = None
+        self._gram_values: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))  # key -> target -> calls
 
     def _change(self, key: str, name: str, tensor: torch.Tensor) -> torch.Tensor:
         prev = self.previous.get((key, name))
@@ -325,6 +336,35 @@ class _Recorder(Observer):
             parts.append(errors)
         self._changes(key, named, parts, layout)
         self.values[key].append((parts, tuple(layout)))
+        if self.record_gram:
+            for target in GRAM_TARGETS:
+                value = call.get(target)
+                self._gram_values[key][target].append(None if value is None else self._gram_sample(value))
+
+    def _gram_sample(self, value: torch.Tensor) -> torch.Tensor:
+        """``value`` per batch row, at most GRAM_ELEMENTS positions of it (the same positions every call)."""
+        rows = value.shape[0]
+        flat = value.detach().reshape(rows, -1)
+        if flat.shape[1] <= GRAM_ELEMENTS:
+            return flat.clone()
+        index = self._gram_index.get((flat.shape[1], flat.device))
+        if index is None:
+            generator = torch.Generator().manual_seed(flat.shape[1])
+            index = torch.randperm(flat.shape[1], generator=generator)[:GRAM_ELEMENTS].sort().values
+            index = self._gram_index[(flat.shape[1], flat.device)] = index.to(flat.device)
+        return flat.index_select(1, index)
+
+    def grams(self, key: str) -> dict[str, np.ndarray]:
+        """{target: float64 (rows, n, n)} for stream ``key``: the inner products of its values at every pair of the
+        generation's calls (scaled by the sample's size when subsampled). A target missing at some call (no residual
+        where the stack changes the token count) or changing shape has none."""
+        out = {}
+        for target, calls in self._gram_values.get(key, {}).items():
+            if not calls or any(c is None or c.shape != calls[0].shape for c in calls):
+                continue
+            stacked = torch.stack(calls).double()  # (n, rows, K)
+            out[target] = torch.einsum("irk,jrk->rij", stacked, stacked).cpu().numpy()
+        return out
 
     def collect(self) -> dict[str, dict[str, np.ndarray]]:
         """Move everything to the host, once per stream: {key: {name: array (n_steps, batch[, blocks])}}."""
