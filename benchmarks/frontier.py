@@ -67,30 +67,26 @@ def run_model(model: str, args) -> dict | None:
     config = cr.load(coeffs)
     trace_set = read_traces([trace_path])
     rows = args.methods or ROWS
-    schedule_config, schedule_seconds = None, None
-    if "calib-schedule" in rows or "calib-forecast" in rows:
-        from calib.methods.registry import write_document
-        from calib.methods.schedule.method import fit_schedule, format_schedules
-        from calib.methods.schedule.options import ScheduleOptions
-        from calib.store.segments import SegmentStore
-
+    schedule_config, auto_config, fit_seconds = None, None, None
+    if {"calib-auto", "calib-schedule", "calib-forecast"} & set(rows):
+        # calib fit --method auto on the calibration prompts only (the job, as the CLI runs it): the gate, the
+        # schedules searched at the three targets, the verdict at 50 %
         began = time.perf_counter()
-        schedule_path = out / f"{name}.schedule.json"
-        doc = fit_schedule(pipe, trace_set, source=model, store=SegmentStore(schedule_path), gap=args.gap,
-                           forecasts=ScheduleOptions(forecast_order=args.forecast_orders).forecasts,
-                           seeds=args.calib_seeds[:1], overwrite=True, progress=False)
-        write_document(doc, schedule_path)
-        print(format_schedules(doc))
-        schedule_config = cr.load(schedule_path)
-        schedule_seconds = round(time.perf_counter() - began, 1)
-        print(f"schedule fit: {schedule_seconds:.0f} s, forecast {doc['calibration']['forecast_choice']}")
+        auto_path = out / f"{name}.auto.json"
+        run_fit("auto", [trace_path], out=auto_path, compute_fraction=0.5, model=model,
+                seeds=args.search_seeds or None, search_evals=args.search_evals,
+                overwrite=True, echo=print)
+        fit_seconds = round(time.perf_counter() - began, 1)
+        auto_config = cr.load(auto_path)
+        schedule_config = cr.load(auto_path.with_name(f"{name}.auto.schedule.json"))
+        print(f"calib fit --method auto: {fit_seconds:.0f} s; kept {auto_config.method}")
     result = run_frontier(pipe, config, trace_set, held_out, args.seeds, steps=args.steps,
                           guidance=args.guidance, rows=rows, plot=out / f"{name}.png",
-                          echo=print, schedule_config=schedule_config)
+                          echo=print, schedule_config=schedule_config, auto_config=auto_config)
     result["model"] = model
     result["coeffs"] = str(coeffs)
     result["calibration_prompts"] = calibration
-    result["schedule_fit_seconds"] = schedule_seconds
+    result["auto_fit_seconds"] = fit_seconds
     write_atomic_bytes(out / f"{name}.json", (json.dumps(result, indent=2, allow_nan=False) + "\n").encode())
     print(f"wrote {out / f'{name}.json'}")
     return result
@@ -106,8 +102,10 @@ def main(argv=None) -> int:
     parser.add_argument("--seeds", type=_seeds, default=(100, 101), help="Held-out seeds the methods are compared on.")
     parser.add_argument("--methods", type=lambda s: s.split(","), help="Comma-separated subset of the methods.")
     parser.add_argument("--out", default="benchmarks/results", help="Output folder.")
-    parser.add_argument("--gap", type=int, default=6, help="calib fit --method schedule: longest measured gap.")
-    parser.add_argument("--forecast-orders", default="1,2", help="calib fit --method schedule: forecast orders.")
+    parser.add_argument("--search-seeds", type=_seeds, default=None,
+                        help="calib fit --method auto: the seeds its search generates [default: the traced ones].")
+    parser.add_argument("--search-evals", type=int, default=60,
+                        help="calib fit --method auto: measured generations per local search of a budget.")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (1: these tiny models only spin with more on a busy machine).")
     args = parser.parse_args(argv)

@@ -1,65 +1,49 @@
-"""calib fit --method schedule: the search against brute force, and the mask through the CLI as a user runs it."""
+"""calib fit --method schedule|auto: the joint search's candidates, and the search through the CLI as a user runs it
+(trace -> fit -> apply, resume and shards, tune, the cache-dit export, the frontier rows)."""
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
-import random
 
 import pytest
 import yaml
 
+from calib.methods.schedule.joint import Plan, budget_for, neighbours, starting_plans
 from calib.methods.schedule.measure import split_prompts
-from calib.methods.schedule.paths import feasible_budgets, min_sum_path, minimax_path, path_costs, segments
 
 
-def _all_paths(n, costs, budget):
-    for middle in itertools.combinations(range(1, n - 1), budget - 2):
-        path = [0, *middle, n - 1]
-        if all(j - i == 1 or (i, j) in costs for i, j in zip(path, path[1:])):
-            yield path
+# ---------------------------------------------------------------------------------------------------------------
+# the candidates: every plan spends exactly its budget, keeps the required steps, stays in range
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("steps", [6, 10, 30])
+@pytest.mark.parametrize("fraction", [0.5, 1 / 3, 0.25])
+@pytest.mark.parametrize("halves", [False, True])
+def test_starting_plans_spend_exactly_the_budget(steps, fraction, halves):
+    budget = budget_for(fraction, steps, halves=halves)
+    assert budget >= 2 and (budget * 2 == int(budget * 2)) and (halves or budget == int(budget))
+    required = (0, steps // 2)  # a two-expert model: each expert's first step computes in full
+    plans = starting_plans(steps, budget, cond_only=halves, required=required)
+    assert plans, (steps, budget)
+    assert len(set(plans)) == len(plans)
+    for plan in plans:
+        assert plan.cost == budget
+        assert set(required) <= set(plan.full)
+        assert not set(plan.full) & set(plan.cond_only)
+        assert all(0 <= s < steps for s in plan.full + plan.cond_only)
+    if halves and budget != int(budget):
+        assert all(plan.cond_only for plan in plans)  # half a forward is only spent on cond-only steps
 
 
-def _random_costs(rng, n, gap, ties=False):
-    return {seg: (rng.choice([0.1, 0.2, 0.3]) if ties else rng.random()) for seg in segments(n, gap)}
-
-
-@pytest.mark.parametrize("seed", range(12))
-def test_dynamic_programmes_match_brute_force(seed):
-    rng = random.Random(seed)
-    n, gap = rng.randint(3, 9), rng.randint(2, 4)
-    costs = _random_costs(rng, n, gap, ties=seed % 3 == 0)
-    for budget in range(1, n + 2):
-        paths = list(_all_paths(n, costs, budget)) if 2 <= budget <= n else []
-        got_sum, got_max = min_sum_path(n, costs, budget), minimax_path(n, costs, budget)
-        if not paths:
-            assert got_sum is None and got_max is None
-            continue
-        assert got_sum[0] == 0 and got_sum[-1] == n - 1 and len(got_sum) == budget
-        best_sum = min(sum(path_costs(p, costs)) for p in paths)
-        assert sum(path_costs(got_sum, costs)) == pytest.approx(best_sum)
-        best_max = min(tuple(sorted(path_costs(p, costs), reverse=True)) for p in paths)
-        assert tuple(sorted(path_costs(got_max, costs), reverse=True)) == pytest.approx(best_max)
-        assert len(got_max) == budget
-
-
-def test_minimax_differs_from_min_sum_where_one_segment_dominates():
-    # 0 -> 2 -> 4: two segments of 0.3 (sum 0.6, max 0.3); 0 -> 3 -> 4: 0.5 + 0 (sum 0.5, max 0.5)
-    costs = {(0, 2): 0.3, (2, 4): 0.3, (0, 3): 0.5, (1, 3): 1.0, (1, 4): 1.0, (0, 4): 9.0, (2, 3): 0.0}
-    costs = {k: v for k, v in costs.items() if k[1] - k[0] >= 2}
-    assert min_sum_path(5, costs, 3) == [0, 3, 4]
-    assert minimax_path(5, costs, 3) == [0, 2, 4]
-
-
-def test_segments_and_budgets():
-    segs = segments(6, 3)
-    assert (0, 2) in segs and (0, 3) in segs and (0, 4) not in segs and (0, 1) not in segs
-    # a two-expert model: forecast steps stay with the expert that computed the segment's first step
-    owner = ["transformer"] * 3 + ["transformer_2"] * 3
-    assert (1, 3) in segments(6, 3, owner) and (1, 4) not in segments(6, 3, owner) and (3, 5) in segments(6, 3, owner)
-    costs = {s: 0.1 for s in segs}
-    assert feasible_budgets(6, 3, costs) == [3, 4, 5, 6]
+def test_neighbours_move_one_step_and_keep_the_budget_and_the_required_steps():
+    plan = Plan.of([0, 3, 6], [8])
+    moved = list(neighbours(plan, 10, required=(0,)))
+    assert moved and all(p.cost == plan.cost for p in moved)
+    assert all(0 in p.full for p in moved)
+    for p in moved:
+        changed = (set(plan.full) ^ set(p.full)) | (set(plan.cond_only) ^ set(p.cond_only))
+        assert len(changed) == 2 and max(changed) - min(changed) <= 2  # one step moved by one or two
+    assert Plan.of([0, 9], [9]).cond_only == ()  # a step is full or cond-only, never both
 
 
 def test_prompt_split_holds_out_a_third():
@@ -73,28 +57,33 @@ def test_prompt_split_holds_out_a_third():
 # through the CLI: calib trace -> calib fit --method schedule -> calib.runtime.apply
 # ---------------------------------------------------------------------------------------------------------------
 STEPS = 6
+SEARCH = ["--fractions", "0.5,0.34", "--forecast-targets", "output,residual", "--forecast-order", "1",
+          "--search-evals", "3"]
 
 
-@pytest.fixture(scope="module")
-def fitted(tmp_path_factory):
+def _run(work, *args):
     import torch
 
     from calib.cli import main
 
-    work = tmp_path_factory.mktemp("schedule")
-    (work / "p.txt").write_text("a handwritten 1\na handwritten 4\n", encoding="utf-8")
     cwd = os.getcwd()
     os.chdir(work)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a 0.6 M-parameter model: more threads only spin on a busy machine
     try:
-        assert main(["trace", "--model", "builtin:digits", "--prompts", "p.txt", "--steps", str(STEPS), "--seeds", "0",
-                     "--out", "t.h5"]) == 0
-        assert main(["fit", "t.h5", "--method", "schedule", "--gap", "3", "--forecast-order", "1,2",
-                     "--out", "s.json"]) == 0
+        return main(list(args))
     finally:
         os.chdir(cwd)
         torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    work = tmp_path_factory.mktemp("schedule")
+    (work / "p.txt").write_text("a handwritten 1\na handwritten 4\na handwritten 7\n", encoding="utf-8")
+    assert _run(work, "trace", "--model", "builtin:digits", "--prompts", "p.txt", "--steps", str(STEPS), "--seeds",
+                "0", "--out", "t.h5") == 0
+    assert _run(work, "fit", "t.h5", "--method", "schedule", *SEARCH, "--out", "s.json") == 0
     return work
 
 
@@ -106,7 +95,7 @@ def _latents(pipe, prompt="a handwritten 7", seed=3, steps=STEPS):
     return torch.stack(list(out.images))
 
 
-def test_schedule_file_applies_and_full_budget_is_exact(fitted):
+def test_the_schedule_file_records_the_search_and_applies_as_measured(fitted):
     import torch
 
     import calib.runtime as cr
@@ -114,25 +103,29 @@ def test_schedule_file_applies_and_full_budget_is_exact(fitted):
 
     doc = json.loads((fitted / "s.json").read_text())
     assert doc["method"] == "schedule" and doc["steps"] == STEPS
-    budgets = [s["budget"] for s in doc["schedules"]]
-    assert budgets == list(range(3, STEPS + 1))  # gap 3 over 6 steps: at least 3 computed, up to all
-    for entry in doc["schedules"]:
-        steps = entry["components"]["transformer"]
-        assert steps[0] == 0 and steps[-1] == STEPS - 1 and len(steps) == entry["budget"]
-        assert entry["search"] in ("min_sum", "minimax") and entry["error"]["holdout_latent_rel_l1"] >= 0
+    assert doc["calibration"]["cfg"] == "batched"  # the built-in digits model batches [uncond, cond]
+    # 0.5 and 0.34 of 6 steps; batched guidance allows half forwards (cond-only steps)
+    assert sorted(s["budget"] for s in doc["schedules"]) == [2.0, 3.0]
     assert doc["calibration"]["holdout_prompts"] and not (
         set(doc["calibration"]["holdout_prompts"]) & set(doc["calibration"]["measured_prompts"]))
     config = cr.load(fitted / "s.json")
     pipe = load_pipeline()
     reference = _latents(pipe)
-    with cr.apply(pipe, config, budget=STEPS) as handle:
-        assert torch.equal(_latents(pipe), reference)  # every step computed: bit-exact
-        assert handle.stats()["skipped"] == 0
-    fewest = min(budgets)
-    with cr.apply(pipe, config, budget=fewest) as handle:
-        cached = _latents(pipe)
-        assert handle.stats()["computed"] == fewest * 1  # batched CFG: one stream
-    assert not torch.equal(cached, reference)
+    for entry in doc["schedules"]:
+        full = entry["components"]["transformer"]
+        partial = (entry.get("cond_only") or {}).get("transformer", [])
+        assert 0 in full and len(full) + 0.5 * len(partial) == entry["budget"]
+        assert entry["search"] == "measured" and entry["forecast"]["kind"] in ("newton", "cfg")
+        assert entry["error"]["holdout_latent_rel_l1"] >= 0
+        if entry["forecast"]["kind"] == "newton":
+            assert entry["forecast"]["target"] in ("output", "residual")
+        with cr.apply(pipe, config, budget=entry["budget"]) as handle:
+            cached = _latents(pipe)
+            stats = handle.stats()
+        assert stats["computed"] == len(full) and stats["partial"] == len(partial)  # batched CFG: one stream
+        assert stats["compute_fraction"] == pytest.approx(entry["budget"] / STEPS)
+        assert not torch.equal(cached, reference) and torch.isfinite(cached).all()
+    assert torch.equal(_latents(pipe), reference)  # the hooks are gone: plain runs again
 
 
 def test_schedule_for_another_step_count_is_refused_in_one_line(fitted):
@@ -140,100 +133,97 @@ def test_schedule_for_another_step_count_is_refused_in_one_line(fitted):
     from calib.models.digits import load_pipeline
 
     pipe = load_pipeline()
-    with cr.apply(pipe, cr.load(fitted / "s.json"), budget=STEPS):
+    with cr.apply(pipe, cr.load(fitted / "s.json")):
         with pytest.raises(cr.StepCountError) as info:
             _latents(pipe, steps=STEPS + 2)
     message = str(info.value)
     assert "\n" not in message and str(STEPS) in message and str(STEPS + 2) in message, message
-    assert torch_equal(_latents(pipe), _latents(pipe))  # the hooks are gone: plain runs again
 
 
-def torch_equal(a, b):
-    import torch
-
-    return torch.equal(a, b)
-
-
-def test_resume_measures_nothing_twice(fitted, capsys):
-    from calib.cli import main
-
-    segments = json.loads((fitted / "s.segments.json").read_text())
-    assert set(segments["errors"]) == {"newton-o1-step", "newton-o2-step"}
-    # gap 3 over 6 steps: (i, i+2) for i < 4 and (i, i+3) for i < 3
-    assert sorted(segments["errors"]["newton-o1-step"]) == sorted(
-        f"{i}-{j}" for i, j in segments_of(STEPS, 3))
-    cwd = os.getcwd()
-    os.chdir(fitted)
-    try:
-        capsys.readouterr()
-        assert main(["fit", "t.h5", "--method", "schedule", "--gap", "3", "--forecast-order", "1,2",
-                     "--out", "s2.json", "--shard", "0/2"]) == 0
-        first = capsys.readouterr().out
-        assert "shard 0/2" in first and (fitted / "s2.segments.rank0-of-2.json").exists()
-        assert not (fitted / "s2.json").exists()
-        # the unsharded run reads shard 0's file and measures only the rest
-        assert main(["fit", "t.h5", "--method", "schedule", "--gap", "3", "--forecast-order", "1,2",
-                     "--out", "s2.json"]) == 0
-        out = capsys.readouterr().out
-        half = len(segments_of(STEPS, 3)) * 2
-        assert f"{(half + 1) // 2} already measured" in out, out
-        assert main(["fit", "t.h5", "--method", "schedule", "--gap", "3", "--forecast-order", "1,2",
-                     "--out", "s2.json"]) == 0
-        assert f"{half} already measured in s2.segments.json; 0 to measure" in capsys.readouterr().out
-        # another gap is another set of segments: refused with one line, not mixed in
-        assert main(["fit", "t.h5", "--method", "schedule", "--gap", "2", "--out", "s2.json"]) == 2
-        err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and "gap" in err[0] and "--overwrite" in err[0]
-    finally:
-        os.chdir(cwd)
-
-
-def segments_of(n, gap):
-    return segments(n, gap)
-
-
-def test_tune_picks_the_budget_and_export_writes_the_mask(fitted, capsys):
-    from calib.cli import main
-
-    path = fitted / "s.json"
-    assert main(["tune", "--coeffs", str(path), "--speedup", "1.5", "--write"]) == 0
-    doc = json.loads(path.read_text())
-    assert doc["recommended"]["budget"] == 4  # the largest budget with 6 / B >= 1.5
+def test_a_rerun_measures_nothing_twice_and_shards_add_up(fitted, capsys):
+    log = json.loads((fitted / "s.search.json").read_text())
+    measured = len(log["entries"])
+    assert measured > 0 and all(v >= 0 for v in log["entries"].values())
+    before = (fitted / "s.json").read_bytes()
     capsys.readouterr()
-    assert main(["export", str(path), "--format", "cache-dit"]) == 0
+    assert _run(fitted, "fit", "t.h5", "--method", "schedule", *SEARCH, "--out", "s.json") == 0
+    out = capsys.readouterr().out
+    assert f"{measured} measurements already in s.search.json" in out, out
+    assert len(json.loads((fitted / "s.search.json").read_text())["entries"]) == measured  # nothing new measured
+    rerun = json.loads((fitted / "s.json").read_bytes())["schedules"]
+    assert all(entry["error"].pop("generations_measured") == 0 for entry in rerun)
+    first = json.loads(before)["schedules"]
+    assert all(entry["error"].pop("generations_measured") > 0 for entry in first)
+    assert rerun == first  # the same path through the same measurements
+
+    # a cluster job array: each shard searches its budgets; the run without --shard reads them all
+    assert _run(fitted, "fit", "t.h5", "--method", "schedule", *SEARCH, "--out", "s2.json", "--shard", "0/2") == 0
+    out = capsys.readouterr().out
+    assert "shard 0/2" in out and (fitted / "s2.search.rank0-of-2.json").exists() and not (fitted / "s2.json").exists()
+    assert _run(fitted, "fit", "t.h5", "--method", "schedule", *SEARCH, "--out", "s2.json", "--shard", "1/2") == 0
+    shards = sum(len(json.loads((fitted / f"s2.search.rank{i}-of-2.json").read_text())["entries"]) for i in (0, 1))
+    capsys.readouterr()
+    assert _run(fitted, "fit", "t.h5", "--method", "schedule", *SEARCH, "--out", "s2.json") == 0
+    assert f"{shards} measurements already" in capsys.readouterr().out
+    sharded = json.loads((fitted / "s2.json").read_text())["schedules"]
+    assert all(entry["error"].pop("generations_measured") == 0 for entry in sharded) and sharded == first
+
+    # other settings are another search: refused with one line, never mixed in
+    assert _run(fitted, "fit", "t.h5", "--method", "schedule", "--fractions", "0.5", "--out", "s2.json") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "other settings" in err[0] and "--overwrite" in err[0], err
+
+
+def test_tune_picks_the_budget(fitted, capsys):
+    import shutil
+
+    path = fitted / "tuned.json"
+    shutil.copy(fitted / "s.json", path)
+    assert _run(fitted, "tune", "--coeffs", str(path), "--speedup", "2.5", "--write") == 0
+    assert json.loads(path.read_text())["recommended"]["budget"] == 2  # the largest budget with 6 / B >= 2.5
+    assert "budget 2" in capsys.readouterr().out
+
+
+def test_the_cache_dit_export_writes_whole_step_masks_and_refuses_cond_only_steps(fitted, capsys):
+    assert _run(fitted, "fit", "t.h5", "--method", "schedule", "--fractions", "0.5", "--forecast-targets",
+                "output", "--forecast-order", "1", "--search-evals", "2", "--no-cond-only", "--out", "whole.json") == 0
+    doc = json.loads((fitted / "whole.json").read_text())
+    entry = doc["schedules"][0]
+    assert entry["budget"] == 3 and "cond_only" not in entry and entry["forecast"]["kind"] == "newton"
+    capsys.readouterr()
+    assert _run(fitted, "export", "whole.json", "--format", "cache-dit") == 0
     exported = yaml.safe_load(capsys.readouterr().out)  # cache-dit's own config file (cache_dit.load_configs)
-    mask = exported["cache_config"]["steps_computation_mask"]
-    entry = next(e for e in doc["schedules"] if e["budget"] == 4)
-    assert mask == [1 if s in entry["components"]["transformer"] else 0 for s in range(STEPS)]
-    assert exported["cache_config"]["steps_computation_policy"] == "static"
-    order = doc["forecast"]["order"]
-    assert exported["cache_config"].get("taylorseer_order") == (order or None)
-    assert exported["cache_config"].get("enable_taylorseer") == (True if order else None)
-    assert main(["export", str(path), "--format", "cache-dit", "--budget", "99"]) == 2
+    config = exported["cache_config"]
+    assert config["steps_computation_mask"] == [1 if s in entry["components"]["transformer"] else 0
+                                                for s in range(STEPS)]
+    assert config["steps_computation_policy"] == "static" and config["enable_separate_cfg"] is False
+    assert config["taylorseer_order"] == entry["forecast"]["order"] == 1
+    assert _run(fitted, "export", "whole.json", "--format", "cache-dit", "--budget", "99") == 2
     assert "no schedule for budget 99" in capsys.readouterr().err
 
-
-def test_taylorseer_is_given_every_interval_that_fits_a_target():
-    from calib.evaluate.harness import COMPUTE_TARGETS, REACHED
-    from calib.evaluate.peers.taylorseer import taylorseer_fraction, taylorseer_settings
-
-    settings = taylorseer_settings(30, COMPUTE_TARGETS)
-    for target in COMPUTE_TARGETS:
-        fits = [(i, b) for i, b in settings if abs(taylorseer_fraction(i, b, 30) - target) <= REACHED]
-        assert len({i for i, _ in fits}) >= 2, target  # several intervals per target, each with its warm-up
-    assert all(2 <= i <= 6 and b >= 1 for i, b in settings)
+    doc["schedules"][0]["cond_only"] = {"transformer": [s for s in range(STEPS)
+                                                        if s not in entry["components"]["transformer"]][:2]}
+    doc["schedules"][0]["budget"] = 4
+    newton = {"kind": "newton", "order": 1, "variable": "step", "target": "output"}
+    doc["schedules"][0]["forecast"] = {"kind": "cfg", "target": "output", "batch_order": ["uncond", "cond"],
+                                       "cond": newton, "diff": newton}
+    doc["recommended"]["budget"] = 4
+    (fitted / "halves.json").write_text(json.dumps(doc))
+    assert _run(fitted, "export", "halves.json", "--format", "cache-dit") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "conditional branch only" in err[0] and "--no-cond-only" in err[0], err
 
 
 def test_frontier_runs_the_schedule_and_cache_dit_rows(fitted):
-    """The schedule row applies the file's budgets; cache-dit's DBCache pays its first block on cached steps, so its
-    compute share is above its fraction of full forwards; a peer that cannot run says why."""
+    """The schedule row applies the file's budgets (a cond-only step counts half); cache-dit's DBCache pays its first
+    block on cached steps, so its compute share is above its fraction of full forwards; a row that cannot run says
+    why."""
     import torch
 
     import calib.runtime as cr
     from calib.evaluate.frontier import run_frontier
     from calib.models.digits import load_pipeline
 
-    pytest.importorskip("cache_dit")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -243,9 +233,10 @@ def test_frontier_runs_the_schedule_and_cache_dit_rows(fitted):
                               schedule_config=cr.load(fitted / "s.json"), echo=lambda *a: None)
     finally:
         torch.set_num_threads(threads)
+    doc = json.loads((fitted / "s.json").read_text())
     schedule = result["methods"]["calib-schedule"]["points"]
-    assert {round(p["fraction"] * STEPS) for p in schedule} == {p["setting"]["budget"] for p in schedule}
-    assert all(p["compute"] == pytest.approx(p["fraction"]) for p in schedule)
+    assert sorted(p["setting"]["budget"] for p in schedule) == sorted(s["budget"] for s in doc["schedules"])
+    assert all(p["fraction"] == pytest.approx(p["setting"]["budget"] / STEPS) for p in schedule)
     dbcache = result["methods"]["cache-dit"]["points"]
     assert any(p["fraction"] < 1 for p in dbcache)
     assert all(p["compute"] >= p["fraction"] for p in dbcache)
@@ -254,21 +245,9 @@ def test_frontier_runs_the_schedule_and_cache_dit_rows(fitted):
 
 
 def test_fit_auto_keeps_the_better_of_gate_and_schedule_and_says_why(fitted, capsys):
-    import torch
-
-    from calib.cli import main
-
-    cwd = os.getcwd()
-    os.chdir(fitted)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        capsys.readouterr()
-        assert main(["fit", "t.h5", "--method", "auto", "--compute-fraction", "0.5", "--gap", "3",
-                     "--forecast-order", "1", "--out", "auto.json"]) == 0
-    finally:
-        os.chdir(cwd)
-        torch.set_num_threads(threads)
+    capsys.readouterr()
+    assert _run(fitted, "fit", "t.h5", "--method", "auto", "--fractions", "0.5", "--forecast-targets", "output",
+                "--forecast-order", "1", "--search-evals", "3", "--out", "auto.json") == 0
     out = capsys.readouterr().out
     doc = json.loads((fitted / "auto.json").read_text())
     verdict = doc["calibration"]["auto"]
@@ -278,15 +257,21 @@ def test_fit_auto_keeps_the_better_of_gate_and_schedule_and_says_why(fitted, cap
     assert verdict["gate"]["compute_fraction"] <= 0.5 + 1e-9 and verdict["schedule"]["compute_fraction"] <= 0.5
     assert verdict["why"] in out and "kept" in verdict["why"]
     assert (fitted / "auto.gate.json").exists() and (fitted / "auto.schedule.json").exists()
+    # each candidate file is what was measured: the gate runs the search's forecast at the compared threshold
+    gate_doc = json.loads((fitted / "auto.gate.json").read_text())
+    assert all(comp["forecast"] == verdict["gate"]["forecast"] for comp in gate_doc["components"].values())
+    assert gate_doc["thresholds"]["recommended"] == pytest.approx(verdict["gate"]["threshold"])
+    schedule_doc = json.loads((fitted / "auto.schedule.json").read_text())
+    assert schedule_doc["recommended"]["budget"] == verdict["schedule"]["budget"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # the model a schedule or auto fit regenerates with: never code or a download named by the trace file
 # ---------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("source, refused", [
-    ("os:abort", "calib never runs code a file names"),
-    ("evilsrc:pwn", "calib never runs code a file names"),
-    ("someone/some-model", "calib downloads nothing a file names"),
+    ("os:abort", "never runs code or downloads a model a file names"),
+    ("evilsrc:pwn", "never runs code or downloads a model a file names"),
+    ("someone/some-model", "never runs code or downloads a model a file names"),
 ])
 @pytest.mark.parametrize("method", ["schedule", "auto"])
 def test_fit_never_loads_code_or_a_download_the_trace_names(tmp_path, monkeypatch, capsys, source, refused, method):
@@ -322,19 +307,19 @@ def test_the_model_comes_from_model_a_builtin_name_or_an_existing_folder(tmp_pat
         model_to_load(None, traced(None), ["t.h5"])
 
 
-def test_segment_shards_are_found_by_escaped_name_only(tmp_path):
+def test_search_shards_are_found_by_escaped_name_only(tmp_path):
     """``--out '[ab].json'`` reads and clears its own shard files, never those of a.json or b.json."""
-    from calib.store.segments import SegmentStore
+    from calib.store.search_log import SearchLog
 
-    key = {"gap": 3}
-    mine, other = SegmentStore(tmp_path / "[ab].json", (0, 2)), SegmentStore(tmp_path / "a.json", (0, 2))
-    mine.write(key, {"newton-o1-step": {"0-2": 0.5}})
-    other.write(key, {"newton-o1-step": {"0-2": 0.25}})
-    (tmp_path / "a.segments.rank1-of-2.json.bak").write_text("{}")
-    unsharded = SegmentStore(tmp_path / "[ab].json")
+    key = {"budgets": [3]}
+    mine, other = SearchLog(tmp_path / "[ab].json", (0, 2)), SearchLog(tmp_path / "a.json", (0, 2))
+    mine.write(key, {"measure|0,2|output-newton1": 0.5})
+    other.write(key, {"measure|0,2|output-newton1": 0.25})
+    (tmp_path / "a.search.rank1-of-2.json.bak").write_text("{}")
+    unsharded = SearchLog(tmp_path / "[ab].json")
     assert unsharded.shard_files() == [mine.path]
-    assert unsharded.read(key) == {"newton-o1-step": {"0-2": 0.5}}
+    assert unsharded.read(key) == {"measure|0,2|output-newton1": 0.5}
     unsharded.clear()
     assert not mine.path.exists() and other.path.exists()
     with pytest.raises(Exception, match="other settings"):
-        other.read({"gap": 4})
+        other.read({"budgets": [4]})

@@ -184,6 +184,24 @@ def sglang(doc, threshold=None, component=None) -> tuple[str, str, list[str]]:
 # ---------------------------------------------------------------------------------------------------------------
 # schedule files -> engines that take a per-step mask
 # ---------------------------------------------------------------------------------------------------------------
+def _newton_equivalent(forecast: dict, budget) -> dict:
+    """The Newton forecast cache-dit's TaylorSeer can stand in for: a Newton one as it is; a guidance forecast on
+    whole steps whose two parts share an order is that order on the output (extrapolation is linear); a fitted
+    basis has no cache-dit counterpart."""
+    kind = forecast.get("kind", "newton")
+    if kind == "newton":
+        return forecast
+    if kind == "cfg":
+        cond, diff = forecast.get("cond") or {}, forecast.get("diff") or {}
+        if cond.get("kind", "newton") == diff.get("kind", "newton") == "newton" and \
+                cond.get("order") == diff.get("order") and cond.get("variable") == diff.get("variable"):
+            return {"kind": "newton", "order": cond.get("order", 0), "variable": cond.get("variable", "step"),
+                    "target": "output"}
+    raise CalibError(f"budget {budget:g} forecasts skipped steps with a {kind!r} forecast, which cache-dit's "
+                     "calibrators cannot reproduce; export another budget, or refit with --no-cond-only "
+                     "--forecast-order 1 (Newton forecasts only)")
+
+
 def cache_dit(doc, budget=None, component=None) -> tuple[str, str, list[str], str]:
     """(file content: cache-dit's own config file (YAML, what ``cache_dit.load_configs`` reads), usage, notes,
     summary) for one budget of a schedule file."""
@@ -208,6 +226,9 @@ def cache_dit(doc, budget=None, component=None) -> tuple[str, str, list[str], st
     name = component or next(iter(comps))
     if name not in comps:
         raise CalibError(f"no component {name!r} in the schedule (it has {sorted(comps)})")
+    if any((entry.get("cond_only") or {}).values()):
+        raise CalibError(f"budget {chosen:g} computes some steps on the conditional branch only; cache-dit's mask "
+                         "computes a step whole or not at all — export another budget, or refit with --no-cond-only")
     n = int(doc["steps"])
     computed = set(comps[name])
     mask = [1 if s in computed else 0 for s in range(n)]
@@ -218,7 +239,8 @@ def cache_dit(doc, budget=None, component=None) -> tuple[str, str, list[str], st
     if cfg is not None:
         # cache-dit counts every transformer call as a step unless told that cond and uncond are separate calls
         cache_config["enable_separate_cfg"] = cfg == "separate"
-    forecast = doc.get("forecast") or {"kind": "newton", "order": 0}
+    forecast = _newton_equivalent(entry.get("forecast") or doc.get("forecast") or {"kind": "newton", "order": 0},
+                                  chosen)
     order = int(forecast.get("order", 0))
     if order >= 1:  # the keys load_configs reads for TaylorSeerCalibratorConfig (inside cache_config)
         cache_config.update(enable_taylorseer=True, taylorseer_order=order)
@@ -237,7 +259,8 @@ def cache_dit(doc, budget=None, component=None) -> tuple[str, str, list[str], st
                      "extrapolates in the step index — refit with --forecast-variable step for a faithful export")
     elif order >= 1:
         notes.append(f"forecast: cache-dit's TaylorSeer calibrator of order {order} (finite differences in the step "
-                     "index) stands in for calib's Newton extrapolation of the same order")
+                     "index of the cached blocks' residual) stands in for calib's Newton extrapolation of the same "
+                     f"order (of the {forecast.get('target', 'residual')})")
     if len(comps) > 1:
         notes.append(f"this is {name!r}'s mask only (global step indices)")
     summary = (f"cache-dit: budget {chosen}, computes steps {sorted(computed)} of {n} "

@@ -29,9 +29,8 @@ from calib.models import digits
 from calib.models.digit_reader import (  # noqa: F401  (benchmarks/transfer.py imports them here)
     classify, digit_classifier)
 from calib.models.digits import latents_to_images
-from calib.runtime import Forecast
 from calib.store import read_traces
-from calib.store.segments import SegmentStore
+from calib.store.search_log import SearchLog
 from calib.trace import TraceSettings, run_trace
 from calib.trace.prompts import read_prompts
 
@@ -39,29 +38,24 @@ HELD_OUT_SEED = 1000
 MODEL = "builtin:digits"
 
 DEMO_FRACTION = 0.5  # the budget the demo compares the gate and the schedule at: 2x fewer forwards
-DEMO_GAP = 3  # half the steps need gaps of ~2: up to 3 is enough, and 2 segments per step are measured
-DEMO_FORECASTS = (Forecast(1, "step"),)  # what the full search (orders 1 and 2) chose on both built-in models
-# (docs/evaluation.md)
+DEMO_SEARCH_EVALS = 20  # a short local search (calib fit's default is 60): the demo shows the loop, quickly
+DEMO_TARGETS = ("output",)  # what the full search chose on both built-in models (docs/evaluation.md)
 
 
 def _choose(pipe, trace_path, coeffs_path, coeffs_dir, echo):
-    """``calib fit --method auto`` in small: a schedule for half the steps searched on the traced prompts (one seed,
-    forecast order 1, gaps up to 3: ~60 batched generations), then gate + forecast against it at 50 % of full
-    forwards on the held-out prompts. Returns the verdict and the schedule file's path."""
+    """``calib fit --method auto`` in small: a schedule for half the compute searched on the traced prompts (one
+    seed, the output forecast, a short local search), then gate + forecast against it at 50 % of compute on the
+    held-out prompts. Returns the verdict and the schedule file's path."""
     trace_set = read_traces([trace_path])
     seeds = sorted({t.seed for t in trace_set.trajectories})[:1]
     schedule_path = coeffs_dir / "digits.schedule.json"
-    steps = trace_set.trajectories[0].steps
-    doc = fit_schedule(pipe, trace_set, source=MODEL, store=SegmentStore(schedule_path), gap=DEMO_GAP,
-                       forecasts=DEMO_FORECASTS, seeds=seeds, echo=echo, progress=False,
-                       budgets=[max(2, int(DEMO_FRACTION * steps + 1e-9))])
+    doc = fit_schedule(pipe, trace_set, source=MODEL, log=SearchLog(schedule_path), fractions=(DEMO_FRACTION,),
+                       targets=DEMO_TARGETS, max_local=DEMO_SEARCH_EVALS, seeds=seeds, echo=echo, progress=False)
     entry, reached = choose_budget(doc, TuneGoal("compute_fraction", DEMO_FRACTION))
     doc["recommended"] = {"budget": entry["budget"]}
     write_document(doc, schedule_path)
-
-    forecast = Forecast.from_json(doc["forecast"])
     verdict = compare(pipe, setup_from_traces(trace_set, MODEL, seeds=seeds), load_document(coeffs_path), doc, entry,
-                      reached, forecast, DEMO_FRACTION, trace_set, echo=echo)
+                      reached, DEMO_FRACTION, trace_set, echo=echo)
     echo(verdict["why"])
     return verdict, schedule_path
 
@@ -114,11 +108,11 @@ def _what_to_run(pipe, trace_path, coeffs_path, coeffs_dir, threshold, echo) -> 
         echo(f"loaded {coeffs_path}: {config.model_class}, threshold {threshold:g} (given: no comparison)")
         return choice
     verdict, schedule_path = _choose(pipe, trace_path, coeffs_path, coeffs_dir, echo)
-    forecast = cr.Forecast.from_json(verdict[verdict["kept"]]["forecast"])
+    forecast = cr.ForecastSpec.from_json(verdict[verdict["kept"]]["forecast"])
     choice.update(forecast=forecast, schedule_path=schedule_path)
     if verdict["kept"] == "schedule":
         choice.update(config=cr.load(schedule_path), budget=verdict["schedule"]["budget"])
-        echo(f"using {schedule_path}: budget {choice['budget']}, forecast {forecast.as_json()}")
+        echo(f"using {schedule_path}: budget {choice['budget']:g}, forecast {forecast.as_json()}")
     else:
         choice["threshold"] = verdict["gate"]["threshold"]
         echo(f"using {coeffs_path}: threshold {choice['threshold']:g} with forecast {forecast.as_json()}")
@@ -162,10 +156,10 @@ def _say_outcome(outcome: dict, choice: dict, trace_path, coeffs_path, echo) -> 
          f"comparison {outcome['comparison']} (top: uncached, bottom: cached)")
     forecast = choice["forecast"]
     if choice["budget"] is not None:
-        how = f"    handle = cr.apply(pipe, cr.load({str(choice['schedule_path'])!r}), budget={choice['budget']})\n"
+        how = f"    handle = cr.apply(pipe, cr.load({str(choice['schedule_path'])!r}), budget={choice['budget']:g})\n"
     elif forecast is not None:
         how = (f"    handle = cr.apply(pipe, cr.load({str(coeffs_path)!r}), threshold={choice['threshold']:g},\n"
-               f"                      forecast=cr.Forecast({forecast.order}, {forecast.variable!r}))\n")
+               f"                      forecast=cr.ForecastSpec.from_json({forecast.as_json()!r}))\n")
     else:
         how = f"    handle = cr.apply(pipe, cr.load({str(coeffs_path)!r}))   # threshold defaults to the recommended one\n"
     echo("\nuse it in your code:\n"

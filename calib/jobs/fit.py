@@ -13,7 +13,7 @@ from calib.methods import registry
 from calib.methods.base import CacheMethod, FitContext, MethodOptions
 from calib.models import loading as model_loading  # load_model is looked up at call time (tests replace it)
 from calib.store import read_traces
-from calib.store.segments import SegmentStore, segments_path
+from calib.store.search_log import SearchLog, search_log_path
 from calib.trace import pick_device
 
 
@@ -64,7 +64,7 @@ def run_fit(method: str, traces, *, out=None, echo=print, **options) -> Path | N
     if method.needs_model:
         _open_model(context, chosen, trace_set, traces, out)
     fitted = method.fit(trace_set, chosen, context)
-    if fitted.document is None:  # a shard run: it measured its share into the segment store
+    if fitted.document is None:  # a shard run: it measured its share into the search log
         return None
     files = [(out, registry.document_bytes(fitted.document, out))]
     if fitted.figure is not None:
@@ -79,13 +79,16 @@ def run_fit(method: str, traces, *, out=None, echo=print, **options) -> Path | N
         echo(f"wrote {path}")
     for line in export_hints(fitted.document):
         echo(line)
-    if context.segments is not None:
-        echo(f"segment errors kept in {segments_path(out)}")
+    if context.search_log is not None:
+        echo(f"every measurement kept in {search_log_path(out)}")
     return out
 
 
 def _open_model(context: FitContext, options: MethodOptions, trace_set, traces, out: Path) -> None:
-    """Load the model a regenerating fit runs and open its segment store beside ``out``."""
+    """Load the model a regenerating fit runs, as the traces loaded it (dtype, CPU offload), and open its search log
+    beside ``out``."""
     context.model = model_to_load(options.model, trace_set, traces)
-    context.pipe = model_loading.load_model(context.model, device=pick_device(options.device))
-    context.segments = SegmentStore(out, getattr(options, "shard", None))
+    section = trace_set.pipeline_settings() or {}  # the fit refuses traces of several settings itself
+    context.pipe = model_loading.load_model(context.model, device=pick_device(options.device),
+                                            dtype=section.get("dtype"), cpu_offload=bool(section.get("cpu_offload")))
+    context.search_log = SearchLog(out, getattr(options, "shard", None))

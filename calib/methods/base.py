@@ -270,13 +270,13 @@ class TuneGoal:
 @dataclass
 class FitContext:
     """What the fit job hands a method besides the traces and options: where to print, and for the methods that
-    regenerate with the traced model (``needs_model``) the loaded pipeline and the segment store the job opened."""
+    regenerate with the traced model (``needs_model``) the loaded pipeline and the search log the job opened."""
 
     echo: Callable[[str], None] = print
     out: Path | None = None  # where the job writes the document (a fit may name files beside it in the document)
     pipe: Any = None
     model: str | None = None  # what ``pipe`` was loaded from (a --model value)
-    segments: Any = None  # calib.store.segments.SegmentStore
+    search_log: Any = None  # calib.store.search_log.SearchLog
     progress: bool = True
 
 
@@ -353,7 +353,7 @@ class CacheMethod:
     name of the runtime method that applies its documents (``calib.runtime``), None for none. ``exports``: the
     ``calib export --format`` formats that take it (for a format measured on traces, the method the export fits).
     ``fit_command``: whether ``calib fit --method`` runs it (magcache and fbcache are fitted by ``calib export``).
-    ``needs_model``: its fit regenerates with the traced model (the job loads the model and opens the segment
+    ``needs_model``: its fit regenerates with the traced model (the job loads the model and opens the search
     store). ``out_suffix``: ``calib fit``'s default output is ``coeffs/<trace name><out_suffix>``."""
 
     name: str

@@ -1,61 +1,63 @@
-"""``calib fit --method auto``: fit the gate (TeaCache's rescaler) and the searched schedule, run both with the
-forecast the schedule fit chose on the same held-out prompts at the requested budget, and keep the better one.
+"""``calib fit --method auto``: fit the gate (TeaCache's rescaler) and search the schedules (:mod:`calib.methods.
+schedule`: computed steps, forecast target and basis chosen together), run the gate with the forecast the search
+chose at the requested budget on the same held-out calibration prompts, and keep the better.
 
 Both candidates are calibrated on the trace's prompts minus the held-out ones
-(:func:`calib.methods.schedule.measure.split_prompts`)
-and compared on those held-out prompts x the traced seeds, by the latent rel-L1 of the final output against the
-uncached one — the measure the frontier reports. The gate's threshold is the one whose *measured* fraction of full
-forwards on the held-out runs is closest to the budget without exceeding it (bisection over real runs, starting from
-``calib tune``'s replay), so both spend the same compute.
+(:func:`calib.methods.schedule.measure.split_prompts`) and compared on those held-out prompts x the seeds, by the
+latent rel-L1 of the final output against the uncached one — the measure the frontier reports. The gate's threshold
+is the one whose *measured* fraction of compute on the held-out runs is closest to the budget without exceeding it
+(bisection over real runs, starting from ``calib tune``'s replay), so both spend the same compute. The verdict, with
+both errors and why, is the document's ``calibration.auto``.
 """
 
 from __future__ import annotations
 
 import math
 
-import numpy as np
-
 import calib.runtime as cr
 from calib.coeffs.validate import validate_document
 from calib.errors import CalibError
 from calib.methods.auto.options import CANDIDATE_SUFFIXES, AutoOptions
 from calib.methods.base import FitContext, Fitted, TuneGoal
-from calib.methods.schedule.measure import Runner, batches, per_sample_rel_l1, setup_from_traces
 from calib.methods.schedule import METHOD as SCHEDULE
+from calib.methods.schedule.joint import PlanRunner
+from calib.methods.schedule.measure import batches, setup_from_traces
 from calib.methods.schedule.method import choose_budget, fit_schedule
 from calib.methods.search import measured_search
 from calib.methods.teacache import METHOD as TEACACHE
 from calib.methods.teacache.method import fit as fit_gate
 from calib.methods.teacache.options import TeacacheOptions
 from calib.methods.teacache.tune import find_threshold, rescalers_of
-from calib.runtime import Forecast
+from calib.runtime.bases import LinearForecast
 from calib.runtime.loading import parse
 
 GATE_PROBES = 6
 
 
-def _gate_runs(pipe, setup, coeffs_doc, forecast, fraction: float, trace_set, *, batch: int = 16, echo=print):
-    """(threshold, measured fraction, held-out error) of the gate + forecast nearest ``fraction`` from below."""
+def gate_forecast(entry: dict):
+    """The forecast the gate runs with: the one the search chose for the compared budget (a weight table made for
+    that budget's steps falls back to its Newton rule: a gate's computed steps are not known in advance)."""
+    forecast = cr.ForecastSpec.from_json(entry["forecast"])
+    return forecast.fallback if isinstance(forecast, LinearForecast) else forecast
+
+
+def _gate_runs(pipe, setup, coeffs_doc, forecast, fraction: float, trace_set, *, batch: int = 16):
+    """(threshold, measured fraction of compute, held-out error) of the gate + forecast nearest ``fraction`` from
+    below."""
     config = parse(coeffs_doc, "<auto: teacache>")
     rescalers, indicator, normalization = rescalers_of(coeffs_doc)
     guess = find_threshold(trace_set, rescalers, TuneGoal("compute_fraction", fraction), indicator=indicator,
                            normalization=normalization)[0].threshold
-    runner = Runner(pipe, batches(setup.holdout_prompts, setup.seeds, batch), steps=setup.steps,
-                    guidance=setup.guidance, pipeline_kwargs=setup.pipeline_kwargs)
+    runner = PlanRunner(pipe, batches(setup.holdout_prompts, setup.seeds, batch), steps=setup.steps,
+                        guidance=setup.guidance, pipeline_kwargs=setup.pipeline_kwargs, components=setup.components,
+                        component_of=setup.component_of, log={}, split="gate", save=lambda: None)
     probes: dict[float, tuple[float, float]] = {}
 
     def measure(t: float) -> float:
         t = float(f"{t:.6g}")
         if t not in probes:
-            errors = []
-            handle = cr.apply(pipe, config, threshold=t, forecast=forecast)
-            try:
-                for job in runner.jobs:
-                    errors.extend(per_sample_rel_l1(runner.references[job], runner.generate(job)))
-                stats = handle.stats()
-            finally:
-                handle.remove()
-            probes[t] = (stats["compute_fraction"], float(np.mean(errors)))
+            error, stats = runner.measure(lambda: cr.apply(pipe, config, threshold=t, forecast=forecast))
+            probes[t] = (stats["compute_fraction"], error)
         return probes[t][0]
 
     try:  # the gate's measured fraction on the held-out runs, as near the budget as GATE_PROBES runs get it
@@ -68,29 +70,17 @@ def _gate_runs(pipe, setup, coeffs_doc, forecast, fraction: float, trace_set, *,
     return t, pool[t][0], pool[t][1]
 
 
-def gate_forecast(gate_doc: dict, fallback):
-    """The forecast the gate runs with: its own (``calib fit --forecast`` chose one of order >= 1 on the traced
-    forecast errors), else ``fallback`` (the schedule fit's, chosen on held-out generations)."""
-    own = [c.get("forecast") for c in gate_doc["components"].values() if (c.get("forecast") or {}).get("order")]
-    if own:
-        return Forecast.from_json(own[0]), "the gate file's"
-    return fallback, "the schedule fit's"
-
-
-def compare(pipe, setup, gate_doc, schedule_doc, entry, reached, forecast, fraction, trace_set, *, echo=print) -> dict:
-    """Gate + forecast (threshold bisected over held-out runs to <= ``fraction``) against the schedule ``entry``
-    (its held-out error was measured on the same jobs by the schedule fit); the verdict, with why. The gate runs
-    with its file's forecast where it has one, else with ``forecast``."""
-    schedule_forecast = forecast
-    forecast, whose = gate_forecast(gate_doc, forecast)
-    echo(f"  the gate forecasts with {whose} forecast {forecast.as_json()}")
+def compare(pipe, setup, gate_doc, schedule_doc, entry, reached, fraction, trace_set, *, echo=print) -> dict:
+    """Gate + the search's forecast (threshold bisected over held-out runs to <= ``fraction`` of compute) against
+    the schedule ``entry`` (its held-out error measured on the same prompts and seeds by the search); the verdict,
+    with why."""
+    forecast = gate_forecast(entry)
     n = schedule_doc["steps"]
     sched_fraction, sched_error = entry["budget"] / n, entry["error"]["holdout_latent_rel_l1"]
-    threshold, gate_fraction, gate_error = _gate_runs(pipe, setup, gate_doc, forecast, fraction, trace_set,
-                                                      echo=echo)
-    echo(f"  gate + forecast:     threshold {threshold:g}, {gate_fraction:.1%} of full forwards, held-out latent "
-         f"rel-L1 {gate_error:.5f}")
-    echo(f"  schedule + forecast: budget {entry['budget']} of {n}, {sched_fraction:.1%} of full forwards, held-out "
+    threshold, gate_fraction, gate_error = _gate_runs(pipe, setup, gate_doc, forecast, fraction, trace_set)
+    echo(f"  gate + forecast:     threshold {threshold:g}, {gate_fraction:.1%} of compute, held-out latent rel-L1 "
+         f"{gate_error:.5f} (forecast {forecast.as_json()})")
+    echo(f"  schedule + forecast: budget {entry['budget']:g} of {n}, {sched_fraction:.1%} of compute, held-out "
          f"latent rel-L1 {sched_error:.5f}" + ("" if reached else " (the fewest this file has)"))
     pick_schedule = sched_error <= gate_error
     better, worse = (sched_error, gate_error) if pick_schedule else (gate_error, sched_error)
@@ -98,7 +88,7 @@ def compare(pipe, setup, gate_doc, schedule_doc, entry, reached, forecast, fract
     if not math.isfinite(better):  # pragma: no cover - both errors come from real runs
         raise CalibError("the comparison produced no finite error")
     why = (f"kept {'schedule + forecast' if pick_schedule else 'gate + forecast'}: held-out latent rel-L1 "
-           f"{better:.5f} vs {worse:.5f} ({margin:.0%} lower) at <= {fraction:.0%} of full forwards")
+           f"{better:.5f} vs {worse:.5f} ({margin:.0%} lower) at <= {fraction:.0%} of compute")
     return {
         "target_compute_fraction": fraction,
         "holdout_prompts": list(setup.holdout_prompts),
@@ -106,7 +96,7 @@ def compare(pipe, setup, gate_doc, schedule_doc, entry, reached, forecast, fract
         "gate": {"threshold": threshold, "compute_fraction": round(gate_fraction, 6),
                  "holdout_latent_rel_l1": round(gate_error, 6), "forecast": forecast.as_json()},
         "schedule": {"budget": entry["budget"], "compute_fraction": round(sched_fraction, 6),
-                     "holdout_latent_rel_l1": round(sched_error, 6), "forecast": schedule_forecast.as_json()},
+                     "holdout_latent_rel_l1": round(sched_error, 6), "forecast": entry["forecast"]},
         "kept": "schedule" if pick_schedule else "gate",
         "why": why,
     }
@@ -118,7 +108,7 @@ def beside_path(out, suffix: str):
 
 
 def fit(traces, options: AutoOptions, context: FitContext) -> Fitted:
-    """Fit the gate and the schedule, compare them at ``--compute-fraction`` on held-out prompts, and return the
+    """Fit the gate, search the schedules, compare them at ``--compute-fraction`` on held-out prompts, and return the
     better one's document (with the verdict in ``calibration.auto``); both candidates are written beside it."""
     echo, out, fraction = context.echo, context.out, options.compute_fraction
     paths = {name: beside_path(out, suffix) for name, suffix in CANDIDATE_SUFFIXES.items()}
@@ -126,29 +116,29 @@ def fit(traces, options: AutoOptions, context: FitContext) -> Fitted:
     echo(f"== 1/3 gate: TeaCache's rescaler -> {paths['gate']}")
     gate_doc = validate_document(fit_gate(traces, TeacacheOptions(plot=False), context).document,
                                  source="<auto: gate>", section_check=TEACACHE.check_section)
-    echo(f"\n== 2/3 schedule: measured segments, searched schedules -> {paths['schedule']}")
-    schedule_doc = fit_schedule(context.pipe, traces, source=context.model, store=context.segments, gap=options.gap,
-                                forecasts=options.forecasts, seeds=options.seeds, echo=echo,
-                                progress=context.progress)
+    echo(f"\n== 2/3 schedule: computed steps, forecast target and basis, searched together -> {paths['schedule']}")
+    fractions = tuple(dict.fromkeys((*options.fractions, fraction)))
+    schedule_doc = fit_schedule(context.pipe, traces, source=context.model, log=context.search_log,
+                                fractions=fractions, orders=options.forecast_order, targets=options.forecast_targets,
+                                variable=options.forecast_variable, cond_only=options.cond_only,
+                                max_local=options.search_evals, overwrite=options.overwrite, seeds=options.seeds,
+                                echo=echo, progress=context.progress)
     entry, reached = choose_budget(schedule_doc, TuneGoal("compute_fraction", fraction))
     schedule_doc["recommended"] = {"budget": entry["budget"]}
+    schedule_doc["forecast"] = entry["forecast"]
     schedule_doc = validate_document(schedule_doc, source="<auto: schedule>", section_check=SCHEDULE.check_section)
-    forecast = Forecast.from_json(schedule_doc["forecast"])
     echo(f"\n== 3/3 compare on {len(setup.holdout_prompts)} held-out prompt(s) x seeds {setup.seeds} at <= "
-         f"{fraction:.0%} of full forwards, forecast {forecast.as_json()}")
-    verdict = compare(context.pipe, setup, gate_doc, schedule_doc, entry, reached, forecast, fraction, traces,
-                      echo=echo)
+         f"{fraction:.0%} of compute")
+    verdict = compare(context.pipe, setup, gate_doc, schedule_doc, entry, reached, fraction, traces, echo=echo)
     verdict["gate"]["file"], verdict["schedule"]["file"] = str(paths["gate"]), str(paths["schedule"])
+    # each candidate file is what was measured: the gate with the search's forecast at the compared threshold
+    forecast = verdict["gate"]["forecast"]
+    gate_doc = dict(gate_doc, components={name: dict(comp, forecast=forecast)
+                                          for name, comp in gate_doc["components"].items()})
+    gate_doc["thresholds"] = dict(gate_doc.get("thresholds") or {}, recommended=float(verdict["gate"]["threshold"]))
+    gate_doc = validate_document(gate_doc, source="<auto: gate>", section_check=TEACACHE.check_section)
     beside = {CANDIDATE_SUFFIXES["gate"]: gate_doc, CANDIDATE_SUFFIXES["schedule"]: schedule_doc}
-    if verdict["kept"] == "schedule":
-        doc = dict(schedule_doc)
-    else:
-        doc = dict(gate_doc, components={name: dict(comp) for name, comp in gate_doc["components"].items()})
-        gate_forecast_used = Forecast.from_json(verdict["gate"]["forecast"])
-        for comp in doc["components"].values():
-            if not (comp.get("forecast") or {}).get("order"):  # the gate ran with the schedule fit's forecast
-                comp["forecast"] = gate_forecast_used.as_json()
-        doc["thresholds"] = dict(doc.get("thresholds") or {}, recommended=float(verdict["gate"]["threshold"]))
+    doc = dict(schedule_doc if verdict["kept"] == "schedule" else gate_doc)
     doc["calibration"] = dict(doc.get("calibration") or {}, auto=verdict)
     return Fitted(doc, beside=beside)
 

@@ -1,6 +1,6 @@
 """The searched schedule: which steps compute (a step mask per budget), chosen by measuring what forecasting the
-others costs. Modules: ``options``, ``method`` (fit, tune, describe), ``measure`` (the generations), ``paths`` (the
-dynamic programmes), ``section``."""
+others costs. Modules: ``options``, ``method`` (fit, tune, describe), ``joint`` (the search of steps, target and
+basis together), ``measure`` (the served call, the prompt split), ``section``."""
 
 from calib.methods.base import CacheMethod
 from calib.methods.schedule.options import ScheduleOptions

@@ -1,22 +1,13 @@
-"""``calib fit --method schedule``: which steps to compute, chosen by measuring what forecasting the others costs.
+"""``calib fit --method schedule``: which steps compute, what the others forecast and how, chosen together per
+budget by measuring the final error of the served pipeline call (:mod:`.joint`, the search; :mod:`.measure`, the
+served call and the prompt split).
 
-The gate of TeaCache decides on line from a proxy (the indicator change); this method decides offline, from the
-error of the *final* output, measured with the runtime in the loop (the idea of LeMiCa, arXiv 2511.00090, and
-DPCache: a graph of measured segment errors searched by dynamic programming).
-
-* **Segments** (:mod:`.measure`): a segment ``(i, j)`` computes steps ``i`` and ``j`` and forecasts the block
-  stack's residual on ``i+1 .. j-1``; its cost is the latent rel-L1 of the final output against the uncached one,
-  measured by a real generation per segment, for gaps ``j - i`` of 2 to ``G``: about ``steps x (G - 1)`` generations
-  per seed and forecast; the prompts of one seed run as one batch.
-* **Search** (:mod:`.paths`): for each budget, the min-sum and the lexicographic-minimax path over the segment costs.
-* **Choice**: the costs add up only approximately (a forecast's history depends on the steps before it), so both
-  searches' schedules, for each forecast, run on held-out prompts of the trace; the better one is kept per budget,
-  and the forecast with the lower error over all budgets is the file's forecast.
-
-The segment errors live in the store the job opens beside the output (``OUT.segments.json``;
-:mod:`calib.store.segments`), so an interrupted run resumes, and ``--shard I/N`` measures only shard ``I`` of the
-segment list; a run without ``--shard`` then reads every shard's file, measures what is missing and writes the
-schedule file.
+For each fraction of compute asked for (``--fractions``, by default 50 %, 33 % and 25 %) the search keeps one plan of
+computed steps (with cond-only steps where the traced pipeline batches guidance) and one forecast (target and basis)
+and records its error on held-out calibration prompts and what else it compared. Every measurement is kept in the
+search log the job opens beside the output (``OUT.search.json``, :mod:`calib.store.search_log`), so an interrupted
+run resumes; ``--shard I/N`` searches the shard's share of the budgets into ``OUT.search.rankI-of-N.json`` and a run
+without ``--shard`` then reads every shard's file and writes the schedule file.
 """
 
 from __future__ import annotations
@@ -27,82 +18,125 @@ import calib.runtime as cr
 from calib.errors import CalibError
 from calib.methods.base import FitContext, Fitted, TuneContext, TuneGoal, Tuned
 from calib.methods.cost_model import predicted_wall_speedup, wall_target_fraction
-from calib.methods.schedule.measure import (Setup, choose, forecast_key, measure_segments, setup_from_traces,
-                                            split_by_component)
-from calib.methods.schedule.options import DEFAULT_GAP, DEFAULT_ORDERS, DEFAULT_VARIABLE, ScheduleOptions
-from calib.methods.schedule.paths import segments
-from calib.runtime import Forecast
-from calib.store.segments import SegmentStore, segment_key
+from calib.methods.schedule.joint import (MAX_LOCAL_EVALS, PlanRunner, budget_for, forecast_candidates,
+                                          search_budget)
+from calib.methods.schedule.measure import Setup, batches, setup_from_traces, split_by_component
+from calib.methods.schedule.options import DEFAULT_FRACTIONS, DEFAULT_ORDERS, ScheduleOptions
 
-DEFAULT_FORECASTS = tuple(Forecast(order, DEFAULT_VARIABLE) for order in DEFAULT_ORDERS)
 RECOMMENDED_COMPUTE_FRACTION = 0.5
-ERROR_METRIC = ("mean over the held-out prompts x seeds of the relative L1 change of the final latents against the "
-                "uncached generation of the same prompt and seed")
+ERROR_METRIC = ("mean over the prompts x seeds of the relative L1 change of the final latents against the uncached "
+                "generation of the same prompt and seed")
+TARGETS = ("output", "hidden", "residual")
 
 
-def fit_schedule(pipe, trace_set, *, source: str, store: SegmentStore, gap: int = DEFAULT_GAP,
-                 forecasts=DEFAULT_FORECASTS, overwrite: bool = False, seeds=None, prompts=None, batch: int = 16,
-                 echo=print, progress: bool = True, budgets=None) -> dict | None:
-    """Measure, search, compare, and return the schedule document (None for a run of one shard of the store,
-    which only measures). ``source``: the model ``pipe`` was loaded from; ``budgets``: only these (default: every
-    budget the gaps allow)."""
-    if isinstance(gap, bool) or not isinstance(gap, int) or gap < 2:
-        raise CalibError(f"--gap must be an integer >= 2, got {gap!r}")
-    forecasts = list(forecasts)
+def fit_schedule(pipe, trace_set, *, source: str, log, fractions=DEFAULT_FRACTIONS, orders=DEFAULT_ORDERS,
+                 targets=TARGETS, variable: str = "step", cond_only: bool = True, max_local: int = MAX_LOCAL_EVALS, overwrite: bool = False,
+                 seeds=None, prompts=None, batch: int = 16, echo=print, progress: bool = True) -> dict | None:
+    """Search every budget and return the schedule document (None for a run of one shard of the log, which only
+    searches its budgets). ``source``: the model ``pipe`` was loaded from; ``log``: the job's
+    :class:`~calib.store.search_log.SearchLog`."""
     setup = setup_from_traces(trace_set, source, prompts=prompts, seeds=seeds)
-    if setup.steps < 3:
-        raise CalibError(f"a schedule needs at least 3 steps (the first and the last always compute); the traces "
-                         f"have {setup.steps}")
-    errors = measure_segments(pipe, setup, gap=gap, forecasts=forecasts, store=store, overwrite=overwrite,
-                              batch=batch, echo=echo, progress=progress)
-    if store.shard is not None:
-        echo(f"shard {store.shard[0]}/{store.shard[1]} measured; once every shard is done, run the same command "
-             "without --shard to search and write the schedule file")
-        return None
-    missing = [(forecast_key(c), s) for c in forecasts for s in segments(setup.steps, gap, setup.component_of)
-               if segment_key(*s) not in errors.get(forecast_key(c), {})]
-    if missing:  # pragma: no cover - measure_segments measures everything without a shard
-        raise CalibError(f"{len(missing)} segments are not measured yet")
-    chosen = choose(pipe, setup, errors, forecasts, batch=batch, echo=echo, progress=progress, budgets=budgets)
-    return build_document(pipe, setup, chosen, gap=gap, trace_files=getattr(trace_set, "files", []) or [])
-
-
-def build_document(pipe, setup: Setup, chosen: dict, *, gap: int, trace_files) -> dict:
-    """The schedule coefficient document (``method: schedule``), through the runtime's own builder."""
     n = setup.steps
-    rows = dict(sorted(chosen["rows"].items()))
+    if n < 3:
+        raise CalibError(f"a schedule needs at least 3 steps; the traces have {n}")
+    halves = cond_only and setup.cfg_batched
+    forecasts = forecast_candidates(cfg_batched=halves, targets=targets, orders=orders, variable=variable)
+    budgets = sorted({budget_for(f, n, halves=halves) for f in fractions}, reverse=True)
+    key = setup.key({"forecasts": [f.name for f in forecasts], "budgets": budgets, "max_local": max_local})
+    if overwrite:
+        log.clear()
+    entries = log.read(key)
+    shard = log.shard
+    mine = budgets if shard is None else budgets[shard[0]::shard[1]]
+    required = sorted({0} | ({setup.component_of.index(c) for c in setup.components}
+                             if setup.component_of is not None else set()))
+    where = "" if shard is None else f" (shard {shard[0]}/{shard[1]})"
+    echo(f"schedule search{where}: {setup.describe()}; budgets {', '.join(f'{b:g}' for b in mine)} of {n} steps; "
+         f"{len(forecasts)} forecasts ({', '.join(f.name for f in forecasts)}); measured on "
+         f"{len(setup.measure_prompts)} prompt(s), chosen on {len(setup.holdout_prompts)} held-out prompt(s), "
+         f"seeds {setup.seeds}; {len(entries)} measurements already in {log.path.name}")
+
+    def save():
+        log.write(key, entries)
+
+    def runner(prompts_, split):
+        return PlanRunner(pipe, batches(prompts_, setup.seeds, batch), steps=n, guidance=setup.guidance,
+                          pipeline_kwargs=setup.pipeline_kwargs, components=setup.components,
+                          component_of=setup.component_of, log=entries, split=split, save=save)
+
+    measure, holdout = runner(setup.measure_prompts, "measure"), runner(setup.holdout_prompts, "holdout")
+    bar = _progress() if progress else None
+    found = {}
+    try:
+        for budget in mine:
+            found[budget] = search_budget(measure, holdout, budget, forecasts, cond_only=halves, required=required,
+                                          max_local=max_local, tick=None if bar is None else (lambda text: _tick(bar, text)))
+            echo(f"  budget {found[budget].budget:g}: {found[budget].plan.key()} with {found[budget].forecast.name}: "
+                 f"held-out latent rel-L1 {found[budget].holdout_error:.5f}")
+    finally:
+        save()  # Ctrl-C keeps what was measured
+        if bar is not None:
+            bar.close()
+        measure.close()
+        holdout.close()
+    if shard is not None:
+        echo(f"shard {shard[0]}/{shard[1]} searched; once every shard is done, run the same command without --shard "
+             "to write the schedule file")
+        return None
+    return build_document(pipe, setup, found, trace_files=getattr(trace_set, "files", []) or [])
+
+
+def _progress():
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a dependency
+        return None
+    return tqdm(unit="generation", desc="schedule search", leave=False, disable=None)  # no bar in a log file
+
+
+def _tick(bar, text: str) -> None:
+    bar.update(1)
+    bar.set_postfix_str(text)
+
+
+def build_document(pipe, setup: Setup, found: dict, *, trace_files) -> dict:
+    """The schedule coefficient document (``method: schedule``), through the runtime's own builder: one entry per
+    budget with its computed and cond-only steps, its forecast and its errors."""
+    n = setup.steps
+    rows = dict(sorted(found.items()))
     recommended = recommended_budget(n, list(rows))
     doc = cr.schedule_document_for(
-        pipe, steps=n, forecast=chosen["forecast"], recommended=recommended,
-        schedules={b: split_by_component(r["path"], setup.components, setup.component_of) for b, r in rows.items()})
+        pipe, steps=n, forecast=rows[recommended].forecast.spec, recommended=recommended,
+        schedules={b: split_by_component(f.plan.full, setup.components, setup.component_of) for b, f in rows.items()})
     for entry in doc["schedules"]:
-        row = rows[entry["budget"]]
-        entry["search"] = row["search"]
-        entry["error"] = row["error"]
-    doc["forecast"]["selection"] = {"held_out_geometric_mean_error": {k: round(math.exp(v), 6)
-                                                                      for k, v in chosen["scores"].items()}}
+        result = rows[entry["budget"]]
+        entry["search"] = "measured"
+        entry["forecast"] = result.forecast.spec.as_json()
+        if result.plan.cond_only:
+            entry["cond_only"] = split_by_component(result.plan.cond_only, setup.components, setup.component_of)
+        entry["error"] = result.entry()
     doc["model"]["source"] = setup.source
     doc["calibration"] = {
-        "method": "measured segment errors + dynamic programming (min-sum and lexicographic minimax), the better "
-                  "schedule per budget on held-out prompts",
+        "method": "joint search of computed steps, forecast target and basis over measured generations of the "
+                  "served call; the best of the finalists on held-out calibration prompts per budget",
         "trace_files": [str(f) for f in trace_files],
         "steps": [n],
         "guidance": [setup.guidance],
-        "num_prompts": len(setup.measure_prompts) + len(setup.holdout_prompts),
+        "num_prompts": len(set(setup.measure_prompts) | set(setup.holdout_prompts)),
         "num_seeds": len(setup.seeds),
-        "gap": gap,
         "measured_prompts": list(setup.measure_prompts),
         "holdout_prompts": list(setup.holdout_prompts),
         "seeds": list(setup.seeds),
         "error_metric": ERROR_METRIC,
-        "forecast_candidates": {k: round(math.exp(v), 6) for k, v in chosen["scores"].items()},
-        "forecast_choice": f"{forecast_key(chosen['forecast'])}: lowest geometric-mean held-out error over the budgets "
-                           f"below {n}",
     }
+    if setup.cfg is not None:  # cache-dit counts one call per branch as a step unless told (calib.exports)
+        doc["calibration"]["cfg"] = setup.cfg
+    if setup.pipeline is not None:
+        doc["calibration"]["pipeline"] = setup.pipeline
     return doc
 
 
-def recommended_budget(n: int, budgets: list[int]) -> int:
+def recommended_budget(n: int, budgets: list) -> float:
     """The largest budget computing at most half the steps (2x fewer forwards), else the smallest there is."""
     ok = [b for b in budgets if b <= RECOMMENDED_COMPUTE_FRACTION * n + 1e-9]
     return max(ok) if ok else min(budgets)
@@ -110,14 +144,26 @@ def recommended_budget(n: int, budgets: list[int]) -> int:
 
 def format_schedules(doc: dict) -> str:
     n = doc["steps"]
-    lines = [f"{'budget':>6}  {'computed':>8}  {'fwd x':>6}  {'search':>7}  {'held-out err':>12}  steps"]
+    lines = [f"{'budget':>6}  {'compute':>7}  {'fwd x':>6}  {'held-out err':>12}  {'forecast':<22}  steps (c: cond-only)"]
     rec = (doc.get("recommended") or {}).get("budget")
     for s in doc["schedules"]:
-        steps = sorted({x for v in s["components"].values() for x in v})
+        full = sorted({x for v in s["components"].values() for x in v})
+        partial = sorted({x for v in (s.get("cond_only") or {}).values() for x in v})
+        steps = sorted([(x, "") for x in full] + [(x, "c") for x in partial])
+        forecast = s.get("forecast") or doc.get("forecast") or {}
+        name = (s.get("error") or {}).get("forecast") or _forecast_name(forecast)
         mark = "  <- recommended" if s["budget"] == rec else ""
-        lines.append(f"{s['budget']:>6}  {s['budget'] / n:>8.1%}  {n / s['budget']:>5.2f}x  {s['search']:>7}  "
-                     f"{s['error']['holdout_latent_rel_l1']:>12.5f}  {','.join(map(str, steps))}{mark}")
+        err = (s.get("error") or {}).get("holdout_latent_rel_l1")
+        lines.append(f"{s['budget']:>6g}  {s['budget'] / n:>7.1%}  {n / s['budget']:>5.2f}x  "
+                     f"{'-' if err is None else f'{err:.5f}':>12}  {name:<22}  "
+                     f"{','.join(f'{x}{c}' for x, c in steps)}{mark}")
     return "\n".join(lines)
+
+
+def _forecast_name(entry: dict) -> str:
+    if entry.get("kind") == "cfg":
+        return f"cfg-cond{entry['cond'].get('order', '?')}-diff{entry['diff'].get('order', '?')}"
+    return f"{entry.get('target', 'residual')}-{entry.get('kind', 'newton')}{entry.get('order', '')}"
 
 
 def choose_budget(doc: dict, goal: TuneGoal, cost_model: dict | None = None) -> tuple[dict, bool]:
@@ -137,23 +183,19 @@ def choose_budget(doc: dict, goal: TuneGoal, cost_model: dict | None = None) -> 
 
 
 def fit(traces, options: ScheduleOptions, context: FitContext) -> Fitted:
-    """Measure, search and compare with the model the job loaded (``context.pipe``), keeping the segment errors in
-    ``context.segments``; no document for a ``--shard`` run."""
-    doc = fit_schedule(context.pipe, traces, source=context.model, store=context.segments, gap=options.gap,
-                       forecasts=options.forecasts, overwrite=options.overwrite, seeds=options.seeds,
-                       echo=context.echo, progress=context.progress)
+    """Search with the model the job loaded (``context.pipe``), keeping every measurement in ``context.search_log``;
+    no document for a ``--shard`` run."""
+    doc = fit_schedule(context.pipe, traces, source=context.model, log=context.search_log,
+                       fractions=options.fractions, orders=options.forecast_order, targets=options.forecast_targets,
+                       variable=options.forecast_variable, cond_only=options.cond_only,
+                       max_local=options.search_evals, overwrite=options.overwrite,
+                       seeds=options.seeds, echo=context.echo, progress=context.progress)
     return Fitted(doc)
 
 
 def describe(doc: dict) -> list[str]:
-    calibration = doc.get("calibration") or {}
-    lines = [format_schedules(doc)]
-    if "forecast_candidates" in calibration:
-        lines.append(f"forecast {calibration['forecast_choice']}; held-out error per candidate: "
-                     + ", ".join(f"{k} {v:.5f}" for k, v in calibration["forecast_candidates"].items()))
-    lines.append(f"{len(doc['schedules'])} budgets; recommended {doc['recommended']['budget']} of {doc['steps']} "
-                 "steps")
-    return lines
+    return [format_schedules(doc), f"{len(doc['schedules'])} budgets; recommended {doc['recommended']['budget']:g} of "
+            f"{doc['steps']} steps"]
 
 
 def tune(doc: dict, goal: TuneGoal, context: TuneContext) -> Tuned:

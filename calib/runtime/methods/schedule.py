@@ -195,7 +195,8 @@ def schedule_document_for(pipe, *, steps: int, schedules: dict, forecast: Foreca
     identity = model_identity(transformer_of(pipe))
     entries = []
     for budget, comps in schedules.items():
-        entry = {"budget": int(budget), "components": {name: sorted(int(s) for s in listed)
+        entry = {"budget": int(budget) if float(budget).is_integer() else float(budget),
+                 "components": {name: sorted(int(s) for s in listed)
                                                          for name, listed in comps.items()}}
         if search is not None:
             entry["search"] = search
@@ -213,7 +214,7 @@ def schedule_document_for(pipe, *, steps: int, schedules: dict, forecast: Foreca
         "schedules": entries,
     }
     if recommended is not None:
-        doc["recommended"] = {"budget": int(recommended)}
+        doc["recommended"] = {"budget": int(recommended) if float(recommended).is_integer() else float(recommended)}
     return doc
 
 

@@ -1,0 +1,33 @@
+"""``calib auto``'s row of the frontier (calib.evaluate.frontier): the file ``calib fit --method auto`` wrote, chosen
+on calibration prompts only, applied as it is. A schedule file runs its budget nearest each target (each budget with
+the forecast the search chose for it); a coefficient file (the gate won) runs its gate, the threshold bisected over
+real runs to each target. ``run``: :class:`calib.evaluate.frontier.FrontierRun` (its ``auto_config`` is the file,
+``calib.runtime.load``-ed)."""
+
+from __future__ import annotations
+
+from calib.errors import CalibError
+from calib.methods.base import FrontierRow
+from calib.methods.teacache.frontier import gate_points, replay_guess
+from calib.methods.teacache.tune import rescalers_of
+
+NAME = "calib-auto"
+
+
+def auto_points(run) -> list:
+    config = run.auto_config
+    if config is None:
+        raise CalibError("no file of calib fit --method auto given")
+    if config.method == "schedule":
+        n = config.steps
+        budgets = sorted({min(config.budgets, key=lambda b: (abs(b / n - f), b))
+                          for f in (*run.targets, *run.curve_fractions)})
+        return [run.measure(NAME, run.install(config, budget=b),
+                            {"budget": b, "forecast": (config.schedule(b).forecast or config.forecast).as_json()})
+                for b in budgets]
+    rescalers, indicator, normalization = rescalers_of(config.document)
+    return gate_points(run, NAME, config,
+                       lambda f: replay_guess(run.trace_set, rescalers, f, indicator, normalization))
+
+
+ROWS = {NAME: FrontierRow("calib auto (target, basis and steps chosen on calibration prompts)", auto_points)}
