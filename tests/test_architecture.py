@@ -63,7 +63,7 @@ def test_a_shared_flag_is_one_option_whose_help_names_each_method():
     from calib.cli.fit import flag_uses
 
     shared = {flag: users for flag, users in flag_uses().items() if len(users) > 1}
-    assert shared  # --stream, --no-plot, --forecast-variable, --gap, ...
+    assert shared  # --stream, --no-plot, --forecast-variable, --search-evals, ...
     for flag, users in shared.items():
         (param,) = [p for p in cli.commands["fit"].params if flag in p.opts]
         assert all(f"{u.method}" in param.help for u in users), (flag, param.help)
@@ -72,7 +72,7 @@ def test_a_shared_flag_is_one_option_whose_help_names_each_method():
 @pytest.mark.parametrize("argv, message", [
     (["--method", "block-cache", "--degree", "3"], "--degree applies to --method teacache"),
     (["--method", "fastercache-cfg", "--stream", "cond"], "--stream applies to --method teacache or block-cache"),
-    (["--gap", "3"], "--gap applies to --method schedule or auto"),
+    (["--search-evals", "3"], "--search-evals applies to --method schedule or auto"),
     (["--method", "schedule", "--no-plot"], "--no-plot applies to --method teacache or block-cache or fastercache-cfg"),
     (["--method", "teacache", "--degree", "auto", "--seeds", "1"], "--seeds applies to --method schedule or auto"),
 ])

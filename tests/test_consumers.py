@@ -34,8 +34,9 @@ import real_pipelines as rp  # noqa: E402
 from cli_runner import run_cli  # noqa: E402
 
 import calib.runtime as cr  # noqa: E402
-from calib.coeffs.document import cfg_layout  # noqa: E402
-from calib.methods import fbcache, magcache  # noqa: E402
+from calib.coeffs.header import cfg_layout  # noqa: E402
+from calib.methods.fbcache import method as fbcache  # noqa: E402
+from calib.methods.magcache import method as magcache  # noqa: E402
 from calib.methods.registry import load_document  # noqa: E402
 from calib.methods.teacache.tune import replay_trajectories  # noqa: E402
 from calib.runtime.gate import Rescaler  # noqa: E402

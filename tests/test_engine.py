@@ -328,9 +328,12 @@ def test_trace_is_bit_identical_to_the_recorder_before_the_engine():
     traced = _make_reference().record()
     same_platform = list(reference["__platform__"]) == [torch.__version__, torch.backends.cpu.get_cpu_capability(),
                                                         platform.machine()]
-    assert sorted(traced) == sorted(k for k in reference.files if k != "__platform__")
-    for key, value in traced.items():
-        expected = reference[key]
+    recorded = [k for k in reference.files if k != "__platform__"]
+    # series the tracer gained after the reference (First Block Cache's lags, call_rows) are checked by
+    # tests/test_families.py; every series the reference holds is still traced, and the same
+    assert set(recorded) <= set(traced), sorted(set(recorded) - set(traced))
+    for key in recorded:
+        value, expected = traced[key], reference[key]
         if expected.dtype.kind in "US" or same_platform:
             np.testing.assert_array_equal(value, expected, err_msg=key)
         else:

@@ -143,6 +143,8 @@ def number(kind=float, *, low=None, high=None, low_open=False, high_open=False, 
             raise OptionError(f"{flag} must be a finite number, got {value}")
         below = low is not None and (parsed <= low if low_open else parsed < low)
         above = high is not None and (parsed >= high if high_open else parsed > high)
+        if (below or above) and kind is int and None not in (low, high) and not (low_open or high_open):
+            raise OptionError(f"{flag} must be an integer from {low:,} to {high:,}{what}, got {parsed:,}")
         if below or above:
             lo = "" if low is None else f"{'(' if low_open else '['}{low:g}"
             hi = "" if high is None else f"{high:g}{')' if high_open else ']'}"

@@ -16,7 +16,7 @@ fixes the computed steps instead of the gate.
 """
 
 from .api import apply, apply_schedule
-from .bases import ChebyshevForecast, LinearForecast, LinearRow
+from .bases import CfgForecast, ChebyshevForecast, LinearForecast, LinearRow
 from .decision import Decision
 from .errors import (CoefficientFileError, ForecastError, ModelMismatchError, OptionError, OptionValueError,
                      ScheduleError, StepCountError, ThresholdError)
@@ -34,6 +34,7 @@ __all__ = [
     "BlockCacheConfig",
     "BlockCacheOptions",
     "CacheHandle",
+    "CfgForecast",
     "ChebyshevForecast",
     "CoefficientFileError",
     "ComponentRescaler",

@@ -3,8 +3,8 @@ calib.coeffs.schema assembles the packaged one) and what that schema cannot say.
 
 from __future__ import annotations
 
-from calib.store import MAX_STEPS  # the schema bounds what the tracer bounds
 from calib.coeffs.validate import document_error
+from calib.store import MAX_STEPS  # the schema bounds what the tracer bounds
 
 SECTION_SCHEMA = {
     "fastercache_cfg": {

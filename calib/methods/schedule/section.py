@@ -4,8 +4,8 @@ runtime's own parser."""
 
 from __future__ import annotations
 
-from calib.store import MAX_STEPS  # the schema bounds what the tracer bounds
 from calib.runtime.methods.schedule import parse as parse_schedule_document
+from calib.store import MAX_STEPS  # the schema bounds what the tracer bounds
 
 SECTION_SCHEMA = {
     "steps": {
