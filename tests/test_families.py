@@ -707,11 +707,11 @@ def test_held_calls_of_other_dtypes_are_reduced_in_float32(dtype):
     """A model in bf16 (or float64): the tracer's held copies are float32, and each change is that of the float32
     values, as ``rel_l1_rows`` computes it."""
     from calib.hooking import rel_l1_rows
-    from calib.trace import _PendingGroup
+    from calib.trace.recorder import PendingGroup
 
     gen = torch.Generator().manual_seed(0)
     calls = [[torch.randn(2, 3, 4, generator=gen).to(dtype) for _ in range(2)] for _ in range(3)]
-    group, parts = _PendingGroup(), [None] * 3
+    group, parts = PendingGroup(), [None] * 3
     for i, tensors in enumerate(calls):
         group.add([t.reshape(2, -1) for t in tensors], (parts, i))
     group.reduce()

@@ -28,11 +28,11 @@ RESUME_FIELDS = {
 }
 
 
-def _now() -> str:
+def utc_timestamp() -> str:
     return datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
-def _str_attr(value) -> str:
+def str_attr(value) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
@@ -43,7 +43,7 @@ def stored_settings(attrs: dict) -> dict | None:
     if raw is None:
         return None
     try:
-        value = parse_json(_str_attr(raw))  # calib's depth and integer limits: a file's attribute is input
+        value = parse_json(str_attr(raw))  # calib's depth and integer limits: a file's attribute is input
     except (TypeError, ValueError):
         return None
     return value if isinstance(value, dict) else None
@@ -75,7 +75,7 @@ def pipeline_settings(attrs_list) -> dict | None:
 _ABSENT = object()  # a --pipeline-arg one side does not give
 
 
-def _describe_setting(name: str, value, key: str | None = None) -> str:
+def describe_setting(name: str, value, key: str | None = None) -> str:
     """One stored setting as the option that gives it: ``--steps 30``, ``no --height (the pipeline's default)``."""
     option = RESUME_FIELDS.get(name, name)
     if name == "pipeline_args":
@@ -108,7 +108,7 @@ def settings_difference(stored: dict, now: dict, *, unknown=()) -> tuple[str, st
             for key in list(old) + [k for k in new if k not in old]:
                 a, b = old.get(key, _ABSENT), new.get(key, _ABSENT)
                 if a is _ABSENT or b is _ABSENT or json.dumps(a, sort_keys=True) != json.dumps(b, sort_keys=True):
-                    return _describe_setting(name, a, key), _describe_setting(name, b, key)
+                    return describe_setting(name, a, key), describe_setting(name, b, key)
             continue
         if name in ("guidance", "true_cfg_scale") and old is not None and new is not None:
             same = float(old) == float(new)
@@ -117,5 +117,5 @@ def settings_difference(stored: dict, now: dict, *, unknown=()) -> tuple[str, st
         else:
             same = old == new
         if not same:
-            return _describe_setting(name, old), _describe_setting(name, new)
+            return describe_setting(name, old), describe_setting(name, new)
     return None

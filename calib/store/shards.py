@@ -29,7 +29,7 @@ from pathlib import Path
 from .. import __version__
 from .._io import MAX_JSON_BYTES, check_count, parse_json, read_input, write_text
 from ..errors import CalibError
-from ._attrs import MAX_STEPS, _now, _str_attr, settings_difference, stored_settings
+from ._attrs import MAX_STEPS, utc_timestamp, str_attr, settings_difference, stored_settings
 from .hdf5 import open_hdf5
 
 MANIFEST_FORMAT = "calib-trace-manifest"
@@ -147,7 +147,7 @@ def finished_generations(path: Path, steps: int, guidance: float) -> set[tuple[s
         for name in root:
             a = root[name].attrs
             if int(a["steps"]) == steps and float(a["guidance"]) == float(guidance):
-                found.add((_str_attr(a["prompt"]), int(a["seed"])))
+                found.add((str_attr(a["prompt"]), int(a["seed"])))
         return found
     except (OSError, KeyError, ValueError, TypeError, AttributeError, OverflowError):
         return set()
@@ -221,7 +221,7 @@ def write_manifest(out: Path, *, model: str, model_info: dict, settings, prompts
         "format": MANIFEST_FORMAT,
         "version": MANIFEST_VERSION,
         "calib_version": __version__,
-        "written": _now(),
+        "written": utc_timestamp(),
         "launcher": launcher,
         "model": model,
         "model_info": model_info,

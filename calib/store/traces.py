@@ -21,7 +21,7 @@ import numpy as np
 from calib import __version__
 from calib._io import Target, new_file_mode, parse_json, remove_stale_temporaries, resolve_output, write_bytes
 from calib.errors import CalibError
-from calib.store._attrs import (MAX_STEPS, _describe_setting, _now, _str_attr, pipeline_settings, settings_difference,
+from calib.store._attrs import (MAX_STEPS, describe_setting, utc_timestamp, str_attr, pipeline_settings, settings_difference,
                                stored_settings)
 from calib.store.hdf5 import check_contents, check_link, open_hdf5
 from calib.store.shards import check_shard, expand_manifests
@@ -180,11 +180,11 @@ def _legacy_difference(trajectories: list, now: dict, unknown=()) -> tuple[str, 
     """For a file without ``trace_settings``: what its trajectories record (steps, guidance, resolution)."""
     for t in trajectories:
         if "steps" in now and t.steps != int(now["steps"]):
-            return _describe_setting("steps", t.steps), _describe_setting("steps", now["steps"])
+            return describe_setting("steps", t.steps), describe_setting("steps", now["steps"])
         if "guidance" in now and t.guidance != float(now["guidance"]):
-            return _describe_setting("guidance", t.guidance), _describe_setting("guidance", float(now["guidance"]))
+            return describe_setting("guidance", t.guidance), describe_setting("guidance", float(now["guidance"]))
         if "resolution" in now and "resolution" not in unknown and t.resolution != tuple(now["resolution"]):
-            return _describe_setting("resolution", t.resolution), _describe_setting("resolution", now["resolution"])
+            return describe_setting("resolution", t.resolution), describe_setting("resolution", now["resolution"])
     return None
 
 
@@ -233,7 +233,7 @@ def _write_attrs(f, model_info: dict, created: str, extra_attrs: dict | None) ->
     f.attrs["schema_minor"] = SCHEMA_MINOR
     f.attrs["calib_version"] = __version__
     f.attrs["created"] = created
-    f.attrs["updated"] = _now()
+    f.attrs["updated"] = utc_timestamp()
     f.attrs["model_info"] = json.dumps(model_info, sort_keys=True, default=str)
     for key, attr in MODEL_ATTRS.items():
         f.attrs[attr] = str(model_info.get(key, ""))
@@ -428,7 +428,7 @@ def _read_trajectory(g, where: str) -> Trajectory:
     n = g["step_index"].shape[0] if getattr(g["step_index"], "ndim", 0) == 1 else -1
     if not 1 <= n <= MAX_STEPS:
         raise _damaged(f"{where}/step_index", f"holds {n} steps, not 1..{MAX_STEPS}")
-    block_names = [_str_attr(b) for b in np.atleast_1d(g.attrs["block_names"])]
+    block_names = [str_attr(b) for b in np.atleast_1d(g.attrs["block_names"])]
     if len(block_names) > MAX_BLOCKS:
         raise _damaged(where, f"names {len(block_names)} blocks, more than {MAX_BLOCKS}")
     series = {s: _series(g, s, where, shape=(n,)) for s in SERIES}
@@ -451,10 +451,10 @@ def _read_trajectory(g, where: str) -> Trajectory:
         forecast = _series(g, "forecast_rel_l1", where,
                            shape=(n, len(FORECAST_VARIABLES), len(FORECAST_ORDERS), None))
     return Trajectory(
-        prompt=_str_attr(g.attrs["prompt"]),
+        prompt=str_attr(g.attrs["prompt"]),
         seed=seed,
-        stream=_str_attr(g.attrs["stream"]),
-        component=_str_attr(g.attrs["component"]),
+        stream=str_attr(g.attrs["stream"]),
+        component=str_attr(g.attrs["component"]),
         steps=steps,
         guidance=guidance,
         resolution=tuple(int(v) for v in resolution),
@@ -478,7 +478,7 @@ def _read_file(path: Path, *, quick: int = 0) -> tuple[dict, list, dict]:
     # The writer's check of an append (quick) reads the groups it added: those are checked, not the whole file.
     f = open_hdf5(path, what="an HDF5 trace file", check=not quick)
     try:
-        attrs = {k: (_str_attr(v) if isinstance(v, (str, bytes)) else v) for k, v in f.attrs.items()}
+        attrs = {k: (str_attr(v) if isinstance(v, (str, bytes)) else v) for k, v in f.attrs.items()}
         version = attrs.get("schema_version")
         if version is None:
             raise CalibError(f"{path}: no schema_version attribute; not a calib trace file")
@@ -570,7 +570,7 @@ class TraceWriter:
         try:
             self._remove_stale_temporaries()
             self._trajectories: list[Trajectory] = []
-            self.created = _now()
+            self.created = utc_timestamp()
             if self._real.exists() and not overwrite:
                 try:
                     info, trajectories, file_attrs = _read_file(self._real)

@@ -18,7 +18,6 @@ from .recorder import (
     PENDING_NUMEL,
     REDUCE_NUMEL,
     Tracer,
-    _PendingGroup,
     describe_model,
     pipeline_components,
 )

@@ -87,7 +87,7 @@ class _Recorder(Observer):
         self.blocks = adapter.blocks(transformer)
         self.block_names = [n for n, _ in self.blocks]
         self.hooks = None  # the engine's component, once attached
-        self._pending: dict[tuple, _PendingGroup] = {}
+        self._pending: dict[tuple, PendingGroup] = {}
         self._forecast_tensors: dict[tuple, tuple] = {}  # (weights, slot index) per schedule position
         self.reset()
 
@@ -171,7 +171,7 @@ class _Recorder(Observer):
                 layout.extend((n, len(parts), i) for i, n in enumerate(names))
                 pending = self._pending.get((key, names, shapes))
                 if pending is None:
-                    pending = self._pending[(key, names, shapes)] = _PendingGroup()
+                    pending = self._pending[(key, names, shapes)] = PendingGroup()
                 pending.add([t.reshape(rows, per_row) for _, t in members], (parts, len(parts)))
                 parts.append(None)  # filled by the group's reduction
                 continue
@@ -411,7 +411,7 @@ class _Recorder(Observer):
         return np.asarray([values.get(int(s), np.nan) for s in step_index], dtype=np.float32)
 
 
-class _PendingGroup:
+class PendingGroup:
     """One group's held calls: a float32 buffer (calls, members, rows, per_row) filled by one ``torch.stack`` per call,
     where each call's values go (parts list, index), and whether entry 0 is the group's last reduced call (what the
     next call is compared with). :meth:`reduce` computes every held call's rel-L1 change against the call before it in
