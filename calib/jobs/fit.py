@@ -4,6 +4,7 @@ it) as one product. One job for every method (calib.methods.registry); what a me
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 from calib._io import resolve_output, write_files
@@ -12,7 +13,7 @@ from calib.exports import export_hints
 from calib.methods import registry
 from calib.methods.base import CacheMethod, FitContext, MethodOptions
 from calib.models import loading as model_loading  # load_model is looked up at call time (tests replace it)
-from calib.store import read_traces
+from calib.store import read_traces, served_call
 from calib.store.search_log import SearchLog, search_log_path
 from calib.trace import pick_device
 
@@ -87,8 +88,10 @@ def run_fit(method: str, traces, *, out=None, echo=print, **options) -> Path | N
 def _open_model(context: FitContext, options: MethodOptions, trace_set, traces, out: Path) -> None:
     """Load the model a regenerating fit runs, as the traces loaded it (dtype, CPU offload), and open its search log
     beside ``out``."""
+    with warnings.catch_warnings():  # an older trace without the call: the fit says so itself, once
+        warnings.simplefilter("ignore")
+        section = served_call(trace_set) or {}  # before loading: traces of several calls are refused in one line
     context.model = model_to_load(options.model, trace_set, traces)
-    section = trace_set.pipeline_settings() or {}  # the fit refuses traces of several settings itself
     context.pipe = model_loading.load_model(context.model, device=pick_device(options.device),
                                             dtype=section.get("dtype"), cpu_offload=bool(section.get("cpu_offload")))
     context.search_log = SearchLog(out, getattr(options, "shard", None))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -848,3 +849,19 @@ def read_traces(paths, *, allow_mixed: bool = False) -> TraceSet:
     if not trajectories:
         raise CalibError(f"{', '.join(map(str, unique))}: the shards hold no trajectories yet; trace some prompts first")
     return TraceSet(model_info=model_info, trajectories=trajectories, files=files, attrs=attrs, counts=counts)
+
+
+def served_call(trace_set) -> dict | None:
+    """The traces' ``calibration.pipeline`` section (call arguments, dtype, offload); None for traces of an older
+    calib that recorded none (with a warning). Files traced with other settings are refused in one line."""
+    section = trace_set.pipeline_settings()
+    if section is not None:
+        return section
+    recorded = [stored_settings(a) for a in trace_set.attrs or []]
+    if any(s is not None for s in recorded):
+        raise CalibError("the trace files were made with different pipeline settings (size, negative prompt, "
+                         "true-CFG scale, --pipeline-arg or dtype); a fit that regenerates measures one served call: "
+                         "fit the files of one setting")
+    warnings.warn("the traces do not record how they called the pipeline (traced by an older calib): the fit "
+                  "generates with the pipeline's defaults; trace again to measure the call you serve", stacklevel=2)
+    return None

@@ -9,14 +9,13 @@ pipeline's defaults, with a warning.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 
 import torch
 
 from calib.coeffs.header import cfg_layout, describe_pipeline, pipeline_call_kwargs
 from calib.errors import CalibError
-from calib.store import stored_settings
+from calib.store import served_call
 
 
 @dataclass
@@ -88,22 +87,6 @@ def split_by_component(steps, components: list, component_of) -> dict[str, list[
     if component_of is None:
         return {components[0]: steps}
     return {c: [s for s in steps if component_of[s] == c] for c in components}
-
-
-def served_call(trace_set) -> dict | None:
-    """The traces' ``calibration.pipeline`` section (call arguments, dtype, offload); None for traces of an older
-    calib that recorded none (with a warning). Files traced with other settings are refused in one line."""
-    section = trace_set.pipeline_settings()
-    if section is not None:
-        return section
-    recorded = [stored_settings(a) for a in trace_set.attrs or []]
-    if any(s is not None for s in recorded):
-        raise CalibError("the trace files were made with different pipeline settings (size, negative prompt, "
-                         "true-CFG scale, --pipeline-arg or dtype); a schedule is searched for one served call: fit "
-                         "the files of one setting")
-    warnings.warn("the traces do not record how they called the pipeline (traced by an older calib): the search "
-                  "generates with the pipeline's defaults; trace again to search for the call you serve", stacklevel=3)
-    return None
 
 
 def setup_from_traces(trace_set, source: str, *, prompts=None, seeds=None) -> Setup:
