@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -37,6 +38,7 @@ def run_model(model: str, args) -> dict | None:
     import calib.runtime as cr
     from calib._io import write_bytes as write_atomic_bytes
     from calib.evaluate.frontier import ROWS, run_frontier
+    from calib.evaluate.harness import COMPUTE_TARGETS as TARGETS
     from calib.jobs.fit import run_fit
     from calib.models.loading import load_model
     from calib.trace.prompts import bundled_prompts_path, read_prompts
@@ -69,17 +71,27 @@ def run_model(model: str, args) -> dict | None:
     rows = args.methods or ROWS
     schedule_config, auto_config, fit_seconds = None, None, None
     if {"calib-auto", "calib-schedule", "calib-forecast"} & set(rows):
-        # calib fit --method auto on the calibration prompts only (the job, as the CLI runs it): the gate, the
-        # schedules searched at the three targets, the verdict at 50 %
+        # calib fit --method auto on the calibration prompts only (the job, as the CLI runs it), asked for each
+        # target: the gate, the schedules searched at the three targets, the verdict at that target. The search is
+        # the same for every target (the same budgets), so the later fits read the first one's measurements.
         began = time.perf_counter()
-        auto_path = out / f"{name}.auto.json"
-        run_fit("auto", [trace_path], out=auto_path, compute_fraction=0.5, model=model,
-                seeds=args.search_seeds or None, search_evals=args.search_evals,
-                overwrite=True, echo=print)
+        auto_config = {}
+        first_log = None
+        for fraction in TARGETS:
+            auto_path = out / f"{name}.auto-{round(fraction * 100)}.json"
+            log = auto_path.with_name(auto_path.name[: -len(".json")] + ".search.json")
+            if first_log is not None:
+                shutil.copyfile(first_log, log)
+            run_fit("auto", [trace_path], out=auto_path, compute_fraction=fraction, model=model,
+                    seeds=args.search_seeds or None, search_evals=args.search_evals,
+                    overwrite=first_log is None, echo=print)
+            first_log = first_log or log
+            auto_config[fraction] = cr.load(auto_path)
+            print(f"calib fit --method auto --compute-fraction {fraction:.3g}: kept {auto_config[fraction].method}")
+            if schedule_config is None:
+                schedule_config = cr.load(auto_path.with_name(auto_path.name[: -len(".json")] + ".schedule.json"))
         fit_seconds = round(time.perf_counter() - began, 1)
-        auto_config = cr.load(auto_path)
-        schedule_config = cr.load(auto_path.with_name(f"{name}.auto.schedule.json"))
-        print(f"calib fit --method auto: {fit_seconds:.0f} s; kept {auto_config.method}")
+        print(f"calib fit --method auto at {len(TARGETS)} targets: {fit_seconds:.0f} s")
     result = run_frontier(pipe, config, trace_set, held_out, args.seeds, steps=args.steps,
                           guidance=args.guidance, rows=rows, plot=out / f"{name}.png",
                           echo=print, schedule_config=schedule_config, auto_config=auto_config)

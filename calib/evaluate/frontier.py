@@ -132,7 +132,7 @@ class FrontierRun:
     forecast: object = None
     schedule_config: object = None  # a schedule file (calib.runtime.load), or None
     curve_fractions: tuple = CURVE_FRACTIONS
-    auto_config: object = None  # the file calib fit --method auto wrote (calib.runtime.load), or None
+    auto_config: object = None  # calib fit --method auto's file (calib.runtime.load), or {fraction: file}, or None
 
     def measure(self, name: str, install, setting: dict) -> Point:
         """One setting of row ``name`` on every held-out job (:meth:`Harness.run`)."""
@@ -182,7 +182,8 @@ def run_frontier(pipe, config, trace_set, prompts, seeds, *, steps, guidance, pi
     """Every row in ``rows`` on ``prompts`` x ``seeds`` (held out from the calibration), against the uncached
     generations. ``schedule_config``: a schedule file (``calib fit --method schedule``) for the ``calib-schedule``
     row; ``forecast``: what ``calib-forecast`` adds on skipped steps (default: the schedule file's forecast);
-    ``auto_config``: the file of ``calib fit --method auto`` for the headline row ``calib-auto``."""
+    ``auto_config``: the file of ``calib fit --method auto`` for the headline row ``calib-auto``, or ``{fraction:
+    file}``: the file auto wrote when asked for each target."""
     unknown = [m for m in rows if m not in ROWS]
     if unknown:
         raise CalibError(f"unknown frontier rows {unknown}; choose from {', '.join(ROWS)}")

@@ -15,19 +15,39 @@ NAME = "calib-auto"
 
 
 def auto_points(run) -> list:
-    config = run.auto_config
-    if config is None:
+    """``run.auto_config``: one file for every target, or ``{fraction: file}`` — what ``calib fit --method auto
+    --compute-fraction F`` wrote for each target (the verdict is made at F, so each target gets the file auto chose
+    for it)."""
+    configs = run.auto_config
+    if configs is None:
         raise CalibError("no file of calib fit --method auto given")
+    if not isinstance(configs, dict):
+        return _points(run, configs, (*run.targets, *run.curve_fractions), run.targets)
+    points = []
+    for fraction, config in sorted(configs.items()):
+        points += _points(run, config, (fraction,), (fraction,))
+    return points
+
+
+def _points(run, config, fractions, targets) -> list:
+    """A schedule file: its budget nearest each fraction; a coefficient file: its gate bisected to each target."""
     if config.method == "schedule":
         n = config.steps
-        budgets = sorted({min(config.budgets, key=lambda b: (abs(b / n - f), b))
-                          for f in (*run.targets, *run.curve_fractions)})
+        budgets = sorted({min(config.budgets, key=lambda b: (abs(b / n - f), b)) for f in fractions})
         return [run.measure(NAME, run.install(config, budget=b),
                             {"budget": b, "forecast": (config.schedule(b).forecast or config.forecast).as_json()})
                 for b in budgets]
     rescalers, indicator, normalization = rescalers_of(config.document)
-    return gate_points(run, NAME, config,
-                       lambda f: replay_guess(run.trace_set, rescalers, f, indicator, normalization))
+
+    def guess(f):
+        return replay_guess(run.trace_set, rescalers, f, indicator, normalization)
+
+    if targets == tuple(run.targets):
+        return gate_points(run, NAME, config, guess)
+    probes: dict = {}
+    for target in targets:
+        run.search(NAME, lambda t: run.install(config, threshold=t), target, guess(target), probes=probes)
+    return list(probes.values())
 
 
 ROWS = {NAME: FrontierRow("calib auto (target, basis and steps chosen on calibration prompts)", auto_points)}
