@@ -1,5 +1,5 @@
 """The files the repository ships, as the tests that check shipped files should see them: a glob minus what
-.gitignore ignores. ``calib demo`` run in a checkout writes its schedule and measured segments into coeffs/ (they are
+.gitignore ignores. ``calib demo`` run in a checkout writes its schedule and its search measurements into coeffs/ (they are
 gitignored as machine-specific), and those are not shipped coefficient files."""
 
 from __future__ import annotations

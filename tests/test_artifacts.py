@@ -131,7 +131,7 @@ def test_the_wheel_ships_the_calibrations_and_they_load_by_name(tmp_path):
     source.mkdir()
     for name in ("calib", "coeffs"):
         shutil.copytree(REPO / name, source / name, ignore=shutil.ignore_patterns("__pycache__", "*.demo.png",
-                                                                                  "*.segments*.json", "shipped"))
+                                                                                  "*.search*.json", "shipped"))
     for name in ("pyproject.toml", "setup.py", "MANIFEST.in", "README.md"):
         shutil.copyfile(REPO / name, source / name)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
