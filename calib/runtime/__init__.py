@@ -15,20 +15,65 @@ forecast=...)``). A schedule file (``method: schedule``) or ``apply_schedule(pip
 fixes the computed steps instead of the gate.
 """
 
-from .api import apply, apply_schedule
-from .bases import CfgForecast, ChebyshevForecast, LinearForecast, LinearRow
-from .decision import Decision
-from .errors import (CoefficientFileError, ForecastError, ModelMismatchError, OptionError, OptionValueError,
-                     ScheduleError, StepCountError, ThresholdError)
-from .forecast import Forecast, ForecastHistory, ForecastSpec
-from .gate import Rescaler, TeaCacheGate, replay
-from .handle import CacheHandle
-from .loading import load, parse
-from .methods import RUNTIME_METHODS, RuntimeMethod
-from .methods.block_cache import BlockCacheConfig, BlockCacheOptions
-from .methods.schedule import Schedule, ScheduleConfig, ScheduleOptions, schedule_document_for
-from .methods.teacache import ComponentRescaler, TeaCacheConfig, TeaCacheOptions, document_for
-from .targets import TARGETS
+from typing import TYPE_CHECKING
+
+# Imported on first use (PEP 562): `calib export`, `calib fit --help` and the coefficient validator reach
+# calib.runtime.document without paying for torch; `import calib.runtime as cr; cr.apply` is unchanged.
+_LAZY = {
+    "BlockCacheConfig": ".methods.block_cache",
+    "BlockCacheOptions": ".methods.block_cache",
+    "CacheHandle": ".handle",
+    "CfgForecast": ".bases",
+    "ChebyshevForecast": ".bases",
+    "CoefficientFileError": ".errors",
+    "ComponentRescaler": ".methods.teacache",
+    "Decision": ".decision",
+    "Forecast": ".forecast",
+    "ForecastError": ".errors",
+    "ForecastHistory": ".forecast",
+    "ForecastSpec": ".forecast",
+    "LinearForecast": ".bases",
+    "LinearRow": ".bases",
+    "ModelMismatchError": ".errors",
+    "OptionError": ".errors",
+    "OptionValueError": ".errors",
+    "RUNTIME_METHODS": ".methods",
+    "Rescaler": ".gate",
+    "RuntimeMethod": ".methods",
+    "Schedule": ".methods.schedule",
+    "ScheduleConfig": ".methods.schedule",
+    "ScheduleError": ".errors",
+    "ScheduleOptions": ".methods.schedule",
+    "StepCountError": ".errors",
+    "TARGETS": ".targets",
+    "TeaCacheConfig": ".methods.teacache",
+    "TeaCacheGate": ".gate",
+    "TeaCacheOptions": ".methods.teacache",
+    "ThresholdError": ".errors",
+    "apply": ".api",
+    "apply_schedule": ".api",
+    "document_for": ".methods.teacache",
+    "load": ".loading",
+    "parse": ".loading",
+    "replay": ".gate",
+    "schedule_document_for": ".methods.schedule",
+}
+
+if TYPE_CHECKING:  # the names, for type checkers and IDEs
+    from .api import apply, apply_schedule  # noqa: F401
+    from .bases import CfgForecast, ChebyshevForecast, LinearForecast, LinearRow  # noqa: F401
+    from .decision import Decision  # noqa: F401
+    from .errors import CoefficientFileError, ForecastError, ModelMismatchError, OptionError, OptionValueError, ScheduleError, StepCountError, ThresholdError  # noqa: F401
+    from .forecast import Forecast, ForecastHistory, ForecastSpec  # noqa: F401
+    from .gate import Rescaler, TeaCacheGate, replay  # noqa: F401
+    from .handle import CacheHandle  # noqa: F401
+    from .loading import load, parse  # noqa: F401
+    from .methods import RUNTIME_METHODS, RuntimeMethod  # noqa: F401
+    from .methods.block_cache import BlockCacheConfig, BlockCacheOptions  # noqa: F401
+    from .methods.schedule import Schedule, ScheduleConfig, ScheduleOptions, schedule_document_for  # noqa: F401
+    from .methods.teacache import ComponentRescaler, TeaCacheConfig, TeaCacheOptions, document_for  # noqa: F401
+    from .targets import TARGETS  # noqa: F401
+
 
 __all__ = [
     "BlockCacheConfig",
@@ -69,3 +114,18 @@ __all__ = [
     "replay",
     "schedule_document_for",
 ]
+
+
+def __getattr__(name: str):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from importlib import import_module
+
+    value = getattr(import_module(module, __name__), name)
+    globals()[name] = value  # once: later lookups are plain attribute reads
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import CoefficientFileError, ForecastError
-from .forecast import ForecastSpec
+
+if TYPE_CHECKING:
+    from .forecast import ForecastSpec
 
 SCHEMA_VERSION = 1
 FORMAT = "calib.coefficients"
@@ -46,9 +48,11 @@ def recommended_threshold(doc: dict, source: str) -> float | None:
     return float(recommended)
 
 
-def forecast_of(entry, source: str, where: str) -> ForecastSpec:
+def forecast_of(entry, source: str, where: str) -> "ForecastSpec":
     """A file's ``forecast`` entry as a forecast setting (absent: Newton order 0, reuse); one-line error otherwise."""
     try:
+        from .forecast import ForecastSpec  # torch: only a document with a forecast to apply needs it
+
         return ForecastSpec.from_json(entry, where)
     except ForecastError as exc:
         raise CoefficientFileError(f"{source}: {exc}") from None
