@@ -73,7 +73,9 @@ def run_model(model: str, args) -> dict | None:
     if {"calib-auto", "calib-schedule", "calib-forecast"} & set(rows):
         # calib fit --method auto on the calibration prompts only (the job, as the CLI runs it), asked for each
         # target: the gate, the schedules searched at the three targets, the verdict at that target. The search is
-        # the same for every target (the same budgets), so the later fits read the first one's measurements.
+        # the same for every target (the same budgets), so the later fits read the first one's measurements; a
+        # rerun with the same settings reuses OUT/<model>.auto-50.search.json (delete it to measure anew; other
+        # settings are refused in one line).
         began = time.perf_counter()
         auto_config = {}
         first_log = None
@@ -84,7 +86,7 @@ def run_model(model: str, args) -> dict | None:
                 shutil.copyfile(first_log, log)
             run_fit("auto", [trace_path], out=auto_path, compute_fraction=fraction, model=model,
                     seeds=args.search_seeds or None, search_evals=args.search_evals,
-                    overwrite=first_log is None, echo=print)
+                    echo=print)
             first_log = first_log or log
             auto_config[fraction] = cr.load(auto_path)
             print(f"calib fit --method auto --compute-fraction {fraction:.3g}: kept {auto_config[fraction].method}")
