@@ -19,7 +19,7 @@ from .api import apply, apply_schedule
 from .bases import CfgForecast, ChebyshevForecast, LinearForecast, LinearRow
 from .decision import Decision
 from .errors import (CoefficientFileError, ForecastError, ModelMismatchError, OptionError, OptionValueError,
-                     ScheduleError, StepCountError, ThresholdError)
+                     ScheduleError, SignatureMismatchError, StepCountError, ThresholdError)
 from .forecast import Forecast, ForecastHistory, ForecastSpec
 from .gate import Rescaler, TeaCacheGate, replay
 from .handle import CacheHandle
@@ -55,6 +55,7 @@ __all__ = [
     "ScheduleConfig",
     "ScheduleError",
     "ScheduleOptions",
+    "SignatureMismatchError",
     "StepCountError",
     "TARGETS",
     "TeaCacheConfig",
