@@ -235,7 +235,7 @@ BAD_OPTIONS = [
     ("schedule", {"num_steps": STEPS + 1}, cr.StepCountError, f"searched for {STEPS} steps, not num_steps"),
     ("block-cache", {"forecast": cr.Forecast(1)}, cr.OptionError,
      "a block-cache config does not take forecast=; it takes num_steps=, allow_model_mismatch=, modulation_module=, "
-     "threshold="),
+     "strict=, threshold="),
     ("block-cache", {"budget": 3, "sigmas": [1.0, 0.0]}, cr.OptionError, "does not take budget=, sigmas="),
     ("block-cache", {"threshold": "fast"}, cr.ThresholdError, "threshold must be a number, got 'fast'"),
 ]

@@ -1,5 +1,6 @@
 """The parts of a coefficient document that every method shares: the header (format, version, method, created),
-the model and calibration sections, and the ``calibration.pipeline`` settings calib eval regenerates with."""
+the model and calibration sections, the validity signature, and the ``calibration.pipeline`` settings calib eval
+regenerates with."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import numpy as np
 from calib import __version__
 from calib.errors import CalibError
 from calib.runtime.document import FORMAT, SCHEMA_VERSION
+from calib.runtime.signature import WEIGHTS_SAMPLE, values_digest
 
 def model_section(trace_set) -> dict:
     info = dict(getattr(trace_set, "model_info", None) or {})
@@ -111,6 +113,104 @@ def calibration_section(trace_set) -> dict:
     return out
 
 
+def _file_infos(trace_set) -> list[dict]:
+    """The ``model_info`` each trace file records (its attributes), for what must agree across files."""
+    infos = []
+    for attrs in getattr(trace_set, "attrs", None) or []:
+        raw = (attrs or {}).get("model_info")
+        if raw is None:
+            continue
+        try:
+            value = json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else str(raw))
+        except (TypeError, ValueError):
+            continue
+        if isinstance(value, dict):
+            infos.append(value)
+    return infos
+
+
+def _step_values(trajectories, steps: int, name: str) -> list[float] | None:
+    """The value of series ``name`` (``timesteps``, ``sigmas``) at each step ``0..steps-1``, where the trajectories
+    (of every component) cover every step and agree on it; None otherwise."""
+    index = [np.asarray(t.step_index) for t in trajectories if t.steps == steps]
+    values = [np.asarray(getattr(t, name), dtype=np.float64) for t in trajectories if t.steps == steps]
+    if not index:
+        return None
+    index, values = np.concatenate(index), np.concatenate(values)
+    keep = index < steps
+    index, values = index[keep], values[keep]
+    if not np.isfinite(values).all():
+        return None
+    table = np.full(steps, np.nan)
+    table[index] = values
+    if not np.isfinite(table).all() or not np.array_equal(table[index], values):
+        return None
+    return [float(v) for v in table]
+
+
+def signature_section(trace_set) -> dict | None:
+    """The document's validity signature (docs/coefficient-format.md#signature): what the traces were measured on,
+    for the runtime to compare with what it is applied to (:mod:`calib.runtime.signature`). Each field only where the
+    traces say it alike for all of them; None when they say nothing (traces of an older calib, built in memory)."""
+    info = dict(getattr(trace_set, "model_info", None) or {})
+    infos = _file_infos(trace_set) or [info]
+    out: dict = {}
+
+    def agreed(key):
+        values = [i.get(key) for i in infos]
+        return values[0] if all(v == values[0] for v in values) else None
+
+    weights = agreed("weights_digest")
+    if isinstance(weights, dict) and weights and all(isinstance(v, str) for v in weights.values()):
+        out["weights"] = {str(k): v for k, v in weights.items()}
+        out["weights_sample"] = str(info.get("weights_sample") or WEIGHTS_SAMPLE)
+    hashes = agreed("config_hashes")
+    if isinstance(hashes, dict) and hashes and all(isinstance(v, str) for v in hashes.values()):
+        out["config_hash"] = {str(k): v for k, v in hashes.items()}
+    pipeline = trace_set.pipeline_settings() if hasattr(trace_set, "pipeline_settings") else None
+    if pipeline and pipeline.get("dtype"):
+        out["dtype"] = str(pipeline["dtype"])
+    if agreed("scheduler"):
+        scheduler = {"class": str(info["scheduler"])}
+        if isinstance(agreed("scheduler_config_hash"), str):
+            scheduler["config_hash"] = info["scheduler_config_hash"]
+        out["scheduler"] = scheduler
+    settings = trace_set.settings()
+    trajectories = list(getattr(trace_set, "trajectories", None) or [])
+    if len(settings.get("steps", [])) == 1:
+        steps = int(settings["steps"][0])
+        out["steps"] = steps
+        for name in ("sigmas", "timesteps"):
+            digest = values_digest(_step_values(trajectories, steps, name))
+            if digest is not None:
+                out[name] = digest
+    shapes = {tuple(getattr(t, "latent_shape", ()) or ()) for t in trajectories}
+    if len(shapes) == 1 and next(iter(shapes)):
+        out["latent_shape"] = [int(v) for v in next(iter(shapes))]
+    resolutions = [r for r in settings.get("resolution", []) if np.size(r)]
+    if len(settings.get("resolution", [])) == 1 and resolutions:
+        out["resolution"] = [int(v) for v in np.atleast_1d(resolutions[0])]
+    if len(settings.get("guidance", [])) == 1 and settings["guidance"][0] is not None:
+        out["guidance"] = float(settings["guidance"][0])
+    if pipeline is not None:
+        out["call"] = pipeline_call_kwargs(pipeline)
+    return out or None
+
+
+def with_signature(doc: dict, trace_set) -> dict:
+    """``doc`` with its ``signature`` (placed after ``calibration``) when the traces give one."""
+    signature = signature_section(trace_set)
+    if signature is None:
+        return doc
+    out = {}
+    for key, value in doc.items():
+        out[key] = value
+        if key == "calibration":
+            out["signature"] = signature
+    out.setdefault("signature", signature)
+    return out
+
+
 def utc_now() -> str:
     """The document's ``created`` time: now, in UTC, to the second (RFC 3339)."""
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -118,8 +218,8 @@ def utc_now() -> str:
 
 def header(method: str, trace_set, created: str | None = None) -> dict:
     """The fields every method's document starts with: format, version, method, calib version, created, model,
-    calibration."""
-    return {
+    calibration, and the validity signature when the traces give one."""
+    return with_signature({
         "format": FORMAT,
         "schema_version": SCHEMA_VERSION,
         "method": method,
@@ -127,4 +227,4 @@ def header(method: str, trace_set, created: str | None = None) -> dict:
         "created": created or utc_now(),
         "model": model_section(trace_set),
         "calibration": calibration_section(trace_set),
-    }
+    }, trace_set)

@@ -154,6 +154,7 @@ class DigitsPipeline(builtin_pipeline.BuiltinPipeline):
         latents: torch.Tensor | None = None,
     ) -> DigitsOutput:
         prompts = self._prompt_list(prompt, num_inference_steps, cfg_mode, output_type)
+        self._guidance_scale = guidance_scale  # as diffusers' pipelines keep it (calib.runtime reads it)
         labels = torch.tensor([parse_digit_prompt(p) for p in prompts], dtype=torch.long)
         labels = labels.repeat_interleave(num_images_per_prompt)
         batch = labels.shape[0]

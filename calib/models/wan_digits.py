@@ -152,6 +152,7 @@ class WanDigitsPipeline(builtin_pipeline.BuiltinPipeline):
         num_frames: int | None = None,
     ) -> WanDigitsOutput:
         prompts = self._prompt_list(prompt, num_inference_steps, cfg_mode, output_type)
+        self._guidance_scale = guidance_scale  # as diffusers' pipelines keep it (calib.runtime reads it)
         for name, value, trained in (("height", height, CANVAS), ("width", width, CANVAS), ("num_frames", num_frames, FRAMES)):
             if value is not None and value != trained:
                 raise CalibError(f"the built-in wan-digits model generates {FRAMES} frames of {CANVAS}x{CANVAS}; {name}={value} is not supported")

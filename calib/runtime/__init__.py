@@ -44,6 +44,7 @@ _LAZY = {
     "ScheduleConfig": ".methods.schedule",
     "ScheduleError": ".errors",
     "ScheduleOptions": ".methods.schedule",
+    "SignatureMismatchError": ".errors",
     "StepCountError": ".errors",
     "TARGETS": ".targets",
     "TeaCacheConfig": ".methods.teacache",
@@ -63,7 +64,7 @@ if TYPE_CHECKING:  # the names, for type checkers and IDEs
     from .api import apply, apply_schedule  # noqa: F401
     from .bases import CfgForecast, ChebyshevForecast, LinearForecast, LinearRow  # noqa: F401
     from .decision import Decision  # noqa: F401
-    from .errors import CoefficientFileError, ForecastError, ModelMismatchError, OptionError, OptionValueError, ScheduleError, StepCountError, ThresholdError  # noqa: F401
+    from .errors import CoefficientFileError, ForecastError, ModelMismatchError, OptionError, OptionValueError, ScheduleError, SignatureMismatchError, StepCountError, ThresholdError  # noqa: F401
     from .forecast import Forecast, ForecastHistory, ForecastSpec  # noqa: F401
     from .gate import Rescaler, TeaCacheGate, replay  # noqa: F401
     from .handle import CacheHandle  # noqa: F401
@@ -100,6 +101,7 @@ __all__ = [
     "ScheduleConfig",
     "ScheduleError",
     "ScheduleOptions",
+    "SignatureMismatchError",
     "StepCountError",
     "TARGETS",
     "TeaCacheConfig",

@@ -195,6 +195,9 @@ class Engine:
         self.last_timestep: float | None = None  # bare transformer: the timestep of the current call
         self.components: list[Component] = []
         self.stats = DecisionStats()
+        # called at the first transformer call of each component in each generation: watcher(engine, component name,
+        # the call's hidden_states argument) -- the validity signature's check (calib.runtime.signature)
+        self.generation_watchers: list = []
         self._handle = Handle()
         if self.pipeline_mode:
             self._handle.add(wrap_method(scheduler, "set_timesteps", after=self._timesteps_set))
@@ -318,6 +321,7 @@ class Component:
         self.last = len(blocks) - 1
         self.streams: dict[str, StreamState] = {}
         self.current: Call | None = None
+        self.watched_generation: int | None = None  # the last generation the engine's watchers were told of
 
         self.decides_on = self.step_policy.watches if self.step_policy is not None else NONE
         watched = set(observer.watches if observer is not None else ())
@@ -358,6 +362,11 @@ class Component:
         step = engine.step_now()
         if self.policy is not None:
             self.policy.start_call(step)
+        if engine.generation_watchers and self.watched_generation != engine.clock.generation:
+            self.watched_generation = engine.clock.generation
+            latent = _hidden_states_argument(original, args, kwargs)
+            for watcher in engine.generation_watchers:
+                watcher(engine, self.name, latent)
         key = engine.clock.next_call(self.probe.name())
         state = self.streams.get(key)
         if state is None:

@@ -12,6 +12,12 @@ class ModelMismatchError(CalibError):
     """Coefficients calibrated for another model class than the one they are applied to."""
 
 
+class SignatureMismatchError(CalibError):
+    """With ``apply(..., strict=True)``: what the runtime sees differs from the file's validity signature (another
+    weights digest, config, scheduler, step count, noise schedule, latent shape or guidance); the message names the
+    field, the file's value and the one seen."""
+
+
 class ThresholdError(CalibError, ValueError):
     """A threshold that is negative or not a finite number."""
 

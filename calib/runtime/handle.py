@@ -4,14 +4,14 @@ components of a pipeline or bare transformer, the model check, one cache per tra
 from __future__ import annotations
 
 import contextlib
-import warnings
 
 import torch
 
-from ..adapters import Adapter, model_identity
+from ..adapters import Adapter
 from .engine import BlockPolicy, Engine, Observer, StepPolicy
 from .errors import ModelMismatchError, OptionError, ThresholdError
 from .options import check_threshold
+from .signature import SignatureCheck
 
 # What a transformer carries while a calib cache is applied to it (one cache per transformer).
 APPLIED = "_calib_cache_handle"
@@ -24,8 +24,11 @@ class CacheHandle:
     ``method``: the config's method; ``threshold`` (teacache, block-cache) and ``budget`` (schedule): what runs,
     None for the methods that take none."""
 
-    def __init__(self, config, engine: Engine, *, threshold: float | None = None, budget: int | None = None):
+    def __init__(self, config, engine: Engine, *, threshold: float | None = None, budget: int | None = None,
+                 signature: SignatureCheck | None = None):
         self.config = config
+        # the file's validity signature against what this handle sees (calib.runtime.signature)
+        self.signature = signature if signature is not None else SignatureCheck(config)
         self.method: str = config.method
         self.threshold = threshold
         self.budget = budget
@@ -46,6 +49,12 @@ class CacheHandle:
         except LookupError as exc:  # a modulation layer or block stack this model does not have
             raise ModelMismatchError(f"{name}: {exc.args[0] if exc.args else exc}") from None
 
+    def watch(self, scheduler) -> None:
+        """After the components are attached: compare the scheduler now, and each generation at its first call."""
+        self.signature.check_scheduler(scheduler)
+        if self.signature.watches_generations:
+            self.engine.generation_watchers.append(self.signature.generation_seen)
+
     @contextlib.contextmanager
     def installing(self):
         """Undo everything attached so far when installing fails: a refused apply leaves no hook behind."""
@@ -61,7 +70,9 @@ class CacheHandle:
         from, ...) and those the rule chose (``gated`` for a gate, ``listed`` for a mask), ``skipped``,
         ``compute_fraction``; per trajectory also ``skipped_steps``, ``forced_steps`` and ``reasons``. With a
         forecast: ``forecast`` (per component its setting, the streams, tensors and bytes its histories hold now)
-        and ``forecast_bytes``; a schedule adds ``budget``."""
+        and ``forecast_bytes``; a schedule adds ``budget``. ``signature``: the fields of the file's validity
+        signature that differ from what was seen, ``[{"field", "component", "expected", "seen"}]`` (empty when all
+        agree, or the file has none)."""
         report = self.engine.report()
         forecasts = self.engine.forecast_report()
         if forecasts:
@@ -69,6 +80,7 @@ class CacheHandle:
             report["forecast_bytes"] = sum(f["bytes"] for f in forecasts.values())
         if self.budget is not None:
             report["budget"] = self.budget
+        report["signature"] = self.signature.report()
         return report
 
     def schedule(self, component: str = "transformer", num_steps: int | None = None) -> dict[str, list[int]]:
@@ -142,20 +154,8 @@ def components_of(pipe, config, per_expert: str) -> tuple[list[tuple[str, torch.
     return found, getattr(pipe, "scheduler", None)
 
 
-def check_model(name: str, transformer: torch.nn.Module, config, allow_model_mismatch: bool, what: str) -> None:
-    """Refuse a file calibrated for another model class unless allowed (then warn); warn on another config."""
-    plural = what.endswith("s")  # "coefficients were ... use them", "block-cache schedule was ... use it"
-    identity = model_identity(transformer)
-    if identity["class"] != config.model_class:
-        message = (f"{what} in {config.path or 'this config'} {'were' if plural else 'was'} calibrated for "
-                   f"{config.model_class}, not {identity['class']}")
-        if not allow_model_mismatch:
-            raise ModelMismatchError(
-                message + f"; pass allow_model_mismatch=True to use {'them' if plural else 'it'} anyway")
-        warnings.warn(message, stacklevel=4)
-    elif config.config_hash and identity["config_hash"] != config.config_hash:
-        warnings.warn(
-            f"{name}: config differs from the calibrated one ({config.source or config.model_class}); "
-            f"the {what} may not fit this model — calibrate it with `calib trace`",
-            stacklevel=4,
-        )
+def check_model(handle: CacheHandle, name: str, transformer: torch.nn.Module, allow_model_mismatch: bool) -> None:
+    """Refuse a file calibrated for another model class unless allowed (then warn); compare the rest of the file's
+    validity signature that a component shows at apply (config hash, weights digest, dtype): the handle's
+    :class:`~calib.runtime.signature.SignatureCheck`, the one place that compares."""
+    handle.signature.check_component(name, transformer, allow_model_mismatch)

@@ -107,16 +107,20 @@ def as_sigmas(sigmas) -> tuple[float, ...] | None:
 class CommonOptions:
     """What ``apply()`` takes for every method. ``num_steps``: a bare transformer's steps per generation (a pipeline's
     scheduler says it); ``allow_model_mismatch``: apply a file calibrated for another model class (with a warning);
-    ``modulation_module``: the dotted path of the layer to hook in a class calib has no adapter for."""
+    ``modulation_module``: the dotted path of the layer to hook in a class calib has no adapter for; ``strict``: a
+    mismatch with the file's validity signature raises ``SignatureMismatchError`` instead of warning."""
 
     num_steps: int | None = None
     allow_model_mismatch: bool = False
     modulation_module: str | None = None
+    strict: bool = False
 
     def __post_init__(self):
         check_count("num_steps", self.num_steps)
         if not isinstance(self.allow_model_mismatch, bool):
             raise OptionError(f"allow_model_mismatch must be True or False, got {self.allow_model_mismatch!r}")
+        if not isinstance(self.strict, bool):
+            raise OptionError(f"strict must be True or False, got {self.strict!r}")
         if self.modulation_module is not None and not (
                 isinstance(self.modulation_module, str) and self.modulation_module):
             raise OptionError(f"modulation_module must be a dotted module path such as 'transformer_blocks.0.norm1', "

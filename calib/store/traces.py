@@ -78,6 +78,9 @@ class Trajectory:
     # Newton forecast of the stack residual from the steps h, 2h, ..., (k+1)h before, for h = 1..H; NaN where those
     # steps are not all recorded. None: not traced (traces before schema minor 1, or switched off).
     forecast_rel_l1: np.ndarray | None = None
+    # The shape of the transformer's hidden_states argument at the generation's first call, without the batch
+    # dimension (the latent the resolution and frame count give); () when not recorded (traces of an older calib).
+    latent_shape: tuple = ()
 
     def __post_init__(self):
         self.prompt = str(self.prompt)
@@ -88,6 +91,7 @@ class Trajectory:
         self.guidance = float(self.guidance)
         res = () if self.resolution is None else np.asarray(self.resolution).reshape(-1)
         self.resolution = tuple(int(v) for v in res)
+        self.latent_shape = tuple(int(v) for v in np.asarray(self.latent_shape or (), dtype=np.int64).reshape(-1))
         self.step_index = np.asarray(self.step_index, dtype=np.int32).reshape(-1)
         n = len(self.step_index)
         if n < 1:
@@ -224,6 +228,18 @@ def precheck_resume(path, now: dict, *, unknown=(), source: str | None = None) -
         check_resume(path, file_attrs, trajectories, now, unknown=unknown)
 
 
+def weights_changed(info: dict, other: dict) -> str | None:
+    """The first component whose sampled weights digest (``model_info["weights_digest"]``, calib.runtime.signature)
+    both descriptions record and that differs; None when they agree or either does not say."""
+    mine, theirs = info.get("weights_digest"), other.get("weights_digest")
+    if not isinstance(mine, dict) or not isinstance(theirs, dict):
+        return None
+    for name, digest in mine.items():
+        if digest and theirs.get(name) and theirs[name] != digest:
+            return str(name)
+    return None
+
+
 def _plain_model_info(model_info: dict) -> dict:
     """``model_info`` as it reads back from the file (JSON types; a Path becomes its string)."""
     return json.loads(json.dumps(dict(model_info), sort_keys=True, default=str))
@@ -254,6 +270,8 @@ def _write_group(root, index: int, t: Trajectory) -> None:
     g.attrs["steps"] = t.steps
     g.attrs["guidance"] = t.guidance
     g.attrs["resolution"] = np.asarray(t.resolution, dtype=np.int64)
+    if t.latent_shape:
+        g.attrs["latent_shape"] = np.asarray(t.latent_shape, dtype=np.int64)
     g.attrs.create("block_names", np.asarray(t.block_names, dtype=object), dtype=str_dt)
     for name in SERIES:
         g.create_dataset(name, data=getattr(t, name))
@@ -426,6 +444,10 @@ def _read_trajectory(g, where: str) -> Trajectory:
                                                     or resolution.max() > MAX_RESOLUTION)):
         raise _damaged(where, f"resolution {_shown(g.attrs['resolution'])} is not up to 3 sizes of at most "
                               f"{MAX_RESOLUTION:,}")
+    latent_shape = np.atleast_1d(np.asarray(g.attrs.get("latent_shape", np.zeros(0, dtype=np.int64))))
+    if latent_shape.size > 8 or (latent_shape.size and (latent_shape.dtype.kind not in "iu" or latent_shape.min() < 0
+                                                        or latent_shape.max() > MAX_RESOLUTION * 64)):
+        raise _damaged(where, f"latent_shape {_shown(g.attrs['latent_shape'])} is not up to 8 sizes")
     n = g["step_index"].shape[0] if getattr(g["step_index"], "ndim", 0) == 1 else -1
     if not 1 <= n <= MAX_STEPS:
         raise _damaged(f"{where}/step_index", f"holds {n} steps, not 1..{MAX_STEPS}")
@@ -463,6 +485,7 @@ def _read_trajectory(g, where: str) -> Trajectory:
         block_rel_l1=_series(g, "block_rel_l1", where, shape=(n, len(block_names))),
         extra=extra,
         forecast_rel_l1=forecast,
+        latent_shape=tuple(int(v) for v in latent_shape),
         **series,
     )
 
@@ -584,6 +607,12 @@ class TraceWriter:
                             f"{self.path}: holds traces of another model ({key} {info.get(key)!r}, now "
                             f"{self.model_info.get(key)!r}); pass --overwrite to start anew or choose another --out"
                         )
+                changed = weights_changed(info, self.model_info)
+                if changed is not None:
+                    raise CalibError(
+                        f"{self.path}: holds traces of other weights of this model ({changed}: sampled weights digest "
+                        "differs); pass --overwrite to start anew or choose another --out"
+                    )
                 indicator = (info.get("indicator"), self.model_info.get("indicator"))
                 if self.settings is not None and all(indicator) and indicator[0] != indicator[1]:
                     raise CalibError(

@@ -19,6 +19,7 @@ from ..adapters import Adapter, get_adapter, model_identity, transformer_output
 from ..errors import CalibError
 from ..hooking import StepClock
 from ..runtime.engine import INDICATORS, MODULATED_INPUT, TEMB, Engine, Observer
+from ..runtime.signature import WEIGHTS_SAMPLE, config_digest, weights_digest
 from ..store import FORECAST_ORDERS, FORECAST_VARIABLES, Trajectory
 from .settings import TraceSettings
 
@@ -66,6 +67,12 @@ def describe_model(pipe, source: str, adapter: Adapter) -> dict:
         "indicator": adapter.indicator_name,
         "components": [n for n, _ in pipeline_components(pipe)],
         "pipeline": type(pipe).__name__,
+        # the validity signature's model side (calib.runtime.signature): per component the sampled weights digest
+        # and the config hash, and the scheduler's config hash
+        "weights_digest": {n: weights_digest(t) for n, t in pipeline_components(pipe)},
+        "weights_sample": WEIGHTS_SAMPLE,
+        "config_hashes": {n: model_identity(t)["config_hash"] for n, t in pipeline_components(pipe)},
+        "scheduler_config_hash": config_digest(pipe.scheduler),
     }
 
 
@@ -540,6 +547,9 @@ class Tracer:
         # the runtime's hook engine, read-only: no policy, one recorder per component
         self.engine = Engine(pipe.scheduler)
         self.clock = self.engine.clock
+        # per component, the latent shape (the hidden_states argument without the batch) of this generation
+        self.latent_shapes: dict[str, tuple] = {}
+        self.engine.generation_watchers.append(self._generation_seen)
         self.recorders: list[_Recorder] = []
         try:
             for name, transformer in components:
@@ -549,6 +559,10 @@ class Tracer:
         except BaseException:
             self.engine.remove()
             raise
+
+    def _generation_seen(self, engine, component: str, latent) -> None:
+        if isinstance(latent, torch.Tensor):
+            self.latent_shapes[component] = tuple(int(v) for v in latent.shape[1:])
 
     def remove(self) -> None:
         self.engine.remove()
@@ -562,6 +576,7 @@ class Tracer:
     def trace(self, prompt: str, seed: int, settings: TraceSettings):
         for rec in self.recorders:
             rec.reset()
+        self.latent_shapes = {}
         kwargs = settings.call_kwargs()
         generator = torch.Generator(device="cpu").manual_seed(seed)
         self.pipe(
@@ -624,6 +639,7 @@ class Tracer:
                             block_names=rec.block_names if "blocks" in series else [],
                             extra=extra,
                             forecast_rel_l1=series["forecast"][:, r] if "forecast" in series else None,
+                            latent_shape=self.latent_shapes.get(rec.component, ()),
                         )
                     )
         return trajectories

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 
 import calib.runtime as cr
+from calib.coeffs.header import with_signature
 from calib.errors import CalibError
 from calib.methods.base import FitContext, Fitted, TuneContext, TuneGoal, Tuned
 from calib.methods.cost_model import predicted_wall_speedup, wall_target_fraction
@@ -83,7 +84,8 @@ def fit_schedule(pipe, trace_set, *, source: str, log, fractions=DEFAULT_FRACTIO
         echo(f"shard {shard[0]}/{shard[1]} searched; once every shard is done, run the same command without --shard "
              "to write the schedule file")
         return None
-    return build_document(pipe, setup, found, trace_files=getattr(trace_set, "files", []) or [])
+    return with_signature(build_document(pipe, setup, found, trace_files=getattr(trace_set, "files", []) or []),
+                          trace_set)
 
 
 def _progress():

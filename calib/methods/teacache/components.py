@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from calib import __version__
-from calib.coeffs.header import calibration_section, model_section, utc_now
+from calib.coeffs.header import calibration_section, model_section, utc_now, with_signature
 from calib.coeffs.validate import metric, nan_to_null, to_jsonable
 from calib.errors import CalibError
 from calib.methods.teacache.fit import FORCED_LAST_REASON
@@ -137,4 +137,4 @@ def build_document(
         "source": "measured",
         "notes": f"fitted by calib {__version__} on {len(trace_set.trajectories)} traced trajectories",
     }
-    return doc
+    return with_signature(doc, trace_set)

@@ -30,6 +30,7 @@ from ..engine import Engine
 from ..errors import ModelMismatchError
 from ..handle import CacheHandle, check_model, choose_threshold, components_of
 from ..options import CommonOptions, check_threshold
+from ..signature import SignatureCheck, check_signature
 from ..policies import BlockMask
 from . import RuntimeMethod
 
@@ -62,6 +63,7 @@ class BlockCacheConfig:
     calibration: dict = field(default_factory=dict)
     path: str | None = None
     document: dict = field(default_factory=dict, repr=False)
+    signature: dict | None = None  # the file's validity signature (calib.runtime.signature); None: it has none
 
     method: ClassVar[str] = METHOD
 
@@ -102,6 +104,7 @@ def parse(doc: dict, source: str = "<document>") -> BlockCacheConfig:
         adapter=model.get("adapter"),
         recommended_threshold=recommended,
         calibration=dict(doc.get("calibration") or {}),
+        signature=check_signature(doc, source, fail),
         document=doc,
     )
 
@@ -126,10 +129,11 @@ def install(pipe, config: BlockCacheConfig, options: BlockCacheOptions) -> Cache
     components, scheduler = components_of(pipe, config, "a schedule per component")
     calibrated = next(iter(config.components.values())).steps
     engine = Engine(scheduler, num_steps=options.num_steps or calibrated)
-    handle = CacheHandle(config, engine, threshold=threshold)
+    handle = CacheHandle(config, engine, threshold=threshold,
+                         signature=SignatureCheck(config, strict=options.strict, what="block-cache schedule", pipe=pipe))
     with handle.installing():
         for name, transformer in components:
-            check_model(name, transformer, config, options.allow_model_mismatch, "block-cache schedule")
+            check_model(handle, name, transformer, options.allow_model_mismatch)
             adapter = get_adapter(transformer, options.modulation_module)
             schedule = config.components[name]
             try:
@@ -142,6 +146,7 @@ def install(pipe, config: BlockCacheConfig, options: BlockCacheOptions) -> Cache
                     f"{', '.join(schedule.blocks[:3])}{', …' if len(schedule.blocks) > 3 else ''}), the model has "
                     f"{len(names)} ({', '.join(names[:3])}{', …' if len(names) > 3 else ''})")
             handle.attach(name, transformer, adapter, policy=BlockMask(schedule.changes, schedule.blocks, threshold))
+        handle.watch(scheduler)
     return handle
 
 

@@ -26,6 +26,7 @@ from ..forecast import Forecast, ForecastSpec
 from ..handle import CacheHandle, check_model, components_of, transformer_of
 from ..bases import CfgForecast
 from ..options import CommonOptions, as_sigmas, check_budget, check_count, check_forecast, is_budget, is_int
+from ..signature import SignatureCheck, check_signature
 from ..policies import StepMask
 from . import RuntimeMethod
 
@@ -62,6 +63,7 @@ class ScheduleConfig:
     calibration: dict = field(default_factory=dict)
     path: str | None = None
     document: dict = field(default_factory=dict, repr=False)
+    signature: dict | None = None  # the file's validity signature (calib.runtime.signature); None: it has none
 
     method: ClassVar[str] = METHOD
 
@@ -181,6 +183,7 @@ def parse(doc: dict, source: str = "<document>") -> ScheduleConfig:
         source=model.get("source"),
         adapter=model.get("adapter"),
         calibration=dict(doc.get("calibration") or {}),
+        signature=check_signature(doc, source, fail),
         document=doc,
     )
 
@@ -288,14 +291,16 @@ def install(pipe, config: ScheduleConfig, options: ScheduleOptions) -> CacheHand
             "the forecast is in the noise level (variable sigma), which a bare transformer cannot know: pass"
             " sigmas=scheduler.sigmas (after set_timesteps), or apply to the pipeline")
     engine = Engine(scheduler, num_steps=config.steps, sigmas=options.sigmas)
-    handle = CacheHandle(config, engine, budget=schedule.budget)
+    handle = CacheHandle(config, engine, budget=schedule.budget,
+                         signature=SignatureCheck(config, strict=options.strict, what="schedule", pipe=pipe))
     with handle.installing():
         for name, transformer in components:
-            check_model(name, transformer, config, options.allow_model_mismatch, "schedule")
+            check_model(handle, name, transformer, options.allow_model_mismatch)
             adapter = get_adapter(transformer, options.modulation_module)
             mask = StepMask(schedule.components[name], config.steps, source,
                             cond_only=schedule.cond_only.get(name, ()))
             handle.attach(name, transformer, adapter, policy=mask, forecast=forecast)
+        handle.watch(scheduler)
     return handle
 
 

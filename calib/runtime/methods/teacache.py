@@ -23,6 +23,7 @@ from ..forecast import Forecast, ForecastSpec
 from ..gate import Rescaler
 from ..handle import CacheHandle, check_model, choose_threshold, components_of
 from ..options import CommonOptions, as_sigmas, check_forecast, check_threshold
+from ..signature import SignatureCheck, check_signature
 from ..policies import Gate
 from . import RuntimeMethod
 
@@ -63,6 +64,7 @@ class TeaCacheConfig:
     calibration: dict = field(default_factory=dict)
     path: str | None = None
     document: dict = field(default_factory=dict, repr=False)
+    signature: dict | None = None  # the file's validity signature (calib.runtime.signature); None: it has none
 
     def __post_init__(self):
         if not self.components:
@@ -123,6 +125,7 @@ def parse(doc: Any, source: str = "<document>") -> TeaCacheConfig:
         indicator=dict(doc.get("indicator") or {}),
         recommended_threshold=recommended,
         calibration=dict(doc.get("calibration") or {}),
+        signature=check_signature(doc, source, fail),
         path=None,
         document=doc,
     )
@@ -224,13 +227,15 @@ def install(pipe, config: TeaCacheConfig, options: TeaCacheOptions) -> CacheHand
                 "the forecast is in the noise level (variable sigma), which a bare transformer cannot know: pass"
                 " sigmas=scheduler.sigmas (after set_timesteps), or apply to the pipeline")
     engine = Engine(scheduler, num_steps=options.num_steps, sigmas=options.sigmas)
-    handle = CacheHandle(config, engine, threshold=threshold)
+    handle = CacheHandle(config, engine, threshold=threshold,
+                         signature=SignatureCheck(config, strict=options.strict, what="coefficients", pipe=pipe))
     with handle.installing():
         for name, transformer in components:
-            check_model(name, transformer, config, options.allow_model_mismatch, "coefficients")
+            check_model(handle, name, transformer, options.allow_model_mismatch)
             adapter = get_adapter(transformer, options.modulation_module or custom_module(config))
             gate = Gate(config.components[name].rescaler(), threshold, watches=watches, normalized=normalized)
             handle.attach(name, transformer, adapter, policy=gate, forecast=forecasts[name])
+        handle.watch(scheduler)
     if not engine.pipeline_mode and options.num_steps is None:
         warnings.warn("applied to a bare transformer without num_steps: the last step cannot be forced to compute; "
                       "pass num_steps=... or apply to the pipeline", stacklevel=3)
