@@ -64,7 +64,8 @@ if TYPE_CHECKING:  # the names, for type checkers and IDEs
     from .api import apply, apply_schedule  # noqa: F401
     from .bases import CfgForecast, ChebyshevForecast, LinearForecast, LinearRow  # noqa: F401
     from .decision import Decision  # noqa: F401
-    from .errors import CoefficientFileError, ForecastError, ModelMismatchError, OptionError, OptionValueError, ScheduleError, SignatureMismatchError, StepCountError, ThresholdError  # noqa: F401
+    from .errors import (CoefficientFileError, ForecastError, ModelMismatchError, OptionError,  # noqa: F401
+                         OptionValueError, ScheduleError, SignatureMismatchError, StepCountError, ThresholdError)
     from .forecast import Forecast, ForecastHistory, ForecastSpec  # noqa: F401
     from .gate import Rescaler, TeaCacheGate, replay  # noqa: F401
     from .handle import CacheHandle  # noqa: F401
