@@ -7,7 +7,7 @@
   line (exit 2, no traceback) and write nothing. ``docs/bad-inputs.md`` is generated from the same list (between the
   ``cases`` markers) and a test keeps it equal::
 
-      python tests/test_reliability.py --write-doc     # refresh the table after changing CASES
+      python tests/integration/test_reliability.py --write-doc     # refresh the table after changing CASES
 
 * Security: no pickle, torch.load, eval/exec or trust_remote_code=True in the package; weights are safetensors.
 """
@@ -41,9 +41,12 @@ import h5py
 import numpy as np
 import pytest
 
-from cli_runner import run_cli
+if __name__ == "__main__":  # run as a script (--write-doc): the helper modules in tests/ as pytest finds them
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-ROOT = Path(__file__).resolve().parents[1]
+from cli_runner import run_cli  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "bad-inputs.md"
 START, END = "<!-- cases:start -->", "<!-- cases:end -->"
 
@@ -1140,7 +1143,7 @@ def write_doc() -> None:
 def test_doc_table_is_the_cases():
     """docs/bad-inputs.md shows exactly the cases above (each proven by test_bad_input)."""
     assert doc_section(DOC.read_text(encoding="utf-8")) == doc_table(), (
-        "docs/bad-inputs.md is out of date: run `python tests/test_reliability.py --write-doc`"
+        "docs/bad-inputs.md is out of date: run `python tests/integration/test_reliability.py --write-doc`"
     )
 
 

@@ -14,7 +14,7 @@
 The refused inputs are also a table in docs/bad-inputs.md (between the ``pipeline-args`` markers), which a test keeps
 equal to :data:`CASES`::
 
-    python tests/test_pipeline_args.py --write-doc     # refresh the table after changing CASES
+    python tests/integration/test_pipeline_args.py --write-doc     # refresh the table after changing CASES
 """
 
 from __future__ import annotations
@@ -34,9 +34,12 @@ import h5py
 import pytest
 import torch
 
-from cli_runner import run_cli
+if __name__ == "__main__":  # run as a script (--write-doc): the helper modules in tests/ as pytest finds them
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-ROOT = Path(__file__).resolve().parents[1]
+from cli_runner import run_cli  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "bad-inputs.md"
 START, END = "<!-- pipeline-args:start -->", "<!-- pipeline-args:end -->"
 PROMPT = "a handwritten 7\n"
@@ -534,7 +537,7 @@ def test_doc_table_is_the_cases():
     text = DOC.read_text(encoding="utf-8")
     assert START in text and END in text, f"{DOC} lacks the {START} / {END} markers"
     assert text.split(START, 1)[1].split(END, 1)[0].strip() == doc_table(), (
-        "docs/bad-inputs.md is out of date: run `python tests/test_pipeline_args.py --write-doc`")
+        "docs/bad-inputs.md is out of date: run `python tests/integration/test_pipeline_args.py --write-doc`")
 
 
 if __name__ == "__main__":
@@ -542,4 +545,4 @@ if __name__ == "__main__":
         write_doc()
         print(f"wrote {DOC}")
     else:
-        sys.exit("usage: python tests/test_pipeline_args.py --write-doc")
+        sys.exit("usage: python tests/integration/test_pipeline_args.py --write-doc")

@@ -37,9 +37,9 @@ STEPS = 5
 PROMPTS = ("a red fox running through fresh snow", "two boats on a calm lake at dawn")
 SEED = 0
 HUGE = 1e9
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 DOC = REPO / "docs" / "model-families.md"
-TABLE_START = "<!-- real-pipelines-table: start (written by tests/test_real_pipelines.py) -->"
+TABLE_START = "<!-- real-pipelines-table: start (written by tests/integration/test_real_pipelines.py) -->"
 TABLE_END = "<!-- real-pipelines-table: end -->"
 
 
@@ -370,7 +370,7 @@ def test_docs_table_is_what_the_tests_measured(runs, true_cfg_runs):
     assert match is not None, f"{DOC} has no table block ({TABLE_START})"
     assert match.group(1) == table, (
         f"{DOC}'s table of real pipelines differs from what the tests measured; rewrite it with "
-        "CALIB_WRITE_DOCS=1 python -m pytest tests/test_real_pipelines.py -k docs_table\n" + table)
+        "CALIB_WRITE_DOCS=1 python -m pytest tests/integration/test_real_pipelines.py -k docs_table\n" + table)
 
 
 def test_the_image_to_video_folder_loads_as_its_pipeline(real_pipeline_folder):

@@ -22,7 +22,7 @@ from calib.runtime.forecast import FORECAST_KINDS, ForecastSpec
 
 STEPS = 8
 TARGETS = ("residual", "hidden", "output")
-REFERENCE = Path(__file__).parent / "data" / "trace_reference.npz"
+REFERENCE = Path(__file__).resolve().parents[1] / "data" / "trace_reference.npz"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -330,7 +330,7 @@ def test_trace_is_bit_identical_to_the_recorder_before_the_engine():
                                                         platform.machine()]
     recorded = [k for k in reference.files if k != "__platform__"]
     # series the tracer gained after the reference (First Block Cache's lags, call_rows) are checked by
-    # tests/test_families.py; every series the reference holds is still traced, and the same
+    # tests/adapters/test_families.py; every series the reference holds is still traced, and the same
     assert set(recorded) <= set(traced), sorted(set(recorded) - set(traced))
     for key in recorded:
         value, expected = traced[key], reference[key]

@@ -211,7 +211,7 @@ def test_manifest_errors(tmp_path):
         run_merge([tmp_path / "a.h5", tmp_path / "b.h5"], echo=quiet)
 
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "cluster.md"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "cluster.md"
 
 
 def doc_cpu_block() -> str:

@@ -19,7 +19,7 @@ make calib run code or open other files, and the runtime's error types.
   every rename and fsync leave each output previous or complete (slow). A planted pair note renames nothing.
 
 The one-line refusals (outputs that are directories or inputs, devices as inputs, deep JSON, ...) are cases of
-tests/test_reliability.py, which generates docs/bad-inputs.md.
+tests/integration/test_reliability.py, which generates docs/bad-inputs.md.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ import pytest
 from test_reliability import (EVIL_MODULE, FAST_FIT, assets, copy_asset, pipe, real_doc, real_trajectories,
                               run_cli, write_trace)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHONPATH=str(ROOT), PYTHONDONTWRITEBYTECODE="1")
 
 

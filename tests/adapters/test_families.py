@@ -1,5 +1,5 @@
 """Every built-in adapter on a tiny random transformer of its family, driven by a stand-in pipeline (no VAE, no
-text encoders), for what the real pipelines (tests/test_real_pipelines.py) cannot show: the CFG layout a family's
+text encoders), for what the real pipelines (tests/integration/test_real_pipelines.py) cannot show: the CFG layout a family's
 real pipeline does not use (a custom loop may batch Wan's CFG, or call CogVideoX twice), classes no real pipeline here
 builds (Wan2.2 TI2V's per-token timesteps, SD3.5's dual-attention block), the recomputed modulated input against what
 the block feeds its attention, one polynomial per Wan2.2 expert, unsupported classes and ``--modulation-module``."""
@@ -292,7 +292,7 @@ def check_series(traj, steps):
         assert np.isfinite(values[start:]).all(), (name, values)
 
 
-# The CFG layout each family's real diffusers pipeline uses, which tests/test_real_pipelines.py runs on the real
+# The CFG layout each family's real diffusers pipeline uses, which tests/integration/test_real_pipelines.py runs on the real
 # pipeline (separate: cond and uncond calls; batched: one call of [uncond, cond]). The stand-in runs the other one.
 # HunyuanVideo's pipeline (guidance-distilled) calls cond only: both layouts run here.
 REAL_PIPELINE_CFG = {"flux": "separate", "wan_t2v": "separate", "wan_i2v": "separate", "cogvideox": "batched",

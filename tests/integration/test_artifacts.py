@@ -16,7 +16,7 @@ import pytest
 import calib.runtime as cr
 from calib.runtime import artifacts
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_shipped_names_are_the_published_and_built_in_files():
