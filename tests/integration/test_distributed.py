@@ -29,6 +29,8 @@ def quiet(*_a, **_k):
     pass
 
 
+# Not tests/conftest.py's one_thread: per test (a test may start processes that change the environment), and it
+# also clears the launcher variables.
 @pytest.fixture(autouse=True)
 def one_thread(monkeypatch):
     """Bit-identical floats need the same kernels: one thread here, as torchrun gives each rank

@@ -32,7 +32,6 @@ from typing import Callable
 
 import h5py
 import pytest
-import torch
 
 if __name__ == "__main__":  # run as a script (--write-doc): the helper modules in tests/ as pytest finds them
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -48,13 +47,7 @@ DIGITS_CALL = ("prompt, num_inference_steps, guidance_scale, generator, num_imag
                "latents")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The models are tiny: one thread is faster than two fighting over a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: the models are tiny
 
 
 def calib(work: Path, command: str | list[str]) -> tuple[int, str, str]:

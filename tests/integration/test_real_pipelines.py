@@ -43,13 +43,7 @@ TABLE_START = "<!-- real-pipelines-table: start (written by tests/integration/te
 TABLE_END = "<!-- real-pipelines-table: end -->"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The models are tiny: one thread is faster than two fighting over a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: the models are tiny
 
 
 def invoke(args: list[str]):

@@ -4,6 +4,7 @@ same traces; and the HTML report. Real runs use the built-in digits model (a few
 import ast
 import base64
 import contextlib
+import functools
 import io
 import json
 import re
@@ -28,9 +29,11 @@ from calib.cli import main
 from calib.methods.registry import load_document, validate as validate_document, write_document
 from calib.coeffs.schema import schema
 from calib.hooking import wrap_forward
-from calib.models import digits
 from calib.store import TraceSet, Trajectory, read_traces
 from calib.trace import TraceSettings, run_trace
+from helpers import generation
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 STEPS = 12
 PROMPTS = ["a handwritten 0", "a handwritten three", "the digit five", "a handwritten seven"]
@@ -39,21 +42,6 @@ PROMPTS = ["a handwritten 0", "a handwritten three", "the digit five", "a handwr
 # ---------------------------------------------------------------------------------------------------------------
 # fixtures
 # ---------------------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The built-in model is tiny: one intra-op thread is as fast, and on a shared 2-core machine several threads
-    per process oversubscribe the cores and slow every generation down many times."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    return digits.load_pipeline()
-
-
 @pytest.fixture(scope="module")
 def traced(tmp_path_factory, pipe):
     """A real trace of the built-in model: 4 prompts x seeds 0,1, 12 steps, batched CFG."""
@@ -83,11 +71,7 @@ def _set(trajs, model_class="FluxTransformer2DModel"):
     return TraceSet(model_info=info, trajectories=trajs, files=["synthetic.h5"], attrs=[{}])
 
 
-def generate(pipe, mode="batched", seed=0, prompts=("a handwritten 3", "7"), steps=STEPS):
-    g = torch.Generator().manual_seed(seed)
-    out = pipe(list(prompts), num_inference_steps=steps, guidance_scale=3.0, generator=g, output_type="latent",
-               cfg_mode=mode)
-    return torch.stack(out.images)
+generate = functools.partial(generation.generate, steps=STEPS)  # tests/helpers/generation.py
 
 
 class BlockCounter:
