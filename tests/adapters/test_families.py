@@ -16,16 +16,15 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Callable
 
+import diffusers
 import numpy as np
 import pytest
 import torch
 
-diffusers = pytest.importorskip("diffusers")
-
-import calib.runtime as cr  # noqa: E402
-from calib.adapters import custom_adapter, get_adapter  # noqa: E402
-from calib.errors import CalibError  # noqa: E402
-from calib.trace import TraceSettings, Tracer  # noqa: E402
+import calib.runtime as cr
+from calib.adapters import custom_adapter, get_adapter
+from calib.errors import CalibError
+from calib.trace import TraceSettings, Tracer
 
 STEPS = 5
 GUIDANCE = 3.0
@@ -253,6 +252,7 @@ def tiny_wan_two_expert() -> StandInPipeline:
     return StandInPipeline(family, family.build(0), family.build(1), boundary_ratio=TWO_EXPERT_BOUNDARY)
 
 
+# Not tests/helpers/generation.py: a stand-in pipeline here (no VAE, one prompt), whose output is what is compared.
 def generate(pipe, cfg_mode="batched", seed=0):
     return pipe("a prompt", num_inference_steps=STEPS, guidance_scale=GUIDANCE,
                 generator=torch.Generator().manual_seed(seed), cfg_mode=cfg_mode).images

@@ -167,10 +167,23 @@ def test_published_coefficients_validate(tmp_path):
     assert load_document(write_document(d, tmp_path / "flux.json")) == d
 
 
-def test_unknown_top_level_section_allowed():
+def test_unknown_top_level_section_allowed(tmp_path):
+    """A top-level section this calib does not know (a newer calib's) is allowed: the document validates, is written
+    and read back with the section unchanged, and the runtime loads it as it loads the document without the section
+    (keeping the section in its copy of the document)."""
+    import dataclasses
+
+    import calib.runtime as cr
+
     d = published_flux()
     d["future_section"] = {"anything": [1, 2]}
-    validate_document(d)
+    assert validate_document(d) is d
+    path = write_document(d, tmp_path / "future.json")
+    assert json.loads(path.read_text())["future_section"] == {"anything": [1, 2]}
+    assert load_document(path) == d
+    loaded, without = cr.load(path), cr.parse(published_flux())
+    assert loaded.document == d  # the runtime keeps the whole document, the section included
+    assert dataclasses.replace(loaded, path=without.path, document=without.document) == without
 
 
 # --- validation failures -----------------------------------------------------------------------------------------

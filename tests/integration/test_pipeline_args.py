@@ -425,7 +425,6 @@ def test_flux_true_cfg_from_the_command_line(real_pipeline_folder, tmp_path, mon
     """A real FluxPipeline folder with --negative-prompt bad --true-cfg-scale 4: cond and uncond streams; the stored
     settings reproduce the run on resume; a different value is refused naming it; the coefficient file and eval
     carry them."""
-    pytest.importorskip("transformers")
     from diffusers import FluxPipeline
 
     from calib.store import read_traces
@@ -476,7 +475,6 @@ def test_flux_true_cfg_from_the_command_line(real_pipeline_folder, tmp_path, mon
 def test_wan_folder_without_accelerate_says_what_to_install(real_pipeline_folder, tmp_path, monkeypatch):
     """Without accelerate diffusers loads with low_cpu_mem_usage=False, which Wan's float32-kept modules refuse; the
     one line says what to install. (accelerate is a dependency of calib; this simulates an environment without it.)"""
-    pytest.importorskip("transformers")
     import diffusers.models.modeling_utils as modeling_utils
     import diffusers.pipelines.pipeline_utils as pipeline_utils
 

@@ -21,17 +21,13 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("diffusers")
-pytest.importorskip("transformers")
-pytest.importorskip("tokenizers")
+import real_pipelines as rp
+from click.testing import CliRunner
 
-import real_pipelines as rp  # noqa: E402
-from click.testing import CliRunner  # noqa: E402
-
-import calib.runtime as cr  # noqa: E402
-from calib.cli import cli  # noqa: E402
-from calib.models.loading import load_model  # noqa: E402
-from calib.store import read_traces  # noqa: E402
+import calib.runtime as cr
+from calib.cli import cli
+from calib.models.loading import load_model
+from calib.store import read_traces
 
 STEPS = 5
 PROMPTS = ("a red fox running through fresh snow", "two boats on a calm lake at dawn")
