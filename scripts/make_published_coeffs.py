@@ -23,7 +23,7 @@ Run from the repository root:
     python scripts/make_published_coeffs.py --out DIR    # somewhere else (the tests regenerate into a temp dir)
 
 The output is deterministic (fixed ``created`` date, fixed key order), so re-running reproduces the files byte for
-byte; ``tests/test_published.py`` checks that.
+byte; ``tests/coeffs/test_published.py`` checks that.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 
     python scripts/make_schema.py
 
-tests/test_registry.py fails while the committed files differ from what this writes."""
+tests/methods/test_registry.py fails while the committed files differ from what this writes."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 # project with its test extra, then the whole suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-# The HTML report's test screenshots it in headless Chromium, and tests/test_faults.py injects kernel-level write and
+# The HTML report's test screenshots it in headless Chromium, and tests/integration/test_faults.py injects kernel-level write and
 # fsync errors with strace; each skips without its tool. Install them where apt-get is usable (CI runs this as root on
 # Debian). Quietly; a machine without apt-get (or without root) just skips those tests.
 missing=""

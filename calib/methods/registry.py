@@ -1,6 +1,6 @@
 """The one list of cache methods. It is the only hand-written place a method is named: every other table (calib
 fit's methods and click options, calib tune's dispatch, the export formats' methods, the frontier's calib rows, the
-schema's ``method`` enum) is derived from it (tests/test_registry.py checks each against it).
+schema's ``method`` enum) is derived from it (tests/methods/test_registry.py checks each against it).
 
 Importing this module imports each method's package, which holds only its :class:`~calib.methods.base.CacheMethod`
 and options (standard library only), so ``calib fit --help`` builds its options from here without torch. A

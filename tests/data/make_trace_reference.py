@@ -1,5 +1,5 @@
 """tests/data/trace_reference.npz: traces of builtin:digits and builtin:wan-digits as the recorder before the hook
-engine (commit e3a5759) recorded them, on one thread. tests/test_engine.py compares the tracer's traces with it.
+engine (commit e3a5759) recorded them, on one thread. tests/runtime/test_engine.py compares the tracer's traces with it.
 
     python tests/data/make_trace_reference.py OUT.npz
 

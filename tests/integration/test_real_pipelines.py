@@ -21,35 +21,25 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("diffusers")
-pytest.importorskip("transformers")
-pytest.importorskip("tokenizers")
+import real_pipelines as rp
+from click.testing import CliRunner
 
-import real_pipelines as rp  # noqa: E402
-from click.testing import CliRunner  # noqa: E402
-
-import calib.runtime as cr  # noqa: E402
-from calib.cli import cli  # noqa: E402
-from calib.models.loading import load_model  # noqa: E402
-from calib.store import read_traces  # noqa: E402
+import calib.runtime as cr
+from calib.cli import cli
+from calib.models.loading import load_model
+from calib.store import read_traces
 
 STEPS = 5
 PROMPTS = ("a red fox running through fresh snow", "two boats on a calm lake at dawn")
 SEED = 0
 HUGE = 1e9
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 DOC = REPO / "docs" / "model-families.md"
-TABLE_START = "<!-- real-pipelines-table: start (written by tests/test_real_pipelines.py) -->"
+TABLE_START = "<!-- real-pipelines-table: start (written by tests/integration/test_real_pipelines.py) -->"
 TABLE_END = "<!-- real-pipelines-table: end -->"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The models are tiny: one thread is faster than two fighting over a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: the models are tiny
 
 
 def invoke(args: list[str]):
@@ -370,7 +360,7 @@ def test_docs_table_is_what_the_tests_measured(runs, true_cfg_runs):
     assert match is not None, f"{DOC} has no table block ({TABLE_START})"
     assert match.group(1) == table, (
         f"{DOC}'s table of real pipelines differs from what the tests measured; rewrite it with "
-        "CALIB_WRITE_DOCS=1 python -m pytest tests/test_real_pipelines.py -k docs_table\n" + table)
+        "CALIB_WRITE_DOCS=1 python -m pytest tests/integration/test_real_pipelines.py -k docs_table\n" + table)
 
 
 def test_the_image_to_video_folder_loads_as_its_pipeline(real_pipeline_folder):

@@ -114,7 +114,7 @@ def test_taylorseer_with_every_step_warm_is_uncached_and_its_interval_skips(harn
                                         {"calibrator": "taylorseer", "order": 2}, {"calibrator": "dmd"},
                                         {"calibrator": "foca"}], ids=lambda c: c.get("calibrator", "none"))
 def test_cache_dit_threshold_zero_is_uncached_and_each_calibrator_skips(harness, calibrator):
-    pytest.importorskip("cache_dit")
+    import cache_dit  # noqa: F401  (the test extra: missing or broken, this test fails)
     from calib.evaluate.peers.cache_dit import cache_dit_adapter, dbcache_install
 
     adapter = cache_dit_adapter(harness.pipe)
@@ -125,7 +125,7 @@ def test_cache_dit_threshold_zero_is_uncached_and_each_calibrator_skips(harness,
 
 
 def test_cache_dit_static_mask_computes_exactly_its_steps(harness):
-    pytest.importorskip("cache_dit")
+    import cache_dit  # noqa: F401  (the test extra: missing or broken, this test fails)
     from calib.evaluate.peers import unrestored
     from calib.evaluate.peers.cache_dit import cache_dit_adapter, dbcache_install, every_k_mask
 

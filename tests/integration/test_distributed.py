@@ -29,6 +29,8 @@ def quiet(*_a, **_k):
     pass
 
 
+# Not tests/conftest.py's one_thread: per test (a test may start processes that change the environment), and it
+# also clears the launcher variables.
 @pytest.fixture(autouse=True)
 def one_thread(monkeypatch):
     """Bit-identical floats need the same kernels: one thread here, as torchrun gives each rank
@@ -211,7 +213,7 @@ def test_manifest_errors(tmp_path):
         run_merge([tmp_path / "a.h5", tmp_path / "b.h5"], echo=quiet)
 
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "cluster.md"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "cluster.md"
 
 
 def doc_cpu_block() -> str:

@@ -19,7 +19,7 @@ make calib run code or open other files, and the runtime's error types.
   every rename and fsync leave each output previous or complete (slow). A planted pair note renames nothing.
 
 The one-line refusals (outputs that are directories or inputs, devices as inputs, deep JSON, ...) are cases of
-tests/test_reliability.py, which generates docs/bad-inputs.md.
+tests/integration/test_reliability.py, which generates docs/bad-inputs.md.
 """
 
 from __future__ import annotations
@@ -38,10 +38,11 @@ from pathlib import Path
 
 import pytest
 
-from test_reliability import (EVIL_MODULE, FAST_FIT, assets, copy_asset, pipe, real_doc, real_trajectories,
-                              run_cli, write_trace)
+from cli_runner import run_cli
+from helpers.cli_assets import (EVIL_MODULE, FAST_FIT, copy_asset, pipe, real_doc, real_trajectories,
+                                write_trace)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHONPATH=str(ROOT), PYTHONDONTWRITEBYTECODE="1")
 
 
@@ -552,10 +553,10 @@ def test_hostile_hdf5_is_refused_by_every_reader_before_reading(tmp_path, kind):
     /dev/urandom; an external link; a virtual dataset) or declares 2**36 values: fit, merge, tune, report and export
     each end in one line and exit 2, the named file is neither read (its access time stays) nor changed, the FIFO is
     never opened, and no output appears."""
-    from test_reliability import OPENED, SECRET, _hostile_trace
+    from helpers.cli_assets import OPENED, SECRET, hostile_trace
 
     work = tmp_path
-    stop = _hostile_trace(kind)(work)
+    stop = hostile_trace(kind)(work)
     copy_asset("real.json", work, "c.json")
     secret = work / "secret.bin"
     atime = _atime_is_recorded(work)
@@ -580,11 +581,11 @@ def test_hostile_hdf5_is_refused_by_every_reader_before_reading(tmp_path, kind):
 def test_hdf5_storage_in_a_fifo_does_not_hang_a_process(tmp_path):
     """The same as a separate process with a time limit (a regression would block in open() for ever): `calib
     merge` of a trace whose data lives in a FIFO nobody writes."""
-    from test_reliability import _hostile_trace
+    from helpers.cli_assets import hostile_trace
 
     work = tmp_path
     os.mkfifo(work / "fifo")
-    _hostile_trace("external")(work)  # secret.bin ...
+    hostile_trace("external")(work)  # secret.bin ...
     import h5py
 
     with h5py.File(work / "t.h5", "r+") as f:  # ... now pointing at the FIFO (no tripwire: nothing unblocks it)

@@ -24,7 +24,7 @@ from calib.runtime.gate import Rescaler, TeaCacheGate, replay
 from calib.store import TraceSet, TraceWriter, Trajectory
 from shipped import shipped
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def run_fit(traces, **options):

@@ -3,6 +3,7 @@ exactness at threshold 0 / full budget with every order, the forecast's error ag
 steps, the memory it reports, schedule files (load, budgets, step count) and their one-line errors."""
 
 import dataclasses
+import functools
 import json
 
 import numpy as np
@@ -12,35 +13,15 @@ import torch
 import calib.runtime as cr
 from calib.errors import CalibError
 from calib.methods.registry import validate as validate_document
-from calib.models import digits, wan_digits
+from helpers import generation
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 STEPS = 12
 EVERY_OTHER = [0, 2, 4, 6, 8, 10, 11]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # sub-million-parameter models: more threads only spin (much slower on a busy box)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    return digits.load_pipeline()
-
-
-@pytest.fixture(scope="module")
-def wan():
-    return wan_digits.load_pipeline()
-
-
-def generate(pipe, mode="batched", seed=0, steps=STEPS):
-    g = torch.Generator().manual_seed(seed)
-    out = pipe(["a handwritten 3", "7"], num_inference_steps=steps, guidance_scale=3.0, generator=g,
-               output_type="latent", cfg_mode=mode)
-    return torch.stack(out.images)
+generate = functools.partial(generation.generate, steps=STEPS)  # tests/helpers/generation.py
 
 
 def rel_l1(a, b):

@@ -4,6 +4,7 @@ same traces; and the HTML report. Real runs use the built-in digits model (a few
 import ast
 import base64
 import contextlib
+import functools
 import io
 import json
 import re
@@ -15,6 +16,7 @@ import jsonschema
 import numpy as np
 import pytest
 import torch
+import yaml
 
 import calib.runtime as cr
 from calib.methods.block_cache import method as block_cache
@@ -28,9 +30,11 @@ from calib.cli import main
 from calib.methods.registry import load_document, validate as validate_document, write_document
 from calib.coeffs.schema import schema
 from calib.hooking import wrap_forward
-from calib.models import digits
 from calib.store import TraceSet, Trajectory, read_traces
 from calib.trace import TraceSettings, run_trace
+from helpers import generation
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 STEPS = 12
 PROMPTS = ["a handwritten 0", "a handwritten three", "the digit five", "a handwritten seven"]
@@ -39,21 +43,6 @@ PROMPTS = ["a handwritten 0", "a handwritten three", "the digit five", "a handwr
 # ---------------------------------------------------------------------------------------------------------------
 # fixtures
 # ---------------------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The built-in model is tiny: one intra-op thread is as fast, and on a shared 2-core machine several threads
-    per process oversubscribe the cores and slow every generation down many times."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    return digits.load_pipeline()
-
-
 @pytest.fixture(scope="module")
 def traced(tmp_path_factory, pipe):
     """A real trace of the built-in model: 4 prompts x seeds 0,1, 12 steps, batched CFG."""
@@ -83,11 +72,7 @@ def _set(trajs, model_class="FluxTransformer2DModel"):
     return TraceSet(model_info=info, trajectories=trajs, files=["synthetic.h5"], attrs=[{}])
 
 
-def generate(pipe, mode="batched", seed=0, prompts=("a handwritten 3", "7"), steps=STEPS):
-    g = torch.Generator().manual_seed(seed)
-    out = pipe(list(prompts), num_inference_steps=steps, guidance_scale=3.0, generator=g, output_type="latent",
-               cfg_mode=mode)
-    return torch.stack(out.images)
+generate = functools.partial(generation.generate, steps=STEPS)  # tests/helpers/generation.py
 
 
 class BlockCounter:
@@ -526,7 +511,6 @@ def test_engine_exports_have_the_engines_parameters():
     assert json.loads(text) == {"rel_l1_thresh": 0.3, "coefficients": coef}
     assert "tea_cache" in usage
     text, usage, notes = engines.tensorrt_llm(_teacache_doc(coef, ("transformer", "transformer_2")))
-    yaml = pytest.importorskip("yaml")
     cache = yaml.safe_load(text)["cache_config"]
     assert cache == {"cache_backend": "teacache", "teacache_thresh": 0.3, "use_ret_steps": False,
                      "coefficients": coef, "coefficients_2": coef}
@@ -608,16 +592,13 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
     assert img.std() > 20  # not a blank page: text, tables and plots rendered
 
 
-def test_diffusers_fastercache_on_the_video_built_in_model_as_is(tmp_path):
+def test_diffusers_fastercache_on_the_video_built_in_model_as_is(wan, tmp_path):
     """builtin:wan-digits returns video latents (BCFHW) and batches CFG as [uncond, cond]: diffusers' FasterCache runs
-    on it unchanged, and skips the unconditional pass exactly where the calibrated file says."""
-    wan_digits = pytest.importorskip("calib.models.wan_digits")
+    on it unchanged, and skips the unconditional pass exactly where the calibrated file says. Its weights ship in
+    calib/models/weights, so loading it (the ``wan`` fixture, tests/conftest.py) must succeed: a failure fails."""
     from diffusers import FasterCacheConfig
 
-    try:
-        wpipe = wan_digits.load_pipeline()
-    except Exception as exc:  # weights not trained in this checkout
-        pytest.skip(f"builtin:wan-digits not loadable: {exc}")
+    wpipe = wan
     prompts = tmp_path / "p.txt"
     prompts.write_text("a handwritten 3\nthe digit seven\n")
     path = run_trace("builtin:wan-digits", prompts, TraceSettings(steps=10, seeds=(0,)), out=tmp_path / "w.h5",

@@ -2,6 +2,7 @@
 model identity checks, removal, and bad thresholds."""
 
 import dataclasses
+import functools
 import json
 import warnings
 
@@ -11,15 +12,12 @@ import torch
 import calib.runtime as cr
 from calib.adapters import get_adapter
 from calib.errors import CalibError
-from calib.models import digits
 from calib.runtime.gate import Rescaler, TeaCacheGate, replay
+from helpers import generation
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 STEPS = 12
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    return digits.load_pipeline()
 
 
 def make_config(pipe, coefficients=(1.0, 0.0), domain=None, model_class=None, config_hash=None, recommended=None):
@@ -29,11 +27,7 @@ def make_config(pipe, coefficients=(1.0, 0.0), domain=None, model_class=None, co
     return cr.parse(doc)
 
 
-def generate(pipe, mode="batched", prompts=("a handwritten 3", "7"), seed=0):
-    g = torch.Generator().manual_seed(seed)
-    out = pipe(list(prompts), num_inference_steps=STEPS, guidance_scale=3.0, generator=g, output_type="latent",
-               cfg_mode=mode)
-    return torch.stack(out.images)
+generate = functools.partial(generation.generate, steps=STEPS)  # tests/helpers/generation.py
 
 
 @pytest.mark.parametrize("mode", ["batched", "sequential"])

@@ -1,5 +1,5 @@
 """Every built-in adapter on a tiny random transformer of its family, driven by a stand-in pipeline (no VAE, no
-text encoders), for what the real pipelines (tests/test_real_pipelines.py) cannot show: the CFG layout a family's
+text encoders), for what the real pipelines (tests/integration/test_real_pipelines.py) cannot show: the CFG layout a family's
 real pipeline does not use (a custom loop may batch Wan's CFG, or call CogVideoX twice), classes no real pipeline here
 builds (Wan2.2 TI2V's per-token timesteps, SD3.5's dual-attention block), the recomputed modulated input against what
 the block feeds its attention, one polynomial per Wan2.2 expert, unsupported classes and ``--modulation-module``."""
@@ -16,28 +16,21 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Callable
 
+import diffusers
 import numpy as np
 import pytest
 import torch
 
-diffusers = pytest.importorskip("diffusers")
-
-import calib.runtime as cr  # noqa: E402
-from calib.adapters import custom_adapter, get_adapter  # noqa: E402
-from calib.errors import CalibError  # noqa: E402
-from calib.trace import TraceSettings, Tracer  # noqa: E402
+import calib.runtime as cr
+from calib.adapters import custom_adapter, get_adapter
+from calib.errors import CalibError
+from calib.trace import TraceSettings, Tracer
 
 STEPS = 5
 GUIDANCE = 3.0
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: one thread is several times faster than two fighting over a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: the models are tiny
 
 
 @dataclass(frozen=True)
@@ -259,6 +252,7 @@ def tiny_wan_two_expert() -> StandInPipeline:
     return StandInPipeline(family, family.build(0), family.build(1), boundary_ratio=TWO_EXPERT_BOUNDARY)
 
 
+# Not tests/helpers/generation.py: a stand-in pipeline here (no VAE, one prompt), whose output is what is compared.
 def generate(pipe, cfg_mode="batched", seed=0):
     return pipe("a prompt", num_inference_steps=STEPS, guidance_scale=GUIDANCE,
                 generator=torch.Generator().manual_seed(seed), cfg_mode=cfg_mode).images
@@ -292,7 +286,7 @@ def check_series(traj, steps):
         assert np.isfinite(values[start:]).all(), (name, values)
 
 
-# The CFG layout each family's real diffusers pipeline uses, which tests/test_real_pipelines.py runs on the real
+# The CFG layout each family's real diffusers pipeline uses, which tests/integration/test_real_pipelines.py runs on the real
 # pipeline (separate: cond and uncond calls; batched: one call of [uncond, cond]). The stand-in runs the other one.
 # HunyuanVideo's pipeline (guidance-distilled) calls cond only: both layouts run here.
 REAL_PIPELINE_CFG = {"flux": "separate", "wan_t2v": "separate", "wan_i2v": "separate", "cogvideox": "batched",

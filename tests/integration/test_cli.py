@@ -14,7 +14,7 @@ import pytest
 from calib.cli import main
 from calib.coeffs.schema import schema
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_calib(*args, cwd):

@@ -1,4 +1,4 @@
-"""Tests for the version-1 coefficient file: calib.coeffs (schema, writer) and calib.methods.registry.validate."""
+"""The version-1 coefficient document: calib.coeffs (schema, writer, loader) and calib.methods.registry.validate."""
 
 from __future__ import annotations
 
@@ -20,9 +20,9 @@ from calib.methods.registry import load_document, validate as validate_document,
 from calib.coeffs.schema import schema
 from calib._io import write_bytes as write_atomic_bytes
 from calib.methods.teacache.fit import fit_all_components
+from helpers.documents import FLUX, published_flux
 
-REPO = Path(__file__).resolve().parents[1]
-FLUX = [498.651651, -283.781631, 55.8554382, -3.82021401, 0.264230861]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def make_trace_set(n_traj=6, steps=12, seed=0):
@@ -74,22 +74,6 @@ def doc():
         thresholds={"recommended": 0.3, "table": [{"threshold": 0.3, "compute_fraction": 0.55, "predicted_speedup": 1.8}]},
         created="2026-11-23T08:00:00Z",
     )
-
-
-def published_flux() -> dict:
-    """Published TeaCache coefficients: no domain, no traces."""
-    return {
-        "format": "calib.coefficients",
-        "schema_version": 1,
-        "method": "teacache",
-        "calib_version": "0.1.0",
-        "created": "2024-11-27T00:00:00Z",
-        "model": {"class": "FluxTransformer2DModel", "source": "black-forest-labs/FLUX.1-dev"},
-        "indicator": {"name": "modulated_input"},
-        "calibration": {"steps": []},
-        "components": {"transformer": {"coefficients": FLUX, "order": "highest_first", "degree": 4, "domain": None}},
-        "provenance": {"source": "TeaCache4FLUX (ali-vilab/TeaCache)"},
-    }
 
 
 def _error(doc, source="f.json") -> str:
@@ -183,10 +167,23 @@ def test_published_coefficients_validate(tmp_path):
     assert load_document(write_document(d, tmp_path / "flux.json")) == d
 
 
-def test_unknown_top_level_section_allowed():
+def test_unknown_top_level_section_allowed(tmp_path):
+    """A top-level section this calib does not know (a newer calib's) is allowed: the document validates, is written
+    and read back with the section unchanged, and the runtime loads it as it loads the document without the section
+    (keeping the section in its copy of the document)."""
+    import dataclasses
+
+    import calib.runtime as cr
+
     d = published_flux()
     d["future_section"] = {"anything": [1, 2]}
-    validate_document(d)
+    assert validate_document(d) is d
+    path = write_document(d, tmp_path / "future.json")
+    assert json.loads(path.read_text())["future_section"] == {"anything": [1, 2]}
+    assert load_document(path) == d
+    loaded, without = cr.load(path), cr.parse(published_flux())
+    assert loaded.document == d  # the runtime keeps the whole document, the section included
+    assert dataclasses.replace(loaded, path=without.path, document=without.document) == without
 
 
 # --- validation failures -----------------------------------------------------------------------------------------
@@ -373,77 +370,3 @@ def test_nan_free_output(doc, tmp_path):
     text = write_document(doc, tmp_path / "c.json").read_text(encoding="utf-8")
     assert "NaN" not in text and "Infinity" not in text
     assert not any(isinstance(v, float) and not math.isfinite(v) for v in json.loads(text)["components"]["transformer"]["metrics"].values())
-
-
-# --- exports: structured outputs are written by their libraries (issue 22 item 4) -----------------------------
-EVIL = "transformer\ncache_backend: evil\nteacache_thresh: 1000.0\n# "
-
-
-def _evil_document(tmp_path) -> Path:
-    """A valid TeaCache file whose strings try to add keys / code to what the exports write."""
-    d = published_flux()
-    d["model"]["class"] = "FluxTransformer2DModel\ncache_backend: evil"
-    d["model"]["source"] = "x\nuse_ret_steps: true"
-    comp = d["components"].pop("transformer")
-    d["components"] = {EVIL: comp, "b\nimport os; os.abort()": dict(comp)}
-    d["thresholds"] = {"recommended": 0.9}
-    return write_document(d, tmp_path / "evil.json")
-
-
-def _export(*argv) -> tuple[int, str, str]:
-    import contextlib
-    import io
-
-    from calib.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = main(["export", *[str(a) for a in argv]])
-    return code, out.getvalue(), err.getvalue()
-
-
-def test_tensorrt_llm_yaml_takes_no_keys_from_file_strings(tmp_path):
-    yaml = pytest.importorskip("yaml")
-    path = _evil_document(tmp_path)
-    code, _, err = _export(path, "--format", "tensorrt-llm", "--out", tmp_path / "trt.yaml")
-    assert code == 0, err
-    config = yaml.safe_load((tmp_path / "trt.yaml").read_text())
-    assert config == {"cache_config": {"cache_backend": "teacache", "teacache_thresh": 0.9, "use_ret_steps": False,
-                                       "coefficients": FLUX, "coefficients_2": FLUX}}
-    code, stdout, _ = _export(path, "--format", "tensorrt-llm")  # the same document on stdout
-    assert code == 0 and yaml.safe_load(stdout) == config
-
-
-def test_engine_and_poly1d_outputs_take_no_code_or_keys_from_file_strings(tmp_path):
-    import ast
-
-    path = _evil_document(tmp_path)
-    code, stdout, err = _export(path, "--format", "vllm-omni", "--component", EVIL)
-    assert code == 0, err
-    assert json.loads(stdout) == {"rel_l1_thresh": 0.9, "coefficients": FLUX}
-    code, stdout, err = _export(path, "--format", "sglang")
-    assert code == 0, err
-    module = ast.parse(stdout)
-    assert [type(n) for n in module.body] == [ast.ImportFrom, ast.Assign]
-    assert {k.arg for k in module.body[1].value.keywords} == {"teacache_thresh", "coefficients", "expert_coefficients",
-                                                             "start_skipping", "end_skipping"}
-    code, stdout, err = _export(path, "--format", "poly1d")
-    assert code == 0, err
-    module = ast.parse(stdout)
-    assert all(isinstance(n, ast.Assign) for n in module.body)  # comments stay comments: no import, no call
-    assert {t.id for n in module.body for t in n.targets} == {"coefficients", "rescale_func", "rel_l1_thresh"}
-
-
-def test_poly1d_out_writes_the_listing(tmp_path):
-    d = published_flux()
-    d["thresholds"] = {"recommended": 0.25}
-    path = write_document(d, tmp_path / "flux.json")
-    code, printed, err = _export(path, "--format", "poly1d")
-    assert code == 0, err
-    code, stdout, err = _export(path, "--format", "poly1d", "--out", tmp_path / "flux.poly1d.py")
-    assert code == 0 and stdout == f"wrote {tmp_path / 'flux.poly1d.py'}\n", err
-    written = (tmp_path / "flux.poly1d.py").read_text()
-    assert written == printed
-    namespace = {"np": np}
-    exec(compile(written, "flux.poly1d.py", "exec"), namespace)
-    assert list(namespace["coefficients"]) == FLUX and namespace["rel_l1_thresh"] == 0.25

@@ -1,6 +1,7 @@
 """The built-in video model builtin:wan-digits: shapes, prompt errors, shipped weights, tracing through the CLI and
 exact parity of the runtime at threshold 0."""
 
+import functools
 import json
 
 import h5py
@@ -14,36 +15,30 @@ from calib.cli import main
 from calib.errors import CalibError
 from calib.models import wan_digits
 from calib.models.loading import load_model
+from helpers import generation
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 STEPS = 6
 
 
-@pytest.fixture(scope="module")
-def pipe():
-    return wan_digits.load_pipeline()
+generate = functools.partial(generation.generate, prompts=("a handwritten 3", "seven"), steps=STEPS)  # tests/helpers/generation.py
 
 
-def generate(pipe, mode="batched", prompts=("a handwritten 3", "seven"), seed=0, **kwargs):
-    g = torch.Generator().manual_seed(seed)
-    out = pipe(list(prompts), num_inference_steps=STEPS, guidance_scale=3.0, generator=g, output_type="latent",
-               cfg_mode=mode, **kwargs)
-    return torch.stack(out.frames)
-
-
-def test_shapes_of_every_output_type(pipe):
-    assert pipe.resolution == (4, 12, 12)
-    assert generate(pipe).shape == (2, 1, 4, 12, 12)
+def test_shapes_of_every_output_type(wan):
+    assert wan.resolution == (4, 12, 12)
+    assert generate(wan).shape == (2, 1, 4, 12, 12)
     g = torch.Generator().manual_seed(0)
-    arrays = pipe(["0", "one"], num_inference_steps=STEPS, generator=g, output_type="np").frames
+    arrays = wan(["0", "one"], num_inference_steps=STEPS, generator=g, output_type="np").frames
     assert len(arrays) == 2 and arrays[0].shape == (4, 12, 12) and arrays[0].dtype == np.uint8
-    videos = pipe("a handwritten 5", num_inference_steps=STEPS, num_videos_per_prompt=2).frames
+    videos = wan("a handwritten 5", num_inference_steps=STEPS, num_videos_per_prompt=2).frames
     assert len(videos) == 2 and len(videos[0]) == 4
     assert all(frame.size == (12, 12) and frame.mode == "L" for frame in videos[0])
-    assert pipe("", num_inference_steps=STEPS, guidance_scale=1.0, output_type="np").images[0].shape == (4, 12, 12)
+    assert wan("", num_inference_steps=STEPS, guidance_scale=1.0, output_type="np").images[0].shape == (4, 12, 12)
 
 
-def test_sequential_cfg_matches_batched(pipe):
-    torch.testing.assert_close(generate(pipe, "sequential"), generate(pipe, "batched"), atol=1e-4, rtol=1e-4)
+def test_sequential_cfg_matches_batched(wan):
+    torch.testing.assert_close(generate(wan, "sequential"), generate(wan, "batched"), atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize(
@@ -59,18 +54,18 @@ def test_sequential_cfg_matches_batched(pipe):
         {"prompt": "7", "num_frames": 8},
     ],
 )
-def test_bad_requests_are_calib_errors(pipe, kwargs):
+def test_bad_requests_are_calib_errors(wan, kwargs):
     with pytest.raises(CalibError):
-        pipe(**kwargs)
+        wan(**kwargs)
 
 
-def test_validate_prompts_names_the_bad_prompt(pipe):
-    pipe.validate_prompts(["", "a handwritten 7", "the digit nine"])
+def test_validate_prompts_names_the_bad_prompt(wan):
+    wan.validate_prompts(["", "a handwritten 7", "the digit nine"])
     with pytest.raises(CalibError, match="a dog"):
-        pipe.validate_prompts(["a handwritten 7", "a dog"])
+        wan.validate_prompts(["a handwritten 7", "a dog"])
 
 
-def test_shipped_weights_load_and_describe_their_training(pipe):
+def test_shipped_weights_load_and_describe_their_training(wan):
     from safetensors import safe_open
 
     assert wan_digits.WEIGHTS_FILE.stat().st_size < 4e6
@@ -79,13 +74,13 @@ def test_shipped_weights_load_and_describe_their_training(pipe):
         keys = set(f.keys())
     info = json.loads(meta["training"])
     assert info["seed"] == 0 and info["loss_history"][-1][1] < info["loss_history"][0][1]
-    assert keys == {f"transformer.{k}" for k in pipe.transformer.state_dict()} | {
-        f"prompt_encoder.{k}" for k in pipe.prompt_encoder.state_dict()
+    assert keys == {f"transformer.{k}" for k in wan.transformer.state_dict()} | {
+        f"prompt_encoder.{k}" for k in wan.prompt_encoder.state_dict()
     }
-    assert type(pipe.transformer).__name__ == "WanTransformer3DModel"
-    assert 0.2e6 < sum(p.numel() for p in pipe.transformer.parameters()) < 0.3e6
+    assert type(wan.transformer).__name__ == "WanTransformer3DModel"
+    assert 0.2e6 < sum(p.numel() for p in wan.transformer.parameters()) < 0.3e6
     assert type(load_model("builtin:wan-digits")).__name__ == "WanDigitsPipeline"
-    assert get_adapter(pipe.transformer).name == "wan"
+    assert get_adapter(wan.transformer).name == "wan"
 
 
 def test_clips_drift_one_pixel_per_frame():
@@ -121,19 +116,19 @@ def test_cli_trace_records_both_cfg_streams(tmp_path, monkeypatch):
                 assert x.shape == (STEPS,) and np.isnan(x[0]) and np.all(np.isfinite(x[1:])) and np.all(x[1:] > 0)
 
 
-def _identity_config(pipe):
-    return cr.parse(cr.document_for(pipe.transformer))
+def _identity_config(wan):
+    return cr.parse(cr.document_for(wan.transformer))
 
 
 @pytest.mark.parametrize("mode", ["batched", "sequential"])
-def test_threshold_zero_reproduces_uncached_output_exactly(pipe, mode):
-    base = generate(pipe, mode)
-    with cr.apply(pipe, _identity_config(pipe), threshold=0.0) as handle:
-        cached = generate(pipe, mode)
+def test_threshold_zero_reproduces_uncached_output_exactly(wan, mode):
+    base = generate(wan, mode)
+    with cr.apply(wan, _identity_config(wan), threshold=0.0) as handle:
+        cached = generate(wan, mode)
         stats = handle.stats()
     assert torch.equal(base, cached)
     assert stats["skipped"] == 0 and stats["computed"] > 0
-    with cr.apply(pipe, _identity_config(pipe), threshold=10.0) as handle:  # a huge threshold must skip
-        skipped = generate(pipe, mode)
+    with cr.apply(wan, _identity_config(wan), threshold=10.0) as handle:  # a huge threshold must skip
+        skipped = generate(wan, mode)
         assert handle.stats()["skipped"] > 0
     assert not torch.equal(base, skipped)

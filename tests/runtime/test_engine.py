@@ -6,6 +6,7 @@ recorded before it."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import platform
 from pathlib import Path
@@ -16,38 +17,18 @@ import torch
 
 import calib.runtime as cr
 from calib.hooking import wrap_forward
-from calib.models import digits, wan_digits
 from calib.runtime import decision as reasons
 from calib.runtime.forecast import FORECAST_KINDS, ForecastSpec
+from helpers import generation
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 STEPS = 8
 TARGETS = ("residual", "hidden", "output")
-REFERENCE = Path(__file__).parent / "data" / "trace_reference.npz"
+REFERENCE = Path(__file__).resolve().parents[1] / "data" / "trace_reference.npz"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # sub-million-parameter models: more threads only spin (much slower on a busy box)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    return digits.load_pipeline()
-
-
-@pytest.fixture(scope="module")
-def wan():
-    return wan_digits.load_pipeline()
-
-
-def generate(pipe, mode="sequential", steps=STEPS):
-    g = torch.Generator().manual_seed(0)
-    out = pipe(["a handwritten 3", "7"], num_inference_steps=steps, guidance_scale=3.0, generator=g,
-               output_type="latent", cfg_mode=mode)
-    return torch.stack(getattr(out, "frames", None) or out.images)
+generate = functools.partial(generation.generate, mode="sequential", steps=STEPS)  # tests/helpers/generation.py
 
 
 def teacache(pipe, forecast=None):
@@ -128,13 +109,13 @@ def test_gate_decision_reasons():
 @pytest.mark.parametrize("target", TARGETS)
 def test_every_target_is_exact_at_threshold_zero_and_full_budget(pipe, wan, target):
     for model, mode in ((pipe, "batched"), (pipe, "sequential"), (wan, "sequential")):
-        base = generate(model, mode)
+        base = generate(model, mode=mode)
         for forecast in (cr.Forecast(2, "sigma", target),):  # at threshold 0 no forecast is used: any order does
             with cr.apply(model, teacache(model, forecast), threshold=0.0):
-                assert torch.equal(generate(model, mode), base)
+                assert torch.equal(generate(model, mode=mode), base)
             with cr.apply_schedule(model, {"transformer": list(range(STEPS))}, steps=STEPS, forecast=forecast):
-                assert torch.equal(generate(model, mode), base)
-        assert torch.equal(generate(model, mode), base)  # removed
+                assert torch.equal(generate(model, mode=mode), base)
+        assert torch.equal(generate(model, mode=mode), base)  # removed
 
 
 def test_targets_skip_what_they_say(pipe):
@@ -330,7 +311,7 @@ def test_trace_is_bit_identical_to_the_recorder_before_the_engine():
                                                         platform.machine()]
     recorded = [k for k in reference.files if k != "__platform__"]
     # series the tracer gained after the reference (First Block Cache's lags, call_rows) are checked by
-    # tests/test_families.py; every series the reference holds is still traced, and the same
+    # tests/adapters/test_families.py; every series the reference holds is still traced, and the same
     assert set(recorded) <= set(traced), sorted(set(recorded) - set(traced))
     for key in recorded:
         value, expected = traced[key], reference[key]

@@ -14,7 +14,7 @@
 The refused inputs are also a table in docs/bad-inputs.md (between the ``pipeline-args`` markers), which a test keeps
 equal to :data:`CASES`::
 
-    python tests/test_pipeline_args.py --write-doc     # refresh the table after changing CASES
+    python tests/integration/test_pipeline_args.py --write-doc     # refresh the table after changing CASES
 """
 
 from __future__ import annotations
@@ -32,11 +32,13 @@ from typing import Callable
 
 import h5py
 import pytest
-import torch
 
-from cli_runner import run_cli
+if __name__ == "__main__":  # run as a script (--write-doc): the helper modules in tests/ as pytest finds them
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-ROOT = Path(__file__).resolve().parents[1]
+from cli_runner import run_cli  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "bad-inputs.md"
 START, END = "<!-- pipeline-args:start -->", "<!-- pipeline-args:end -->"
 PROMPT = "a handwritten 7\n"
@@ -45,13 +47,7 @@ DIGITS_CALL = ("prompt, num_inference_steps, guidance_scale, generator, num_imag
                "latents")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The models are tiny: one thread is faster than two fighting over a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: the models are tiny
 
 
 def calib(work: Path, command: str | list[str]) -> tuple[int, str, str]:
@@ -429,7 +425,6 @@ def test_flux_true_cfg_from_the_command_line(real_pipeline_folder, tmp_path, mon
     """A real FluxPipeline folder with --negative-prompt bad --true-cfg-scale 4: cond and uncond streams; the stored
     settings reproduce the run on resume; a different value is refused naming it; the coefficient file and eval
     carry them."""
-    pytest.importorskip("transformers")
     from diffusers import FluxPipeline
 
     from calib.store import read_traces
@@ -480,7 +475,6 @@ def test_flux_true_cfg_from_the_command_line(real_pipeline_folder, tmp_path, mon
 def test_wan_folder_without_accelerate_says_what_to_install(real_pipeline_folder, tmp_path, monkeypatch):
     """Without accelerate diffusers loads with low_cpu_mem_usage=False, which Wan's float32-kept modules refuse; the
     one line says what to install. (accelerate is a dependency of calib; this simulates an environment without it.)"""
-    pytest.importorskip("transformers")
     import diffusers.models.modeling_utils as modeling_utils
     import diffusers.pipelines.pipeline_utils as pipeline_utils
 
@@ -534,7 +528,7 @@ def test_doc_table_is_the_cases():
     text = DOC.read_text(encoding="utf-8")
     assert START in text and END in text, f"{DOC} lacks the {START} / {END} markers"
     assert text.split(START, 1)[1].split(END, 1)[0].strip() == doc_table(), (
-        "docs/bad-inputs.md is out of date: run `python tests/test_pipeline_args.py --write-doc`")
+        "docs/bad-inputs.md is out of date: run `python tests/integration/test_pipeline_args.py --write-doc`")
 
 
 if __name__ == "__main__":
@@ -542,4 +536,4 @@ if __name__ == "__main__":
         write_doc()
         print(f"wrote {DOC}")
     else:
-        sys.exit("usage: python tests/test_pipeline_args.py --write-doc")
+        sys.exit("usage: python tests/integration/test_pipeline_args.py --write-doc")

@@ -17,7 +17,7 @@ from calib.errors import CalibError
 from calib.methods.registry import load_document, write_document
 from shipped import shipped
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 COEFFS = REPO / "coeffs"
 PUBLISHED = COEFFS / "published"
 SCRIPT = REPO / "scripts" / "make_published_coeffs.py"

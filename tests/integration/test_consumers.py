@@ -23,24 +23,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
+import yaml
 
-pytest.importorskip("diffusers")
-pytest.importorskip("transformers")
-pytest.importorskip("tokenizers")
-yaml = pytest.importorskip("yaml")
+import real_pipelines as rp
+from cli_runner import run_cli
 
-import real_pipelines as rp  # noqa: E402
-from cli_runner import run_cli  # noqa: E402
-
-import calib.runtime as cr  # noqa: E402
-from calib.coeffs.header import cfg_layout  # noqa: E402
-from calib.methods.fbcache import method as fbcache  # noqa: E402
-from calib.methods.magcache import method as magcache  # noqa: E402
-from calib.methods.registry import load_document  # noqa: E402
-from calib.methods.teacache.tune import replay_trajectories  # noqa: E402
-from calib.runtime.gate import Rescaler  # noqa: E402
-from calib.store import read_traces  # noqa: E402
+import calib.runtime as cr
+from calib.coeffs.header import cfg_layout
+from calib.methods.fbcache import method as fbcache
+from calib.methods.magcache import method as magcache
+from calib.methods.registry import load_document
+from calib.methods.teacache.tune import replay_trajectories
+from calib.runtime.gate import Rescaler
+from calib.store import read_traces
 
 PROMPTS = ("a red fox running through fresh snow", "two boats on a calm lake at dawn")
 
@@ -62,13 +57,7 @@ CASES = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The models are tiny: one thread is faster than two fighting over a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: the models are tiny
 
 
 def calib(work: Path, *argv) -> tuple[str, str]:
@@ -294,7 +283,7 @@ def cache_dit_steps(run: Traced, config_kwargs: dict) -> dict[str, list[int]]:
 
 @pytest.mark.parametrize("name", list(CASES))
 def test_cache_dit_computes_the_mask_through_enable_cache_and_load_configs(traced, name):
-    cache_dit = pytest.importorskip("cache_dit")
+    import cache_dit
 
     run = traced(name)
     path = schedule_file(run, run.pipe())

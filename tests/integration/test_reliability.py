@@ -7,32 +7,26 @@
   line (exit 2, no traceback) and write nothing. ``docs/bad-inputs.md`` is generated from the same list (between the
   ``cases`` markers) and a test keeps it equal::
 
-      python tests/test_reliability.py --write-doc     # refresh the table after changing CASES
+      python tests/integration/test_reliability.py --write-doc     # refresh the table after changing CASES
 
 * Security: no pickle, torch.load, eval/exec or trust_remote_code=True in the package; weights are safetensors.
 """
 
 from __future__ import annotations
 
-import atexit
-import dataclasses
 import hashlib
-import io
 import json
 import math
 import os
 import random
 import re
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import warnings
-from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -41,96 +35,17 @@ import h5py
 import numpy as np
 import pytest
 
-from cli_runner import run_cli
+if __name__ == "__main__":  # run as a script (--write-doc): the helper modules in tests/ as pytest finds them
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-ROOT = Path(__file__).resolve().parents[1]
+from cli_runner import run_cli  # noqa: E402
+from helpers.cli_assets import (  # noqa: E402
+    EVIL_MODULE, FAST_FIT, FAST_FIT_KW, OPENED, assets, copy_asset, hostile_trace, pipe, poisoned, real_doc,
+    real_trajectories, tripwire, with_values, write_json, write_trace)
+
+ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "bad-inputs.md"
 START, END = "<!-- cases:start -->", "<!-- cases:end -->"
-
-# ---------------------------------------------------------------------------------------------------- assets
-
-_ASSETS: dict = {}
-
-
-def pipe():
-    """The built-in digits pipeline, loaded once."""
-    if "pipe" not in _ASSETS:
-        from calib.models.digits import load_pipeline
-
-        _ASSETS["pipe"] = load_pipeline()
-    return _ASSETS["pipe"]
-
-
-def assets() -> Path:
-    """A folder with real artifacts made once: real.h5 (2 prompts x 2 seeds x 6 steps), tiny.h5 (1 generation of
-    4 steps: 6 points), real.json (fit of real.h5)."""
-    if "dir" not in _ASSETS:
-        from calib.jobs.fit import run_fit
-        from calib.trace import TraceSettings, run_trace
-
-        folder = Path(tempfile.mkdtemp(prefix="calib-reliability-"))
-        atexit.register(shutil.rmtree, folder, True)
-        (folder / "p.txt").write_text("a handwritten 7\nthe digit three\n")
-        (folder / "p1.txt").write_text("a handwritten 7\n")
-        quiet = lambda *a, **k: None  # noqa: E731
-        with redirect_stderr(io.StringIO()):
-            run_trace("builtin:digits", folder / "p.txt", TraceSettings(steps=6, seeds=(0, 1)),
-                      out=folder / "real.h5", pipe=pipe(), echo=quiet)
-            run_trace("builtin:digits", folder / "p1.txt", TraceSettings(steps=4, seeds=(0,)),
-                      out=folder / "tiny.h5", pipe=pipe(), echo=quiet)
-        run_fit("teacache", [folder / "real.h5"], out=folder / "real.json", plot=False, bootstrap=0, echo=quiet)
-        _ASSETS["dir"] = folder
-    return _ASSETS["dir"]
-
-
-def real_trajectories():
-    from calib.store import read_traces
-
-    ts = read_traces([assets() / "real.h5"])
-    return ts.model_info, ts.trajectories
-
-
-def write_trace(path: Path, trajectories, info=None) -> None:
-    from calib.store import TraceWriter
-
-    info = info if info is not None else real_trajectories()[0]
-    with TraceWriter(path, info) as w:
-        if trajectories:
-            w.append(trajectories)
-
-
-def with_values(t, **series):
-    """A copy of trajectory ``t`` with some series replaced (entry 0 stays NaN)."""
-    return dataclasses.replace(t, **{k: np.asarray(v, dtype=np.float32) for k, v in series.items()})
-
-
-def poisoned(n_nan: int, n_inf: int):
-    """The real trajectories, the first ``n_nan`` with a NaN and the next ``n_inf`` with an Inf after entry 0 of
-    their output change (the y of every candidate indicator)."""
-    out = []
-    for i, t in enumerate(real_trajectories()[1]):
-        y = t.output_rel_l1.copy()
-        if i < n_nan:
-            y[2] = np.nan
-        elif i < n_nan + n_inf:
-            y[3] = np.inf
-        out.append(with_values(t, output_rel_l1=y))
-    return out
-
-
-def real_doc() -> dict:
-    return json.loads((assets() / "real.json").read_text())
-
-
-def write_json(path: Path, doc) -> None:
-    path.write_text(json.dumps(doc, indent=2, allow_nan=True))
-
-
-def copy_asset(name: str, work: Path, to: str | None = None) -> Path:
-    target = work / (to or name)
-    target.write_bytes((assets() / name).read_bytes())
-    return target
-
 
 # ---------------------------------------------------------------------------------------------------- cases
 
@@ -294,15 +209,6 @@ def _torch_version() -> str:
     return torch.__version__
 
 
-EVIL_MODULE = """import pathlib
-pathlib.Path("RAN").write_text("imported")
-
-
-def pipeline():
-    pathlib.Path("RAN").write_text("called")
-"""
-
-
 def _plant_module(work: Path) -> None:
     """A module in the working folder that leaves a file RAN when it is imported or its function called."""
     (work / "evil.py").write_text(EVIL_MODULE)
@@ -413,82 +319,11 @@ def _apply_twice(name: str):
 
 # -- hostile files: HDF5 that points elsewhere, FIFOs, locks, manifests, schedules ---------------------------------
 
-OPENED: set = set()  # FIFOs a tripwire saw opened for reading
-
-
-def tripwire(path: Path):
-    """A FIFO at ``path`` that records whether anything opens it for reading and then lets that reader go (it reads
-    an empty file), so a case shows calib never opened it -- and a regression fails instead of hanging. Returns the
-    function that stops watching."""
-    os.mkfifo(path)
-    stop = threading.Event()
-
-    def watch():
-        while not stop.is_set():
-            try:
-                fd = os.open(path, os.O_WRONLY | os.O_NONBLOCK)  # ENXIO while no one reads it
-            except OSError:
-                time.sleep(0.002)
-                continue
-            OPENED.add(str(path))
-            os.close(fd)
-
-    thread = threading.Thread(target=watch, daemon=True)
-    thread.start()
-
-    def stop_watching():
-        stop.set()
-        thread.join(5)
-
-    return stop_watching
-
-
 def _never_opened(name: str):
     def check(work: Path) -> None:
         assert str(work / name) not in OPENED, f"calib opened the FIFO {name}"
 
     return check
-
-
-SECRET = b"nobody named this file\n"
-
-
-def _hostile_trace(kind: str):
-    """The real trace as t.h5 with the timesteps of its first trajectory replaced by ``kind``: data stored in an
-    external file (``secret.bin``, a FIFO, /dev/urandom), an external or a soft link, a virtual dataset, a dataset
-    declaring 2**36 values, or one stored with a filter plugin; and the files those name."""
-
-    def setup(work: Path):
-        stop = None
-        (work / "secret.bin").write_bytes(SECRET + bytes(64))
-        if kind == "fifo":
-            stop = tripwire(work / "fifo")
-        with h5py.File(work / "other.h5", "w") as f:
-            f["data"] = np.arange(6.0)
-        path = copy_asset("real.h5", work, "t.h5")
-        with h5py.File(path, "r+") as f:
-            g = f["trajectories/000000"]
-            n = g["timesteps"].shape[0]
-            del g["timesteps"]
-            if kind in ("external", "fifo", "urandom"):
-                name = {"external": "secret.bin", "fifo": "fifo", "urandom": "/dev/urandom"}[kind]
-                g.create_dataset("timesteps", shape=(n,), dtype="f8", external=[(name, 0, n * 8)])
-            elif kind == "external-link":
-                g["timesteps"] = h5py.ExternalLink("other.h5", "/data")
-            elif kind == "soft-link":
-                g["timesteps"] = h5py.SoftLink("/trajectories/000001/timesteps")
-            elif kind == "virtual":
-                layout = h5py.VirtualLayout(shape=(n,), dtype="f8")
-                layout[:] = h5py.VirtualSource("other.h5", "/data", shape=(n,))
-                g.create_virtual_dataset("timesteps", layout)
-            elif kind == "huge":
-                g.create_dataset("timesteps", shape=(2**36,), dtype="f4", chunks=(4096,))
-            elif kind == "plugin":
-                g.create_dataset("timesteps", data=np.linspace(1, 0, n), chunks=(n,), compression=32001,
-                                 allow_unknown_filter=True)
-        return stop
-
-    return setup
 
 
 def _trace_with(edit: Callable):
@@ -783,39 +618,39 @@ CASES: list[Case] = [
          _files(c__json=_json_edit(lambda d: _set(d, "model.source", "some-org/some-model")))),
     Case("hdf5-external-fit", "a trace whose data is stored in another file (HDF5 external storage)",
          "calib fit t.h5 --out c.json",
-         f"calib: error: t.h5: /trajectories/000000/timesteps {HDF5_EXTERNAL}", 2, _hostile_trace("external")),
+         f"calib: error: t.h5: /trajectories/000000/timesteps {HDF5_EXTERNAL}", 2, hostile_trace("external")),
     Case("hdf5-external-merge", "... given to `calib merge` (nothing of the other file is copied)",
          "calib merge t.h5 --out m.h5",
-         f"calib: error: t.h5: /trajectories/000000/timesteps {HDF5_EXTERNAL}", 2, _hostile_trace("external")),
+         f"calib: error: t.h5: /trajectories/000000/timesteps {HDF5_EXTERNAL}", 2, hostile_trace("external")),
     Case("hdf5-external-fifo", "a trace whose data is stored in a FIFO (never opened: no hang)",
          "calib fit t.h5 --out c.json",
-         f"calib: error: t.h5: /trajectories/000000/timesteps {HDF5_EXTERNAL}", 2, _hostile_trace("fifo"),
+         f"calib: error: t.h5: /trajectories/000000/timesteps {HDF5_EXTERNAL}", 2, hostile_trace("fifo"),
          check=_never_opened("fifo")),
     Case("hdf5-external-urandom", "a trace whose data is stored in /dev/urandom, given to `calib tune`",
          "calib tune t.h5 --coeffs c.json --speedup 1.5",
          f"calib: error: t.h5: /trajectories/000000/timesteps {HDF5_EXTERNAL}", 2,
-         _with_coeffs(_hostile_trace("urandom"))),
+         _with_coeffs(hostile_trace("urandom"))),
     Case("hdf5-external-link", "a trace with an external link to another file, given to `calib report`",
          "calib report t.h5 --coeffs c.json --out r.html",
          "calib: error: t.h5: /trajectories/000000/timesteps is an external link (to another file); calib follows no "
-         "links in an HDF5 file (a trace written by calib has none)", 2, _with_coeffs(_hostile_trace("external-link"))),
+         "links in an HDF5 file (a trace written by calib has none)", 2, _with_coeffs(hostile_trace("external-link"))),
     Case("hdf5-soft-link", "a trace with a soft link", "calib fit t.h5 --out c.json",
          "calib: error: t.h5: /trajectories/000000/timesteps is a soft link (to another path); calib follows no links "
-         "in an HDF5 file (a trace written by calib has none)", 2, _hostile_trace("soft-link")),
+         "in an HDF5 file (a trace written by calib has none)", 2, hostile_trace("soft-link")),
     Case("hdf5-virtual", "a trace with a virtual dataset (data mapped from another file), given to `calib merge`",
          "calib merge t.h5 --out m.h5",
          "calib: error: t.h5: /trajectories/000000/timesteps is a virtual dataset (its data is read from other "
-         "files); calib reads only what the file itself holds", 2, _hostile_trace("virtual")),
+         "files); calib reads only what the file itself holds", 2, hostile_trace("virtual")),
     Case("hdf5-plugin-filter", "a trace stored with a filter plugin (no plugin library is loaded)",
          "calib fit t.h5 --out c.json",
          "calib: error: t.h5: /trajectories/000000/timesteps is stored with HDF5 filter 32001, which is not one of "
          "HDF5's own (a plugin library would be loaded to read it); repack the file without it", 2,
-         _hostile_trace("plugin")),
+         hostile_trace("plugin")),
     Case("hdf5-huge", "a trace declaring 2**36 values it never stored (refused before allocating 256 GiB)",
          "calib fit t.h5 --out c.json",
          "calib: error: t.h5: /trajectories/000000/timesteps declares 68,719,476,736 values (274,877,906,944 bytes), "
          "more than a trace dataset holds (at most 163,840,000 bytes); refused before reading it", 2,
-         _hostile_trace("huge")),
+         hostile_trace("huge")),
     Case("trace-steps-negative", "a trace whose `steps` attribute is -5", "calib fit t.h5 --out c.json",
          "calib: error: t.h5: damaged trace file (trajectories/000000: steps -5 is outside 1..10000)", 2,
          _files(t__h5=_trace_with(lambda g: g.attrs.__setitem__("steps", -5)))),
@@ -1140,7 +975,7 @@ def write_doc() -> None:
 def test_doc_table_is_the_cases():
     """docs/bad-inputs.md shows exactly the cases above (each proven by test_bad_input)."""
     assert doc_section(DOC.read_text(encoding="utf-8")) == doc_table(), (
-        "docs/bad-inputs.md is out of date: run `python tests/test_reliability.py --write-doc`"
+        "docs/bad-inputs.md is out of date: run `python tests/integration/test_reliability.py --write-doc`"
     )
 
 
@@ -1365,8 +1200,6 @@ def test_ctrl_c_while_loading_the_model_writes_nothing(tmp_path, monkeypatch):
 
 # ---------------------------------------------------------------------------------------------------- artifacts
 
-FAST_FIT = ["--indicator", "modulated_input", "--normalization", "none", "--degree", "2", "--bootstrap", "0"]
-FAST_FIT_KW = {"indicator": "modulated_input", "normalization": "none", "degree": 2, "bootstrap": 0}
 
 
 @pytest.fixture

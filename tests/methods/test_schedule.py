@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -11,6 +12,7 @@ import yaml
 
 from calib.methods.schedule.joint import Plan, budget_for, neighbours, starting_plans
 from calib.methods.schedule.measure import split_prompts
+from helpers import generation
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -87,12 +89,8 @@ def fitted(tmp_path_factory):
     return work
 
 
-def _latents(pipe, prompt="a handwritten 7", seed=3, steps=STEPS):
-    import torch
-
-    out = pipe(prompt, num_inference_steps=steps, guidance_scale=3.0, generator=torch.Generator().manual_seed(seed),
-               output_type="latent")
-    return torch.stack(list(out.images))
+# one prompt, the pipeline's own CFG layout (tests/helpers/generation.py)
+_latents = functools.partial(generation.generate, mode=None, seed=3, prompts=("a handwritten 7",), steps=STEPS)
 
 
 def test_the_schedule_file_records_the_search_and_applies_as_measured(fitted):

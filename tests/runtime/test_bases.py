@@ -4,40 +4,23 @@ batch), and the one-line refusals."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
 import calib.runtime as cr
-from calib.models import digits, wan_digits
 from calib.runtime.bases import CfgForecast
 from calib.runtime.forecast import newton_weights
 from calib.runtime.methods.schedule import Schedule, ScheduleConfig
+from helpers import generation
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 STEPS = 10
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    return digits.load_pipeline()
-
-
-@pytest.fixture(scope="module")
-def wan():
-    return wan_digits.load_pipeline()
-
-
-def generate(pipe, guidance=3.0, prompts=("a handwritten 3", "7")):
-    g = torch.Generator().manual_seed(0)
-    out = pipe(list(prompts), num_inference_steps=STEPS, guidance_scale=guidance, generator=g, output_type="latent")
-    return torch.stack(getattr(out, "frames", None) or out.images)
+generate = functools.partial(generation.generate, steps=STEPS)  # tests/helpers/generation.py
 
 
 def config(pipe, computed, forecast, cond_only=()):

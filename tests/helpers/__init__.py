@@ -1,0 +1,1 @@
+"""Code several test modules share (a test module never imports another test module)."""
