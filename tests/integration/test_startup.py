@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PROBE = ("import runpy, sys\n"
          "sys.argv = ['calib'] + sys.argv[1:]\n"
          "try:\n"
