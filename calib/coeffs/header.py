@@ -132,8 +132,11 @@ def _file_infos(trace_set) -> list[dict]:
 def _step_values(trajectories, steps: int, name: str) -> list[float] | None:
     """The value of series ``name`` (``timesteps``, ``sigmas``) at each step ``0..steps-1``, where the trajectories
     (of every component) cover every step and agree on it; None otherwise."""
-    index = [np.asarray(t.step_index) for t in trajectories if t.steps == steps]
-    values = [np.asarray(getattr(t, name), dtype=np.float64) for t in trajectories if t.steps == steps]
+    # a trace set built in memory may hold trajectories without the series: then no digest, not an error
+    ours = [t for t in trajectories if getattr(t, "steps", None) == steps and getattr(t, "step_index", None) is not None
+            and getattr(t, name, None) is not None]
+    index = [np.asarray(t.step_index) for t in ours]
+    values = [np.asarray(getattr(t, name), dtype=np.float64) for t in ours]
     if not index:
         return None
     index, values = np.concatenate(index), np.concatenate(values)
