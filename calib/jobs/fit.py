@@ -88,10 +88,10 @@ def run_fit(method: str, traces, *, out=None, echo=print, **options) -> Path | N
 def _open_model(context: FitContext, options: MethodOptions, trace_set, traces, out: Path) -> None:
     """Load the model a regenerating fit runs, as the traces loaded it (dtype, CPU offload), and open its search log
     beside ``out``."""
+    context.model = model_to_load(options.model, trace_set, traces)
     with warnings.catch_warnings():  # an older trace without the call: the fit says so itself, once
         warnings.simplefilter("ignore")
         section = served_call(trace_set) or {}  # before loading: traces of several calls are refused in one line
-    context.model = model_to_load(options.model, trace_set, traces)
     context.pipe = model_loading.load_model(context.model, device=pick_device(options.device),
                                             dtype=section.get("dtype"), cpu_offload=bool(section.get("cpu_offload")))
     context.search_log = SearchLog(out, getattr(options, "shard", None))
