@@ -101,14 +101,24 @@ class CacheHandle:
         self.remove()
 
 
+def compiled_original(module):
+    """The module a ``torch.compile(module)`` wrapper (an ``OptimizedModule``) compiles, else ``module`` itself.
+
+    calib checks and hooks the real module: the wrapper calls it, so the compiled code runs calib's hooks, and
+    ``transformer.compile()`` (in place) leaves the module itself in the pipeline."""
+    inner = getattr(module, "_orig_mod", None) if isinstance(module, torch.nn.Module) else None
+    return inner if isinstance(inner, torch.nn.Module) and type(module).__name__ == "OptimizedModule" else module
+
+
 def transformer_of(pipe) -> torch.nn.Module:
-    """The transformer of a pipeline (its ``transformer``), or ``pipe`` itself when it is one."""
+    """The transformer of a pipeline (its ``transformer``), or ``pipe`` itself when it is one; a compiled one
+    (``torch.compile(transformer)``) is the module it compiles."""
     if isinstance(pipe, torch.nn.Module) and not hasattr(pipe, "scheduler"):
-        return pipe
+        return compiled_original(pipe)
     transformer = getattr(pipe, "transformer", None)
     if not isinstance(transformer, torch.nn.Module):
         raise OptionError(f"{type(pipe).__name__} is neither a transformer nor a pipeline with one")
-    return transformer
+    return compiled_original(transformer)
 
 
 def choose_threshold(threshold, config, what: str) -> float:
@@ -123,15 +133,16 @@ def choose_threshold(threshold, config, what: str) -> float:
 def components_of(pipe, config, per_expert: str) -> tuple[list[tuple[str, torch.nn.Module]], object]:
     """(component name, transformer) pairs and the scheduler, for a pipeline or a bare transformer.
 
-    A bare transformer takes a file with one component; ``per_expert`` says what a file with several holds."""
+    A bare transformer takes a file with one component; ``per_expert`` says what a file with several holds. A
+    compiled transformer (``torch.compile``'s ``OptimizedModule``) stands for the module it compiles."""
     if isinstance(pipe, torch.nn.Module) and not hasattr(pipe, "scheduler"):
         if len(config.components) == 1:
-            return [(next(iter(config.components)), pipe)], None
+            return [(next(iter(config.components)), compiled_original(pipe))], None
         raise ModelMismatchError(
             f"this file has {per_expert} ({', '.join(config.components)}); apply it to the pipeline so each expert"
             " gets its own"
         )
-    found = [(name, getattr(pipe, name)) for name in config.components
+    found = [(name, compiled_original(getattr(pipe, name))) for name in config.components
              if isinstance(getattr(pipe, name, None), torch.nn.Module)]
     if not found:
         have = [n for n in ("transformer", "transformer_2") if isinstance(getattr(pipe, n, None), torch.nn.Module)]
