@@ -69,12 +69,9 @@ def wrap_forward(module: torch.nn.Module, wrapper: Callable[..., Any]) -> Callab
     """Make ``module(...)`` call ``wrapper(original_forward, *args, **kwargs)``; returns the undo function."""
     had_instance_forward = "forward" in module.__dict__
     original = module.forward
-
-    @functools.wraps(original)
-    def forward(*args, **kwargs):
-        return wrapper(original, *args, **kwargs)
-
-    module.forward = forward
+    # A partial, not a closure: no Python frame of its own, so torch.compile has no per-module wrapper code to guard
+    # on (the diffusers HookRegistry's way); ``__wrapped__`` keeps the original's signature for ``inspect``.
+    module.forward = functools.update_wrapper(functools.partial(wrapper, original), original)
 
     def undo():
         if had_instance_forward:

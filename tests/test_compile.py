@@ -38,3 +38,77 @@ def test_optimized_module_is_the_model_it_compiles(pipe):
     with cr.apply(compiled, config, threshold=0.3, num_steps=STEPS):  # a bare compiled transformer too
         assert "forward" in vars(original)
     assert cr.document_for(compiled)["model"]["class"] == type(original).__name__
+
+
+def block_classes(transformer):
+    return {type(b) for name in ("transformer_blocks", "single_transformer_blocks") for b in getattr(transformer, name)}
+
+
+def compiled_variants(cls) -> int:
+    """How many compiled entries dynamo holds for a block class's forward (one per guard set it compiled)."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+    return len(_debug_get_cache_entry_list(cls.forward.__code__))
+
+
+def compiled_run(pipe, backend, config, threshold, in_place):
+    """Two generations on the compiled transformer; the recompile-limit warnings and graph breaks dynamo counted."""
+    import logging
+
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    if in_place:
+        pipe.transformer.compile(backend=backend)
+    else:
+        pipe.transformer = torch.compile(pipe.transformer, backend=backend)
+    messages = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            messages.append(record.getMessage())
+
+    keep = Keep()
+    logging.getLogger("torch._dynamo").addHandler(keep)
+    try:
+        breaks = []
+        with cr.apply(pipe, config, threshold=threshold) as handle:
+            for seed in (0, 1):
+                generate(pipe, seed)
+                breaks.append(sum(counters["graph_break"].values()))
+            decisions = computed(handle)
+    finally:
+        logging.getLogger("torch._dynamo").removeHandler(keep)
+    return decisions, breaks, [m for m in messages if "recompile_limit" in m or "cache_size_limit" in m]
+
+
+@pytest.mark.parametrize("backend,in_place", [("eager", True), ("aot_eager", False)])
+def test_compiled_transformer_one_code_path_per_block_class_same_decisions(pipe, backend, in_place):
+    config = cr.load("coeffs/digits.json")
+    with cr.apply(pipe, config, threshold=0.3) as handle:
+        generate(pipe, 0), generate(pipe, 1)
+        eager = computed(handle)
+    assert 0 < sum(c for *_, c in eager) < 2 * 2 * STEPS  # the gate skips some steps
+    decisions, breaks, limit_warnings = compiled_run(pipe, backend, config, 0.3, in_place)
+    assert decisions == eager
+    assert limit_warnings == []
+    # one graph break, once: the transformer's block loop calls calib's hook (dynamo then compiles each block's
+    # own forward); none per step, none in the second generation
+    assert breaks[0] == breaks[1] == 1
+    transformer = cr.handle.compiled_original(pipe.transformer)
+    for cls in block_classes(transformer):
+        instances = sum(isinstance(b, cls) for b in transformer.modules())
+        # FLUX's single blocks see two input strides (the first one after the concatenation): two entries for 4 blocks
+        assert 1 <= compiled_variants(cls) <= 2, (cls.__name__, instances)
+    assert "forward" not in vars(transformer)
+
+
+def test_inductor_same_computed_steps_as_eager(pipe):
+    config = cr.load("coeffs/digits.json")
+    with cr.apply(pipe, config, threshold=0.3) as handle:
+        generate(pipe, 0), generate(pipe, 1)
+        eager = computed(handle)
+    decisions, breaks, limit_warnings = compiled_run(pipe, "inductor", config, 0.3, True)
+    assert decisions == eager and limit_warnings == [] and breaks[0] == breaks[1]
+
