@@ -112,3 +112,28 @@ def test_inductor_same_computed_steps_as_eager(pipe):
     decisions, breaks, limit_warnings = compiled_run(pipe, "inductor", config, 0.3, True)
     assert decisions == eager and limit_warnings == [] and breaks[0] == breaks[1]
 
+
+def test_another_active_cache_is_refused_in_one_line(pipe):
+    from diffusers.hooks import FirstBlockCacheConfig, apply_first_block_cache
+
+    config = cr.load("coeffs/digits.json")
+    transformer = pipe.transformer
+    transformer.enable_cache(FirstBlockCacheConfig(threshold=0.05))
+    with pytest.raises(cr.OtherCacheError, match=r"FirstBlockCacheConfig \(enable_cache\); call "
+                                                 r"transformer.disable_cache\(\) first") as err:
+        cr.apply(pipe, config)
+    assert isinstance(err.value, cr.ModelMismatchError) and "\n" not in str(err.value)
+    assert not hasattr(transformer, "_calib_cache_handle") and "calib" not in repr(transformer._diffusers_hook)
+    transformer.disable_cache()
+    apply_first_block_cache(transformer, FirstBlockCacheConfig(threshold=0.05))  # a hook without enable_cache
+    with pytest.raises(cr.OtherCacheError, match="First Block Cache"):
+        cr.apply(pipe, config)
+    transformer._diffusers_hook.remove_hook("fbc_leader_block_hook")
+    transformer._diffusers_hook.remove_hook("fbc_block_hook")
+    transformer._is_cached = True  # how cache-dit marks the transformer it patched
+    with pytest.raises(cr.OtherCacheError, match=r"cache-dit .*cache_dit.disable_cache\(pipe\)"):
+        cr.apply(pipe, config)
+    del transformer._is_cached
+    with cr.apply(pipe, config) as handle:
+        generate(pipe)
+    assert handle.stats()["steps"] > 0

@@ -19,7 +19,7 @@ from .api import apply, apply_schedule
 from .bases import CfgForecast, ChebyshevForecast, LinearForecast, LinearRow
 from .decision import Decision
 from .errors import (CoefficientFileError, ForecastError, ModelMismatchError, OptionError, OptionValueError,
-                     ScheduleError, StepCountError, ThresholdError)
+                     OtherCacheError, ScheduleError, StepCountError, ThresholdError)
 from .forecast import Forecast, ForecastHistory, ForecastSpec
 from .gate import Rescaler, TeaCacheGate, replay
 from .handle import CacheHandle
@@ -46,6 +46,7 @@ __all__ = [
     "LinearForecast",
     "LinearRow",
     "ModelMismatchError",
+    "OtherCacheError",
     "OptionError",
     "OptionValueError",
     "RUNTIME_METHODS",

@@ -12,6 +12,10 @@ class ModelMismatchError(CalibError):
     """Coefficients calibrated for another model class than the one they are applied to."""
 
 
+class OtherCacheError(ModelMismatchError):
+    """Another cache is already active on the transformer (diffusers' ``enable_cache``/cache hooks, cache-dit)."""
+
+
 class ThresholdError(CalibError, ValueError):
     """A threshold that is negative or not a finite number."""
 

@@ -10,7 +10,7 @@ import torch
 
 from ..adapters import Adapter, model_identity
 from .engine import BlockPolicy, Engine, Observer, StepPolicy
-from .errors import ModelMismatchError, OptionError, ThresholdError
+from .errors import ModelMismatchError, OptionError, OtherCacheError, ThresholdError
 from .options import check_threshold
 
 # What a transformer carries while a calib cache is applied to it (one cache per transformer).
@@ -39,6 +39,10 @@ class CacheHandle:
         if getattr(transformer, APPLIED, None) is not None:
             raise ModelMismatchError(
                 f"{type(transformer).__name__} already has a calib cache applied; call handle.remove() first")
+        other = other_cache(transformer)
+        if other is not None:
+            raise OtherCacheError(f"{name} ({type(transformer).__name__}) already runs {other}: calib's "
+                                  "decisions would be taken on another cache's outputs")
         setattr(transformer, APPLIED, self)
         self._marked.append(transformer)
         try:
@@ -99,6 +103,36 @@ class CacheHandle:
 
     def __exit__(self, *exc):
         self.remove()
+
+
+# diffusers' hooks that skip or reuse computation across steps (diffusers.hooks: HookRegistry names) -> the cache.
+# TextKVCache is not here: it reuses the text K/V projections exactly, which calib's skipping does not disturb.
+DIFFUSERS_CACHE_HOOKS = {
+    "fbc_leader_block_hook": "First Block Cache", "fbc_block_hook": "First Block Cache",
+    "mag_cache_leader_block_hook": "MagCache", "mag_cache_block_hook": "MagCache",
+    "faster_cache_denoiser": "FasterCache", "faster_cache_block": "FasterCache",
+    "pyramid_attention_broadcast": "Pyramid Attention Broadcast", "taylorseer_cache": "TaylorSeer",
+    "sea_cache_root": "SeaCache", "sea_cache_leader_block": "SeaCache", "sea_cache_block": "SeaCache",
+    "sea_cache_post_norm": "SeaCache", "teacache": "TeaCache",
+}
+
+
+def other_cache(transformer: torch.nn.Module) -> str | None:
+    """What other cache runs on ``transformer`` and how to turn it off, or None: diffusers' ``enable_cache`` (its
+    ``_cache_config``) or one of its cache hooks registered directly (``apply_first_block_cache`` & co., on the
+    transformer or a block), or cache-dit (``cache_dit.enable_cache`` marks the transformer ``_is_cached``)."""
+    config = getattr(transformer, "_cache_config", None)
+    if config is not None and type(config).__name__ != "TextKVCacheConfig":
+        return f"diffusers' {type(config).__name__} (enable_cache); call transformer.disable_cache() first"
+    if getattr(transformer, "_is_cached", False) is True:
+        return "cache-dit (cache_dit.enable_cache); call cache_dit.disable_cache(pipe) first"
+    for module in transformer.modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        for hook in getattr(registry, "hooks", None) or ():
+            if hook in DIFFUSERS_CACHE_HOOKS:
+                return (f"diffusers' {DIFFUSERS_CACHE_HOOKS[hook]} (hook {hook!r}); call transformer.disable_cache()"
+                        f" or remove the hook (HookRegistry.remove_hook({hook!r})) first")
+    return None
 
 
 def compiled_original(module):
