@@ -113,7 +113,7 @@ DIFFUSERS_CACHE_HOOKS = {
     "faster_cache_denoiser": "FasterCache", "faster_cache_block": "FasterCache",
     "pyramid_attention_broadcast": "Pyramid Attention Broadcast", "taylorseer_cache": "TaylorSeer",
     "sea_cache_root": "SeaCache", "sea_cache_leader_block": "SeaCache", "sea_cache_block": "SeaCache",
-    "sea_cache_post_norm": "SeaCache", "teacache": "TeaCache",
+    "sea_cache_post_norm": "SeaCache",
 }
 
 
