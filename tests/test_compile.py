@@ -137,3 +137,16 @@ def test_another_active_cache_is_refused_in_one_line(pipe):
     with cr.apply(pipe, config) as handle:
         generate(pipe)
     assert handle.stats()["steps"] > 0
+
+
+def test_a_cache_enabled_after_apply_refuses_the_next_generation(pipe):
+    from diffusers.hooks import FirstBlockCacheConfig
+
+    with cr.apply(pipe, cr.load("coeffs/digits.json")) as handle:
+        generate(pipe)
+        pipe.transformer.enable_cache(FirstBlockCacheConfig(threshold=0.05))
+        with pytest.raises(cr.OtherCacheError, match="now also runs diffusers' FirstBlockCacheConfig"):
+            generate(pipe)
+        pipe.transformer.disable_cache()
+        generate(pipe)
+    assert len({t["generation"] for t in handle.stats()["trajectories"]}) == 2

@@ -195,6 +195,7 @@ class Engine:
         self.last_timestep: float | None = None  # bare transformer: the timestep of the current call
         self.components: list[Component] = []
         self.stats = DecisionStats()
+        self.generation_checks: list = []  # called when a pipeline starts a generation (raise to refuse it)
         self._handle = Handle()
         if self.pipeline_mode:
             self._handle.add(wrap_method(scheduler, "set_timesteps", after=self._timesteps_set))
@@ -220,6 +221,8 @@ class Engine:
     def new_generation(self, num_steps: int | None) -> None:
         """A generation of ``num_steps`` steps starts: the policies may refuse it, the scheduler values the plug-ins
         read are read once, every stream starts afresh."""
+        for check in self.generation_checks:
+            check()
         for component in self.components:
             if component.policy is not None:
                 component.policy.start_generation(num_steps)

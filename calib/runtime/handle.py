@@ -32,6 +32,7 @@ class CacheHandle:
         self.engine = engine
         self._marked: list[torch.nn.Module] = []
         self._removed = False
+        engine.generation_checks.append(self._refuse_other_caches)
 
     def attach(self, name: str, transformer: torch.nn.Module, adapter: Adapter, *,
                policy: StepPolicy | BlockPolicy, forecast=None, observer: Observer | None = None) -> None:
@@ -49,6 +50,14 @@ class CacheHandle:
             self.engine.attach(name, transformer, adapter, policy=policy, forecast=forecast, observer=observer)
         except LookupError as exc:  # a modulation layer or block stack this model does not have
             raise ModelMismatchError(f"{name}: {exc.args[0] if exc.args else exc}") from None
+
+    def _refuse_other_caches(self) -> None:
+        """A generation starts: refuse it when another cache was enabled on a hooked transformer after ``apply``."""
+        for transformer in self._marked:
+            other = other_cache(transformer)
+            if other is not None:
+                raise OtherCacheError(f"{type(transformer).__name__} has calib's cache applied and now also runs "
+                                      f"{other} (or call handle.remove())")
 
     @contextlib.contextmanager
     def installing(self):
