@@ -82,6 +82,40 @@ def wrap_forward(module: torch.nn.Module, wrapper: Callable[..., Any]) -> Callab
     return undo
 
 
+def registry_forward(module: torch.nn.Module, wrapper: Callable[..., Any], name: str) -> Callable[[], None]:
+    """:func:`wrap_forward` through diffusers' ``HookRegistry`` when diffusers is installed and ``module`` is one of
+    its ``CacheMixin`` models: a hook named ``name`` in ``module._diffusers_hook`` whose ``new_forward`` calls
+    ``wrapper(original_forward, *args, **kwargs)``, so diffusers' own inspection lists it. Otherwise (or for any
+    other module) a plain :func:`wrap_forward`. The undo leaves the module exactly as it was."""
+    try:
+        from diffusers.hooks.hooks import HookRegistry, ModelHook
+        from diffusers.models.cache_utils import CacheMixin
+    except Exception:
+        return wrap_forward(module, wrapper)
+    if not isinstance(module, CacheMixin):
+        return wrap_forward(module, wrapper)
+
+    class _ForwardHook(ModelHook):
+        def new_forward(self, hooked, *args, **kwargs):
+            return wrapper(self.fn_ref.original_forward, *args, **kwargs)
+
+    had_registry = "_diffusers_hook" in vars(module)
+    had_forward = "forward" in vars(module)
+    registry = HookRegistry.check_if_exists_or_initialize(module)
+    registry.register_hook(_ForwardHook(), name)
+
+    def undo():
+        if name in registry.hooks:
+            registry.remove_hook(name, recurse=False)
+        if not registry.hooks:
+            if not had_forward:
+                vars(module).pop("forward", None)
+            if not had_registry and getattr(module, "_diffusers_hook", None) is registry:
+                del module._diffusers_hook
+
+    return undo
+
+
 def wrap_method(obj: Any, name: str, after: Callable[..., None] | None = None, before=None) -> Callable[[], None]:
     """Call ``before(*args, **kwargs)`` / ``after(result, *args, **kwargs)`` around ``obj.name``; returns the undo."""
     had_instance_attr = name in vars(obj)

@@ -3,7 +3,8 @@
 
 Per component (``transformer``, and ``transformer_2`` for two-expert models) the engine wraps the transformer's
 forward and every block of the adapter's stack (:func:`calib.hooking.wrap_forward`: the original forward is called,
-never copied), keeps state per (component, stream) and restores everything on :meth:`Engine.remove`. It follows the
+never copied; the transformer's through diffusers' ``HookRegistry`` when it is a diffusers model,
+:func:`calib.hooking.registry_forward`), keeps state per (component, stream) and restores everything on :meth:`Engine.remove`. It follows the
 scheduler when there is one (``set_timesteps`` starts a generation, ``step`` ends a step) and the timestep values of
 the calls otherwise. A stream is the ``cache_context`` name a diffusers pipeline gives the call, else its position in
 the step (``call0``, ``call1``, ...): CFG branches called apart never share state, a batched CFG call is one stream.
@@ -25,6 +26,9 @@ What runs on the hooks are plug-ins; the engine knows their protocol, not what t
   hidden states and the transformer's output, and changes nothing.
 
 ``Engine.stats`` holds every decision; :meth:`Engine.report` counts them per trajectory.
+
+Under torch.compile each block's own forward is compiled, one code path per block class; calib's hooks, decisions
+and the head block run eagerly (:func:`_compile_aware`, docs/runtime.md "torch.compile").
 """
 
 from __future__ import annotations
@@ -37,8 +41,8 @@ from typing import Any, ClassVar, Sequence
 import torch
 
 from calib.adapters.base import Adapter, first_tensor, get_submodule
-from calib.hooking import (ContextProbe, Handle, StepClock, forward_argument, parameter_names, timestep_value,
-                            wrap_forward, wrap_method)
+from calib.hooking import (ContextProbe, Handle, StepClock, forward_argument, parameter_names, registry_forward,
+                            timestep_value, wrap_forward, wrap_method)
 
 from .decision import Decision
 from .stats import DecisionStats
@@ -49,6 +53,7 @@ MODULATED_INPUT = "modulated_input"
 BLOCK_INPUT = "block_input"
 TEMB = "temb"
 INDICATORS = (MODULATED_INPUT, BLOCK_INPUT, TEMB)
+HOOK_NAME = "calib_cache"  # the transformer's hook in diffusers' HookRegistry
 
 
 class _SkipStep(Exception):
@@ -353,7 +358,8 @@ class Component:
         for index, block in enumerate(self.block_modules):
             # one shared function for every block (a partial of it, not a closure per block)
             handle.add(wrap_forward(block, functools.partial(self.block_forward, index)))
-        handle.add(wrap_forward(transformer, self.transformer_forward))
+        # the transformer's hook is a diffusers hook when diffusers is there (transformer._diffusers_hook lists it)
+        handle.add(registry_forward(transformer, self.transformer_forward, HOOK_NAME))
 
     # -- the transformer -----------------------------------------------------------------------------------------
     # Under torch.compile the methods that call the model's own forwards are frames dynamo skips (the forwards they
