@@ -4,10 +4,11 @@
 Per component (``transformer``, and ``transformer_2`` for two-expert models) the engine wraps the transformer's
 forward and every block of the adapter's stack (:func:`calib.hooking.wrap_forward`: the original forward is called,
 never copied; the transformer's through diffusers' ``HookRegistry`` when it is a diffusers model,
-:func:`calib.hooking.registry_forward`), keeps state per (component, stream) and restores everything on :meth:`Engine.remove`. It follows the
-scheduler when there is one (``set_timesteps`` starts a generation, ``step`` ends a step) and the timestep values of
-the calls otherwise. A stream is the ``cache_context`` name a diffusers pipeline gives the call, else its position in
-the step (``call0``, ``call1``, ...): CFG branches called apart never share state, a batched CFG call is one stream.
+:func:`calib.hooking.registry_forward`), keeps state per (component, stream) and restores everything on
+:meth:`Engine.remove`. It follows the scheduler when there is one (``set_timesteps`` starts a generation, ``step``
+ends a step) and the timestep values of the calls otherwise. A stream is the ``cache_context`` name a diffusers
+pipeline gives the call, else its position in the step (``call0``, ``call1``, ...): CFG branches called apart never
+share state, a batched CFG call is one stream.
 
 What runs on the hooks are plug-ins; the engine knows their protocol, not what they are:
 
