@@ -162,3 +162,57 @@ def test_the_transformer_hook_is_a_diffusers_hook_and_remove_is_exact(pipe):
     handle.remove()
     assert vars(transformer).keys() == before.keys() and "_diffusers_hook" not in vars(transformer)
     assert all(vars(transformer)[k] is v for k, v in before.items() if k != "_modules")
+
+
+def test_more_blocks_than_the_recompile_limit_compile_once_per_class():
+    """A random FLUX with 19 blocks (16 single: twice dynamo's recompile_limit of 8), 10 steps twice: same computed
+    steps as eager, no recompile-limit warning, one or two compiled entries per block class."""
+    import logging
+
+    import torch._dynamo
+    from diffusers import FluxTransformer2DModel
+    from torch._dynamo.utils import counters
+
+    torch.manual_seed(0)
+    model = FluxTransformer2DModel(patch_size=1, in_channels=8, num_layers=3, num_single_layers=16,
+                                   attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                   pooled_projection_dim=8, axes_dims_rope=(2, 2, 4)).eval()
+    config = cr.parse(cr.document_for(model, (1.0, 0.0)))
+
+    def run():
+        torch.manual_seed(1)
+        x, enc, pooled = torch.randn(1, 16, 8), torch.randn(1, 4, 16), torch.randn(1, 8)
+        for i in range(10):
+            with torch.no_grad():
+                out = model(hidden_states=x, encoder_hidden_states=enc, pooled_projections=pooled,
+                            timestep=torch.tensor([1.0 - i / 10]), img_ids=torch.zeros(16, 3),
+                            txt_ids=torch.zeros(4, 3), return_dict=False)[0]
+            x = x - 0.1 * out
+
+    with cr.apply(model, config, threshold=0.15, num_steps=10) as handle:
+        run(), run()
+        eager = computed(handle)
+    assert 2 * 2 < sum(c for *_, c in eager) < 2 * 10
+    torch._dynamo.reset()
+    counters.clear()
+    model.compile(backend="eager")
+    messages = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            messages.append(record.getMessage())
+
+    keep = Keep()
+    logging.getLogger("torch._dynamo").addHandler(keep)
+    try:
+        with cr.apply(model, config, threshold=0.15, num_steps=10) as handle:
+            run()
+            breaks = sum(counters["graph_break"].values())
+            run()
+            assert sum(counters["graph_break"].values()) == breaks  # none per step
+            assert computed(handle) == eager
+    finally:
+        logging.getLogger("torch._dynamo").removeHandler(keep)
+    assert not [m for m in messages if "recompile_limit" in m]
+    for cls in block_classes(model):
+        assert 1 <= compiled_variants(cls) <= 2, cls.__name__
