@@ -69,18 +69,49 @@ def wrap_forward(module: torch.nn.Module, wrapper: Callable[..., Any]) -> Callab
     """Make ``module(...)`` call ``wrapper(original_forward, *args, **kwargs)``; returns the undo function."""
     had_instance_forward = "forward" in module.__dict__
     original = module.forward
-
-    @functools.wraps(original)
-    def forward(*args, **kwargs):
-        return wrapper(original, *args, **kwargs)
-
-    module.forward = forward
+    # A partial, not a closure: no Python frame of its own, so torch.compile has no per-module wrapper code to guard
+    # on (the diffusers HookRegistry's way); ``__wrapped__`` keeps the original's signature for ``inspect``.
+    module.forward = functools.update_wrapper(functools.partial(wrapper, original), original)
 
     def undo():
         if had_instance_forward:
             module.forward = original
         else:
             module.__dict__.pop("forward", None)
+
+    return undo
+
+
+def registry_forward(module: torch.nn.Module, wrapper: Callable[..., Any], name: str) -> Callable[[], None]:
+    """:func:`wrap_forward` through diffusers' ``HookRegistry`` when diffusers is installed and ``module`` is one of
+    its ``CacheMixin`` models: a hook named ``name`` in ``module._diffusers_hook`` whose ``new_forward`` calls
+    ``wrapper(original_forward, *args, **kwargs)``, so diffusers' own inspection lists it. Otherwise (or for any
+    other module) a plain :func:`wrap_forward`. The undo leaves the module exactly as it was."""
+    try:
+        from diffusers.hooks.hooks import HookRegistry, ModelHook
+        from diffusers.models.cache_utils import CacheMixin
+    except Exception:
+        return wrap_forward(module, wrapper)
+    if not isinstance(module, CacheMixin):
+        return wrap_forward(module, wrapper)
+
+    class _ForwardHook(ModelHook):
+        def new_forward(self, hooked, *args, **kwargs):
+            return wrapper(self.fn_ref.original_forward, *args, **kwargs)
+
+    had_registry = "_diffusers_hook" in vars(module)
+    had_forward = "forward" in vars(module)
+    registry = HookRegistry.check_if_exists_or_initialize(module)
+    registry.register_hook(_ForwardHook(), name)
+
+    def undo():
+        if name in registry.hooks:
+            registry.remove_hook(name, recurse=False)
+        if not registry.hooks:
+            if not had_forward:
+                vars(module).pop("forward", None)
+            if not had_registry and getattr(module, "_diffusers_hook", None) is registry:
+                del module._diffusers_hook
 
     return undo
 

@@ -20,4 +20,8 @@ def config_hash(transformer: torch.nn.Module) -> str:
 
 
 def model_identity(transformer: torch.nn.Module) -> dict:
+    """The class name and config hash; a ``torch.compile`` wrapper (``OptimizedModule``) is the model it compiles."""
+    inner = getattr(transformer, "_orig_mod", None)
+    if type(transformer).__name__ == "OptimizedModule" and isinstance(inner, torch.nn.Module):
+        transformer = inner
     return {"class": type(transformer).__name__, "config_hash": config_hash(transformer)}

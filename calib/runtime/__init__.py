@@ -37,6 +37,7 @@ _LAZY = {
     "ModelMismatchError": ".errors",
     "OptionError": ".errors",
     "OptionValueError": ".errors",
+    "OtherCacheError": ".errors",
     "RUNTIME_METHODS": ".methods",
     "Rescaler": ".gate",
     "RuntimeMethod": ".methods",
@@ -65,7 +66,8 @@ if TYPE_CHECKING:  # the names, for type checkers and IDEs
     from .bases import CfgForecast, ChebyshevForecast, LinearForecast, LinearRow  # noqa: F401
     from .decision import Decision  # noqa: F401
     from .errors import (CoefficientFileError, ForecastError, ModelMismatchError, OptionError,  # noqa: F401
-                         OptionValueError, ScheduleError, SignatureMismatchError, StepCountError, ThresholdError)
+                         OptionValueError, OtherCacheError, ScheduleError, SignatureMismatchError, StepCountError,
+                         ThresholdError)
     from .forecast import Forecast, ForecastHistory, ForecastSpec  # noqa: F401
     from .gate import Rescaler, TeaCacheGate, replay  # noqa: F401
     from .handle import CacheHandle  # noqa: F401
@@ -95,6 +97,7 @@ __all__ = [
     "ModelMismatchError",
     "OptionError",
     "OptionValueError",
+    "OtherCacheError",
     "RUNTIME_METHODS",
     "Rescaler",
     "RuntimeMethod",

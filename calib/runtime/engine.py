@@ -3,10 +3,12 @@
 
 Per component (``transformer``, and ``transformer_2`` for two-expert models) the engine wraps the transformer's
 forward and every block of the adapter's stack (:func:`calib.hooking.wrap_forward`: the original forward is called,
-never copied), keeps state per (component, stream) and restores everything on :meth:`Engine.remove`. It follows the
-scheduler when there is one (``set_timesteps`` starts a generation, ``step`` ends a step) and the timestep values of
-the calls otherwise. A stream is the ``cache_context`` name a diffusers pipeline gives the call, else its position in
-the step (``call0``, ``call1``, ...): CFG branches called apart never share state, a batched CFG call is one stream.
+never copied; the transformer's through diffusers' ``HookRegistry`` when it is a diffusers model,
+:func:`calib.hooking.registry_forward`), keeps state per (component, stream) and restores everything on
+:meth:`Engine.remove`. It follows the scheduler when there is one (``set_timesteps`` starts a generation, ``step``
+ends a step) and the timestep values of the calls otherwise. A stream is the ``cache_context`` name a diffusers
+pipeline gives the call, else its position in the step (``call0``, ``call1``, ...): CFG branches called apart never
+share state, a batched CFG call is one stream.
 
 What runs on the hooks are plug-ins; the engine knows their protocol, not what they are:
 
@@ -25,6 +27,9 @@ What runs on the hooks are plug-ins; the engine knows their protocol, not what t
   hidden states and the transformer's output, and changes nothing.
 
 ``Engine.stats`` holds every decision; :meth:`Engine.report` counts them per trajectory.
+
+Under torch.compile each block's own forward is compiled, one code path per block class; calib's hooks, decisions
+and the head block run eagerly (:func:`_compile_aware`, docs/runtime.md "torch.compile").
 """
 
 from __future__ import annotations
@@ -37,8 +42,8 @@ from typing import Any, ClassVar, Sequence
 import torch
 
 from calib.adapters.base import Adapter, first_tensor, get_submodule
-from calib.hooking import (ContextProbe, Handle, StepClock, forward_argument, parameter_names, timestep_value,
-                            wrap_forward, wrap_method)
+from calib.hooking import (ContextProbe, Handle, StepClock, forward_argument, parameter_names, registry_forward,
+                            timestep_value, wrap_forward, wrap_method)
 
 from .decision import Decision
 from .stats import DecisionStats
@@ -49,6 +54,7 @@ MODULATED_INPUT = "modulated_input"
 BLOCK_INPUT = "block_input"
 TEMB = "temb"
 INDICATORS = (MODULATED_INPUT, BLOCK_INPUT, TEMB)
+HOOK_NAME = "calib_cache"  # the transformer's hook in diffusers' HookRegistry
 
 
 class _SkipStep(Exception):
@@ -198,6 +204,7 @@ class Engine:
         # called at the first transformer call of each component in each generation: watcher(engine, component name,
         # the call's hidden_states argument) -- the validity signature's check (calib.runtime.signature)
         self.generation_watchers: list = []
+        self.generation_checks: list = []  # called when a pipeline starts a generation (raise to refuse it)
         self._handle = Handle()
         if self.pipeline_mode:
             self._handle.add(wrap_method(scheduler, "set_timesteps", after=self._timesteps_set))
@@ -223,6 +230,8 @@ class Engine:
     def new_generation(self, num_steps: int | None) -> None:
         """A generation of ``num_steps`` steps starts: the policies may refuse it, the scheduler values the plug-ins
         read are read once, every stream starts afresh."""
+        for check in self.generation_checks:
+            check()
         for component in self.components:
             if component.policy is not None:
                 component.policy.start_generation(num_steps)
@@ -314,6 +323,7 @@ class Component:
         self.observer = observer
         self.variables = frozenset(policy.variables if policy is not None else ()) | frozenset(
             (forecast.variable,) if forecast is not None else ())
+        _compile_aware()
         blocks = adapter.blocks(transformer)
         self.block_names = [n for n, _ in blocks]
         self.block_modules = [b for _, b in blocks]
@@ -353,10 +363,30 @@ class Component:
         for index, block in enumerate(self.block_modules):
             # one shared function for every block (a partial of it, not a closure per block)
             handle.add(wrap_forward(block, functools.partial(self.block_forward, index)))
-        handle.add(wrap_forward(transformer, self.transformer_forward))
+        # the transformer's hook is a diffusers hook when diffusers is there (transformer._diffusers_hook lists it)
+        handle.add(registry_forward(transformer, self.transformer_forward, HOOK_NAME))
 
     # -- the transformer -----------------------------------------------------------------------------------------
+    # Under torch.compile the methods that call the model's own forwards are frames dynamo skips (the forwards they
+    # call are compiled), and everything else calib does is eager (``torch.compiler.disable``): see
+    # :func:`_compile_aware`. Neither kind reads per-module Python state inside a compiled graph, so dynamo compiles
+    # one code path per block class and calib's decisions are taken on eager values.
     def transformer_forward(self, original, *args, **kwargs):
+        call = self._call_started(original, args, kwargs)
+        try:
+            if self.scope == CALL and self.step_policy is not None:
+                output = self._forward_forecasting_output(call, original, args, kwargs)
+                if call.skipping:
+                    return output
+            else:
+                output = original(*args, **kwargs)
+            if self.observer is not None:
+                self._call_observed(call, output)
+            return output
+        finally:
+            self._call_ended(call)
+
+    def _call_started(self, original, args, kwargs) -> Call:
         engine = self.engine
         engine._observe_call(original, args, kwargs)
         step = engine.step_now()
@@ -374,27 +404,23 @@ class Component:
                 self.policy.new_state() if self.policy is not None else None,
                 ForecastStream(self.forecast.history()) if self.forecast is not None else None)
         call = self.current = Call(self.name, key, engine.clock.generation, step, state)
-        try:
-            if self.observer is not None:
-                self.observer.call_started(call)
-            if self.scope == CALL and self.step_policy is not None:
-                output = self._forward_forecasting_output(call, original, args, kwargs)
-                if call.skipping:
-                    return output
-            else:
-                output = original(*args, **kwargs)
-            if self.observer is not None:
-                self.observer.call_finished(call, output)
-            return output
-        finally:
-            if call.decision is not None:
-                engine.stats.record_step(call.generation, self.name, key, step.index, call.decision)
-            self.current = None
+        if self.observer is not None:
+            self.observer.call_started(call)
+        if self.scope == CALL and self.step_policy is not None:
+            call.reference = _hidden_states_argument(original, args, kwargs)
+        return call
+
+    def _call_observed(self, call: Call, output) -> None:
+        self.observer.call_finished(call, output)
+
+    def _call_ended(self, call: Call) -> None:
+        if call.decision is not None:
+            self.engine.stats.record_step(call.generation, self.name, call.stream, call.step.index, call.decision)
+        self.current = None
 
     def _forward_forecasting_output(self, call: Call, original, args, kwargs):
         """A call-scope target: decide before anything runs when the policy watches nothing, else at the first
         block; a skipped call returns the forecast in the transformer's own return layout."""
-        call.reference = _hidden_states_argument(original, args, kwargs)
         if self.decides_on == NONE:
             self._decide(call, None)
             if call.skipping:
@@ -429,15 +455,25 @@ class Component:
         if call is None:  # called outside the transformer's forward: nothing to decide
             return original(*args, **kwargs)
         if self.block_policy is not None:
-            return self._block_cached(call, index, original, args, kwargs)
-        block, io = self.block_modules[index], self.ios[index]
-        if index == 0:
-            output = self._head(call, block, io, original, args, kwargs)
+            reused = self._block_reused(call, index, args, kwargs)
+            if reused is not None:
+                return reused
+            return self._block_computed(call, index, args, kwargs, original(*args, **kwargs))
+        if index == 0:  # the head decides: it runs eagerly, so the indicator is eager's (see _compile_aware)
+            output = self._head(call, self.block_modules[0], self.ios[0], original, args, kwargs)
         elif call.skipping:
             output = None
         else:
             output = original(*args, **kwargs)
-        if call.skipping:  # pass the input through; the last block returns the forecast
+        if call.skipping or index == self.last or self.observer is not None:
+            return self._block_finished(call, index, args, kwargs, output)
+        return output
+
+    def _block_finished(self, call: Call, index: int, args, kwargs, output):
+        """After a block of a step policy's stack: pass the input through on a skipped step (the last block returns
+        the forecast), else capture the target at the last block and tell the observer."""
+        block, io = self.block_modules[index], self.ios[index]
+        if call.skipping:
             hidden_in = io.hidden_states_in(block, args, kwargs)
             if index == self.last:
                 hidden_in = self._forecast(call, hidden_in)
@@ -561,8 +597,9 @@ class Component:
         predicted = stream.history.predict(call.step.index, self.engine.value(self.forecast.variable, call.step))
         return self.target.replace(predicted, reference, stream.layout)
 
-    def _block_cached(self, call: Call, index: int, original, args, kwargs):
-        """Block caching: the block computes (and caches its residual) or returns its input plus the cached one."""
+    def _block_reused(self, call: Call, index: int, args, kwargs):
+        """Block caching, before the block: its input plus the residual it cached when the mask skips it, else None
+        (the block computes)."""
         block, io = self.block_modules[index], self.ios[index]
         hidden_in = io.hidden_states_in(block, args, kwargs)
         encoder_in = io.encoder_hidden_states_in(block, args, kwargs)
@@ -570,14 +607,19 @@ class Component:
         can_reuse = cached is not None and cached[0].shape == hidden_in.shape and (
             cached[1] is None or (encoder_in is not None and cached[1].shape == encoder_in.shape))
         decision = self.block_policy.decide(call.state.policy, call.step, index, can_reuse)
-        if not decision.compute:
-            if not can_reuse:
-                raise RuntimeError(f"{type(self.block_policy).__name__} skipped a block with nothing cached")
-            self._record_block(call, index, decision)
-            res_h, res_e = cached
-            return io.pack(hidden_in + res_h, encoder_in + res_e if res_e is not None else encoder_in)
-        output = original(*args, **kwargs)
         self._record_block(call, index, decision)
+        if decision.compute:
+            return None
+        if not can_reuse:
+            raise RuntimeError(f"{type(self.block_policy).__name__} skipped a block with nothing cached")
+        res_h, res_e = cached
+        return io.pack(hidden_in + res_h, encoder_in + res_e if res_e is not None else encoder_in)
+
+    def _block_computed(self, call: Call, index: int, args, kwargs, output):
+        """Block caching, after a computed block: cache its residual (none when it changes the token count)."""
+        block, io = self.block_modules[index], self.ios[index]
+        hidden_in = io.hidden_states_in(block, args, kwargs)
+        encoder_in = io.encoder_hidden_states_in(block, args, kwargs)
         hidden_out = io.hidden_states_out(output)
         if hidden_out.shape != hidden_in.shape:  # a block that changes the token count cannot replay a residual
             call.state.blocks.pop(index, None)
@@ -595,6 +637,33 @@ class Component:
     def _record_block(self, call: Call, index: int, decision: Decision) -> None:
         self.engine.stats.record_block(call.generation, self.name, call.stream, call.step.index,
                                        self.block_names[index], decision)
+
+
+# Component's methods as torch.compile sees them. SKIPPED: frames dynamo does not compile, while the model forwards
+# they call are compiled (``torch.compiler.disable(recursive=False)``); they read no per-module state that a compiled
+# graph would have to guard on. EAGER: calib's bookkeeping, decisions and forecasts, never traced
+# (``torch.compiler.disable``): a decision reads its indicator on the host (a graph break inside the compiled
+# model would split every block's graph and specialise it per block), and the head block -- the first one, where
+# the indicator is computed and the skip decided -- runs eagerly, so the gate sees the same indicator as without
+# compile. Applied once, on the first hook (importing torch._dynamo takes a second).
+_SKIPPED = ("transformer_forward", "block_forward", "_forward_forecasting_output")
+_EAGER = ("_call_started", "_call_observed", "_call_ended", "_head", "_block_finished", "_block_reused",
+          "_block_computed", "_decide", "_capture", "_forecast", "_forward_part", "_modulation_output",
+          "_consumer_input")
+_COMPILE_AWARE = False
+
+
+def _compile_aware() -> None:
+    global _COMPILE_AWARE
+    if _COMPILE_AWARE:
+        return
+    disable = getattr(getattr(torch, "compiler", None), "disable", None)
+    if disable is not None:
+        for name in _SKIPPED:
+            setattr(Component, name, disable(vars(Component)[name], recursive=False))
+        for name in _EAGER:
+            setattr(Component, name, disable(vars(Component)[name]))
+    _COMPILE_AWARE = True
 
 
 def _hidden_states_argument(forward, args: tuple, kwargs: dict) -> torch.Tensor | None:

@@ -18,6 +18,10 @@ class SignatureMismatchError(CalibError):
     field, the file's value and the one seen."""
 
 
+class OtherCacheError(ModelMismatchError):
+    """Another cache is already active on the transformer (diffusers' ``enable_cache``/cache hooks, cache-dit)."""
+
+
 class ThresholdError(CalibError, ValueError):
     """A threshold that is negative or not a finite number."""
 

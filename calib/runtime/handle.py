@@ -9,7 +9,7 @@ import torch
 
 from ..adapters import Adapter
 from .engine import BlockPolicy, Engine, Observer, StepPolicy
-from .errors import ModelMismatchError, OptionError, ThresholdError
+from .errors import ModelMismatchError, OptionError, OtherCacheError, ThresholdError
 from .options import check_threshold
 from .signature import SignatureCheck
 
@@ -35,6 +35,7 @@ class CacheHandle:
         self.engine = engine
         self._marked: list[torch.nn.Module] = []
         self._removed = False
+        engine.generation_checks.append(self._refuse_other_caches)
 
     def attach(self, name: str, transformer: torch.nn.Module, adapter: Adapter, *,
                policy: StepPolicy | BlockPolicy, forecast=None, observer: Observer | None = None) -> None:
@@ -42,6 +43,10 @@ class CacheHandle:
         if getattr(transformer, APPLIED, None) is not None:
             raise ModelMismatchError(
                 f"{type(transformer).__name__} already has a calib cache applied; call handle.remove() first")
+        other = other_cache(transformer)
+        if other is not None:
+            raise OtherCacheError(f"{name} ({type(transformer).__name__}) already runs {other}: calib's "
+                                  "decisions would be taken on another cache's outputs")
         setattr(transformer, APPLIED, self)
         self._marked.append(transformer)
         try:
@@ -54,6 +59,14 @@ class CacheHandle:
         self.signature.check_scheduler(scheduler)
         if self.signature.watches_generations:
             self.engine.generation_watchers.append(self.signature.generation_seen)
+
+    def _refuse_other_caches(self) -> None:
+        """A generation starts: refuse it when another cache was enabled on a hooked transformer after ``apply``."""
+        for transformer in self._marked:
+            other = other_cache(transformer)
+            if other is not None:
+                raise OtherCacheError(f"{type(transformer).__name__} has calib's cache applied and now also runs "
+                                      f"{other} (or call handle.remove())")
 
     @contextlib.contextmanager
     def installing(self):
@@ -113,14 +126,54 @@ class CacheHandle:
         self.remove()
 
 
+# diffusers' hooks that skip or reuse computation across steps (diffusers.hooks: HookRegistry names) -> the cache.
+# TextKVCache is not here: it reuses the text K/V projections exactly, which calib's skipping does not disturb.
+DIFFUSERS_CACHE_HOOKS = {
+    "fbc_leader_block_hook": "First Block Cache", "fbc_block_hook": "First Block Cache",
+    "mag_cache_leader_block_hook": "MagCache", "mag_cache_block_hook": "MagCache",
+    "faster_cache_denoiser": "FasterCache", "faster_cache_block": "FasterCache",
+    "pyramid_attention_broadcast": "Pyramid Attention Broadcast", "taylorseer_cache": "TaylorSeer",
+    "sea_cache_root": "SeaCache", "sea_cache_leader_block": "SeaCache", "sea_cache_block": "SeaCache",
+    "sea_cache_post_norm": "SeaCache",
+}
+
+
+def other_cache(transformer: torch.nn.Module) -> str | None:
+    """What other cache runs on ``transformer`` and how to turn it off, or None: diffusers' ``enable_cache`` (its
+    ``_cache_config``) or one of its cache hooks registered directly (``apply_first_block_cache`` & co., on the
+    transformer or a block), or cache-dit (``cache_dit.enable_cache`` marks the transformer ``_is_cached``)."""
+    config = getattr(transformer, "_cache_config", None)
+    if config is not None and type(config).__name__ != "TextKVCacheConfig":
+        return f"diffusers' {type(config).__name__} (enable_cache); call transformer.disable_cache() first"
+    if getattr(transformer, "_is_cached", False) is True:
+        return "cache-dit (cache_dit.enable_cache); call cache_dit.disable_cache(pipe) first"
+    for module in transformer.modules():
+        registry = getattr(module, "_diffusers_hook", None)
+        for hook in getattr(registry, "hooks", None) or ():
+            if hook in DIFFUSERS_CACHE_HOOKS:
+                return (f"diffusers' {DIFFUSERS_CACHE_HOOKS[hook]} (hook {hook!r}); call transformer.disable_cache()"
+                        f" or remove the hook (HookRegistry.remove_hook({hook!r})) first")
+    return None
+
+
+def compiled_original(module):
+    """The module a ``torch.compile(module)`` wrapper (an ``OptimizedModule``) compiles, else ``module`` itself.
+
+    calib checks and hooks the real module: the wrapper calls it, so the compiled code runs calib's hooks, and
+    ``transformer.compile()`` (in place) leaves the module itself in the pipeline."""
+    inner = getattr(module, "_orig_mod", None) if isinstance(module, torch.nn.Module) else None
+    return inner if isinstance(inner, torch.nn.Module) and type(module).__name__ == "OptimizedModule" else module
+
+
 def transformer_of(pipe) -> torch.nn.Module:
-    """The transformer of a pipeline (its ``transformer``), or ``pipe`` itself when it is one."""
+    """The transformer of a pipeline (its ``transformer``), or ``pipe`` itself when it is one; a compiled one
+    (``torch.compile(transformer)``) is the module it compiles."""
     if isinstance(pipe, torch.nn.Module) and not hasattr(pipe, "scheduler"):
-        return pipe
+        return compiled_original(pipe)
     transformer = getattr(pipe, "transformer", None)
     if not isinstance(transformer, torch.nn.Module):
         raise OptionError(f"{type(pipe).__name__} is neither a transformer nor a pipeline with one")
-    return transformer
+    return compiled_original(transformer)
 
 
 def choose_threshold(threshold, config, what: str) -> float:
@@ -135,15 +188,16 @@ def choose_threshold(threshold, config, what: str) -> float:
 def components_of(pipe, config, per_expert: str) -> tuple[list[tuple[str, torch.nn.Module]], object]:
     """(component name, transformer) pairs and the scheduler, for a pipeline or a bare transformer.
 
-    A bare transformer takes a file with one component; ``per_expert`` says what a file with several holds."""
+    A bare transformer takes a file with one component; ``per_expert`` says what a file with several holds. A
+    compiled transformer (``torch.compile``'s ``OptimizedModule``) stands for the module it compiles."""
     if isinstance(pipe, torch.nn.Module) and not hasattr(pipe, "scheduler"):
         if len(config.components) == 1:
-            return [(next(iter(config.components)), pipe)], None
+            return [(next(iter(config.components)), compiled_original(pipe))], None
         raise ModelMismatchError(
             f"this file has {per_expert} ({', '.join(config.components)}); apply it to the pipeline so each expert"
             " gets its own"
         )
-    found = [(name, getattr(pipe, name)) for name in config.components
+    found = [(name, compiled_original(getattr(pipe, name))) for name in config.components
              if isinstance(getattr(pipe, name, None), torch.nn.Module)]
     if not found:
         have = [n for n in ("transformer", "transformer_2") if isinstance(getattr(pipe, n, None), torch.nn.Module)]
