@@ -89,6 +89,7 @@ def _prepare(work: Path, out_dir: Path) -> None:
     copy_asset("real.json", out_dir, "tuned.json")  # tune --write rewrites it in place
     (out_dir / "r.html").write_text("<html>previous report</html>")
     (out_dir / "mag.json").write_text('{"previous": true}\n')
+    (out_dir / "s.json").write_text('{"previous": true}\n')  # the schedule fit replaces it
 
 
 def commands(out: str) -> dict:
@@ -96,6 +97,8 @@ def commands(out: str) -> dict:
     return {
         "merge": ["merge", "s.manifest.json", "--out", f"{out}/m.h5", "--overwrite"],
         "fit": ["fit", "t.h5", "--out", f"{out}/fit.json", *FAST_FIT],
+        "schedule": ["fit", "t.h5", "--method", "schedule", "--fractions", "0.5", "--forecast-targets", "output",
+                     "--forecast-order", "1", "--search-evals", "1", "--out", f"{out}/s.json"],
         "report": ["report", "t.h5", "--coeffs", "c.json", "--out", f"{out}/r.html"],
         "tune": ["tune", "t.h5", "--coeffs", f"{out}/tuned.json", "--speedup", "1.5", "--write"],
         "export": ["export", "t.h5", "--format", "diffusers-magcache", "--out", f"{out}/mag.json"],
@@ -231,7 +234,8 @@ def _trajectories(path: Path) -> list:
 
 
 OUTPUTS = {"merge": ["disk/m.h5"], "fit": ["disk/fit.json", "disk/fit.png"], "report": ["disk/r.html"],
-           "tune": ["disk/tuned.json"], "export": ["disk/mag.json"], "trace": ["disk/trace.h5"]}
+           "tune": ["disk/tuned.json"], "export": ["disk/mag.json"], "trace": ["disk/trace.h5"],
+           "schedule": ["disk/s.json"]}  # its search log beside it is written atomically on its own (resumable)
 
 
 @pytest.mark.parametrize("name", ["merge", "tune", "export", pytest.param("fit", marks=pytest.mark.slow),
@@ -744,7 +748,7 @@ def test_pair_note_is_finished_by_the_next_reader(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["merge", "tune", "export", "report", "trace"])
+@pytest.mark.parametrize("name", ["merge", "tune", "export", "report", "trace", "schedule"])
 def test_sigkill_at_every_rename_and_fsync_keeps_old_or_new(tmp_path, name):
     """Each writing command killed (SIGKILL) at each rename and each fsync of its writes: every output is the
     previous file or a complete new one."""
