@@ -133,14 +133,39 @@ def _cached_against_uncached(pipe, choice: dict, steps, guidance, coeffs_dir: Pa
     cached_imgs = latents_to_images(result["cached_latents"])
     classifier = digit_classifier()
     truth = np.arange(10)
-    grid = np.concatenate([digits.image_grid(base_imgs), digits.image_grid(cached_imgs)], axis=0)
+    what = (f"cached: budget {choice['budget']:g} of {steps} steps" if choice["budget"] is not None
+            else f"cached: gate at threshold {choice['threshold']:g}")
+    picture = comparison_picture(digits.image_grid(base_imgs), digits.image_grid(cached_imgs), what)
     buffer = BytesIO()
-    Image.fromarray(grid).save(buffer, format="PNG")
+    picture.save(buffer, format="PNG")
     return {**result,
             "base_correct": int((classify(classifier, base_imgs) == truth).sum()),
             "cached_correct": int((classify(classifier, cached_imgs) == truth).sum()),
             "psnr": psnr(np.stack(base_imgs), np.stack(cached_imgs)),
             "comparison": write_bytes(coeffs_dir / "digits.demo.png", buffer.getvalue())}
+
+
+DIFFERENCE_GAIN = 8  # the per-pixel difference is small: scaled so that a reader sees where it is
+
+
+def comparison_picture(base_grid, cached_grid, cached_label: str):
+    """Three labelled rows: the uncached digits, the cached ones, and their absolute difference (x
+    ``DIFFERENCE_GAIN``, black where they agree)."""
+    from PIL import Image, ImageDraw
+
+    difference = np.abs(base_grid.astype(np.int16) - cached_grid.astype(np.int16)) * DIFFERENCE_GAIN
+    rows = [("uncached", base_grid), (cached_label, cached_grid),
+            (f"|uncached - cached| x{DIFFERENCE_GAIN}", np.clip(difference, 0, 255).astype(np.uint8))]
+    strip = 14  # a label's height in pixels (PIL's built-in bitmap font)
+    width = base_grid.shape[1]
+    picture = Image.new("L", (width, sum(strip + grid.shape[0] for _, grid in rows)), color=255)
+    draw = ImageDraw.Draw(picture)
+    top = 0
+    for label, grid in rows:
+        draw.text((4, top + 1), label, fill=0)
+        picture.paste(Image.fromarray(grid), (0, top + strip))
+        top += strip + grid.shape[0]
+    return picture
 
 
 def _say_outcome(outcome: dict, choice: dict, trace_path, coeffs_path, echo) -> None:
@@ -153,7 +178,7 @@ def _say_outcome(outcome: dict, choice: dict, trace_path, coeffs_path, echo) -> 
     echo(f"  legibility          classifier reads {outcome['cached_correct']}/10 cached digits correctly (uncached: "
          f"{outcome['base_correct']}/10)")
     echo(f"\nfiles: trace {trace_path}, coefficients {coeffs_path} (+ {coeffs_path.with_suffix('.png')}), "
-         f"comparison {outcome['comparison']} (top: uncached, bottom: cached)")
+         f"comparison {outcome['comparison']} (labelled rows: uncached, cached, their difference)")
     forecast = choice["forecast"]
     if choice["budget"] is not None:
         how = f"    handle = cr.apply(pipe, cr.load({str(choice['schedule_path'])!r}), budget={choice['budget']:g})\n"
