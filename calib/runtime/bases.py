@@ -171,33 +171,21 @@ class LinearForecast(ForecastSpec):
             raise ForecastError(f"{where}: {exc}") from None
 
 
-class LinearHistory:
+class LinearHistory(RecentValues):
+    """A stream's values for a weight table: as many as its longest row names."""
+
     def __init__(self, spec: LinearForecast):
+        super().__init__(spec.tensors_per_stream)
         self.spec = spec
-        self.recent = RecentValues(spec.tensors_per_stream)
-
-    def clear(self) -> None:
-        self.recent.clear()
-
-    def __len__(self) -> int:
-        return len(self.recent)
-
-    @property
-    def nbytes(self) -> int:
-        return self.recent.nbytes
-
-    def push(self, step: int, x: float, value) -> None:
-        self.recent.push(step, x, value)
 
     def predict(self, step: int, x: float) -> torch.Tensor:
-        recent = self.recent
-        if not recent.values:
+        if not self.values:
             raise RuntimeError("nothing computed yet to forecast from")
         row = self.spec.row(step)
-        if row is not None and tuple(recent.steps[-len(row.sources):]) == row.sources:
-            return weighted_sum(recent.values[-len(row.sources):], row.weights)
-        k = min(self.spec.fallback.order + 1, len(recent))
-        return weighted_sum(recent.values[-k:], newton_weights(recent.xs[-k:], float(x)))
+        if row is not None and tuple(self.steps[-len(row.sources):]) == row.sources:
+            return weighted_sum(self.values[-len(row.sources):], row.weights)
+        k = min(self.spec.fallback.order + 1, len(self))
+        return weighted_sum(self.values[-k:], newton_weights(self.xs[-k:], float(x)))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -262,31 +250,19 @@ class ChebyshevForecast(ForecastSpec):
                    check_target(entry.get("target", OUTPUT)), entry.get("variable", "step"))
 
 
-class ChebyshevHistory:
+class ChebyshevHistory(RecentValues):
+    """A stream's last ``window`` values for the ridge fit."""
+
     def __init__(self, spec: ChebyshevForecast):
+        super().__init__(spec.window)
         self.spec = spec
-        self.recent = RecentValues(spec.window)
-
-    def clear(self) -> None:
-        self.recent.clear()
-
-    def __len__(self) -> int:
-        return len(self.recent)
-
-    @property
-    def nbytes(self) -> int:
-        return self.recent.nbytes
-
-    def push(self, step: int, x: float, value) -> None:
-        self.recent.push(step, x, value)
 
     def predict(self, step: int, x: float) -> torch.Tensor:
-        recent = self.recent
-        if not recent.values:
+        if not self.values:
             raise RuntimeError("nothing computed yet to forecast from")
-        if len(recent) == 1:
-            return recent.values[0]
-        return weighted_sum(recent.values, self.spec.weights(recent.xs, float(x)))
+        if len(self) == 1:
+            return self.values[0]
+        return weighted_sum(self.values, self.spec.weights(self.xs, float(x)))
 
 
 def _chebyshev(t: float, degree: int) -> list[float]:
