@@ -37,6 +37,16 @@ def model_section(doc: dict, source: str) -> dict:
     return model
 
 
+def header_fields(doc: dict, model: dict, source: str) -> dict:
+    """The config fields every method takes from the document's header (``model``: its checked
+    :func:`model_section`): model identity, calibration, the checked validity signature, the document itself."""
+    from .signature import check_signature  # torch: only a parser building a config gets here
+
+    return {"model_class": model["class"], "config_hash": model.get("config_hash"), "source": model.get("source"),
+            "adapter": model.get("adapter"), "calibration": dict(doc.get("calibration") or {}),
+            "signature": check_signature(doc, source, fail), "document": doc}
+
+
 def recommended_threshold(doc: dict, source: str) -> float | None:
     """``thresholds.recommended`` as a float, None when absent; a finite number >= 0 otherwise refused."""
     thresholds = doc.get("thresholds")

@@ -25,12 +25,12 @@ from typing import ClassVar
 
 from calib.adapters import get_adapter
 
-from ..document import check_with_jsonschema, fail, finite, model_section, recommended_threshold
+from ..document import check_with_jsonschema, fail, finite, header_fields, model_section, recommended_threshold
 from ..engine import Engine
 from ..errors import ModelMismatchError
 from ..handle import CacheHandle, check_model, choose_threshold, components_of
 from ..options import CommonOptions, check_threshold
-from ..signature import SignatureCheck, check_signature
+from ..signature import SignatureCheck
 from ..policies import BlockMask
 from . import RuntimeMethod
 
@@ -97,15 +97,9 @@ def parse(doc: dict, source: str = "<document>") -> BlockCacheConfig:
     recommended = recommended_threshold(doc, source)
     check_with_jsonschema(doc, source)
     return BlockCacheConfig(
-        model_class=model["class"],
         components=comps,
-        config_hash=model.get("config_hash"),
-        source=model.get("source"),
-        adapter=model.get("adapter"),
         recommended_threshold=recommended,
-        calibration=dict(doc.get("calibration") or {}),
-        signature=check_signature(doc, source, fail),
-        document=doc,
+        **header_fields(doc, model, source),
     )
 
 

@@ -19,14 +19,14 @@ from typing import ClassVar, Sequence
 from calib import __version__
 from calib.adapters import get_adapter, model_identity
 
-from ..document import FORMAT, SCHEMA_VERSION, check_with_jsonschema, fail, forecast_of, model_section
+from ..document import FORMAT, SCHEMA_VERSION, check_with_jsonschema, fail, forecast_of, header_fields, model_section
 from ..engine import Engine, steps_with
 from ..errors import OptionError, OptionValueError, ScheduleError, StepCountError
 from ..forecast import Forecast, ForecastSpec
 from ..handle import CacheHandle, check_model, components_of, transformer_of
 from ..bases import CfgForecast
 from ..options import CommonOptions, as_sigmas, check_budget, check_count, check_forecast, is_budget, is_int
-from ..signature import SignatureCheck, check_signature
+from ..signature import SignatureCheck
 from ..policies import StepMask
 from . import RuntimeMethod
 
@@ -174,17 +174,11 @@ def parse(doc: dict, source: str = "<document>") -> ScheduleConfig:
                   f"{recommended_budget} is not among the schedules' budgets ({', '.join(map(str, sorted(schedules)))})")
     check_with_jsonschema(doc, source)
     return ScheduleConfig(
-        model_class=model["class"],
         steps=steps,
         schedules=schedules,
         forecast=forecast,
         recommended_budget=recommended_budget,
-        config_hash=model.get("config_hash"),
-        source=model.get("source"),
-        adapter=model.get("adapter"),
-        calibration=dict(doc.get("calibration") or {}),
-        signature=check_signature(doc, source, fail),
-        document=doc,
+        **header_fields(doc, model, source),
     )
 
 

@@ -16,14 +16,14 @@ from calib import __version__
 from calib.adapters import get_adapter, model_identity
 
 from ..document import (FORMAT, NORMALIZATIONS, SCHEMA_VERSION, check_with_jsonschema, fail, finite, forecast_of,
-                        model_section, recommended_threshold)
+                        header_fields, model_section, recommended_threshold)
 from ..engine import BLOCK_INPUT, INDICATORS, MODULATED_INPUT, TEMB, Engine, steps_with
 from ..errors import OptionValueError
 from ..forecast import Forecast, ForecastSpec
 from ..gate import Rescaler
 from ..handle import CacheHandle, check_model, choose_threshold, components_of
 from ..options import CommonOptions, as_sigmas, check_forecast, check_threshold
-from ..signature import SignatureCheck, check_signature
+from ..signature import SignatureCheck
 from ..policies import Gate
 from . import RuntimeMethod
 
@@ -117,17 +117,10 @@ def parse(doc: Any, source: str = "<document>") -> TeaCacheConfig:
     recommended = recommended_threshold(doc, source)
     check_with_jsonschema(doc, source)
     return TeaCacheConfig(
-        model_class=model["class"],
         components=parsed,
-        config_hash=model.get("config_hash"),
-        source=model.get("source"),
-        adapter=model.get("adapter"),
         indicator=dict(doc.get("indicator") or {}),
         recommended_threshold=recommended,
-        calibration=dict(doc.get("calibration") or {}),
-        signature=check_signature(doc, source, fail),
-        path=None,
-        document=doc,
+        **header_fields(doc, model, source),
     )
 
 
