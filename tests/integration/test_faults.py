@@ -39,8 +39,8 @@ from pathlib import Path
 import pytest
 
 from cli_runner import run_cli
-from helpers.cli_assets import (EVIL_MODULE, FAST_FIT, copy_asset, pipe, real_doc, real_trajectories,
-                                write_trace)
+from helpers.cli_assets import (EVIL_MODULE, FAST_FIT, copy_asset, one_shard_run, pipe, real_doc,
+                                real_trajectories, write_trace)
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", PYTHONPATH=str(ROOT), PYTHONDONTWRITEBYTECODE="1")
@@ -70,17 +70,7 @@ def _prepare(work: Path, out_dir: Path) -> None:
     copy_asset("real.h5", work, "t.h5")
     copy_asset("real.json", work, "c.json")
     (work / "p.txt").write_text("a handwritten 7\n")
-    from calib.store import shards
-    from calib.store import TraceWriter
-    from calib.trace import TraceSettings
-
-    info, trajectories = real_trajectories()
-    with TraceWriter(work / "s.rank0-of-1.h5", info, attrs={"shard_index": 0, "shard_count": 1}) as w:
-        w.append(trajectories)
-    jobs = sorted({(t.prompt, t.seed) for t in trajectories})
-    shards.write_manifest(work / "s.h5", model="builtin:digits", model_info=info,
-                          settings=TraceSettings(steps=6, seeds=(0, 1)), prompts=sorted({p for p, _ in jobs}),
-                          jobs=jobs, count=1, launcher="shard")
+    one_shard_run(work)
     out_dir.mkdir(exist_ok=True)
     copy_asset("real.h5", out_dir, "m.h5")        # merge --overwrite replaces it
     copy_asset("tiny.h5", out_dir, "trace.h5")    # trace resumes it (another prompt, so it appends)

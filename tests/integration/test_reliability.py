@@ -40,8 +40,8 @@ if __name__ == "__main__":  # run as a script (--write-doc): the helper modules 
 
 from cli_runner import run_cli  # noqa: E402
 from helpers.cli_assets import (  # noqa: E402
-    EVIL_MODULE, FAST_FIT, FAST_FIT_KW, OPENED, assets, copy_asset, hostile_trace, pipe, poisoned, real_doc,
-    real_trajectories, tripwire, with_values, write_json, write_trace)
+    EVIL_MODULE, FAST_FIT, FAST_FIT_KW, OPENED, assets, copy_asset, hostile_trace, one_shard_run, pipe, poisoned,
+    real_doc, real_trajectories, tripwire, with_values, write_json, write_trace)
 
 ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "bad-inputs.md"
@@ -235,17 +235,7 @@ def _factory(work: Path) -> None:
 
 def _manifest(work: Path, shard_file: str) -> None:
     """A one-shard trace s.rank0-of-1.h5 and its manifest s.manifest.json, listing ``shard_file`` as the shard."""
-    from calib.store import shards
-    from calib.store import TraceWriter
-    from calib.trace import TraceSettings
-
-    info, trajectories = real_trajectories()
-    with TraceWriter(work / "s.rank0-of-1.h5", info, attrs={"shard_index": 0, "shard_count": 1}) as w:
-        w.append(trajectories)
-    jobs = sorted({(t.prompt, t.seed) for t in trajectories})
-    shards.write_manifest(work / "s.h5", model="builtin:digits", model_info=info,
-                          settings=TraceSettings(steps=6, seeds=(0, 1)), prompts=sorted({p for p, _ in jobs}),
-                          jobs=jobs, count=1, launcher="shard")
+    one_shard_run(work)
     if shard_file != "s.rank0-of-1.h5":
         doc = json.loads((work / "s.manifest.json").read_text())
         doc["shards"][0]["file"] = shard_file
