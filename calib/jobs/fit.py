@@ -89,9 +89,12 @@ def _open_model(context: FitContext, options: MethodOptions, trace_set, traces, 
     """Load the model a regenerating fit runs, as the traces loaded it (dtype, CPU offload), and open its search log
     beside ``out``."""
     context.model = model_to_load(options.model, trace_set, traces)
-    with warnings.catch_warnings():  # an older trace without the call: the fit says so itself, once
-        warnings.simplefilter("ignore")
-        section = served_call(trace_set) or {}  # before loading: traces of several calls are refused in one line
+    section = served_call(trace_set)  # before loading: traces of several calls are refused in one line
+    if section is None:
+        warnings.warn("the traces do not record how they called the pipeline (traced by an older calib): the fit "
+                      "generates with the pipeline's defaults; trace again to measure the call you serve",
+                      stacklevel=3)
+        section = {}
     context.pipe = model_loading.load_model(context.model, device=pick_device(options.device),
                                             dtype=section.get("dtype"), cpu_offload=bool(section.get("cpu_offload")))
     context.search_log = SearchLog(out, getattr(options, "shard", None))

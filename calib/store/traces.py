@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -882,7 +881,7 @@ def read_traces(paths, *, allow_mixed: bool = False) -> TraceSet:
 
 def served_call(trace_set) -> dict | None:
     """The traces' ``calibration.pipeline`` section (call arguments, dtype, offload); None for traces of an older
-    calib that recorded none (with a warning). Files traced with other settings are refused in one line."""
+    calib that recorded none. Files traced with other settings are refused in one line."""
     section = trace_set.pipeline_settings()
     if section is not None:
         return section
@@ -891,6 +890,4 @@ def served_call(trace_set) -> dict | None:
         raise CalibError("the trace files were made with different pipeline settings (size, negative prompt, "
                          "true-CFG scale, --pipeline-arg or dtype); a fit that regenerates measures one served call: "
                          "fit the files of one setting")
-    warnings.warn("the traces do not record how they called the pipeline (traced by an older calib): the fit "
-                  "generates with the pipeline's defaults; trace again to measure the call you serve", stacklevel=2)
     return None
