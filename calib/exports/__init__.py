@@ -37,12 +37,13 @@ EXPORTERS: dict[str, Exporter] = {
 }
 
 FORMATS = tuple(EXPORTERS)
-
-
-def export_hints(doc: dict) -> list[str]:
-    """What ``calib fit`` says after writing ``doc``: which formats it feeds as it is and the command that makes a
-    file for the others (the TeaCache engines need the plain change, some degree 4)."""
-    return [engines.teacache_formats(doc)] if doc.get("method") == "teacache" else []
 DIFFUSERS_FORMATS = tuple(f for f in FORMATS if f.startswith("diffusers-"))
 ENGINE_FORMATS = ("sglang", "vllm-omni", "tensorrt-llm")
 MASK_FORMATS = ("cache-dit",)
+
+
+def export_hints(doc: dict, formats) -> list[str]:
+    """What ``calib fit`` says after writing ``doc``, whose method exports to ``formats``: for the engines'
+    polynomial formats, which ones the document feeds as it is and the one command that makes a file for the others
+    (they need the plain change, some degree 4)."""
+    return [engines.teacache_formats(doc)] if set(formats) & set(ENGINE_FORMATS) else []

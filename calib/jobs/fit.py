@@ -78,7 +78,8 @@ def run_fit(method: str, traces, *, out=None, echo=print, **options) -> Path | N
         echo(line)
     for path, _ in files:
         echo(f"wrote {path}")
-    for line in export_hints(fitted.document):
+    # the formats of the document's own method (auto writes a teacache or a schedule document)
+    for line in export_hints(fitted.document, registry.get(fitted.document["method"]).exports):
         echo(line)
     if context.search_log is not None:
         echo(f"every measurement kept in {search_log_path(out)}")
