@@ -14,13 +14,16 @@ from ._group import cli
 
 
 @cli.command()
-@click.argument("traces", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("traces", nargs=-1, type=click.Path(path_type=Path))
 @click.option("--coeffs", "coeffs", multiple=True, type=click.Path(path_type=Path),
-              help="Coefficient files to show (teacache, block-cache, fastercache-cfg); repeatable.")
-@click.option("--eval", "eval_path", type=click.Path(path_type=Path), help="Results JSON of `calib eval` (the frontier).")
+              help="Coefficient files to show (teacache, block-cache, fastercache-cfg, schedule, or what auto kept); "
+                   "repeatable.")
+@click.option("--eval", "eval_path", type=click.Path(path_type=Path),
+              help="Results JSON of `calib eval --out` (measured error vs compute and speed-up; --compare's frontier).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="The HTML file to write.")
 def report(traces, coeffs, eval_path, out):
-    """One self-contained HTML page: fit, per-step changes, tuning tables, block heat-map, eval frontier."""
+    """One self-contained HTML page: a summary, fit, per-step changes, tuning tables, block heat-map, schedule
+    budgets, measured evaluation. TRACES are optional when --coeffs or --eval is given."""
     from ..report import run_report
 
     run_report(list(traces), coeffs=list(coeffs), eval_path=eval_path, out=out, echo=click.echo)

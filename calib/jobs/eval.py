@@ -39,6 +39,7 @@ from calib.errors import CalibError
 from calib.evaluate.cost import cost_model, measure_generations
 from calib.evaluate.frontier import run_frontier
 from calib.evaluate.metrics import spread
+from calib.evaluate.results import FORMAT, QUALITY_REFERENCE, VERSION
 from calib.methods.cost_model import predicted_wall_speedup
 from calib.methods.registry import load_document
 from calib.methods.teacache.tune import replay_row, rescalers_of
@@ -52,8 +53,6 @@ from calib.trace.settings import check_pipeline_section
 from calib.trace.generate import Generator
 from calib.trace.prompts import bundled_prompts_path, read_prompts
 
-FORMAT = "calib.eval"
-VERSION = 1
 DEFAULT_SEEDS = (100, 101, 102, 103)
 
 
@@ -313,6 +312,10 @@ def _report(request, calibration, call, pipe, prompts, jobs, trace_set, measured
         "coeffs": str(request.coeffs),
         "model": calibration.model,
         "model_class": calibration.config.model_class,
+        # for calib report's summary: added to version 1 (older files lack them; readers treat them as optional)
+        "method": calibration.doc.get("method"),
+        "recommended_threshold": calibration.config.recommended_threshold,
+        "quality_reference": QUALITY_REFERENCE,
         "settings": {"steps": calibration.steps, "guidance": calibration.guidance, "seeds": list(request.seeds),
                      "prompts": prompts, "repeats": request.repeats, "device": str(getattr(pipe, "device", "cpu")),
                      "torch_threads": torch.get_num_threads(), "pipeline": call.recorded()},

@@ -1,21 +1,26 @@
-"""``calib report TRACES... [--coeffs C.json ...] [--eval results.json] --out report.html``: one self-contained HTML
-page (every plot embedded as a base64 PNG, no external file, script or font) with
+"""``calib report [TRACES...] [--coeffs C.json ...] [--eval results.json] --out report.html``: one self-contained
+HTML page (every plot embedded as a base64 PNG, no external file, script or font) with
 
-* the rescaler fit: points (x, y) per stream and the polynomial of the given TeaCache file (else a degree-4 preview);
+* a summary on top (:mod:`.summary`): what was calibrated, the recommended setting, what calib eval measured at it
+  and the best alternative measured at similar compute, in sentences whose numbers are read from the inputs;
+* the rescaler fit: points (x, y) per stream and the polynomial of the given TeaCache file (else a degree-4 preview;
+  without traces, the file's polynomial alone);
 * per-step change curves per stream: indicator, output, residual, cond-uncond (median and 10-90 % band);
 * the tuning tables: TeaCache thresholds (from the file, else replayed with the preview), block-cache thresholds;
 * the block heat-map (blocks x steps) with the block-cache mask;
 * FasterCache's CFG-cache range when the traces hold the cond-uncond series;
-* the evaluation frontier from a ``calib eval`` results JSON, when given.
+* each schedule file's budgets (:mod:`.schedules`): the steps x budgets mask and its table;
+* the evaluation: for ``calib eval``'s own results file the measured error against the uncached output, against the
+  measured compute fraction and speed-up (:mod:`.measured`), and ``--compare``'s frontier; a file of another format
+  is plotted by its own column names.
 
-Matplotlib renders through an explicit Agg canvas; nothing touches pyplot's global state.
+Traces are optional when a coefficient or results file is given; the sections that need them are then left out.
+Matplotlib renders through an explicit Agg canvas (:mod:`.render`); nothing touches pyplot's global state.
 """
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import math
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,6 +31,7 @@ from calib import __version__
 from calib._io import load_json_file, resolve_output, write_text
 from calib.errors import CalibError
 from calib.evaluate.frontier import format_frontier, frontier_png
+from calib.evaluate.results import is_eval_results, read_eval_results
 from calib.methods.block_cache.method import block_changes, components_of, heatmap_png
 from calib.methods.block_cache.options import DEFAULT_TARGET_FRACTION
 from calib.methods.block_cache.rule import block_mask, choose_threshold
@@ -37,28 +43,19 @@ from calib.methods.teacache.tune import replay_trajectories
 from calib.runtime.gate import Rescaler
 from calib.store import read_traces
 
+from .measured import eval_section
+from .render import figure, img, png, table
+from .schedules import schedule_section
+from .summary import summary_sentences
+
 QUALITY_KEYS = ("psnr", "ssim", "lpips", "rel_l1", "error", "mse", "fid", "clip", "accuracy")
+NOT_MEASURED = ("proxy", "predicted")  # a prediction is never plotted as the measured quality
 SPEED_KEYS = ("speedup", "measured_speedup", "predicted_speedup", "compute_fraction")
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # figures
 # ---------------------------------------------------------------------------------------------------------------
-def _figure(width, height):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _png(fig) -> bytes:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    return buf.getvalue()
-
-
 def _series(traj, name: str) -> np.ndarray | None:
     if hasattr(traj, name):
         return np.asarray(getattr(traj, name), dtype=np.float64)
@@ -87,7 +84,8 @@ def _xy(traj, indicator: str, normalization: str):
 
 
 def fit_figure(trace_set, teacache_doc: dict | None):
-    """(png, caption, polynomial per component used for the tuning table, indicator, normalization)."""
+    """(png, caption, polynomial per component used for the tuning table, indicator, normalization). Without traces
+    (``trace_set`` None) the file's polynomials alone, over their fitted domains."""
     indicator = normalization = None
     polys = {}
     if teacache_doc is not None:
@@ -96,15 +94,16 @@ def fit_figure(trace_set, teacache_doc: dict | None):
         polys = {n: (np.asarray(c["coefficients"], float), c.get("domain")) for n, c in teacache_doc["components"].items()}
     indicator = indicator or "modulated_input"
     normalization = normalization or "none"
-    components = sorted({t.component for t in trace_set.trajectories})
-    fig = _figure(5.4 * len(components), 4.2)
+    trajectories = [] if trace_set is None else trace_set.trajectories
+    components = sorted({t.component for t in trajectories} or set(polys))
+    fig = figure(5.4 * len(components), 4.2)
     axes = fig.subplots(1, len(components), squeeze=False)[0]
-    streams = sorted({t.stream for t in trace_set.trajectories})
+    streams = sorted({t.stream for t in trajectories})
     colors = {s: f"C{i % 10}" for i, s in enumerate(streams)}
     for ax, comp in zip(axes, components):
         xs, ys, forced_x, forced_y = [], [], [], []
         for s in streams:
-            pts = [_xy(t, indicator, normalization) for t in trace_set.trajectories if t.component == comp and t.stream == s]
+            pts = [_xy(t, indicator, normalization) for t in trajectories if t.component == comp and t.stream == s]
             pts = [p for p in pts if p is not None]
             if not pts:
                 continue
@@ -116,21 +115,26 @@ def fit_figure(trace_set, teacache_doc: dict | None):
             forced_x.append(x[forced])
             forced_y.append(y[forced])
             ax.scatter(x[~forced], y[~forced], s=8, alpha=0.55, color=colors[s], label=s, linewidths=0)
-        if not xs:
-            continue
         if sum(len(f) for f in forced_x):
             ax.scatter(np.concatenate(forced_x), np.concatenate(forced_y), s=14, marker="x", color="0.55",
                        linewidths=0.8, label="last step (always computed, not fitted)")
-        x_all, y_all = np.concatenate(xs), np.concatenate(ys)
+        if xs:
+            x_all, y_all = np.concatenate(xs), np.concatenate(ys)
+            span = [float(x_all.min()), float(x_all.max())]
+        elif comp in polys and polys[comp][1]:
+            x_all = y_all = None
+            span = list(polys[comp][1])
+        else:
+            continue
         if comp in polys:
             coef, domain = polys[comp]
             label = f"fitted polynomial (degree {len(coef) - 1})"
         else:
             coef = np.polyfit(x_all, y_all, 4) if len(x_all) > 5 else np.polyfit(x_all, y_all, 1)
-            domain = [float(x_all.min()), float(x_all.max())]
+            domain = span
             label = "degree-4 least-squares preview"
             polys[comp] = (coef, domain)
-        lo, hi = (domain or [float(x_all.min()), float(x_all.max())])
+        lo, hi = (domain or span)
         grid = np.linspace(lo, hi, 200)
         ax.plot(grid, np.poly1d(coef)(grid), color="black", lw=1.8, label=label)
         ax.set_xlabel(f"rel-L1 change of {indicator}" + (" / Δσ" if normalization == "delta_sigma" else ""))
@@ -138,10 +142,15 @@ def fit_figure(trace_set, teacache_doc: dict | None):
         ax.set_title(comp, fontsize=10)
         ax.grid(True, lw=0.4, alpha=0.4)
         ax.legend(fontsize=7)
-    caption = (f"Each point is one denoising step of one trajectory: x the change of the indicator ({indicator}), y the "
-               "change of the model output. " + ("The curve is the coefficient file's polynomial." if teacache_doc
-                                                 else "No coefficient file given: the curve is a preview fit."))
-    return _png(fig), caption, polys, indicator, normalization
+    if trace_set is None:
+        caption = (f"No traces given: the coefficient file's polynomial over its fitted domain (x the change of the "
+                   f"indicator, {indicator}; y the predicted change of the model output).")
+    else:
+        caption = (f"Each point is one denoising step of one trajectory: x the change of the indicator ({indicator}), "
+                   "y the change of the model output. " + ("The curve is the coefficient file's polynomial."
+                                                          if teacache_doc else
+                                                          "No coefficient file given: the curve is a preview fit."))
+    return png(fig), caption, polys, indicator, normalization
 
 
 CURVES = (
@@ -154,7 +163,7 @@ CURVES = (
 
 def curves_figure(trace_set):
     present = [(k, label) for k, label in CURVES if any(_series(t, k) is not None for t in trace_set.trajectories)]
-    fig = _figure(11, 2.7 * math.ceil(len(present) / 2))
+    fig = figure(11, 2.7 * math.ceil(len(present) / 2))
     axes = fig.subplots(math.ceil(len(present) / 2), 2, squeeze=False).ravel()
     streams = sorted({(t.component, t.stream) for t in trace_set.trajectories})
     for ax, (key, label) in zip(axes, present):
@@ -178,11 +187,11 @@ def curves_figure(trace_set):
         ax.legend(fontsize=7)
     for ax in axes[len(present):]:
         ax.set_visible(False)
-    return _png(fig)
+    return png(fig)
 
 
 def frontier_figure(rows: list[dict], x_key: str, y_key: str, group_key: str | None):
-    fig = _figure(7.5, 4.2)
+    fig = figure(7.5, 4.2)
     ax = fig.subplots()
     groups = {}
     for r in rows:
@@ -200,12 +209,12 @@ def frontier_figure(rows: list[dict], x_key: str, y_key: str, group_key: str | N
     if group_key:
         ax.legend(fontsize=8)
     ax.set_title(f"{y_key} against {x_key}", fontsize=10)
-    return _png(fig)
+    return png(fig)
 
 
 def cfg_figure(entry: dict):
     c = np.asarray([np.nan if v is None else v for v in entry["cfg_delta_change"]], dtype=float)
-    fig = _figure(7.5, 3.0)
+    fig = figure(7.5, 3.0)
     ax = fig.subplots()
     steps = np.arange(len(c))
     ax.plot(steps, c, "o-", ms=3, color="C0", label="median change of cond − uncond")
@@ -217,7 +226,7 @@ def cfg_figure(entry: dict):
     ax.set_ylabel("rel-L1 change")
     ax.grid(True, lw=0.4, alpha=0.4)
     ax.legend(fontsize=7)
-    return _png(fig)
+    return png(fig)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -251,9 +260,10 @@ def eval_rows(data) -> list[dict]:
     return flat
 
 
-def _pick_key(rows, names) -> str | None:
-    numeric = [k for k in dict.fromkeys(k for r in rows for k in r) if any(isinstance(r.get(k), (int, float))
-                                                                         and not isinstance(r.get(k), bool) for r in rows)]
+def _pick_key(rows, names, *, exclude=()) -> str | None:
+    numeric = [k for k in dict.fromkeys(k for r in rows for k in r)
+               if not any(word in k.lower() for word in exclude)
+               and any(isinstance(r.get(k), (int, float)) and not isinstance(r.get(k), bool) for r in rows)]
     for name in names:
         for k in numeric:
             if k.lower() == name:
@@ -280,30 +290,13 @@ tr.chosen td{background:#fff4d6;font-weight:600}code{background:#f0f2f5;padding:
 """
 
 
-def _img(png: bytes, alt: str) -> str:
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}">'
-
-
-def _table(headers, rows, chosen_index=None, left=()) -> str:
-    out = ["<table><tr>" + "".join(f'<th class="{"l" if i in left else ""}">{html.escape(str(h))}</th>'
-                                   for i, h in enumerate(headers)) + "</tr>"]
-    for j, r in enumerate(rows):
-        cls = ' class="chosen"' if j == chosen_index else ""
-        cells = []
-        for i, v in enumerate(r):
-            text = (f"{v:.4g}" if isinstance(v, float) else "—" if v is None else str(v))
-            cells.append(f'<td class="{"l" if i in left else ""}">{html.escape(text)}</td>')
-        out.append(f"<tr{cls}>" + "".join(cells) + "</tr>")
-    return "".join(out) + "</table>"
-
-
-def _threshold_rows(table: list[dict], recommended, limit: int = 24):
+def _threshold_rows(entries: list[dict], recommended, limit: int = 24):
     """Rows for display: the smallest threshold of each distinct compute fraction (a longer threshold only repeats
     it), thinned evenly to ``limit``, always keeping the recommended row."""
-    table = sorted(table, key=lambda r: r.get("threshold", 0))
-    chosen_row = next((r for r in table if recommended is not None and r.get("threshold") == recommended), None)
+    entries = sorted(entries, key=lambda r: r.get("threshold", 0))
+    chosen_row = next((r for r in entries if recommended is not None and r.get("threshold") == recommended), None)
     keep, seen = [], set()
-    for r in table:
+    for r in entries:
         frac = r.get("compute_fraction")
         if r is chosen_row or frac not in seen:
             keep.append(r)
@@ -316,38 +309,57 @@ def _threshold_rows(table: list[dict], recommended, limit: int = 24):
     return rows, chosen
 
 
-def build_html(trace_set, docs: list[dict], eval_data=None, eval_name: str | None = None) -> tuple[str, list[str]]:
-    """(the page, the section ids in it): one section per stage, each built on its own."""
+def build_html(trace_set, docs: list[dict], eval_data=None, eval_name: str | None = None, *,
+               doc_names: list[str] | None = None) -> tuple[str, list[str]]:
+    """(the page, the section ids in it): the summary first, then one section per stage, each built on its own from
+    what was given (``trace_set`` may be None: the sections that need traces are left out)."""
+    names = list(doc_names) if doc_names is not None else [f"coefficient file {i + 1}" for i in range(len(docs))]
     by_method = {}
     for d in docs:
         by_method.setdefault(d.get("method"), d)
-    fit_body, preview = _fit_section(trace_set, by_method.get("teacache"))
-    tuning_body, block_plots = _tuning_section(trace_set, by_method, preview)
-    sections: list[tuple[str, str, str]] = [  # (id, title, body)
-        ("fit", "Rescaler fit (TeaCache)", fit_body),
-        ("curves", "Per-step changes per stream",
-         "<p class='muted'>Median over trajectories (line) and 10–90 % band, by stream.</p>"
-         + _img(curves_figure(trace_set), "per-step change curves")),
-        ("tuning", "Tuning tables", tuning_body),
-        ("heatmap", "Per-block change heat-map", _heatmap_section(block_plots)),
-        ("fastercache", "FasterCache CFG cache", _fastercache_section(trace_set, by_method.get("fastercache-cfg"))),
-    ]
+    results = read_eval_results(eval_data, eval_name or "--eval") if is_eval_results(eval_data) else None
+    sections: list[tuple[str, str, str]] = []  # (id, title, body)
+    preview = ({}, "modulated_input")
+    if trace_set is not None or "teacache" in by_method:
+        fit_body, preview = _fit_section(trace_set, by_method.get("teacache"))
+        sections.append(("fit", "Rescaler fit (TeaCache)", fit_body))
+    if trace_set is not None:
+        sections.append(("curves", "Per-step changes per stream",
+                         "<p class='muted'>Median over trajectories (line) and 10–90 % band, by stream.</p>"
+                         + img(curves_figure(trace_set), "per-step change curves")))
+    if trace_set is not None or {"teacache", "block-cache"} & set(by_method):
+        tuning_body, block_plots = _tuning_section(trace_set, by_method, preview)
+        sections.append(("tuning", "Tuning tables", tuning_body))
+        if trace_set is not None or "block-cache" in by_method:
+            sections.append(("heatmap", "Per-block change heat-map", _heatmap_section(block_plots)))
+    if trace_set is not None or "fastercache-cfg" in by_method:
+        sections.append(("fastercache", "FasterCache CFG cache",
+                         _fastercache_section(trace_set, by_method.get("fastercache-cfg"))))
+    schedules = [(n, d) for n, d in zip(names, docs) if d.get("method") == "schedule"]
+    for i, (name, doc) in enumerate(schedules):
+        sections.append(("schedule" if i == 0 else f"schedule-{i + 1}", f"Schedule budgets: {name}",
+                         schedule_section(doc, name)))
     if eval_data is not None:
-        sections.append(("frontier", "Evaluation frontier", _frontier_section(eval_data, eval_name)))
-    return _page(trace_set, docs, sections), [s[0] for s in sections]
+        body = (_measured_section(results, eval_data, eval_name) if results is not None
+                else _frontier_section(eval_data, eval_name))
+        sections.append(("frontier", "Evaluation (measured)" if results is not None else "Evaluation frontier", body))
+    summary = summary_sentences(trace_set, list(zip(names, docs)), results, eval_name,
+                                eval_other_format=eval_data is not None and results is None)
+    return _page(trace_set, list(zip(names, docs)), eval_name, summary, sections), ["summary", "inputs"] + [
+        s[0] for s in sections]
 
 
 def _fit_section(trace_set, teacache: dict | None) -> tuple[str, tuple]:
     """The fit figure and the file's fit metrics; also the polynomials drawn (the file's, else a preview) with
     their indicator and normalisation, for the tuning table."""
-    png, caption, polys, indicator, normalization = fit_figure(trace_set, teacache)
-    body = f"<p class='muted'>{html.escape(caption)}</p>{_img(png, 'rescaler fit')}"
+    fit_png, caption, polys, indicator, normalization = fit_figure(trace_set, teacache)
+    body = f"<p class='muted'>{html.escape(caption)}</p>{img(fit_png, 'rescaler fit')}"
     if teacache:
         rows = []
         for name, comp in teacache["components"].items():
             m = comp.get("metrics", {})
             rows.append([name, comp["degree"], m.get("points"), m.get("r2"), m.get("cv_r2"), m.get("mae"), m.get("cv_mae")])
-        body += _table(["component", "degree", "points", "R²", "CV R²", "MAE", "CV MAE"], rows, left=(0,))
+        body += table(["component", "degree", "points", "R²", "CV R²", "MAE", "CV MAE"], rows, left=(0,))
     return body, (polys, indicator)
 
 
@@ -360,17 +372,23 @@ def _tuning_section(trace_set, by_method: dict, preview: tuple) -> tuple[str, di
         th = teacache["thresholds"]
         rows, chosen = _threshold_rows(th["table"], th.get("recommended"))
         body += f"<p class='muted'>From the coefficient file; {html.escape(th.get('criterion', ''))}.</p>"
-    else:
+        body += table(["threshold", "compute fraction", "predicted speed-up"], rows, chosen)
+    elif trace_set is not None:
         rows, chosen = _threshold_rows(_preview_table(trace_set, *preview), None)
-        body += "<p class='muted'>Replayed with the preview polynomial (no coefficient file given).</p>"
-    body += _table(["threshold", "compute fraction", "predicted speed-up"], rows, chosen)
+        body += ("<p class='muted'>Replayed with the " + ("coefficient file's polynomial (the file has no threshold "
+                 "table)" if teacache else "preview polynomial (no coefficient file given)") + ".</p>")
+        body += table(["threshold", "compute fraction", "predicted speed-up"], rows, chosen)
+    else:
+        body += "<p class='muted'>Not available: the TeaCache file has no threshold table and no traces were given.</p>"
     body += "<h3>Block-cache threshold</h3>"
+    if trace_set is None and "block-cache" not in by_method:
+        return body + "<p class='muted'>Not available: no block-cache file and no traces.</p>", None
     try:
         rows, chosen, plots = _block_table(trace_set, by_method.get("block-cache"))
     except CalibError as exc:
         return body + f"<p class='muted'>Not available: {html.escape(str(exc))}</p>", None
     body += ("<p class='muted'>Fraction of block evaluations computed (rows: the smallest threshold of each distinct "
-             "fraction).</p>" + _table(["threshold", "compute fraction", "predicted speed-up"], rows, chosen))
+             "fraction).</p>" + table(["threshold", "compute fraction", "predicted speed-up"], rows, chosen))
     return body, plots
 
 
@@ -409,7 +427,7 @@ def _heatmap_section(plots: dict | None) -> str:
     if not plots:
         return "<p class='muted'>No per-block data in the traces.</p>"
     return ("<p class='muted'>Mean rel-L1 change of each block's output per step; red squares: the block-cache mask "
-            "at the recommended threshold.</p>" + _img(heatmap_png(plots), "block heat-map"))
+            "at the recommended threshold.</p>" + img(heatmap_png(plots), "block heat-map"))
 
 
 def _fastercache_section(trace_set, fc_doc: dict | None) -> str:
@@ -425,66 +443,105 @@ def _fastercache_section(trace_set, fc_doc: dict | None) -> str:
         body += (f"<p>{html.escape(name)}: unconditional pass skipped at steps "
                  f"<code>{entry['uncond_skipped_steps']}</code> (N = {entry['unconditional_batch_skip_range']}, "
                  f"{lo:.4g} &lt; t &lt; {hi:.4g}), {entry['uncond_compute_fraction']:.0%} of unconditional passes "
-                 "computed.</p>" + _img(cfg_figure(entry), f"cfg change {name}"))
+                 "computed.</p>" + img(cfg_figure(entry), f"cfg change {name}"))
     return body
 
 
+def _measured_section(results, eval_data: dict, eval_name: str | None) -> str:
+    """calib eval's own results: the measured plot and table, then the frontier of ``--compare`` when it is there."""
+    body = eval_section(results, eval_name or "the evaluation results")
+    compare = eval_data.get("frontier")
+    if isinstance(compare, dict) and compare.get("methods"):
+        body += "<h3>calib eval --compare: every method at the same targets</h3>" + _compare_frontier(compare)
+    return body
+
+
+def _compare_frontier(compare: dict) -> str:
+    try:
+        return (img(frontier_png(compare), "frontier: error vs fraction of full forwards, every method")
+                + f"<pre>{html.escape(compare.get('table') or format_frontier(compare))}</pre>")
+    except (KeyError, TypeError, ValueError) as exc:
+        return f"<p class='muted'>The frontier in the results could not be drawn ({html.escape(str(exc))}).</p>"
+
+
 def _frontier_section(eval_data, eval_name: str | None) -> str:
-    """A results file's frontier (``calib eval --compare``) and its rows plotted as speed against quality."""
+    """A results file in another format (older calib, other tools): its rows plotted as speed against quality, the
+    columns named by the file's own keys (a prediction or proxy column is never taken for the quality); and the
+    frontier of ``calib eval --compare`` when the file holds one."""
     rows = eval_rows(eval_data)
-    x_key, y_key = _pick_key(rows, SPEED_KEYS), _pick_key(rows, QUALITY_KEYS)
+    x_key, y_key = _pick_key(rows, SPEED_KEYS), _pick_key(rows, QUALITY_KEYS, exclude=NOT_MEASURED)
     group_key = next((k for k in ("method", "name", "config", "label") if any(k in r for r in rows)), None)
     body = f"<p class='muted'>From {html.escape(eval_name or 'the evaluation results')}.</p>"
     compare = eval_data.get("frontier") if isinstance(eval_data, dict) else None
     if isinstance(compare, dict) and compare.get("methods"):  # calib eval --compare: every method's points
-        try:
-            body += _img(frontier_png(compare), "frontier: error vs fraction of full forwards, every method")
-            body += f"<pre>{html.escape(compare.get('table') or format_frontier(compare))}</pre>"
-        except (KeyError, TypeError, ValueError) as exc:
-            body += f"<p class='muted'>The frontier in the results could not be drawn ({html.escape(str(exc))}).</p>"
+        body += _compare_frontier(compare)
     if rows and x_key and y_key:
-        body += _img(frontier_figure(rows, x_key, y_key, group_key), "evaluation frontier")
+        body += img(frontier_figure(rows, x_key, y_key, group_key), "evaluation frontier")
     else:
         body += "<p class='muted'>No numeric speed and quality columns found to plot.</p>"
     keys = list(dict.fromkeys(k for r in rows for k in r))[:10]
-    return body + _table(keys, [[r.get(k) for k in keys] for r in rows[:60]], left=(0,))
+    return body + table(keys, [[r.get(k) for k in keys] for r in rows[:60]], left=(0,))
 
 
-def _page(trace_set, docs: list[dict], sections: list[tuple[str, str, str]]) -> str:
-    """The page: title, the traces' summary, navigation, then the sections."""
-    info = trace_set.model_info or {}
-    settings = trace_set.settings()
-    nav = "".join(f'<a href="#{sid}">{html.escape(title)}</a>' for sid, title, _ in sections)
-    summary = _table(
-        ["", ""],
-        [["model", info.get("class")], ["source", info.get("source")], ["scheduler", info.get("scheduler")],
-         ["steps", ", ".join(map(str, settings.get("steps", [])))], ["guidance", ", ".join(map(str, settings.get("guidance", [])))],
-         ["prompts x seeds", f"{settings.get('prompts')} x {settings.get('seeds')}"],
-         ["trajectories", len(trace_set.trajectories)], ["streams", ", ".join(settings.get("streams", []))],
-         ["trace files", ", ".join(trace_set.files)],
-         ["coefficient files", ", ".join(f"{d.get('method')}" for d in docs) or "none"]],
-        left=(0, 1),
-    )
+def _inputs(trace_set, named_docs: list[tuple[str, dict]], eval_name: str | None) -> str:
+    """What the page was made from: the traces' settings (when given), the coefficient files, the results file."""
+    rows = []
+    if trace_set is not None:
+        info = trace_set.model_info or {}
+        settings = trace_set.settings()
+        rows += [["model", info.get("class")], ["source", info.get("source")], ["scheduler", info.get("scheduler")],
+                 ["steps", ", ".join(map(str, settings.get("steps", [])))],
+                 ["guidance", ", ".join(map(str, settings.get("guidance", [])))],
+                 ["prompts x seeds", f"{settings.get('prompts')} x {settings.get('seeds')}"],
+                 ["trajectories", len(trace_set.trajectories)], ["streams", ", ".join(settings.get("streams", []))],
+                 ["trace files", ", ".join(trace_set.files)]]
+    else:
+        rows.append(["trace files", "none"])
+    rows.append(["coefficient files", ", ".join(f"{n} ({d.get('method')})" for n, d in named_docs) or "none"])
+    rows.append(["evaluation results", eval_name or "none"])
+    return table(["", ""], rows, left=(0, 1))
+
+
+def _title(trace_set, named_docs, eval_name) -> tuple[str, str]:
+    """(the model's class, its source) from the traces, else the first coefficient file."""
+    if trace_set is not None:
+        info = trace_set.model_info or {}
+        return str(info.get("class", "model")), str(info.get("source", ""))
+    for _, doc in named_docs:
+        model = doc.get("model") or {}
+        return str(model.get("class", "model")), str(model.get("source", ""))
+    return "evaluation", str(eval_name or "")
+
+
+def _page(trace_set, named_docs, eval_name, summary: list[str], sections: list[tuple[str, str, str]]) -> str:
+    """The page: title, the summary, what it was made from, navigation, then the sections."""
+    name, source = _title(trace_set, named_docs, eval_name)
+    nav = "".join(f'<a href="#{sid}">{html.escape(title)}</a>'
+                  for sid, title, _ in [("summary", "Summary", ""), ("inputs", "Inputs", ""), *sections])
     created = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return (
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
-        f"<title>calib report — {html.escape(str(info.get('class', 'model')))}</title><style>{CSS}</style></head><body><main>"
-        f"<h1>calib report: {html.escape(str(info.get('class', 'model')))}</h1>"
-        f"<p class='lead'>{html.escape(str(info.get('source', '')))} · generated {created} by calib "
+        f"<title>calib report — {html.escape(name)}</title><style>{CSS}</style></head><body><main>"
+        f"<h1>calib report: {html.escape(name)}</h1>"
+        f"<p class='lead'>{html.escape(source)} · generated {created} by calib "
         f"{html.escape(__version__)}</p><nav>{nav}</nav>"
-        f"<section id='summary'><h2>Traces</h2>{summary}</section>"
+        "<section id='summary'><h2>Summary</h2>" + "".join(f"<p>{html.escape(s)}</p>" for s in summary) + "</section>"
+        f"<section id='inputs'><h2>Inputs</h2>{_inputs(trace_set, named_docs, eval_name)}</section>"
         + "".join(f"<section id='{sid}'><h2>{html.escape(title)}</h2>{body}</section>" for sid, title, body in sections)
         + "</main></body></html>\n"
     )
 
 
-def run_report(traces, *, coeffs=(), eval_path=None, out, echo=print) -> Path:
+def run_report(traces=(), *, coeffs=(), eval_path=None, out, echo=print) -> Path:
+    """``calib report``: any of traces, coefficient files and a calib eval results file (at least one), one page."""
     out = Path(out)
     if out.suffix.lower() not in (".html", ".htm"):
         raise CalibError(f"--out {out}: the report is an HTML file (.html)")
+    if not traces and not coeffs and eval_path is None:
+        raise CalibError("nothing to report: give traces (TRACE.h5 ...), --coeffs C.json or --eval results.json")
     inputs = [*traces, *coeffs, *([eval_path] if eval_path is not None else [])]
     resolve_output(out, inputs=inputs)
-    trace_set = read_traces([Path(t) for t in traces])
+    trace_set = read_traces([Path(t) for t in traces]) if traces else None
     docs = [load_document(c) for c in coeffs]
     eval_data = None
     if eval_path is not None:
@@ -493,7 +550,8 @@ def run_report(traces, *, coeffs=(), eval_path=None, out, echo=print) -> Path:
         eval_data = load_json_file(eval_path, what="a JSON results file of calib eval")
         if not isinstance(eval_data, dict):
             raise CalibError(f"{eval_path}: not a JSON results file of calib eval (not an object)")
-    page, ids = build_html(trace_set, docs, eval_data, str(eval_path) if eval_path else None)
+    page, ids = build_html(trace_set, docs, eval_data, str(eval_path) if eval_path else None,
+                           doc_names=[str(c) for c in coeffs])
     write_text(out, page, inputs=inputs)
     echo(f"wrote {out} ({len(page) / 1024:.0f} kB; sections: {', '.join(ids)})")
     return out
