@@ -97,6 +97,11 @@ def steps_text(by_component: dict) -> str:
     return "; ".join(f"{c}: {', '.join(map(str, s))}" for c, s in by_component.items() if s)
 
 
+def mask_states(rows: list[BudgetRow]) -> list[list[str]]:
+    """The grid :func:`mask_png` draws: per budget row, per step, computed / cond-only / forecast."""
+    return [[r.state(s) for s in range(r.steps)] for r in rows]
+
+
 def mask_png(rows: list[BudgetRow], title: str) -> bytes:
     """The steps x budgets grid: one row per budget (its fraction, forecast and, where it is, the recommended mark),
     one column per denoising step, each cell computed / cond-only / forecast."""
@@ -105,7 +110,7 @@ def mask_png(rows: list[BudgetRow], title: str) -> bytes:
 
     states = (FORECAST, COND_ONLY, COMPUTED)
     n = rows[0].steps
-    grid = np.array([[states.index(r.state(s)) for s in range(n)] for r in rows])
+    grid = np.array([[states.index(state) for state in row] for row in mask_states(rows)])
     fig = figure(min(14.0, 4.0 + 0.28 * n), 1.4 + 0.42 * len(rows))
     ax = fig.subplots()
     ax.imshow(grid, cmap=ListedColormap([STATE_COLORS[s] for s in states]), vmin=0, vmax=len(states) - 1,

@@ -108,6 +108,8 @@ def _peer(results: EvalResults, fraction: float | None) -> str | None:
                 f"{LABELS.get(peer['method'], peer['method'])}: latent rel-L1 {peer['latent_rel_l1']:.4g}")
         if isinstance(point.get("fraction"), (int, float)):
             text += f" at {point['fraction']:.1%} of full forwards"
+            if isinstance(point.get("compute"), (int, float)) and point["compute"] - point["fraction"] > 0.01:
+                text += f" ({point['compute']:.1%} of the block stack's compute, partial forwards counted)"
         if "calib" in entry:
             text += (f", against {LABELS.get(entry['calib']['method'], entry['calib']['method'])}'s "
                      f"{entry['calib']['latent_rel_l1']:.4g} ({entry['ratio']:.2f}x)" if "ratio" in entry else "")

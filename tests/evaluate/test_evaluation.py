@@ -245,6 +245,9 @@ def test_cost_model_interpolates_between_its_two_measured_settings():
 def test_eval_output_has_the_documented_fields(tuned):
     _, _, _, results, ev = tuned
     assert results["format"] == "calib.eval" and results["version"] == 1
+    # what calib report's summary reads: the evaluated file's method and recommended threshold
+    assert results["method"] == "teacache" and results["recommended_threshold"] == results["results"][0]["threshold"]
+    assert "uncached" in results["quality_reference"]
     assert results["settings"]["seeds"] == [100, 101] and results["settings"]["steps"] == STEPS
     assert len(results["settings"]["prompts"]) == 10
     assert results["baseline"]["digit_accuracy"] >= 0.8
