@@ -803,6 +803,9 @@ CASES: list[Case] = [
     Case("report-degree-1000", "a degree-1000 polynomial in `calib report`", "calib report t.h5 --coeffs c.json "
          "--out r.html", "calib: error: c.json: components.transformer.degree: 1000 is greater than the maximum of 20", 2, lambda work: (copy_asset("real.h5", work, "t.h5"), _json_edit(lambda d: d["components"][
              "transformer"].update(coefficients=[0.0] * 1000 + [1.0], degree=1000))(work / "c.json"))),
+    Case("report-nothing", "`calib report` given no traces, coefficient file or results file",
+         "calib report --out r.html",
+         "calib: error: nothing to report: give traces (TRACE.h5 ...), --coeffs C.json or --eval results.json", 2),
     # -- bounds -----------------------------------------------------------------------------------------------------
     Case("seeds-huge", "`--seeds 0-99999999999`", "calib trace --seeds 0-99999999999",
          "calib: error: --seeds '0-99999999999': 100,000,000,000 seeds; at most 100,000 per run", 2),
