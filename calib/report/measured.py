@@ -73,8 +73,8 @@ def _row(p: EvalPoint) -> list:
 
 def eval_section(results: EvalResults, name: str) -> str:
     """The section body: where the numbers come from, the measured plot, the table."""
-    what = (f"{results.prompts} held-out prompt(s) x {results.seeds} seed(s)" if results.prompts and results.seeds
-            else "held-out prompts and seeds")
+    what = (f"{results.prompts} held-out prompt{'s' * (results.prompts != 1)} x {results.seeds} "
+            f"seed{'s' * (results.seeds != 1)}" if results.prompts and results.seeds else "held-out prompts and seeds")
     body = (f"<p class='muted'>From {html.escape(name)} (calib eval of {html.escape(results.coeffs or 'a coefficient file')}"
             f" on {html.escape(results.model or 'its model')}): {what}, generated cached and uncached. The error is "
             f"measured against {QUALITY_REFERENCE}; the fraction of full forwards and the speed-ups are measured "

@@ -11,6 +11,10 @@ from calib.evaluate.results import EvalResults
 from .schedules import budget_rows
 
 
+def _count(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
 def _join(values) -> str:
     return ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values)
 
@@ -31,9 +35,9 @@ def _calibrated(name: str, doc: dict) -> str:
     if isinstance(cal.get("num_trajectories"), int):
         on.append(f"{cal['num_trajectories']} traced trajectories")
     if isinstance(cal.get("num_prompts"), int) and isinstance(cal.get("num_seeds"), int):
-        on.append(f"{cal['num_prompts']} prompts x {cal['num_seeds']} seeds")
+        on.append(f"{_count(cal['num_prompts'], 'prompt')} x {_count(cal['num_seeds'], 'seed')}")
     if traces:
-        on.append(f"{len(traces)} trace file{'s' if len(traces) != 1 else ''}")
+        on.append(_count(len(traces), "trace file"))
     return what + (f", from {', '.join(on)}." if on else ".")
 
 
@@ -64,7 +68,8 @@ def _recommended(doc: dict) -> str | None:
 
 def _measured(results: EvalResults, eval_name: str):
     """(sentence, the point it describes or None)."""
-    where = (f"calib eval ({eval_name}) generated {results.prompts} held-out prompt(s) x {results.seeds} seed(s)"
+    where = (f"calib eval ({eval_name}) generated {_count(results.prompts, 'held-out prompt')} x "
+             f"{_count(results.seeds, 'seed')}"
              + (f" at {results.steps} steps" if results.steps else "") + " cached and uncached")
     point = results.recommended_point()
     if point is None:
@@ -157,10 +162,10 @@ def summary_sentences(trace_set, named_docs: list[tuple[str, dict]], results: Ev
     if trace_set is not None:
         info = trace_set.model_info or {}
         settings = trace_set.settings()
-        out.append(f"The traces: {len(trace_set.trajectories)} trajectories in {len(trace_set.files)} file(s) of "
-                   f"{info.get('class', 'a model')} ({info.get('source', 'unknown source')}), "
-                   f"{_join(settings.get('steps', []))} steps, {settings.get('prompts')} prompts x "
-                   f"{settings.get('seeds')} seeds.")
+        out.append(f"The traces: {len(trace_set.trajectories)} trajectories in "
+                   f"{_count(len(trace_set.files), 'file')} of {info.get('class', 'a model')} "
+                   f"({info.get('source', 'unknown source')}), {_join(settings.get('steps', []))} steps, "
+                   f"{_count(settings.get('prompts') or 0, 'prompt')} x {_count(settings.get('seeds') or 0, 'seed')}.")
     elif named_docs or results is not None:
         out.append("No traces given: the fit's points, the per-step curves and the tables replayed on traces are "
                    "left out; what the files hold is shown.")

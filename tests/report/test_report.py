@@ -220,7 +220,7 @@ def test_the_summary_states_the_inputs_numbers(made, page):
     assert _close(float(found[4]), entry["error"]["holdout_latent_rel_l1"])
     # what calib eval measured at the recommended threshold
     measured = next(r for r in results["results"] if r["threshold"] == results["recommended_threshold"])
-    found = re.search(r"calib eval \(e\.json\) generated (\d+) held-out prompt\(s\) x (\d+) seed\(s\) at (\d+) steps"
+    found = re.search(r"calib eval \(e\.json\) generated (\d+) held-out prompts? x (\d+) seeds? at (\d+) steps"
                       r".*?at the recommended threshold t=([\d.]+), ([\d.]+)% of full forwards computed .*?, "
                       r"([\d.]+)x faster wall-clock, latent rel-L1 ([\d.e-]+) against the uncached output of the "
                       r"same prompt and seed \(PSNR ([\d.]+) dB", summary)
