@@ -18,12 +18,13 @@ from ._group import cli
 @click.option("--coeffs", "coeffs", multiple=True, type=click.Path(path_type=Path),
               help="Coefficient files to show (teacache, block-cache, fastercache-cfg, schedule, or what auto kept); "
                    "repeatable.")
-@click.option("--eval", "eval_path", type=click.Path(path_type=Path),
-              help="Results JSON of `calib eval --out` (measured error vs compute and speed-up; --compare's frontier).")
+@click.option("--eval", "evals", multiple=True, type=click.Path(path_type=Path),
+              help="Results JSON of `calib eval --out` (measured error vs compute and speed-up, a series per file; "
+                   "--compare's frontier); repeatable.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="The HTML file to write.")
-def report(traces, coeffs, eval_path, out):
+def report(traces, coeffs, evals, out):
     """One self-contained HTML page: a summary, fit, per-step changes, tuning tables, block heat-map, schedule
     budgets, measured evaluation. TRACES are optional when --coeffs or --eval is given."""
     from ..report import run_report
 
-    run_report(list(traces), coeffs=list(coeffs), eval_path=eval_path, out=out, echo=click.echo)
+    run_report(list(traces), coeffs=list(coeffs), evals=list(evals), out=out, echo=click.echo)

@@ -75,8 +75,8 @@ class EvalResults:
 
     @property
     def label(self) -> str:
-        """The series' name: the method the file evaluated, measured by calib eval."""
-        return f"{self.method or 'calib'} (calib eval, measured)"
+        """The series' name: the method and the coefficient file calib eval measured."""
+        return f"{self.method or 'calib'}" + (f" {self.coeffs}" if self.coeffs else "") + " (calib eval, measured)"
 
     def recommended_point(self) -> EvalPoint | None:
         """The point at the coefficient file's recommended threshold; with one point, that one; else None."""

@@ -1,4 +1,4 @@
-"""``calib report [TRACES...] [--coeffs C.json ...] [--eval results.json] --out report.html``: one self-contained
+"""``calib report [TRACES...] [--coeffs C.json ...] [--eval results.json ...] --out report.html``: one self-contained
 HTML page (every plot embedded as a base64 PNG, no external file, script or font) with
 
 * a summary on top (:mod:`.summary`): what was calibrated, the recommended setting, what calib eval measured at it
@@ -10,9 +10,9 @@ HTML page (every plot embedded as a base64 PNG, no external file, script or font
 * the block heat-map (blocks x steps) with the block-cache mask;
 * FasterCache's CFG-cache range when the traces hold the cond-uncond series;
 * each schedule file's budgets (:mod:`.schedules`): the steps x budgets mask and its table;
-* the evaluation: for ``calib eval``'s own results file the measured error against the uncached output, against the
-  measured compute fraction and speed-up (:mod:`.measured`), and ``--compare``'s frontier; a file of another format
-  is plotted by its own column names.
+* the evaluation: for ``calib eval``'s own results files the measured error against the uncached output, against the
+  measured compute fraction and speed-up, a series per file (:mod:`.measured`), and ``--compare``'s frontier; a file
+  of another format is plotted by its own column names.
 
 Traces are optional when a coefficient or results file is given; the sections that need them are then left out.
 Matplotlib renders through an explicit Agg canvas (:mod:`.render`); nothing touches pyplot's global state.
@@ -309,15 +309,16 @@ def _threshold_rows(entries: list[dict], recommended, limit: int = 24):
     return rows, chosen
 
 
-def build_html(trace_set, docs: list[dict], eval_data=None, eval_name: str | None = None, *,
-               doc_names: list[str] | None = None) -> tuple[str, list[str]]:
+def build_html(trace_set, docs: list[dict], evals=(), *, doc_names: list[str] | None = None) -> tuple[str, list[str]]:
     """(the page, the section ids in it): the summary first, then one section per stage, each built on its own from
-    what was given (``trace_set`` may be None: the sections that need traces are left out)."""
+    what was given (``trace_set`` may be None: the sections that need traces are left out). ``evals``: (name, parsed
+    results file) pairs."""
     names = list(doc_names) if doc_names is not None else [f"coefficient file {i + 1}" for i in range(len(docs))]
     by_method = {}
     for d in docs:
         by_method.setdefault(d.get("method"), d)
-    results = read_eval_results(eval_data, eval_name or "--eval") if is_eval_results(eval_data) else None
+    measured = [(name, data, read_eval_results(data, name)) for name, data in evals if is_eval_results(data)]
+    others = [(name, data) for name, data in evals if not is_eval_results(data)]
     sections: list[tuple[str, str, str]] = []  # (id, title, body)
     preview = ({}, "modulated_input")
     if trace_set is not None or "teacache" in by_method:
@@ -339,13 +340,15 @@ def build_html(trace_set, docs: list[dict], eval_data=None, eval_name: str | Non
     for i, (name, doc) in enumerate(schedules):
         sections.append(("schedule" if i == 0 else f"schedule-{i + 1}", f"Schedule budgets: {name}",
                          schedule_section(doc, name)))
-    if eval_data is not None:
-        body = (_measured_section(results, eval_data, eval_name) if results is not None
-                else _frontier_section(eval_data, eval_name))
-        sections.append(("frontier", "Evaluation (measured)" if results is not None else "Evaluation frontier", body))
-    summary = summary_sentences(trace_set, list(zip(names, docs)), results, eval_name,
-                                eval_other_format=eval_data is not None and results is None)
-    return _page(trace_set, list(zip(names, docs)), eval_name, summary, sections), ["summary", "inputs"] + [
+    if measured:
+        sections.append(("frontier", "Evaluation (measured)", _measured_section(measured)))
+    for i, (name, data) in enumerate(others):
+        sid = "frontier" if i == 0 and not measured else f"frontier-{i + 1 + bool(measured)}"
+        sections.append((sid, f"Evaluation frontier: {name}", _frontier_section(data, name)))
+    summary = summary_sentences(trace_set, list(zip(names, docs)), [(n, r) for n, _, r in measured],
+                                [n for n, _ in others])
+    eval_names = [name for name, _ in evals]
+    return _page(trace_set, list(zip(names, docs)), eval_names, summary, sections), ["summary", "inputs"] + [
         s[0] for s in sections]
 
 
@@ -447,12 +450,14 @@ def _fastercache_section(trace_set, fc_doc: dict | None) -> str:
     return body
 
 
-def _measured_section(results, eval_data: dict, eval_name: str | None) -> str:
-    """calib eval's own results: the measured plot and table, then the frontier of ``--compare`` when it is there."""
-    body = eval_section(results, eval_name or "the evaluation results")
-    compare = eval_data.get("frontier")
-    if isinstance(compare, dict) and compare.get("methods"):
-        body += "<h3>calib eval --compare: every method at the same targets</h3>" + _compare_frontier(compare)
+def _measured_section(measured: list[tuple[str, dict, object]]) -> str:
+    """calib eval's own results files: the measured plot and tables, then each file's ``--compare`` frontier."""
+    body = eval_section([(name, results) for name, _, results in measured])
+    for name, data, _ in measured:
+        compare = data.get("frontier")
+        if isinstance(compare, dict) and compare.get("methods"):
+            body += (f"<h3>calib eval --compare ({html.escape(name)}): every method at the same targets</h3>"
+                     + _compare_frontier(compare))
     return body
 
 
@@ -483,7 +488,7 @@ def _frontier_section(eval_data, eval_name: str | None) -> str:
     return body + table(keys, [[r.get(k) for k in keys] for r in rows[:60]], left=(0,))
 
 
-def _inputs(trace_set, named_docs: list[tuple[str, dict]], eval_name: str | None) -> str:
+def _inputs(trace_set, named_docs: list[tuple[str, dict]], eval_names: list[str]) -> str:
     """What the page was made from: the traces' settings (when given), the coefficient files, the results file."""
     rows = []
     if trace_set is not None:
@@ -498,11 +503,11 @@ def _inputs(trace_set, named_docs: list[tuple[str, dict]], eval_name: str | None
     else:
         rows.append(["trace files", "none"])
     rows.append(["coefficient files", ", ".join(f"{n} ({d.get('method')})" for n, d in named_docs) or "none"])
-    rows.append(["evaluation results", eval_name or "none"])
+    rows.append(["evaluation results", ", ".join(eval_names) or "none"])
     return table(["", ""], rows, left=(0, 1))
 
 
-def _title(trace_set, named_docs, eval_name) -> tuple[str, str]:
+def _title(trace_set, named_docs, eval_names) -> tuple[str, str]:
     """(the model's class, its source) from the traces, else the first coefficient file."""
     if trace_set is not None:
         info = trace_set.model_info or {}
@@ -510,12 +515,12 @@ def _title(trace_set, named_docs, eval_name) -> tuple[str, str]:
     for _, doc in named_docs:
         model = doc.get("model") or {}
         return str(model.get("class", "model")), str(model.get("source", ""))
-    return "evaluation", str(eval_name or "")
+    return "evaluation", ", ".join(eval_names)
 
 
-def _page(trace_set, named_docs, eval_name, summary: list[str], sections: list[tuple[str, str, str]]) -> str:
+def _page(trace_set, named_docs, eval_names, summary: list[str], sections: list[tuple[str, str, str]]) -> str:
     """The page: title, the summary, what it was made from, navigation, then the sections."""
-    name, source = _title(trace_set, named_docs, eval_name)
+    name, source = _title(trace_set, named_docs, eval_names)
     nav = "".join(f'<a href="#{sid}">{html.escape(title)}</a>'
                   for sid, title, _ in [("summary", "Summary", ""), ("inputs", "Inputs", ""), *sections])
     created = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -526,32 +531,32 @@ def _page(trace_set, named_docs, eval_name, summary: list[str], sections: list[t
         f"<p class='lead'>{html.escape(source)} · generated {created} by calib "
         f"{html.escape(__version__)}</p><nav>{nav}</nav>"
         "<section id='summary'><h2>Summary</h2>" + "".join(f"<p>{html.escape(s)}</p>" for s in summary) + "</section>"
-        f"<section id='inputs'><h2>Inputs</h2>{_inputs(trace_set, named_docs, eval_name)}</section>"
+        f"<section id='inputs'><h2>Inputs</h2>{_inputs(trace_set, named_docs, eval_names)}</section>"
         + "".join(f"<section id='{sid}'><h2>{html.escape(title)}</h2>{body}</section>" for sid, title, body in sections)
         + "</main></body></html>\n"
     )
 
 
-def run_report(traces=(), *, coeffs=(), eval_path=None, out, echo=print) -> Path:
-    """``calib report``: any of traces, coefficient files and a calib eval results file (at least one), one page."""
+def run_report(traces=(), *, coeffs=(), evals=(), out, echo=print) -> Path:
+    """``calib report``: any of traces, coefficient files and results files of calib eval (at least one), one page."""
     out = Path(out)
     if out.suffix.lower() not in (".html", ".htm"):
         raise CalibError(f"--out {out}: the report is an HTML file (.html)")
-    if not traces and not coeffs and eval_path is None:
+    if not traces and not coeffs and not evals:
         raise CalibError("nothing to report: give traces (TRACE.h5 ...), --coeffs C.json or --eval results.json")
-    inputs = [*traces, *coeffs, *([eval_path] if eval_path is not None else [])]
+    inputs = [*traces, *coeffs, *evals]
     resolve_output(out, inputs=inputs)
     trace_set = read_traces([Path(t) for t in traces]) if traces else None
     docs = [load_document(c) for c in coeffs]
-    eval_data = None
-    if eval_path is not None:
-        if not Path(eval_path).exists():
-            raise CalibError(f"{eval_path}: no such file")
-        eval_data = load_json_file(eval_path, what="a JSON results file of calib eval")
-        if not isinstance(eval_data, dict):
-            raise CalibError(f"{eval_path}: not a JSON results file of calib eval (not an object)")
-    page, ids = build_html(trace_set, docs, eval_data, str(eval_path) if eval_path else None,
-                           doc_names=[str(c) for c in coeffs])
+    loaded = []
+    for path in evals:
+        if not Path(path).exists():
+            raise CalibError(f"{path}: no such file")
+        data = load_json_file(path, what="a JSON results file of calib eval")
+        if not isinstance(data, dict):
+            raise CalibError(f"{path}: not a JSON results file of calib eval (not an object)")
+        loaded.append((str(path), data))
+    page, ids = build_html(trace_set, docs, loaded, doc_names=[str(c) for c in coeffs])
     write_text(out, page, inputs=inputs)
     echo(f"wrote {out} ({len(page) / 1024:.0f} kB; sections: {', '.join(ids)})")
     return out

@@ -147,9 +147,20 @@ def _auto_verdict(name: str, doc: dict) -> str | None:
             f"{schedule['compute_fraction']:.1%}; it kept the {verdict['kept']}.")
 
 
-def summary_sentences(trace_set, named_docs: list[tuple[str, dict]], results: EvalResults | None,
-                      eval_name: str | None, *, eval_other_format: bool = False) -> list[str]:
-    """The summary, one sentence (or two) per item, in reading order."""
+def _other_file_alternative(name: str, results: EvalResults, fraction: float) -> str | None:
+    """Another results file's point nearest ``fraction``: an alternative measured by calib eval too."""
+    points = [p for p in results.points if p.compute_fraction is not None and p.latent_rel_l1 is not None]
+    if not points:
+        return None
+    p = min(points, key=lambda q: abs(q.compute_fraction - fraction))
+    return (f"Alternative at similar compute: {name} ({results.method or 'calib'} {results.coeffs or ''}".rstrip()
+            + f") measured {_point_text(p)}.")
+
+
+def summary_sentences(trace_set, named_docs: list[tuple[str, dict]], named_results: list[tuple[str, EvalResults]],
+                      other_formats: list[str] = ()) -> list[str]:
+    """The summary, one sentence (or two) per item, in reading order: the coefficient files, the traces, then per
+    results file of calib eval what it measured and the alternatives measured at similar compute."""
     out = []
     for name, doc in named_docs:
         out.append(_calibrated(name, doc))
@@ -166,32 +177,29 @@ def summary_sentences(trace_set, named_docs: list[tuple[str, dict]], results: Ev
                    f"{_count(len(trace_set.files), 'file')} of {info.get('class', 'a model')} "
                    f"({info.get('source', 'unknown source')}), {_join(settings.get('steps', []))} steps, "
                    f"{_count(settings.get('prompts') or 0, 'prompt')} x {_count(settings.get('seeds') or 0, 'seed')}.")
-    elif named_docs or results is not None:
+    elif named_docs or named_results or other_formats:
         out.append("No traces given: the fit's points, the per-step curves and the tables replayed on traces are "
                    "left out; what the files hold is shown.")
-    point = None
-    if results is not None:
-        sentence, point = _measured(results, eval_name or "the results file")
+    for eval_name, results in named_results:
+        sentence, point = _measured(results, eval_name)
         out.append(sentence)
-    elif eval_other_format:
+        fraction = None if point is None else point.compute_fraction
+        alternatives = []
+        if results.frontier is not None:
+            alternatives.append(_peer(results, fraction))
+        if fraction is not None:
+            alternatives += [_other_file_alternative(name, other, fraction)
+                             for name, other in named_results if other is not results]
+            alternatives += [_schedule_alternative(name, doc, fraction)
+                             for name, doc in named_docs if doc.get("method") == "schedule"]
+        alternatives = [a for a in alternatives if a]
+        out += alternatives
+        if not alternatives:
+            out.append("No alternative was measured at similar compute: calib eval --compare --traces TRACE.h5 "
+                       "measures the other caches, and a schedule file (--coeffs) shows its budgets' errors.")
+    for eval_name in other_formats:
         out.append(f"{eval_name} is not calib eval's own results format; its rows are plotted as they are under "
                    "Evaluation.")
-    fraction = None if point is None else point.compute_fraction
-    alternatives = []
-    if results is not None and results.frontier is not None:
-        peer = _peer(results, fraction)
-        if peer:
-            alternatives.append(peer)
-    if fraction is not None:
-        for name, doc in named_docs:
-            if doc.get("method") == "schedule":
-                alt = _schedule_alternative(name, doc, fraction)
-                if alt:
-                    alternatives.append(alt)
-    out += alternatives
-    if results is not None and not alternatives:
-        out.append("No alternative was measured at similar compute: calib eval --compare --traces TRACE.h5 measures "
-                   "the other caches, and a schedule file (--coeffs) shows its budgets' errors.")
     if not out:
         out.append("Nothing to sum up.")
     return out

@@ -37,7 +37,7 @@ def _ok(work, *argv) -> str:
 @pytest.fixture(scope="module")
 def made(tmp_path_factory):
     """trace t.h5 -> t.json (TeaCache) and s.json (schedule) -> calib eval of t.json at its recommended threshold
-    and one more -> e.json; and e-compare.json: the same results with the frontier ``calib eval --compare`` adds,
+    and one more -> e.json, at a larger threshold without traces -> e2.json; and e-compare.json: the same results with the frontier ``calib eval --compare`` adds,
     measured for calib's gate, the uniform peer and MagCache (the full set of rows takes minutes)."""
     work = tmp_path_factory.mktemp("report")
     (work / "p.txt").write_text("\n".join(PROMPTS) + "\n", encoding="utf-8")
@@ -48,6 +48,8 @@ def made(tmp_path_factory):
     recommended = json.loads((work / "t.json").read_text())["thresholds"]["recommended"]
     _ok(work, "eval", "--coeffs", "t.json", "--prompts", "p.txt", "--seeds", "100", "--repeats", "1",
         "--threshold", recommended, "--threshold", recommended / 4, "--traces", "t.h5", "--out", "e.json")
+    _ok(work, "eval", "--coeffs", "t.json", "--prompts", "p.txt", "--seeds", "100", "--repeats", "1",
+        "--threshold", recommended * 1.5, "--out", "e2.json")  # another setting: a second measured series
 
     import calib.runtime as cr
     from calib.evaluate.frontier import run_frontier
@@ -260,8 +262,26 @@ def test_the_summary_names_the_best_peer_calib_eval_compare_measured(made):
     assert int(found[1]) == round(100 * target)
     assert found[2] == LABELS[peer["method"]]
     assert _close(float(found[3]), peer["latent_rel_l1"])
-    assert "calib eval --compare: every method" in page_text  # the frontier's own figure and table follow
+    assert "calib eval --compare (e-compare.json): every method" in page_text  # the frontier's own figure and table follow
     assert len(_parse(page_text).images["frontier"]) == 2
+
+
+def test_several_results_files_are_one_series_each_and_alternatives_to_each_other(made):
+    _ok(made, "report", "--eval", "e.json", "--eval", "e2.json", "--out", "two.html")
+    page_text = (made / "two.html").read_text(encoding="utf-8")
+    parsed = _parse(page_text)
+    assert len(parsed.images["frontier"]) == 1  # one plot, a series per file
+    assert [len(_records(t)) for t in parsed.tables["frontier"]] == [2, 1]
+    second = json.loads((made / "e2.json").read_text())
+    assert second["results"][0]["predicted"] is None  # no --traces: no prediction, the proxy columns are empty
+    assert _records(parsed.tables["frontier"][1])[0]["error proxy (replayed prediction, not measured)"] == "—"
+    (other,) = second["results"]
+    found = re.search(r"Alternative at similar compute: e2\.json \(teacache t\.json\) measured t=([\d.]+), "
+                      r"([\d.]+)% of full forwards computed.*?latent rel-L1 ([\d.e-]+) against", _summary(page_text))
+    assert found, _summary(page_text)
+    assert float(found[1]) == pytest.approx(other["threshold"], rel=1e-5)
+    assert float(found[2]) == pytest.approx(100 * other["measured"]["compute_fraction"], abs=0.05)
+    assert _close(float(found[3]), other["quality"]["latent_rel_l1"]["mean"])
 
 
 # ---------------------------------------------------------------------------------------------------------------
