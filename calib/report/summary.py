@@ -141,8 +141,9 @@ def _auto_verdict(name: str, doc: dict) -> str | None:
     if not isinstance(verdict, dict) or "gate" not in verdict or "schedule" not in verdict:
         return None
     gate, schedule = verdict["gate"], verdict["schedule"]
-    return (f"calib fit --method auto ({name}) compared both at <= {verdict['target_compute_fraction']:.0%} of "
-            f"compute on held-out calibration prompts: gate + forecast {gate['holdout_latent_rel_l1']:.4g} at "
+    return (f"calib fit --method auto ({name}) compared its two candidates at <= "
+            f"{verdict['target_compute_fraction']:.0%} of compute on held-out calibration prompts (latent rel-L1 "
+            f"against the uncached output): gate + forecast {gate['holdout_latent_rel_l1']:.4g} at "
             f"{gate['compute_fraction']:.1%}, schedule + forecast {schedule['holdout_latent_rel_l1']:.4g} at "
             f"{schedule['compute_fraction']:.1%}; it kept the {verdict['kept']}.")
 

@@ -318,6 +318,26 @@ def test_the_schedule_masks_are_the_documents(made, page):
         assert states == [COMPUTED if s in full else COND_ONLY if s in cond else FORECAST for s in range(STEPS)]
 
 
+def test_an_auto_file_shows_its_verdict_and_what_it_kept(made):
+    _ok(made, "fit", "t.h5", "--method", "auto", "--compute-fraction", "0.5", "--fractions", "0.5",
+        "--forecast-targets", "output", "--forecast-order", "1", "--search-evals", "3", "--out", "a.json")
+    _ok(made, "report", "--coeffs", "a.json", "--out", "auto.html")
+    page_text = (made / "auto.html").read_text(encoding="utf-8")
+    verdict = json.loads((made / "a.json").read_text())["calibration"]["auto"]
+    found = re.search(r"calib fit --method auto \(a\.json\) compared its two candidates at <= (\d+)% of compute .*?"
+                      r"gate \+ forecast ([\d.e-]+) at ([\d.]+)%, schedule \+ forecast ([\d.e-]+) at ([\d.]+)%; it "
+                      r"kept the (gate|schedule)\.", _summary(page_text))
+    assert found, _summary(page_text)
+    assert int(found[1]) == round(100 * verdict["target_compute_fraction"])
+    assert _close(float(found[2]), verdict["gate"]["holdout_latent_rel_l1"])
+    assert float(found[3]) == pytest.approx(100 * verdict["gate"]["compute_fraction"], abs=0.05)
+    assert _close(float(found[4]), verdict["schedule"]["holdout_latent_rel_l1"])
+    assert float(found[5]) == pytest.approx(100 * verdict["schedule"]["compute_fraction"], abs=0.05)
+    assert found[6] == verdict["kept"]
+    ids = _parse(page_text).ids
+    assert ("schedule" in ids) == (verdict["kept"] == "schedule") and ("fit" in ids) == (verdict["kept"] == "gate")
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # traces optional; nothing given; other formats
 # ---------------------------------------------------------------------------------------------------------------
