@@ -158,6 +158,15 @@ def _other_file_alternative(name: str, results: EvalResults, fraction: float) ->
             + f") measured {_point_text(p)}.")
 
 
+def _lenient(sentence, *args) -> str | None:
+    """``sentence(*args)``, or None where the part of a file it reads is not shaped as calib writes it (a results
+    file's frontier, a verdict): the summary leaves that sentence out rather than fail the page."""
+    try:
+        return sentence(*args)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
+
+
 def summary_sentences(trace_set, named_docs: list[tuple[str, dict]], named_results: list[tuple[str, EvalResults]],
                       other_formats: list[str] = ()) -> list[str]:
     """The summary, one sentence (or two) per item, in reading order: the coefficient files, the traces, then per
@@ -168,7 +177,7 @@ def summary_sentences(trace_set, named_docs: list[tuple[str, dict]], named_resul
         rec = _recommended(doc)
         if rec:
             out.append(rec)
-        verdict = _auto_verdict(name, doc)
+        verdict = _lenient(_auto_verdict, name, doc)
         if verdict:
             out.append(verdict)
     if trace_set is not None:
@@ -187,7 +196,7 @@ def summary_sentences(trace_set, named_docs: list[tuple[str, dict]], named_resul
         fraction = None if point is None else point.compute_fraction
         alternatives = []
         if results.frontier is not None:
-            alternatives.append(_peer(results, fraction))
+            alternatives.append(_lenient(_peer, results, fraction))
         if fraction is not None:
             alternatives += [_other_file_alternative(name, other, fraction)
                              for name, other in named_results if other is not results]
