@@ -58,7 +58,8 @@ def _basis(entry: dict) -> str:
         return f"CFG: cond by {_basis(entry.get('cond') or {})}; cond − uncond by {_basis(entry.get('diff') or {})}"
     if kind == "linear":
         fallback = entry.get("fallback") or {}
-        return f"fitted weight table ({len(entry.get('rows') or [])} rows; else Newton order {fallback.get('order', '?')})"
+        return (f"fitted weight table ({len(entry.get('rows') or [])} rows; else Newton order "
+                f"{fallback.get('order', '?')})")
     return str(kind)
 
 
@@ -116,9 +117,9 @@ def mask_png(rows: list[BudgetRow], title: str) -> bytes:
     ax.imshow(grid, cmap=ListedColormap([STATE_COLORS[s] for s in states]), vmin=0, vmax=len(states) - 1,
               aspect="auto", interpolation="nearest")
     ax.set_xticks(range(n), [str(s) if n <= 30 or s % 5 == 0 else "" for s in range(n)], fontsize=7)
-    ax.set_yticks(range(len(rows)),
-                  [f"{r.budget:g} ({r.compute_fraction:.0%}), {r.target}" + (" ← recommended" if r.recommended else "")
-                   for r in rows], fontsize=8)
+    labels = [f"{r.budget:g} ({r.compute_fraction:.0%}), {r.target}" + (" ← recommended" if r.recommended else "")
+              for r in rows]
+    ax.set_yticks(range(len(rows)), labels, fontsize=8)
     ax.set_xticks(np.arange(-0.5, n, 1), minor=True)
     ax.set_yticks(np.arange(-0.5, len(rows), 1), minor=True)
     ax.grid(which="minor", color="white", lw=1.2)

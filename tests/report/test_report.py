@@ -37,8 +37,9 @@ def _ok(work, *argv) -> str:
 @pytest.fixture(scope="module")
 def made(tmp_path_factory):
     """trace t.h5 -> t.json (TeaCache) and s.json (schedule) -> calib eval of t.json at its recommended threshold
-    and one more -> e.json, at a larger threshold without traces -> e2.json; and e-compare.json: the same results with the frontier ``calib eval --compare`` adds,
-    measured for calib's gate, the uniform peer and MagCache (the full set of rows takes minutes)."""
+    and one more -> e.json, at a larger threshold without traces -> e2.json; and e-compare.json: the same results
+    with the frontier ``calib eval --compare`` adds, measured for calib's gate, the uniform peer and MagCache (the
+    full set of rows takes minutes)."""
     work = tmp_path_factory.mktemp("report")
     (work / "p.txt").write_text("\n".join(PROMPTS) + "\n", encoding="utf-8")
     _ok(work, "trace", "--model", "builtin:digits", "--prompts", "p.txt", "--steps", STEPS, "--seeds", "0",
@@ -262,7 +263,8 @@ def test_the_summary_names_the_best_peer_calib_eval_compare_measured(made):
     assert int(found[1]) == round(100 * target)
     assert found[2] == LABELS[peer["method"]]
     assert _close(float(found[3]), peer["latent_rel_l1"])
-    assert "calib eval --compare (e-compare.json): every method" in page_text  # the frontier's own figure and table follow
+    # the frontier's own figure and table follow
+    assert "calib eval --compare (e-compare.json): every method" in page_text
     assert len(_parse(page_text).images["frontier"]) == 2
 
 
