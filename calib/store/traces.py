@@ -708,12 +708,22 @@ class TraceWriter:
                                  "it -- remove it if no calib process is running")
             _refuse_foreign_lock_file(st, None, shown)
         self._lock_shown = shown
-        lock = filelock.FileLock(lock_path, timeout=0, mode=0o644, on_acquired=self._claim_lock_file)
+        # thread_local=False: the writer's lock, released by close() from whichever thread calls it
+        lock = filelock.FileLock(lock_path, timeout=0, mode=0o644, thread_local=False,
+                                 on_acquired=self._claim_lock_file)
         try:
-            lock.acquire()
-        except filelock.Timeout:
-            raise CalibError(f"{self.path} is being written by another calib process (pid {_lock_holder(lock_path)}); "
-                             "wait for it or use another --out") from None
+            for _ in range(10):
+                try:
+                    lock.acquire()
+                    break
+                except filelock.Timeout:
+                    # not taken: held by another writer, or the file we opened was its, removed as it finished
+                    # (then the path is free, or a third writer's new file is there): look again
+                    if os.path.lexists(lock_path):
+                        raise CalibError(f"{self.path} is being written by another calib process (pid "
+                                         f"{_lock_holder(lock_path)}); wait for it or use another --out") from None
+            else:  # pragma: no cover - needs writers finishing and starting in a loop
+                raise CalibError(f"{lock_path}: could not take the lock; remove it if no calib process is running")
         except OSError as exc:
             if exc.errno in (errno.ELOOP, errno.EMLINK):  # a symlink put there after the look above
                 raise CalibError(f"{shown}: is a symbolic link, not calib's lock file; calib will not write through "
