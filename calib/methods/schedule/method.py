@@ -76,10 +76,12 @@ def fit_schedule(pipe, trace_set, *, source: str, log, fractions=DEFAULT_FRACTIO
             bar.say(echo, f"  budget {found[budget].budget:g}: {found[budget].plan.key()} with "
                           f"{found[budget].forecast.name}: held-out latent rel-L1 {found[budget].holdout_error:.5f}")
     finally:
-        save()  # Ctrl-C keeps what was measured
-        bar.close()
-        measure.close()
-        holdout.close()
+        bar.close()  # before any message (a failed save's too), so it starts on a line of its own
+        try:
+            save()  # Ctrl-C keeps what was measured
+        finally:
+            measure.close()
+            holdout.close()
     if shard is not None:
         echo(f"shard {shard[0]}/{shard[1]} searched; once every shard is done, run the same command without --shard "
              "to write the schedule file")
