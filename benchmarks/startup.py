@@ -56,7 +56,8 @@ def main() -> None:
         bad.write_text("{not json")
         rows = {"python -c pass": ([sys.executable, "-c", "pass"], None),
                 "python -c 'import torch'": ([sys.executable, "-c", "import torch"], None)}
-        rows.update({name: ([sys.executable, "-c", PROBE, *argv], "probe") for name, argv in commands(str(bad)).items()})
+        rows.update({name: ([sys.executable, "-c", PROBE, *argv], "probe")
+                     for name, argv in commands(str(bad)).items()})
         times = {name: [] for name in rows}
         imported = {}
         for _ in range(args.repeats):  # interleaved, so load on the machine hits every command alike

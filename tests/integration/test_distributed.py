@@ -225,8 +225,8 @@ def doc_cpu_block() -> str:
 
 
 LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_RANK",
-                      "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK", "MV2_COMM_WORLD_RANK", "MV2_COMM_WORLD_SIZE",
-                      "MPI_LOCALRANKID")
+                      "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK", "MV2_COMM_WORLD_RANK",
+                      "MV2_COMM_WORLD_SIZE", "MPI_LOCALRANKID")
 
 
 def test_launcher_environment_is_read_as_accelerate_reads_it(monkeypatch):
