@@ -14,15 +14,20 @@ class Progress:
     ``unit``: give it a leading space there."""
 
     def __init__(self, desc: str, unit: str, *, total: int | None = None, enabled: bool = True):
+        import sys
+
         from tqdm.auto import tqdm
 
         self._tqdm = tqdm
-        self.bar = tqdm(total=total, desc=desc, unit=unit, leave=False, dynamic_ncols=True, disable=not enabled)
+        # a terminal redraws the bar in place; a log file keeps every redraw, so there it is redrawn every 10 s
+        terminal = hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
+        self.bar = tqdm(total=total, desc=desc, unit=unit, leave=False, dynamic_ncols=True, disable=not enabled,
+                        mininterval=0.1 if terminal else 10.0)
 
     def tick(self, text: str | None = None) -> None:
-        self.bar.update(1)
         if text:
-            self.bar.set_postfix_str(text)
+            self.bar.set_postfix_str(text, refresh=False)
+        self.bar.update(1)
 
     def say(self, echo, text: str) -> None:
         """``echo(text)`` above the bar (tqdm clears it, the text is printed, the bar is drawn again)."""
