@@ -42,19 +42,22 @@ def _config_for(transformer, component="transformer"):
 
 
 class Clock:
-    """Wall and main-thread CPU time of a block; synchronises CUDA around it."""
+    """Wall and main-thread CPU time of a block; the device's queued work is finished before each clock read
+    (calib.trace.generate.synchronize, the synchronisation of every measured generation in calib). Not
+    ``torch.utils.benchmark.Timer``: it times one statement repeated, and these generations take turns mode by mode
+    (plain, traced, runtime) and are timed in CPU time too, which it does not measure."""
 
     def __init__(self, cuda: bool):
-        self.cuda = cuda
+        self.device = "cuda" if cuda else "cpu"
 
     @contextmanager
     def __call__(self, into: dict, name: str):
-        if self.cuda:
-            torch.cuda.synchronize()
+        from calib.trace.generate import synchronize
+
+        synchronize(self.device)
         w, c = time.perf_counter(), time.thread_time()
         yield
-        if self.cuda:
-            torch.cuda.synchronize()
+        synchronize(self.device)
         into.setdefault(name, {"wall": [], "cpu": []})
         into[name]["wall"].append(time.perf_counter() - w)
         into[name]["cpu"].append(time.thread_time() - c)

@@ -12,6 +12,7 @@ import statistics
 import calib.runtime as cr
 from calib.evaluate.harness import compare_outputs, with_polynomial
 from calib.methods.cost_model import COST_MODEL
+from calib.methods.progress import Progress
 from calib.trace.generate import Generator
 
 COST_JOBS = 4  # generations (the first jobs) on which the cost model's two extreme settings are timed
@@ -37,8 +38,18 @@ def cost_model(timings: dict) -> dict:
 
 def measure_generations(generate: Generator, config, thresholds, jobs, repeats, reader, echo) -> dict:
     """Uncached and cached generations of every job, interleaved, ``repeats`` times; quality from the first. The
-    first :data:`COST_JOBS` jobs also run the cost model's two extreme settings (:func:`cost_model`)."""
+    first :data:`COST_JOBS` jobs also run the cost model's two extreme settings (:func:`cost_model`). A progress bar
+    counts every generation."""
     every, fewest = _extreme_configs(config)
+    probe_jobs = jobs[:COST_JOBS]
+    warmups = 1 + len(thresholds) + 2
+    bar = Progress("calib eval", "generation",
+                   total=warmups + repeats * (len(jobs) * (1 + len(thresholds)) + 2 * len(probe_jobs)))
+
+    def uncached(job):
+        out = generate(*job)
+        bar.tick(f"uncached {job[0][:24]!r} seed {job[1]}")
+        return out
 
     def cached(job, t, cfg=config):
         handle = cr.apply(generate.pipe, cfg, threshold=t)
@@ -47,40 +58,41 @@ def measure_generations(generate: Generator, config, thresholds, jobs, repeats, 
             stats = handle.stats()
         finally:
             handle.remove()
+        bar.tick(f"threshold {t:g} {job[0][:24]!r} seed {job[1]}")
         return out, stats
 
-    # warm-up: the first calls pay for allocations and lazy initialisation
-    generate(*jobs[0])
-    for t in thresholds:
-        cached(jobs[0], t)
-    cached(jobs[0], 1.0, every)
-    cached(jobs[0], 1.0, fewest)
-    base = {}
-    runs = {t: {} for t in thresholds}
-    probe_jobs = jobs[:COST_JOBS]
-    probes = {job: {"full": [], "fewest": [], "fewest_stats": None} for job in probe_jobs}
-    for r in range(repeats):
-        for job in jobs:
-            ref = generate(*job)
-            entry = base.setdefault(job, {"seconds": []})
-            entry["seconds"].append(ref.seconds)
-            if job in probes:
-                probes[job]["full"].append(cached(job, 1.0, every)[0].seconds)
-                out, stats = cached(job, 1.0, fewest)
-                probes[job]["fewest"].append(out.seconds)
-                probes[job]["fewest_stats"] = stats
-            if r == 0:
-                entry["output"] = ref
-                if reader is not None:
-                    entry["digit"] = reader(ref.planes)
-            for t in thresholds:
-                out, stats = cached(job, t)
-                rec = runs[t].setdefault(job, {"seconds": []})
-                rec["seconds"].append(out.seconds)
+    with bar:
+        # warm-up: the first calls pay for allocations and lazy initialisation
+        uncached(jobs[0])
+        for t in thresholds:
+            cached(jobs[0], t)
+        cached(jobs[0], 1.0, every)
+        cached(jobs[0], 1.0, fewest)
+        base = {}
+        runs = {t: {} for t in thresholds}
+        probes = {job: {"full": [], "fewest": [], "fewest_stats": None} for job in probe_jobs}
+        for r in range(repeats):
+            for job in jobs:
+                ref = uncached(job)
+                entry = base.setdefault(job, {"seconds": []})
+                entry["seconds"].append(ref.seconds)
+                if job in probes:
+                    probes[job]["full"].append(cached(job, 1.0, every)[0].seconds)
+                    out, stats = cached(job, 1.0, fewest)
+                    probes[job]["fewest"].append(out.seconds)
+                    probes[job]["fewest_stats"] = stats
                 if r == 0:
-                    rec["stats"] = stats
-                    rec["quality"] = compare_outputs(entry["output"], out, reader)
-        echo(f"  repeat {r + 1}/{repeats} done")
+                    entry["output"] = ref
+                    if reader is not None:
+                        entry["digit"] = reader(ref.planes)
+                for t in thresholds:
+                    out, stats = cached(job, t)
+                    rec = runs[t].setdefault(job, {"seconds": []})
+                    rec["seconds"].append(out.seconds)
+                    if r == 0:
+                        rec["stats"] = stats
+                        rec["quality"] = compare_outputs(entry["output"], out, reader)
+            bar.say(echo, f"  repeat {r + 1}/{repeats} done")
     costs = {
         "base": [statistics.median(base[j]["seconds"]) for j in probe_jobs],
         "full": [statistics.median(probes[j]["full"]) for j in probe_jobs],

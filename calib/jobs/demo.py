@@ -50,7 +50,7 @@ def _choose(pipe, trace_path, coeffs_path, coeffs_dir, echo):
     seeds = sorted({t.seed for t in trace_set.trajectories})[:1]
     schedule_path = coeffs_dir / "digits.schedule.json"
     doc = fit_schedule(pipe, trace_set, source=MODEL, log=SearchLog(schedule_path), fractions=(DEMO_FRACTION,),
-                       targets=DEMO_TARGETS, max_local=DEMO_SEARCH_EVALS, seeds=seeds, echo=echo, progress=False)
+                       targets=DEMO_TARGETS, max_local=DEMO_SEARCH_EVALS, seeds=seeds, echo=echo)
     entry, reached = choose_budget(doc, TuneGoal("compute_fraction", DEMO_FRACTION))
     doc["recommended"] = {"budget": entry["budget"]}
     write_document(doc, schedule_path)

@@ -86,12 +86,39 @@ def _env_int(env, name: str) -> int | None:
     return int(value)
 
 
-def resolve_shard(shard_option: str | None, env=None) -> Shard | None:
-    """This process's shard: from ``--shard i/n``, or from RANK / WORLD_SIZE / LOCAL_RANK as torchrun and
-    ``accelerate launch`` set them; None for a single-process run (no option, WORLD_SIZE unset or 1)."""
+def launcher_ranks(env=None) -> tuple[int | None, int | None, int | None]:
+    """(world size, rank, local rank) as the launcher set them, None where unset.
+
+    Reading the process's own environment where accelerate is installed, this is accelerate's reading of it
+    (``accelerate.utils.get_cpu_distributed_information``): torchrun's RANK / WORLD_SIZE / LOCAL_RANK, else the MPI
+    launchers' (``PMI_*``, ``OMPI_COMM_WORLD_*``, ``MV2_COMM_WORLD_*``, as ``accelerate launch --mpirun`` leaves
+    them). Without accelerate, or for an ``env`` given here, torchrun's variables. Not ``accelerate.PartialState()``:
+    building it initialises the process group (and picks and sets the CUDA device) before calib has checked its
+    options; calib joins the group itself, for its final barrier only (:func:`init_process_group`)."""
+    own = env is None or env is os.environ
     env = os.environ if env is None else env
+    world, rank, local = (_env_int(env, name) for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"))  # calib's messages
+    if world is not None or not own:
+        return world, rank, local
+    try:
+        from accelerate.utils import get_cpu_distributed_information
+    except ImportError:  # accelerate is optional for this: torchrun's variables only
+        return None, rank, local
+    try:
+        info = get_cpu_distributed_information()
+    except ValueError as exc:
+        raise CalibError(f"the launcher's environment holds a rank or size that is not an integer ({exc})") from None
+    if info.world_size <= 1:
+        return None, rank, local
+    return info.world_size, info.rank, info.local_rank
+
+
+def resolve_shard(shard_option: str | None, env=None) -> Shard | None:
+    """This process's shard: from ``--shard i/n``, or from the rank and world size a launcher set (torchrun,
+    ``accelerate launch``: :func:`launcher_ranks`); None for a single-process run (no option, world size unset or
+    1)."""
     option = parse_shard(shard_option)
-    world = _env_int(env, "WORLD_SIZE")
+    world, rank, local = launcher_ranks(env)
     if world is not None and world > 1:
         if option is not None:
             raise CalibError(
@@ -99,10 +126,9 @@ def resolve_shard(shard_option: str | None, env=None) -> Shard | None:
             )
         if world > MAX_SHARDS:
             raise CalibError(f"WORLD_SIZE={world}: at most {MAX_SHARDS:,} ranks")
-        rank = _env_int(env, "RANK")
         if rank is None or not 0 <= rank < world:
-            raise CalibError(f"WORLD_SIZE={world} but RANK is {env.get('RANK')!r}; start calib with torchrun or accelerate launch")
-        local = _env_int(env, "LOCAL_RANK")
+            raise CalibError(f"WORLD_SIZE={world} but RANK is {rank if rank is None else str(rank)!r}; start calib "
+                             "with torchrun or accelerate launch")
         return Shard(rank, world, "torchrun", rank if local is None else local)
     if option is None:
         return None
@@ -390,7 +416,8 @@ def init_process_group(shard: Shard, device: str) -> bool:
             "RANK/WORLD_SIZE are set but MASTER_ADDR/MASTER_PORT are not; start calib with torchrun or accelerate "
             "launch, or use --shard i/n for independent jobs"
         )
-    kwargs = {"timeout": BARRIER_TIMEOUT}
+    # rank and size as calib read them (an MPI launch sets no RANK / WORLD_SIZE for env:// to read)
+    kwargs = {"timeout": BARRIER_TIMEOUT, "rank": shard.index, "world_size": shard.count}
     if device.startswith("cuda") and dist.is_nccl_available():
         dev = torch.device(device)
         kwargs["device_id"] = dev if dev.index is not None else torch.device("cuda", shard.local_rank)

@@ -5,8 +5,8 @@ renames it over the old one. A crash or SIGKILL at any moment therefore leaves e
 the new complete file, never a half-written one, and readers never see a partial state. Traces hold scalars only
 (a few kB per trajectory), so rewriting is cheap next to a generation.
 
-Exclusive access: a writer holds an ``fcntl`` lock on ``<file>.lock`` for its lifetime; a second writer fails at once
-with a message naming the holder. Readers take no lock.
+Exclusive access: a writer holds filelock's ``flock`` lock on ``<file>.lock`` for its lifetime; a second writer fails
+at once with a message naming the holder. Readers take no lock.
 """
 
 from __future__ import annotations
@@ -178,6 +178,43 @@ class TraceSet:
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _refuse_foreign_lock_file(st: os.stat_result, fd: int | None, shown) -> None:
+    """Refuse a lock file that is not calib's: not a regular file, another hard link of some file, or holding
+    anything but a pid (read through ``fd`` when given)."""
+    import stat
+
+    why = None
+    if not stat.S_ISREG(st.st_mode):
+        why = "is not a regular file"
+    elif st.st_nlink > 1:
+        why = f"has {st.st_nlink} hard links (another file shares its data)"
+    elif fd is not None:
+        held = os.pread(fd, 64, 0)
+        if len(held) > 20 or not (held.strip().isdigit() or not held.strip()):
+            why = "holds something other than a calib process id"
+    if why is not None:
+        raise CalibError(f"{shown}: {why}, so it is not calib's lock file; calib will not change it -- "
+                         "move it away if no calib process is running")
+
+
+def _lock_holder(lock_path: Path) -> str:
+    """The pid a lock file's holder wrote in it, read without following a symlink or opening anything but a regular
+    file; "?" if there is none to read."""
+    import stat
+
+    try:
+        fd = os.open(lock_path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except OSError:
+        return "?"
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return "?"
+        held = os.pread(fd, 64, 0).decode("ascii", "replace").strip()
+    finally:
+        os.close(fd)
+    return held if held.isdigit() else "?"
 
 
 def _legacy_difference(trajectories: list, now: dict, unknown=()) -> tuple[str, str] | None:
@@ -572,7 +609,7 @@ class TraceWriter:
         self._executor = None
         self._pending = None
         self._durable = 0  # how many of self._trajectories the file on disk holds
-        self._lock_fd = None
+        self._file_lock = None
         clash = sorted(RESERVED_FILE_ATTRS & set(self.attrs))
         if clash:
             raise ValueError(f"attrs may not set {clash}: calib writes these itself")
@@ -588,7 +625,7 @@ class TraceWriter:
             self._real.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise CalibError(f"{self.path}: cannot create its directory ({_first_line(exc)})") from None
-        self._lock()
+        self._take_lock()
         self._unwritten = False  # a new file is first written by the first append (or an empty one on close)
         try:
             self._remove_stale_temporaries()
@@ -642,90 +679,73 @@ class TraceWriter:
     def lock_path(self) -> Path:
         return Path(f"{self._real}.lock")
 
-    def _open_lock_file(self) -> int:
-        """The lock file, created or opened without following a symlink: ``<trace>.lock`` is calib's own file. A
-        symlink, a FIFO, a device, a file with another hard link or one holding anything but a pid (a file the user
-        put there) is refused in one line and left as it is -- the lock file is truncated and given the holder's
-        pid, which must never reach another file."""
+    def _take_lock(self) -> None:
+        """Lock ``<trace>.lock`` with filelock's ``flock`` lock (one attempt: a second writer fails at once, naming
+        the holder's pid).
+
+        ``<trace>.lock`` is calib's own file: a symlink, a FIFO, a device, a file with another hard link or one holding
+        anything but a pid (a file the user put there) is refused in one line and left as it is. filelock 4.3 opens
+        the path with ``O_CREAT | O_EXCL``, else ``O_RDWR | O_NONBLOCK``, both with ``O_NOFOLLOW`` and never
+        ``O_TRUNC``, and (being given ``on_acquired``) never falls back to a soft lock that writes its own marker; so
+        a symlink -- also one swapped in after the checks below -- fails its open with ELOOP and no target is ever
+        opened. The look before the open only gives the refusals their words and keeps a FIFO or device from being
+        opened at all; the check that decides is :meth:`_claim_lock_file`'s, on the descriptor filelock locked."""
         import errno
         import stat
+
+        import filelock
 
         lock_path = self.lock_path
         given = Path(f"{self.path}.lock")
         shown = given if os.path.abspath(given) == str(lock_path) else lock_path  # as the user spelled it
-        flags = os.O_RDWR | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
         try:
-            try:
-                return os.open(lock_path, flags | os.O_CREAT | os.O_EXCL, 0o644)
-            except FileExistsError:
-                fd = os.open(lock_path, flags | getattr(os, "O_NONBLOCK", 0))
+            st = os.lstat(lock_path)
+        except OSError:
+            st = None
+        if st is not None:
+            if stat.S_ISLNK(st.st_mode):
+                raise CalibError(f"{shown}: is a symbolic link, not calib's lock file; calib will not write through "
+                                 "it -- remove it if no calib process is running")
+            _refuse_foreign_lock_file(st, None, shown)
+        self._lock_shown = shown
+        # thread_local=False: the writer's lock, released by close() from whichever thread calls it
+        lock = filelock.FileLock(lock_path, timeout=0, mode=0o644, thread_local=False,
+                                 on_acquired=self._claim_lock_file)
+        try:
+            for _ in range(10):
+                try:
+                    lock.acquire()
+                    break
+                except filelock.Timeout:
+                    # not taken: held by another writer, or the file we opened was its, removed as it finished
+                    # (then the path is free, or a third writer's new file is there): look again
+                    if os.path.lexists(lock_path):
+                        raise CalibError(f"{self.path} is being written by another calib process (pid "
+                                         f"{_lock_holder(lock_path)}); wait for it or use another --out") from None
+            else:  # pragma: no cover - needs writers finishing and starting in a loop
+                raise CalibError(f"{lock_path}: could not take the lock; remove it if no calib process is running")
         except OSError as exc:
-            if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            if exc.errno in (errno.ELOOP, errno.EMLINK):  # a symlink put there after the look above
+                raise CalibError(f"{shown}: is a symbolic link, not calib's lock file; calib will not write through "
+                                 "it -- remove it if no calib process is running") from None
+            if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS) and not os.path.lexists(lock_path):
                 raise CalibError(f"cannot write in {self.path.parent}: {(exc.strerror or '').lower() or exc} "
                                  f"(for the lock file of {self.path.name})") from None
-            if exc.errno in (errno.ELOOP, errno.EMLINK):
-                raise CalibError(f"{shown}: is a symbolic link, not calib's lock file; calib will not write "
-                                 "through it -- remove it if no calib process is running") from None
-            if exc.errno == errno.ENOENT:  # removed by a holder between our two opens: try again
-                return -1
-            raise CalibError(f"{shown}: cannot create the lock file ({_first_line(exc)})") from None
-        try:
-            st = os.fstat(fd)
-            why = None
-            if not stat.S_ISREG(st.st_mode):
-                why = "is not a regular file"
-            elif st.st_nlink != 1:
-                why = f"has {st.st_nlink} hard links (another file shares its data)"
-            else:
-                held = os.pread(fd, 64, 0)
-                if len(held) > 20 or not (held.strip().isdigit() or not held.strip()):
-                    why = "holds something other than a calib process id"
-            if why is not None:
-                raise CalibError(f"{shown}: {why}, so it is not calib's lock file; calib will not change it -- "
-                                 "move it away if no calib process is running")
-            os.set_blocking(fd, True)
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd
+            raise CalibError(f"{shown}: cannot lock it ({_first_line(exc)})") from None
+        self._file_lock = lock
 
-    def _lock(self) -> None:
-        import fcntl
-
-        lock_path = self.lock_path
-        for _ in range(100):
-            fd = self._open_lock_file()
-            if fd < 0:
-                continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                holder = os.read(fd, 64).decode("ascii", "replace").strip() or "?"
-                os.close(fd)
-                raise CalibError(
-                    f"{self.path} is being written by another calib process (pid {holder}); "
-                    "wait for it or use another --out"
-                ) from None
-            except OSError as exc:
-                os.close(fd)
-                raise CalibError(f"{lock_path}: cannot lock it ({_first_line(exc)})") from None
-            # a holder unlinks the lock file before unlocking: if that happened between our open and our flock, we
-            # hold a lock on a file no longer at lock_path while a third writer may lock a new one there; retry
-            try:
-                same = os.path.samestat(os.fstat(fd), os.lstat(lock_path))
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
-            os.close(fd)
-        else:  # pragma: no cover - needs another process unlinking the lock file in a loop
-            raise CalibError(f"{lock_path}: could not take the lock; remove it if no calib process is running")
+    def _claim_lock_file(self, fd: int) -> None:
+        """filelock's ``on_acquired``: the locked file must be calib's (checked on the descriptor, so nothing swapped
+        in at the path since changes the answer); then it gets the holder's pid, for the next writer's message.
+        Raising here makes filelock release the lock and close the file, unchanged."""
+        st = os.fstat(fd)
+        _refuse_foreign_lock_file(st, fd, self._lock_shown)
+        self._lock_stat = st
         try:
             os.ftruncate(fd, 0)
-            os.write(fd, str(os.getpid()).encode("ascii"))  # the holder's pid, for the next writer's message
+            os.pwrite(fd, str(os.getpid()).encode("ascii"), 0)
         except OSError:
             pass  # a full disk: the lock is held all the same, only the message lacks the pid
-        self._lock_fd = fd
 
     def _remove_stale_temporaries(self) -> None:
         """Temporary files of a writer killed mid-append (we hold the lock, so none of them is in use)."""
@@ -746,7 +766,7 @@ class TraceWriter:
         appended to is written empty, unless the run ``failed`` (then nothing is left behind)."""
         try:
             self.flush()
-            if self._unwritten and not failed and self._lock_fd is not None:
+            if self._unwritten and not failed and self._file_lock is not None:
                 _write_file(self._real, self.model_info, [], self.created, extra_attrs=self.attrs, shown=self.path)
                 self._unwritten = False
         finally:
@@ -756,21 +776,20 @@ class TraceWriter:
             self._unlock()
 
     def _unlock(self) -> None:
-        if self._lock_fd is not None:
-            import fcntl
-
-            try:  # only our own lock file: whatever else was put at its name since stays
-                if os.path.samestat(os.fstat(self._lock_fd), os.lstat(self.lock_path)):
+        if self._file_lock is not None:
+            try:  # only our own lock file (filelock keeps it; calib leaves none behind): what was put there since stays
+                if os.path.samestat(self._lock_stat, os.lstat(self.lock_path)):
                     self.lock_path.unlink()
             except OSError:
                 pass
-            fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
-            os.close(self._lock_fd)
-            self._lock_fd = None
+            # unlinked before the unlock: a writer that opened it meanwhile sees it gone after its flock and retries
+            # at the path (filelock checks st_nlink), so two writers never hold two different files
+            lock, self._file_lock = self._file_lock, None
+            lock.release(force=True)
 
     @property
     def closed(self) -> bool:
-        return self._lock_fd is None
+        return self._file_lock is None
 
     def __enter__(self):
         return self
@@ -792,7 +811,7 @@ class TraceWriter:
     def append(self, trajectories: list[Trajectory]) -> None:
         """Add one generation's trajectories (all its streams and components). On return they are on disk; in
         background mode they are being written and are on disk when the next append(), flush() or close() returns."""
-        if self._lock_fd is None:
+        if self._file_lock is None:
             raise RuntimeError("writer is closed")
         trajectories = list(trajectories)
         for t in trajectories:

@@ -1,7 +1,13 @@
 """Running a pipeline for one prompt (or a batch of prompts) x seed and keeping what it made: the final latents
 (read from ``scheduler.step``, so any pipeline works), the decoded output and the time it took. Every generation
 calib measures goes through :class:`Generator`: calib eval, the demo and the frontier (calib.evaluate.harness) and
-the schedule fit's segment runs (calib.methods.schedule)."""
+the schedule fit's segment runs (calib.methods.schedule).
+
+The time of a generation that runs once is read by :func:`timed`, the one clock of calib's measured runs (also
+benchmarks/): it finishes the device's queued work before starting and before stopping the clock. (Repeated runs of
+one statement are what ``torch.utils.benchmark.Timer`` is for; a generation here runs once per prompt x seed, with
+its output kept, so it is timed once.) It lives here rather than in calib.evaluate because the generator and the
+schedule search (calib.methods) below evaluate time generations with it."""
 
 from __future__ import annotations
 
@@ -31,6 +37,57 @@ def to_planes(image) -> np.ndarray:
     if arr.ndim >= 3 and arr.shape[-1] in (1, 3, 4) and arr.shape[-3] > 4:  # (..., H, W, C)
         arr = np.moveaxis(arr, -1, -3)
     return arr.reshape(-1, arr.shape[-2], arr.shape[-1])
+
+
+def synchronize(device=None) -> None:
+    """Wait until the work queued on ``device`` is done: CUDA (and the other accelerators) run asynchronously, so a
+    clock read without this stops when the work is queued, not when it is done. A no-op on the CPU. ``None``: the
+    current accelerator's device, if there is one."""
+    if device is None:
+        accelerator = getattr(torch, "accelerator", None)
+        if accelerator is None or not accelerator.is_available():
+            return
+        device = accelerator.current_accelerator()
+    device = torch.device(device)
+    if device.type in ("cpu", "meta"):
+        return
+    sync = getattr(getattr(torch, device.type, None), "synchronize", None)
+    if sync is None:
+        return
+    try:
+        sync(device)
+    except TypeError:  # torch.mps.synchronize() takes no device
+        sync()
+
+
+@dataclass
+class Took:
+    seconds: float = float("nan")  # set when the timed block ends
+
+
+@contextlib.contextmanager
+def timed(device=None):
+    """``with timed(device) as took: ...`` -> ``took.seconds``: the wall-clock time of the block, with ``device``'s
+    queued work finished before the clock starts and before it stops (:func:`synchronize`)."""
+    took = Took()
+    synchronize(device)
+    start = time.perf_counter()
+    yield took
+    synchronize(device)
+    took.seconds = time.perf_counter() - start
+
+
+def pipeline_device(pipe):
+    """The device a pipeline computes on: diffusers' execution device (the GPU also under CPU offload, where the
+    modules' own device says cpu), else its ``device``; None if it has neither."""
+    for name in ("_execution_device", "device"):
+        try:
+            device = getattr(pipe, name, None)
+        except Exception:  # noqa: BLE001 - a pipeline whose property fails to answer has no device to report
+            device = None
+        if device is not None:
+            return device
+    return None
 
 
 @dataclass
@@ -70,15 +127,12 @@ class Generator:
     def __call__(self, prompt, seed: int, context=None) -> Output:
         generator = torch.Generator(device="cpu").manual_seed(int(seed))
         self._last = None
-        sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-        sync()
-        start = time.perf_counter()
-        with context if context is not None else contextlib.nullcontext():
-            # prompt by name: an image-to-video pipeline's first parameter is its image
-            out = self.pipe(prompt=prompt, num_inference_steps=self.steps, guidance_scale=self.guidance,
-                            generator=generator, output_type=self.output_type, **self.kwargs)
-        sync()
-        seconds = time.perf_counter() - start
+        with timed(pipeline_device(self.pipe)) as took:
+            with context if context is not None else contextlib.nullcontext():
+                # prompt by name: an image-to-video pipeline's first parameter is its image
+                out = self.pipe(prompt=prompt, num_inference_steps=self.steps, guidance_scale=self.guidance,
+                                generator=generator, output_type=self.output_type, **self.kwargs)
+        seconds = took.seconds
         images = getattr(out, "frames", None)
         if images is None:
             images = out.images if hasattr(out, "images") else out[0]

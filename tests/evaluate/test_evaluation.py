@@ -159,6 +159,23 @@ def tuned(tmp_path_factory):
     return work, tune, doc, json.loads((work / "results.json").read_text()), ev
 
 
+def test_eval_shows_a_progress_bar_over_every_generation(tuned):
+    """``calib eval``'s generations are counted by a bar on stderr (also when stderr is a pipe, as here): its total
+    is every generation the command runs (warm-up, then per repeat each job uncached and at each threshold, and the
+    cost model's two settings on the first jobs)."""
+    import re
+
+    from calib.evaluate.cost import COST_JOBS
+
+    *_, results, ev = tuned
+    settings = results["settings"]
+    jobs = len(settings["prompts"]) * len(settings["seeds"])
+    thresholds = len(results["results"])
+    total = (1 + thresholds + 2) + settings["repeats"] * (jobs * (1 + thresholds) + 2 * min(COST_JOBS, jobs))
+    totals = {int(t) for t in re.findall(r"calib eval: +\d+%\|[^|]*\| *\d+/(\d+) ", ev.stderr)}
+    assert totals == {total}, ev.stderr[-2000:]
+
+
 def test_tune_write_records_table_and_choice(tuned):
     work, tune, doc, _, _ = tuned
     jsonschema.validate(doc, schema())

@@ -224,6 +224,45 @@ def doc_cpu_block() -> str:
     return text.split(marker, 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
 
 
+LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "PMI_RANK", "PMI_SIZE", "OMPI_COMM_WORLD_RANK",
+                      "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK", "MV2_COMM_WORLD_RANK",
+                      "MV2_COMM_WORLD_SIZE", "MPI_LOCALRANKID")
+
+
+def test_launcher_environment_is_read_as_accelerate_reads_it(monkeypatch):
+    """This process's own environment goes through accelerate's reading of it: an MPI launch (``accelerate launch
+    --mpirun`` leaves Open MPI's variables, no RANK / WORLD_SIZE) is sharded by its rank; torchrun's variables read
+    the same as before; no process group is started by reading them. Without accelerate, torchrun's only."""
+    import torch.distributed as dist
+
+    for name in LAUNCHER_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    assert resolve_shard(None) is None
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "4")
+    monkeypatch.setenv("OMPI_COMM_WORLD_RANK", "2")
+    monkeypatch.setenv("OMPI_COMM_WORLD_LOCAL_RANK", "1")
+    s = resolve_shard(None)
+    assert (s.index, s.count, s.local_rank, s.distributed) == (2, 4, 1, True)
+    assert not (dist.is_available() and dist.is_initialized())
+    with pytest.raises(CalibError, match="use one or the other"):
+        resolve_shard("0/2")
+    monkeypatch.setenv("OMPI_COMM_WORLD_RANK", "two")
+    with pytest.raises(CalibError, match="not an integer"):
+        resolve_shard(None)
+    monkeypatch.setenv("OMPI_COMM_WORLD_RANK", "2")
+    with monkeypatch.context() as without:  # accelerate not installed: MPI's variables mean nothing to calib
+        for name in ("accelerate", "accelerate.utils"):
+            without.setitem(sys.modules, name, None)
+        assert resolve_shard(None) is None
+    monkeypatch.setenv("WORLD_SIZE", "3")  # torchrun's come first, with calib's own messages
+    monkeypatch.setenv("RANK", "1")
+    s = resolve_shard(None)
+    assert (s.index, s.count, s.local_rank) == (1, 3, 1)
+    monkeypatch.setenv("RANK", "x")
+    with pytest.raises(CalibError, match="environment variable RANK='x' is not an integer"):
+        resolve_shard(None)
+
+
 @pytest.mark.slow
 def test_cluster_doc_commands_run_as_written(tmp_path):
     """docs/cluster.md's CPU example, run literally by bash in an empty folder: torchrun and accelerate launch with

@@ -344,13 +344,17 @@ def _with_coeffs(setup):
 
 
 def _lock_to(kind: str):
-    """t.h5.lock as a symbolic link to, or a second hard link of, precious.txt."""
+    """t.h5.lock as a symbolic link to, or a second hard link of, precious.txt; a FIFO; a file of the user's notes."""
 
     def setup(work: Path):
         _p("a handwritten 7\n")(work)
         (work / "precious.txt").write_text("precious\n")
         if kind == "symlink":
             (work / "t.h5.lock").symlink_to("precious.txt")
+        elif kind == "fifo":
+            os.mkfifo(work / "t.h5.lock")
+        elif kind == "notes":
+            (work / "t.h5.lock").write_text("my notes\n")
         else:
             os.link(work / "precious.txt", work / "t.h5.lock")
 
@@ -665,6 +669,13 @@ CASES: list[Case] = [
          f"{TRACE} --prompts p.txt --out t.h5",
          "calib: error: t.h5.lock: has 2 hard links (another file shares its data), so it is not calib's lock file; "
          "calib will not change it -- move it away if no calib process is running", 2, _lock_to("hardlink")),
+    Case("lock-fifo", "`t.h5.lock` is a FIFO (never opened, left as it is)", f"{TRACE} --prompts p.txt --out t.h5",
+         "calib: error: t.h5.lock: is not a regular file, so it is not calib's lock file; calib will not change it -- "
+         "move it away if no calib process is running", 2, _lock_to("fifo")),
+    Case("lock-foreign", "`t.h5.lock` is a file of yours (not a pid; left as it is)",
+         f"{TRACE} --prompts p.txt --out t.h5",
+         "calib: error: t.h5.lock: holds something other than a calib process id, so it is not calib's lock file; "
+         "calib will not change it -- move it away if no calib process is running", 2, _lock_to("notes")),
     Case("manifest-job-one-element", "a manifest whose job lists a prompt without its seed",
          "calib fit s.manifest.json --out c.json",
          "calib: error: s.manifest.json: damaged manifest (shards[0].jobs[0]: expected [prompt, seed], got [\"a "

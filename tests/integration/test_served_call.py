@@ -4,6 +4,7 @@ pipeline class's own ``__call__``), and a trace set mixing settings is refused i
 
 from __future__ import annotations
 
+import re
 import shutil
 
 import pytest
@@ -72,6 +73,10 @@ def test_the_fit_regenerates_exactly_the_traced_call(traced, recorded_calls, met
     assert code == 0, err[-3000:]
     _assert_served(recorded_calls)
     assert "--dtype bfloat16" in out and "--true-cfg-scale 4" in out  # and it says which call it measures
+    # its long stages show progress on stderr, also when stderr is not a terminal
+    assert re.search(r"schedule search: +\d+ measurement", err), err[-3000:]
+    if method == "auto":
+        assert re.search(r"gate runs: +\d+ run", err), err[-3000:]
 
 
 def test_a_trace_set_of_two_calls_is_refused_in_one_line(traced, recorded_calls):

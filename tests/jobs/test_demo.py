@@ -19,3 +19,26 @@ def test_the_picture_labels_three_rows_and_maps_the_difference():
     rows = [picture[i * (80 + strip) + strip:(i + 1) * (80 + strip)] for i in range(3)]
     assert np.array_equal(rows[0], base) and np.array_equal(rows[1], cached)
     assert rows[2][15, 35] == 20 * DIFFERENCE_GAIN and rows[2][50, 500] == 0  # bright where they differ only
+
+
+def test_the_demo_schedule_search_shows_its_progress(monkeypatch, tmp_path):
+    """The demo's longest stage (the schedule search: 23 silent minutes under load once) runs with its progress
+    bar: the search is called without ``progress=False``."""
+    import calib.jobs.demo as demo
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fit_schedule(*args, **kwargs):
+        seen.update(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(demo, "fit_schedule", fit_schedule)
+    monkeypatch.setattr(demo, "read_traces", lambda paths: type("T", (), {"trajectories": []})())
+    try:
+        demo._choose(None, tmp_path / "t.h5", tmp_path / "c.json", tmp_path, print)
+    except Stop:
+        pass
+    assert seen and seen.get("progress", True) is True

@@ -281,6 +281,83 @@ def test_second_writer_fails_while_the_first_is_open(tmp_path):
         w.append(generation("p", 2))
 
 
+def test_filelock_opens_without_following_a_symlink_or_truncating(tmp_path):
+    """What calib's lock relies on in filelock (calib.store.traces.TraceWriter._take_lock): its flock lock refuses a
+    symlink at the lock path in the open itself (ELOOP, the target never opened), and an existing file it locks keeps
+    its bytes. If a filelock release changes either, this fails and calib's lock must change with it."""
+    import errno
+
+    import filelock
+
+    precious = tmp_path / "precious.txt"
+    precious.write_text("precious\n")
+    (tmp_path / "link.lock").symlink_to("precious.txt")
+    with pytest.raises(OSError) as exc:
+        filelock.FileLock(tmp_path / "link.lock", timeout=0, on_acquired=lambda fd: None).acquire()
+    assert exc.value.errno in (errno.ELOOP, errno.EMLINK)
+    (tmp_path / "dangling.lock").symlink_to("nowhere.txt")
+    with pytest.raises(OSError):
+        filelock.FileLock(tmp_path / "dangling.lock", timeout=0, on_acquired=lambda fd: None).acquire()
+    assert precious.read_text() == "precious\n" and not (tmp_path / "nowhere.txt").exists()
+    kept = tmp_path / "kept.lock"
+    kept.write_text("12345")
+    lock = filelock.FileLock(kept, timeout=0, on_acquired=lambda fd: None)
+    with lock:
+        assert kept.read_text() == "12345"
+    assert kept.read_text() == "12345"
+
+
+def test_lock_file_swapped_for_a_symlink_after_the_look_is_refused(tmp_path, monkeypatch):
+    """A symlink put at ``t.h5.lock`` between calib's look at the path and filelock's open: refused in one line,
+    its target unchanged, no trace written."""
+    import filelock
+
+    path, precious = tmp_path / "t.h5", tmp_path / "precious.txt"
+    precious.write_text("precious\n")
+    acquire = filelock.FileLock.acquire
+
+    def swap_then_acquire(lock, *args, **kw):
+        Path(lock.lock_file).symlink_to(precious)
+        return acquire(lock, *args, **kw)
+
+    monkeypatch.setattr(filelock.FileLock, "acquire", swap_then_acquire)
+    message = error_of(TraceWriter, path, INFO)
+    assert message.endswith("t.h5.lock: is a symbolic link, not calib's lock file; calib will not write through it "
+                            "-- remove it if no calib process is running")
+    assert precious.read_text() == "precious\n" and (tmp_path / "t.h5.lock").is_symlink()
+    assert not path.exists()
+
+
+@pytest.mark.parametrize("kind", ["fifo", "notes", "hard-link"])
+def test_lock_file_that_is_not_calibs_is_refused_and_left_alone(tmp_path, kind):
+    path, lock = tmp_path / "t.h5", tmp_path / "t.h5.lock"
+    if kind == "fifo":
+        os.mkfifo(lock)
+        why = "is not a regular file"
+    elif kind == "notes":
+        lock.write_text("my notes\n")
+        why = "holds something other than a calib process id"
+    else:
+        (tmp_path / "precious.txt").write_text("precious\n")
+        os.link(tmp_path / "precious.txt", lock)
+        why = "has 2 hard links (another file shares its data)"
+    message = error_of(TraceWriter, path, INFO)
+    assert message == (f"{lock}: {why}, so it is not calib's lock file; calib will not change it -- move it away if "
+                       "no calib process is running")
+    assert os.path.lexists(lock) and not path.exists()
+    if kind != "fifo":
+        assert lock.read_text() == ("my notes\n" if kind == "notes" else "precious\n")
+
+
+def test_stale_lock_file_of_a_killed_writer_is_taken_over(tmp_path):
+    path, lock = tmp_path / "t.h5", tmp_path / "t.h5.lock"
+    lock.write_text("999999999")  # its pid, nobody holds the flock
+    with TraceWriter(path, INFO) as w:
+        assert lock.read_text() == str(os.getpid())
+        w.append(generation("p", 0))
+    assert not lock.exists() and len(read_traces([path]).trajectories) == 2
+
+
 def test_second_writer_in_another_process_names_its_pid(tmp_path):
     path = tmp_path / "t.h5"
     code = textwrap.dedent(f"""

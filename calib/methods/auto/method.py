@@ -19,6 +19,7 @@ from calib.coeffs.validate import validate_document
 from calib.errors import CalibError
 from calib.methods.auto.options import CANDIDATE_SUFFIXES, AutoOptions
 from calib.methods.base import FitContext, Fitted, TuneGoal
+from calib.methods.progress import Progress
 from calib.methods.schedule import METHOD as SCHEDULE
 from calib.methods.schedule.joint import PlanRunner
 from calib.methods.schedule.measure import batches, setup_from_traces
@@ -41,9 +42,10 @@ def gate_forecast(entry: dict):
     return forecast.fallback if isinstance(forecast, LinearForecast) else forecast
 
 
-def _gate_runs(pipe, setup, coeffs_doc, forecast, fraction: float, trace_set, *, batch: int = 16):
+def _gate_runs(pipe, setup, coeffs_doc, forecast, fraction: float, trace_set, *, batch: int = 16,
+               progress: bool = True):
     """(threshold, measured fraction of compute, held-out error) of the gate + forecast nearest ``fraction`` from
-    below."""
+    below; a progress bar counts the runs (each every held-out prompt x seed)."""
     config = parse(coeffs_doc, "<auto: teacache>")
     rescalers, indicator, normalization = rescalers_of(coeffs_doc)
     guess = find_threshold(trace_set, rescalers, TuneGoal("compute_fraction", fraction), indicator=indicator,
@@ -52,17 +54,20 @@ def _gate_runs(pipe, setup, coeffs_doc, forecast, fraction: float, trace_set, *,
                         guidance=setup.guidance, pipeline_kwargs=setup.pipeline_kwargs, components=setup.components,
                         component_of=setup.component_of, log={}, split="gate", save=lambda: None)
     probes: dict[float, tuple[float, float]] = {}
+    bar = Progress("gate runs", " run", enabled=progress)  # about GATE_PROBES, one more where the bisection needs it
 
     def measure(t: float) -> float:
         t = float(f"{t:.6g}")
         if t not in probes:
             error, stats = runner.measure(lambda: cr.apply(pipe, config, threshold=t, forecast=forecast))
             probes[t] = (stats["compute_fraction"], error)
+            bar.tick(f"threshold {t:g}: {stats['compute_fraction']:.1%} of compute")
         return probes[t][0]
 
     try:  # the gate's measured fraction on the held-out runs, as near the budget as GATE_PROBES runs get it
         measured_search(measure, fraction + 1e-9, guess, max_probes=GATE_PROBES)
     finally:
+        bar.close()
         runner.close()
     fitting = {t: v for t, v in probes.items() if v[0] <= fraction + 1e-9}
     pool = fitting or probes
@@ -70,14 +75,16 @@ def _gate_runs(pipe, setup, coeffs_doc, forecast, fraction: float, trace_set, *,
     return t, pool[t][0], pool[t][1]
 
 
-def compare(pipe, setup, gate_doc, schedule_doc, entry, reached, fraction, trace_set, *, echo=print) -> dict:
+def compare(pipe, setup, gate_doc, schedule_doc, entry, reached, fraction, trace_set, *, echo=print,
+            progress: bool = True) -> dict:
     """Gate + the search's forecast (threshold bisected over held-out runs to <= ``fraction`` of compute) against
     the schedule ``entry`` (its held-out error measured on the same prompts and seeds by the search); the verdict,
     with why."""
     forecast = gate_forecast(entry)
     n = schedule_doc["steps"]
     sched_fraction, sched_error = entry["budget"] / n, entry["error"]["holdout_latent_rel_l1"]
-    threshold, gate_fraction, gate_error = _gate_runs(pipe, setup, gate_doc, forecast, fraction, trace_set)
+    threshold, gate_fraction, gate_error = _gate_runs(pipe, setup, gate_doc, forecast, fraction, trace_set,
+                                                      progress=progress)
     echo(f"  gate + forecast:     threshold {threshold:g}, {gate_fraction:.1%} of compute, held-out latent rel-L1 "
          f"{gate_error:.5f} (forecast {forecast.as_json()})")
     echo(f"  schedule + forecast: budget {entry['budget']:g} of {n}, {sched_fraction:.1%} of compute, held-out "
@@ -129,7 +136,8 @@ def fit(traces, options: AutoOptions, context: FitContext) -> Fitted:
     schedule_doc = validate_document(schedule_doc, source="<auto: schedule>", section_check=SCHEDULE.check_section)
     echo(f"\n== 3/3 compare on {len(setup.holdout_prompts)} held-out prompt(s) x seeds {setup.seeds} at <= "
          f"{fraction:.0%} of compute")
-    verdict = compare(context.pipe, setup, gate_doc, schedule_doc, entry, reached, fraction, traces, echo=echo)
+    verdict = compare(context.pipe, setup, gate_doc, schedule_doc, entry, reached, fraction, traces, echo=echo,
+                      progress=context.progress)
     verdict["gate"]["file"], verdict["schedule"]["file"] = str(paths["gate"]), str(paths["schedule"])
     # each candidate file is what was measured: the gate with the search's forecast at the compared threshold
     forecast = verdict["gate"]["forecast"]

@@ -19,6 +19,7 @@ from calib.coeffs.header import with_signature
 from calib.errors import CalibError
 from calib.methods.base import FitContext, Fitted, TuneContext, TuneGoal, Tuned
 from calib.methods.cost_model import predicted_wall_speedup, wall_target_fraction
+from calib.methods.progress import Progress
 from calib.methods.schedule.joint import (MAX_LOCAL_EVALS, PlanRunner, budget_for, forecast_candidates,
                                           search_budget)
 from calib.methods.schedule.measure import Setup, batches, setup_from_traces, split_by_component
@@ -66,39 +67,27 @@ def fit_schedule(pipe, trace_set, *, source: str, log, fractions=DEFAULT_FRACTIO
                           component_of=setup.component_of, log=entries, split=split, save=save)
 
     measure, holdout = runner(setup.measure_prompts, "measure"), runner(setup.holdout_prompts, "holdout")
-    bar = _progress() if progress else None
+    bar = Progress("schedule search", " measurement", enabled=progress)
     found = {}
     try:
         for budget in mine:
             found[budget] = search_budget(measure, holdout, budget, forecasts, cond_only=halves, required=required,
-                                          max_local=max_local, tick=None if bar is None else (lambda text: _tick(bar, text)))
-            echo(f"  budget {found[budget].budget:g}: {found[budget].plan.key()} with {found[budget].forecast.name}: "
-                 f"held-out latent rel-L1 {found[budget].holdout_error:.5f}")
+                                          max_local=max_local, tick=bar.tick)
+            bar.say(echo, f"  budget {found[budget].budget:g}: {found[budget].plan.key()} with "
+                          f"{found[budget].forecast.name}: held-out latent rel-L1 {found[budget].holdout_error:.5f}")
     finally:
-        save()  # Ctrl-C keeps what was measured
-        if bar is not None:
-            bar.close()
-        measure.close()
-        holdout.close()
+        bar.close()  # before any message (a failed save's too), so it starts on a line of its own
+        try:
+            save()  # Ctrl-C keeps what was measured
+        finally:
+            measure.close()
+            holdout.close()
     if shard is not None:
         echo(f"shard {shard[0]}/{shard[1]} searched; once every shard is done, run the same command without --shard "
              "to write the schedule file")
         return None
     return with_signature(build_document(pipe, setup, found, trace_files=getattr(trace_set, "files", []) or []),
                           trace_set)
-
-
-def _progress():
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover - tqdm is a dependency
-        return None
-    return tqdm(unit="generation", desc="schedule search", leave=False, disable=None)  # no bar in a log file
-
-
-def _tick(bar, text: str) -> None:
-    bar.update(1)
-    bar.set_postfix_str(text)
 
 
 def build_document(pipe, setup: Setup, found: dict, *, trace_files) -> dict:
