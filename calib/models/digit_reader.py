@@ -29,7 +29,8 @@ def builtin_name(model: str | None, pipe) -> str | None:
     if model and model.startswith("builtin:"):
         return model.split(":", 1)[1]
     cls = type(pipe).__name__
-    return {"DigitsPipeline": "digits", "FewStepDigitsPipeline": "digits", "WanDigitsPipeline": "wan-digits"}.get(cls)
+    by_class = {"DigitsPipeline": "digits", "FewStepDigitsPipeline": "digits", "WanDigitsPipeline": "wan-digits"}
+    return by_class.get(cls)
 
 
 def digit_reader(builtin: str | None):

@@ -71,9 +71,12 @@ def test_weights_digest_tells_the_lora_from_the_base(pipe, lora):
     assert weights_digest(load_model("builtin:digits-lora").transformer) == weights_digest(lora.transformer)
 
 
-def test_the_variants_use_the_digits_prompts():
+def test_the_variants_use_the_digits_prompts_and_reader(monkeypatch):
+    monkeypatch.setattr(digit_reader, "digit_classifier", lambda: "the classifier")  # no fit: only which models
     for variant in ("digits-lora", "digits-4step", "digits-8step"):
         assert bundled_prompts_path(variant) == bundled_prompts_path("digits")
+        assert digit_reader.digit_reader(digit_reader.builtin_name(f"builtin:{variant}", None)) is not None
+    assert digit_reader.digit_reader(digit_reader.builtin_name("org/some-model", object())) is None
 
 
 def test_without_peft_the_lora_is_refused_in_one_line(monkeypatch, tmp_path):
