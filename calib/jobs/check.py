@@ -62,9 +62,10 @@ class CheckRequest:
     modulation_module: str | None = None
 
     def __post_init__(self):
+        # a tolerance needs a spread over generations: two at least
         if isinstance(self.generations, bool) or not isinstance(self.generations, int) \
-                or not 1 <= self.generations <= MAX_GENERATIONS:
-            raise CalibError(f"--generations must be an integer from 1 to {MAX_GENERATIONS}, got {self.generations!r}")
+                or not 2 <= self.generations <= MAX_GENERATIONS:
+            raise CalibError(f"--generations must be an integer from 2 to {MAX_GENERATIONS}, got {self.generations!r}")
         unknown = set(self.given) - set(CALL_FIELDS)
         if unknown:
             raise ValueError(f"unknown call fields {sorted(unknown)}")
@@ -144,7 +145,7 @@ def _call_args(request: CheckRequest, call: dict) -> list[str]:
 
 def _trace_name(request: CheckRequest, call: dict) -> str:
     stem = Path(request.coeffs).stem
-    return f"{stem}-{call['steps']}steps"
+    return f"{stem}-check"
 
 
 def _excess(errors, reference) -> tuple[float, float]:
