@@ -71,15 +71,18 @@ class CheckRequest:
             raise ValueError(f"unknown call fields {sorted(unknown)}")
 
 
-def calibrated_call(doc: dict, source) -> dict:
-    """The call the file was calibrated with, as TraceSettings fields (one step count and guidance, or refused)."""
+def calibrated_call(doc: dict, source, given: dict | None = None) -> dict:
+    """The call the file was calibrated with, as TraceSettings fields: its (first) step count and guidance -- where
+    the file does not record one (a schedule built in Python), the one ``given`` -- and its pipeline section."""
+    given = given or {}
     calibration = doc.get("calibration") or {}
     steps = doc.get("steps") if doc.get("method") == "schedule" else None
-    steps = steps or next(iter(calibration.get("steps") or []), None)
+    steps = steps or next(iter(calibration.get("steps") or []), None) or given.get("steps")
     guidance = next(iter(calibration.get("guidance") or []), None)
-    if steps is None or guidance is None:
-        raise CalibError(f"{source}: calibration.steps / calibration.guidance missing; calib check needs the "
-                         "calibrated call")
+    guidance = guidance if guidance is not None else given.get("guidance")
+    for name, value in (("steps", steps), ("guidance", guidance)):
+        if value is None:
+            raise CalibError(f"{source} does not record the {name} it was calibrated with; pass --{name}")
     pipeline = calibration.get("pipeline") or {}
     return {"steps": int(steps), "guidance": float(guidance), "height": pipeline.get("height"),
             "width": pipeline.get("width"), "num_frames": pipeline.get("num_frames"),
@@ -163,7 +166,7 @@ def run_check(request: CheckRequest, *, echo=print, say_estimate=None, progress:
     if doc["method"] not in CHECKED_METHODS:
         raise CalibError(f"{source}: calib check checks TeaCache (gate) and schedule files; this is a "
                          f"{doc['method']} file")
-    calibrated = calibrated_call(doc, source)
+    calibrated = calibrated_call(doc, source, request.given)
     checked = {**calibrated, **{k: v for k, v in request.given.items() if v is not None}}
     settings = _settings(checked, request.cpu_offload)  # refuses bad values before the model loads
     prompts = _prompts(request.model, request.prompts_file)

@@ -144,3 +144,33 @@ def test_bad_options_are_one_line(tmp_path, args, message):
     code, out, err = run_cli(["check", "digits.json", "--model", "builtin:digits", *args], tmp_path)
     assert code == 2 and out == ""
     assert err.strip().count("\n") == 0 and message in err, err
+
+
+def _schedule_file(work: Path, pipe) -> Path:
+    """A schedule document for 30 steps computing every other step (+ the last), calibrated at guidance 3."""
+    import calib.runtime as cr
+    from calib.methods.registry import validate
+
+    mask = list(range(0, 30, 2)) + [29]
+    doc = cr.schedule_document_for(pipe, steps=30, forecast=cr.Forecast(1),
+                                   schedules={len(mask): {"transformer": mask}}, recommended=len(mask))
+    doc["model"]["source"] = "builtin:digits"
+    doc["calibration"] = {"steps": [30], "guidance": [3.0]}
+    path = work / "digits.schedule.json"
+    path.write_text(json.dumps(validate(doc)))
+    return path
+
+
+def test_schedule_file_holds_at_its_call_and_refits_for_another_step_count(tmp_path, pipe):
+    path = _schedule_file(tmp_path, pipe)
+    before = path.read_bytes()
+    code, out, err = run_cli(["check", path.name, "--model", "builtin:digits", "--generations", "2", "--json"],
+                             tmp_path)
+    result = json.loads(out)
+    assert code == 0 and result["verdict"] == "holds" and result["method"] == "schedule", err
+    assert result["error"]["holds"] and "fraction" not in result  # a mask fixes the fraction
+    code, out, err = run_cli(["check", path.name, "--model", "builtin:digits", "--steps", "20", "--json"], tmp_path)
+    result = json.loads(out)
+    assert code == 2 and result["verdict"] == "refit" and "masks over 30 steps" in result["why"]
+    assert any("--method schedule" in c for c in result["commands"])
+    assert path.read_bytes() == before
