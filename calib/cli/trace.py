@@ -27,8 +27,9 @@ def call_options(*, from_file: bool = False):
     options = [
         click.option("--model", "model", default=default("builtin:digits"), show_default=not from_file,
                      required=from_file,
-                     help="Built-in model (builtin:digits, builtin:wan-digits), a local diffusers pipeline folder, a "
-                          "hub id, or module:function (your code that returns the pipeline)."),
+                     help="Built-in model (builtin:digits, its variant builtin:digits-lora, builtin:wan-digits), a "
+                          "local diffusers pipeline folder, a hub id, or module:function (your code that returns the "
+                          "pipeline)."),
         click.option("--prompts", "prompts_file", type=click.Path(path_type=Path),
                      help="Text file, one prompt per line. Built-in models default to their bundled prompts."),
         click.option("--steps", default=default(30), show_default=not from_file, type=int,
