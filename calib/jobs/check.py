@@ -96,6 +96,15 @@ def call_difference(calibrated: dict, checked: dict) -> list[dict]:
             for name in CALL_FIELDS if calibrated[name] != checked[name]]
 
 
+def model_difference(calibrated: dict, traced: dict) -> list[dict]:
+    """Where the checked model differs from the file's ``model`` section: its source, class and config hash."""
+    out = []
+    for name in ("source", "class", "config_hash"):
+        if calibrated.get(name) is not None and traced.get(name) != calibrated[name]:
+            out.append({"field": name, "calibrated": calibrated[name], "checked": traced.get(name)})
+    return out
+
+
 def _settings(call: dict, cpu_offload: bool) -> TraceSettings:
     return TraceSettings(seeds=(measure.CHECK_SEED,), record_blocks=False, cpu_offload=cpu_offload, **call)
 
@@ -196,6 +205,7 @@ def run_check(request: CheckRequest, *, echo=print, say_estimate=None, progress:
     traced = measure.trace_generations(pipe, jobs, settings, source=request.model,
                                        modulation_module=request.modulation_module, progress=progress,
                                        after_first=estimate)
+    result["model_difference"] = model_difference(doc.get("model") or {}, traced.trace_set.model_info)
     setting = _setting_of(doc, config)
     cached = measure.cached_errors(pipe, config, traced, settings, progress=progress, **setting)
     result["signature"] = cached["signature"]
@@ -210,6 +220,10 @@ def run_check(request: CheckRequest, *, echo=print, say_estimate=None, progress:
                                                desc="check: reference trace")
         reference = measure.cached_errors(ref_pipe, config, ref_traced, ref_settings, progress=progress,
                                           desc="check: reference cached", **setting)
+        ours, theirs = (t.trace_set.model_info.get("weights_digest") for t in (traced, ref_traced))
+        if ours != theirs:
+            result["model_difference"].append({"field": "weights (sampled digest)", "calibrated": reference_model,
+                                               "checked": request.model})
     error, error_se = measure.mean_and_error(cached["errors"])
     ref_error, ref_se = measure.mean_and_error(reference["errors"])
     excess, excess_tol = _excess(cached["errors"], reference["errors"])
@@ -339,6 +353,8 @@ def summary(result: dict) -> list[str]:
     """The human report: what differs, the numbers beside their calibrated values, the verdict and what to run."""
     lines = [f"checked {result['file']} ({result['method']}) on {result['model']}: {result['generations']} "
              f"generations, held-out seeds {result['seeds'][0]}-{result['seeds'][-1]}"]
+    for d in result.get("model_difference") or []:
+        lines.append(f"  model differs: {d['field']} {_value(d['checked'])} (calibrated {_value(d['calibrated'])})")
     for d in result["call_difference"]:
         lines.append(f"  call differs: {d['field']} {_value(d['checked'])} (calibrated {_value(d['calibrated'])})")
     for m in result.get("signature") or []:

@@ -6,6 +6,7 @@ shipped coefficient files and the built-in models:
   (25 steps: *retune*, and the printed threshold, applied through the runtime, restores the calibrated fraction;
   20 steps: *refit*, with the failing measurement named);
 * builtin:wan-digits on another frame count and another canvas: the measured verdict (*holds*);
+* builtin:digits-lora on the base model's file: measured against the base model at the calibrated call (*holds*);
 * ``--json`` prints one JSON object and nothing else; the checked file and the folder are never written.
 """
 
@@ -120,6 +121,20 @@ def test_another_step_count_refit_names_what_failed(tmp_path):
     assert result["fraction"]["holds"] is False  # and the gate computes far more than calibrated
     trace = next(c for c in result["commands"] if c.startswith("calib trace "))
     assert "--model builtin:digits" in trace and "--steps 20" in trace
+
+
+def test_lora_on_the_base_file_is_measured_against_the_base_model(tmp_path):
+    code, result, _, _ = _check(tmp_path, "digits.json", "builtin:digits-lora")
+    fields = {d["field"] for d in result["model_difference"]}
+    assert {"source", "weights (sampled digest)"} <= fields  # the same class and config, other weights
+    assert result["call_difference"] == []
+    assert result["error"]["reference_model"] == "builtin:digits"
+    assert result["error"]["reference_call"] == "the calibrated call"
+    _consistent(result)
+    # measured: the LoRA's gate computes as many steps and its cached error stays at the base model's, though the
+    # base rescaler explains its changes less well (R² 0.80 against 0.88 calibrated)
+    assert result["verdict"] == "holds"
+    assert not result["rescaler"]["explains"] and "less well" in result["why"]
 
 
 @pytest.mark.parametrize("args", [("--num-frames", "8"), ("--height", "16", "--width", "16")],
