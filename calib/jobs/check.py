@@ -280,7 +280,7 @@ def _judge_gate(result, doc, pipe, config, traced, settings, cached, reference, 
         return _finish(result, "holds", "the fraction of full forwards and the error hold" + drift, request, checked,
                        echo)
     if not explains:
-        result["no_cache"] = _no_cache(doc, pipe, config, traced, settings, reference)
+        result["one_skip"] = _one_skip(doc, pipe, config, traced, settings, reference)
         return _finish(result, "refit", f"the rescaler no longer explains the traced changes (R² {fit['r2']:.3f} "
                        f"< {r2_floor:.3f})", request, checked, echo)
     new_threshold, new_replayed, reached = measure.restoring_threshold(traced.trace_set, doc, calibrated_fraction)
@@ -298,25 +298,25 @@ def _judge_gate(result, doc, pipe, config, traced, settings, cached, reference, 
     if restores:
         return _finish(result, "retune", f"threshold {new_threshold:g} restores the calibrated fraction with an "
                        "error that holds", request, checked, echo)
-    result["no_cache"] = _no_cache(doc, pipe, config, traced, settings, reference)
+    result["one_skip"] = _one_skip(doc, pipe, config, traced, settings, reference)
     return _finish(result, "refit", f"threshold {new_threshold:g}, which restores the calibrated fraction, measures "
                    f"error {new_error:.4f}, {new_excess:+.4f} against the reference (tolerance {new_tol:.4f})",
                    request, checked, echo)
 
 
-def _no_cache(doc, pipe, config, traced, settings, reference) -> dict:
+def _one_skip(doc, pipe, config, traced, settings, reference) -> dict:
     """Whether skipping even one step per generation keeps the error: the threshold whose replay computes all but
     one step, measured. Beyond the reference error: no cache is recommended for this call."""
     steps = settings.steps
     threshold, replayed, reached = measure.restoring_threshold(traced.trace_set, doc, (steps - 1) / steps)
     if not reached or replayed >= 1.0:
-        return {"recommended": False, "why": "the gate cannot skip a step here (first and last always compute)"}
+        return {"no_cache_recommended": True, "why": "the gate cannot skip a step here (first and last always compute)"}
     run = measure.cached_errors(pipe, config, traced, settings, threshold=threshold, desc="check: one skip",
                                 progress=False)
     error, _ = measure.mean_and_error(run["errors"])
     excess, tolerance = _excess(run["errors"], reference)
     keeps = excess <= tolerance
-    return {"recommended": bool(not keeps), "threshold": threshold,
+    return {"no_cache_recommended": bool(not keeps), "threshold": threshold,
             "fraction": measure.mean_and_error(run["fractions"])[0], "error": error, "excess": excess,
             "tolerance": tolerance,
             "why": (f"skipping about one step of {steps} (threshold {threshold:g}) measures error {error:.4f}, "
@@ -384,13 +384,16 @@ def summary(result: dict) -> list[str]:
         lines.append(f"  retuned threshold {retune['threshold']:g}: full forwards {retune['measured_fraction']:.1%}, "
                      f"rel-L1 {retune['error']:.4f} (excess {retune['excess']:+.4f}, tolerance "
                      f"{retune['tolerance']:.4f})")
-    no_cache = result.get("no_cache")
-    if no_cache:
-        lines.append(f"  {'no cache recommended for this call: ' if no_cache['recommended'] else ''}{no_cache['why']}")
+    one_skip = result.get("one_skip")
+    if one_skip:
+        no_cache = one_skip["no_cache_recommended"]
+        lines.append(f"  {'no cache recommended for this call: ' if no_cache else ''}{one_skip['why']}")
     lines.append(f"verdict: {result['verdict']} (exit {result['exit_code']}): {result['why']}")
     if result["verdict"] == "retune":
         lines.append(f"  use threshold {result['retune']['threshold']:g}: cr.apply(pipe, cr.load("
                      f"{result['file']!r}), threshold={result['retune']['threshold']:g}); to record it in the file:")
+    elif result["verdict"] == "refit" and (result.get("one_skip") or {}).get("no_cache_recommended"):
+        lines.append("  no step can be skipped within the error tolerance; to calibrate this call anyway:")
     elif result["verdict"] == "refit":
         lines.append("  calibrate this call anew:")
     lines.extend(f"    {c}" for c in result["commands"])

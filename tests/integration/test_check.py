@@ -6,6 +6,7 @@ shipped coefficient files and the built-in models:
   (25 steps: *retune*, and the printed threshold, applied through the runtime, restores the calibrated fraction;
   20 steps: *refit*, with the failing measurement named);
 * builtin:wan-digits on another frame count and another canvas: the measured verdict (*holds*);
+* 4 steps on the 30-step file: *refit*, and no cache recommended (skipping one step costs more than the tolerance);
 * builtin:digits-lora on the base model's file: measured against the base model at the calibrated call (*holds*);
 * ``--json`` prints one JSON object and nothing else; the checked file and the folder are never written.
 """
@@ -135,6 +136,18 @@ def test_lora_on_the_base_file_is_measured_against_the_base_model(tmp_path):
     # base rescaler explains its changes less well (R² 0.80 against 0.88 calibrated)
     assert result["verdict"] == "holds"
     assert not result["rescaler"]["explains"] and "less well" in result["why"]
+
+
+def test_few_steps_refit_and_no_cache_recommended(tmp_path):
+    code, result, _, _ = _check(tmp_path, "digits.json", "builtin:digits", "--steps", "4")
+    _consistent(result)
+    assert result["verdict"] == "refit"
+    # at 4 steps the 30-step threshold skips nothing (first and last always compute, the changes are large) ...
+    assert result["fraction"]["measured"] == 1.0
+    # ... and skipping about one step, measured, costs more error than the calibration allows
+    one_skip = result["one_skip"]
+    assert one_skip["no_cache_recommended"] and one_skip["excess"] > one_skip["tolerance"]
+    assert one_skip["fraction"] < 1.0
 
 
 @pytest.mark.parametrize("args", [("--num-frames", "8"), ("--height", "16", "--width", "16")],
