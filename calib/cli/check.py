@@ -21,10 +21,13 @@ from .trace import call_options, pipeline_kwargs
 @click.option("--generations", default=4, show_default=True, type=int,
               help="Generations to trace and run cached (held-out seeds of the prompts); the check's time grows "
                    "with it.")
+@click.option("--out", type=click.Path(path_type=Path),
+              help="On a retune, write a copy of FILE recommending the retuned threshold here (never FILE itself; "
+                   "nothing is written on holds or refit).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (verdict, exit code, numbers, commands) "
                                                       "and nothing else on stdout.")
 def check(coeffs, model, prompts_file, steps, guidance, height, width, num_frames, negative_prompt, true_cfg_scale,
-          pipeline_args, dtype, cpu_offload, device, modulation_module, generations, as_json):
+          pipeline_args, dtype, cpu_offload, device, modulation_module, generations, out, as_json):
     """Check FILE (a TeaCache or schedule document) on your model and call: trace a few generations, compare them
     with the calibration and print one verdict with its numbers.
 
@@ -33,7 +36,8 @@ def check(coeffs, model, prompts_file, steps, guidance, height, width, num_frame
     retune  (exit 1) a new threshold restores them: it prints it and the calib trace / calib tune commands
     refit   (exit 2) calibrate anew: it prints the calib trace / calib fit commands
 
-    Call options not given are the file's recorded call. Nothing is written: the generations are traced in memory."""
+    Call options not given are the file's recorded call. The generations are traced in memory; nothing is written
+    but --out's copy."""
     from calib.jobs.check import CheckRequest, run_check
 
     given = {"steps": steps, "guidance": guidance, "height": height, "width": width, "num_frames": num_frames,
@@ -41,7 +45,7 @@ def check(coeffs, model, prompts_file, steps, guidance, height, width, num_frame
              "pipeline_kwargs": pipeline_kwargs(pipeline_args) if pipeline_args else None, "dtype": dtype}
     request = CheckRequest(coeffs=coeffs, model=model, given=given, prompts_file=prompts_file,
                            generations=generations, device=device, cpu_offload=cpu_offload,
-                           modulation_module=modulation_module)
+                           modulation_module=modulation_module, out=out)
     if as_json:
         result = run_check(request, echo=lambda line: None, say_estimate=lambda line: click.echo(line, err=True))
         click.echo(json.dumps(result, allow_nan=False, default=str))

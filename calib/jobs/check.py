@@ -1,7 +1,7 @@
 """``calib check FILE --model M``: does a calibration still hold for this model and call? One verdict with its numbers:
 *holds* (exit 0), *retune* (exit 1: a threshold that restores the calibrated compute fraction, with the commands
-that record it) or *refit* (exit 2: the commands that calibrate anew). It writes nothing: the generations are traced
-in memory.
+that record it) or *refit* (exit 2: the commands that calibrate anew). The generations are traced in memory; it
+writes nothing but, when ``--out`` asks, a retuned copy of the file (never the file itself).
 
 The measurements are calib.evaluate.check's; the rules are here (docs/calibrate-your-model.md, "Does my file still
 hold?"). Every tolerance comes from the spread of the generations measured, not a fixed number:
@@ -30,9 +30,12 @@ import math
 import shlex
 from pathlib import Path
 
+from calib._io import resolve_output
 from calib.errors import CalibError
 from calib.evaluate import check as measure
 from calib.methods import registry
+from calib.methods.base import TuneGoal
+from calib.methods.teacache.tune import rescalers_of, tune_table, tuned_thresholds_section
 from calib.models import loading as model_loading
 from calib.models.loading import BUILTIN
 from calib.trace import TraceSettings, check_pipeline_arguments, pick_device
@@ -60,6 +63,7 @@ class CheckRequest:
     device: str | None = None
     cpu_offload: bool = False
     modulation_module: str | None = None
+    out: Path | None = None  # on a retune, a copy of the file with the retuned threshold goes here
 
     def __post_init__(self):
         # a tolerance needs a spread over generations: two at least
@@ -175,6 +179,10 @@ def run_check(request: CheckRequest, *, echo=print, say_estimate=None, progress:
     if doc["method"] not in CHECKED_METHODS:
         raise CalibError(f"{source}: calib check checks TeaCache (gate) and schedule files; this is a "
                          f"{doc['method']} file")
+    if request.out is not None:  # before any work; never the checked file itself
+        resolve_output(request.out, inputs=[request.coeffs])
+        if doc["method"] != "teacache":
+            raise CalibError(f"--out writes a retuned copy of a gate file; {source} is a {doc['method']} file")
     calibrated = calibrated_call(doc, source, request.given)
     checked = {**calibrated, **{k: v for k, v in request.given.items() if v is not None}}
     settings = _settings(checked, request.cpu_offload)  # refuses bad values before the model loads
@@ -295,6 +303,9 @@ def _judge_gate(result, doc, pipe, config, traced, settings, cached, reference, 
                         "measured_fraction": new_fraction,
                         "error": new_error, "error_standard_error": new_error_se, "excess": new_excess,
                         "tolerance": new_tol, "restores": bool(restores)}
+    if restores and request.out is not None:
+        copy = retuned_document(doc, traced.trace_set, new_threshold, calibrated_fraction)
+        result["written"] = str(registry.write_document(copy, request.out, inputs=[request.coeffs]))
     if restores:
         return _finish(result, "retune", f"threshold {new_threshold:g} restores the calibrated fraction with an "
                        "error that holds", request, checked, echo)
@@ -302,6 +313,19 @@ def _judge_gate(result, doc, pipe, config, traced, settings, cached, reference, 
     return _finish(result, "refit", f"threshold {new_threshold:g}, which restores the calibrated fraction, measures "
                    f"error {new_error:.4f}, {new_excess:+.4f} against the reference (tolerance {new_tol:.4f})",
                    request, checked, echo)
+
+
+def retuned_document(doc: dict, trace_set, threshold: float, fraction: float) -> dict:
+    """A copy of ``doc`` recommending ``threshold``, its thresholds section replayed on the checked generations (as
+    ``calib tune --compute-fraction F --write`` records it on traces)."""
+    rescalers, indicator, normalization = rescalers_of(doc)
+    table = tune_table(trace_set, rescalers, extra=[threshold], indicator=indicator, normalization=normalization)
+    chosen = next(r for r in table if r.threshold == threshold)
+    copy = json.loads(json.dumps(doc))
+    copy["thresholds"] = tuned_thresholds_section(table, chosen, TuneGoal("compute_fraction", fraction), True,
+                                                  trace_set)
+    copy["thresholds"]["criterion"] += " (replayed by calib check on its generations)"
+    return copy
 
 
 def _one_skip(doc, pipe, config, traced, settings, reference) -> dict:
@@ -397,4 +421,7 @@ def summary(result: dict) -> list[str]:
     elif result["verdict"] == "refit":
         lines.append("  calibrate this call anew:")
     lines.extend(f"    {c}" for c in result["commands"])
+    if result.get("written"):
+        lines.append(f"wrote {result['written']}: a copy of {result['file']} recommending threshold "
+                     f"{result['retune']['threshold']:g}")
     return lines

@@ -27,9 +27,10 @@ ROOT = Path(__file__).resolve().parents[2]
 VERDICTS = {"holds": 0, "retune": 1, "refit": 2}
 
 
-def _check(tmp_path: Path, name: str, model: str, *args: str) -> tuple[int, dict, str, Path]:
+def _check(tmp_path: Path, name: str, model: str, *args: str, written=()) -> tuple[int, dict, str, Path]:
     """``calib check <copy of coeffs/NAME> --model MODEL ARGS --json`` in ``tmp_path``: (exit, result, stderr,
-    file); asserts the file and the folder are left as they were and stdout is one JSON object."""
+    file); asserts the file and the folder are left as they were (but for ``written``, what --out asked for) and
+    stdout is one JSON object."""
     work = tmp_path / "work"
     work.mkdir()
     path = work / name
@@ -37,7 +38,7 @@ def _check(tmp_path: Path, name: str, model: str, *args: str) -> tuple[int, dict
     before = (path.read_bytes(), path.stat().st_mtime_ns)
     code, out, err = run_cli(["check", name, "--model", model, *args, "--json"], work)
     assert (path.read_bytes(), path.stat().st_mtime_ns) == before, "calib check wrote the file it checked"
-    assert sorted(p.name for p in work.iterdir()) == [name], "calib check wrote files"
+    assert sorted(p.name for p in work.iterdir()) == sorted([name, *written]), "calib check wrote files"
     assert out.count("\n") == 1, out  # one JSON object, one line, nothing else
     result = json.loads(out)
     assert code == result["exit_code"] == VERDICTS[result["verdict"]], (code, result["verdict"], err)
@@ -92,7 +93,8 @@ def test_another_step_count_retune_restores_the_fraction(tmp_path, pipe):
     from calib.trace.generate import Generator
     from calib.trace.prompts import bundled_prompts_path, read_prompts
 
-    code, result, _, path = _check(tmp_path, "digits.json", "builtin:digits", "--steps", "25")
+    code, result, _, path = _check(tmp_path, "digits.json", "builtin:digits", "--steps", "25", "--out",
+                                   "retuned.json", written=["retuned.json"])
     assert result["call_difference"] == [{"field": "steps", "calibrated": 30, "checked": 25}]
     _consistent(result)
     assert result["verdict"] == "retune"  # measured: 64 % of forwards at 0.06 against 59 % calibrated
@@ -111,6 +113,19 @@ def test_another_step_count_retune_restores_the_fraction(tmp_path, pipe):
         generate.close()
     assert computed / steps <= result["fraction"]["calibrated"] + result["fraction"]["tolerance"]
     assert computed / steps == pytest.approx(result["retune"]["measured_fraction"])
+    # --out: a copy recommending it, which the runtime loads with that threshold
+    assert result["written"] == "retuned.json"
+    copy = cr.load(path.parent / "retuned.json")
+    assert copy.recommended_threshold == threshold
+    assert copy.components == cr.load(path).components
+
+
+def test_out_is_never_the_checked_file(tmp_path):
+    shutil.copyfile(ROOT / "coeffs" / "digits.json", tmp_path / "digits.json")
+    before = (tmp_path / "digits.json").read_bytes()
+    code, out, err = run_cli(["check", "digits.json", "--model", "builtin:digits", "--out", "digits.json"], tmp_path)
+    assert code == 2 and out == "" and err.count("\n") == 1, err
+    assert (tmp_path / "digits.json").read_bytes() == before
 
 
 def test_another_step_count_refit_names_what_failed(tmp_path):
