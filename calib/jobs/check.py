@@ -30,6 +30,7 @@ import math
 import shlex
 from pathlib import Path
 
+import calib.runtime as cr
 from calib._io import resolve_output
 from calib.errors import CalibError
 from calib.evaluate import check as measure
@@ -195,8 +196,6 @@ def run_check(request: CheckRequest, *, echo=print, say_estimate=None, progress:
         # the masks name step indices of a calibrated step count: nothing to measure
         return _finish(result, "refit", f"the schedules are masks over {calibrated['steps']} steps; this call has "
                        f"{checked['steps']}", request, checked, echo)
-    import calib.runtime as cr
-
     config = cr.load(request.coeffs)
     device = pick_device(request.device)
     pipe = model_loading.load_model(request.model, device=device, dtype=checked["dtype"],
@@ -220,7 +219,8 @@ def run_check(request: CheckRequest, *, echo=print, say_estimate=None, progress:
     if own_reference:
         reference = cached
     else:
-        ref_pipe = pipe if reference_model == request.model else model_loading.load_model(
+        same_load = reference_model == request.model and calibrated["dtype"] in (None, checked["dtype"])
+        ref_pipe = pipe if same_load else model_loading.load_model(
             reference_model, device=device, dtype=calibrated["dtype"], cpu_offload=request.cpu_offload)
         ref_settings = _settings(calibrated, request.cpu_offload)
         ref_traced = measure.trace_generations(ref_pipe, jobs, ref_settings, source=reference_model,
@@ -250,9 +250,9 @@ def run_check(request: CheckRequest, *, echo=print, say_estimate=None, progress:
 
 
 def _setting_of(doc: dict, config) -> dict:
+    """What the cached runs apply: the file's recommended budget (a schedule) or threshold (a gate)."""
     if doc["method"] == "schedule":
-        return {"budget": config.recommended_budget if hasattr(config, "recommended_budget")
-                else (doc.get("recommended") or {}).get("budget")}
+        return {"budget": config.recommended_budget}
     return {"threshold": config.recommended_threshold}
 
 
