@@ -1,7 +1,7 @@
 """``calib check FILE --model M`` run as a user runs it (``calib.cli.main`` in-process, in a fresh folder), on the
 shipped coefficient files and the built-in models:
 
-* builtin:digits at the calibrated call: *holds* (exit 0), on the checked generations its own reference;
+* each shipped file on its model at the calibrated call: *holds* (exit 0), the check its own reference;
 * another step count: the verdict the measurement supports, checked for consistency with the numbers it printed
   (25 steps: *retune*, and the printed threshold, applied through the runtime, restores the calibrated fraction;
   20 steps: *refit*, with the failing measurement named);
@@ -66,8 +66,9 @@ def _consistent(result: dict) -> None:
         assert any(c.startswith("calib trace ") for c in result["commands"])
 
 
-def test_shipped_digits_file_holds_at_its_calibrated_call(tmp_path):
-    code, result, err, _ = _check(tmp_path, "digits.json", "builtin:digits")
+@pytest.mark.parametrize("name, model", [("digits.json", "builtin:digits"), ("wan-digits.json", "builtin:wan-digits")])
+def test_shipped_file_holds_at_its_calibrated_call(tmp_path, name, model):
+    code, result, err, _ = _check(tmp_path, name, model)
     assert code == 0 and result["verdict"] == "holds"
     assert result["call_difference"] == [] and result["signature"] == []
     assert result["error"]["reference_call"] == "the checked generations"
