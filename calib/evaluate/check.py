@@ -206,17 +206,31 @@ def _r2(pairs) -> float:
     return 1.0 - float(np.sum((y - p) ** 2)) / total if total > 0 else float("nan")
 
 
-def indicator_curve(trace_set, doc: dict) -> list[float]:
-    """The indicator's mean change per step over the traced trajectories (the gate's input), for the report."""
-    _, indicator, normalization = rescalers_of(doc)
-    rows = []
+def curves(trace_set, doc: dict) -> dict:
+    """Per step, over the traced trajectories: the indicator's mean change (the gate's input) and the rescaler's mean
+    absolute error against what it predicts (the output change, or the forecast's error), on the steps the gate
+    decides (entry 0 has no previous step; the forced last step is left out). None where no value is finite."""
+    rescalers, indicator, normalization = rescalers_of(doc)
+    xs, errors = [], []
     for traj in trace_set.trajectories:
-        series = indicator_series(traj, indicator, normalization)
-        if series is not None:
-            # entry 0 has no previous step; the forced last step is never gated
-            rows.append(series[0][1:][~forced_last_mask(traj, len(series[0]))[1:]])
+        comp = doc["components"].get(traj.component)
+        series = None if comp is None else indicator_series(traj, indicator, normalization, component_forecast(comp))
+        if series is None:
+            continue
+        x, y, scale = (np.asarray(v, dtype=np.float64) for v in series)
+        scale = np.where(np.isfinite(scale), scale, 1.0)
+        rescaler = rescalers[traj.component]
+        predicted = np.array([s * rescaler(v / s) if math.isfinite(v) else math.nan for v, s in zip(x, scale)])
+        keep = ~forced_last_mask(traj, len(x))
+        keep[0] = False
+        xs.append(np.where(keep, x, np.nan))
+        errors.append(np.where(keep, np.abs(predicted - y), np.nan))
+    return {"indicator": _column_means(xs), "rescaler_error": _column_means(errors)}
+
+
+def _column_means(rows) -> list:
     if not rows:
         return []
     width = min(len(r) for r in rows)
-    stacked = np.stack([r[:width] for r in rows]).astype(np.float64)
+    stacked = np.stack([r[:width] for r in rows])
     return [float(np.mean(col[np.isfinite(col)])) if np.isfinite(col).any() else None for col in stacked.T]

@@ -281,7 +281,7 @@ def _judge_gate(result, doc, pipe, config, traced, settings, cached, reference, 
                           "r2_floor": r2_floor, "mae": mae, "mae_standard_error": mae_se,
                           "calibrated_mae": fit["calibrated_mae"], "in_domain": fit["in_domain"],
                           "explains": bool(explains)}
-    result["indicator_curve"] = measure.indicator_curve(traced.trace_set, doc)
+    result["curves"] = measure.curves(traced.trace_set, doc)  # per step: the indicator, the rescaler's error
     if result["fraction"]["holds"] and result["error"]["holds"]:
         drift = "" if explains else ("; the rescaler explains these changes less well than calibrated, so a refit "
                                      "for this call may skip more at the same error")

@@ -76,6 +76,11 @@ def test_shipped_file_holds_at_its_calibrated_call(tmp_path, name, model):
     # the replay of the file's rule on the new traces and the runtime's decisions agree
     assert result["fraction"]["replayed"] == pytest.approx(result["fraction"]["measured"])
     assert result["rescaler"]["explains"]
+    # the per-step curves: one value per step the gate decides (not step 0, not the forced last step)
+    steps = 30
+    assert len(result["curves"]["indicator"]) == len(result["curves"]["rescaler_error"]) == steps
+    assert result["curves"]["indicator"][0] is None and result["curves"]["indicator"][-1] is None
+    assert all(v > 0 for v in result["curves"]["indicator"][1:-1])
     assert result["commands"] == []
     assert "about" in err and "s a generation" in err  # the estimated time, on stderr
 
