@@ -15,7 +15,7 @@ hold?"). Every tolerance comes from the spread of the generations measured, not 
   excess. The reference is the same measurement on the file's calibrated call and model (the file records no
   measured error for a gate); on the calibrated call and model the check is its own reference.
 * **rescaler**: the file's rescaler still explains the traced changes when its R² on them is at least the file's
-  held-out R² (``metrics.cv_r2``) less twice its jackknife standard error over the generations.
+  held-out R² (``metrics.cv_r2``) less twice its jackknife standard error over the generations, and above 0.
 
 holds: fraction and error hold. retune: the rescaler explains, and the threshold whose replay on the new traces
 restores the calibrated fraction measures a fraction and an error that hold. refit: anything else. A schedule file
@@ -273,7 +273,8 @@ def _judge_gate(result, doc, pipe, config, traced, settings, cached, reference, 
                           "calibrated": calibrated_fraction, "tolerance": fraction_tol,
                           "holds": bool(fraction <= calibrated_fraction + fraction_tol)}
     fit = measure.rescaler_fit(traced.trace_set, doc)
-    r2_floor = (fit["calibrated_r2"] - 2.0 * (fit["r2_error"] if math.isfinite(fit["r2_error"]) else 0.0)
+    # never below 0: a rescaler that predicts no better than the mean explains nothing, however noisy its R²
+    r2_floor = (max(0.0, fit["calibrated_r2"] - 2.0 * (fit["r2_error"] if math.isfinite(fit["r2_error"]) else 0.0))
                 if fit["calibrated_r2"] is not None else None)
     explains = r2_floor is None or (math.isfinite(fit["r2"]) and fit["r2"] >= r2_floor)
     mae, mae_se = measure.mean_and_error(fit["mae"])

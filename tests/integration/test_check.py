@@ -7,6 +7,7 @@ shipped coefficient files and the built-in models:
   20 steps: *refit*, with the failing measurement named);
 * builtin:wan-digits on another frame count and another canvas: the measured verdict (*holds*);
 * 4 steps on the 30-step file: *refit*, and no cache recommended (skipping one step costs more than the tolerance);
+* builtin:digits-4step on the base file at its 4 steps: *refit*, no cache recommended;
 * builtin:digits-lora on the base model's file: measured against the base model at the calibrated call (*holds*);
 * ``--json`` prints one JSON object and nothing else; the checked file and the folder are never written.
 """
@@ -169,6 +170,18 @@ def test_few_steps_refit_and_no_cache_recommended(tmp_path):
     one_skip = result["one_skip"]
     assert one_skip["no_cache_recommended"] and one_skip["excess"] > one_skip["tolerance"]
     assert one_skip["fraction"] < 1.0
+
+
+def test_few_step_model_on_the_base_file_refits_and_recommends_no_cache(tmp_path):
+    code, result, _, _ = _check(tmp_path, "digits.json", "builtin:digits-4step", "--steps", "4", "--guidance", "1")
+    _consistent(result)
+    assert {d["field"] for d in result["call_difference"]} == {"steps", "guidance"}
+    assert {"source", "weights (sampled digest)"} <= {d["field"] for d in result["model_difference"]}
+    assert result["error"]["reference_model"] == "builtin:digits"
+    # measured: the distilled student's 4 steps change far more than the base model's 30, which its rescaler never
+    # saw (R² below 0), and skipping even one of the 4 steps costs many times the calibrated error
+    assert result["verdict"] == "refit" and not result["rescaler"]["explains"] and result["rescaler"]["r2"] < 0
+    assert result["one_skip"]["no_cache_recommended"]
 
 
 @pytest.mark.parametrize("args", [("--num-frames", "8"), ("--height", "16", "--width", "16")],
