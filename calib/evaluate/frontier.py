@@ -289,6 +289,9 @@ def _table(result: dict, axis: str) -> list[str]:
             p = table[m][f"{t:.4f}"]
             if p is None:
                 cells += ["-", "-", "-"]
+            elif (p.get("setting") or {}).get("no_cache"):  # the fit recommends no cache: what it runs, measured
+                cells += [f"no cache: {p['fraction']:.1%} ({p['compute']:.1%})", f"{p['latent_rel_l1']:.4f}",
+                          f"{p['psnr']:.1f}"]
             elif not _reached(p, t, axis):
                 cells += [f"not reached (closest {p['fraction']:.1%} ({p['compute']:.1%}))", "-", "-"]
             else:
@@ -298,6 +301,9 @@ def _table(result: dict, axis: str) -> list[str]:
         lines.append(f"| {LABELS[m]} | not applicable: {why} |")
     comparison = (result.get("comparison") or {}).get(axis) or {}
     verdicts = []
+    for m in result["methods"]:
+        said = {(p.get("setting") or {}).get("no_cache") for p in result["methods"][m]["points"]} - {None}
+        verdicts += [f"{LABELS[m]}: {reason} (the file computes every step)" for reason in sorted(said)]
     for t in targets:
         c = comparison.get(f"{t:.4f}") or {}
         if "ratio" in c:

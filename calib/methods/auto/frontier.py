@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from calib.errors import CalibError
 from calib.methods.base import FrontierRow
+from calib.methods.quality import no_cache
 from calib.methods.teacache.frontier import gate_points, replay_guess
 from calib.methods.teacache.tune import rescalers_of
 
@@ -23,14 +24,26 @@ def auto_points(run) -> list:
         raise CalibError("no file of calib fit --method auto given")
     if not isinstance(configs, dict):
         return _points(run, configs, (*run.targets, *run.curve_fractions), run.targets)
-    points = []
+    points, said_no_cache = [], False
     for fraction, config in sorted(configs.items()):
+        if no_cache(config.document):  # one measured run says it for every target
+            if not said_no_cache:
+                points += _points(run, config, (fraction,), (fraction,))
+            said_no_cache = True
+            continue
         points += _points(run, config, (fraction,), (fraction,))
     return points
 
 
 def _points(run, config, fractions, targets) -> list:
-    """A schedule file: its budget nearest each fraction; a coefficient file: its gate bisected to each target."""
+    """A schedule file: its budget nearest each fraction; a coefficient file: its gate bisected to each target; a
+    file that recommends no cache (calib.methods.quality): what it does, every step computed, measured once."""
+    if no_cache(config.document):
+        reason = config.document["recommendation"]["reason"]
+        if config.method == "schedule":
+            return [run.measure(NAME, run.install(config, budget=config.steps),
+                                {"budget": config.steps, "no_cache": reason})]
+        return [run.measure(NAME, run.install(config, threshold=0.0), {"threshold": 0.0, "no_cache": reason})]
     if config.method == "schedule":
         n = config.steps
         budgets = sorted({min(config.budgets, key=lambda b: (abs(b / n - f), b)) for f in fractions})
