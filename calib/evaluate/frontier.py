@@ -302,8 +302,11 @@ def _table(result: dict, axis: str) -> list[str]:
     comparison = (result.get("comparison") or {}).get(axis) or {}
     verdicts = []
     for m in result["methods"]:
-        said = {(p.get("setting") or {}).get("no_cache") for p in result["methods"][m]["points"]} - {None}
-        verdicts += [f"{LABELS[m]}: {reason} (the file computes every step)" for reason in sorted(said)]
+        settings = [p.get("setting") or {} for p in result["methods"][m]["points"]]
+        verdicts += [f"{LABELS[m]}: {reason} (the file computes every step)"
+                     for reason in sorted({s["no_cache"] for s in settings if s.get("no_cache")})]
+        verdicts += [f"{LABELS[m]}: {s['within_bar']}, measured here: latent rel-L1 {p['latent_rel_l1']:.4f}"
+                     for s, p in zip(settings, result["methods"][m]["points"]) if s.get("within_bar")]
     for t in targets:
         c = comparison.get(f"{t:.4f}") or {}
         if "ratio" in c:

@@ -133,3 +133,19 @@ def test_the_frontier_shows_the_no_cache_answer_next_to_a_peer(work, pipe):
     assert "no cache recommended (the file computes every step)" in result["table"]
     assert "uniform" not in result["not_applicable"]
     assert all(p["latent_rel_l1"] > TIGHT for p in result["methods"]["uniform"]["points"] if p["fraction"] < 1)
+
+
+def test_the_frontier_states_the_budget_auto_recommends_within_the_bar(work, pipe):
+    """Matched at 50 % of forwards auto's schedule is over the bar at 4 steps; the table says which budget the file
+    recommends instead and what it measured."""
+    import calib.runtime as cr
+    from calib.evaluate.frontier import run_frontier
+
+    result = run_frontier(pipe, None, None, list(HELD_OUT), (SEED,), steps=STEPS, guidance=3.0, rows=("calib-auto",),
+                          auto_config={0.5: cr.load(work / "auto.json")}, echo=lambda *a: None)
+    points = result["methods"]["calib-auto"]["points"]
+    at_half = result["at_target"]["calib-auto"]["0.5000"]
+    assert at_half["fraction"] == 0.5 and at_half["latent_rel_l1"] > DEFAULT_MAX_ERROR
+    within = next(p for p in points if p["setting"].get("within_bar"))
+    assert within["fraction"] == 0.75 and within["latent_rel_l1"] <= DEFAULT_MAX_ERROR
+    assert "the file recommends budget 3 of 4" in result["table"]

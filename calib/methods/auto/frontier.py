@@ -24,15 +24,32 @@ def auto_points(run) -> list:
         raise CalibError("no file of calib fit --method auto given")
     if not isinstance(configs, dict):
         return _points(run, configs, (*run.targets, *run.curve_fractions), run.targets)
-    points, said_no_cache = [], False
+    points, said = [], set()
     for fraction, config in sorted(configs.items()):
         if no_cache(config.document):  # one measured run says it for every target
-            if not said_no_cache:
+            if "no cache" not in said:
                 points += _points(run, config, (fraction,), (fraction,))
-            said_no_cache = True
+            said.add("no cache")
             continue
         points += _points(run, config, (fraction,), (fraction,))
+        within = _within_bar(run, config, said)
+        points += [within] if within is not None else []
     return points
+
+
+def _within_bar(run, config, said: set):
+    """Where auto's choice at a target was over the quality bar (calib.methods.auto.method), the budget the file
+    recommends instead, measured once: the table states it beside the row matched at each target."""
+    verdict = (config.document.get("calibration") or {}).get("auto") or {}
+    chosen = (config.document.get("recommendation") or {}).get("chosen")
+    if not verdict.get("over_bar") or chosen is None or chosen["budget"] in said:
+        return None
+    said.add(chosen["budget"])
+    bar = config.document["recommendation"]["max_error"]
+    text = (f"at these targets over the quality bar {bar:g}; the file recommends budget {chosen['budget']:g} of "
+            f"{config.steps} ({chosen['budget'] / config.steps:.1%} of forwards)")
+    return run.measure(NAME, run.install(config, budget=chosen["budget"]),
+                       {"budget": chosen["budget"], "within_bar": text})
 
 
 def _points(run, config, fractions, targets) -> list:
@@ -45,11 +62,16 @@ def _points(run, config, fractions, targets) -> list:
                                 {"budget": config.steps, "no_cache": reason})]
         return [run.measure(NAME, run.install(config, threshold=0.0), {"threshold": 0.0, "no_cache": reason})]
     if config.method == "schedule":
+        if not isinstance(run.auto_config, dict):
+            within = _within_bar(run, config, set())
+            extra = [within] if within is not None else []
+        else:
+            extra = []
         n = config.steps
         budgets = sorted({min(config.budgets, key=lambda b: (abs(b / n - f), b)) for f in fractions})
         return [run.measure(NAME, run.install(config, budget=b),
                             {"budget": b, "forecast": (config.schedule(b).forecast or config.forecast).as_json()})
-                for b in budgets]
+                for b in budgets] + extra
     rescalers, indicator, normalization = rescalers_of(config.document)
 
     def guess(f):
