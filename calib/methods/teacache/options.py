@@ -80,7 +80,7 @@ class TeacacheOptions(MethodOptions):
     forecast_variable: str | None = option("auto", "extrapolate in the step index or in sigma; auto picks by "
                                            "held-out error", choices=("auto", "step", "sigma"),
                                            parse=parse_forecast_variable, shown_default="auto")
-    max_error: float = option(DEFAULT_MAX_ERROR, MAX_ERROR_HELP + " (teacache: the error predicted on the traces)",
+    max_error: float = option(DEFAULT_MAX_ERROR, MAX_ERROR_HELP + " (predicted on the traces)",
                               parse=number(low=0))
 
     @property
