@@ -17,8 +17,9 @@ from ._group import cli
 
 @cli.command()
 @click.option("--model", "model", default="builtin:digits", show_default=True,
-              help="Built-in model (builtin:digits, builtin:wan-digits), a local diffusers pipeline folder, a hub "
-                   "id, or module:function (your code that returns the pipeline).")
+              help="Built-in model (builtin:digits; its variants builtin:digits-lora, builtin:digits-4step and "
+                   "builtin:digits-8step, which want --steps 4 / 8 --guidance 1; builtin:wan-digits), a local "
+                   "diffusers pipeline folder, a hub id, or module:function (your code that returns the pipeline).")
 @click.option("--prompts", "prompts_file", type=click.Path(path_type=Path),
               help="Text file, one prompt per line. Built-in models default to their bundled prompts.")
 @click.option("--steps", default=30, show_default=True, type=int, help="Denoising steps per generation.")
