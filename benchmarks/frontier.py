@@ -2,7 +2,7 @@
 
     python benchmarks/frontier.py                    # builtin:digits (+ builtin:wan-digits when it is built in)
     python benchmarks/frontier.py --model builtin:digits --seeds 100,101 --steps 30
-    python benchmarks/frontier.py --model builtin:digits-4step --steps 4   # a few-step model (docs/evaluation.md)
+    python benchmarks/frontier.py --model builtin:digits-4step --steps 4 --guidance 1   # a few-step model
 
 For each model: split the bundled prompts into calibration prompts (every other line, from the first) and held-out
 prompts (the rest), trace the calibration prompts (calibration seeds), fit the rescaler and the searched schedule
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import shutil
 import sys
 import time
@@ -58,10 +57,7 @@ def run_model(model: str, args) -> dict | None:
     except Exception as exc:  # noqa: BLE001 - e.g. a built-in model whose weights are not trained yet
         print(f"== {model}: skipped ({str(exc).splitlines()[0]})")
         return None
-    bundled = bundled_prompts_path(name)
-    if not bundled.exists():  # a variant of a built-in model (digits-4step) prompts like the model it was made from
-        bundled = bundled_prompts_path(re.sub(r"-\d+step$", "", name))
-    prompts = read_prompts(args.prompts or bundled)
+    prompts = read_prompts(args.prompts or bundled_prompts_path(name))  # a variant (digits-4step): its base's
     calibration, held_out = prompts[0::2], prompts[1::2]
     if not held_out:
         raise SystemExit(f"{model}: need at least 2 prompts to hold some out")
