@@ -35,6 +35,11 @@ Every target (50 %, 33 %, 25 %) is matched twice: on the fraction of full forwar
 :func:`compare_with_peers` puts the headline row, ``calib-auto`` (chosen on calibration prompts only), against the
 best other row at each, and shows the best of calib's rows on the evaluation set beside it, labelled as such.
 
+Where a fit held its choice to the quality bar (calib.methods.quality: few-step models), the lines under each table
+say so: a file that recommends no cache is run as it is (every step, error 0) and labelled "no cache" with the fit's
+reason; where auto's choice at a target is over the bar, the budget its file recommends instead is measured and
+stated.
+
 Threshold methods are bisected over real runs (starting from the replayed threshold where a replay exists) to the
 setting whose measured fraction is closest to each target; the achieved fraction is reported beside every number.
 """
