@@ -831,6 +831,9 @@ CASES: list[Case] = [
     Case("bootstrap-huge", "`calib fit --bootstrap 1000000000`", "calib fit t.h5 --out c.json --bootstrap 1000000000",
          "calib: error: --bootstrap must be an integer from 0 to 10,000, got 1,000,000,000", 2,
          lambda work: copy_asset("real.h5", work, "t.h5")),
+    Case("max-error-negative", "`calib fit --max-error -1` (the quality bar)", "calib fit t.h5 --out c.json "
+         "--max-error -1", "calib: error: --max-error must be >= 0, got -1", 2,
+         lambda work: copy_asset("real.h5", work, "t.h5")),
     Case("device-cuda", "`--device cuda` without CUDA", "calib trace --device cuda --prompts p.txt",
          f"calib: error: --device cuda: this torch has no CUDA device (torch {_torch_version()}, CUDA build: none); "
          "use --device cpu", 2, _p("a handwritten 7\n"), skip=lambda: _cuda_present()),
