@@ -469,8 +469,9 @@ def summary(result: dict) -> list[str]:
         if error.get("reference") is None:
             against = f"no refit to compare with; quality bar {error.get('max_error', 0):g}"
         else:
-            against = (f"a refit {error['reference']:.4f} ± {error['reference_standard_error']:.4f} on "
-                       f"{error['reference_call']}; excess {error['excess']:+.4f}, tolerance {error['tolerance']:.4f}")
+            against = (f"{error['reference_call']}: {error['reference']:.4f} ± "
+                       f"{error['reference_standard_error']:.4f}; excess {error['excess']:+.4f}, tolerance "
+                       f"{error['tolerance']:.4f}")
         lines.append(f"  final-latent rel-L1 cached vs uncached: {error['measured']:.4f} ± {error['standard_error']:.4f}"
                      f" ({against}) {'ok' if error['holds'] else 'HIGHER'}")
     retune = result.get("retune")
