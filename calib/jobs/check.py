@@ -441,6 +441,10 @@ def _value(v) -> str:
     return "-" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))
 
 
+def _excess_text(measured: dict) -> str:
+    return f"excess {measured['excess']:+.4f}, tolerance {measured['tolerance']:.4f}"
+
+
 def summary(result: dict) -> list[str]:
     """The human report: what differs, the numbers beside their calibrated values, the verdict and what to run."""
     lines = [f"checked {result['file']} ({result['method']}) on {result['model']}: {result['generations']} "
@@ -466,19 +470,16 @@ def summary(result: dict) -> list[str]:
                      f"fitted domain {'ok' if rescaler['explains'] else 'BELOW'}")
     error = result.get("error")
     if error:
-        if error.get("reference") is None:
-            against = f"no refit to compare with; quality bar {error.get('max_error', 0):g}"
-        else:
-            against = (f"{error['reference_call']}: {error['reference']:.4f} ± "
-                       f"{error['reference_standard_error']:.4f}; excess {error['excess']:+.4f}, tolerance "
-                       f"{error['tolerance']:.4f}")
-        lines.append(f"  final-latent rel-L1 cached vs uncached: {error['measured']:.4f} ± {error['standard_error']:.4f}"
-                     f" ({against}) {'ok' if error['holds'] else 'HIGHER'}")
+        against = (f"no refit to compare with; quality bar {error.get('max_error', 0):g}"
+                   if error.get("reference") is None else
+                   f"{error['reference_call']}: {error['reference']:.4f} ± {error['reference_standard_error']:.4f}"
+                   f"; {_excess_text(error)}")
+        lines.append(f"  final-latent rel-L1 cached vs uncached: {error['measured']:.4f} ± "
+                     f"{error['standard_error']:.4f} ({against}) {'ok' if error['holds'] else 'HIGHER'}")
     retune = result.get("retune")
     if retune:
-        against = ("" if retune.get("reference") is None else
-                   f"; a refit {retune['reference']:.4f}, excess {retune['excess']:+.4f}, tolerance "
-                   f"{retune['tolerance']:.4f}")
+        against = ("" if retune.get("reference") is None
+                   else f"; a refit {retune['reference']:.4f}, {_excess_text(retune)}")
         lines.append(f"  retuned threshold {retune['threshold']:g}: full forwards {retune['measured_fraction']:.1%}, "
                      f"rel-L1 {retune['error']:.4f}{against}")
     one_skip = result.get("one_skip")

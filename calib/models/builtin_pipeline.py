@@ -48,6 +48,21 @@ def load_weights(transformer: nn.Module, prompt_encoder: nn.Module, path: Path, 
         module.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
 
 
+def rectified_flow_batch(x_all: torch.Tensor, labels: torch.Tensor, batch: int, null_class: int, null_prob: float,
+                         gen: torch.Generator):
+    """One training batch of the rectified-flow objective: ``(x0, y, noise, t, xt)`` with ``xt = (1 - t) x0 + t
+    noise`` and the label dropped to ``null_class`` with probability ``null_prob`` (classifier-free guidance). The
+    draws from ``gen`` come in a fixed order, so the trainers reproduce their shipped weights."""
+    idx = torch.randint(0, x_all.shape[0], (batch,), generator=gen)
+    x0 = x_all[idx]
+    y = labels[idx].clone()
+    y[torch.rand(batch, generator=gen) < null_prob] = null_class
+    noise = torch.randn(x0.shape, generator=gen)
+    t = torch.rand(batch, generator=gen)
+    xt = (1 - t).view(-1, *([1] * (x0.dim() - 1))) * x0 + t.view(-1, *([1] * (x0.dim() - 1))) * noise
+    return x0, y, noise, t, xt
+
+
 def optimizer_step(loss: torch.Tensor, opt, sched, params, max_norm: float = 1.0) -> None:
     """One training step of the built-in models' recipe: backward, gradient clipping, AdamW, scheduler."""
     opt.zero_grad(set_to_none=True)

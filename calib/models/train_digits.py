@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from . import digits
-from .builtin_pipeline import LossLog, optimizer_step, save_weights
+from .builtin_pipeline import LossLog, optimizer_step, rectified_flow_batch, save_weights
 
 
 def train(steps: int = 1500, batch: int = 128, lr: float = 1e-3, seed: int = 0, null_prob: float = 0.1, log=print):
@@ -32,13 +32,7 @@ def train(steps: int = 1500, batch: int = 128, lr: float = 1e-3, seed: int = 0, 
     gen = torch.Generator().manual_seed(seed)
     losses = LossLog(log)
     for step in range(1, steps + 1):
-        idx = torch.randint(0, x_all.shape[0], (batch,), generator=gen)
-        x0 = x_all[idx]
-        y = labels[idx].clone()
-        y[torch.rand(batch, generator=gen) < null_prob] = digits.NULL_CLASS
-        noise = torch.randn(x0.shape, generator=gen)
-        t = torch.rand(batch, generator=gen)
-        xt = (1 - t)[:, None, None] * x0 + t[:, None, None] * noise
+        x0, y, noise, t, xt = rectified_flow_batch(x_all, labels, batch, digits.NULL_CLASS, null_prob, gen)
         seq, pooled = encoder(y)
         pred = transformer(
             hidden_states=xt,
