@@ -2,7 +2,7 @@
 
 One thin module per command; importing them adds them to the group. ``calib.cli:main`` is the console script."""
 
-from . import compare, demo, eval, export, fit, merge, report, trace, tune  # noqa: F401  (registers the commands)
+from . import check, compare, demo, eval, export, fit, merge, report, trace, tune  # noqa: F401  (registers the commands)
 from ._group import cli, main
 
 __all__ = ["cli", "main"]

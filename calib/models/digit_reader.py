@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 
+# The built-in models whose generations are digits this reader reads (the variants of builtin:digits draw the same
+# digits, bolder or in fewer steps).
+DIGIT_MODELS = ("digits", "wan-digits", "digits-lora")
+
 
 def digit_classifier():
     """A logistic regression on sklearn's digits (97 % held-out accuracy): an objective 'is it legible' check."""
@@ -21,7 +25,7 @@ def classify(classifier, images) -> np.ndarray:
 
 
 def builtin_name(model: str | None, pipe) -> str | None:
-    """``"digits"`` / ``"wan-digits"`` for the built-in models (by ``--model`` or by the pipeline's class), else None."""
+    """``"digits"`` / ``"wan-digits"`` / a variant's name for the built-in models (by ``--model`` or by the pipeline's class), else None."""
     if model and model.startswith("builtin:"):
         return model.split(":", 1)[1]
     cls = type(pipe).__name__
@@ -32,7 +36,7 @@ def digit_reader(builtin: str | None):
     """``read(planes) -> digit`` for the built-in digits models (None for other models): a logistic regression on
     scikit-learn's digits (:func:`digit_classifier`); for the 12x12 video frames, each frame's 8x8 window with the
     most ink is read and the video's digit is the frames' majority."""
-    if builtin not in ("digits", "wan-digits"):
+    if builtin not in DIGIT_MODELS:
         return None
     clf = digit_classifier()
 

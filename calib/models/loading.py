@@ -30,11 +30,25 @@ def _wan_digits(device):
     return wan_digits.load_pipeline(device=device)
 
 
-BUILTIN: dict[str, Callable] = {"digits": _digits, "wan-digits": _wan_digits}
+def _digits_lora(device):
+    from . import digits_lora
+
+    return digits_lora.load_pipeline(device=device)
+
+
+BUILTIN: dict[str, Callable] = {"digits": _digits, "digits-lora": _digits_lora, "wan-digits": _wan_digits}
 BUILTIN_DESCRIPTIONS = {
     "digits": "FLUX transformer (0.6 M parameters) trained on scikit-learn's 8x8 digits",
+    "digits-lora": "builtin:digits with a rank-4 LoRA (peft) that draws bold strokes",
     "wan-digits": "Wan transformer (0.24 M parameters) trained on 4-frame 12x12 clips of drifting digits",
 }
+# The variants of builtin:digits take its prompts (calib/data/digits_prompts.txt).
+BUILTIN_PROMPTS = {"digits-lora": "digits"}
+
+
+def builtin_prompts_name(name: str) -> str:
+    """The name of the bundled prompts file (``calib/data/<name>_prompts.txt``) a built-in model uses."""
+    return BUILTIN_PROMPTS.get(name, name)
 
 
 def builtin_names() -> list[str]:
@@ -253,7 +267,7 @@ def pipeline_class(spec: str):
     spec = (spec or DEFAULT_MODEL).strip()
     name = spec[len("builtin:") :] if spec.startswith("builtin:") else spec
     if spec.startswith("builtin:") or (name in BUILTIN and not Path(spec).exists()):
-        if name == "digits":
+        if name in ("digits", "digits-lora"):
             from .digits import DigitsPipeline
 
             return DigitsPipeline

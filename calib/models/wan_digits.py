@@ -50,6 +50,11 @@ TRANSFORMER_CONFIG = dict(
     rope_max_seq_len=64,
 )
 
+PATCH = TRANSFORMER_CONFIG["patch_size"]
+# the rotary table covers rope_max_seq_len positions per axis: frames, and canvas pixels / patch
+MAX_FRAMES = TRANSFORMER_CONFIG["rope_max_seq_len"] * PATCH[0]
+MAX_CANVAS = TRANSFORMER_CONFIG["rope_max_seq_len"] * PATCH[1]
+
 # The 8 drift directions (dy, dx), one pixel per frame.
 DIRECTIONS = torch.tensor([(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)])
 
@@ -136,6 +141,23 @@ class WanDigitsPipeline(builtin_pipeline.BuiltinPipeline):
     def resolution(self) -> tuple[int, int, int]:
         return (FRAMES, CANVAS, CANVAS)
 
+    @staticmethod
+    def latent_size(num_frames: int | None, height: int | None, width: int | None) -> tuple[int, int, int]:
+        """``(frames, height, width)`` of a call (None: the trained 4 frames of 12x12). Other frame counts and canvas
+        sizes run -- the transformer is convolution-free over tokens, with rotary positions -- so a calibration can
+        be checked on them (``calib check``); what the model makes there is out of its training distribution. Sizes
+        must be whole patches and inside the rotary table (:data:`MAX_FRAMES` frames, :data:`MAX_CANVAS` pixels)."""
+        frames = FRAMES if num_frames is None else num_frames
+        height = CANVAS if height is None else height
+        width = CANVAS if width is None else width
+        limits = (("num_frames", frames, PATCH[0], MAX_FRAMES), ("height", height, PATCH[1], MAX_CANVAS),
+                  ("width", width, PATCH[2], MAX_CANVAS))
+        for name, value, step, high in limits:
+            if isinstance(value, bool) or not isinstance(value, int) or not step <= value <= high or value % step:
+                raise CalibError(f"the built-in wan-digits model takes {name} a multiple of {step} from {step} to "
+                                 f"{high} (trained on {FRAMES} frames of {CANVAS}x{CANVAS}); got {value!r}")
+        return frames, height, width
+
     @torch.no_grad()
     def __call__(
         self,
@@ -153,9 +175,7 @@ class WanDigitsPipeline(builtin_pipeline.BuiltinPipeline):
     ) -> WanDigitsOutput:
         prompts = self._prompt_list(prompt, num_inference_steps, cfg_mode, output_type)
         self._guidance_scale = guidance_scale  # as diffusers' pipelines keep it (calib.runtime reads it)
-        for name, value, trained in (("height", height, CANVAS), ("width", width, CANVAS), ("num_frames", num_frames, FRAMES)):
-            if value is not None and value != trained:
-                raise CalibError(f"the built-in wan-digits model generates {FRAMES} frames of {CANVAS}x{CANVAS}; {name}={value} is not supported")
+        frames, height, width = self.latent_size(num_frames, height, width)
         labels = torch.tensor([parse_digit_prompt(p) for p in prompts], dtype=torch.long)
         labels = labels.repeat_interleave(num_videos_per_prompt)
         batch = labels.shape[0]
@@ -166,7 +186,7 @@ class WanDigitsPipeline(builtin_pipeline.BuiltinPipeline):
         null = self.prompt_encoder(torch.full_like(labels, NULL_CLASS).to(device)).to(dtype)
 
         if latents is None:
-            latents = torch.randn((batch, CHANNELS, FRAMES, CANVAS, CANVAS), generator=generator, dtype=torch.float32)
+            latents = torch.randn((batch, CHANNELS, frames, height, width), generator=generator, dtype=torch.float32)
         latents = latents.to(device, dtype)
 
         self.scheduler.set_timesteps(num_inference_steps, device=device)

@@ -119,6 +119,11 @@ class Generator:
 
         self._undo = wrap_method(scheduler, "step", after=keep)
 
+    def latest(self) -> torch.Tensor | None:
+        """The final latents of the last pipeline call made while this generator is installed, whoever made it
+        (calib check reads a traced generation's through it, instead of generating it again)."""
+        return None if self._last is None else self._last.detach().float().cpu().clone()
+
     def close(self) -> None:
         if self._undo is not None:
             self._undo()

@@ -8,12 +8,13 @@ from pathlib import Path
 
 from .._io import MAX_TEXT_BYTES, read_input
 from ..errors import CalibError
+from ..models.loading import builtin_prompts_name
 
 MAX_PROMPT_CHARS = 2000
 
 
 def bundled_prompts_path(name: str = "digits") -> Path:
-    return Path(str(resources.files("calib").joinpath(f"data/{name}_prompts.txt")))
+    return Path(str(resources.files("calib").joinpath(f"data/{builtin_prompts_name(name)}_prompts.txt")))
 
 
 def read_prompts(path: str | Path) -> list[str]:

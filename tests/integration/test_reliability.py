@@ -451,7 +451,7 @@ CASES: list[Case] = [
          "calib: error: --guidance must be a finite number >= 0, got -1.0", 2),
     # -- model --------------------------------------------------------------------------------------------------
     Case("model-builtin", "unknown built-in model", "calib trace --model builtin:cats",
-         "calib: error: no built-in model 'cats'; built-in models: builtin:digits, builtin:wan-digits", 2),
+         "calib: error: no built-in model 'cats'; built-in models: builtin:digits, builtin:digits-lora, builtin:wan-digits", 2),
     Case("model-folder", "model folder without model_index.json", "calib trace --model empty_dir --prompts p.txt",
          "calib: error: empty_dir: not a diffusers pipeline folder (no model_index.json)", 2,
          lambda work: (_p("a cat\n")(work), _empty_dir(work / "empty_dir"))),

@@ -50,13 +50,23 @@ def test_sequential_cfg_matches_batched(wan):
         {"prompt": "7", "num_inference_steps": 1},
         {"prompt": "7", "cfg_mode": "parallel"},
         {"prompt": "7", "output_type": "tensor"},
-        {"prompt": "7", "height": 16},
-        {"prompt": "7", "num_frames": 8},
+        {"prompt": "7", "height": 13},  # not a whole patch
+        {"prompt": "7", "num_frames": 0},
+        {"prompt": "7", "width": 130},  # beyond the rotary table
     ],
 )
 def test_bad_requests_are_calib_errors(wan, kwargs):
     with pytest.raises(CalibError):
         wan(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, shape", [({"num_frames": 8}, (1, 8, 12, 12)),
+                                           ({"height": 16, "width": 20}, (1, 4, 16, 20))])
+def test_other_frame_counts_and_canvases_generate_that_shape(wan, kwargs, shape):
+    # out of the training distribution, but they run: calib check measures a calibration on them
+    latent = wan("a handwritten 3", num_inference_steps=STEPS, output_type="latent", **kwargs).frames[0]
+    assert tuple(latent.shape) == shape
+    assert torch.isfinite(latent).all()
 
 
 def test_validate_prompts_names_the_bad_prompt(wan):

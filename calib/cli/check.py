@@ -1,0 +1,54 @@
+"""``calib check FILE --model M``: does a calibration still hold for this model and call (docs/calibrate-your-model.md)?
+
+Imports of the jobs stay inside the command bodies (the one deliberate exception to top-level imports): they pull
+in torch, h5py and matplotlib, and keeping them out of import time keeps ``calib --help`` fast.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from ._group import cli
+from .trace import call_options, pipeline_kwargs
+
+
+@cli.command()
+@click.argument("coeffs", type=click.Path(path_type=Path), metavar="FILE")
+@call_options(from_file=True)
+@click.option("--generations", default=4, show_default=True, type=int,
+              help="Generations to trace and run cached (held-out seeds of the prompts); the check's time grows "
+                   "with it.")
+@click.option("--out", type=click.Path(path_type=Path),
+              help="On a retune, write a copy of FILE recommending the retuned threshold here (never FILE itself; "
+                   "nothing is written on holds or refit).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object (verdict, exit code, numbers, commands) "
+                                                      "and nothing else on stdout.")
+def check(coeffs, model, prompts_file, steps, guidance, height, width, num_frames, negative_prompt, true_cfg_scale,
+          pipeline_args, dtype, cpu_offload, device, modulation_module, generations, out, as_json):
+    """Check FILE (a TeaCache or schedule document) on your model and call: trace a few generations, compare them
+    with the calibration and print one verdict with its numbers.
+
+    \b
+    holds   (exit 0) the fraction of full forwards and the error are within tolerance
+    retune  (exit 1) a new threshold restores them: it prints it and the calib trace / calib tune commands
+    refit   (exit 2) calibrate anew: it prints the calib trace / calib fit commands
+
+    Call options not given are the file's recorded call. The generations are traced in memory; nothing is written
+    but --out's copy."""
+    from calib.jobs.check import CheckRequest, run_check
+
+    given = {"steps": steps, "guidance": guidance, "height": height, "width": width, "num_frames": num_frames,
+             "negative_prompt": negative_prompt, "true_cfg_scale": true_cfg_scale,
+             "pipeline_kwargs": pipeline_kwargs(pipeline_args) if pipeline_args else None, "dtype": dtype}
+    request = CheckRequest(coeffs=coeffs, model=model, given=given, prompts_file=prompts_file,
+                           generations=generations, device=device, cpu_offload=cpu_offload,
+                           modulation_module=modulation_module, out=out)
+    if as_json:
+        result = run_check(request, echo=lambda line: None, say_estimate=lambda line: click.echo(line, err=True))
+        click.echo(json.dumps(result, allow_nan=False, default=str))
+    else:
+        result = run_check(request, echo=click.echo)
+    return result["exit_code"]
