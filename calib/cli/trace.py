@@ -27,7 +27,8 @@ def call_options(*, from_file: bool = False):
     options = [
         click.option("--model", "model", default=default("builtin:digits"), show_default=not from_file,
                      required=from_file,
-                     help="Built-in model (builtin:digits, its variant builtin:digits-lora, builtin:wan-digits), a "
+                     help="Built-in model (builtin:digits; its variants builtin:digits-lora, builtin:digits-4step "
+                          "and builtin:digits-8step, which want --steps 4 / 8 --guidance 1; builtin:wan-digits), a "
                           "local diffusers pipeline folder, a hub id, or module:function (your code that returns the "
                           "pipeline)."),
         click.option("--prompts", "prompts_file", type=click.Path(path_type=Path),

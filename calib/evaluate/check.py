@@ -24,7 +24,8 @@ from calib.methods.teacache.tune import find_threshold, replay_trajectories, res
 from calib.runtime import Forecast
 from calib.store import TraceSet
 from calib.trace.generate import Generator
-from calib.trace.recorder import Tracer, describe_model
+from calib.runtime.signature import weights_digest
+from calib.trace.recorder import Tracer, describe_model, pipeline_components
 
 CHECK_SEED = 1000  # held-out seeds start here: calibration traces use small seeds (calib trace's default is 0,1)
 
@@ -90,7 +91,7 @@ def trace_generations(pipe, jobs, settings, *, source: str, modulation_module=No
 
 
 def cached_errors(pipe, config, traced: Traced, settings, *, threshold=None, budget=None, progress: bool = True,
-                  desc: str = "check: cached") -> dict:
+                  desc: str = "check: cached", per_generation: dict | None = None) -> dict:
     """Each traced generation again with ``config`` applied (the gate at ``threshold`` or the schedule at ``budget``):
     per generation its final-latent rel-L1 against the uncached one and its fraction of full forwards, and the
     signature fields that differed (the runtime's own check, :class:`calib.runtime.signature.SignatureCheck`)."""
@@ -100,10 +101,14 @@ def cached_errors(pipe, config, traced: Traced, settings, *, threshold=None, bud
     bar = _bar(len(traced.references), desc, progress)
     try:
         for (prompt, seed), reference in traced.references.items():
+            run_config = config
             options = {"budget": budget} if budget is not None else {"threshold": threshold}
+            if per_generation is not None:  # (config, threshold) of this generation (a cross-fitted refit)
+                run_config, chosen = per_generation[(prompt, seed)]
+                options = {"threshold": chosen}
             with warnings.catch_warnings():  # the mismatches are reported by the check, not warned per generation
                 warnings.simplefilter("ignore")
-                handle = cr.apply(pipe, config, allow_model_mismatch=True, **options)
+                handle = cr.apply(pipe, run_config, allow_model_mismatch=True, **options)
                 try:
                     out = generate(prompt, seed)
                     stats = handle.stats()
@@ -118,6 +123,47 @@ def cached_errors(pipe, config, traced: Traced, settings, *, threshold=None, bud
         bar.close()
         generate.close()
     return {"errors": errors, "fractions": fractions, "signature": list(mismatches.values())}
+
+
+def weights_digests(pipe) -> dict:
+    """The sampled weights digest of each transformer of ``pipe``, as the tracer records it in ``model_info``."""
+    return {name: weights_digest(module) for name, module in pipeline_components(pipe)}
+
+
+def local_refit(trace_set, doc: dict) -> tuple[dict, object]:
+    """A TeaCache document fitted on ``trace_set`` as ``calib fit`` fits one (the method's own fit, with the file's
+    indicator, normalisation, degree and forecast, so only the data differs), and its runtime config."""
+    from calib.methods.base import FitContext
+    from calib.methods.teacache.method import fit as fit_teacache
+    from calib.methods.teacache.options import TeacacheOptions
+
+    comps = list(doc["components"].values())
+    indicator = doc.get("indicator") or {}
+    entry = next((c.get("forecast") for c in comps if c.get("forecast")), None) or {}
+    order = int(entry.get("order") or 0) if entry.get("kind", "newton") == "newton" else 0
+    options = TeacacheOptions(degree=str(max(int(c.get("degree") or 1) for c in comps)),
+                              indicator=indicator.get("name", "modulated_input"),
+                              normalization=indicator.get("normalization", "none"), bootstrap=0, plot=False,
+                              forecast=str(order), forecast_variable=str(entry.get("variable") or "step"))
+    with warnings.catch_warnings():  # the fit's advice (trace more prompts) is for calibrations, not this yardstick
+        warnings.simplefilter("ignore")
+        fitted = fit_teacache(trace_set, options, FitContext(echo=lambda *_: None, progress=False))
+    return fitted.document, cr.parse(fitted.document)
+
+
+def cross_fitted_refits(trace_set, doc: dict) -> dict:
+    """What a refit for this call would give, as the yardstick of the file's error: for each checked generation, a
+    :func:`local_refit` of the *other* generations (so no refit is measured on what it was fitted on, as a real
+    calibration is not). ``{(prompt, seed): (document, config, the others' trace set)}``; raises CalibError when
+    the others are too few to fit (a few-step call, two generations)."""
+    keys = list(dict.fromkeys(_generation(t) for t in trace_set.trajectories))
+    out = {}
+    for key in keys:
+        others = TraceSet(model_info=trace_set.model_info, files=[], attrs=[],
+                          trajectories=[t for t in trace_set.trajectories if _generation(t) != key])
+        document, config = local_refit(others, doc)
+        out[key] = (document, config, others)
+    return out
 
 
 # -- the gate's rule on the traces (TeaCache files) ------------------------------------------------------------------

@@ -35,6 +35,11 @@ Every target (50 %, 33 %, 25 %) is matched twice: on the fraction of full forwar
 :func:`compare_with_peers` puts the headline row, ``calib-auto`` (chosen on calibration prompts only), against the
 best other row at each, and shows the best of calib's rows on the evaluation set beside it, labelled as such.
 
+Where a fit held its choice to the quality bar (calib.methods.quality: few-step models), the lines under each table
+say so: a file that recommends no cache is run as it is (every step, error 0) and labelled "no cache" with the fit's
+reason; where auto's choice at a target is over the bar, the budget its file recommends instead is measured and
+stated.
+
 Threshold methods are bisected over real runs (starting from the replayed threshold where a replay exists) to the
 setting whose measured fraction is closest to each target; the achieved fraction is reported beside every number.
 """
@@ -289,6 +294,9 @@ def _table(result: dict, axis: str) -> list[str]:
             p = table[m][f"{t:.4f}"]
             if p is None:
                 cells += ["-", "-", "-"]
+            elif (p.get("setting") or {}).get("no_cache"):  # the fit recommends no cache: what it runs, measured
+                cells += [f"no cache: {p['fraction']:.1%} ({p['compute']:.1%})", f"{p['latent_rel_l1']:.4f}",
+                          f"{p['psnr']:.1f}"]
             elif not _reached(p, t, axis):
                 cells += [f"not reached (closest {p['fraction']:.1%} ({p['compute']:.1%}))", "-", "-"]
             else:
@@ -298,6 +306,12 @@ def _table(result: dict, axis: str) -> list[str]:
         lines.append(f"| {LABELS[m]} | not applicable: {why} |")
     comparison = (result.get("comparison") or {}).get(axis) or {}
     verdicts = []
+    for m in result["methods"]:
+        settings = [p.get("setting") or {} for p in result["methods"][m]["points"]]
+        verdicts += [f"{LABELS[m]}: {reason} (the file computes every step)"
+                     for reason in sorted({s["no_cache"] for s in settings if s.get("no_cache")})]
+        verdicts += [f"{LABELS[m]}: {s['within_bar']}, measured here: latent rel-L1 {p['latent_rel_l1']:.4f}"
+                     for s, p in zip(settings, result["methods"][m]["points"]) if s.get("within_bar")]
     for t in targets:
         c = comparison.get(f"{t:.4f}") or {}
         if "ratio" in c:

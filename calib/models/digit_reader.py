@@ -7,7 +7,7 @@ import numpy as np
 
 # The built-in models whose generations are digits this reader reads (the variants of builtin:digits draw the same
 # digits, bolder or in fewer steps).
-DIGIT_MODELS = ("digits", "wan-digits", "digits-lora")
+DIGIT_MODELS = ("digits", "wan-digits", "digits-lora", "digits-4step", "digits-8step")
 
 
 def digit_classifier():
@@ -29,7 +29,8 @@ def builtin_name(model: str | None, pipe) -> str | None:
     if model and model.startswith("builtin:"):
         return model.split(":", 1)[1]
     cls = type(pipe).__name__
-    return {"DigitsPipeline": "digits", "WanDigitsPipeline": "wan-digits"}.get(cls)
+    by_class = {"DigitsPipeline": "digits", "FewStepDigitsPipeline": "digits", "WanDigitsPipeline": "wan-digits"}
+    return by_class.get(cls)
 
 
 def digit_reader(builtin: str | None):

@@ -36,14 +36,29 @@ def _digits_lora(device):
     return digits_lora.load_pipeline(device=device)
 
 
-BUILTIN: dict[str, Callable] = {"digits": _digits, "digits-lora": _digits_lora, "wan-digits": _wan_digits}
+def _digits_4step(device):
+    from . import digits_fewstep
+
+    return digits_fewstep.load_pipeline(steps=4, device=device)
+
+
+def _digits_8step(device):
+    from . import digits_fewstep
+
+    return digits_fewstep.load_pipeline(steps=8, device=device)
+
+
+BUILTIN: dict[str, Callable] = {"digits": _digits, "digits-lora": _digits_lora, "digits-4step": _digits_4step,
+                                "digits-8step": _digits_8step, "wan-digits": _wan_digits}
 BUILTIN_DESCRIPTIONS = {
     "digits": "FLUX transformer (0.6 M parameters) trained on scikit-learn's 8x8 digits",
     "digits-lora": "builtin:digits with a rank-4 LoRA (peft) that draws bold strokes",
+    "digits-4step": "builtin:digits distilled to 4 steps without CFG (reflow); pass --steps 4 --guidance 1",
+    "digits-8step": "builtin:digits distilled to 8 steps without CFG (reflow); pass --steps 8 --guidance 1",
     "wan-digits": "Wan transformer (0.24 M parameters) trained on 4-frame 12x12 clips of drifting digits",
 }
 # The variants of builtin:digits take its prompts (calib/data/digits_prompts.txt).
-BUILTIN_PROMPTS = {"digits-lora": "digits"}
+BUILTIN_PROMPTS = {"digits-lora": "digits", "digits-4step": "digits", "digits-8step": "digits"}
 
 
 def builtin_prompts_name(name: str) -> str:
@@ -271,6 +286,10 @@ def pipeline_class(spec: str):
             from .digits import DigitsPipeline
 
             return DigitsPipeline
+        if name in ("digits-4step", "digits-8step"):
+            from .digits_fewstep import FewStepDigitsPipeline
+
+            return FewStepDigitsPipeline
         if name == "wan-digits":
             from .wan_digits import WanDigitsPipeline
 

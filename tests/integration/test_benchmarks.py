@@ -28,3 +28,22 @@ def test_startup_benchmark_runs_and_no_command_it_times_imports_torch():
     assert out.returncode == 0, out.stderr
     rows = [line for line in out.stdout.splitlines() if line.strip().startswith("calib ")]
     assert len(rows) == 5 and all(row.endswith("(no torch)") for row in rows), out.stdout
+
+
+def test_frontier_benchmark_runs_the_few_step_student_and_states_calibs_verdicts(tmp_path):
+    """A tiny frontier of the distilled 4-step student (one peer, short searches): the TeaCache fit's no-cache verdict
+    and the budget auto's file recommends within the quality bar are stated under the table, next to the peer."""
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "frontier.py"), "--model", "builtin:digits-4step", "--steps", "4",
+         "--guidance", "1", "--methods", "calib,calib-auto,uniform", "--calib-seeds", "0", "--seeds", "100",
+         "--search-evals", "2", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=900, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert any(line.startswith("| calib auto") for line in lines)
+    assert any(line.startswith("| uniform") for line in lines)
+    assert any(line.startswith("* calib (calibrated rescaler") and "at 4 steps" in line
+               and line.endswith("no cache recommended (the file computes every step)") for line in lines)
+    assert any(line.startswith("* calib auto") and "the file recommends budget" in line for line in lines)
+    assert (tmp_path / "digits-4step.json").exists()

@@ -451,7 +451,8 @@ CASES: list[Case] = [
          "calib: error: --guidance must be a finite number >= 0, got -1.0", 2),
     # -- model --------------------------------------------------------------------------------------------------
     Case("model-builtin", "unknown built-in model", "calib trace --model builtin:cats",
-         "calib: error: no built-in model 'cats'; built-in models: builtin:digits, builtin:digits-lora, builtin:wan-digits", 2),
+         "calib: error: no built-in model 'cats'; built-in models: builtin:digits, builtin:digits-lora, "
+         "builtin:digits-4step, builtin:digits-8step, builtin:wan-digits", 2),
     Case("model-folder", "model folder without model_index.json", "calib trace --model empty_dir --prompts p.txt",
          "calib: error: empty_dir: not a diffusers pipeline folder (no model_index.json)", 2,
          lambda work: (_p("a cat\n")(work), _empty_dir(work / "empty_dir"))),
@@ -829,6 +830,9 @@ CASES: list[Case] = [
          lambda work: (copy_asset("real.json", work, "a.json"), copy_asset("real.json", work, "b.json"))),
     Case("bootstrap-huge", "`calib fit --bootstrap 1000000000`", "calib fit t.h5 --out c.json --bootstrap 1000000000",
          "calib: error: --bootstrap must be an integer from 0 to 10,000, got 1,000,000,000", 2,
+         lambda work: copy_asset("real.h5", work, "t.h5")),
+    Case("max-error-negative", "`calib fit --max-error -1` (the quality bar)", "calib fit t.h5 --out c.json "
+         "--max-error -1", "calib: error: --max-error must be >= 0, got -1", 2,
          lambda work: copy_asset("real.h5", work, "t.h5")),
     Case("device-cuda", "`--device cuda` without CUDA", "calib trace --device cuda --prompts p.txt",
          f"calib: error: --device cuda: this torch has no CUDA device (torch {_torch_version()}, CUDA build: none); "

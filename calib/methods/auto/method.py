@@ -20,6 +20,7 @@ from calib.errors import CalibError
 from calib.methods.auto.options import CANDIDATE_SUFFIXES, AutoOptions
 from calib.methods.base import FitContext, Fitted, TuneGoal
 from calib.methods.progress import Progress
+from calib.methods.quality import no_cache
 from calib.methods.schedule import METHOD as SCHEDULE
 from calib.methods.schedule.joint import PlanRunner
 from calib.methods.schedule.measure import batches, setup_from_traces
@@ -121,7 +122,8 @@ def fit(traces, options: AutoOptions, context: FitContext) -> Fitted:
     paths = {name: beside_path(out, suffix) for name, suffix in CANDIDATE_SUFFIXES.items()}
     setup = setup_from_traces(traces, context.model, seeds=options.seeds)
     echo(f"== 1/3 gate: TeaCache's rescaler -> {paths['gate']}")
-    gate_doc = validate_document(fit_gate(traces, TeacacheOptions(plot=False), context).document,
+    gate_doc = validate_document(fit_gate(traces, TeacacheOptions(plot=False, max_error=options.max_error),
+                                          context).document,
                                  source="<auto: gate>", section_check=TEACACHE.check_section)
     echo(f"\n== 2/3 schedule: computed steps, forecast target and basis, searched together -> {paths['schedule']}")
     fractions = tuple(dict.fromkeys((*options.fractions, fraction)))
@@ -129,7 +131,9 @@ def fit(traces, options: AutoOptions, context: FitContext) -> Fitted:
                                 fractions=fractions, orders=options.forecast_order, targets=options.forecast_targets,
                                 variable=options.forecast_variable, cond_only=options.cond_only,
                                 max_local=options.search_evals, overwrite=options.overwrite, seeds=options.seeds,
-                                echo=echo, progress=context.progress)
+                                echo=echo, progress=context.progress, max_error=options.max_error)
+    if no_cache(schedule_doc):
+        return _no_cache(schedule_doc, gate_doc, paths, fraction, setup, echo)
     entry, reached = choose_budget(schedule_doc, TuneGoal("compute_fraction", fraction))
     schedule_doc["recommended"] = {"budget": entry["budget"]}
     schedule_doc["forecast"] = entry["forecast"]
@@ -147,11 +151,46 @@ def fit(traces, options: AutoOptions, context: FitContext) -> Fitted:
     gate_doc = validate_document(gate_doc, source="<auto: gate>", section_check=TEACACHE.check_section)
     beside = {CANDIDATE_SUFFIXES["gate"]: gate_doc, CANDIDATE_SUFFIXES["schedule"]: schedule_doc}
     doc = dict(schedule_doc if verdict["kept"] == "schedule" else gate_doc)
+    bar = options.max_error
+    kept_error = verdict[verdict["kept"]]["holdout_latent_rel_l1"]
+    if kept_error > bar:
+        # the better candidate at this budget is over the quality bar: the schedule's own recommendation (the
+        # budget its search measured within the bar, up to the cheapest skip) is what the file recommends
+        within = schedule_doc["recommendation"]["chosen"]
+        verdict["why"] += (f"; held-out latent rel-L1 {kept_error:.5f} at <= {fraction:.0%} of compute is over the "
+                           f"quality bar {bar:g}: the file recommends budget {within['budget']:g} of "
+                           f"{schedule_doc['steps']} (held-out {within['error']:.5f})")
+        verdict["over_bar"], verdict["kept"] = True, "schedule"
+        doc = dict(schedule_doc, recommended={"budget": within["budget"]},
+                   forecast=next(e["forecast"] for e in schedule_doc["schedules"] if e["budget"] == within["budget"]))
+    doc["calibration"] = dict(doc.get("calibration") or {}, auto=verdict)
+    return Fitted(doc, beside=beside)
+
+
+def _no_cache(schedule_doc, gate_doc, paths, fraction, setup, echo) -> Fitted:
+    """No skip the schedule search measured (down to the cheapest, one step fewer) keeps the quality bar: the
+    schedule file that computes every step, with the verdict; no comparison at a budget both would fail."""
+    reason = schedule_doc["recommendation"]["reason"]
+    echo(f"\n== 3/3 no comparison: {reason}")
+    verdict = {
+        "target_compute_fraction": fraction,
+        "holdout_prompts": list(setup.holdout_prompts),
+        "seeds": list(setup.seeds),
+        "gate": {"file": str(paths["gate"]), "recommendation": gate_doc.get("recommendation")},
+        "schedule": {"file": str(paths["schedule"])},
+        "kept": "no cache",
+        "why": reason,
+    }
+    beside = {CANDIDATE_SUFFIXES["gate"]: gate_doc, CANDIDATE_SUFFIXES["schedule"]: schedule_doc}
+    doc = dict(schedule_doc)
     doc["calibration"] = dict(doc.get("calibration") or {}, auto=verdict)
     return Fitted(doc, beside=beside)
 
 
 def describe(doc: dict) -> list[str]:
     verdict = doc["calibration"]["auto"]
+    if verdict["kept"] == "no cache":
+        return [verdict["why"], "(a schedule file whose recommended budget computes every step; both candidates are "
+                "kept beside it)"]
     what = "schedule" if verdict["kept"] == "schedule" else "coefficient"
     return [verdict["why"], f"(the {what} file; both candidates are kept beside it)"]

@@ -23,6 +23,7 @@ from calib.methods.progress import Progress
 from calib.methods.schedule.joint import (MAX_LOCAL_EVALS, PlanRunner, budget_for, forecast_candidates,
                                           search_budget)
 from calib.methods.schedule.measure import Setup, batches, setup_from_traces, split_by_component
+from calib.methods.quality import DEFAULT_MAX_ERROR, no_cache, recommendation
 from calib.methods.schedule.options import DEFAULT_FRACTIONS, DEFAULT_ORDERS, ScheduleOptions
 
 RECOMMENDED_COMPUTE_FRACTION = 0.5
@@ -33,10 +34,13 @@ TARGETS = ("output", "hidden", "residual")
 
 def fit_schedule(pipe, trace_set, *, source: str, log, fractions=DEFAULT_FRACTIONS, orders=DEFAULT_ORDERS,
                  targets=TARGETS, variable: str = "step", cond_only: bool = True, max_local: int = MAX_LOCAL_EVALS, overwrite: bool = False,
-                 seeds=None, prompts=None, batch: int = 16, echo=print, progress: bool = True) -> dict | None:
+                 seeds=None, prompts=None, batch: int = 16, echo=print, progress: bool = True,
+                 max_error: float = DEFAULT_MAX_ERROR) -> dict | None:
     """Search every budget and return the schedule document (None for a run of one shard of the log, which only
     searches its budgets). ``source``: the model ``pipe`` was loaded from; ``log``: the job's
-    :class:`~calib.store.search_log.SearchLog`."""
+    :class:`~calib.store.search_log.SearchLog`. Where no budget's held-out error keeps the quality bar ``max_error``
+    (:mod:`calib.methods.quality`), the cheapest skip (one step fewer) is searched too, and where that fails the
+    bar as well the document recommends no cache (the budget of every step)."""
     setup = setup_from_traces(trace_set, source, prompts=prompts, seeds=seeds)
     n = setup.steps
     if n < 3:
@@ -75,6 +79,16 @@ def fit_schedule(pipe, trace_set, *, source: str, log, fractions=DEFAULT_FRACTIO
                                           max_local=max_local, tick=bar.tick)
             bar.say(echo, f"  budget {found[budget].budget:g}: {found[budget].plan.key()} with "
                           f"{found[budget].forecast.name}: held-out latent rel-L1 {found[budget].holdout_error:.5f}")
+        cheapest = n - (0.5 if halves else 1.0)  # one step fewer (half of one, where a cond-only step can be)
+        if (shard is None and found and cheapest not in found and cheapest >= 2
+                and not any(f.holdout_error <= max_error for f in found.values())):
+            bar.say(echo, f"  no budget keeps the quality bar {max_error:g}: searching the cheapest skip, budget "
+                          f"{cheapest:g}")
+            found[cheapest] = search_budget(measure, holdout, cheapest, forecasts, cond_only=halves,
+                                            required=required, max_local=max_local, tick=bar.tick)
+            bar.say(echo, f"  budget {cheapest:g}: {found[cheapest].plan.key()} with "
+                          f"{found[cheapest].forecast.name}: held-out latent rel-L1 "
+                          f"{found[cheapest].holdout_error:.5f}")
     finally:
         bar.close()  # before any message (a failed save's too), so it starts on a line of its own
         try:
@@ -86,20 +100,42 @@ def fit_schedule(pipe, trace_set, *, source: str, log, fractions=DEFAULT_FRACTIO
         echo(f"shard {shard[0]}/{shard[1]} searched; once every shard is done, run the same command without --shard "
              "to write the schedule file")
         return None
-    return with_signature(build_document(pipe, setup, found, trace_files=getattr(trace_set, "files", []) or []),
-                          trace_set)
+    return with_signature(build_document(pipe, setup, found, trace_files=getattr(trace_set, "files", []) or [],
+                                         max_error=max_error), trace_set)
 
 
-def build_document(pipe, setup: Setup, found: dict, *, trace_files) -> dict:
+def build_document(pipe, setup: Setup, found: dict, *, trace_files, max_error: float = DEFAULT_MAX_ERROR) -> dict:
     """The schedule coefficient document (``method: schedule``), through the runtime's own builder: one entry per
-    budget with its computed and cond-only steps, its forecast and its errors."""
+    budget with its computed and cond-only steps, its forecast and its errors. The recommended budget is chosen
+    among those whose held-out error keeps ``max_error``; where none does, the document gets the budget of every
+    step, recommends it (no cache) and says why in its ``recommendation``."""
     n = setup.steps
     rows = dict(sorted(found.items()))
-    recommended = recommended_budget(n, list(rows))
-    doc = cr.schedule_document_for(
-        pipe, steps=n, forecast=rows[recommended].forecast.spec, recommended=recommended,
-        schedules={b: split_by_component(f.plan.full, setup.components, setup.component_of) for b, f in rows.items()})
+    passing = [b for b, f in rows.items() if f.holdout_error <= max_error]
+    recommended = recommended_budget(n, passing) if passing else n
+    cheapest = min(rows.values(), key=lambda f: (f.holdout_error, -f.budget))
+    schedules = {b: split_by_component(f.plan.full, setup.components, setup.component_of) for b, f in rows.items()}
+    if not passing:
+        schedules[n] = split_by_component(range(n), setup.components, setup.component_of)
+    doc = cr.schedule_document_for(pipe, steps=n, forecast=cheapest.forecast.spec, recommended=recommended,
+                                   schedules=schedules)
+    chosen = None
+    if passing:
+        doc["forecast"] = rows[recommended].forecast.spec.as_json()
+        chosen = {"budget": recommended, "compute_fraction": round(recommended / n, 6),
+                  "error": round(rows[recommended].holdout_error, 6)}
+    doc["recommendation"] = recommendation(
+        cache=bool(passing), max_error=max_error, steps=n, basis="measured", chosen=chosen,
+        scope="searched budgets down to one step fewer than every step, on the held-out calibration prompts",
+        cheapest={"error": round(cheapest.holdout_error, 6), "budget": cheapest.budget,
+                  "compute_fraction": round(cheapest.budget / n, 6), "plan": cheapest.plan.key(),
+                  "forecast": cheapest.forecast.name,
+                  "skip": f"budget {cheapest.budget:g} of {n}: steps {cheapest.plan.key()} with "
+                          f"{cheapest.forecast.name}"})
     for entry in doc["schedules"]:
+        if entry["budget"] not in rows:  # the budget of every step: the uncached generation itself
+            entry["error"] = {"holdout_latent_rel_l1": 0.0, "note": "every step computes (no cache)"}
+            continue
         result = rows[entry["budget"]]
         entry["search"] = "measured"
         entry["forecast"] = result.forecast.spec.as_json()
@@ -128,7 +164,8 @@ def build_document(pipe, setup: Setup, found: dict, *, trace_files) -> dict:
 
 
 def recommended_budget(n: int, budgets: list) -> float:
-    """The largest budget computing at most half the steps (2x fewer forwards), else the smallest there is."""
+    """The largest budget computing at most half the steps (2x fewer forwards), else the smallest there is (of the
+    budgets that keep the quality bar)."""
     ok = [b for b in budgets if b <= RECOMMENDED_COMPUTE_FRACTION * n + 1e-9]
     return max(ok) if ok else min(budgets)
 
@@ -180,18 +217,27 @@ def fit(traces, options: ScheduleOptions, context: FitContext) -> Fitted:
                        fractions=options.fractions, orders=options.forecast_order, targets=options.forecast_targets,
                        variable=options.forecast_variable, cond_only=options.cond_only,
                        max_local=options.search_evals, overwrite=options.overwrite,
-                       seeds=options.seeds, echo=context.echo, progress=context.progress)
+                       seeds=options.seeds, echo=context.echo, progress=context.progress,
+                       max_error=options.max_error)
     return Fitted(doc)
 
 
 def describe(doc: dict) -> list[str]:
-    return [format_schedules(doc), f"{len(doc['schedules'])} budgets; recommended {doc['recommended']['budget']:g} of "
-            f"{doc['steps']} steps"]
+    lines = [format_schedules(doc), f"{len(doc['schedules'])} budgets; recommended {doc['recommended']['budget']:g} "
+             f"of {doc['steps']} steps"]
+    reason = (doc.get("recommendation") or {}).get("reason")
+    return lines + ([reason] if reason else [])
 
 
 def tune(doc: dict, goal: TuneGoal, context: TuneContext) -> Tuned:
     """The budget for ``goal``, from the file alone (static schedules per budget: no traces needed)."""
     echo = context.echo
+    if no_cache(doc):  # the fit measured no skip within its quality bar: the file's budget computes every step
+        echo(format_schedules(doc))
+        echo(f"{doc['recommendation']['reason']} (--{goal.option} {goal.value:g} not applied; the recommended budget "
+             f"{doc['recommended']['budget']:g} computes every step)")
+        return Tuned(doc, "no cache (every step computes)",
+                     {"budget": doc["recommended"]["budget"], "reached": False, "no_cache": True})
     cost_model = context.cost_model()
     entry, reached = choose_budget(doc, goal, cost_model)
     n = doc["steps"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from calib.methods.base import MethodOptions, OptionError, number, optional_text, option, seeds
+from calib.methods.quality import DEFAULT_MAX_ERROR, MAX_ERROR_HELP
 
 DEFAULT_ORDERS = (1, 2)
 DEFAULT_VARIABLE = "step"
@@ -97,6 +98,8 @@ class RegenerationOptions(MethodOptions):
     search_evals: int = option(DEFAULT_SEARCH_EVALS, "measured generations per local search of a budget",
                                parse=number(int, low=0, high=10_000))
     overwrite: bool = option(False, "measure everything anew instead of resuming from OUT.search.json")
+    max_error: float = option(DEFAULT_MAX_ERROR, MAX_ERROR_HELP + " (measured on the held-out prompts)",
+                              parse=number(low=0))
 
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from calib.errors import CalibError
 from calib.methods.base import FrontierRow, TuneGoal
+from calib.methods.quality import no_cache
 from calib.methods.teacache.tune import find_threshold, rescalers_of
 
 
@@ -42,6 +43,17 @@ def calibrated_points(run, name: str, forecast=None) -> list:
                        lambda f: replay_guess(run.trace_set, rescalers, f, indicator, normalization), forecast)
 
 
+def _calibrated(run) -> list:
+    """The gate bisected to each target; where the file recommends no cache (calib.methods.quality), also what it
+    runs as it is, threshold 0 (every step), so the table states the fit's verdict beside what skipping costs."""
+    points = calibrated_points(run, "calib")
+    if no_cache(run.config.document):
+        reason = run.config.document["recommendation"]["reason"]
+        points.append(run.measure("calib", run.install(run.config, threshold=0.0), {"threshold": 0.0,
+                                                                                    "no_cache": reason}))
+    return points
+
+
 def _with_forecast(run) -> list:
     if run.forecast is None or run.config is None:
         raise CalibError("needs coefficients and a forecast (pass forecast= or a schedule file)")
@@ -49,6 +61,6 @@ def _with_forecast(run) -> list:
 
 
 ROWS = {
-    "calib": FrontierRow("calib (calibrated rescaler, the file's forecast)", lambda run: calibrated_points(run, "calib")),
+    "calib": FrontierRow("calib (calibrated rescaler, the file's forecast)", _calibrated),
     "calib-forecast": FrontierRow("calib gate + the schedule fit's forecast", _with_forecast),
 }

@@ -14,9 +14,9 @@ from calib.methods.teacache.fit import (check_settings, fit_all_components, form
 from calib.methods.teacache.forecast import choose_forecast
 from calib.methods.teacache.options import INDICATORS, NORMALIZATIONS, TeacacheOptions
 from calib.methods.teacache.rescalers import WIDE_BAND
-from calib.methods.teacache.tune import (RECOMMENDED_COMPUTE_FRACTION, find_threshold, format_table, recommend,
-                                         rescalers_of, threshold_table, thresholds_section, tune_table,
-                                         tuned_thresholds_section)
+from calib.methods.quality import no_cache
+from calib.methods.teacache.tune import (find_threshold, fit_recommendation, format_table, rescalers_of,
+                                         skip_verdict, threshold_table, tune_table, tuned_thresholds_section)
 from calib.store import pipeline_settings, settings_difference
 
 
@@ -48,8 +48,10 @@ def fit(traces, options: TeacacheOptions, context: FitContext) -> Fitted:
     _warn_about(fits, echo)
     rescalers = {name: runtime_rescaler(res) for name, res in fits.items()}
     table = threshold_table(traces, rescalers, indicator=indicator, normalization=normalization)
-    chosen = recommend(table)
-    doc = build_document(fits, traces, thresholds=thresholds_section(table, chosen, RECOMMENDED_COMPUTE_FRACTION))
+    thresholds, verdict = fit_recommendation(traces, rescalers, table, options.max_error, indicator=indicator,
+                                             normalization=normalization)
+    doc = build_document(fits, traces, thresholds=thresholds)
+    doc["recommendation"] = verdict
     title = f"{traces.model_info.get('class')} rescaler fit"
     return Fitted(doc, (lambda: plot_fit_png(fits, title=title)) if options.plot else None)
 
@@ -70,13 +72,18 @@ def _warn_about(fits, echo) -> None:
 
 
 def describe(doc: dict) -> list[str]:
+    if no_cache(doc):
+        return [doc["recommendation"]["reason"]]
     thresholds = doc.get("thresholds") or {}
     recommended = thresholds.get("recommended")
     row = next((r for r in thresholds.get("table", []) if r["threshold"] == recommended), None)
+    verdict = doc.get("recommendation") or {}
+    row = row or verdict.get("chosen")  # a threshold held to the quality bar lies between the table's rows
+    lines = [verdict["reason"]] if verdict.get("reason") else []
     if row is None or row.get("compute_fraction") is None:
-        return []
+        return lines
     return [f"recommended threshold {recommended:g}: replayed on the traces it computes {row['compute_fraction']:.0%} "
-            f"of steps (predicted {row['predicted_speedup']:.2f}x fewer forwards)"]
+            f"of steps (predicted {row['predicted_speedup']:.2f}x fewer forwards)"] + lines
 
 
 def tune(doc: dict, goal: TuneGoal, context: TuneContext) -> Tuned:
@@ -91,6 +98,18 @@ def tune(doc: dict, goal: TuneGoal, context: TuneContext) -> Tuned:
     trace_set = context.traces("teacache")
     _check_traces(doc, trace_set, rescalers, source)
     kw = dict(indicator=indicator, normalization=normalization)
+    bar = (doc.get("recommendation") or {}).get("max_error")
+    if bar is not None:  # the fit's quality bar, checked on these traces: no threshold where no skip keeps it
+        verdict = skip_verdict(trace_set, rescalers, bar)
+        if not verdict["cache"]:
+            echo(f"replayed {len(trace_set.trajectories)} traced trajectories "
+                 f"({', '.join(str(f) for f in trace_set.files)})")
+            echo(format_table(tune_table(trace_set, rescalers, **kw)))
+            echo(f"{verdict['reason']} (--{goal.option} {goal.value:g} not applied; threshold 0 computes every step)")
+            doc["thresholds"] = dict(doc.get("thresholds") or {}, recommended=0.0)
+            doc["recommendation"] = verdict
+            return Tuned(doc, "no cache (threshold 0: every step computes)",
+                         {"threshold": 0.0, "reached": False, "no_cache": True, "recommendation": verdict})
     cost_model = context.cost_model()
     search, wall_reachable = goal, True
     if cost_model is not None and goal.kind == "speedup":
@@ -117,6 +136,9 @@ def tune(doc: dict, goal: TuneGoal, context: TuneContext) -> Tuned:
         echo(f"--{goal.option} {goal.value:g} cannot be reached on these traces (the first and last steps always "
              f"compute{'' if wall_reachable else ', and they and the fixed costs cap the wall-clock speed-up'}); "
              f"closest: threshold {chosen.threshold:g}, {chosen.compute_fraction:.1%} computed{wall}")
+    if bar is not None and chosen.predicted_error is not None and chosen.predicted_error > bar:
+        echo(f"note: threshold {chosen.threshold:g} is predicted {chosen.predicted_error:.4g}, above the file's "
+             f"quality bar {bar:g} (latent rel-L1; docs/calibrate-your-model.md#few-step-models)")
     if cost_model is None and goal.kind == "speedup":
         # On small models the fixed part of a step (pipeline, embeddings, indicator, head) is a sizeable share, so
         # 2x fewer forwards is less than 2x wall-clock; calib eval measures it (docs/evaluation.md).

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from calib._io import MAX_RESAMPLES
 from calib.methods.base import MethodOptions, OptionError, names, number, option
+from calib.methods.quality import DEFAULT_MAX_ERROR, MAX_ERROR_HELP
 
 MIN_DEGREE, MAX_DEGREE = 1, 9
 # What x can be (calib.methods.teacache.rescalers.INDICATOR_SERIES says which traced series each one is) and how it
@@ -79,6 +80,8 @@ class TeacacheOptions(MethodOptions):
     forecast_variable: str | None = option("auto", "extrapolate in the step index or in sigma; auto picks by "
                                            "held-out error", choices=("auto", "step", "sigma"),
                                            parse=parse_forecast_variable, shown_default="auto")
+    max_error: float = option(DEFAULT_MAX_ERROR, MAX_ERROR_HELP + " (predicted on the traces)",
+                              parse=number(low=0))
 
     @property
     def figure(self) -> bool:

@@ -14,6 +14,7 @@ import numpy as np
 from calib.errors import CalibError
 from calib.methods.base import TuneGoal
 from calib.methods.cost_model import predicted_wall_speedup
+from calib.methods.quality import recommendation
 from calib.methods.search import bisect, first_row
 from calib.methods.teacache.fit import forced_last_mask
 from calib.methods.teacache.rescalers import INDICATORS, indicator_series
@@ -103,6 +104,37 @@ def thresholds_section(table: list[ThresholdRow], chosen: ThresholdRow, target_f
     }
 
 
+def fit_recommendation(trace_set, rescalers: dict[str, Rescaler], table: list[ThresholdRow], max_error: float, *,
+                       indicator: str = "modulated_input", normalization: str = "none") -> tuple[dict, dict]:
+    """``(thresholds section, recommendation section)`` of a fit: the smallest threshold computing at most
+    :data:`RECOMMENDED_COMPUTE_FRACTION` of the steps (:func:`recommend`), held to the quality bar ``max_error``
+    (:mod:`calib.methods.quality`): where its predicted error is over the bar, the largest threshold within it;
+    where even the cheapest skip is over the bar (a few-step model), threshold 0 (every step computes) and the
+    recommendation says no cache."""
+    kw = dict(indicator=indicator, normalization=normalization)
+    verdict = skip_verdict(trace_set, rescalers, max_error)
+    chosen, criterion = None, f"smallest threshold with replayed compute fraction <= {RECOMMENDED_COMPUTE_FRACTION}"
+    if verdict["cache"]:
+        chosen = replay_row(trace_set, rescalers, recommend(table).threshold, **kw)
+        if chosen.predicted_error > max_error:
+            within = find_threshold(trace_set, rescalers, TuneGoal("max_error", max_error), **kw)[0]
+            criterion = (f"largest threshold with predicted error <= the quality bar {max_error:g} (the smallest with "
+                         f"replayed compute fraction <= {RECOMMENDED_COMPUTE_FRACTION}, {chosen.threshold:g}, is "
+                         f"predicted {chosen.predicted_error:.4g})")
+            chosen = within
+        if chosen.compute_fraction >= 1.0:  # the bar leaves nothing to skip on these traces
+            verdict = recommendation(cache=False, max_error=max_error, steps=verdict["steps"],
+                                     cheapest=verdict.get("cheapest_skip"), basis="predicted", scope=GATE_SCOPE)
+    if not verdict["cache"]:
+        return {"recommended": 0.0,
+                "criterion": f"no cache: {verdict['reason']}; threshold 0 computes every step",
+                "table": [row.as_dict() for row in table]}, verdict
+    verdict = skip_verdict(trace_set, rescalers, max_error, chosen=chosen.as_dict())
+    section = {"recommended": float(chosen.threshold), "criterion": criterion,
+               "table": [row.as_dict() for row in table]}
+    return section, verdict
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # calib tune: a threshold for a target (speed-up, compute fraction or error budget), chosen on the replay
 # ---------------------------------------------------------------------------------------------------------------
@@ -156,6 +188,47 @@ def replay_row(trace_set, rescalers: dict[str, Rescaler], threshold: float, *, i
     if total == 0:
         raise ValueError("no trajectories to replay")
     return ThresholdRow(float(threshold), computed / total, float(np.mean(errors)))
+
+
+# which skips the gate's verdict weighs (calib fit --method auto also measures skipping the last step)
+GATE_SCOPE = "TeaCache's gate never skips the first or the last step"
+
+
+def cheapest_skip(trace_set, rescalers: dict[str, Rescaler]) -> dict | None:
+    """What skipping one step costs at the cheapest step the gate decides, predicted on the traces: per gated step
+    (neither a generation's first nor its forced last), the mean over traced trajectories of the error proxy of
+    skipping that step alone (:data:`ERROR_PROXY`: dsigma_i * output_rel_l1_i), and the step where it is smallest.
+    None where no step is gated (two steps: both always compute)."""
+    per_step: dict[int, list[float]] = {}
+    counts = []
+    for traj in trace_set.trajectories:
+        if traj.component not in rescalers:
+            continue
+        y = np.asarray(traj.output_rel_l1, dtype=np.float64).reshape(-1)
+        step_index = np.asarray(getattr(traj, "step_index", np.arange(len(y)))).reshape(-1)
+        forced = forced_last_mask(traj, len(y))
+        weights = step_weights(traj) if hasattr(traj, "step_index") else np.full(len(y), 1.0 / max(len(y), 1))
+        counts.append(int(getattr(traj, "steps", len(y))))
+        for i in range(1, len(y)):
+            if forced[i] or not math.isfinite(y[i]):
+                continue
+            per_step.setdefault(int(step_index[i]), []).append(float(weights[i]) * float(y[i]))
+    if not per_step:
+        return None
+    step, errors = min(per_step.items(), key=lambda kv: (float(np.mean(kv[1])), kv[0]))
+    n = max(counts)
+    return {"error": round(float(np.mean(errors)), 6), "step": step, "compute_fraction": round((n - 1) / n, 6),
+            "skip": f"step {step} alone"}
+
+
+def skip_verdict(trace_set, rescalers: dict[str, Rescaler], max_error: float, chosen: dict | None = None) -> dict:
+    """The document's ``recommendation`` (:func:`calib.methods.quality.recommendation`) for a gate fitted on
+    ``trace_set``: a cache only where the cheapest skip (:func:`cheapest_skip`) is predicted within ``max_error``."""
+    cheapest = cheapest_skip(trace_set, rescalers)
+    steps = max(int(getattr(t, "steps", len(t.output_rel_l1))) for t in trace_set.trajectories)
+    cache = cheapest is not None and cheapest["error"] <= max_error
+    return recommendation(cache=cache, max_error=max_error, steps=steps, cheapest=cheapest, basis="predicted",
+                          scope=GATE_SCOPE, chosen=chosen if cache else None)
 
 
 def max_useful_threshold(trace_set, rescalers: dict[str, Rescaler], *, indicator: str = "modulated_input",
