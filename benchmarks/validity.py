@@ -303,7 +303,8 @@ def table(results: list[dict]) -> str:
             said += ", no cache"
         rows.append([
             r["case"], r["what"], f"{f['fraction']:.2f} ({r['calibrated_fraction']:.2f})", f"{f['error']:.4f}",
-            _f(m["refit_error_at_file_compute"]), _f((m["served"] or {}).get("ratio"), "{:.2f}x"),
+            _f(m["refit_error_at_file_compute"]),
+            _f((m["served"] or {}).get("ratio") if m["refit_error_at_file_compute"] else None, "{:.2f}x"),
             _f(m["file_error_at_calibrated"]), _f(m["refit_error_at_calibrated"]),
             m["verdict"] + (", refit: no cache" if r["refit"]["no_cache"] else ""), said,
             "yes" if r["agrees"] else "**no**",
