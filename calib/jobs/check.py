@@ -441,6 +441,21 @@ def _value(v) -> str:
     return "-" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))
 
 
+def as_json(result: dict) -> str:
+    """The result as one line of strict JSON: a number that is undefined for these generations (an R² of a constant
+    series, a jackknife of one) is ``null``, as JSON has no NaN."""
+    def clean(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(v) for v in value]
+        return value
+
+    return json.dumps(clean(result), allow_nan=False, default=str)
+
+
 def _excess_text(measured: dict) -> str:
     return f"excess {measured['excess']:+.4f}, tolerance {measured['tolerance']:.4f}"
 

@@ -47,3 +47,25 @@ def test_frontier_benchmark_runs_the_few_step_student_and_states_calibs_verdicts
                and line.endswith("no cache recommended (the file computes every step)") for line in lines)
     assert any(line.startswith("* calib auto") and "the file recommends budget" in line for line in lines)
     assert (tmp_path / "digits-4step.json").exists()
+
+
+def test_validity_benchmark_measures_the_file_and_a_refit_and_compares_check(tmp_path):
+    """The transfer table's smallest run: the shipped digits file at its calibrated call and at 4 steps on the
+    distilled student; each row holds what calib check said (run as a user runs it) and the measured verdict."""
+    import json
+
+    out_json = tmp_path / "validity.json"
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "validity.py"), "--cases", "base,fewstep-4", "--seeds", "2000",
+         "--calib-seeds", "0,1", "--generations", "2", "--cache", str(tmp_path / "cache"), "--json", str(out_json)],
+        capture_output=True, text=True, timeout=900, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert out.returncode == 0, out.stderr
+    results = {r["case"]: r for r in json.loads(out_json.read_text())["results"]}
+    assert results["base"]["check"]["verdict"] in ("holds", "retune", "refit")
+    assert results["base"]["agrees"] == (results["base"]["check"]["verdict"] == results["base"]["measured"]["verdict"])
+    few = results["fewstep-4"]
+    # at 4 steps the 30-step file's gate computes every step; no skip keeps the quality bar, and check says so
+    assert few["file"]["fraction"] == 1.0 and few["measured"]["verdict"] == "refit"
+    assert few["check"]["verdict"] == "refit" and few["check"]["one_skip"]["no_cache_recommended"]
+    assert "| base |" in out.stdout and "calib check agrees with the measurement in" in out.stdout

@@ -253,3 +253,11 @@ def test_schedule_file_holds_at_its_call_and_refits_for_another_step_count(tmp_p
     assert code == 2 and result["verdict"] == "refit" and "masks over 30 steps" in result["why"]
     assert any("--method schedule" in c for c in result["commands"])
     assert path.read_bytes() == before
+
+
+def test_json_is_strict_where_a_measurement_is_undefined(tmp_path):
+    """Two generations of 4 steps: one gated pair each, so the rescaler's jackknife error is undefined -- null in
+    the JSON (which has no NaN), not a traceback."""
+    code, result, _, _ = _check(tmp_path, "digits.json", "builtin:digits-4step", "--steps", "4", "--guidance", "1",
+                                "--generations", "2")
+    assert result["verdict"] == "refit" and result["rescaler"]["r2_standard_error"] is None
