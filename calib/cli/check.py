@@ -43,7 +43,7 @@ def check(coeffs, model, prompts_file, steps, guidance, height, width, num_frame
     Call options not given are the file's recorded call. The generations are traced in memory; nothing is written
     but --out's copy."""
     from calib.errors import CalibError
-    from calib.jobs.check import CHECK_FAILED, CheckRequest, as_json, run_check
+    from calib.jobs.check import CHECK_FAILED, CheckRequest, result_json, run_check
 
     given = {"steps": steps, "guidance": guidance, "height": height, "width": width, "num_frames": num_frames,
              "negative_prompt": negative_prompt, "true_cfg_scale": true_cfg_scale,
@@ -56,7 +56,7 @@ def check(coeffs, model, prompts_file, steps, guidance, height, width, num_frame
         if as_json:
             result = run_check(request, echo=lambda line: None,
                                say_estimate=lambda line: click.echo(line, err=True))
-            click.echo(as_json(result))
+            click.echo(result_json(result))
         else:
             result = run_check(request, echo=click.echo)
     except CalibError as exc:  # a CI job tells "could not check" from "refit" (2) by the status alone

@@ -441,7 +441,7 @@ def _value(v) -> str:
     return "-" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))
 
 
-def as_json(result: dict) -> str:
+def result_json(result: dict) -> str:
     """The result as one line of strict JSON: a number that is undefined for these generations (an R² of a constant
     series, a jackknife of one) is ``null``, as JSON has no NaN."""
     def clean(value):

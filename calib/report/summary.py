@@ -53,6 +53,10 @@ def _recommended(doc: dict) -> str | None:
         return (f"Recommended: budget {row.budget:g} of {row.steps} steps ({row.compute_fraction:.1%} of full "
                 f"forwards, {1 / row.compute_fraction:.2f}x fewer), the other steps forecasting the {row.target} "
                 f"({row.basis}){err}.")
+    verdict = doc.get("recommendation") or {}
+    if verdict.get("cache") is False:  # the fit's quality bar: no skip keeps it (calib.methods.quality)
+        return f"Recommended: no cache. {verdict.get('reason', '')}".rstrip() + ("" if verdict.get(
+            "reason", "").endswith(".") else ".")
     thresholds = doc.get("thresholds") or {}
     rec = thresholds.get("recommended")
     if rec is None:

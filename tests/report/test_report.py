@@ -44,7 +44,9 @@ def made(tmp_path_factory):
     (work / "p.txt").write_text("\n".join(PROMPTS) + "\n", encoding="utf-8")
     _ok(work, "trace", "--model", "builtin:digits", "--prompts", "p.txt", "--steps", STEPS, "--seeds", "0",
         "--out", "t.h5")
-    _ok(work, "fit", "t.h5", *FAST_FIT, "--no-plot", "--out", "t.json")
+    # 6 steps: no gated skip keeps calib fit's default quality bar (it would recommend no cache, a case of its own
+    # below); these tests are about showing a recommended threshold, so the bar is opened
+    _ok(work, "fit", "t.h5", *FAST_FIT, "--max-error", "1", "--no-plot", "--out", "t.json")
     _ok(work, "fit", "t.h5", "--method", "schedule", *SCHEDULE, "--out", "s.json")
     recommended = json.loads((work / "t.json").read_text())["thresholds"]["recommended"]
     _ok(work, "eval", "--coeffs", "t.json", "--prompts", "p.txt", "--seeds", "100", "--repeats", "1",
@@ -372,3 +374,14 @@ def test_a_results_file_of_another_format_never_plots_the_proxy_as_quality(made)
     page_text = (made / "other.html").read_text(encoding="utf-8")
     assert "No numeric speed and quality columns found to plot" in page_text
     assert "not calib eval's own results format" in " ".join(_parse(page_text).paragraphs["summary"])
+
+
+def test_a_no_cache_file_is_said_in_the_summary(made):
+    """Under a bar no gated skip of these 6-step traces keeps (the cheapest is predicted 0.034) the gate file
+    recommends no cache; the summary says so and why, instead of a threshold."""
+    _ok(made, "fit", "t.h5", *FAST_FIT, "--max-error", "0.01", "--no-plot", "--out", "t0.json")
+    doc = json.loads((made / "t0.json").read_text())
+    assert doc["recommendation"]["cache"] is False
+    _ok(made, "report", "--coeffs", "t0.json", "--out", "t0.html")
+    summary = " ".join(_parse((made / "t0.html").read_text(encoding="utf-8")).paragraphs["summary"])
+    assert "Recommended: no cache." in summary and "no cache recommended" in summary

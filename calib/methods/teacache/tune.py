@@ -125,14 +125,22 @@ def fit_recommendation(trace_set, rescalers: dict[str, Rescaler], table: list[Th
         if chosen.compute_fraction >= 1.0:  # the bar leaves nothing to skip on these traces
             verdict = recommendation(cache=False, max_error=max_error, steps=verdict["steps"],
                                      cheapest=verdict.get("cheapest_skip"), basis="predicted", scope=GATE_SCOPE)
+    # The recommended threshold is always a row of the table (what calib check, tune and report read its replayed
+    # fraction from): threshold 0 for no cache, the one held to the bar where it lies between the grid's rows.
     if not verdict["cache"]:
+        every_step = replay_row(trace_set, rescalers, 0.0, **kw)
         return {"recommended": 0.0,
                 "criterion": f"no cache: {verdict['reason']}; threshold 0 computes every step",
-                "table": [row.as_dict() for row in table]}, verdict
+                "table": _with_row(table, every_step)}, verdict
     verdict = skip_verdict(trace_set, rescalers, max_error, chosen=chosen.as_dict())
-    section = {"recommended": float(chosen.threshold), "criterion": criterion,
-               "table": [row.as_dict() for row in table]}
+    section = {"recommended": float(chosen.threshold), "criterion": criterion, "table": _with_row(table, chosen)}
     return section, verdict
+
+
+def _with_row(table: list[ThresholdRow], row: ThresholdRow) -> list[dict]:
+    """The table's rows as dicts with ``row`` in its place by threshold (replacing a row of the same threshold)."""
+    rows = [r for r in table if r.threshold != row.threshold] + [row]
+    return [r.as_dict() for r in sorted(rows, key=lambda r: r.threshold)]
 
 
 # ---------------------------------------------------------------------------------------------------------------
