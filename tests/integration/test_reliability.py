@@ -818,6 +818,18 @@ CASES: list[Case] = [
     Case("report-nothing", "`calib report` given no traces, coefficient file or results file",
          "calib report --out r.html",
          "calib: error: nothing to report: give traces (TRACE.h5 ...), --coeffs C.json or --eval results.json", 2),
+    Case("check-block-cache", "a block-cache document given to `calib check`",
+         "calib check b.json --model builtin:digits",
+         "calib: error: b.json: calib check checks TeaCache (gate) and schedule files; this is a block-cache file", 3,
+         lambda work: _block_cache_doc(work / "b.json")),
+    Case("check-one-generation", "`calib check --generations 1` (a tolerance needs a spread)",
+         "calib check c.json --model builtin:digits --generations 1",
+         "calib: error: --generations must be an integer from 2 to 256, got 1", 3, _files(c__json=_json_edit(
+             lambda d: None))),
+    Case("check-out-is-the-file", "`calib check --out` naming the checked file",
+         "calib check c.json --model builtin:digits --out c.json",
+         "calib: error: --out c.json is one of the inputs (c.json); choose another file", 3,
+         _files(c__json=_json_edit(lambda d: None))),
     # -- bounds -----------------------------------------------------------------------------------------------------
     Case("seeds-huge", "`--seeds 0-99999999999`", "calib trace --seeds 0-99999999999",
          "calib: error: --seeds '0-99999999999': 100,000,000,000 seeds; at most 100,000 per run", 2),
