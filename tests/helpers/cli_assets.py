@@ -64,16 +64,18 @@ def real_trajectories():
     return ts.model_info, ts.trajectories
 
 
-def one_shard_run(work: Path) -> None:
-    """A finished one-shard trace run in ``work``: s.rank0-of-1.h5 (the real trajectories) and s.manifest.json."""
+def one_shard_run(work: Path, model: str = "builtin:digits", info: dict | None = None) -> None:
+    """A finished one-shard trace run in ``work``: s.rank0-of-1.h5 (the real trajectories) and s.manifest.json,
+    naming ``model`` (``info``: the model_info to record instead of the real trace's)."""
     from calib.store import TraceWriter, shards
     from calib.trace import TraceSettings
 
-    info, trajectories = real_trajectories()
+    real_info, trajectories = real_trajectories()
+    info = real_info if info is None else info
     with TraceWriter(work / "s.rank0-of-1.h5", info, attrs={"shard_index": 0, "shard_count": 1}) as w:
         w.append(trajectories)
     jobs = sorted({(t.prompt, t.seed) for t in trajectories})
-    shards.write_manifest(work / "s.h5", model="builtin:digits", model_info=info,
+    shards.write_manifest(work / "s.h5", model=model, model_info=info,
                           settings=TraceSettings(steps=6, seeds=(0, 1)), prompts=sorted({p for p, _ in jobs}),
                           jobs=jobs, count=1, launcher="shard")
 

@@ -408,21 +408,12 @@ def test_a_failed_first_generation_leaves_no_trace(tmp_path, monkeypatch):
 def test_no_file_makes_calib_run_code(tmp_path):
     """A module planted in the working folder, named by the trace (model_source), the coefficient file fitted from
     it (model.source), the manifest and an eval results file: no command that reads them imports it."""
-    from calib.store import shards
-    from calib.store import TraceWriter
-    from calib.trace import TraceSettings
-
     work = tmp_path
     (work / "evil.py").write_text(EVIL_MODULE)
     info, trajectories = real_trajectories()
     info = dict(info, source="evil:pipeline")
     write_trace(work / "t.h5", trajectories, info)
-    with TraceWriter(work / "s.rank0-of-1.h5", info, attrs={"shard_index": 0, "shard_count": 1}) as w:
-        w.append(trajectories)
-    jobs = sorted({(t.prompt, t.seed) for t in trajectories})
-    shards.write_manifest(work / "s.h5", model="evil:pipeline", model_info=info,
-                          settings=TraceSettings(steps=6, seeds=(0, 1)), prompts=sorted({p for p, _ in jobs}),
-                          jobs=jobs, count=1, launcher="shard")
+    one_shard_run(work, model="evil:pipeline", info=info)
     (work / "p.txt").write_text("a handwritten 7\n")
 
     def ran() -> bool:

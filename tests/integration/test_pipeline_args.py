@@ -37,6 +37,7 @@ if __name__ == "__main__":  # run as a script (--write-doc): the helper modules 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cli_runner import run_cli  # noqa: E402
+from helpers.doc_tables import code_cell  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "bad-inputs.md"
@@ -504,15 +505,10 @@ def test_accelerate_is_a_core_dependency():
 # ---------------------------------------------------------------------------------------------------- the doc
 
 
-def _code(text: str) -> str:
-    text = text.replace("|", "\\|")
-    return f"`` {text} ``" if "`" in text else f"`{text}`"
-
-
 def doc_table() -> str:
     rows = ["| Bad input | Command | What the user sees | Exit |", "| --- | --- | --- | --- |"]
     for c in CASES:
-        rows.append(f"| {c.what.replace('|', chr(92) + '|')} | {_code(c.command)} | {_code(c.expect)} | 2 |")
+        rows.append(f"| {c.what.replace('|', chr(92) + '|')} | {code_cell(c.command)} | {code_cell(c.expect)} | 2 |")
     return "\n".join(rows)
 
 

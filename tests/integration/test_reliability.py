@@ -39,6 +39,7 @@ if __name__ == "__main__":  # run as a script (--write-doc): the helper modules 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cli_runner import run_cli  # noqa: E402
+from helpers.doc_tables import code_cell
 from helpers.cli_assets import (  # noqa: E402
     EVIL_MODULE, FAST_FIT, FAST_FIT_KW, OPENED, assets, copy_asset, hostile_trace, one_shard_run, pipe, poisoned,
     real_doc, real_trajectories, tripwire, with_values, write_json, write_trace)
@@ -966,17 +967,12 @@ def test_bad_input(case: Case, tmp_path):
 # ---------------------------------------------------------------------------------------------------- the doc
 
 
-def _code(text: str) -> str:
-    text = text.replace("|", "\\|")
-    return f"`` {text} ``" if "`" in text else f"`{text}`"
-
-
 def doc_table() -> str:
     rows = ["| Bad input | Command | What the user sees | Exit |", "| --- | --- | --- | --- |"]
     for c in CASES:
         exit_ = "raises" if c.exit is None else str(c.exit)
         what = c.what.replace("|", "\\|")
-        rows.append(f"| {what} | {_code(c.command)} | {_code(c.expect)} | {exit_} |")
+        rows.append(f"| {what} | {code_cell(c.command)} | {code_cell(c.expect)} | {exit_} |")
     return "\n".join(rows)
 
 
@@ -1356,7 +1352,7 @@ def test_weights_are_safetensors():
             assert list(f.keys())
 
 
-def test_model_folders_load_without_remote_code(tmp_path, monkeypatch):
+def test_model_folders_load_without_remotecode_cell(tmp_path, monkeypatch):
     import diffusers
 
     from calib.models.loading import load_model

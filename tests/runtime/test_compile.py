@@ -2,6 +2,8 @@
 (``torch.compile(transformer)``'s ``OptimizedModule`` or ``transformer.compile()`` in place) is accepted, compiles
 one code path per block class, and takes the same decisions as eager."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -50,19 +52,11 @@ def compiled_variants(cls) -> int:
     return len(_debug_get_cache_entry_list(cls.forward.__code__))
 
 
-def compiled_run(pipe, backend, config, threshold, in_place):
-    """Two generations on the compiled transformer; the recompile-limit warnings and graph breaks dynamo counted."""
+@contextlib.contextmanager
+def dynamo_messages():
+    """The messages torch._dynamo logs inside the block (the recompile-limit warning is one)."""
     import logging
 
-    import torch._dynamo
-    from torch._dynamo.utils import counters
-
-    torch._dynamo.reset()
-    counters.clear()
-    if in_place:
-        pipe.transformer.compile(backend=backend)
-    else:
-        pipe.transformer = torch.compile(pipe.transformer, backend=backend)
     messages = []
 
     class Keep(logging.Handler):
@@ -72,14 +66,28 @@ def compiled_run(pipe, backend, config, threshold, in_place):
     keep = Keep()
     logging.getLogger("torch._dynamo").addHandler(keep)
     try:
-        breaks = []
-        with cr.apply(pipe, config, threshold=threshold) as handle:
-            for seed in (0, 1):
-                generate(pipe, seed)
-                breaks.append(sum(counters["graph_break"].values()))
-            decisions = computed(handle)
+        yield messages
     finally:
         logging.getLogger("torch._dynamo").removeHandler(keep)
+
+
+def compiled_run(pipe, backend, config, threshold, in_place):
+    """Two generations on the compiled transformer; the recompile-limit warnings and graph breaks dynamo counted."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    if in_place:
+        pipe.transformer.compile(backend=backend)
+    else:
+        pipe.transformer = torch.compile(pipe.transformer, backend=backend)
+    breaks = []
+    with dynamo_messages() as messages, cr.apply(pipe, config, threshold=threshold) as handle:
+        for seed in (0, 1):
+            generate(pipe, seed)
+            breaks.append(sum(counters["graph_break"].values()))
+        decisions = computed(handle)
     return decisions, breaks, [m for m in messages if "recompile_limit" in m or "cache_size_limit" in m]
 
 
@@ -167,8 +175,6 @@ def test_the_transformer_hook_is_a_diffusers_hook_and_remove_is_exact(pipe):
 def test_more_blocks_than_the_recompile_limit_compile_once_per_class():
     """A random FLUX with 19 blocks (16 single: twice dynamo's recompile_limit of 8), 10 steps twice: same computed
     steps as eager, no recompile-limit warning, one or two compiled entries per block class."""
-    import logging
-
     import torch._dynamo
     from diffusers import FluxTransformer2DModel
     from torch._dynamo.utils import counters
@@ -196,23 +202,12 @@ def test_more_blocks_than_the_recompile_limit_compile_once_per_class():
     torch._dynamo.reset()
     counters.clear()
     model.compile(backend="eager")
-    messages = []
-
-    class Keep(logging.Handler):
-        def emit(self, record):
-            messages.append(record.getMessage())
-
-    keep = Keep()
-    logging.getLogger("torch._dynamo").addHandler(keep)
-    try:
-        with cr.apply(model, config, threshold=0.15, num_steps=10) as handle:
-            run()
-            breaks = sum(counters["graph_break"].values())
-            run()
-            assert sum(counters["graph_break"].values()) == breaks  # none per step
-            assert computed(handle) == eager
-    finally:
-        logging.getLogger("torch._dynamo").removeHandler(keep)
+    with dynamo_messages() as messages, cr.apply(model, config, threshold=0.15, num_steps=10) as handle:
+        run()
+        breaks = sum(counters["graph_break"].values())
+        run()
+        assert sum(counters["graph_break"].values()) == breaks  # none per step
+        assert computed(handle) == eager
     assert not [m for m in messages if "recompile_limit" in m]
     for cls in block_classes(model):
         assert 1 <= compiled_variants(cls) <= 2, cls.__name__
