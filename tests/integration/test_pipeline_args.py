@@ -37,7 +37,7 @@ if __name__ == "__main__":  # run as a script (--write-doc): the helper modules 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cli_runner import run_cli  # noqa: E402
-from helpers.doc_tables import code_cell  # noqa: E402
+from helpers.doc_tables import code_cell, table_section, write_table  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 DOC = ROOT / "docs" / "bad-inputs.md"
@@ -513,17 +513,12 @@ def doc_table() -> str:
 
 
 def write_doc() -> None:
-    text = DOC.read_text(encoding="utf-8")
-    head, rest = text.split(START, 1)
-    tail = rest.split(END, 1)[1]
-    DOC.write_text(f"{head}{START}\n{doc_table()}\n{END}{tail}", encoding="utf-8")
+    write_table(DOC, START, END, doc_table())
 
 
 def test_doc_table_is_the_cases():
     """docs/bad-inputs.md's pipeline-arguments table is exactly :data:`CASES` (each proven by test_refused)."""
-    text = DOC.read_text(encoding="utf-8")
-    assert START in text and END in text, f"{DOC} lacks the {START} / {END} markers"
-    assert text.split(START, 1)[1].split(END, 1)[0].strip() == doc_table(), (
+    assert table_section(DOC.read_text(encoding="utf-8"), START, END) == doc_table(), (
         "docs/bad-inputs.md is out of date: run `python tests/integration/test_pipeline_args.py --write-doc`")
 
 

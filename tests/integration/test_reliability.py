@@ -39,7 +39,7 @@ if __name__ == "__main__":  # run as a script (--write-doc): the helper modules 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cli_runner import run_cli  # noqa: E402
-from helpers.doc_tables import code_cell
+from helpers.doc_tables import code_cell, table_section, write_table
 from helpers.cli_assets import (  # noqa: E402
     EVIL_MODULE, FAST_FIT, FAST_FIT_KW, OPENED, assets, copy_asset, hostile_trace, one_shard_run, pipe, poisoned,
     real_doc, real_trajectories, tripwire, with_values, write_json, write_trace)
@@ -976,21 +976,13 @@ def doc_table() -> str:
     return "\n".join(rows)
 
 
-def doc_section(text: str) -> str:
-    assert START in text and END in text, f"{DOC} lacks the {START} / {END} markers"
-    return text.split(START, 1)[1].split(END, 1)[0].strip()
-
-
 def write_doc() -> None:
-    text = DOC.read_text(encoding="utf-8")
-    head, rest = text.split(START, 1)
-    tail = rest.split(END, 1)[1]
-    DOC.write_text(f"{head}{START}\n{doc_table()}\n{END}{tail}", encoding="utf-8")
+    write_table(DOC, START, END, doc_table())
 
 
 def test_doc_table_is_the_cases():
     """docs/bad-inputs.md shows exactly the cases above (each proven by test_bad_input)."""
-    assert doc_section(DOC.read_text(encoding="utf-8")) == doc_table(), (
+    assert table_section(DOC.read_text(encoding="utf-8"), START, END) == doc_table(), (
         "docs/bad-inputs.md is out of date: run `python tests/integration/test_reliability.py --write-doc`"
     )
 
