@@ -232,7 +232,10 @@ def run_check(request: CheckRequest, *, echo=print, say_estimate=None, progress:
     cached = measure.cached_errors(pipe, config, traced, settings, progress=progress, **setting)
     result["signature"] = cached["signature"]
     ref_pipe = None
-    if reference_model != request.model or calibrated["dtype"] not in (None, checked["dtype"]):
+    # A gate file that records its weights digest is compared by the runtime's signature check (result["signature"]
+    # above): loading the calibrated model only for its digest would double the check's memory on a hub model.
+    signed = gate and bool((doc.get("signature") or {}).get("weights"))
+    if not signed and (reference_model != request.model or calibrated["dtype"] not in (None, checked["dtype"])):
         ref_pipe = model_loading.load_model(reference_model, device=device, dtype=calibrated["dtype"],
                                             cpu_offload=request.cpu_offload)
         ours = traced.trace_set.model_info.get("weights_digest")

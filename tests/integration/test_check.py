@@ -261,3 +261,21 @@ def test_json_is_strict_where_a_measurement_is_undefined(tmp_path):
     code, result, _, _ = _check(tmp_path, "digits.json", "builtin:digits-4step", "--steps", "4", "--guidance", "1",
                                 "--generations", "2")
     assert result["verdict"] == "refit" and result["rescaler"]["r2_standard_error"] is None
+
+
+def test_a_signed_file_on_the_lora_names_the_weights_from_its_signature(tmp_path):
+    """A file fitted by this calib records its weights digest: on the LoRA the runtime's signature check names the
+    weights, and no second model is loaded for a digest (the unsigned shipped file needs one)."""
+    (tmp_path / "p.txt").write_text("a handwritten 1\na handwritten 4\na handwritten 7\n")
+    for argv in (["trace", "--model", "builtin:digits", "--prompts", "p.txt", "--seeds", "0", "--out", "t.h5"],
+                 ["fit", "t.h5", "--indicator", "modulated_input", "--normalization", "none", "--degree", "2",
+                  "--bootstrap", "0", "--no-plot", "--out", "c.json"]):
+        code, out, err = run_cli(argv, tmp_path)
+        assert code == 0, err
+    assert json.loads((tmp_path / "c.json").read_text())["signature"]["weights"]
+    code, out, err = run_cli(["check", "c.json", "--model", "builtin:digits-lora", "--prompts", "p.txt",
+                              "--generations", "3", "--json"], tmp_path)
+    result = json.loads(out)
+    assert code == result["exit_code"] == VERDICTS[result["verdict"]], err
+    assert [m["field"] for m in result["signature"]] == ["weights"]
+    assert {d["field"] for d in result["model_difference"]} == {"source"}  # no reference model loaded
