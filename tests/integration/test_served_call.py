@@ -92,3 +92,21 @@ def test_a_trace_set_of_two_calls_is_refused_in_one_line(traced, recorded_calls)
     lines = [line for line in err.splitlines() if line.strip()]
     assert code == 2 and len(lines) == 1 and lines[0].startswith("calib: error:"), err
     assert recorded_calls == []  # refused before any generation
+
+
+def test_check_runs_the_traced_call(traced, recorded_calls):
+    """calib check on a file fitted from the true-CFG 32x32 bf16 trace runs exactly that call (the file's recorded
+    call, nothing given but the model and prompts), and says so: no call difference."""
+    import json
+
+    folder, work = traced
+    code, _, err = run_cli(["fit", "t.h5", "--degree", "1", "--bootstrap", "0", "--no-plot", "--out", "c.json"], work)
+    assert code == 0, err[-3000:]
+    recorded_calls.clear()
+    code, out, err = run_cli(["check", "c.json", "--model", folder, "--prompts", "p.txt", "--generations", "2",
+                              "--device", "cpu", "--json"], work)
+    result = json.loads(out)
+    assert code == result["exit_code"] and result["verdict"] in ("holds", "retune", "refit"), err[-3000:]
+    assert result["call_difference"] == []
+    _assert_served(recorded_calls)
+    assert not (work / "traces").exists()  # check traces in memory
